@@ -1,0 +1,10 @@
+"""transferkit: transfer learning on image folders, the Keras recipe in three commands."""
+
+import os
+
+# Keras 3 picks its backend at first import; transferkit is built on TensorFlow.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is noise for CLI users.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__version__ = "0.1.0"

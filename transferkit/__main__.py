@@ -1,0 +1,5 @@
+"""Allows `python -m transferkit`."""
+
+from transferkit.cli import main
+
+main()

@@ -1,0 +1,211 @@
+"""The only place that writes or reads run directories, feature files and prediction files.
+
+A run directory describes itself: `model.keras` (images in, probabilities out), `run.json`
+(resolved config, classes, base, image size, preprocessing, metrics, versions) and
+`history.json`. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import transferkit
+from transferkit.atomic import atomic_path, write_text
+from transferkit.errors import ArtifactError
+
+RUN_FORMAT = "transferkit-run"
+RUN_FORMAT_VERSION = 1
+FEATURES_FORMAT = "transferkit-features"
+FEATURES_FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+RUN_FILE = "run.json"
+HISTORY_FILE = "history.json"
+
+
+def check_new_output(path: Path, overwrite: bool, what: str = "run directory") -> None:
+    """Refuses to replace existing results unless asked to.
+
+    Raises:
+        ArtifactError: `path` holds something and `overwrite` is False, or is the wrong kind.
+    """
+    is_dir_output = what == "run directory"
+    if path.exists() and is_dir_output and not path.is_dir():
+        raise ArtifactError(f"'{path}' is a file, not a {what}. Choose another -o/--output.")
+    if path.exists() and not is_dir_output and path.is_dir():
+        raise ArtifactError(f"'{path}' is a folder; --output needs a file name.")
+    occupied = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if occupied and not overwrite:
+        raise ArtifactError(
+            f"The {what} '{path}' already exists{' and is not empty' if is_dir_output else ''}. "
+            f"Choose another name, or pass --overwrite to replace it.")
+
+
+def versions() -> dict[str, str]:
+    """Library versions to record with a run."""
+    import keras
+    import tensorflow as tf
+
+    return {"transferkit": transferkit.__version__, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+def save_run(run_dir: Path, model: Any, info: Mapping[str, Any],
+             history: Sequence[Mapping[str, Any]]) -> None:
+    """Writes model.keras, run.json and history.json into `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_dir / MODEL_FILE) as tmp:
+        model.save(tmp)
+    record = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              **info, "versions": versions()}
+    write_text(run_dir / HISTORY_FILE, _json_text(list(history)))
+    write_text(run_dir / RUN_FILE, _json_text(record))
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A run directory read back: the model and what it says about itself."""
+
+    path: Path
+    model: Any
+    info: dict[str, Any]
+    class_names: tuple[str, ...]
+    image_size: int
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """run.json, validated (plain JSON: nothing in it is evaluated)."""
+    if not run_dir.is_dir():
+        raise ArtifactError(f"Run directory '{run_dir}' does not exist. Pass a folder written "
+                            f"by `transferkit finetune` or `transferkit extract --train-head`.")
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise ArtifactError(f"'{run_dir}' is not a transferkit run: it has no {RUN_FILE}. Pass "
+                            f"a folder written by `transferkit finetune`.")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"Could not read '{path}' ({exc}). The run directory is damaged; "
+                            f"train it again.") from exc
+    if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
+        raise ArtifactError(f"'{path}' is not a transferkit run description.")
+    if info.get("format_version") != RUN_FORMAT_VERSION:
+        raise ArtifactError(
+            f"'{run_dir}' was written in run format version {info.get('format_version')!r}; "
+            f"this transferkit ({transferkit.__version__}) reads version {RUN_FORMAT_VERSION}. "
+            f"Use the transferkit version that wrote it, or train the run again.")
+    names = info.get("class_names")
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
+        raise ArtifactError(f"'{path}' has no valid class_names list (got {names!r}); cannot "
+                            f"name predictions. Train the run again.")
+    size = info.get("image_size")
+    if not (isinstance(size, int) and size > 0):
+        raise ArtifactError(f"'{path}' has no valid image_size (got {size!r}).")
+    return info
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    """Reads a run directory. The model loads in Keras's safe mode: no code from the file runs.
+
+    Raises:
+        ArtifactError: files are missing, unreadable, or from an incompatible version.
+    """
+    import keras
+
+    import transferkit.layers  # noqa: F401  (registers the layers saved models refer to)
+
+    info = read_run_info(run_dir)
+    model_path = run_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise ArtifactError(f"'{run_dir}' has no {MODEL_FILE}; the run did not finish. Train "
+                            f"it again.")
+    try:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"Could not load '{model_path}' ({exc}).") from exc
+    class_names = tuple(info["class_names"])
+    if model.output_shape[-1] != len(class_names):
+        raise ArtifactError(f"'{model_path}' predicts {model.output_shape[-1]} classes but "
+                            f"run.json names {len(class_names)}; the run directory is "
+                            f"inconsistent.")
+    return LoadedRun(run_dir, model, info, class_names, int(info["image_size"]))
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of every image of a data folder, with labels, splits and relative paths."""
+
+    features: np.ndarray  # (n, feature_dim) float32
+    labels: np.ndarray  # (n,) int32 into class_names
+    splits: np.ndarray  # (n,) str: train | val | test
+    paths: np.ndarray  # (n,) str, relative to the data folder
+    class_names: tuple[str, ...]
+    meta: dict[str, Any]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        mask = self.splits == name
+        return self.features[mask], self.labels[mask]
+
+
+def save_features(path: Path, features: FeatureSet, overwrite: bool = False) -> None:
+    """Writes a FeatureSet as .npz: plain arrays and a JSON string, no pickles."""
+    check_new_output(path, overwrite, what="feature file")
+    meta = {"format": FEATURES_FORMAT, "format_version": FEATURES_FORMAT_VERSION,
+            **features.meta, "class_names": list(features.class_names)}
+    with atomic_path(path) as tmp:
+        np.savez(tmp, features=features.features.astype(np.float32),
+                 labels=features.labels.astype(np.int32),
+                 splits=features.splits.astype(str), paths=features.paths.astype(str),
+                 meta=np.array(json.dumps(meta)))
+
+
+def load_features(path: Path) -> FeatureSet:
+    """Reads a feature file written by save_features (allow_pickle stays off)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"]))
+            arrays = {k: npz[k] for k in ("features", "labels", "splits", "paths")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"Could not read feature file '{path}' ({exc}). Run `transferkit "
+                            f"extract` again.") from exc
+    if meta.get("format") != FEATURES_FORMAT:
+        raise ArtifactError(f"'{path}' is not a transferkit feature file.")
+    return FeatureSet(class_names=tuple(meta.pop("class_names")), meta=meta, **arrays)
+
+
+PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")
+
+
+def save_predictions(path: Path, rows: Sequence[Mapping[str, Any]], top_k: int,
+                     overwrite: bool = False) -> None:
+    """Writes prediction rows as CSV (top-k as label_N/probability_N columns) or JSON."""
+    check_new_output(path, overwrite, what="output file")
+    if path.suffix.lower() == ".json":
+        write_text(path, _json_text(list(rows)))
+        return
+    extra = [f"{kind}_{k}" for k in range(2, top_k + 1) for kind in ("label", "probability")]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*PREDICTION_FIELDS, *extra],
+                            extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        flat = {k: row.get(k) for k in PREDICTION_FIELDS}
+        for k, alt in enumerate(row.get("top_k", [])[1:], start=2):
+            flat[f"label_{k}"], flat[f"probability_{k}"] = alt["label"], alt["probability"]
+        writer.writerow(flat)
+    write_text(path, buffer.getvalue())

@@ -1,0 +1,75 @@
+"""ImageDataGenerator-style augmentation options -> Keras 3 preprocessing layers.
+
+The units differ and are converted here, once: ImageDataGenerator takes rotation and shear in
+degrees and zoom as a range around 1; Keras's RandomRotation takes a fraction of a full turn,
+RandomShear a shear coefficient (the tangent of the angle) and RandomZoom an offset from 1.
+Brightness is multiplicative in ImageDataGenerator (Keras's RandomBrightness adds), so it is
+applied as a product here. Fill mode is 'nearest', ImageDataGenerator's default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import keras
+
+from transferkit.config import AugmentConfig
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+FILL_MODE = "nearest"
+
+
+def build_augmentation_layers(config: AugmentConfig, seed: int | None = None) -> keras.Sequential:
+    """The geometric part, in ImageDataGenerator's order: rotate, shift, shear, zoom, flip."""
+    layers: list[keras.layers.Layer] = []
+    if config.rotation_range:
+        layers.append(keras.layers.RandomRotation(
+            config.rotation_range / 360.0, fill_mode=FILL_MODE, seed=seed, name="rotation"))
+    if config.width_shift_range or config.height_shift_range:
+        layers.append(keras.layers.RandomTranslation(
+            config.height_shift_range, config.width_shift_range, fill_mode=FILL_MODE, seed=seed,
+            name="shift"))
+    if config.shear_range:
+        layers.append(keras.layers.RandomShear(
+            x_factor=math.tan(math.radians(config.shear_range)), y_factor=0.0,
+            fill_mode=FILL_MODE, seed=seed, name="shear"))
+    if config.zoom_range:
+        zoom = (-config.zoom_range, config.zoom_range)
+        layers.append(keras.layers.RandomZoom(zoom, zoom, fill_mode=FILL_MODE, seed=seed,
+                                              name="zoom"))
+    flip = {(True, False): "horizontal", (False, True): "vertical",
+            (True, True): "horizontal_and_vertical"}.get(
+        (config.horizontal_flip, config.vertical_flip))
+    if flip:
+        layers.append(keras.layers.RandomFlip(flip, seed=seed, name="flip"))
+    return keras.Sequential(layers, name="augmentation")
+
+
+class Augmentation:
+    """Callable on a batch of float RGB images in [0, 255] (training batches only)."""
+
+    def __init__(self, config: AugmentConfig, seed: int | None = None) -> None:
+        self.layers = build_augmentation_layers(config, seed)
+        self.brightness_range = config.brightness_range
+        self.seed = seed
+
+    def __call__(self, images: tf.Tensor) -> tf.Tensor:
+        import tensorflow as tf
+
+        x = self.layers(images, training=True) if self.layers.layers else images
+        if self.brightness_range is not None:
+            low, high = self.brightness_range
+            factor = tf.random.uniform([tf.shape(x)[0], 1, 1, 1], low, high, seed=self.seed)
+            x = tf.clip_by_value(x * factor, 0.0, 255.0)
+        return x
+
+
+def build_augmentation(config: AugmentConfig, seed: int | None = None) -> Augmentation | None:
+    """The augmentation to apply to training batches, or None when it is off or empty."""
+    augmentation = Augmentation(config, seed)
+    if not config.enabled or (not augmentation.layers.layers and config.brightness_range is None):
+        return None
+    return augmentation

@@ -1,0 +1,47 @@
+"""Small Keras callbacks that turn fit/predict events into Reporter calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from transferkit.reporting import Reporter
+
+
+class EpochReporter(keras.callbacks.Callback):
+    """Per-epoch progress bar and summary line; also records each epoch's row of history."""
+
+    def __init__(self, reporter: Reporter, stage: str, last_epoch: int, steps: int) -> None:
+        super().__init__()
+        self.reporter = reporter
+        self.stage = stage
+        self.last_epoch = last_epoch
+        self.steps = steps
+        self.rows: list[dict[str, Any]] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.reporter.start_progress(f"{self.stage} epoch {epoch + 1}/{self.last_epoch}",
+                                     self.steps)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.reporter.advance()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.reporter.stop_progress()
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(
+            self.model.optimizer.learning_rate))
+        self.rows.append({"stage": self.stage, "epoch": epoch + 1, **metrics})
+        self.reporter.epoch_ended(self.stage, epoch + 1, self.last_epoch, metrics)
+
+
+class PredictProgress(keras.callbacks.Callback):
+    """Advances the reporter's progress bar once per predicted batch."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        super().__init__()
+        self.reporter = reporter
+
+    def on_predict_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.reporter.advance()

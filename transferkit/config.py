@@ -1,0 +1,179 @@
+"""Frozen, validated configuration per command. Defaults live here, once; the CLI reads them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import ConfigError
+
+DEFAULT_BASE = "efficientnet_lite0"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """ImageDataGenerator-style augmentation, in its units (degrees and fractions)."""
+
+    enabled: bool = True
+    rotation_range: float = 40.0
+    width_shift_range: float = 0.2
+    height_shift_range: float = 0.2
+    shear_range: float = 0.2
+    zoom_range: float = 0.2
+    horizontal_flip: bool = True
+    vertical_flip: bool = False
+    brightness_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.rotation_range <= 180,
+               f"--rotation-range is in degrees and must be in [0, 180]; got {self.rotation_range}.")
+        for name in ("width_shift_range", "height_shift_range"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"--{name.replace('_', '-')} is a fraction of the image and "
+                                   f"must be in [0, 1); got {value}.")
+        _check(0 <= self.shear_range < 45,
+               f"--shear-range is in degrees and must be in [0, 45); got {self.shear_range}.")
+        _check(0 <= self.zoom_range < 1,
+               f"--zoom-range must be in [0, 1) (0.2 zooms between 0.8x and 1.2x); "
+               f"got {self.zoom_range}.")
+        if self.brightness_range is not None:
+            low, high = self.brightness_range
+            _check(0 < low <= high,
+                   f"--brightness-range takes two factors 0 < LOW <= HIGH (e.g. 0.8 1.2); "
+                   f"got {low} {high}.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they are split and sized."""
+
+    data_dir: Path
+    image_size: int | None = None  # None: the base's default
+    val_split: float = 0.2
+    batch_size: int = 32
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_split < 1,
+               f"--val-split must be strictly between 0 and 1; got {self.val_split}.")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
+        _check(self.image_size is None or self.image_size >= 1,
+               f"--image-size must be a positive number of pixels; got {self.image_size}.")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`transferkit finetune`: train a head on a frozen base, then tune the top blocks."""
+
+    data: DataConfig
+    output: Path
+    base: str = DEFAULT_BASE
+    weights: str = "imagenet"
+    epochs: int = 10
+    learning_rate: float = 1e-3
+    finetune_epochs: int = 5
+    finetune_lr: float = 1e-4
+    unfreeze_blocks: int = 1
+    dropout: float = 0.2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"--epochs must be at least 1; got {self.epochs}.")
+        _check(self.finetune_epochs >= 0,
+               f"--finetune-epochs must be 0 or more; got {self.finetune_epochs}.")
+        _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
+        _check(self.finetune_lr > 0, f"--finetune-lr must be > 0; got {self.finetune_lr}.")
+        _check(self.unfreeze_blocks >= 1 or self.finetune_epochs == 0,
+               f"--unfreeze-blocks must be at least 1 when fine-tuning; got "
+               f"{self.unfreeze_blocks}. Use --finetune-epochs 0 to train the head only.")
+        _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The dense classifier `extract --train-head` trains on saved features."""
+
+    output: Path
+    dense_units: int = 256
+    dropout: float = 0.5
+    epochs: int = 30
+    learning_rate: float = 1e-3
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
+        _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
+        _check(self.epochs >= 1, f"--head-epochs must be at least 1; got {self.epochs}.")
+        _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """`transferkit extract`: frozen-base features to a file, optionally a head on them."""
+
+    data: DataConfig
+    output: Path
+    base: str = DEFAULT_BASE
+    weights: str = "imagenet"
+    blocks: int | None = None  # None: the whole base
+    pooling: str = "avg"
+    overwrite: bool = False
+    head: HeadConfig | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.blocks is None or self.blocks >= 1,
+               f"--blocks must be at least 1; got {self.blocks}.")
+        _check(self.pooling in ("avg", "max"), f"--pooling must be avg or max; got {self.pooling}.")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """`transferkit predict`: a run directory applied to files and folders."""
+
+    run_dir: Path
+    paths: tuple[Path, ...]
+    top_k: int = 1
+    batch_size: int = 32
+    output: Path | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(len(self.paths) > 0, "Give at least one image file or folder to predict.")
+        _check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
+        _check(self.output is None or self.output.suffix.lower() in (".csv", ".json"),
+               f"--output must end in .csv or .json; got '{self.output}'.")
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of a config field, so CLI options never re-type a literal."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    raise KeyError(f"{cls.__name__} has no default for {name!r}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready view of a config (paths as strings, tuples as lists)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (tuple, list)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(config))

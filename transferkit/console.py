@@ -1,0 +1,149 @@
+"""The only module that imports rich: consoles, progress bars, tables, the Reporter for the CLI.
+
+Results go to stdout; progress and diagnostics to stderr, so redirected output stays clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from transferkit.reporting import StageInfo
+
+if TYPE_CHECKING:
+    from transferkit.extract import ExtractResult
+    from transferkit.predict import PredictionReport
+    from transferkit.training import StageResult
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+_METRIC_ORDER = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+
+
+def print_error(message: str) -> None:
+    stderr.print(f"[bold red]Error:[/] {escape(message)}")
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    shown = [k for k in _METRIC_ORDER if k in metrics]
+    return "  ".join(f"{k} {metrics[k]:.3g}" if k == "learning_rate" else f"{k} {metrics[k]:.4f}"
+                     for k in shown)
+
+
+class RichReporter:
+    """Reporter for the terminal: a stage header, a line per epoch, transient progress bars."""
+
+    def __init__(self, console: Console = stderr) -> None:
+        self.console = console
+        self._progress: Progress | None = None
+        self._task: int | None = None
+
+    def info(self, message: str) -> None:
+        self.console.print(escape(message))
+
+    def warning(self, message: str) -> None:
+        self.console.print(f"[yellow]Warning:[/] {escape(message)}")
+
+    def stage_started(self, stage: StageInfo) -> None:
+        self.console.rule(f"[bold]Stage '{stage.name}'[/]: {escape(stage.description)}")
+        self.console.print(
+            f"{stage.trainable_params:,} trainable parameters ({stage.non_trainable_params:,} "
+            f"frozen), {stage.epochs} epoch{'s' if stage.epochs != 1 else ''} at learning rate "
+            f"{stage.learning_rate:g}")
+
+    def epoch_ended(self, stage: str, epoch: int, epochs: int,
+                    metrics: Mapping[str, float]) -> None:
+        self.console.print(f"{stage} {epoch:>3}/{epochs}  {format_metrics(metrics)}")
+
+    def start_progress(self, description: str, total: int | None) -> None:
+        self.stop_progress()
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  MofNCompleteColumn(), TimeElapsedColumn(),
+                                  console=self.console, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, steps)
+
+    def stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress, self._task = None, None
+
+
+def render_stages(stages: Sequence[StageResult]) -> None:
+    """The stages side by side: what trained and where each ended."""
+    table = Table(title="Training summary")
+    table.add_column("stage")
+    table.add_column("epochs", justify="right")
+    table.add_column("learning rate", justify="right")
+    table.add_column("trainable params", justify="right")
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        table.add_column(key, justify="right")
+    table.add_column("best val_accuracy", justify="right")
+    for s in stages:
+        table.add_row(s.name, str(s.epochs), f"{s.learning_rate:g}", f"{s.trainable_params:,}",
+                      *(f"{s.metrics[k]:.4f}" if k in s.metrics else "-"
+                        for k in ("loss", "accuracy", "val_loss", "val_accuracy")),
+                      "-" if s.best_val_accuracy is None else f"{s.best_val_accuracy:.4f}")
+    stdout.print(table)
+
+
+def render_extract(result: ExtractResult) -> None:
+    counts = {name: int((result.features.splits == name).sum())
+              for name in ("train", "val", "test")}
+    table = Table(title=f"Features: {escape(str(result.features_path))}")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    table.add_column("feature width", justify="right")
+    for name, n in counts.items():
+        if n:
+            table.add_row(name, str(n), str(result.features.features.shape[1]))
+    stdout.print(table)
+    if result.stage is not None:
+        render_stages([result.stage])
+
+
+def render_predictions(report: PredictionReport, top_k: int) -> None:
+    table = Table(title="Predictions")
+    table.add_column("path", overflow="fold")
+    table.add_column("label")
+    table.add_column("probability", justify="right")
+    if top_k > 1:
+        table.add_column("alternatives")
+    if report.labelled:
+        table.add_column("true label")
+    for p in report.predictions:
+        if p.error is not None:
+            row = [escape(str(p.path)), "[red]error[/]", "-"]
+            if top_k > 1:
+                row.append(escape(p.error))
+        else:
+            row = [escape(str(p.path)), escape(p.label or ""), f"{p.probability:.3f}"]
+            if top_k > 1:
+                row.append(", ".join(f"{escape(n)} {v:.3f}" for n, v in p.top_k[1:]))
+        if report.labelled:
+            row.append(escape(p.true_label or ""))
+        table.add_row(*row)
+    stdout.print(table)
+
+
+def render_prediction_summary(report: PredictionReport) -> None:
+    errors = [p for p in report.predictions if p.error is not None]
+    if errors:
+        stderr.print(f"[yellow]Warning:[/] {len(errors)} file(s) could not be read:")
+        for p in errors:
+            stderr.print(f"  {escape(str(p.path))}: {escape(p.error or '')}")
+    if report.ignored:
+        stderr.print(f"Ignored {report.ignored} non-image file(s) in the folders given.")
+    if report.accuracy is not None:
+        stderr.print(f"Accuracy {report.accuracy:.4f} on {report.labelled} images whose folder "
+                     f"names a class.")

@@ -1,0 +1,104 @@
+"""Feature extraction: the frozen base (or its first N blocks) run once over every image,
+and the fast path of training a dense classifier on the saved features."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from transferkit.artifacts import FeatureSet, check_new_output, save_features, save_run
+from transferkit.bases import build_base, get_base, resolve_image_size
+from transferkit.callbacks import PredictProgress
+from transferkit.config import ExtractConfig, HeadConfig, to_dict
+from transferkit.data import ImageSet, build_dataset, load_splits
+from transferkit.errors import DataError
+from transferkit.model import build_classifier, build_feature_extractor, build_head, cut_base
+from transferkit.reporting import NullReporter, Reporter
+from transferkit.training import StageResult, data_summary, report_skipped, run_stage
+
+
+def compute_features(extractor: keras.Model, images: ImageSet, image_size: int,
+                     batch_size: int, reporter: Reporter, label: str) -> np.ndarray:
+    """One `predict` over a whole split (per-batch calls pay a fixed cost each)."""
+    ds = build_dataset(images.absolute_paths(), None, image_size, batch_size)
+    reporter.start_progress(f"Extracting {label} features", math.ceil(len(images) / batch_size))
+    features = extractor.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
+    reporter.stop_progress()
+    return features.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    features_path: Path
+    features: FeatureSet
+    run_dir: Path | None = None
+    stage: StageResult | None = None
+
+
+def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
+               info: dict, reporter: Reporter) -> StageResult:
+    """Trains a dense classifier on saved features; saves it with `extractor` as a run."""
+    x_train, y_train = features.split("train")
+    x_val, y_val = features.split("val")
+    if len(x_val) == 0:
+        raise DataError("The feature file has no validation images to train a head against.")
+    head = build_head(x_train.shape[1], len(features.class_names), config.dense_units,
+                      config.dropout)
+    batch_size = 32
+    stage = run_stage(head, "head", "train a dense classifier on the extracted features",
+                      (x_train, y_train), (x_val, y_val), config.learning_rate, config.epochs,
+                      reporter, math.ceil(len(x_train) / batch_size), batch_size=batch_size)
+    info = {**info, "stages": [stage.to_dict()], "metrics": stage.metrics}
+    save_run(config.output, build_classifier(extractor, head), info, stage.history)
+    reporter.info(f"Saved the run to '{config.output}'.")
+    return stage
+
+
+def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractResult:
+    """Extracts features for every split of `config.data` and saves them (and a head run).
+
+    Raises:
+        TransferkitError: bad data, options, weights, or an existing output.
+    """
+    reporter = reporter or NullReporter()
+    spec = get_base(config.base)
+    image_size = resolve_image_size(spec, config.data.image_size)
+    check_new_output(config.output, config.overwrite, what="feature file")
+    if config.head is not None:
+        check_new_output(config.head.output, config.head.overwrite)
+    splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter)
+    report_skipped(splits, reporter)
+
+    keras.utils.set_random_seed(config.data.seed)
+    base = cut_base(build_base(spec, image_size, config.weights), spec, config.blocks)
+    extractor = build_feature_extractor(base, spec.preprocessing, config.pooling)
+    blocks = config.blocks or len(spec.blocks)
+    reporter.info(f"{spec.name} up to block '{spec.blocks[blocks - 1]}' ({blocks} of "
+                  f"{len(spec.blocks)}), {config.pooling} pooling -> "
+                  f"{extractor.output_shape[-1]} features per image")
+
+    parts = [(name, s, compute_features(extractor, s, image_size, config.data.batch_size,
+                                        reporter, name)) for name, s in splits.items()]
+    meta = {"base": spec.name, "weights": config.weights, "image_size": image_size,
+            "blocks": blocks, "pooling": config.pooling,
+            "preprocessing": spec.preprocessing.to_dict(), "data_dir": str(config.data.data_dir)}
+    features = FeatureSet(
+        features=np.concatenate([f for _, _, f in parts]),
+        labels=np.concatenate([s.labels for _, s, _ in parts]),
+        splits=np.array([name for name, s, _ in parts for _ in range(len(s))]),
+        paths=np.array([p.as_posix() for _, s, _ in parts for p in s.paths]),
+        class_names=splits.class_names,
+        meta=meta,
+    )
+    save_features(config.output, features, config.overwrite)
+    reporter.info(f"Saved {len(features.labels)} feature vectors to '{config.output}'.")
+    if config.head is None:
+        return ExtractResult(config.output, features)
+    info = {"command": "extract", "config": to_dict(config), **meta,
+            "class_names": list(splits.class_names), "data": data_summary(splits)}
+    stage = train_head(features, extractor, config.head, info, reporter)
+    return ExtractResult(config.output, features, config.head.output, stage)

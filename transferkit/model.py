@@ -1,0 +1,59 @@
+"""Assembles classifiers: preprocessing -> base (inference mode) -> pooling -> head.
+
+Every model transferkit saves has the same shape, a `features` model and a `head` model, so
+`predict` treats runs from `finetune` and from `extract --train-head` alike.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from transferkit.bases import BaseSpec, Preprocessing
+from transferkit.errors import ConfigError
+from transferkit.layers import ImagePreprocessing
+
+
+def cut_base(base: keras.Model, spec: BaseSpec, blocks: int | None) -> keras.Model:
+    """The base truncated after its first `blocks` blocks (all of it when None)."""
+    if blocks is None or blocks == len(spec.blocks):
+        return base
+    if not 1 <= blocks <= len(spec.blocks):
+        raise ConfigError(f"--blocks {blocks} is out of range: {spec.name} has "
+                          f"{len(spec.blocks)} blocks ({', '.join(spec.blocks)}).")
+    last_block = spec.blocks[blocks - 1]
+    last_layer = [layer for layer in base.layers if spec.block_of(layer.name) == last_block][-1]
+    return keras.Model(base.inputs, last_layer.output, name=f"{base.name}_to_{last_block}")
+
+
+def build_feature_extractor(base: keras.Model, preprocessing: Preprocessing,
+                            pooling: str = "avg") -> keras.Model:
+    """Raw RGB images -> pooled base features. The base always runs in inference mode, so
+    its BatchNorm statistics stay those it was pretrained with, even when unfrozen."""
+    inputs = keras.Input(base.input_shape[1:], name="image")
+    x = ImagePreprocessing(preprocessing.channel_order, preprocessing.mean, preprocessing.std,
+                           name="preprocessing")(inputs)
+    x = base(x, training=False)
+    pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else \
+        keras.layers.GlobalMaxPooling2D
+    outputs = pool(name="pooling")(x)
+    return keras.Model(inputs, outputs, name="features")
+
+
+def build_head(feature_dim: int, num_classes: int, dense_units: int = 0,
+               dropout: float = 0.0) -> keras.Model:
+    """The new classifier: [dense + ReLU] -> dropout -> softmax. Softmax stays float32."""
+    inputs = keras.Input((feature_dim,), name="features")
+    x = inputs
+    if dense_units:
+        x = keras.layers.Dense(dense_units, activation="relu", kernel_initializer="he_normal",
+                               name="head_dense")(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
+                                 name="predictions")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def build_classifier(extractor: keras.Model, head: keras.Model) -> keras.Model:
+    """Images in, class probabilities out."""
+    inputs = keras.Input(extractor.input_shape[1:], name="image")
+    return keras.Model(inputs, head(extractor(inputs)), name="classifier")
