@@ -9,7 +9,7 @@ import contextlib
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -42,6 +42,11 @@ class Pooling(str, Enum):
     max = "max"
 
 
+FINETUNE_BASE = Base(default(FinetuneConfig, "base"))
+EXTRACT_BASE = Base(default(ExtractConfig, "base"))
+EXTRACT_POOLING = Pooling(default(ExtractConfig, "pooling"))
+
+
 DATA_PANEL, MODEL_PANEL, TRAIN_PANEL, AUG_PANEL, OUT_PANEL = (
     "Data", "Base model", "Training", "Augmentation (ImageDataGenerator units)", "Output")
 
@@ -53,7 +58,7 @@ BaseOpt = Annotated[Base, typer.Option(
 WeightsOpt = Annotated[str, typer.Option(
     "--weights", help="'imagenet', 'none' (random init) or a Keras weights file for the base.",
     rich_help_panel=MODEL_PANEL)]
-ImageSizeOpt = Annotated[Optional[int], typer.Option(
+ImageSizeOpt = Annotated[int | None, typer.Option(
     "--image-size", help="Square input size in pixels. Default: the base's.",
     rich_help_panel=DATA_PANEL, show_default=False)]
 ValSplitOpt = Annotated[float, typer.Option(
@@ -103,7 +108,7 @@ def finetune(
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Run directory to create.", rich_help_panel=OUT_PANEL,
         file_okay=False, show_default=False)],
-    base: BaseOpt = Base(default(FinetuneConfig, "base")),
+    base: BaseOpt = FINETUNE_BASE,
     weights: WeightsOpt = default(FinetuneConfig, "weights"),
     image_size: ImageSizeOpt = default(DataConfig, "image_size"),
     val_split: ValSplitOpt = default(DataConfig, "val_split"),
@@ -151,7 +156,7 @@ def finetune(
     vertical_flip: Annotated[bool, typer.Option(
         "--vertical-flip/--no-vertical-flip", help="Random up-down flips.",
         rich_help_panel=AUG_PANEL)] = default(AugmentConfig, "vertical_flip"),
-    brightness_range: Annotated[Optional[tuple[float, float]], typer.Option(
+    brightness_range: Annotated[tuple[float, float] | None, typer.Option(
         "--brightness-range", help="Random brightness factor between LOW and HIGH, e.g. 0.8 1.2.",
         rich_help_panel=AUG_PANEL, show_default=False)] = default(AugmentConfig,
                                                                   "brightness_range"),
@@ -181,20 +186,20 @@ def extract(
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Feature file to write (.npz).", rich_help_panel=OUT_PANEL,
         dir_okay=False, show_default=False)],
-    base: BaseOpt = Base(default(ExtractConfig, "base")),
+    base: BaseOpt = EXTRACT_BASE,
     weights: WeightsOpt = default(ExtractConfig, "weights"),
-    blocks: Annotated[Optional[int], typer.Option(
+    blocks: Annotated[int | None, typer.Option(
         "--blocks", help="Use only the base's first N blocks (lower layers transfer better to "
                          "data far from ImageNet). Default: all.",
         rich_help_panel=MODEL_PANEL, show_default=False)] = default(ExtractConfig, "blocks"),
     pooling: Annotated[Pooling, typer.Option(
         "--pooling", help="Global pooling of the feature maps.",
-        rich_help_panel=MODEL_PANEL)] = Pooling(default(ExtractConfig, "pooling")),
+        rich_help_panel=MODEL_PANEL)] = EXTRACT_POOLING,
     image_size: ImageSizeOpt = default(DataConfig, "image_size"),
     val_split: ValSplitOpt = default(DataConfig, "val_split"),
     batch_size: BatchOpt = default(DataConfig, "batch_size"),
     seed: SeedOpt = default(DataConfig, "seed"),
-    train_head: Annotated[Optional[Path], typer.Option(
+    train_head: Annotated[Path | None, typer.Option(
         "--train-head", help="Also train a dense classifier on the features and save it as a "
                              "run directory usable by `predict`.",
         rich_help_panel=TRAIN_PANEL, file_okay=False, show_default=False)] = None,
@@ -237,7 +242,7 @@ def predict(
         "--top-k", help="How many labels to list per image.",
         rich_help_panel=OUT_PANEL)] = default(PredictConfig, "top_k"),
     batch_size: BatchOpt = default(PredictConfig, "batch_size"),
-    output: Annotated[Optional[Path], typer.Option(
+    output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write predictions to a .csv or .json file instead of a table.",
         rich_help_panel=OUT_PANEL, dir_okay=False, show_default=False)] = None,
     overwrite: OverwriteOpt = False,

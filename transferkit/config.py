@@ -32,8 +32,8 @@ class AugmentConfig:
     brightness_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        _check(0 <= self.rotation_range <= 180,
-               f"--rotation-range is in degrees and must be in [0, 180]; got {self.rotation_range}.")
+        _check(0 <= self.rotation_range <= 180, f"--rotation-range is in degrees and must be in "
+                                                f"[0, 180]; got {self.rotation_range}.")
         for name in ("width_shift_range", "height_shift_range"):
             value = getattr(self, name)
             _check(0 <= value < 1, f"--{name.replace('_', '-')} is a fraction of the image and "

@@ -23,17 +23,19 @@ if TYPE_CHECKING:
 stdout = Console()
 stderr = Console(stderr=True)
 
-_METRIC_ORDER = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+# Keras metric name -> short label for terminal lines and tables.
+_METRICS = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accuracy": "val_acc"}
 
 
 def print_error(message: str) -> None:
-    stderr.print(f"[bold red]Error:[/] {escape(message)}")
+    stderr.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
-    shown = [k for k in _METRIC_ORDER if k in metrics]
-    return "  ".join(f"{k} {metrics[k]:.3g}" if k == "learning_rate" else f"{k} {metrics[k]:.4f}"
-                     for k in shown)
+    parts = [f"{short} {metrics[k]:.3f}" for k, short in _METRICS.items() if k in metrics]
+    if "learning_rate" in metrics:
+        parts.append(f"lr {metrics['learning_rate']:.2g}")
+    return "  ".join(parts)
 
 
 class RichReporter:
@@ -48,21 +50,23 @@ class RichReporter:
         self.console.print(escape(message))
 
     def warning(self, message: str) -> None:
-        self.console.print(f"[yellow]Warning:[/] {escape(message)}")
+        self.console.print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
 
     def stage_started(self, stage: StageInfo) -> None:
         self.console.rule(f"[bold]Stage '{stage.name}'[/]: {escape(stage.description)}")
         self.console.print(
             f"{stage.trainable_params:,} trainable parameters ({stage.non_trainable_params:,} "
-            f"frozen), {stage.epochs} epoch{'s' if stage.epochs != 1 else ''} at learning rate "
-            f"{stage.learning_rate:g}")
+            f"frozen); {stage.epochs} epoch{'s' if stage.epochs != 1 else ''}, lr "
+            f"{stage.learning_rate:.2g}")
 
     def epoch_ended(self, stage: str, epoch: int, epochs: int,
                     metrics: Mapping[str, float]) -> None:
-        self.console.print(f"{stage} {epoch:>3}/{epochs}  {format_metrics(metrics)}")
+        self.console.print(f"{stage} {epoch}/{epochs}  {format_metrics(metrics)}")
 
     def start_progress(self, description: str, total: int | None) -> None:
         self.stop_progress()
+        if not self.console.is_terminal:  # a bar in a log file is only noise
+            return
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                   MofNCompleteColumn(), TimeElapsedColumn(),
                                   console=self.console, transient=True)
@@ -82,18 +86,12 @@ class RichReporter:
 def render_stages(stages: Sequence[StageResult]) -> None:
     """The stages side by side: what trained and where each ended."""
     table = Table(title="Training summary")
-    table.add_column("stage")
-    table.add_column("epochs", justify="right")
-    table.add_column("learning rate", justify="right")
-    table.add_column("trainable params", justify="right")
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        table.add_column(key, justify="right")
-    table.add_column("best val_accuracy", justify="right")
+    for name in ("stage", "epochs", "lr", "trainable", *_METRICS.values(), "best val_acc"):
+        table.add_column(name, justify="left" if name == "stage" else "right")
     for s in stages:
-        table.add_row(s.name, str(s.epochs), f"{s.learning_rate:g}", f"{s.trainable_params:,}",
-                      *(f"{s.metrics[k]:.4f}" if k in s.metrics else "-"
-                        for k in ("loss", "accuracy", "val_loss", "val_accuracy")),
-                      "-" if s.best_val_accuracy is None else f"{s.best_val_accuracy:.4f}")
+        table.add_row(s.name, str(s.epochs), f"{s.learning_rate:.2g}", f"{s.trainable_params:,}",
+                      *(f"{s.metrics[k]:.3f}" if k in s.metrics else "-" for k in _METRICS),
+                      "-" if s.best_val_accuracy is None else f"{s.best_val_accuracy:.3f}")
     stdout.print(table)
 
 

@@ -134,7 +134,7 @@ def _scan_classes(root: Path, data_root: Path, class_names: Sequence[str] | None
                 skipped.append(SkippedFile(f, f"not an image file (extension '{f.suffix}')"))
     problems = check_images([f for f, _ in candidates], reporter)
     kept = []
-    for (f, label), problem in zip(candidates, problems):
+    for (f, label), problem in zip(candidates, problems, strict=True):
         if problem is None:
             kept.append((f, label))
         else:
@@ -167,7 +167,7 @@ def split_validation(images: ImageSet, val_split: float, seed: int) -> tuple[Ima
         is_val[ranked[:n_val]] = True
 
     def subset(mask: np.ndarray) -> ImageSet:
-        return ImageSet(images.root, tuple(p for p, m in zip(images.paths, mask) if m),
+        return ImageSet(images.root, tuple(p for p, m in zip(images.paths, mask, strict=True) if m),
                         images.labels[mask], images.class_names)
 
     return subset(~is_val), subset(is_val)

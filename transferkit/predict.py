@@ -62,7 +62,7 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
         raise DataError(f"No image files found in {', '.join(map(str, config.paths))}. "
                         f"Pass .jpg/.png files or folders that contain them.")
     problems = check_images(files, reporter)
-    readable = [f for f, p in zip(files, problems) if p is None]
+    readable = [f for f, p in zip(files, problems, strict=True) if p is None]
     probabilities = np.zeros((0, len(run.class_names)), np.float32)
     if readable:
         ds = build_dataset([str(f) for f in readable], None, run.image_size, config.batch_size)
@@ -70,9 +70,9 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
         probabilities = run.model.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
         reporter.stop_progress()
     k = min(config.top_k, len(run.class_names))
-    by_file = dict(zip(readable, probabilities))
+    by_file = dict(zip(readable, probabilities, strict=True))
     predictions = []
-    for f, problem in zip(files, problems):
+    for f, problem in zip(files, problems, strict=True):
         true_label = f.parent.name if f.parent.name in run.class_names else None
         if problem is not None:
             predictions.append(Prediction(f, true_label=true_label, error=problem))

@@ -53,7 +53,8 @@ def run_stage(model: keras.Model, name: str, description: str, train: Any,
     reporter.stage_started(StageInfo(name, description, epochs, learning_rate,
                                      counts.trainable, counts.non_trainable))
     recorder = EpochReporter(reporter, name, initial_epoch + epochs, steps)
-    fit_args: dict[str, Any] = {"x": train, "validation_data": validation}
+    # A dataset arrives shuffled already; arrays are shuffled by fit.
+    fit_args: dict[str, Any] = {"x": train, "validation_data": validation, "shuffle": False}
     if isinstance(train, tuple):
         fit_args = {"x": train[0], "y": train[1], "validation_data": validation,
                     "batch_size": batch_size}

@@ -60,10 +60,11 @@ class _TensorRef:
             raise WeightsError(f"Storage {self.storage.key} has no data in the checkpoint.")
         if not self.size:
             return data[self.offset].copy()
-        itemsize = data.itemsize
-        needed = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride)) + 1
         if any(n == 0 for n in self.size):
             return np.zeros(self.size, data.dtype)
+        reach = sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
+        needed = self.offset + reach + 1
+        itemsize = data.itemsize
         if needed > data.size:
             raise WeightsError(f"A tensor reaches past the end of storage {self.storage.key}.")
         view = np.lib.stride_tricks.as_strided(

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny deterministic image folders and a trained run, all written here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+CLASSES = ("circles", "squares", "stripes")
+SIZE = 32
+
+
+def make_image(kind: str, index: int, size: int = SIZE) -> Image.Image:
+    """A small picture whose class is visible: a disc, a square or stripes, with noise."""
+    rng = np.random.default_rng(index)
+    yy, xx = np.mgrid[:size, :size]
+    if kind == "circles":
+        mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    elif kind == "squares":
+        mask = (abs(yy - size / 2) < size / 4) & (abs(xx - size / 2) < size / 4)
+    else:
+        mask = (xx // 4) % 2 == 0
+    colour = rng.integers(128, 256, size=3)
+    pixels = np.where(mask[..., None], colour, 40) + rng.integers(0, 30, (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_class_folder(root: Path, per_class: int = 6, offset: int = 0) -> Path:
+    for c, kind in enumerate(CLASSES):
+        folder = root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = make_image(kind, offset + 100 * c + i)
+            ext = "png" if i % 2 else "jpg"
+            image.save(folder / f"{kind}_{offset + i}.{ext}")
+    return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Converted weights and caches go to a temp folder, never the user's home."""
+    os.environ["TRANSFERKIT_HOME"] = str(tmp_path_factory.mktemp("transferkit_home"))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three classes of six 32x32 images, PNG and JPEG mixed, no split folders."""
+    return write_class_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def presplit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("presplit")
+    write_class_folder(root / "train", per_class=4)
+    write_class_folder(root / "val", per_class=2, offset=50)
+    write_class_folder(root / "test", per_class=1, offset=80)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished two-stage finetune run (random weights, 32 px) for predict tests."""
+    from transferkit.config import DataConfig, FinetuneConfig
+    from transferkit.training import finetune
+
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    finetune(FinetuneConfig(data=DataConfig(image_folder, image_size=32, batch_size=8),
+                            output=run_dir, weights="none", epochs=1, finetune_epochs=1))
+    return run_dir

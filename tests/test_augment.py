@@ -1,0 +1,77 @@
+"""ImageDataGenerator units map onto Keras layers correctly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from transferkit.augment import FILL_MODE, build_augmentation
+from transferkit.config import AugmentConfig
+from transferkit.errors import ConfigError
+
+
+def _layers(config: AugmentConfig) -> dict:
+    augmentation = build_augmentation(config, seed=1)
+    assert augmentation is not None
+    return {layer.name: layer.get_config() for layer in augmentation.layers.layers}
+
+
+def test_classic_recipe_defaults_map_to_keras_units():
+    layers = _layers(AugmentConfig())
+    assert list(layers) == ["rotation", "shift", "shear", "zoom", "flip"]
+    assert layers["rotation"]["factor"] == pytest.approx((-40 / 360, 40 / 360))  # turns
+    assert layers["shift"]["height_factor"] == 0.2 and layers["shift"]["width_factor"] == 0.2
+    shear = math.tan(math.radians(0.2))  # degrees -> shear coefficient
+    assert layers["shear"]["x_factor"] == pytest.approx((-shear, shear))
+    assert layers["shear"]["y_factor"] == pytest.approx((0.0, 0.0))
+    assert layers["zoom"]["height_factor"] == (-0.2, 0.2)  # scale in [0.8, 1.2]
+    assert layers["zoom"]["width_factor"] == (-0.2, 0.2)  # drawn independently, like IDG
+    assert layers["flip"]["mode"] == "horizontal"
+    assert all(c.get("fill_mode", FILL_MODE) == "nearest" for c in layers.values())
+
+
+def test_flip_modes_and_disabled_parts():
+    config = AugmentConfig(rotation_range=0, width_shift_range=0, height_shift_range=0,
+                           shear_range=0, zoom_range=0, horizontal_flip=True, vertical_flip=True)
+    layers = _layers(config)
+    assert list(layers) == ["flip"] and layers["flip"]["mode"] == "horizontal_and_vertical"
+    nothing = AugmentConfig(rotation_range=0, width_shift_range=0, height_shift_range=0,
+                            shear_range=0, zoom_range=0, horizontal_flip=False)
+    assert build_augmentation(nothing) is None
+    assert build_augmentation(AugmentConfig(enabled=False)) is None
+
+
+def test_brightness_is_multiplicative_and_clipped():
+    config = AugmentConfig(rotation_range=0, width_shift_range=0, height_shift_range=0,
+                           shear_range=0, zoom_range=0, horizontal_flip=False,
+                           brightness_range=(0.5, 0.5))
+    augmentation = build_augmentation(config, seed=0)
+    images = np.full((2, 8, 8, 3), 100.0, np.float32)
+    images[1] = 255.0
+    out = np.asarray(augmentation(images))
+    np.testing.assert_allclose(out[0], 50.0)
+    np.testing.assert_allclose(out[1], 127.5)
+    brighter = build_augmentation(AugmentConfig(
+        rotation_range=0, width_shift_range=0, height_shift_range=0, shear_range=0, zoom_range=0,
+        horizontal_flip=False, brightness_range=(2.0, 2.0)))
+    assert np.asarray(brighter(images)).max() == 255.0
+
+
+def test_augmentation_keeps_shape_and_range():
+    augmentation = build_augmentation(AugmentConfig(brightness_range=(0.8, 1.2)), seed=3)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    out = np.asarray(augmentation(images))
+    assert out.shape == images.shape
+    assert out.min() >= 0 and out.max() <= 255
+    assert not np.allclose(out, images)
+
+
+@pytest.mark.parametrize("kwargs", [{"rotation_range": 400}, {"width_shift_range": 1.5},
+                                    {"shear_range": 60}, {"zoom_range": -0.1},
+                                    {"brightness_range": (1.2, 0.8)}])
+def test_out_of_range_values_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        AugmentConfig(**kwargs)

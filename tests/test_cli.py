@@ -1,0 +1,153 @@
+"""The real app through Typer's CliRunner: exit codes, output and files written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+
+runner = CliRunner()
+TINY = ["--weights", "none", "--image-size", "32", "--batch-size", "8"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def said(text: str) -> str:
+    """Output with Rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def test_finetune_writes_a_self_describing_run(image_folder: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = invoke("finetune", image_folder, "-o", run_dir, *TINY, "--epochs", "2",
+                    "--finetune-epochs", "1", "--unfreeze-blocks", "2", "--base", "vgg16",
+                    "--brightness-range", "0.8", "1.2")
+    assert result.exit_code == 0, result.output
+    assert {"model.keras", "run.json", "history.json"} <= {p.name for p in run_dir.iterdir()}
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["base"] == "vgg16" and info["image_size"] == 32
+    assert info["config"]["augment"]["brightness_range"] == [0.8, 1.2]
+    assert info["stages"][1]["trainable_params"] > info["stages"][0]["trainable_params"]
+    assert "Stage 'head'" in result.stderr and "Stage 'finetune'" in result.stderr
+    assert "trainable parameters" in result.stderr
+    assert "Training summary" in result.stdout
+
+    again = invoke("finetune", image_folder, "-o", run_dir, *TINY)
+    assert again.exit_code == 1
+    assert "already exists and is not empty" in said(again.stderr)
+    assert "--overwrite" in again.stderr
+
+
+def test_finetune_head_only(image_folder: Path, tmp_path: Path):
+    result = invoke("finetune", image_folder, "-o", tmp_path / "run", *TINY, "--epochs", "1",
+                    "--finetune-epochs", "0", "--no-augment")
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [s["name"] for s in info["stages"]] == ["head"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--val-split", "1.5"], "--val-split must be strictly between 0 and 1; got 1.5"),
+    (["--image-size", "16"], "below efficientnet_lite0's minimum of 32"),
+    (["--weights", "missing.weights.h5"], "is not 'imagenet', 'none' or an existing file"),
+    (["--unfreeze-blocks", "9"], "efficientnet_lite0 has 8 blocks"),
+])
+def test_finetune_user_errors_exit_1_without_traceback(image_folder, tmp_path, args, message):
+    base_args = ["finetune", image_folder, "-o", tmp_path / "run", "--weights", "none",
+                 "--image-size", "32", "--epochs", "1"]
+    result = invoke(*base_args, *args)
+    assert result.exit_code == 1, result.output
+    assert "Error:" in result.stderr and message in said(result.stderr)
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_folder_and_usage_errors(tmp_path: Path):
+    result = invoke("finetune", tmp_path / "nope", "-o", tmp_path / "run")
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+    usage = invoke("finetune", tmp_path, "-o", tmp_path / "run", "--epochs", "many")
+    assert usage.exit_code == 2
+    assert invoke("finetune", tmp_path, "-o", tmp_path / "r", "--base", "alexnet").exit_code == 2
+
+
+def test_extract_then_train_head_then_predict(image_folder: Path, tmp_path: Path):
+    features, run_dir = tmp_path / "features.npz", tmp_path / "head_run"
+    result = invoke("extract", image_folder, "-o", features, *TINY, "--base", "vgg16",
+                    "--blocks", "2", "--train-head", run_dir, "--head-epochs", "2",
+                    "--dense-units", "16")
+    assert result.exit_code == 0, result.output
+    with np.load(features, allow_pickle=False) as npz:
+        assert npz["features"].shape == (18, 128)  # vgg16 block2 has 128 channels
+        assert sorted(set(npz["splits"].tolist())) == ["train", "val"]
+        assert npz["paths"][0].startswith("circles/")
+        meta = json.loads(str(npz["meta"]))
+    assert meta["blocks"] == 2 and meta["class_names"] == ["circles", "squares", "stripes"]
+    predicted = invoke("predict", run_dir, image_folder / "squares")
+    assert predicted.exit_code == 0, predicted.output
+    assert "squares_0.jpg" in predicted.stdout and "Accuracy" in predicted.stderr
+
+
+def test_extract_refuses_existing_feature_file(image_folder: Path, tmp_path: Path):
+    features = tmp_path / "f.npz"
+    features.write_bytes(b"precious")
+    result = invoke("extract", image_folder, "-o", features, *TINY)
+    assert result.exit_code == 1 and "already exists" in result.stderr
+    assert features.read_bytes() == b"precious"
+
+
+def test_predict_table_csv_json_and_bad_files(trained_run: Path, image_folder: Path,
+                                              tmp_path: Path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    table = invoke("predict", trained_run, image_folder, bad, "--top-k", "2")
+    assert table.exit_code == 0, table.output
+    assert "broken.jpg" in table.stdout and "error" in table.stdout
+    assert "could not be read" in table.stderr
+    assert "Accuracy" in table.stderr and "18 images" in said(table.stderr)
+
+    out_csv = tmp_path / "preds.csv"
+    result = invoke("predict", trained_run, image_folder, bad, "--output", out_csv,
+                    "--top-k", "3")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # results went to the file
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 19
+    good = [r for r in rows if not r["error"]]
+    assert all(r["label"] in ("circles", "squares", "stripes") for r in good)
+    assert all(r["true_label"] == Path(r["path"]).parent.name for r in good)
+    assert all(float(r["probability"]) >= float(r["probability_2"]) >= float(r["probability_3"])
+               for r in good)
+    assert [r["path"] for r in rows if r["error"]] == [str(bad)]
+
+    out_json = tmp_path / "preds.json"
+    assert invoke("predict", trained_run, image_folder, "-o", out_json).exit_code == 0
+    assert len(json.loads(out_json.read_text())) == 18
+    again = invoke("predict", trained_run, image_folder, "-o", out_json)
+    assert again.exit_code == 1 and "already exists" in again.stderr
+
+
+def test_predict_with_unreadable_run(tmp_path: Path, image_folder: Path):
+    (tmp_path / "run").mkdir()
+    result = invoke("predict", tmp_path / "run", image_folder)
+    assert result.exit_code == 1 and "has no run.json" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_installed_entry_point_answers_help():
+    script = Path(sys.executable).with_name("transferkit")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "transferkit"]
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert all(c in done.stdout for c in ("finetune", "extract", "predict"))
+    assert "tensorflow" not in done.stderr.lower()

@@ -1,0 +1,103 @@
+"""Reading image folders: layouts, splits, colour modes and bad files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CLASSES, make_image, write_class_folder
+from PIL import Image
+
+from transferkit.data import build_dataset, collect_images, load_splits, split_validation
+from transferkit.errors import DataError
+
+
+def test_unsplit_folder_gets_a_stratified_seeded_split(image_folder: Path):
+    splits = load_splits(image_folder, val_split=0.34, seed=1)
+    assert splits.class_names == CLASSES and not splits.presplit
+    for label in range(3):
+        assert (splits.val.labels == label).sum() == 2  # round(6 * 0.34)
+        assert (splits.train.labels == label).sum() == 4
+    assert not set(splits.train.paths) & set(splits.val.paths)
+    again = load_splits(image_folder, val_split=0.34, seed=1)
+    assert again.val.paths == splits.val.paths
+    others = [load_splits(image_folder, val_split=0.34, seed=s).val.paths for s in range(2, 6)]
+    assert any(o != splits.val.paths for o in others)
+
+
+def test_small_classes_keep_one_image_for_training(image_folder: Path):
+    splits = load_splits(image_folder, val_split=0.99, seed=0)
+    train, val = split_validation(splits.train, 0.5, 0)
+    assert all((train.labels == c).sum() >= 1 for c in range(3))
+
+
+def test_presplit_folder_uses_its_train_val_test(presplit_folder: Path):
+    splits = load_splits(presplit_folder, val_split=0.2, seed=0)
+    assert splits.presplit
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 6, 3)
+    assert all(p.parts[0] == "val" for p in splits.val.paths)  # relative to the data folder
+
+
+def test_colour_modes_become_rgb(tmp_path: Path):
+    base = make_image("circles", 0, size=40)
+    for c in CLASSES[:2]:
+        (tmp_path / c).mkdir()
+    base.convert("L").save(tmp_path / "circles" / "grey.png")
+    base.convert("RGBA").save(tmp_path / "circles" / "rgba.png")
+    base.convert("P").save(tmp_path / "squares" / "palette.gif")
+    base.convert("LA").save(tmp_path / "squares" / "grey_alpha.png")
+    splits = load_splits(tmp_path, 0.5, 0)
+    paths = [str(tmp_path / p) for s in (splits.train, splits.val) for p in s.paths]
+    batch = next(iter(build_dataset(paths, None, 32, batch_size=4)))
+    assert batch.shape == (4, 32, 32, 3) and batch.dtype.name == "float32"
+    assert float(np.max(batch)) <= 255.0
+
+
+def test_non_images_and_corrupt_files_are_skipped_and_recorded(tmp_path: Path):
+    write_class_folder(tmp_path, per_class=3)
+    (tmp_path / "circles" / "notes.txt").write_text("not an image")
+    (tmp_path / "circles" / ".DS_Store").write_bytes(b"\0\0")
+    data = (tmp_path / "squares" / "squares_0.jpg").read_bytes()
+    (tmp_path / "squares" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "stripes" / "fake.png").write_text("text pretending to be a PNG")
+    splits = load_splits(tmp_path, 0.34, 0)
+    reasons = {p.path.name: r for p, r in ((s, s.reason) for s in splits.skipped)}
+    assert set(reasons) == {"notes.txt", "truncated.jpg", "fake.png"}
+    assert "not an image file" in reasons["notes.txt"]
+    assert "unreadable image" in reasons["truncated.jpg"]
+    assert len(splits.train) + len(splits.val) == 9
+
+
+def test_missing_folder_one_class_and_empty_class(tmp_path: Path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_splits(tmp_path / "nope", 0.2, 0)
+    (tmp_path / "only").mkdir()
+    make_image("circles", 0).save(tmp_path / "only" / "a.png")
+    with pytest.raises(DataError, match="Found 1 class folder in .*need at least 2"):
+        load_splits(tmp_path, 0.2, 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="Class folder '.*empty' has no usable images"):
+        load_splits(tmp_path, 0.2, 0)
+
+
+def test_val_folder_with_unknown_class_is_refused(presplit_folder: Path, tmp_path: Path):
+    root = tmp_path / "data"
+    shutil.copytree(presplit_folder, root)
+    (root / "val" / "triangles").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "val" / "triangles" / "t.png")
+    with pytest.raises(DataError, match=r"class folders \['triangles'\]"):
+        load_splits(root, 0.2, 0)
+
+
+def test_collect_images_recurses_and_reports(tmp_path: Path):
+    write_class_folder(tmp_path / "a" / "deep", per_class=1)
+    (tmp_path / "a" / "readme.md").write_text("hi")
+    single = tmp_path / "one.png"
+    make_image("squares", 1).save(single)
+    files, ignored = collect_images([tmp_path / "a", single])
+    assert len(files) == 4 and files[-1] == single
+    assert [f.path.name for f in ignored] == ["readme.md"]
+    with pytest.raises(DataError, match="does not exist"):
+        collect_images([tmp_path / "missing.jpg"])
