@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -85,8 +86,9 @@ class RichReporter:
 
 def render_stages(stages: Sequence[StageResult]) -> None:
     """The stages side by side: what trained and where each ended."""
-    table = Table(title="Training summary")
-    for name in ("stage", "epochs", "lr", "trainable", *_METRICS.values(), "best val_acc"):
+    table = Table(title="Training summary", box=box.SIMPLE_HEAD, collapse_padding=True,
+                  caption="params: trainable parameters; best: best val_acc of the stage")
+    for name in ("stage", "epochs", "lr", "params", *_METRICS.values(), "best"):
         table.add_column(name, justify="left" if name == "stage" else "right")
     for s in stages:
         table.add_row(s.name, str(s.epochs), f"{s.learning_rate:.2g}", f"{s.trainable_params:,}",
