@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ["COLUMNS"] = "200"  # Rich tables unwrapped, so tests can read whole cells
 
 CLASSES = ("circles", "squares", "stripes")
 SIZE = 32
@@ -72,3 +73,38 @@ def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
     finetune(FinetuneConfig(data=DataConfig(image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", epochs=1, finetune_epochs=1))
     return run_dir
+
+
+def write_messy_folder(root: Path) -> Path:
+    """A train/val folder holding every kind of trouble real image folders have."""
+    write_class_folder(root / "train", per_class=4)
+    write_class_folder(root / "val", per_class=2, offset=50)
+    circles, squares = root / "train" / "circles", root / "train" / "squares"
+    good = make_image("circles", 7, size=40)
+    jpeg = (circles / "circles_0.jpg").read_bytes()
+    (circles / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (circles / "empty.jpg").write_bytes(b"")
+    (circles / "notes.jpg").write_text("a text file named like a photo")
+    (circles / "README.txt").write_text("not an image")
+    good.save(circles / "png_named.jpg", format="PNG")
+    good.convert("CMYK").save(circles / "cmyk.jpg")
+    wide = np.linspace(0, 65535, 40 * 40).reshape(40, 40).astype(np.uint16)
+    Image.fromarray(wide).save(circles / "sixteen.png")
+    good.convert("RGBA").save(circles / "rgba.png")
+    good.convert("P").save(circles / "palette.gif")
+    good.convert("P").save(circles / "palette_alpha.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    make_image("circles", 8, size=48).crop((0, 0, 48, 40)).save(circles / "exif6.jpg", exif=exif)
+    good.save(circles / "café ünïcode.jpg")
+    make_image("squares", 9, size=16).save(squares / "tiny.png")
+    (root / "train" / "stripes" / "looks_square.png").write_bytes(
+        (squares / "squares_1.png").read_bytes())  # same image, two classes
+    (root / "val" / "circles" / "leaked.png").write_bytes(
+        (circles / "circles_1.png").read_bytes())  # same image, two splits
+    return root
+
+
+@pytest.fixture(scope="session")
+def messy_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_messy_folder(tmp_path_factory.mktemp("messy"))

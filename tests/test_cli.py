@@ -151,3 +151,125 @@ def test_installed_entry_point_answers_help():
     assert done.returncode == 0
     assert all(c in done.stdout for c in ("finetune", "extract", "predict"))
     assert "tensorflow" not in done.stderr.lower()
+
+
+def test_doctor_cli_reports_writes_json_and_quarantines(messy_folder: Path, tmp_path: Path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(messy_folder, data)
+    report = tmp_path / "report.json"
+    result = invoke("doctor", data, "--output", report, "--quarantine", tmp_path / "bad")
+    assert result.exit_code == 1
+    assert "truncated image" in result.stdout and "validation leakage" in result.stdout
+    assert "CMYK 1" in result.stdout and "Class imbalance (train)" in result.stdout
+    assert "Moved 4 unusable file(s)" in said(result.stderr)
+    assert {f["kind"] for f in json.loads(report.read_text())["findings"]} >= {
+        "empty", "truncated", "unreadable", "not_image", "leak", "conflict", "too_small"}
+    assert (tmp_path / "bad" / "train" / "circles" / "notes.jpg").is_file()
+    clean = invoke("doctor", Path(__file__).parents[1] / "sample_data")
+    assert clean.exit_code == 0 and "No problems found in 90 files" in said(clean.stderr)
+
+
+def test_all_commands_survive_a_messy_folder(messy_folder: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = invoke("finetune", messy_folder, "-o", run_dir, *TINY, "--epochs", "1",
+                    "--finetune-epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "Skipped 4 file(s)" in result.stderr and "truncated.jpg" in result.stderr
+    info = json.loads((run_dir / "run.json").read_text())
+    assert len(info["data"]["skipped"]) == 4 and info["data"]["converted"] == 5
+    with open(run_dir / "splits.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {"path": "train/circles/café ünïcode.jpg", "label": "circles",
+            "split": "train"} in rows
+
+    extracted = invoke("extract", messy_folder, "-o", tmp_path / "f.npz", *TINY)
+    assert extracted.exit_code == 0, extracted.output
+    assert "Skipped 4 file(s)" in extracted.stderr
+
+    predicted = invoke("predict", run_dir, messy_folder / "train" / "circles", "-o",
+                       tmp_path / "p.json")
+    assert predicted.exit_code == 0, predicted.output
+    rows = {Path(r["path"]).name: r for r in json.loads((tmp_path / "p.json").read_text())}
+    assert rows["truncated.jpg"]["error"].startswith("truncated image")
+    assert rows["empty.jpg"]["error"] == "empty file (0 bytes)"
+    assert rows["exif6.jpg"]["label"] in ("circles", "squares", "stripes")
+    assert "README.txt" not in rows  # folders contribute image files only
+
+
+def test_interrupted_run_resumes_from_the_cli(image_folder: Path, tmp_path: Path):
+    from test_training import SignalAt, _config
+
+    from transferkit.errors import RunInterrupted
+    from transferkit.training import finetune as run_finetune
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        run_finetune(_config(image_folder, run_dir), SignalAt("head", 1))
+    again = invoke("finetune", image_folder, "-o", run_dir, *TINY)
+    assert again.exit_code == 1 and "--resume" in again.stderr
+    assert "interrupted in stage head after epoch 1" in said(again.stderr)
+    mixed = invoke("finetune", image_folder, "--resume", run_dir)
+    assert mixed.exit_code == 2
+    resumed = invoke("finetune", "--resume", run_dir)
+    assert resumed.exit_code == 0, resumed.output
+    assert "Resuming stage 'head' after epoch 1" in resumed.stderr
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize(("setup", "args", "message"), [
+    (lambda d: None, [], "Found 0 class folders"),
+    (lambda d: (d / "only").mkdir(), [], "Found 1 class folder"),
+    (lambda d: [_bad_class(d, "a"), _good_class(d, "b")], [],
+     "has no usable images (every file in it is unreadable or not an image)"),
+])
+def test_data_errors_exit_1_and_write_nothing(tmp_path: Path, setup, args, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    setup(data)
+    result = invoke("finetune", data, "-o", tmp_path / "run", *TINY, *args)
+    assert result.exit_code == 1, result.output
+    assert message in said(result.stderr) and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def _bad_class(root: Path, name: str) -> None:
+    (root / name).mkdir()
+    (root / name / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+
+
+def _good_class(root: Path, name: str) -> None:
+    from conftest import make_image
+
+    (root / name).mkdir()
+    for i in range(3):
+        make_image("squares", i).save(root / name / f"{i}.png")
+
+
+def test_weights_that_do_not_fit_exit_1(image_folder: Path, tmp_path: Path):
+    from transferkit.bases import build_base, get_base
+
+    weights = tmp_path / "vgg16.weights.h5"
+    build_base(get_base("vgg16"), 32, "none").save_weights(weights)
+    result = invoke("finetune", image_folder, "-o", tmp_path / "run", "--base", "resnet50",
+                    "--weights", weights, "--image-size", "32")
+    assert result.exit_code == 1 and "does not fit base 'resnet50'" in said(result.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"preprocessing": "caffe"}, "no valid preprocessing description"),
+    ({"class_names": None}, "no valid class_names"),
+    ({"format_version": 2}, "run format version 2"),
+])
+def test_predict_refuses_runs_it_cannot_read(trained_run: Path, image_folder: Path,
+                                             tmp_path: Path, change, message):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, **change}))
+    result = invoke("predict", run_dir, image_folder)
+    assert result.exit_code == 1 and message in said(result.stderr)

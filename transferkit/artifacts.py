@@ -1,8 +1,10 @@
 """The only place that writes or reads run directories, feature files and prediction files.
 
 A run directory describes itself: `model.keras` (images in, probabilities out), `run.json`
-(resolved config, classes, base, image size, preprocessing, metrics, versions) and
-`history.json`. Every file is written atomically.
+(resolved config, classes, base, image size, preprocessing, metrics, versions, status),
+`history.json` and `splits.csv`. While training, `checkpoints/` holds the last completed epoch
+(with optimizer state, for `--resume`) and the best model of each stage. Every file is written
+atomically, so an interrupted run never leaves half a file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import csv
 import io
 import json
 import platform
+import shutil
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,12 @@ FEATURES_FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
 HISTORY_FILE = "history.json"
+SPLITS_FILE = "splits.csv"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.keras"
+STATE_FILE = "state.json"
+RUN_FILES = (MODEL_FILE, RUN_FILE, HISTORY_FILE, SPLITS_FILE, CHECKPOINTS_DIR)
+COMPLETE, RUNNING, INTERRUPTED = "complete", "running", "interrupted"
 
 
 def check_new_output(path: Path, overwrite: bool, what: str = "run directory") -> None:
@@ -45,10 +54,41 @@ def check_new_output(path: Path, overwrite: bool, what: str = "run directory") -
     if path.exists() and not is_dir_output and path.is_dir():
         raise ArtifactError(f"'{path}' is a folder; --output needs a file name.")
     occupied = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if occupied and not overwrite and is_dir_output:
+        status = _unfinished_status(path)
+        if status is not None:
+            raise ArtifactError(
+                f"The run directory '{path}' holds an unfinished run ({status}). Continue it "
+                f"with `transferkit finetune --resume {path}`, or pass --overwrite to start "
+                f"again.")
     if occupied and not overwrite:
         raise ArtifactError(
             f"The {what} '{path}' already exists{' and is not empty' if is_dir_output else ''}. "
             f"Choose another name, or pass --overwrite to replace it.")
+
+
+def _unfinished_status(run_dir: Path) -> str | None:
+    """'interrupted in stage head after epoch 3', or None when not an unfinished run."""
+    try:
+        info = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(info, dict) or info.get("status") not in (RUNNING, INTERRUPTED):
+        return None
+    stopped = info.get("stopped") or {}
+    where = (f" in stage {stopped.get('stage')} after epoch {stopped.get('epoch')}"
+             if stopped else "")
+    return f"{info['status']}{where}"
+
+
+def clear_run(run_dir: Path) -> None:
+    """Removes what an earlier run wrote into `run_dir` (for --overwrite); nothing else."""
+    for name in RUN_FILES:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
 
 
 def versions() -> dict[str, str]:
@@ -64,17 +104,79 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
 
 
+def save_run_info(run_dir: Path, info: Mapping[str, Any]) -> None:
+    """Writes run.json (format, versions and time stamp added)."""
+    record = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
+              "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              **info, "versions": versions()}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / RUN_FILE, _json_text(record))
+
+
 def save_run(run_dir: Path, model: Any, info: Mapping[str, Any],
              history: Sequence[Mapping[str, Any]]) -> None:
-    """Writes model.keras, run.json and history.json into `run_dir`."""
+    """Writes the finished run: model.keras, history.json, and run.json marked complete.
+    The resume checkpoint is no longer needed; the best-of-stage checkpoints stay."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / MODEL_FILE) as tmp:
         model.save(tmp)
-    record = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              **info, "versions": versions()}
     write_text(run_dir / HISTORY_FILE, _json_text(list(history)))
-    write_text(run_dir / RUN_FILE, _json_text(record))
+    save_run_info(run_dir, {**info, "status": COMPLETE})
+    for name in (LAST_CHECKPOINT, STATE_FILE):
+        (run_dir / CHECKPOINTS_DIR / name).unlink(missing_ok=True)
+
+
+def save_splits(run_dir: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+    """splits.csv: which file (relative path) had which label in which split."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("path", "label", "split"))
+    writer.writerows(rows)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / SPLITS_FILE, buffer.getvalue())
+
+
+def read_splits(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of splits.csv."""
+    try:
+        with open(run_dir / SPLITS_FILE, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except OSError as exc:
+        raise ArtifactError(f"Could not read '{run_dir / SPLITS_FILE}' ({exc.strerror}).") from exc
+
+
+def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any],
+                    best_of_stage: str | None = None) -> None:
+    """Saves the model after a completed epoch (optimizer state included) and the training
+    state to resume from; also keeps it as the stage's best when `best_of_stage` is given."""
+    folder = run_dir / CHECKPOINTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / LAST_CHECKPOINT) as tmp:
+        model.save(tmp)
+    write_text(folder / STATE_FILE, _json_text(dict(state)))
+    if best_of_stage is not None:
+        with atomic_path(folder / f"best-{best_of_stage}.keras") as tmp:
+            shutil.copyfile(folder / LAST_CHECKPOINT, tmp)
+
+
+def load_checkpoint(run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """The last completed epoch's model (compiled, optimizer state restored) and state."""
+    import keras
+
+    import transferkit.layers  # noqa: F401  (registers the layers saved models refer to)
+
+    folder = run_dir / CHECKPOINTS_DIR
+    if not (folder / STATE_FILE).is_file() or not (folder / LAST_CHECKPOINT).is_file():
+        raise ArtifactError(
+            f"'{run_dir}' has no checkpoint to resume from: it stopped before finishing its "
+            f"first epoch. Start it again with --overwrite.")
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        model = keras.saving.load_model(folder / LAST_CHECKPOINT, compile=True, safe_mode=True)
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"Could not read the checkpoint in '{folder}' ({exc}). Start the "
+                            f"run again with --overwrite.") from exc
+    return model, state
 
 
 @dataclass(frozen=True)
@@ -88,8 +190,11 @@ class LoadedRun:
     image_size: int
 
 
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    """run.json, validated (plain JSON: nothing in it is evaluated)."""
+def read_run_info(run_dir: Path, finished: bool = True) -> dict[str, Any]:
+    """run.json, validated (plain JSON: nothing in it is evaluated).
+
+    With `finished`, a run that is still running or was interrupted is an error.
+    """
     if not run_dir.is_dir():
         raise ArtifactError(f"Run directory '{run_dir}' does not exist. Pass a folder written "
                             f"by `transferkit finetune` or `transferkit extract --train-head`.")
@@ -116,6 +221,15 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     size = info.get("image_size")
     if not (isinstance(size, int) and size > 0):
         raise ArtifactError(f"'{path}' has no valid image_size (got {size!r}).")
+    pre = info.get("preprocessing")
+    if not (isinstance(pre, dict) and pre.get("channel_order") in ("rgb", "bgr")
+            and all(isinstance(pre.get(k), list) and len(pre[k]) == 3 for k in ("mean", "std"))):
+        raise ArtifactError(f"'{path}' has no valid preprocessing description (got {pre!r}); "
+                            f"cannot tell how images were scaled. Train the run again.")
+    if finished and info.get("status", COMPLETE) != COMPLETE:
+        raise ArtifactError(
+            f"'{run_dir}' is an unfinished run ({_unfinished_status(run_dir)}). Finish it with "
+            f"`transferkit finetune --resume {run_dir}` first.")
     return info
 
 
@@ -186,6 +300,12 @@ def load_features(path: Path) -> FeatureSet:
     if meta.get("format") != FEATURES_FORMAT:
         raise ArtifactError(f"'{path}' is not a transferkit feature file.")
     return FeatureSet(class_names=tuple(meta.pop("class_names")), meta=meta, **arrays)
+
+
+def save_report(path: Path, report: Mapping[str, Any], overwrite: bool = False) -> None:
+    """Writes a JSON report (e.g. from `doctor`)."""
+    check_new_output(path, overwrite, what="output file")
+    write_text(path, _json_text(dict(report)))
 
 
 PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")

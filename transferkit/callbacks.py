@@ -12,13 +12,14 @@ from transferkit.reporting import Reporter
 class EpochReporter(keras.callbacks.Callback):
     """Per-epoch progress bar and summary line; also records each epoch's row of history."""
 
-    def __init__(self, reporter: Reporter, stage: str, last_epoch: int, steps: int) -> None:
+    def __init__(self, reporter: Reporter, stage: str, last_epoch: int, steps: int,
+                 rows: list[dict[str, Any]]) -> None:
         super().__init__()
         self.reporter = reporter
         self.stage = stage
         self.last_epoch = last_epoch
         self.steps = steps
-        self.rows: list[dict[str, Any]] = []
+        self.rows = rows  # appended to: the run's history across stages
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.reporter.start_progress(f"{self.stage} epoch {epoch + 1}/{self.last_epoch}",

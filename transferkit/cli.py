@@ -96,7 +96,7 @@ def _user_errors() -> Iterator[None]:
         yield
     except TransferkitError as exc:
         print_error(str(exc))
-        raise typer.Exit(1) from None
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         print_error("Interrupted.")
         raise typer.Exit(130) from None
@@ -104,10 +104,17 @@ def _user_errors() -> Iterator[None]:
 
 @app.command()
 def finetune(
-    data: DataArg,
-    output: Annotated[Path, typer.Option(
+    data: Annotated[Path | None, typer.Argument(
+        help="Folder with one sub-folder per class, or with train/ and val/ (and test/) "
+             "folders of class sub-folders. Not needed with --resume.", exists=False,
+        file_okay=False, show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Run directory to create.", rich_help_panel=OUT_PANEL,
-        file_okay=False, show_default=False)],
+        file_okay=False, show_default=False)] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue an interrupted run directory where it stopped, with its "
+                         "saved settings.", rich_help_panel=OUT_PANEL, file_okay=False,
+        show_default=False)] = None,
     base: BaseOpt = FINETUNE_BASE,
     weights: WeightsOpt = default(FinetuneConfig, "weights"),
     image_size: ImageSizeOpt = default(DataConfig, "image_size"),
@@ -163,6 +170,19 @@ def finetune(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a new head on a frozen pretrained base, then fine-tune its top blocks."""
+    from transferkit.console import RichReporter, render_stages
+
+    if resume is not None:
+        if data is not None or output is not None:
+            raise typer.BadParameter("--resume takes the data folder and settings from the run "
+                                     "directory; do not pass DATA or -o with it.")
+        with _user_errors():
+            from transferkit.training import resume_finetune
+
+            render_stages(resume_finetune(resume, RichReporter()).stages)
+        return
+    if data is None or output is None:
+        raise typer.BadParameter("Pass the DATA folder and -o RUN (or --resume RUN).")
     with _user_errors():
         config = FinetuneConfig(
             data=DataConfig(data, image_size, val_split, batch_size, seed),
@@ -173,7 +193,6 @@ def finetune(
                                   shear_range, zoom_range, horizontal_flip, vertical_flip,
                                   brightness_range),
         )
-        from transferkit.console import RichReporter, render_stages
         from transferkit.training import finetune as run_finetune
 
         result = run_finetune(config, RichReporter())
@@ -265,6 +284,42 @@ def predict(
             save_predictions(output, [p.to_dict() for p in report.predictions], config.top_k,
                              overwrite)
         render_prediction_summary(report)
+
+
+@app.command()
+def doctor(
+    data: DataArg,
+    base: BaseOpt = FINETUNE_BASE,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Also write the full report as JSON.", rich_help_panel=OUT_PANEL,
+        dir_okay=False, show_default=False)] = None,
+    quarantine: Annotated[Path | None, typer.Option(
+        "--quarantine", help="Move (never delete) unusable files into this folder, keeping "
+                             "their relative paths.", rich_help_panel=OUT_PANEL,
+        file_okay=False, show_default=False)] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Check a data folder: decode every file, find bad, mislabelled and duplicate images.
+
+    Exits 0 when the folder is clean and 1 when problems were found.
+    """
+    with _user_errors():
+        from transferkit.artifacts import check_new_output, save_report
+        from transferkit.bases import get_base
+        from transferkit.console import RichReporter, render_doctor, render_quarantine
+        from transferkit.doctor import diagnose
+        from transferkit.doctor import quarantine as move_unusable
+
+        if output is not None:
+            check_new_output(output, overwrite, what="output file")
+        report = diagnose(data, get_base(base.value).min_size, RichReporter())
+        render_doctor(report)
+        if output is not None:
+            save_report(output, report.to_dict(), overwrite)
+        if quarantine is not None:
+            render_quarantine(move_unusable(report, quarantine), quarantine)
+    if not report.clean:
+        raise typer.Exit(1)
 
 
 def main() -> None:

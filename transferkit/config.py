@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transferkit.errors import ConfigError
 
@@ -151,6 +154,48 @@ class PredictConfig:
         _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
         _check(self.output is None or self.output.suffix.lower() in (".csv", ".json"),
                f"--output must end in .csv or .json; got '{self.output}'.")
+
+
+T = TypeVar("T")
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    """Turns a JSON/TOML value into the type a config field declares."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce(next(a for a in args if a is not type(None)), value, name)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"Setting '{name}' must be a table of settings; got {value!r}.")
+        return from_dict(hint, value, prefix=f"{name}.")
+    if hint is Path:
+        return Path(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"Setting '{name}' must be a list; got {value!r}.")
+        inner = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        return tuple(_coerce(h, v, name) for h, v in zip(inner, value, strict=True))
+    return value
+
+
+def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+    """Builds a config dataclass from plain data (run.json, a config file); validates it.
+
+    Raises:
+        ConfigError: an unknown setting, or a value the config refuses.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"Unknown setting{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(prefix + u for u in unknown)}.")
+    hints = typing.get_type_hints(cls)
+    try:
+        return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in values.items()})
+    except TypeError as exc:
+        raise ConfigError(f"Incomplete settings for {cls.__name__}: {exc}.") from exc
 
 
 def default(cls: type, name: str) -> Any:

@@ -17,6 +17,9 @@ from rich.table import Table
 from transferkit.reporting import StageInfo
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from transferkit.doctor import DoctorReport
     from transferkit.extract import ExtractResult
     from transferkit.predict import PredictionReport
     from transferkit.training import StageResult
@@ -147,3 +150,43 @@ def render_prediction_summary(report: PredictionReport) -> None:
     if report.accuracy is not None:
         stderr.print(f"Accuracy {report.accuracy:.4f} on {report.labelled} images whose folder "
                      f"names a class.")
+
+
+def render_doctor(report: DoctorReport) -> None:
+    """Per-class counts and colour modes, then every finding; a verdict on stderr."""
+    from transferkit.doctor import KINDS
+
+    imbalance = report.imbalance()
+    table = Table(title=f"Data: {escape(str(report.root))}", box=box.SIMPLE_HEAD,
+                  collapse_padding=True)
+    for name in ("split", "class", "images", "unusable", "colour modes"):
+        table.add_column(name, justify="right" if name in ("images", "unusable") else "left")
+    for c in report.classes:
+        modes = ", ".join(f"{m} {n}" for m, n in c.modes.items())
+        table.add_row(c.split, escape(c.name), str(c.images),
+                      f"[red]{c.unusable}[/]" if c.unusable else "0", modes)
+    stdout.print(table)
+    for split, ratio in imbalance.items():
+        stdout.print(f"Class imbalance ({split}): "
+                     + ("n/a (an empty class)" if ratio is None else f"{ratio:.1f}:1"))
+    if report.findings:
+        found = Table(title="Findings", box=box.SIMPLE_HEAD, collapse_padding=True)
+        found.add_column("finding")
+        found.add_column("file(s)", overflow="fold")
+        found.add_column("detail", overflow="fold")
+        for f in report.findings:
+            found.add_row(KINDS[f.kind], escape("\n".join(p.as_posix() for p in f.paths)),
+                          escape(f.detail))
+        stdout.print(found)
+        stderr.print(f"[yellow]{len(report.findings)} problem(s)[/] in {report.files} files.")
+    else:
+        stderr.print(f"[green]No problems found[/] in {report.files} files.")
+
+
+def render_quarantine(moved: Sequence[tuple[Path, Path]], destination: Path) -> None:
+    if not moved:
+        stderr.print("Nothing to quarantine: no unusable files.")
+        return
+    stderr.print(f"Moved {len(moved)} unusable file(s) into '{escape(str(destination))}':")
+    for source, target in moved:
+        stderr.print(f"  {escape(str(source))} -> {escape(str(target))}", soft_wrap=True)

@@ -1,7 +1,11 @@
-"""The only place that reads image files: class folders -> labelled file lists -> tf.data.
+"""The only place that reads image files: class folders -> checked, labelled file lists ->
+tf.data pipelines.
 
-A data folder holds one sub-folder per class, either directly (then a stratified, seeded
-validation split is drawn) or under `train/`, `val/` and optionally `test/`.
+A data folder holds one sub-folder per class, either directly (then a seeded validation split
+is drawn) or under `train/`, `val/` and optionally `test/`. Every file is inspected once before
+training: unusable files are skipped and reported, and images TensorFlow would decode wrongly
+(EXIF-rotated, with alpha, CMYK, 16-bit, TIFF...) are converted once to plain RGB PNGs in a
+cache, so the decoding pipeline itself stays pure TensorFlow.
 """
 
 from __future__ import annotations
@@ -15,18 +19,138 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from transferkit.atomic import atomic_path, cache_dir
 from transferkit.errors import DataError
 from transferkit.reporting import NullReporter, Reporter
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp"})
-# What tf.io.decode_image reads; PIL reads more, but the pipeline decodes with TensorFlow.
-DECODABLE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+# Formats and modes tf.io.decode_image turns into the right RGB by itself.
+NATIVE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP"})
+NATIVE_MODES = frozenset({"RGB", "L", "P"})
+# What each image format's files are usually called, to flag content that lies about itself.
+FORMAT_EXTENSIONS = {
+    "JPEG": {".jpg", ".jpeg", ".jpe"}, "MPO": {".jpg", ".jpeg", ".jpe"}, "PNG": {".png"},
+    "GIF": {".gif"}, "BMP": {".bmp"}, "WEBP": {".webp"}, "TIFF": {".tif", ".tiff"},
+}
+ALPHA_BACKGROUND = (255, 255, 255)
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
+_EXIF_ORIENTATION = 0x0112
+_CONVERSION_VERSION = "1"  # part of the cache key of converted images
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What one full decode of a file found."""
+
+    path: Path
+    size_bytes: int
+    sha256: str
+    format: str | None = None  # from the content, not the extension
+    mode: str | None = None
+    width: int = 0
+    height: int = 0
+    orientation: int = 1  # EXIF; 1 is upright
+    has_alpha: bool = False
+    problem: str | None = None  # why the file cannot be used
+    problem_kind: str | None = None  # empty | truncated | unreadable | not_image
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+    @property
+    def needs_conversion(self) -> bool:
+        """True when TensorFlow's decoder would not give the right RGB picture."""
+        return self.usable and (self.format not in NATIVE_FORMATS or self.mode not in NATIVE_MODES
+                                or self.orientation != 1 or self.has_alpha)
+
+    @property
+    def extension_mismatch(self) -> bool:
+        expected = FORMAT_EXTENSIONS.get(self.format or "")
+        return expected is not None and self.path.suffix.lower() not in expected
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def inspect_image(path: Path) -> ImageInfo:
+    """Reads and fully decodes one file; never raises for a bad file, it says why instead."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return ImageInfo(path, 0, "", problem=f"cannot be read ({exc.strerror})",
+                         problem_kind="unreadable")
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return ImageInfo(path, 0, digest, problem="empty file (0 bytes)", problem_kind="empty")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return ImageInfo(path, len(data), digest,
+                         problem=f"not an image file (extension '{path.suffix}')",
+                         problem_kind="not_image")
+    found: dict = {}
+    try:
+        with Image.open(path) as im:
+            found = {"format": im.format, "mode": im.mode, "width": im.width,
+                     "height": im.height, "has_alpha": _has_alpha(im),
+                     "orientation": int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)}
+            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading every byte
+            im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        message = str(exc) or type(exc).__name__
+        kind = "truncated" if "truncat" in message.lower() else "unreadable"
+        return ImageInfo(path, len(data), digest, **found,
+                         problem=f"{'truncated' if kind == 'truncated' else 'unreadable'} "
+                                 f"image ({message})", problem_kind=kind)
+    return ImageInfo(path, len(data), digest, **found)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image -> upright 8-bit RGB, alpha composited on white."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(im, dtype=np.float64)
+        peak = pixels.max() if pixels.size else 0
+        scale = 255.0 / 65535.0 if peak > 255 else (255.0 if im.mode == "F" and peak <= 1 else 1)
+        im = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), mode="L")
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
+def converted_path(info: ImageInfo) -> Path:
+    """Where the plain-RGB copy of an image that needs conversion lives (made once)."""
+    target = cache_dir() / "converted" / f"{info.sha256}-v{_CONVERSION_VERSION}.png"
+    if not target.is_file():
+        with Image.open(info.path) as im, atomic_path(target) as tmp:
+            _to_rgb(im).save(tmp, format="PNG")
+    return target
+
+
+def inspect_images(paths: Sequence[Path], reporter: Reporter,
+                   description: str = "Checking images") -> list[ImageInfo]:
+    """`inspect_image` over many files on a thread pool (PIL decodes without the GIL)."""
+    reporter.start_progress(description, len(paths))
+    results: list[ImageInfo] = []
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        for info in pool.map(inspect_image, paths):
+            results.append(info)
+            reporter.advance()
+    reporter.stop_progress()
+    return results
+
+
+def decode_source(info: ImageInfo) -> str:
+    """The file the tf.data pipeline decodes for this image: itself, or its converted copy."""
+    return str(converted_path(info) if info.needs_conversion else info.path)
 
 
 @dataclass(frozen=True)
@@ -37,18 +161,30 @@ class SkippedFile:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Image files with integer labels into `class_names`; paths relative to `root`."""
+    """Usable image files with integer labels into `class_names`.
+
+    `paths` are relative to `root` (the data folder); `sources` are what gets decoded.
+    """
 
     root: Path
     paths: tuple[Path, ...]
     labels: np.ndarray
     class_names: tuple[str, ...]
+    sources: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def absolute_paths(self) -> list[str]:
-        return [str(self.root / p) for p in self.paths]
+    @property
+    def converted(self) -> int:
+        """How many images are decoded through a converted copy."""
+        return sum(src != str(self.root / p) for p, src in zip(self.paths, self.sources,
+                                                                strict=True))
+
+    def subset(self, mask: np.ndarray) -> ImageSet:
+        keep = np.flatnonzero(mask)
+        return ImageSet(self.root, tuple(self.paths[i] for i in keep), self.labels[keep],
+                        self.class_names, tuple(self.sources[i] for i in keep))
 
 
 @dataclass(frozen=True)
@@ -67,114 +203,101 @@ class DataSplits:
         return [(name, s) for name, s in named if s is not None]
 
 
-def check_image(path: Path) -> str | None:
-    """Decodes the file fully; returns why it cannot be used, or None when it can."""
-    try:
-        with Image.open(path) as im:
-            if im.format not in DECODABLE_FORMATS:
-                return f"unsupported image format {im.format}"
-            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading every byte
-            im.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return f"unreadable image ({exc})"
-    return None
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
 
 
-def check_images(paths: Sequence[Path], reporter: Reporter) -> list[str | None]:
-    """`check_image` over many files on a thread pool (PIL decodes without the GIL)."""
-    reporter.start_progress("Checking images", len(paths))
-    results: list[str | None] = []
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        for result in pool.map(check_image, paths):
-            results.append(result)
-            reporter.advance()
-    reporter.stop_progress()
-    return results
-
-
-def _is_hidden(path: Path) -> bool:
-    return path.name.startswith(".")
-
-
-def _files_under(folder: Path) -> list[Path]:
+def files_under(folder: Path) -> list[Path]:
     """Every non-hidden file under `folder`, recursively, in a stable order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        found += [Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f)]
     return found
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    return sorted((p for p in root.iterdir() if p.is_dir() and not _is_hidden(p)),
+def class_dirs(root: Path) -> list[Path]:
+    """The class folders of a (split) folder, sorted by name."""
+    return sorted((p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)),
                   key=lambda p: p.name)
 
 
-def _scan_classes(root: Path, data_root: Path, class_names: Sequence[str] | None,
+def check_data_root(root: Path) -> None:
+    """Raises a DataError unless `root` is an existing folder."""
+    if not root.exists():
+        raise DataError(f"Data folder '{root}' does not exist. Pass a folder with one "
+                        f"sub-folder of images per class.")
+    if not root.is_dir():
+        raise DataError(f"'{root}' is a file; pass the folder that holds the class folders.")
+
+
+def find_split_dirs(root: Path) -> dict[str, Path]:
+    """The split folders present in `root` (`train`, `val`, `test`), if any."""
+    found = {}
+    for split, names in SPLIT_DIRS.items():
+        folder = next((root / n for n in names if (root / n).is_dir()), None)
+        if folder is not None:
+            found[split] = folder
+    return found
+
+
+def _scan_classes(folder: Path, data_root: Path, class_names: Sequence[str] | None,
                   reporter: Reporter, skipped: list[SkippedFile]) -> ImageSet:
-    """Reads `root/<class>/**` into an ImageSet with paths relative to `data_root`, skipping
-    (and recording) unusable files."""
-    dirs = _class_dirs(root)
+    """Reads `folder/<class>/**` into an ImageSet with paths relative to `data_root`,
+    skipping (and recording) unusable files."""
+    dirs = class_dirs(folder)
     names = tuple(d.name for d in dirs) if class_names is None else tuple(class_names)
     if class_names is None and len(dirs) < 2:
         raise DataError(
-            f"Found {len(dirs)} class folder{'s' if len(dirs) != 1 else ''} in '{root}'; need "
-            f"at least 2. Put each class's images in its own sub-folder, e.g. "
-            f"{root}/cats/*.jpg and {root}/dogs/*.jpg.")
+            f"Found {len(dirs)} class folder{'s' if len(dirs) != 1 else ''} in '{folder}'; "
+            f"need at least 2. Put each class's images in its own sub-folder, e.g. "
+            f"{folder}/cats/*.jpg and {folder}/dogs/*.jpg.")
     unknown = [d.name for d in dirs if d.name not in names]
     if unknown:
-        raise DataError(f"'{root}' has class folders {unknown} that are not among the training "
-                        f"classes {list(names)}. Rename or remove them.")
-    candidates: list[tuple[Path, int]] = []
-    for d in dirs:
-        for f in _files_under(d):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                candidates.append((f, names.index(d.name)))
-            else:
-                skipped.append(SkippedFile(f, f"not an image file (extension '{f.suffix}')"))
-    problems = check_images([f for f, _ in candidates], reporter)
-    kept = []
-    for (f, label), problem in zip(candidates, problems, strict=True):
-        if problem is None:
-            kept.append((f, label))
-        else:
-            skipped.append(SkippedFile(f, problem))
+        raise DataError(f"'{folder}' has class folders {unknown} that are not among the "
+                        f"training classes {list(names)}. Rename or remove them.")
+    files = [(f, names.index(d.name)) for d in dirs for f in files_under(d)]
+    infos = inspect_images([f for f, _ in files], reporter)
+    kept = [(info, label) for info, (_, label) in zip(infos, files, strict=True) if info.usable]
+    skipped += [SkippedFile(i.path, i.problem or "") for i in infos if not i.usable]
     for d in dirs:
         if not any(names[label] == d.name for _, label in kept):
-            raise DataError(
-                f"Class folder '{d}' has no usable images. Add .jpg/.png images to it or "
-                f"remove the folder.")
+            why = (" (every file in it is unreadable or not an image)"
+                   if any(names[label] == d.name for _, label in files) else "")
+            raise DataError(f"Class folder '{d}' has no usable images{why}. Add .jpg/.png "
+                            f"images to it or remove the folder.")
     return ImageSet(
         root=data_root,
-        paths=tuple(f.relative_to(data_root) for f, _ in kept),
+        paths=tuple(info.path.relative_to(data_root) for info, _ in kept),
         labels=np.array([label for _, label in kept], dtype=np.int32),
         class_names=names,
+        sources=tuple(decode_source(info) for info, _ in kept),
     )
 
 
-def _split_rank(seed: int, path: Path) -> str:
-    return hashlib.sha256(f"{seed}:{path.as_posix()}".encode()).hexdigest()
+def split_position(seed: int, path: Path) -> float:
+    """A file's place in [0, 1) for the validation draw: a hash of its relative path and the
+    seed, so it never depends on which other files exist."""
+    digest = hashlib.sha256(f"{seed}:{path.as_posix()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def split_validation(images: ImageSet, val_split: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """A stratified split: in each class, the files ranked first by a seeded hash of their
-    path go to validation (round(n * val_split), at least one when the class has two)."""
-    is_val = np.zeros(len(images), dtype=bool)
+    """Each file goes to validation when its hash position is below `val_split`; adding files
+    never moves existing ones. A class with no file below the threshold lends its lowest one
+    to validation, and a class entirely below keeps its highest one for training (both only
+    matter for classes of a handful of images)."""
+    positions = np.array([split_position(seed, p) for p in images.paths])
+    is_val = positions < val_split
     for label in range(len(images.class_names)):
         idx = np.flatnonzero(images.labels == label)
-        n_val = min(len(idx) - 1, max(1, round(len(idx) * val_split)))
-        ranked = sorted(idx, key=lambda i: _split_rank(seed, images.paths[i]))
-        is_val[ranked[:n_val]] = True
-
-    def subset(mask: np.ndarray) -> ImageSet:
-        return ImageSet(images.root, tuple(p for p, m in zip(images.paths, mask, strict=True) if m),
-                        images.labels[mask], images.class_names)
-
-    return subset(~is_val), subset(is_val)
-
-
-def _find_split_dir(root: Path, split: str) -> Path | None:
-    return next((root / n for n in SPLIT_DIRS[split] if (root / n).is_dir()), None)
+        if len(idx) < 2:
+            continue
+        if not is_val[idx].any():
+            is_val[idx[np.argmin(positions[idx])]] = True
+        if is_val[idx].all():
+            is_val[idx[np.argmax(positions[idx])]] = False
+    return images.subset(~is_val), images.subset(is_val)
 
 
 def load_splits(data_dir: Path, val_split: float, seed: int,
@@ -187,33 +310,51 @@ def load_splits(data_dir: Path, val_split: float, seed: int,
     """
     reporter = reporter or NullReporter()
     root = Path(data_dir)
-    if not root.exists():
-        raise DataError(f"Data folder '{root}' does not exist. Pass a folder with one "
-                        f"sub-folder of images per class.")
-    if not root.is_dir():
-        raise DataError(f"'{root}' is a file; pass the folder that holds the class folders.")
+    check_data_root(root)
     skipped: list[SkippedFile] = []
-    train_dir = _find_split_dir(root, "train")
-    if train_dir is None:
+    split_dirs = find_split_dirs(root)
+    if "train" not in split_dirs:
         train, val = split_validation(_scan_classes(root, root, None, reporter, skipped),
                                       val_split, seed)
-        test, presplit = None, False
+        test = None
     else:
-        full = _scan_classes(train_dir, root, None, reporter, skipped)
-        val_dir = _find_split_dir(root, "val")
-        if val_dir is None:
-            train, val = split_validation(full, val_split, seed)
+        full = _scan_classes(split_dirs["train"], root, None, reporter, skipped)
+        if "val" in split_dirs:
+            train = full
+            val = _scan_classes(split_dirs["val"], root, full.class_names, reporter, skipped)
         else:
-            train, val = full, _scan_classes(val_dir, root, full.class_names, reporter,
-                                                         skipped)
-        test_dir = _find_split_dir(root, "test")
-        test = None if test_dir is None else _scan_classes(test_dir, root, full.class_names,
-                                                           reporter, skipped)
-        presplit = val_dir is not None
+            train, val = split_validation(full, val_split, seed)
+        test = None if "test" not in split_dirs else _scan_classes(
+            split_dirs["test"], root, full.class_names, reporter, skipped)
     if len(val) == 0:
         raise DataError(f"No validation images could be drawn from '{root}': every class has "
                         f"a single image. Add images, or provide a '{root}/val' folder.")
-    return DataSplits(train.class_names, train, val, test, presplit, tuple(skipped))
+    return DataSplits(train.class_names, train, val, test, "val" in split_dirs, tuple(skipped))
+
+
+def splits_from_table(root: Path, class_names: Sequence[str], rows: Sequence[dict[str, str]],
+                      reporter: Reporter | None = None) -> DataSplits:
+    """Rebuilds the splits a run was trained on from its saved table (path, label, split),
+    so a resumed run sees the same files. Files gone since are skipped and reported."""
+    reporter = reporter or NullReporter()
+    check_data_root(root)
+    names = tuple(class_names)
+    infos = inspect_images([root / r["path"] for r in rows], reporter)
+    skipped = [SkippedFile(i.path, i.problem or "") for i in infos if not i.usable]
+
+    def image_set(split: str) -> ImageSet | None:
+        chosen = [(r, i) for r, i in zip(rows, infos, strict=True)
+                  if r["split"] == split and i.usable]
+        if not chosen:
+            return None
+        return ImageSet(root, tuple(Path(r["path"]) for r, _ in chosen),
+                        np.array([names.index(r["label"]) for r, _ in chosen], np.int32), names,
+                        tuple(decode_source(i) for _, i in chosen))
+
+    train, val = image_set("train"), image_set("val")
+    if train is None or val is None:
+        raise DataError(f"The images this run was trained on are no longer in '{root}'.")
+    return DataSplits(names, train, val, image_set("test"), skipped=tuple(skipped))
 
 
 def collect_images(paths: Iterable[Path]) -> tuple[list[Path], list[SkippedFile]]:
@@ -226,7 +367,7 @@ def collect_images(paths: Iterable[Path]) -> tuple[list[Path], list[SkippedFile]
     ignored: list[SkippedFile] = []
     for path in paths:
         if path.is_dir():
-            for f in _files_under(path):
+            for f in files_under(path):
                 if f.suffix.lower() in IMAGE_EXTENSIONS:
                     files.append(f)
                 else:
@@ -241,7 +382,8 @@ def collect_images(paths: Iterable[Path]) -> tuple[list[Path], list[SkippedFile]
 def load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     """One encoded file -> float32 RGB in [0, 255] at `image_size` square (aspect squashed).
 
-    Grey, palette and alpha images come out as 3 channels; animations give their first frame.
+    Only files `inspect_image` found native reach here directly (others via their converted
+    copy), so grey and palette images are all that need expanding to 3 channels.
     """
     import tensorflow as tf
 
@@ -254,7 +396,7 @@ def _parallel_calls() -> int:
     return max(2, os.cpu_count() or 1)
 
 
-def build_dataset(paths: Sequence[str], labels: np.ndarray | None, image_size: int,
+def build_dataset(sources: Sequence[str], labels: np.ndarray | None, image_size: int,
                   batch_size: int, shuffle_seed: int | None = None,
                   augment: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.data.Dataset:
     """Batched (image, label) pairs, or images alone when `labels` is None.
@@ -265,10 +407,10 @@ def build_dataset(paths: Sequence[str], labels: np.ndarray | None, image_size: i
     import tensorflow as tf
 
     parallel = _parallel_calls()
-    items = (list(paths),) if labels is None else (list(paths), np.asarray(labels, np.int32))
+    items = (list(sources),) if labels is None else (list(sources), np.asarray(labels, np.int32))
     ds = tf.data.Dataset.from_tensor_slices(items)
     if shuffle_seed is not None:
-        ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(sources), seed=shuffle_seed, reshuffle_each_iteration=True)
     if labels is None:
         ds = ds.map(lambda p: load_image(p, image_size), num_parallel_calls=parallel)
     else:

@@ -1,8 +1,12 @@
 """Typed user-facing errors. The core raises them; the CLI renders them once."""
 
+import signal
+
 
 class TransferkitError(Exception):
     """An error the user can fix; its message says what was wrong and what to do."""
+
+    exit_code = 1
 
 
 class DataError(TransferkitError):
@@ -19,3 +23,12 @@ class WeightsError(TransferkitError):
 
 class ArtifactError(TransferkitError):
     """A run directory, feature file or output file cannot be read or written."""
+
+
+class RunInterrupted(TransferkitError):
+    """Training stopped on a signal; the run directory can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention for death by signal
+        self.signal_name = signal.Signals(signum).name

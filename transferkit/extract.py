@@ -18,13 +18,13 @@ from transferkit.data import ImageSet, build_dataset, load_splits
 from transferkit.errors import DataError
 from transferkit.model import build_classifier, build_feature_extractor, build_head, cut_base
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.training import StageResult, data_summary, report_skipped, run_stage
+from transferkit.training import HEAD, StageResult, data_summary, report_data, run_stage
 
 
 def compute_features(extractor: keras.Model, images: ImageSet, image_size: int,
                      batch_size: int, reporter: Reporter, label: str) -> np.ndarray:
     """One `predict` over a whole split (per-batch calls pay a fixed cost each)."""
-    ds = build_dataset(images.absolute_paths(), None, image_size, batch_size)
+    ds = build_dataset(images.sources, None, image_size, batch_size)
     reporter.start_progress(f"Extracting {label} features", math.ceil(len(images) / batch_size))
     features = extractor.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
     reporter.stop_progress()
@@ -49,11 +49,13 @@ def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
     head = build_head(x_train.shape[1], len(features.class_names), config.dense_units,
                       config.dropout)
     batch_size = 32
-    stage = run_stage(head, "head", "train a dense classifier on the extracted features",
-                      (x_train, y_train), (x_val, y_val), config.learning_rate, config.epochs,
-                      reporter, math.ceil(len(x_train) / batch_size), batch_size=batch_size)
+    history: list[dict] = []
+    stage = run_stage(head, HEAD, "train a dense classifier on the extracted features",
+                      (x_train, y_train), (x_val, y_val), config.learning_rate, reporter,
+                      math.ceil(len(x_train) / batch_size), history, first_epoch=0,
+                      last_epoch=config.epochs, batch_size=batch_size)
     info = {**info, "stages": [stage.to_dict()], "metrics": stage.metrics}
-    save_run(config.output, build_classifier(extractor, head), info, stage.history)
+    save_run(config.output, build_classifier(extractor, head), info, history)
     reporter.info(f"Saved the run to '{config.output}'.")
     return stage
 
@@ -71,7 +73,7 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
     if config.head is not None:
         check_new_output(config.head.output, config.head.overwrite)
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter)
-    report_skipped(splits, reporter)
+    report_data(splits, reporter)
 
     keras.utils.set_random_seed(config.data.seed)
     base = cut_base(build_base(spec, image_size, config.weights), spec, config.blocks)
@@ -85,7 +87,8 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
                                         reporter, name)) for name, s in splits.items()]
     meta = {"base": spec.name, "weights": config.weights, "image_size": image_size,
             "blocks": blocks, "pooling": config.pooling,
-            "preprocessing": spec.preprocessing.to_dict(), "data_dir": str(config.data.data_dir)}
+            "preprocessing": spec.preprocessing.to_dict(), "data_dir": str(config.data.data_dir),
+            "skipped": [{"path": str(f.path), "reason": f.reason} for f in splits.skipped]}
     features = FeatureSet(
         features=np.concatenate([f for _, _, f in parts]),
         labels=np.concatenate([s.labels for _, s, _ in parts]),

@@ -12,7 +12,7 @@ import numpy as np
 from transferkit.artifacts import load_run
 from transferkit.callbacks import PredictProgress
 from transferkit.config import PredictConfig
-from transferkit.data import build_dataset, check_images, collect_images
+from transferkit.data import build_dataset, collect_images, decode_source, inspect_images
 from transferkit.errors import DataError
 from transferkit.reporting import NullReporter, Reporter
 
@@ -61,21 +61,23 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
     if not files:
         raise DataError(f"No image files found in {', '.join(map(str, config.paths))}. "
                         f"Pass .jpg/.png files or folders that contain them.")
-    problems = check_images(files, reporter)
-    readable = [f for f, p in zip(files, problems, strict=True) if p is None]
+    infos = inspect_images(files, reporter)
+    readable = [info for info in infos if info.usable]
     probabilities = np.zeros((0, len(run.class_names)), np.float32)
     if readable:
-        ds = build_dataset([str(f) for f in readable], None, run.image_size, config.batch_size)
+        ds = build_dataset([decode_source(i) for i in readable], None, run.image_size,
+                           config.batch_size)
         reporter.start_progress("Predicting", math.ceil(len(readable) / config.batch_size))
         probabilities = run.model.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
         reporter.stop_progress()
     k = min(config.top_k, len(run.class_names))
-    by_file = dict(zip(readable, probabilities, strict=True))
+    by_file = dict(zip((i.path for i in readable), probabilities, strict=True))
     predictions = []
-    for f, problem in zip(files, problems, strict=True):
+    for info in infos:
+        f = info.path
         true_label = f.parent.name if f.parent.name in run.class_names else None
-        if problem is not None:
-            predictions.append(Prediction(f, true_label=true_label, error=problem))
+        if not info.usable:
+            predictions.append(Prediction(f, true_label=true_label, error=info.problem))
             continue
         p = by_file[f]
         order = np.argsort(-p, kind="stable")[:k]

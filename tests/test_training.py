@@ -1,0 +1,114 @@
+"""Staged finetune: checkpoints, signals, and resuming in the right stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from transferkit.artifacts import load_run
+from transferkit.config import DataConfig, FinetuneConfig
+from transferkit.errors import ArtifactError, RunInterrupted
+from transferkit.reporting import NullReporter
+from transferkit.training import finetune, resume_finetune
+
+
+class SignalAt(NullReporter):
+    """Sends `signum` to this process when training reaches (stage, epoch)."""
+
+    def __init__(self, stage: str, epoch: int, signum: int = signal.SIGINT) -> None:
+        self.at, self.signum = (stage, epoch), signum
+
+    def epoch_ended(self, stage, epoch, epochs, metrics):
+        if (stage, epoch) == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+def _config(data: Path, out: Path) -> FinetuneConfig:
+    return FinetuneConfig(data=DataConfig(data, image_size=32, batch_size=8), output=out,
+                          weights="none", epochs=3, finetune_epochs=2, unfreeze_blocks=2)
+
+
+@pytest.mark.parametrize(("stage", "epoch", "signum"), [("head", 2, signal.SIGINT),
+                                                        ("finetune", 4, signal.SIGTERM)])
+def test_interrupted_run_resumes_to_the_same_kind_of_run(image_folder, tmp_path, stage, epoch,
+                                                         signum):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as info:
+        finetune(_config(image_folder, run_dir), SignalAt(stage, epoch, signum))
+    assert info.value.exit_code == 128 + signum and "--resume" in str(info.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    assert record["stopped"] == {"stage": stage, "epoch": epoch,
+                                 "signal": signal.Signals(signum).name}
+    state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
+    assert (state["stage"], state["epoch"]) == (stage, epoch)
+    assert (run_dir / "checkpoints" / "best-head.keras").is_file()
+    assert not (run_dir / "model.keras").exists()
+    with pytest.raises(ArtifactError, match="unfinished run"):
+        load_run(run_dir)
+
+    result = resume_finetune(run_dir)
+    assert [s.name for s in result.stages] == ["head", "finetune"]
+    assert [s.epochs for s in result.stages] == [3, 2]
+    assert result.stages[1].trainable_params > result.stages[0].trainable_params
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [(r["stage"], r["epoch"]) for r in history] == [
+        ("head", 1), ("head", 2), ("head", 3), ("finetune", 4), ("finetune", 5)]
+    assert [r["learning_rate"] for r in history] == pytest.approx([1e-3] * 3 + [1e-4] * 2)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and "stopped" not in record
+    assert load_run(run_dir).class_names == ("circles", "squares", "stripes")
+    assert not (run_dir / "checkpoints" / "last.keras").exists()
+    assert (run_dir / "checkpoints" / "best-finetune.keras").is_file()
+
+
+def test_resume_restores_frozen_layers_and_optimizer_state(image_folder, tmp_path):
+    from transferkit.artifacts import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        finetune(_config(image_folder, run_dir), SignalAt("finetune", 4))
+    model, state = load_checkpoint(run_dir)
+    assert int(model.optimizer.iterations) == 2  # one finetune epoch of 2 batches (12 images)
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
+    base = model.get_layer("features").get_layer("efficientnet_lite0")
+    assert base.get_layer("head_conv").trainable
+    assert base.get_layer("stage7_block1_dwconv").trainable
+    assert not base.get_layer("stage6_block1_dwconv").trainable
+    assert not base.get_layer("head_bn").trainable
+
+
+def test_finished_or_foreign_runs_are_not_resumed(trained_run, tmp_path):
+    with pytest.raises(ArtifactError, match="nothing to resume"):
+        resume_finetune(trained_run)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        resume_finetune(tmp_path / "missing")
+
+
+class SignalAtFirstBatch(NullReporter):
+    """Sends SIGINT once, after the first training batch."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def stage_started(self, stage) -> None:
+        self.armed = True
+
+    def advance(self, steps: int = 1) -> None:
+        if self.armed:
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_run_stopped_before_its_first_checkpoint(image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunInterrupted, match="before the first epoch ended"):
+        finetune(_config(image_folder, run_dir), SignalAtFirstBatch())
+    assert not (run_dir / "checkpoints" / "last.keras").exists()
+    with pytest.raises(ArtifactError, match="no checkpoint to resume from"):
+        resume_finetune(run_dir)

@@ -1,0 +1,206 @@
+"""`doctor`: one pass that fully decodes every file of a data folder and reports what would
+trouble training, and moves (never deletes) unusable files aside on request."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transferkit.data import (
+    IMAGE_EXTENSIONS,
+    ImageInfo,
+    check_data_root,
+    class_dirs,
+    files_under,
+    find_split_dirs,
+    inspect_images,
+)
+from transferkit.errors import ConfigError
+from transferkit.reporting import NullReporter, Reporter
+
+# Kinds of finding, in the order they are shown, with what each means.
+KINDS = {
+    "few_classes": "fewer than two class folders",
+    "empty_class": "class folder without usable images",
+    "missing_class": "class absent from a split",
+    "empty": "empty file (0 bytes)",
+    "truncated": "truncated image",
+    "unreadable": "file that does not decode as an image",
+    "not_image": "non-image file among the images",
+    "stray_image": "image outside any class folder (ignored by training)",
+    "extension_mismatch": "content does not match the file extension",
+    "too_small": "image smaller than the base's minimum size",
+    "leak": "same image in two splits (validation leakage)",
+    "conflict": "same image in two classes (contradictory labels)",
+    "duplicate": "same image twice in one class",
+}
+UNUSABLE = ("empty", "truncated", "unreadable", "not_image")  # what --quarantine moves
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    detail: str
+    paths: tuple[Path, ...] = ()  # relative to the data folder
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    split: str  # "all" when the folder has no split folders
+    name: str
+    images: int  # usable
+    unusable: int
+    modes: dict[str, int] = field(default_factory=dict)  # colour modes of usable images
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    root: Path
+    classes: tuple[ClassStats, ...]
+    findings: tuple[Finding, ...]
+    files: int
+    min_size: int
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings
+
+    def imbalance(self) -> dict[str, float | None]:
+        """Largest over smallest class, per split (None when a class is empty)."""
+        by_split: dict[str, list[int]] = defaultdict(list)
+        for c in self.classes:
+            by_split[c.split].append(c.images)
+        return {s: (max(n) / min(n) if n and min(n) else None) for s, n in by_split.items()}
+
+    def unusable_files(self) -> list[Path]:
+        return [p for f in self.findings if f.kind in UNUSABLE for p in f.paths]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root), "files": self.files, "min_size": self.min_size,
+            "clean": self.clean, "imbalance": self.imbalance(),
+            "classes": [{"split": c.split, "class": c.name, "images": c.images,
+                         "unusable": c.unusable, "modes": c.modes} for c in self.classes],
+            "findings": [{"kind": f.kind, "detail": f.detail,
+                          "paths": [p.as_posix() for p in f.paths]} for f in self.findings],
+        }
+
+
+def _file_findings(info: ImageInfo, rel: Path, min_size: int) -> list[Finding]:
+    if not info.usable:
+        return [Finding(info.problem_kind or "unreadable", info.problem or "", (rel,))]
+    found = []
+    if info.extension_mismatch:
+        found.append(Finding("extension_mismatch",
+                             f"{info.format} content named '{rel.suffix}'", (rel,)))
+    if min(info.width, info.height) < min_size:
+        found.append(Finding("too_small", f"{info.width}x{info.height} is below {min_size} px",
+                             (rel,)))
+    return found
+
+
+def _duplicate_findings(entries: list[tuple[str, str, Path, ImageInfo]]) -> list[Finding]:
+    groups: dict[str, list[tuple[str, str, Path]]] = defaultdict(list)
+    for split, name, rel, info in entries:
+        if info.usable:
+            groups[info.sha256].append((split, name, rel))
+    found = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        paths = tuple(rel for _, _, rel in members)
+        splits = sorted({s for s, _, _ in members})
+        classes = sorted({c for _, c, _ in members})
+        if len(splits) > 1:
+            found.append(Finding("leak", f"identical files in splits {', '.join(splits)}", paths))
+        if len(classes) > 1:
+            found.append(Finding("conflict", f"identical files in classes {', '.join(classes)}",
+                                 paths))
+        if len(splits) == 1 and len(classes) == 1:
+            found.append(Finding("duplicate", f"{len(members)} identical files", paths))
+    return found
+
+
+def diagnose(data_dir: Path, min_size: int, reporter: Reporter | None = None) -> DoctorReport:
+    """Inspects every file under `data_dir` as training would see it.
+
+    Raises:
+        DataError: `data_dir` is missing or not a folder (everything else is a finding).
+    """
+    reporter = reporter or NullReporter()
+    root = Path(data_dir)
+    check_data_root(root)
+    split_dirs = find_split_dirs(root) or {"all": root}
+    findings: list[Finding] = []
+    layout: list[tuple[str, str, Path]] = []  # split, class, file
+    stray: list[Path] = []  # notes and scripts beside class folders are fine; images are not
+    for folder in {root, *split_dirs.values()}:
+        stray += [f for f in folder.iterdir()
+                  if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    for split, folder in split_dirs.items():
+        for d in class_dirs(folder):
+            layout += [(split, d.name, f) for f in files_under(d)]
+    infos = inspect_images([f for _, _, f in layout], reporter, "Inspecting images")
+    entries = [(s, c, f.relative_to(root), i) for (s, c, f), i in zip(layout, infos, strict=True)]
+
+    stats: dict[tuple[str, str], Counter] = {}
+    unusable: Counter = Counter()
+    for split, folder in split_dirs.items():
+        for d in class_dirs(folder):
+            stats[(split, d.name)] = Counter()
+    for split, name, rel, info in entries:
+        findings += _file_findings(info, rel, min_size)
+        if info.usable:
+            stats[(split, name)][info.mode or "?"] += 1
+        else:
+            unusable[(split, name)] += 1
+    findings += _duplicate_findings(entries)
+    findings += [Finding("stray_image", "not inside a class folder", (f.relative_to(root),))
+                 for f in sorted(stray)]
+
+    classes = tuple(ClassStats(s, c, sum(m.values()), unusable[(s, c)], dict(sorted(m.items())))
+                    for (s, c), m in stats.items())
+    names_by_split: dict[str, set[str]] = defaultdict(set)
+    for c in classes:
+        names_by_split[c.split].add(c.name)
+        if c.images == 0:
+            findings.append(Finding("empty_class", f"class '{c.name}' in {c.split} has "
+                                                   f"{c.unusable} unusable and no usable files"))
+    all_names = set().union(*names_by_split.values()) if names_by_split else set()
+    for split, names in names_by_split.items():
+        for missing in sorted(all_names - names):
+            findings.append(Finding("missing_class", f"class '{missing}' has no folder in "
+                                                     f"{split}"))
+    if len(names_by_split.get("train", names_by_split.get("all", set()))) < 2:
+        findings.append(Finding("few_classes", "training needs at least two class folders"))
+    order = list(KINDS)
+    findings.sort(key=lambda f: (order.index(f.kind), [p.as_posix() for p in f.paths]))
+    return DoctorReport(root, classes, tuple(findings), len(layout), min_size)
+
+
+def quarantine(report: DoctorReport, destination: Path) -> list[tuple[Path, Path]]:
+    """Moves the unusable files into `destination`, keeping their paths relative to the data
+    folder; never overwrites (a clash gets a numbered name). Returns (from, to) pairs.
+
+    Raises:
+        ConfigError: `destination` lies inside the data folder (it would be read as data).
+    """
+    root, dest = report.root.resolve(), destination.resolve()
+    if dest == root or root in dest.parents:
+        raise ConfigError(f"--quarantine '{destination}' is inside the data folder; training "
+                          f"would read it as data. Choose a folder outside '{report.root}'.")
+    moved = []
+    for rel in report.unusable_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while target.exists():
+            target = dest / rel.with_name(f"{rel.stem}.{n}{rel.suffix}")
+            n += 1
+        shutil.move(os.fspath(report.root / rel), os.fspath(target))
+        moved.append((report.root / rel, target))
+    return moved
