@@ -92,6 +92,7 @@ def test_extract_then_train_head_then_predict(image_folder: Path, tmp_path: Path
         assert npz["paths"][0].startswith("circles/")
         meta = json.loads(str(npz["meta"]))
     assert meta["blocks"] == 2 and meta["class_names"] == ["circles", "squares", "stripes"]
+    assert (run_dir / "splits.csv").read_text().count("\n") == 19  # header + 18 images
     predicted = invoke("predict", run_dir, image_folder / "squares")
     assert predicted.exit_code == 0, predicted.output
     assert "squares_0.jpg" in predicted.stdout and "Accuracy" in predicted.stderr

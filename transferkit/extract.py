@@ -10,7 +10,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transferkit.artifacts import FeatureSet, check_new_output, save_features, save_run
+from transferkit.artifacts import (
+    FeatureSet,
+    check_new_output,
+    save_features,
+    save_run,
+    save_splits,
+)
 from transferkit.bases import build_base, get_base, resolve_image_size
 from transferkit.callbacks import PredictProgress
 from transferkit.config import ExtractConfig, HeadConfig, to_dict
@@ -18,7 +24,14 @@ from transferkit.data import ImageSet, build_dataset, load_splits
 from transferkit.errors import DataError
 from transferkit.model import build_classifier, build_feature_extractor, build_head, cut_base
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.training import HEAD, StageResult, data_summary, report_data, run_stage
+from transferkit.training import (
+    HEAD,
+    StageResult,
+    data_summary,
+    report_data,
+    run_stage,
+    split_rows,
+)
 
 
 def compute_features(extractor: keras.Model, images: ImageSet, image_size: int,
@@ -104,4 +117,5 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
     info = {"command": "extract", "config": to_dict(config), **meta,
             "class_names": list(splits.class_names), "data": data_summary(splits)}
     stage = train_head(features, extractor, config.head, info, reporter)
+    save_splits(config.head.output, split_rows(splits))
     return ExtractResult(config.output, features, config.head.output, stage)
