@@ -274,3 +274,71 @@ def test_predict_refuses_runs_it_cannot_read(trained_run: Path, image_folder: Pa
     (run_dir / "run.json").write_text(json.dumps({**info, **change}))
     result = invoke("predict", run_dir, image_folder)
     assert result.exit_code == 1 and message in said(result.stderr)
+
+
+def _png(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+        return im.format == "PNG"
+
+
+def test_config_file_then_command_line_overrides(image_folder: Path, tmp_path: Path):
+    config = tmp_path / "settings.toml"
+    config.write_text('base = "vgg16"\nepochs = 1\nfinetune-epochs = 0\ndropout = 0.3\n'
+                      'rotation_range = 10\nbrightness_range = [0.9, 1.1]\n'
+                      'image_size = 32\nweights = "none"\n')
+    run_dir = tmp_path / "run"
+    result = invoke("finetune", image_folder, "-o", run_dir, "--config", config,
+                    "--dropout", "0.1", "--tensorboard")
+    assert result.exit_code == 0, result.output
+    resolved = json.loads((run_dir / "run.json").read_text())["config"]
+    assert resolved["base"] == "vgg16" and resolved["epochs"] == 1
+    assert resolved["finetune_epochs"] == 0 and resolved["dropout"] == 0.1
+    assert resolved["augment"]["rotation_range"] == 10
+    assert resolved["augment"]["brightness_range"] == [0.9, 1.1]
+    assert resolved["finetune_lr"] is None and resolved["learning_rate"] == 0.001
+    assert _png(run_dir / "curves.png")
+    assert (run_dir / "history.csv").read_text().startswith("stage,epoch,loss,accuracy")
+    assert any((run_dir / "tensorboard").rglob("*tfevents*"))
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochz = 3\n")
+    wrong = invoke("finetune", image_folder, "-o", tmp_path / "r2", "--config", bad)
+    assert wrong.exit_code == 2 and "epochz" in wrong.output
+    typo = tmp_path / "typo.toml"
+    typo.write_text('epochs = "many"\n')
+    assert invoke("finetune", image_folder, "-o", tmp_path / "r3", "--config",
+                  typo).exit_code == 2
+
+
+def test_overfit_check_and_lr_find(image_folder: Path, tmp_path: Path):
+    check = invoke("finetune", image_folder, *TINY, "--overfit-check", "--base", "resnet50")
+    assert check.exit_code == 0, check.output
+    assert "Overfit check passed" in said(check.stdout)
+    # random Lite0 features at 32 px carry next to no signal: the check must say so
+    flat = invoke("finetune", image_folder, *TINY, "--overfit-check")
+    assert flat.exit_code == 1 and "Overfit check FAILED" in said(flat.stdout)
+
+    run_dir = tmp_path / "run"
+    found = invoke("finetune", image_folder, "-o", run_dir, *TINY, "--lr-find", "--epochs",
+                   "1", "--finetune-epochs", "0")
+    assert found.exit_code == 0, found.output
+    assert "Learning-rate range test" in said(found.stderr)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["config"]["learning_rate"] == pytest.approx(info["lr_find"]["suggestion"])
+    assert _png(run_dir / "lr_find.png")
+
+
+def test_augment_preview_writes_a_grid(image_folder: Path, tmp_path: Path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    result = invoke("augment-preview", image_folder, "-o", out, "--images", "3", "--variants",
+                    "4", "--image-size", "32")
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as im:
+        assert im.size == (5 * 36 + 4, 3 * 36 + 4)
+    again = invoke("augment-preview", image_folder, "-o", out)
+    assert again.exit_code == 1 and "already exists" in again.stderr

@@ -59,7 +59,9 @@ def test_interrupted_run_resumes_to_the_same_kind_of_run(image_folder, tmp_path,
     history = json.loads((run_dir / "history.json").read_text())
     assert [(r["stage"], r["epoch"]) for r in history] == [
         ("head", 1), ("head", 2), ("head", 3), ("finetune", 4), ("finetune", 5)]
-    assert [r["learning_rate"] for r in history] == pytest.approx([1e-3] * 3 + [1e-4] * 2)
+    # the cosine schedule carries on across the interruption
+    assert [r["learning_rate"] for r in history] == pytest.approx(
+        [1e-3, 0.75e-3, 0.25e-3, 1e-4, 0.5e-4], rel=1e-5)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "complete" and "stopped" not in record
     assert load_run(run_dir).class_names == ("circles", "squares", "stripes")
@@ -112,3 +114,39 @@ def test_run_stopped_before_its_first_checkpoint(image_folder, tmp_path):
     assert not (run_dir / "checkpoints" / "last.keras").exists()
     with pytest.raises(ArtifactError, match="no checkpoint to resume from"):
         resume_finetune(run_dir)
+
+
+def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
+    import numpy as np
+
+    from transferkit.artifacts import best_checkpoint
+
+    run_dir = tmp_path / "run"
+    config = FinetuneConfig(data=DataConfig(image_folder, image_size=32, batch_size=8),
+                            output=run_dir, weights="none", epochs=2, finetune_epochs=2,
+                            finetune_lr=1e3, unfreeze_blocks=3)  # a rate that wrecks the base
+    result = finetune(config)
+    assert result.kept_stage == "head"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["rollback"] is True and record["kept_stage"] == "head"
+    assert record["metrics"] == result.stages[0].metrics
+    import keras
+
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    saved = load_run(run_dir).model.predict(images, verbose=0)
+    best_head = keras.saving.load_model(best_checkpoint(run_dir, "head"), compile=False)
+    np.testing.assert_allclose(saved, best_head.predict(images, verbose=0), rtol=1e-5)
+
+
+def test_same_seed_same_run(image_folder, tmp_path):
+    def history(name: str) -> list[dict]:
+        config = FinetuneConfig(data=DataConfig(image_folder, image_size=32, batch_size=8,
+                                                seed=7),
+                                output=tmp_path / name, weights="none", epochs=2,
+                                finetune_epochs=1)
+        return list(finetune(config).history)
+
+    first, second = history("a"), history("b")
+    for a, b in zip(first, second, strict=True):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

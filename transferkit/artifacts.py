@@ -17,7 +17,7 @@ import shutil
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,13 @@ FEATURES_FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"
 HISTORY_FILE = "history.json"
+HISTORY_CSV = "history.csv"
 SPLITS_FILE = "splits.csv"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.keras"
 STATE_FILE = "state.json"
-RUN_FILES = (MODEL_FILE, RUN_FILE, HISTORY_FILE, SPLITS_FILE, CHECKPOINTS_DIR)
+RUN_FILES = (MODEL_FILE, RUN_FILE, HISTORY_FILE, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
+             "curves.png", "lr_find.png", "tensorboard")
 COMPLETE, RUNNING, INTERRUPTED = "complete", "running", "interrupted"
 
 
@@ -48,13 +50,13 @@ def check_new_output(path: Path, overwrite: bool, what: str = "run directory") -
     Raises:
         ArtifactError: `path` holds something and `overwrite` is False, or is the wrong kind.
     """
-    is_dir_output = what == "run directory"
+    is_dir_output = what.endswith(("directory", "folder"))
     if path.exists() and is_dir_output and not path.is_dir():
         raise ArtifactError(f"'{path}' is a file, not a {what}. Choose another -o/--output.")
     if path.exists() and not is_dir_output and path.is_dir():
         raise ArtifactError(f"'{path}' is a folder; --output needs a file name.")
     occupied = path.exists() and (not path.is_dir() or any(path.iterdir()))
-    if occupied and not overwrite and is_dir_output:
+    if occupied and not overwrite and what == "run directory":
         status = _unfinished_status(path)
         if status is not None:
             raise ArtifactError(
@@ -107,7 +109,7 @@ def _json_text(value: Any) -> str:
 def save_run_info(run_dir: Path, info: Mapping[str, Any]) -> None:
     """Writes run.json (format, versions and time stamp added)."""
     record = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
-              "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "updated": datetime.now(UTC).isoformat(timespec="seconds"),
               **info, "versions": versions()}
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / RUN_FILE, _json_text(record))
@@ -120,10 +122,57 @@ def save_run(run_dir: Path, model: Any, info: Mapping[str, Any],
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_dir / MODEL_FILE) as tmp:
         model.save(tmp)
-    write_text(run_dir / HISTORY_FILE, _json_text(list(history)))
+    save_history(run_dir, history)
     save_run_info(run_dir, {**info, "status": COMPLETE})
     for name in (LAST_CHECKPOINT, STATE_FILE):
         (run_dir / CHECKPOINTS_DIR / name).unlink(missing_ok=True)
+
+
+HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+                   "learning_rate")
+
+
+def save_history(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    """history.json, and history.csv with one row per epoch."""
+    write_text(run_dir / HISTORY_FILE, _json_text(list(history)))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(run_dir / HISTORY_CSV, buffer.getvalue())
+
+
+def save_figure(path: Path, figure: Any) -> None:
+    """Writes a matplotlib figure as PNG, atomically, and frees it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def save_image(path: Path, pixels: np.ndarray, overwrite: bool = False) -> None:
+    """Writes an RGB uint8 array as PNG, atomically; an existing file is kept unless asked."""
+    from PIL import Image
+
+    check_new_output(path, overwrite, what="output file")
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+
+
+def best_checkpoint(run_dir: Path, stage: str) -> Path:
+    """The best model of `stage` so far (written by save_checkpoint)."""
+    return run_dir / CHECKPOINTS_DIR / f"best-{stage}.keras"
+
+
+def restore_best(model: Any, run_dir: Path, stage: str) -> None:
+    """Loads the weights of `stage`'s best checkpoint into `model` (not its optimizer)."""
+    import warnings
+
+    with warnings.catch_warnings():  # the optimizer may differ from the saved one: expected
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(best_checkpoint(run_dir, stage))
 
 
 def save_splits(run_dir: Path, rows: Sequence[tuple[str, str, str]]) -> None:
@@ -155,7 +204,7 @@ def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any],
         model.save(tmp)
     write_text(folder / STATE_FILE, _json_text(dict(state)))
     if best_of_stage is not None:
-        with atomic_path(folder / f"best-{best_of_stage}.keras") as tmp:
+        with atomic_path(best_checkpoint(run_dir, best_of_stage)) as tmp:
             shutil.copyfile(folder / LAST_CHECKPOINT, tmp)
 
 

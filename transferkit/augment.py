@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING
 
 import keras
+import numpy as np
 
 from transferkit.config import AugmentConfig
 
@@ -73,3 +74,18 @@ def build_augmentation(config: AugmentConfig, seed: int | None = None) -> Augmen
     if not config.enabled or (not augmentation.layers.layers and config.brightness_range is None):
         return None
     return augmentation
+
+
+def augment_grid(images: np.ndarray, augmentation: Augmentation | None, variants: int,
+                 gutter: int = 4) -> np.ndarray:
+    """A uint8 picture: one row per image, the original first and then `variants` augmented
+    draws, so a person can judge whether the augmentation is sensible."""
+    columns = [images] + [np.asarray(augmentation(images)) if augmentation is not None
+                          else images for _ in range(variants)]
+    n, h, w, _ = images.shape
+    grid = np.full((n * (h + gutter) + gutter, len(columns) * (w + gutter) + gutter, 3), 255.0)
+    for c, batch in enumerate(columns):
+        for r in range(n):
+            y, x = gutter + r * (h + gutter), gutter + c * (w + gutter)
+            grid[y:y + h, x:x + w] = batch[r]
+    return np.clip(grid, 0, 255).astype(np.uint8)

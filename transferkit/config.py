@@ -71,21 +71,72 @@ class DataConfig:
                f"--image-size must be a positive number of pixels; got {self.image_size}.")
 
 
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+SCHEDULES = ("constant", "step", "exponential", "inverse-time", "cosine")
+INITS = ("auto", "he", "glorot")
+CLASS_WEIGHTS = ("auto", "balanced", "none")
+MONITORS = ("val_loss", "val_accuracy")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """A learning-rate schedule over one stage, stepped once per epoch."""
+
+    name: str = "cosine"
+    warmup_epochs: int = 0
+    decay_rate: float | None = None  # None: the schedule's own default
+    decay_epochs: int | None = None  # step schedule: epochs per step (None: a third)
+
+    def __post_init__(self) -> None:
+        _check(self.name in SCHEDULES, f"Unknown schedule '{self.name}'. Choose one of: "
+                                       f"{', '.join(SCHEDULES)}.")
+        _check(self.warmup_epochs >= 0,
+               f"--warmup-epochs must be 0 or more; got {self.warmup_epochs}.")
+        _check(self.decay_rate is None or self.decay_rate > 0,
+               f"--decay-rate must be > 0; got {self.decay_rate}.")
+        _check(self.decay_epochs is None or self.decay_epochs >= 1,
+               f"--decay-epochs must be at least 1; got {self.decay_epochs}.")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adam"
+    momentum: float = 0.9  # SGD and RMSprop
+    nesterov: bool = True  # SGD
+
+    def __post_init__(self) -> None:
+        _check(self.name in OPTIMIZERS, f"Unknown optimizer '{self.name}'. Choose one of: "
+                                        f"{', '.join(OPTIMIZERS)}.")
+        _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1); got {self.momentum}.")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """`transferkit finetune`: train a head on a frozen base, then tune the top blocks."""
 
     data: DataConfig
-    output: Path
+    output: Path | None  # None only for diagnostics that write no run (--overfit-check)
     base: str = DEFAULT_BASE
     weights: str = "imagenet"
-    epochs: int = 10
+    epochs: int = 20
     learning_rate: float = 1e-3
-    finetune_epochs: int = 5
-    finetune_lr: float = 1e-4
+    finetune_epochs: int = 10
+    finetune_lr: float | None = None  # None: a tenth of learning_rate
     unfreeze_blocks: int = 1
+    train_batchnorm: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    finetune_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     dropout: float = 0.2
+    l2: float = 0.0
+    dense_units: int = 0  # 0: a linear (softmax) head
+    init: str = "auto"  # auto: He for ReLU layers, Glorot for the softmax
+    class_weight: str = "auto"  # auto: balanced when classes differ beyond 1.5:1
+    monitor: str = "val_loss"
+    patience: int = 5  # epochs without improvement before a stage stops; 0: never
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tensorboard: bool = False
+    lr_find: bool = False  # range test first; its suggestion becomes learning_rate
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -93,11 +144,26 @@ class FinetuneConfig:
         _check(self.finetune_epochs >= 0,
                f"--finetune-epochs must be 0 or more; got {self.finetune_epochs}.")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
-        _check(self.finetune_lr > 0, f"--finetune-lr must be > 0; got {self.finetune_lr}.")
+        _check(self.finetune_lr is None or self.finetune_lr > 0,
+               f"--finetune-lr must be > 0; got {self.finetune_lr}.")
         _check(self.unfreeze_blocks >= 1 or self.finetune_epochs == 0,
                f"--unfreeze-blocks must be at least 1 when fine-tuning; got "
                f"{self.unfreeze_blocks}. Use --finetune-epochs 0 to train the head only.")
         _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
+        _check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
+        _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
+        _check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
+        _check(self.class_weight in CLASS_WEIGHTS, f"--class-weight must be one of "
+                                                   f"{', '.join(CLASS_WEIGHTS)}; got "
+                                                   f"{self.class_weight}.")
+        _check(self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}; got "
+                                         f"{self.monitor}.")
+        _check(self.patience >= 0, f"--patience must be 0 or more; got {self.patience}.")
+
+    @property
+    def resolved_finetune_lr(self) -> float:
+        """Stage 2's rate: as given, else a tenth of stage 1's."""
+        return self.finetune_lr if self.finetune_lr is not None else self.learning_rate / 10
 
 
 @dataclass(frozen=True)
@@ -109,10 +175,16 @@ class HeadConfig:
     dropout: float = 0.5
     epochs: int = 30
     learning_rate: float = 1e-3
+    l2: float = 0.0
+    init: str = "auto"
+    patience: int = 10  # epochs without val_loss improvement; the best epoch is kept
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
+        _check(self.patience >= 1, f"patience must be at least 1; got {self.patience}.")
+        _check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
+        _check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
         _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
         _check(self.epochs >= 1, f"--head-epochs must be at least 1; got {self.epochs}.")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
@@ -135,6 +207,24 @@ class ExtractConfig:
         _check(self.blocks is None or self.blocks >= 1,
                f"--blocks must be at least 1; got {self.blocks}.")
         _check(self.pooling in ("avg", "max"), f"--pooling must be avg or max; got {self.pooling}.")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`transferkit evaluate`: metrics of a run on labelled images."""
+
+    run_dir: Path
+    data_dir: Path | None = None  # None: the run's own validation split
+    output: Path | None = None  # None: RUN/evaluation
+    top_k: int = 3
+    batch_size: int = 32
+    gallery: int = 16  # how many confidently wrong images to show
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
+        _check(self.gallery >= 0, f"--gallery must be 0 or more; got {self.gallery}.")
 
 
 @dataclass(frozen=True)

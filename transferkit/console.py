@@ -20,9 +20,11 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from transferkit.doctor import DoctorReport
+    from transferkit.evaluate import EvaluationResult
     from transferkit.extract import ExtractResult
     from transferkit.predict import PredictionReport
-    from transferkit.training import StageResult
+    from transferkit.training import FinetuneResult, StageResult
+    from transferkit.training.checks import OverfitResult
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -87,17 +89,73 @@ class RichReporter:
             self._progress, self._task = None, None
 
 
-def render_stages(stages: Sequence[StageResult]) -> None:
-    """The stages side by side: what trained and where each ended."""
+def render_stages(stages: Sequence[StageResult], kept: str | None = None) -> None:
+    """The stages side by side: what trained, and the epoch each kept."""
     table = Table(title="Training summary", box=box.SIMPLE_HEAD, collapse_padding=True,
-                  caption="params: trainable parameters; best: best val_acc of the stage")
-    for name in ("stage", "epochs", "lr", "params", *_METRICS.values(), "best"):
+                  caption="metrics of each stage's kept (best) epoch; params: trainable")
+    for name in ("stage", "epochs", "kept", "lr", "params", *_METRICS.values()):
         table.add_column(name, justify="left" if name == "stage" else "right")
     for s in stages:
-        table.add_row(s.name, str(s.epochs), f"{s.learning_rate:.2g}", f"{s.trainable_params:,}",
-                      *(f"{s.metrics[k]:.3f}" if k in s.metrics else "-" for k in _METRICS),
-                      "-" if s.best_val_accuracy is None else f"{s.best_val_accuracy:.3f}")
+        name = f"{s.name} *" if s.name == kept else s.name
+        table.add_row(name, str(s.epochs), str(s.best_epoch or "-"), f"{s.learning_rate:.2g}",
+                      f"{s.trainable_params:,}",
+                      *(f"{s.metrics[k]:.3f}" if k in s.metrics else "-" for k in _METRICS))
     stdout.print(table)
+
+
+def render_epochs(history: Sequence[Mapping[str, object]]) -> None:
+    """Every epoch of every stage in one table."""
+    table = Table(title="Epochs", box=box.SIMPLE_HEAD, collapse_padding=True)
+    for name in ("stage", "epoch", *_METRICS.values(), "lr"):
+        table.add_column(name, justify="left" if name == "stage" else "right")
+    for row in history:
+        table.add_row(str(row["stage"]), str(row["epoch"]),
+                      *(f"{row[k]:.3f}" if k in row else "-" for k in _METRICS),
+                      f"{row.get('learning_rate', float('nan')):.2g}")
+    stdout.print(table)
+
+
+def render_finetune(result: FinetuneResult) -> None:
+    render_epochs(result.history)
+    render_stages(result.stages, result.kept_stage)
+    stdout.print(f"Saved model: stage '{result.kept_stage}' (marked *), in {result.run_dir}")
+
+
+def render_overfit(result: OverfitResult) -> None:
+    verdict = "[green]passed[/]" if result.passed else "[red]FAILED[/]"
+    stdout.print(
+        f"Overfit check {verdict}: training accuracy {result.train_accuracy:.3f} on "
+        f"{result.images} images after {result.epochs} epochs (loss {result.first_loss:.3f} -> "
+        f"{result.last_loss:.3f}), with no augmentation, dropout or L2.")
+    if not result.passed:
+        stdout.print("A working pipeline memorises a handful of images. Check that the labels "
+                     "match the images, that the images decode (transferkit doctor), and try a "
+                     "lower --learning-rate.")
+
+
+def render_evaluation(result: EvaluationResult) -> None:
+    e = result.evaluation
+    stdout.print(f"Evaluated {e.images} images from {escape(result.source)}")
+    tops = "  ".join(f"top-{k} {v:.4f}" for k, v in e.top_k_accuracy.items() if k > 1)
+    stdout.print(f"accuracy {e.accuracy:.4f}  {tops}  macro F1 {e.macro_f1:.4f}")
+    per_class = Table(title="Per class", box=box.SIMPLE_HEAD, collapse_padding=True)
+    for name in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(name, justify="left" if name == "class" else "right")
+    for c in e.per_class:
+        per_class.add_row(escape(c.name), f"{c.precision:.3f}", f"{c.recall:.3f}",
+                          f"{c.f1:.3f}", str(c.support))
+    stdout.print(per_class)
+    confusion = Table(title="Confusion matrix (rows: true, columns: predicted)",
+                      box=box.SIMPLE_HEAD, collapse_padding=True)
+    confusion.add_column("")
+    for name in e.class_names:
+        confusion.add_column(escape(name), justify="right")
+    for i, (name, row) in enumerate(zip(e.class_names, e.confusion, strict=True)):
+        confusion.add_row(escape(name), *(f"[bold]{n}[/]" if i == j else str(n)
+                                          for j, n in enumerate(row)))
+    stdout.print(confusion)
+    stderr.print(f"Wrote metrics.json, confusion.png"
+                 f"{' and mistakes.png' if result.mistakes else ''} to '{result.output}'.")
 
 
 def render_extract(result: ExtractResult) -> None:

@@ -275,6 +275,25 @@ def _scan_classes(folder: Path, data_root: Path, class_names: Sequence[str] | No
     )
 
 
+def load_labelled_folder(root: Path, class_names: Sequence[str],
+                         reporter: Reporter | None = None) -> ImageSet:
+    """A folder of class sub-folders named like `class_names` (a subset of them is fine).
+
+    Raises:
+        DataError: the folder is missing or has folders that are not among `class_names`.
+    """
+    reporter = reporter or NullReporter()
+    root = Path(root)
+    check_data_root(root)
+    skipped: list[SkippedFile] = []
+    images = _scan_classes(root, root, class_names, reporter, skipped)
+    if skipped:
+        reporter.warning(f"Skipped {len(skipped)} unusable file(s): "
+                         + ", ".join(str(f.path) for f in skipped[:10])
+                         + (" ..." if len(skipped) > 10 else ""))
+    return images
+
+
 def split_position(seed: int, path: Path) -> float:
     """A file's place in [0, 1) for the validation draw: a hash of its relative path and the
     seed, so it never depends on which other files exist."""

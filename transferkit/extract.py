@@ -18,30 +18,22 @@ from transferkit.artifacts import (
     save_splits,
 )
 from transferkit.bases import build_base, get_base, resolve_image_size
-from transferkit.callbacks import PredictProgress
-from transferkit.config import ExtractConfig, HeadConfig, to_dict
-from transferkit.data import ImageSet, build_dataset, load_splits
+from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, ScheduleConfig, to_dict
+from transferkit.data import load_splits
 from transferkit.errors import DataError
 from transferkit.model import build_classifier, build_feature_extractor, build_head, cut_base
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.training import (
     HEAD,
+    StagePlan,
     StageResult,
     data_summary,
     report_data,
     run_stage,
     split_rows,
+    stage_result,
 )
-
-
-def compute_features(extractor: keras.Model, images: ImageSet, image_size: int,
-                     batch_size: int, reporter: Reporter, label: str) -> np.ndarray:
-    """One `predict` over a whole split (per-batch calls pay a fixed cost each)."""
-    ds = build_dataset(images.sources, None, image_size, batch_size)
-    reporter.start_progress(f"Extracting {label} features", math.ceil(len(images) / batch_size))
-    features = extractor.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
-    reporter.stop_progress()
-    return features.astype(np.float32)
+from transferkit.training.checks import extract_features
 
 
 @dataclass(frozen=True)
@@ -60,13 +52,18 @@ def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
     if len(x_val) == 0:
         raise DataError("The feature file has no validation images to train a head against.")
     head = build_head(x_train.shape[1], len(features.class_names), config.dense_units,
-                      config.dropout)
+                      config.dropout, config.l2, config.init)
     batch_size = 32
     history: list[dict] = []
-    stage = run_stage(head, HEAD, "train a dense classifier on the extracted features",
-                      (x_train, y_train), (x_val, y_val), config.learning_rate, reporter,
-                      math.ceil(len(x_train) / batch_size), history, first_epoch=0,
-                      last_epoch=config.epochs, batch_size=batch_size)
+    plan = StagePlan(HEAD, "train a dense classifier on the extracted features", 0,
+                     config.epochs, config.learning_rate, ScheduleConfig("constant"))
+    trainable = run_stage(head, plan, (x_train, y_train), (x_val, y_val), reporter,
+                          math.ceil(len(x_train) / batch_size), history,
+                          optimizer=OptimizerConfig(), batch_size=batch_size,
+                          callbacks=[keras.callbacks.EarlyStopping(
+                              "val_loss", patience=config.patience,
+                              restore_best_weights=True)])
+    stage = stage_result(plan, history, "val_loss", trainable)
     info = {**info, "stages": [stage.to_dict()], "metrics": stage.metrics}
     save_run(config.output, build_classifier(extractor, head), info, history)
     reporter.info(f"Saved the run to '{config.output}'.")
@@ -96,7 +93,7 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
                   f"{len(spec.blocks)}), {config.pooling} pooling -> "
                   f"{extractor.output_shape[-1]} features per image")
 
-    parts = [(name, s, compute_features(extractor, s, image_size, config.data.batch_size,
+    parts = [(name, s, extract_features(extractor, s, image_size, config.data.batch_size,
                                         reporter, name)) for name, s in splits.items()]
     meta = {"base": spec.name, "weights": config.weights, "image_size": image_size,
             "blocks": blocks, "pooling": config.pooling,

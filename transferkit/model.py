@@ -39,17 +39,27 @@ def build_feature_extractor(base: keras.Model, preprocessing: Preprocessing,
     return keras.Model(inputs, outputs, name="features")
 
 
-def build_head(feature_dim: int, num_classes: int, dense_units: int = 0,
-               dropout: float = 0.0) -> keras.Model:
-    """The new classifier: [dense + ReLU] -> dropout -> softmax. Softmax stays float32."""
+INITIALIZERS = {"he": "he_normal", "glorot": "glorot_uniform"}
+
+
+def build_head(feature_dim: int, num_classes: int, dense_units: int = 0, dropout: float = 0.0,
+               l2: float = 0.0, init: str = "auto") -> keras.Model:
+    """The new classifier: [dense + ReLU] -> dropout -> softmax. Softmax stays float32.
+
+    `init` 'auto' follows the textbook: He for the ReLU layer, Glorot for the softmax layer.
+    `l2` penalises the head's kernels (the base is never regularised).
+    """
+    regularizer = keras.regularizers.L2(l2) if l2 else None
     inputs = keras.Input((feature_dim,), name="features")
     x = inputs
     if dense_units:
-        x = keras.layers.Dense(dense_units, activation="relu", kernel_initializer="he_normal",
-                               name="head_dense")(x)
+        x = keras.layers.Dense(dense_units, activation="relu",
+                               kernel_initializer=INITIALIZERS.get(init, "he_normal"),
+                               kernel_regularizer=regularizer, name="head_dense")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
-                                 name="predictions")(x)
+                                 kernel_initializer=INITIALIZERS.get(init, "glorot_uniform"),
+                                 kernel_regularizer=regularizer, name="predictions")(x)
     return keras.Model(inputs, outputs, name="head")
 
 

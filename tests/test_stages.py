@@ -1,0 +1,60 @@
+"""Learning-rate schedules, class weights and best-epoch bookkeeping."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from transferkit.config import ScheduleConfig
+from transferkit.errors import ConfigError
+from transferkit.training.stages import best_row, class_weights, learning_rate_at
+
+
+def rates(name: str, epochs: int = 6, **kwargs) -> list[float]:
+    schedule = ScheduleConfig(name, **kwargs)
+    return [learning_rate_at(schedule, 0.1, e, epochs) for e in range(epochs)]
+
+
+def test_schedules_give_the_expected_rates():
+    assert rates("constant") == pytest.approx([0.1] * 6)
+    assert rates("step") == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    assert rates("step", decay_epochs=3, decay_rate=0.1) == pytest.approx(
+        [0.1, 0.1, 0.1, 0.01, 0.01, 0.01])
+    assert rates("exponential") == pytest.approx([0.1 * 0.9**e for e in range(6)])
+    assert rates("inverse-time", decay_rate=1.0) == pytest.approx(
+        [0.1 / (1 + e) for e in range(6)])
+    assert rates("cosine", epochs=4) == pytest.approx(
+        [0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)])
+
+
+def test_warmup_rises_linearly_then_the_schedule_starts():
+    assert rates("constant", warmup_epochs=2) == pytest.approx(
+        [0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.1, 0.1])
+    warm = rates("cosine", epochs=6, warmup_epochs=2)
+    assert warm[2] == pytest.approx(0.1) and warm[3] < warm[2]
+    assert rates("constant", epochs=1, warmup_epochs=5) == pytest.approx([0.1])
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ConfigError, match="Unknown schedule 'linear'"):
+        ScheduleConfig("linear")
+
+
+def test_class_weights_balanced_auto_none():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    balanced = class_weights(labels, 3, "balanced")
+    assert balanced == pytest.approx({0: 100 / 180, 1: 100 / 90, 2: 100 / 30})
+    assert class_weights(labels, 3, "auto") == balanced  # 6:1 > 1.5:1
+    assert class_weights(labels, 3, "none") is None
+    assert class_weights(np.array([0] * 12 + [1] * 10), 2, "auto") is None  # 1.2:1
+
+
+def test_best_row_follows_the_monitor():
+    rows = [{"epoch": 1, "val_loss": 0.9, "val_accuracy": 0.7},
+            {"epoch": 2, "val_loss": 0.5, "val_accuracy": 0.7},
+            {"epoch": 3, "val_loss": 0.6, "val_accuracy": 0.8}]
+    assert best_row(rows, "val_loss")["epoch"] == 2
+    assert best_row(rows, "val_accuracy")["epoch"] == 3
+    assert best_row([], "val_loss") is None

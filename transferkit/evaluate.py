@@ -1,0 +1,136 @@
+"""`evaluate`: how good a run is on labelled images: accuracy, top-k, per-class precision,
+recall and F1, the confusion matrix, and the images it gets most confidently wrong."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.artifacts import (
+    check_new_output,
+    load_run,
+    read_splits,
+    save_figure,
+    save_report,
+)
+from transferkit.callbacks import PredictProgress
+from transferkit.config import EvaluateConfig
+from transferkit.data import ImageSet, build_dataset, load_labelled_folder, splits_from_table
+from transferkit.errors import DataError
+from transferkit.reporting import NullReporter, Reporter
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    class_names: tuple[str, ...]
+    accuracy: float
+    top_k_accuracy: dict[int, float]
+    per_class: tuple[ClassMetrics, ...]
+    confusion: np.ndarray  # rows: true class, columns: predicted
+    macro_f1: float
+    images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images, "accuracy": self.accuracy,
+            "top_k_accuracy": {str(k): v for k, v in self.top_k_accuracy.items()},
+            "macro_f1": self.macro_f1,
+            "per_class": [vars(c) for c in self.per_class],
+            "class_names": list(self.class_names), "confusion": self.confusion.tolist(),
+        }
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
+                           class_names: tuple[str, ...], top_k: int = 3) -> Evaluation:
+    """Metrics from true labels and predicted probabilities (pure numpy).
+
+    Precision, recall and F1 are 0 where undefined (no predictions or no support).
+    """
+    k = len(class_names)
+    predicted = probabilities.argmax(axis=1)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    ranked = np.argsort(-probabilities, axis=1, kind="stable")
+    top = {n: float(np.mean([labels[i] in ranked[i, :n] for i in range(len(labels))]))
+           for n in sorted({1, min(top_k, k)})}
+    per_class = []
+    for c, name in enumerate(class_names):
+        tp = confusion[c, c]
+        precision = tp / confusion[:, c].sum() if confusion[:, c].sum() else 0.0
+        recall = tp / confusion[c].sum() if confusion[c].sum() else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append(ClassMetrics(name, float(precision), float(recall), float(f1),
+                                      int(confusion[c].sum())))
+    return Evaluation(class_names, float(np.mean(predicted == labels)), top, tuple(per_class),
+                      confusion, float(np.mean([c.f1 for c in per_class])), len(labels))
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    evaluation: Evaluation
+    output: Path
+    source: str  # what was evaluated, in words
+    mistakes: int
+
+
+def _images_to_evaluate(config: EvaluateConfig, info: dict[str, Any],
+                        class_names: tuple[str, ...], reporter: Reporter) -> tuple[ImageSet, str]:
+    if config.data_dir is not None:
+        return (load_labelled_folder(config.data_dir, class_names, reporter),
+                f"labelled folder '{config.data_dir}'")
+    data_dir = Path(info["config"]["data"]["data_dir"])
+    splits = splits_from_table(data_dir, class_names, read_splits(config.run_dir), reporter)
+    return splits.val, f"the run's validation split ({data_dir})"
+
+
+def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> EvaluationResult:
+    """Evaluates a run and writes metrics.json, confusion.png and mistakes.png.
+
+    Raises:
+        TransferkitError: the run or the images cannot be read, or the output exists.
+    """
+    from transferkit.plots import plot_confusion, plot_gallery
+
+    reporter = reporter or NullReporter()
+    run = load_run(config.run_dir)
+    output = config.output or config.run_dir / "evaluation"
+    check_new_output(output, config.overwrite, what="evaluation folder")
+    images, source = _images_to_evaluate(config, run.info, run.class_names, reporter)
+    if len(images) == 0:
+        raise DataError(f"No usable labelled images in {source}.")
+    ds = build_dataset(images.sources, None, run.image_size, config.batch_size)
+    reporter.start_progress("Evaluating", math.ceil(len(images) / config.batch_size))
+    probabilities = run.model.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
+    reporter.stop_progress()
+    evaluation = classification_metrics(images.labels, probabilities, run.class_names,
+                                        config.top_k)
+    output.mkdir(parents=True, exist_ok=True)
+    save_report(output / "metrics.json", {"source": source, **evaluation.to_dict()},
+                overwrite=True)
+    save_figure(output / "confusion.png", plot_confusion(evaluation.confusion, run.class_names))
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != images.labels)
+    worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
+    worst = worst[:config.gallery]
+    if len(worst):
+        pictures = np.concatenate([np.asarray(b) for b in build_dataset(
+            [images.sources[i] for i in worst], None, run.image_size, config.batch_size)])
+        captions = [f"{images.paths[i].name}\ntrue {run.class_names[images.labels[i]]}, said "
+                    f"{run.class_names[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})"
+                    for i in worst]
+        save_figure(output / "mistakes.png", plot_gallery(
+            list(pictures), captions, "Most confidently wrong"))
+    return EvaluationResult(evaluation, output, source, len(wrong))

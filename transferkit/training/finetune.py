@@ -1,0 +1,390 @@
+"""The staged `finetune`: a new head on the frozen base first (so large random-head gradients
+never reach pretrained weights), then the top blocks at a lower rate.
+
+Each stage stops early when the monitored validation metric stops improving and ends on its
+best epoch; when fine-tuning does not beat the head stage, the head stage's model is kept.
+Every completed epoch is checkpointed with its optimizer state; SIGINT/SIGTERM stop at the
+next batch boundary, and `resume_finetune` carries on from the last checkpoint in the right
+stage, with the right frozen layers, optimizer state, learning rate and epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import keras
+import numpy as np
+
+from transferkit.artifacts import (
+    INTERRUPTED,
+    RUNNING,
+    check_new_output,
+    clear_run,
+    load_checkpoint,
+    read_run_info,
+    read_splits,
+    restore_best,
+    save_checkpoint,
+    save_figure,
+    save_run,
+    save_run_info,
+    save_splits,
+)
+from transferkit.augment import build_augmentation
+from transferkit.bases import BaseSpec, build_base, get_base, resolve_image_size
+from transferkit.config import FinetuneConfig, from_dict, to_dict
+from transferkit.data import DataSplits, build_dataset, load_splits, splits_from_table
+from transferkit.errors import ArtifactError, ConfigError, RunInterrupted
+from transferkit.freezing import (
+    check_unfreeze_blocks,
+    count_params,
+    freeze_base,
+    unfreeze_top_blocks,
+)
+from transferkit.model import build_classifier, build_feature_extractor, build_head
+from transferkit.reporting import NullReporter, Reporter
+from transferkit.training.stages import (
+    StagePlan,
+    StageResult,
+    best_row,
+    better,
+    class_weights,
+    run_stage,
+    stage_result,
+)
+
+HEAD, FINETUNE = "head", "finetune"
+
+
+def data_summary(splits: DataSplits) -> dict[str, Any]:
+    """What run.json records about the data a run saw."""
+    return {
+        "presplit": splits.presplit,
+        "counts": {name: {c: int(np.sum(s.labels == i)) for i, c in enumerate(s.class_names)}
+                   for name, s in splits.items()},
+        "converted": sum(s.converted for _, s in splits.items()),
+        "skipped": [{"path": str(f.path), "reason": f.reason} for f in splits.skipped],
+    }
+
+
+def report_data(splits: DataSplits, reporter: Reporter) -> None:
+    """Says what will be trained on, and lists every file left out, so nothing is dropped
+    silently."""
+    if splits.skipped:
+        shown = "\n".join(f"  {f.path}: {f.reason}" for f in splits.skipped[:20])
+        more = len(splits.skipped) - 20
+        reporter.warning(f"Skipped {len(splits.skipped)} file(s):\n{shown}"
+                         + (f"\n  ... and {more} more (all listed in run.json)" if more > 0
+                            else ""))
+    converted = sum(s.converted for _, s in splits.items())
+    if converted:
+        reporter.info(f"{converted} image(s) (EXIF-rotated, with alpha, CMYK, 16-bit or TIFF) "
+                      f"are read through a plain RGB copy made once.")
+    counts = ", ".join(f"{len(s)} {name}" for name, s in splits.items())
+    reporter.info(f"{counts} images in {len(splits.class_names)} classes: "
+                  f"{', '.join(splits.class_names)}")
+
+
+def split_rows(splits: DataSplits) -> list[tuple[str, str, str]]:
+    """splits.csv rows: relative path, class name, split."""
+    return [(p.as_posix(), s.class_names[label], name) for name, s in splits.items()
+            for p, label in zip(s.paths, s.labels, strict=True)]
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask training to stop at the next batch boundary
+    instead of killing it mid-write. A second Ctrl-C interrupts at once."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.reporter.warning(f"{signal.Signals(signum).name} received: stopping at the end of "
+                              f"the current batch (Ctrl-C again to abort at once).")
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def check(self, *args: Any, **kwargs: Any) -> None:
+        """Raises _Stop when a stop was requested (used as a callback at every boundary)."""
+        if self.signum is not None:
+            raise _Stop(self.signum)
+
+    def callback(self) -> keras.callbacks.Callback:
+        return keras.callbacks.LambdaCallback(on_train_batch_end=self.check,
+                                              on_test_batch_end=self.check,
+                                              on_epoch_end=self.check)
+
+
+class _Stop(Exception):
+    """Raised inside fit() to leave it at a batch boundary."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    run_dir: Path
+    class_names: tuple[str, ...]
+    stages: tuple[StageResult, ...]
+    kept_stage: str  # whose weights the saved model has
+    history: tuple[dict[str, Any], ...]
+
+
+def plan_stages(config: FinetuneConfig, spec: BaseSpec) -> list[StagePlan]:
+    """Stage 1 (head) and, unless --finetune-epochs 0, stage 2 (top blocks)."""
+    stages = [StagePlan(HEAD, f"train a new head on the frozen {spec.name} base", 0,
+                        config.epochs, config.learning_rate, config.schedule)]
+    if config.finetune_epochs:
+        top = spec.blocks[-config.unfreeze_blocks:]
+        stages.append(StagePlan(
+            FINETUNE, f"fine-tune block{'s' if len(top) > 1 else ''} {', '.join(top)} "
+                      f"(BatchNorm {'trainable' if config.train_batchnorm else 'frozen'})",
+            config.epochs, config.epochs + config.finetune_epochs,
+            config.resolved_finetune_lr, config.finetune_schedule))
+    return stages
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Data and model ready to train."""
+
+    spec: BaseSpec
+    image_size: int
+    splits: DataSplits
+    base: keras.Model
+    extractor: keras.Model
+    model: keras.Model
+
+
+def prepare(config: FinetuneConfig, reporter: Reporter) -> Prepared:
+    """Checks the options, reads the data and builds the classifier (seeded)."""
+    spec = get_base(config.base)
+    image_size = resolve_image_size(spec, config.data.image_size)
+    if config.finetune_epochs:
+        check_unfreeze_blocks(spec, config.unfreeze_blocks)
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package, which is not installed. "
+                          "Run: pip install 'transferkit[tensorboard]' (or drop --tensorboard).")
+    if config.output is not None:
+        check_new_output(config.output, config.overwrite)
+    splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter)
+    report_data(splits, reporter)
+    keras.utils.set_random_seed(config.data.seed)
+    base = build_base(spec, image_size, config.weights)
+    extractor = build_feature_extractor(base, spec.preprocessing)
+    head = build_head(extractor.output_shape[-1], len(splits.class_names), config.dense_units,
+                      config.dropout, config.l2, config.init)
+    return Prepared(spec, image_size, splits, base, extractor, build_classifier(extractor, head))
+
+
+def finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> FinetuneResult:
+    """Trains a classifier on `config.data` in two stages and writes the run directory.
+
+    Raises:
+        TransferkitError: bad data, options, weights, or an existing output (all checked
+            before anything is written); RunInterrupted when stopped by a signal.
+    """
+    from transferkit.training.checks import lr_find
+
+    reporter = reporter or NullReporter()
+    if config.output is None:
+        raise ArtifactError("finetune needs a run directory: pass -o RUN.")
+    prepared = prepare(config, reporter)
+    found = lr_find(config, prepared, reporter) if config.lr_find else None
+    if found is not None:  # its suggestion becomes the resolved stage-1 rate
+        config = dataclasses.replace(config, learning_rate=found.suggestion)
+    splits = prepared.splits
+    weights = class_weights(splits.train.labels, len(splits.class_names), config.class_weight)
+    info: dict[str, Any] = {
+        "command": "finetune",
+        "config": to_dict(config),
+        "base": prepared.spec.name,
+        "base_layer": prepared.base.name,
+        "weights": config.weights,
+        "image_size": prepared.image_size,
+        "preprocessing": prepared.spec.preprocessing.to_dict(),
+        "class_names": list(splits.class_names),
+        "class_weight": None if weights is None else {
+            splits.class_names[i]: w for i, w in weights.items()},
+        "data": data_summary(splits),
+        "lr_find": None if found is None else found.to_dict(),
+    }
+    if config.overwrite:
+        clear_run(config.output)
+    save_splits(config.output, split_rows(splits))
+    save_run_info(config.output, {**info, "status": RUNNING})
+    if found is not None:
+        from transferkit.plots import plot_lr_find
+
+        save_figure(config.output / "lr_find.png", plot_lr_find(found))
+    return _train(config, prepared.spec, splits, prepared.model, prepared.base, info, [], 0,
+                  reporter)
+
+
+def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> FinetuneResult:
+    """Continues an interrupted `finetune` from its last completed epoch.
+
+    Raises:
+        ArtifactError: `run_dir` is not an unfinished run, or has no checkpoint yet.
+    """
+    reporter = reporter or NullReporter()
+    info = read_run_info(run_dir, finished=False)
+    if info.get("command") != "finetune" or info.get("status") not in (RUNNING, INTERRUPTED):
+        raise ArtifactError(f"'{run_dir}' is not an unfinished finetune run (status "
+                            f"{info.get('status')!r}); there is nothing to resume.")
+    config = from_dict(FinetuneConfig, {**info["config"], "output": str(run_dir)})
+    spec = get_base(config.base)
+    model, state = load_checkpoint(run_dir)
+    splits = splits_from_table(Path(config.data.data_dir), info["class_names"],
+                               read_splits(run_dir), reporter)
+    report_data(splits, reporter)
+    reporter.info(f"Resuming stage '{state['stage']}' after epoch {state['epoch']}.")
+    keras.utils.set_random_seed(config.data.seed + int(state["epoch"]))
+    base = model.get_layer("features").get_layer(info["base_layer"])
+    return _train(config, spec, splits, model, base, info, list(state["history"]),
+                  int(state["epoch"]), reporter, resumed_stage=state["stage"])
+
+
+def _stage_callbacks(config: FinetuneConfig, plan: StagePlan, model: keras.Model,
+                     history: list[dict[str, Any]]) -> list[keras.callbacks.Callback]:
+    """Per-epoch checkpoint (last and best-of-stage) and early stopping, both driven by the
+    history rows, so they carry on correctly after a resume."""
+    run_dir, monitor = config.output, config.monitor
+    assert run_dir is not None
+
+    def on_epoch_end(epoch: int, logs: dict | None) -> None:
+        rows = [r for r in history if r["stage"] == plan.name]
+        previous = best_row(rows[:-1], monitor)
+        improved = monitor in rows[-1] and better(
+            monitor, rows[-1][monitor], None if previous is None else previous[monitor])
+        save_checkpoint(run_dir, model, {"stage": plan.name, "epoch": epoch + 1,
+                                         "history": history},
+                        best_of_stage=plan.name if improved else None)
+        best = best_row(rows, monitor)
+        if config.patience and best is not None and rows[-1]["epoch"] - best["epoch"] >= \
+                config.patience:
+            model.stop_training = True
+
+    return [keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)]
+
+
+def _train(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits, model: keras.Model,
+           base: keras.Model, info: dict[str, Any], history: list[dict], done: int,
+           reporter: Reporter, resumed_stage: str | None = None) -> FinetuneResult:
+    """Runs the stages not finished yet, checkpointing each epoch; writes the run at the end."""
+    from transferkit.plots import plot_curves
+
+    run_dir, batch = config.output, config.data.batch_size
+    assert run_dir is not None
+    image_size = int(info["image_size"])
+    train_ds = build_dataset(splits.train.sources, splits.train.labels, image_size, batch,
+                             shuffle_seed=config.data.seed + done,
+                             augment=build_augmentation(config.augment, config.data.seed))
+    val_ds = build_dataset(splits.val.sources, splits.val.labels, image_size, batch)
+    steps = math.ceil(len(splits.train) / batch)
+    weights = None if info.get("class_weight") is None else {
+        splits.class_names.index(c): w for c, w in info["class_weight"].items()}
+    if weights is not None and done == 0:
+        shown = ", ".join(f"{c} {w:.2f}" for c, w in info["class_weight"].items())
+        reporter.info(f"Classes are imbalanced; balanced class weights: {shown}")
+    extra: list[keras.callbacks.Callback] = []
+    if config.tensorboard:
+        extra.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")))
+    results: list[StageResult] = []
+    with StopOnSignal(reporter) as stop:
+        for plan in plan_stages(config, spec):
+            if done >= plan.last_epoch:  # finished before an interruption
+                results.append(stage_result(plan, history, config.monitor,
+                                            int(info["trainable_params"][plan.name])))
+                continue
+            resuming = resumed_stage == plan.name and done > plan.first_epoch
+            if not resuming:
+                if plan.name == HEAD:
+                    freeze_base(base)
+                else:
+                    unfreeze_top_blocks(base, spec, config.unfreeze_blocks,
+                                        config.train_batchnorm)
+                info.setdefault("trainable_params", {})[plan.name] = \
+                    count_params(model).trainable
+                save_run_info(run_dir, {**info, "status": RUNNING})
+            try:
+                trainable = run_stage(
+                    model, plan, train_ds, val_ds, reporter, steps, history,
+                    optimizer=None if resuming else config.optimizer,
+                    first_epoch=done if resuming else None, class_weight=weights,
+                    callbacks=[*_stage_callbacks(config, plan, model, history),
+                               stop.callback(), *extra])
+            except _Stop as stopped:
+                raise _interrupted(run_dir, info, history, stopped.signum) from None
+            result = stage_result(plan, history, config.monitor, trainable)
+            restore_best(model, run_dir, plan.name)  # the stage ends on its best epoch
+            if result.stopped_early:
+                reporter.info(f"Stage '{plan.name}' stopped early: no {config.monitor} "
+                              f"improvement for {config.patience} epochs.")
+            reporter.info(f"Stage '{plan.name}' keeps its best epoch, {result.best_epoch} "
+                          f"({config.monitor} {result.metrics[config.monitor]:.4f}).")
+            results.append(result)
+            done = plan.last_epoch
+    kept = _choose_stage(results, config.monitor, reporter)
+    if kept != results[-1].name:
+        restore_best(model, run_dir, kept)
+    final = next(r for r in results if r.name == kept)
+    info = {**info, "stages": [s.to_dict() for s in results], "kept_stage": kept,
+            "rollback": kept != results[-1].name, "metrics": final.metrics}
+    info.pop("stopped", None)
+    save_figure(run_dir / "curves.png", plot_curves(history))
+    save_run(run_dir, model, info, history)
+    reporter.info(f"Saved the run to '{run_dir}'.")
+    return FinetuneResult(run_dir, splits.class_names, tuple(results), kept, tuple(history))
+
+
+def _choose_stage(results: list[StageResult], monitor: str, reporter: Reporter) -> str:
+    """The stage whose model is kept: the last, unless it failed to beat an earlier one."""
+    if len(results) < 2:
+        return results[-1].name
+    head, tuned = results[0], results[1]
+    if better(monitor, tuned.metrics[monitor], head.metrics[monitor]):
+        return tuned.name
+    reporter.warning(f"Stage '{tuned.name}' did not beat stage '{head.name}' ({monitor} "
+                     f"{tuned.metrics[monitor]:.4f} vs {head.metrics[monitor]:.4f}): keeping "
+                     f"the '{head.name}' model (rollback).")
+    return head.name
+
+
+def _interrupted(run_dir: Path, info: dict[str, Any], history: list[dict],
+                 signum: int) -> RunInterrupted:
+    """Records where training stopped and says how to continue."""
+    name = signal.Signals(signum).name
+    if not history:
+        save_run_info(run_dir, {**info, "status": INTERRUPTED})
+        return RunInterrupted(f"Stopped by {name} before the first epoch ended; there is no "
+                              f"checkpoint to resume. Start again with --overwrite.", signum)
+    where = {"stage": history[-1]["stage"], "epoch": history[-1]["epoch"], "signal": name}
+    save_run_info(run_dir, {**info, "status": INTERRUPTED, "stopped": where})
+    return RunInterrupted(
+        f"Stopped by {name}. '{run_dir}' keeps its checkpoint from epoch {where['epoch']} "
+        f"(stage {where['stage']}). Continue with: transferkit finetune --resume {run_dir}",
+        signum)

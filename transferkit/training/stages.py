@@ -1,0 +1,173 @@
+"""One training stage: optimizer, per-epoch learning-rate schedule, class weights, and the
+bookkeeping of which epoch was best."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from transferkit.callbacks import EpochReporter
+from transferkit.config import OptimizerConfig, ScheduleConfig
+from transferkit.freezing import count_params
+from transferkit.reporting import Reporter, StageInfo
+
+# Defaults of each schedule's decay rate (per epoch, or per step of `decay_epochs`).
+DECAY_RATES = {"step": 0.5, "exponential": 0.9, "inverse-time": 0.5}
+
+
+def learning_rate_at(schedule: ScheduleConfig, base_lr: float, epoch: int, epochs: int) -> float:
+    """The learning rate for `epoch` (0-based, within a stage of `epochs` epochs).
+
+    Warm-up rises linearly to `base_lr` over `warmup_epochs`; the schedule then runs over the
+    remaining epochs: constant, step (x rate every `decay_epochs`), exponential (x rate per
+    epoch), inverse-time (/ (1 + rate * t)) or cosine (to 0 at the stage's end).
+    """
+    warmup = min(schedule.warmup_epochs, max(epochs - 1, 0))
+    if epoch < warmup:
+        return base_lr * (epoch + 1) / (warmup + 1)
+    t, span = epoch - warmup, max(epochs - warmup, 1)
+    rate = schedule.decay_rate if schedule.decay_rate is not None else DECAY_RATES.get(
+        schedule.name, 1.0)
+    if schedule.name == "step":
+        every = schedule.decay_epochs or max(1, math.ceil(span / 3))
+        return base_lr * rate ** (t // every)
+    if schedule.name == "exponential":
+        return base_lr * rate**t
+    if schedule.name == "inverse-time":
+        return base_lr / (1 + rate * t)
+    if schedule.name == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * t / span))
+    return base_lr
+
+
+def build_optimizer(config: OptimizerConfig, learning_rate: float) -> keras.optimizers.Optimizer:
+    if config.name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=config.momentum,
+                                    nesterov=config.nesterov)
+    if config.name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate, momentum=config.momentum)
+    return keras.optimizers.Adam(learning_rate)
+
+
+def compile_model(model: keras.Model, optimizer: OptimizerConfig, learning_rate: float) -> None:
+    """Compiles for the current `trainable` state (needed after every change of it)."""
+    model.compile(optimizer=build_optimizer(optimizer, learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
+    """'balanced' weights n / (k * n_c); 'auto' uses them when the largest class outnumbers the
+    smallest beyond 1.5:1; 'none' never."""
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    imbalanced = counts.min() > 0 and counts.max() / counts.min() > 1.5
+    if mode == "none" or (mode == "auto" and not imbalanced):
+        return None
+    weights = counts.sum() / (num_classes * np.maximum(counts, 1))
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def better(monitor: str, value: float, than: float | None) -> bool:
+    """Whether `value` of `monitor` strictly improves on `than`."""
+    if than is None:
+        return True
+    return value < than if monitor.endswith("loss") else value > than
+
+
+def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
+    """The epoch row with the best `monitor` value (the earliest on ties)."""
+    best = None
+    for row in rows:
+        if monitor in row and better(monitor, row[monitor], None if best is None
+                                     else best[monitor]):
+            best = row
+    return best
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What one stage will do; epochs are global (stage 2 continues stage 1's count)."""
+
+    name: str
+    description: str
+    first_epoch: int
+    last_epoch: int
+    learning_rate: float
+    schedule: ScheduleConfig
+
+    @property
+    def epochs(self) -> int:
+        return self.last_epoch - self.first_epoch
+
+    def learning_rate_at(self, epoch: int) -> float:
+        return learning_rate_at(self.schedule, self.learning_rate, epoch - self.first_epoch,
+                                self.epochs)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What one stage did, and the epoch it kept (its best, restored at the end)."""
+
+    name: str
+    epochs: int  # run
+    learning_rate: float
+    trainable_params: int
+    metrics: dict[str, float]  # of the kept epoch
+    best_epoch: int | None
+    best_val_accuracy: float | None
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "epochs": self.epochs, "learning_rate": self.learning_rate,
+                "trainable_params": self.trainable_params, "metrics": self.metrics,
+                "best_epoch": self.best_epoch, "best_val_accuracy": self.best_val_accuracy,
+                "stopped_early": self.stopped_early}
+
+
+def stage_result(plan: StagePlan, history: Sequence[dict[str, Any]], monitor: str,
+                 trainable_params: int) -> StageResult:
+    """Summarises a stage from its history rows."""
+    rows = [r for r in history if r["stage"] == plan.name]
+    kept = best_row(rows, monitor) or rows[-1]
+    accuracies = [r["val_accuracy"] for r in rows if "val_accuracy" in r]
+    return StageResult(plan.name, len(rows), plan.learning_rate, trainable_params,
+                       {k: v for k, v in kept.items() if k not in ("stage", "epoch")},
+                       kept["epoch"], max(accuracies) if accuracies else None,
+                       stopped_early=len(rows) < plan.epochs)
+
+
+def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
+              reporter: Reporter, steps: int, history: list[dict[str, Any]],
+              optimizer: OptimizerConfig | None = None, first_epoch: int | None = None,
+              callbacks: Sequence[keras.callbacks.Callback] = (),
+              class_weight: dict[int, float] | None = None,
+              batch_size: int | None = None) -> int:
+    """Trains `model` through `plan`, appending one row per epoch to `history`.
+
+    With `optimizer`, the model is compiled for its current `trainable` state first; without,
+    it keeps the optimizer it has (a resumed stage, from `first_epoch`). `train` and
+    `validation` are datasets, or (x, y) arrays with `batch_size`. Returns the trainable
+    parameter count.
+    """
+    if optimizer is not None:
+        compile_model(model, optimizer, plan.learning_rate)
+    counts = count_params(model)
+    start = plan.first_epoch if first_epoch is None else first_epoch
+    reporter.stage_started(StageInfo(plan.name, plan.description, plan.last_epoch - start,
+                                     plan.learning_rate, counts.trainable,
+                                     counts.non_trainable))
+    schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: plan.learning_rate_at(
+        epoch))
+    recorder = EpochReporter(reporter, plan.name, plan.last_epoch, steps, history)
+    # A dataset arrives shuffled already; arrays are shuffled by fit.
+    fit_args: dict[str, Any] = {"x": train, "validation_data": validation, "shuffle": False}
+    if isinstance(train, tuple):
+        fit_args = {"x": train[0], "y": train[1], "validation_data": validation,
+                    "batch_size": batch_size}
+    model.fit(**fit_args, epochs=plan.last_epoch, initial_epoch=start, verbose=0,
+              class_weight=class_weight, callbacks=[schedule, recorder, *callbacks])
+    return counts.trainable
