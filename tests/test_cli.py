@@ -342,3 +342,13 @@ def test_augment_preview_writes_a_grid(image_folder: Path, tmp_path: Path):
         assert im.size == (5 * 36 + 4, 3 * 36 + 4)
     again = invoke("augment-preview", image_folder, "-o", out)
     assert again.exit_code == 1 and "already exists" in again.stderr
+
+
+def test_cache_command_lists_and_clears(image_folder: Path, tmp_path: Path):
+    assert invoke("extract", image_folder, "-o", tmp_path / "f.npz", *TINY).exit_code == 0
+    listed = invoke("cache")
+    assert listed.exit_code == 0 and "features" in listed.stdout
+    cleared = invoke("cache", "--clear")
+    assert cleared.exit_code == 0
+    row = next(line for line in cleared.stdout.splitlines() if "features" in line)
+    assert row.split()[1] == "0"

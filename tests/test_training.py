@@ -150,3 +150,33 @@ def test_same_seed_same_run(image_folder, tmp_path):
     for a, b in zip(first, second, strict=True):
         for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+class Recorder(NullReporter):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.messages.append(message)
+
+
+def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
+    import dataclasses
+
+    from transferkit.artifacts import load_checkpoint
+    from transferkit.config import AugmentConfig
+
+    config = dataclasses.replace(_config(image_folder, tmp_path / "run"),
+                                 augment=AugmentConfig(enabled=False))
+    with pytest.raises(RunInterrupted):
+        finetune(config, SignalAt("head", 2))
+    model, _ = load_checkpoint(tmp_path / "run")
+    assert int(model.optimizer.iterations) == 4  # the head's Adam state travels with the run
+    recorder = Recorder()
+    result = resume_finetune(tmp_path / "run", recorder)
+    assert [(s.name, s.epochs) for s in result.stages] == [("head", 3), ("finetune", 2)]
+    assert any("frozen-base features" in m and "0 images computed" in m
+               for m in recorder.messages)  # the first attempt cached them
+    again = Recorder()
+    finetune(dataclasses.replace(config, output=tmp_path / "run2"), again)
+    assert any("0 images computed, 18 from the cache" in m for m in again.messages)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 import transferkit
-from transferkit.atomic import atomic_path, write_text
+from transferkit.atomic import atomic_path, cache_dir, write_text
 from transferkit.errors import ArtifactError
 
 RUN_FORMAT = "transferkit-run"
@@ -349,6 +349,60 @@ def load_features(path: Path) -> FeatureSet:
     if meta.get("format") != FEATURES_FORMAT:
         raise ArtifactError(f"'{path}' is not a transferkit feature file.")
     return FeatureSet(class_names=tuple(meta.pop("class_names")), meta=meta, **arrays)
+
+
+class FeatureCache:
+    """Features already computed for one extractor (base, weights, size, cut point, pooling,
+    preprocessing), by image content hash: one .npz of plain arrays per extractor."""
+
+    def __init__(self, key: str) -> None:
+        self.path = cache_dir() / "features" / f"{key}.npz"
+        self.index: dict[str, int] = {}
+        self.rows: list[np.ndarray] = []
+        self.changed = False
+        try:
+            with np.load(self.path, allow_pickle=False) as npz:
+                features = npz["features"]
+                self.index = {str(h): i for i, h in enumerate(npz["hashes"])}
+                self.rows = list(features)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # no cache yet, or a damaged one: start afresh
+
+    def get(self, content_hash: str) -> np.ndarray | None:
+        i = self.index.get(content_hash)
+        return None if i is None else self.rows[i]
+
+    def put(self, hashes: Sequence[str], features: np.ndarray) -> None:
+        for h, row in zip(hashes, features, strict=True):
+            if h not in self.index:
+                self.index[h] = len(self.rows)
+                self.rows.append(row)
+                self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        hashes = np.array(sorted(self.index, key=self.index.__getitem__))
+        with atomic_path(self.path) as tmp:
+            np.savez(tmp, hashes=hashes, features=np.stack(self.rows).astype(np.float32))
+
+
+def cache_usage() -> dict[str, tuple[int, int]]:
+    """Files and bytes in each part of the cache folder."""
+    usage = {}
+    for part in ("features", "converted", "weights"):
+        files = [f for f in (cache_dir() / part).rglob("*") if f.is_file()]
+        usage[part] = (len(files), sum(f.stat().st_size for f in files))
+    return usage
+
+
+def clear_cache(parts: Sequence[str] = ("features", "converted")) -> None:
+    """Removes cached features and converted images (they are rebuilt when needed). The
+    converted ImageNet weights stay unless named."""
+    for part in parts:
+        shutil.rmtree(cache_dir() / part, ignore_errors=True)
+    if "converted" in parts:  # the inspection memo points at converted copies
+        (cache_dir() / "inspected.json").unlink(missing_ok=True)
 
 
 def save_report(path: Path, report: Mapping[str, Any], overwrite: bool = False) -> None:

@@ -104,6 +104,10 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per batch.",
 SeedOpt = Annotated[int, typer.Option(
     "--seed", help="Seed for the split, shuffling, augmentation and initial weights.",
     rich_help_panel=DATA_PANEL)]
+CacheOpt = Annotated[bool, typer.Option(
+    "--cache/--no-cache", help="Reuse features (and image checks) computed before for "
+                               "unchanged images; --no-cache recomputes everything.",
+    rich_help_panel=DATA_PANEL)]
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Replace an existing output instead of refusing.",
     rich_help_panel=OUT_PANEL)]
@@ -292,9 +296,14 @@ def finetune(
     tensorboard: Annotated[bool, typer.Option(
         "--tensorboard", help="Also write TensorBoard logs to RUN/tensorboard.",
         rich_help_panel=OUT_PANEL)] = default(FinetuneConfig, "tensorboard"),
+    cache: CacheOpt = default(FinetuneConfig, "cache"),
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Train a new head on a frozen pretrained base, then fine-tune its top blocks."""
+    """Train a new head on a frozen pretrained base, then fine-tune its top blocks.
+
+    With --no-augment, stage 1 trains the head on frozen-base features computed once (and
+    cached), which is many times faster than pushing every image through the base each epoch.
+    """
     from transferkit.console import RichReporter, render_finetune
 
     if resume is not None:
@@ -324,7 +333,7 @@ def finetune(
             augment=_augment_options(augment, rotation_range, width_shift_range,
                                      height_shift_range, shear_range, zoom_range,
                                      horizontal_flip, vertical_flip, brightness_range),
-            tensorboard=tensorboard, lr_find=lr_find, overwrite=overwrite,
+            tensorboard=tensorboard, lr_find=lr_find, cache=cache, overwrite=overwrite,
         )
         if overfit_check:
             from transferkit.console import render_overfit
@@ -377,9 +386,14 @@ def extract(
     learning_rate: Annotated[float, typer.Option(
         "--learning-rate", help="Classifier learning rate (Adam).",
         rich_help_panel=TRAIN_PANEL)] = default(HeadConfig, "learning_rate"),
+    cache: CacheOpt = default(ExtractConfig, "cache"),
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Run the frozen base over every image and save the features (and train a classifier)."""
+    """Run the frozen base over every image and save the features (and train a classifier).
+
+    Features are cached by base, weights, size, cut point and each file's content: a re-run
+    computes only new or edited images.
+    """
     with _user_errors():
         head = None if train_head is None else HeadConfig(
             train_head, dense_units, dropout, head_epochs, learning_rate, l2, init.value,
@@ -387,7 +401,7 @@ def extract(
         settings = ExtractConfig(
             data=DataConfig(data, image_size, val_split, batch_size, seed), output=output,
             base=base.value, weights=weights, blocks=blocks, pooling=pooling.value,
-            overwrite=overwrite, head=head)
+            cache=cache, overwrite=overwrite, head=head)
         from transferkit.console import RichReporter, render_extract
         from transferkit.extract import extract as run_extract
 
@@ -534,6 +548,27 @@ def doctor(
             render_quarantine(move_unusable(report, quarantine), quarantine)
     if not report.clean:
         raise typer.Exit(1)
+
+
+@app.command("cache")
+def cache_command(
+    clear: Annotated[bool, typer.Option(
+        "--clear", help="Delete cached features and converted images (rebuilt when needed).",
+        rich_help_panel=OUT_PANEL)] = False,
+    weights: Annotated[bool, typer.Option(
+        "--weights", help="With --clear, also delete the converted ImageNet weights.",
+        rich_help_panel=OUT_PANEL)] = False,
+) -> None:
+    """Show what transferkit caches (features, converted images, weights), or clear it."""
+    with _user_errors():
+        from transferkit.artifacts import cache_usage, clear_cache
+        from transferkit.atomic import cache_dir
+        from transferkit.console import render_cache
+
+        if clear:
+            clear_cache(("features", "converted", "weights") if weights
+                        else ("features", "converted"))
+        render_cache(cache_dir(), cache_usage())
 
 
 def main() -> None:

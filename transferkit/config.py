@@ -137,6 +137,7 @@ class FinetuneConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tensorboard: bool = False
     lr_find: bool = False  # range test first; its suggestion becomes learning_rate
+    cache: bool = True  # --no-augment: stage 1 reuses cached features of unchanged images
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -200,6 +201,7 @@ class ExtractConfig:
     weights: str = "imagenet"
     blocks: int | None = None  # None: the whole base
     pooling: str = "avg"
+    cache: bool = True  # reuse features computed before for unchanged images
     overwrite: bool = False
     head: HeadConfig | None = None
 

@@ -248,3 +248,13 @@ def render_quarantine(moved: Sequence[tuple[Path, Path]], destination: Path) -> 
     stderr.print(f"Moved {len(moved)} unusable file(s) into '{escape(str(destination))}':")
     for source, target in moved:
         stderr.print(f"  {escape(str(source))} -> {escape(str(target))}", soft_wrap=True)
+
+
+def render_cache(folder: Path, usage: Mapping[str, tuple[int, int]]) -> None:
+    table = Table(title=f"Cache: {escape(str(folder))}", box=box.SIMPLE_HEAD,
+                  collapse_padding=True)
+    for name in ("part", "files", "MB"):
+        table.add_column(name, justify="left" if name == "part" else "right")
+    for part, (files, size) in usage.items():
+        table.add_row(part, str(files), f"{size / 1e6:.1f}")
+    stdout.print(table)

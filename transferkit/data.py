@@ -10,7 +10,9 @@ cache, so the decoding pipeline itself stays pure TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-from transferkit.atomic import atomic_path, cache_dir
+from transferkit.atomic import atomic_path, cache_dir, write_text
 from transferkit.errors import DataError
 from transferkit.reporting import NullReporter, Reporter
 
@@ -42,6 +44,7 @@ ALPHA_BACKGROUND = (255, 255, 255)
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
 _EXIF_ORIENTATION = 0x0112
 _CONVERSION_VERSION = "1"  # part of the cache key of converted images
+_INSPECTION_VERSION = 1  # bump when inspect_image's findings change
 
 
 @dataclass(frozen=True)
@@ -135,17 +138,69 @@ def converted_path(info: ImageInfo) -> Path:
     return target
 
 
+class InspectionCache:
+    """What inspect_image found for each file, reused while the file's size and modification
+    time are unchanged, so re-reading a folder decodes only new or edited files."""
+
+    def __init__(self) -> None:
+        self.path = cache_dir() / "inspected.json"
+        self.entries: dict[str, dict] = {}
+        self.changed = False
+        try:
+            stored = json.loads(self.path.read_text(encoding="utf-8"))
+            if stored.get("version") == _INSPECTION_VERSION:
+                self.entries = stored["files"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # no cache yet, or an unreadable one: start afresh
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int] | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def get(self, path: Path) -> ImageInfo | None:
+        entry = self.entries.get(str(path.resolve()))
+        stamp = self._stamp(path)
+        if entry is None or stamp is None or entry["stamp"] != stamp:
+            return None
+        return ImageInfo(path=path, **entry["info"])
+
+    def put(self, info: ImageInfo) -> None:
+        stamp = self._stamp(info.path)
+        if stamp is not None:
+            fields = {k: v for k, v in dataclasses.asdict(info).items() if k != "path"}
+            self.entries[str(info.path.resolve())] = {"stamp": stamp, "info": fields}
+            self.changed = True
+
+    def save(self) -> None:
+        if self.changed:
+            write_text(self.path, json.dumps({"version": _INSPECTION_VERSION,
+                                              "files": self.entries}))
+
+
 def inspect_images(paths: Sequence[Path], reporter: Reporter,
-                   description: str = "Checking images") -> list[ImageInfo]:
-    """`inspect_image` over many files on a thread pool (PIL decodes without the GIL)."""
-    reporter.start_progress(description, len(paths))
-    results: list[ImageInfo] = []
+                   description: str = "Checking images", use_cache: bool = True
+                   ) -> list[ImageInfo]:
+    """`inspect_image` over many files on a thread pool (PIL decodes without the GIL); with
+    `use_cache`, files unchanged since an earlier inspection are not decoded again."""
+    cache = InspectionCache() if use_cache else None
+    known = [cache.get(p) if cache is not None else None for p in paths]
+    todo = [p for p, k in zip(paths, known, strict=True) if k is None]
+    reporter.start_progress(description, len(todo))
+    fresh: dict[Path, ImageInfo] = {}
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        for info in pool.map(inspect_image, paths):
-            results.append(info)
+        for info in pool.map(inspect_image, todo):
+            fresh[info.path] = info
+            if cache is not None:
+                cache.put(info)
             reporter.advance()
     reporter.stop_progress()
-    return results
+    if cache is not None:
+        cache.save()
+    return [k if k is not None else fresh[p] for p, k in zip(paths, known, strict=True)]
 
 
 def decode_source(info: ImageInfo) -> str:
@@ -163,7 +218,8 @@ class SkippedFile:
 class ImageSet:
     """Usable image files with integer labels into `class_names`.
 
-    `paths` are relative to `root` (the data folder); `sources` are what gets decoded.
+    `paths` are relative to `root` (the data folder); `sources` are what gets decoded;
+    `hashes` are the files' content hashes (what feature caches are keyed by).
     """
 
     root: Path
@@ -171,6 +227,7 @@ class ImageSet:
     labels: np.ndarray
     class_names: tuple[str, ...]
     sources: tuple[str, ...]
+    hashes: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -184,7 +241,8 @@ class ImageSet:
     def subset(self, mask: np.ndarray) -> ImageSet:
         keep = np.flatnonzero(mask)
         return ImageSet(self.root, tuple(self.paths[i] for i in keep), self.labels[keep],
-                        self.class_names, tuple(self.sources[i] for i in keep))
+                        self.class_names, tuple(self.sources[i] for i in keep),
+                        tuple(self.hashes[i] for i in keep))
 
 
 @dataclass(frozen=True)
@@ -242,7 +300,8 @@ def find_split_dirs(root: Path) -> dict[str, Path]:
 
 
 def _scan_classes(folder: Path, data_root: Path, class_names: Sequence[str] | None,
-                  reporter: Reporter, skipped: list[SkippedFile]) -> ImageSet:
+                  reporter: Reporter, skipped: list[SkippedFile],
+                  use_cache: bool = True) -> ImageSet:
     """Reads `folder/<class>/**` into an ImageSet with paths relative to `data_root`,
     skipping (and recording) unusable files."""
     dirs = class_dirs(folder)
@@ -257,7 +316,7 @@ def _scan_classes(folder: Path, data_root: Path, class_names: Sequence[str] | No
         raise DataError(f"'{folder}' has class folders {unknown} that are not among the "
                         f"training classes {list(names)}. Rename or remove them.")
     files = [(f, names.index(d.name)) for d in dirs for f in files_under(d)]
-    infos = inspect_images([f for f, _ in files], reporter)
+    infos = inspect_images([f for f, _ in files], reporter, use_cache=use_cache)
     kept = [(info, label) for info, (_, label) in zip(infos, files, strict=True) if info.usable]
     skipped += [SkippedFile(i.path, i.problem or "") for i in infos if not i.usable]
     for d in dirs:
@@ -272,6 +331,7 @@ def _scan_classes(folder: Path, data_root: Path, class_names: Sequence[str] | No
         labels=np.array([label for _, label in kept], dtype=np.int32),
         class_names=names,
         sources=tuple(decode_source(info) for info, _ in kept),
+        hashes=tuple(info.sha256 for info, _ in kept),
     )
 
 
@@ -319,9 +379,9 @@ def split_validation(images: ImageSet, val_split: float, seed: int) -> tuple[Ima
     return images.subset(~is_val), images.subset(is_val)
 
 
-def load_splits(data_dir: Path, val_split: float, seed: int,
-                reporter: Reporter | None = None) -> DataSplits:
-    """Reads a data folder into train/val(/test) splits.
+def load_splits(data_dir: Path, val_split: float, seed: int, reporter: Reporter | None = None,
+                use_cache: bool = True) -> DataSplits:
+    """Reads a data folder into train/val(/test) splits (`use_cache`: see inspect_images).
 
     Raises:
         DataError: the folder is missing, has fewer than two classes, or a class has no
@@ -333,18 +393,19 @@ def load_splits(data_dir: Path, val_split: float, seed: int,
     skipped: list[SkippedFile] = []
     split_dirs = find_split_dirs(root)
     if "train" not in split_dirs:
-        train, val = split_validation(_scan_classes(root, root, None, reporter, skipped),
-                                      val_split, seed)
+        train, val = split_validation(
+            _scan_classes(root, root, None, reporter, skipped, use_cache), val_split, seed)
         test = None
     else:
-        full = _scan_classes(split_dirs["train"], root, None, reporter, skipped)
+        full = _scan_classes(split_dirs["train"], root, None, reporter, skipped, use_cache)
         if "val" in split_dirs:
             train = full
-            val = _scan_classes(split_dirs["val"], root, full.class_names, reporter, skipped)
+            val = _scan_classes(split_dirs["val"], root, full.class_names, reporter, skipped,
+                                use_cache)
         else:
             train, val = split_validation(full, val_split, seed)
         test = None if "test" not in split_dirs else _scan_classes(
-            split_dirs["test"], root, full.class_names, reporter, skipped)
+            split_dirs["test"], root, full.class_names, reporter, skipped, use_cache)
     if len(val) == 0:
         raise DataError(f"No validation images could be drawn from '{root}': every class has "
                         f"a single image. Add images, or provide a '{root}/val' folder.")
@@ -368,7 +429,8 @@ def splits_from_table(root: Path, class_names: Sequence[str], rows: Sequence[dic
             return None
         return ImageSet(root, tuple(Path(r["path"]) for r, _ in chosen),
                         np.array([names.index(r["label"]) for r, _ in chosen], np.int32), names,
-                        tuple(decode_source(i) for _, i in chosen))
+                        tuple(decode_source(i) for _, i in chosen),
+                        tuple(i.sha256 for _, i in chosen))
 
     train, val = image_set("train"), image_set("val")
     if train is None or val is None:

@@ -21,6 +21,7 @@ from transferkit.bases import build_base, get_base, resolve_image_size
 from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, ScheduleConfig, to_dict
 from transferkit.data import load_splits
 from transferkit.errors import DataError
+from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.model import build_classifier, build_feature_extractor, build_head, cut_base
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.training import (
@@ -33,7 +34,6 @@ from transferkit.training import (
     split_rows,
     stage_result,
 )
-from transferkit.training.checks import extract_features
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class ExtractResult:
     features: FeatureSet
     run_dir: Path | None = None
     stage: StageResult | None = None
+    computed: int = 0  # images that went through the base
+    reused: int = 0  # images whose features came from the cache
 
 
 def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
@@ -73,28 +75,40 @@ def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
 def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractResult:
     """Extracts features for every split of `config.data` and saves them (and a head run).
 
+    Features already in the cache for unchanged images are reused; the base is only built
+    when some image still needs it.
+
     Raises:
         TransferkitError: bad data, options, weights, or an existing output.
     """
     reporter = reporter or NullReporter()
     spec = get_base(config.base)
     image_size = resolve_image_size(spec, config.data.image_size)
+    blocks = config.blocks or len(spec.blocks)
+    spec.check_block_count(blocks, "--blocks")
     check_new_output(config.output, config.overwrite, what="feature file")
     if config.head is not None:
         check_new_output(config.head.output, config.head.overwrite)
-    splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter)
+    splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter,
+                         use_cache=config.cache)
     report_data(splits, reporter)
+    seed = config.data.seed
 
-    keras.utils.set_random_seed(config.data.seed)
-    base = cut_base(build_base(spec, image_size, config.weights), spec, config.blocks)
-    extractor = build_feature_extractor(base, spec.preprocessing, config.pooling)
-    blocks = config.blocks or len(spec.blocks)
+    def build() -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        base = cut_base(build_base(spec, image_size, config.weights), spec, blocks)
+        return build_feature_extractor(base, spec.preprocessing, config.pooling)
+
+    feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, config.weights, seed),
+                               image_size, blocks, config.pooling, spec.preprocessing.to_dict())
+    extractor = FeatureExtractor(build, feature_spec, config.data.batch_size, reporter,
+                                 use_cache=config.cache)
+    parts = [(name, s, extractor.features(s, name)) for name, s in splits.items()]
+    extractor.save()
     reporter.info(f"{spec.name} up to block '{spec.blocks[blocks - 1]}' ({blocks} of "
-                  f"{len(spec.blocks)}), {config.pooling} pooling -> "
-                  f"{extractor.output_shape[-1]} features per image")
-
-    parts = [(name, s, extract_features(extractor, s, image_size, config.data.batch_size,
-                                        reporter, name)) for name, s in splits.items()]
+                  f"{len(spec.blocks)}), {config.pooling} pooling: {parts[0][2].shape[1]} "
+                  f"features per image; {extractor.computed} computed, {extractor.reused} "
+                  f"reused from the cache.")
     meta = {"base": spec.name, "weights": config.weights, "image_size": image_size,
             "blocks": blocks, "pooling": config.pooling,
             "preprocessing": spec.preprocessing.to_dict(), "data_dir": str(config.data.data_dir),
@@ -110,9 +124,11 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
     save_features(config.output, features, config.overwrite)
     reporter.info(f"Saved {len(features.labels)} feature vectors to '{config.output}'.")
     if config.head is None:
-        return ExtractResult(config.output, features)
+        return ExtractResult(config.output, features, computed=extractor.computed,
+                             reused=extractor.reused)
     info = {"command": "extract", "config": to_dict(config), **meta,
             "class_names": list(splits.class_names), "data": data_summary(splits)}
-    stage = train_head(features, extractor, config.head, info, reporter)
+    stage = train_head(features, extractor.model, config.head, info, reporter)
     save_splits(config.head.output, split_rows(splits))
-    return ExtractResult(config.output, features, config.head.output, stage)
+    return ExtractResult(config.output, features, config.head.output, stage,
+                         extractor.computed, extractor.reused)

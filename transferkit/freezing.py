@@ -9,7 +9,6 @@ import keras
 import numpy as np
 
 from transferkit.bases import BaseSpec
-from transferkit.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -32,13 +31,6 @@ def freeze_base(base: keras.Model) -> None:
     base.trainable = False
 
 
-def check_unfreeze_blocks(spec: BaseSpec, blocks: int) -> None:
-    """Raises a ConfigError unless the base has at least `blocks` blocks."""
-    if not 1 <= blocks <= len(spec.blocks):
-        raise ConfigError(f"--unfreeze-blocks {blocks} is out of range: {spec.name} has "
-                          f"{len(spec.blocks)} blocks ({', '.join(spec.blocks)}).")
-
-
 def unfreeze_top_blocks(base: keras.Model, spec: BaseSpec, blocks: int,
                         train_batchnorm: bool = False) -> tuple[str, ...]:
     """Makes the top `blocks` blocks trainable, all else frozen; returns their names.
@@ -46,7 +38,7 @@ def unfreeze_top_blocks(base: keras.Model, spec: BaseSpec, blocks: int,
     BatchNormalization layers stay frozen unless `train_batchnorm`: with small data, updating
     them wrecks the pretrained statistics the rest of the block relies on.
     """
-    check_unfreeze_blocks(spec, blocks)
+    spec.check_block_count(blocks, "--unfreeze-blocks")
     top = spec.blocks[-blocks:]
     base.trainable = True
     for layer in base.layers:

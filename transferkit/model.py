@@ -9,7 +9,6 @@ from __future__ import annotations
 import keras
 
 from transferkit.bases import BaseSpec, Preprocessing
-from transferkit.errors import ConfigError
 from transferkit.layers import ImagePreprocessing
 
 
@@ -17,9 +16,7 @@ def cut_base(base: keras.Model, spec: BaseSpec, blocks: int | None) -> keras.Mod
     """The base truncated after its first `blocks` blocks (all of it when None)."""
     if blocks is None or blocks == len(spec.blocks):
         return base
-    if not 1 <= blocks <= len(spec.blocks):
-        raise ConfigError(f"--blocks {blocks} is out of range: {spec.name} has "
-                          f"{len(spec.blocks)} blocks ({', '.join(spec.blocks)}).")
+    spec.check_block_count(blocks, "--blocks")
     last_block = spec.blocks[blocks - 1]
     last_layer = [layer for layer in base.layers if spec.block_of(layer.name) == last_block][-1]
     return keras.Model(base.inputs, last_layer.output, name=f"{base.name}_to_{last_block}")

@@ -56,6 +56,12 @@ class BaseSpec:
     def block_of(self, layer_name: str) -> str | None:
         return next((b for b in self.blocks if layer_name.startswith(f"{b}_")), None)
 
+    def check_block_count(self, count: int, option: str) -> None:
+        """Raises a ConfigError naming `option` unless 1 <= count <= the number of blocks."""
+        if not 1 <= count <= len(self.blocks):
+            raise ConfigError(f"{option} {count} is out of range: {self.name} has "
+                              f"{len(self.blocks)} blocks ({', '.join(self.blocks)}).")
+
 
 def _keras_application(constructor: str) -> Callable[[tuple[int, int, int]], keras.Model]:
     def build(input_shape: tuple[int, int, int]) -> keras.Model:

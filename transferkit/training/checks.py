@@ -14,31 +14,20 @@ import numpy as np
 from transferkit.artifacts import check_new_output, save_image
 from transferkit.augment import augment_grid, build_augmentation
 from transferkit.bases import get_base, resolve_image_size
-from transferkit.callbacks import PredictProgress
 from transferkit.config import AugmentConfig, FinetuneConfig, OptimizerConfig
-from transferkit.data import ImageSet, build_dataset, load_splits
+from transferkit.data import build_dataset, load_splits
+from transferkit.features import predict_features
 from transferkit.model import build_head
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.training.stages import compile_model
 
 if TYPE_CHECKING:
-    import keras
 
     from transferkit.training.finetune import Prepared
 
 OVERFIT_BATCHES = 2
 OVERFIT_EPOCHS = 100
 OVERFIT_TARGET = 0.99
-
-
-def extract_features(extractor: keras.Model, images: ImageSet, image_size: int,
-                     batch_size: int, reporter: Reporter, label: str) -> np.ndarray:
-    """Frozen-base features of `images`, without augmentation, in one `predict` call."""
-    ds = build_dataset(images.sources, None, image_size, batch_size)
-    reporter.start_progress(f"Extracting {label} features", math.ceil(len(images) / batch_size))
-    features = extractor.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
-    reporter.stop_progress()
-    return features.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -79,7 +68,7 @@ def overfit_check(config: FinetuneConfig, reporter: Reporter | None = None) -> O
     n = min(len(train), OVERFIT_BATCHES * config.data.batch_size)
     chosen = np.sort(np.random.default_rng(config.data.seed).permutation(len(train))[:n])
     subset = train.subset(np.isin(np.arange(len(train)), chosen))
-    features = extract_features(prepared.extractor, subset, prepared.image_size,
+    features = predict_features(prepared.extractor, subset, prepared.image_size,
                                 config.data.batch_size, reporter, "subset")
     return fit_tiny_subset(features, subset.labels, len(train.class_names), config.dense_units,
                            config.init, config.optimizer, config.learning_rate)
@@ -133,7 +122,7 @@ def lr_find(config: FinetuneConfig, prepared: Prepared,
     """`finetune --lr-find`: the range test on the training images' frozen features."""
     reporter = reporter or NullReporter()
     train = prepared.splits.train
-    features = extract_features(prepared.extractor, train, prepared.image_size,
+    features = predict_features(prepared.extractor, train, prepared.image_size,
                                 config.data.batch_size, reporter, "training")
     result = lr_range_test(features, train.labels, len(train.class_names), config,
                            seed=config.data.seed)

@@ -43,12 +43,8 @@ from transferkit.bases import BaseSpec, build_base, get_base, resolve_image_size
 from transferkit.config import FinetuneConfig, from_dict, to_dict
 from transferkit.data import DataSplits, build_dataset, load_splits, splits_from_table
 from transferkit.errors import ArtifactError, ConfigError, RunInterrupted
-from transferkit.freezing import (
-    check_unfreeze_blocks,
-    count_params,
-    freeze_base,
-    unfreeze_top_blocks,
-)
+from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
+from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.model import build_classifier, build_feature_extractor, build_head
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.training.stages import (
@@ -57,6 +53,7 @@ from transferkit.training.stages import (
     best_row,
     better,
     class_weights,
+    compile_model,
     run_stage,
     stage_result,
 )
@@ -184,7 +181,7 @@ def prepare(config: FinetuneConfig, reporter: Reporter) -> Prepared:
     spec = get_base(config.base)
     image_size = resolve_image_size(spec, config.data.image_size)
     if config.finetune_epochs:
-        check_unfreeze_blocks(spec, config.unfreeze_blocks)
+        spec.check_block_count(config.unfreeze_blocks, "--unfreeze-blocks")
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package, which is not installed. "
                           "Run: pip install 'transferkit[tensorboard]' (or drop --tensorboard).")
@@ -268,27 +265,49 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
                   int(state["epoch"]), reporter, resumed_stage=state["stage"])
 
 
-def _stage_callbacks(config: FinetuneConfig, plan: StagePlan, model: keras.Model,
-                     history: list[dict[str, Any]]) -> list[keras.callbacks.Callback]:
-    """Per-epoch checkpoint (last and best-of-stage) and early stopping, both driven by the
-    history rows, so they carry on correctly after a resume."""
-    run_dir, monitor = config.output, config.monitor
-    assert run_dir is not None
+class StageMonitor(keras.callbacks.Callback):
+    """After each epoch: checkpoint the whole classifier (last, and best of the stage) and
+    stop the stage once `patience` epochs pass without improvement. Driven by the history
+    rows, so both carry on correctly after a resume."""
 
-    def on_epoch_end(epoch: int, logs: dict | None) -> None:
-        rows = [r for r in history if r["stage"] == plan.name]
+    def __init__(self, config: FinetuneConfig, plan: StagePlan, classifier: keras.Model,
+                 history: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.config, self.plan, self.classifier, self.history = config, plan, classifier, history
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        run_dir, monitor = self.config.output, self.config.monitor
+        assert run_dir is not None
+        rows = [r for r in self.history if r["stage"] == self.plan.name]
         previous = best_row(rows[:-1], monitor)
         improved = monitor in rows[-1] and better(
             monitor, rows[-1][monitor], None if previous is None else previous[monitor])
-        save_checkpoint(run_dir, model, {"stage": plan.name, "epoch": epoch + 1,
-                                         "history": history},
-                        best_of_stage=plan.name if improved else None)
+        save_checkpoint(run_dir, self.classifier, {"stage": self.plan.name, "epoch": epoch + 1,
+                                                   "history": self.history},
+                        best_of_stage=self.plan.name if improved else None)
         best = best_row(rows, monitor)
-        if config.patience and best is not None and rows[-1]["epoch"] - best["epoch"] >= \
-                config.patience:
-            model.stop_training = True
+        patience = self.config.patience
+        if patience and best is not None and rows[-1]["epoch"] - best["epoch"] >= patience:
+            self.model.stop_training = True  # the model being fitted: classifier or head
 
-    return [keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)]
+
+def _head_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
+                   extractor: keras.Model, image_size: int, reporter: Reporter
+                   ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Training and validation features for a stage 1 without augmentation: the frozen base
+    then gives every image the same features each epoch, so they are computed once (or
+    taken from the feature cache) and the head trains on them alone."""
+    feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, config.weights,
+                                                              config.data.seed),
+                               image_size, len(spec.blocks), "avg", spec.preprocessing.to_dict())
+    features = FeatureExtractor(lambda: extractor, feature_spec, config.data.batch_size,
+                                reporter, use_cache=config.cache)
+    train = (features.features(splits.train, "training"), splits.train.labels)
+    val = (features.features(splits.val, "validation"), splits.val.labels)
+    features.save()
+    reporter.info(f"Stage 1 trains the head on frozen-base features (no augmentation): "
+                  f"{features.computed} images computed, {features.reused} from the cache.")
+    return train, val
 
 
 def _train(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits, model: keras.Model,
@@ -330,13 +349,28 @@ def _train(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits, model: ke
                 info.setdefault("trainable_params", {})[plan.name] = \
                     count_params(model).trainable
                 save_run_info(run_dir, {**info, "status": RUNNING})
+            fitted, train, val, batch_size = model, train_ds, val_ds, None
+            optimizer = None if resuming else config.optimizer
+            if plan.name == HEAD and not config.augment.enabled:
+                train, val = _head_features(config, spec, splits, model.get_layer("features"),
+                                            image_size, reporter)
+                if not resuming:  # checkpoints save the classifier, optimizer state included
+                    compile_model(model, config.optimizer, plan.learning_rate)
+                # A stand-alone model over the head's layers trains with the classifier's
+                # optimizer (in stage 1 their trainable variables are the same), so checkpoints
+                # of the classifier carry its state. Compiling the nested head itself would
+                # make Keras save that optimizer under the head, where loading misses it.
+                head = model.get_layer("head")
+                fitted, batch_size, optimizer = keras.Model(head.inputs, head.outputs), batch, None
+                fitted.compile(optimizer=model.optimizer, loss="sparse_categorical_crossentropy",
+                               metrics=["accuracy"])
             try:
                 trainable = run_stage(
-                    model, plan, train_ds, val_ds, reporter, steps, history,
-                    optimizer=None if resuming else config.optimizer,
+                    fitted, plan, train, val, reporter, steps, history, optimizer=optimizer,
                     first_epoch=done if resuming else None, class_weight=weights,
-                    callbacks=[*_stage_callbacks(config, plan, model, history),
-                               stop.callback(), *extra])
+                    batch_size=batch_size,
+                    callbacks=[StageMonitor(config, plan, model, history), stop.callback(),
+                               *extra])
             except _Stop as stopped:
                 raise _interrupted(run_dir, info, history, stopped.signum) from None
             result = stage_result(plan, history, config.monitor, trainable)
