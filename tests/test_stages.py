@@ -57,4 +57,5 @@ def test_best_row_follows_the_monitor():
             {"epoch": 3, "val_loss": 0.6, "val_accuracy": 0.8}]
     assert best_row(rows, "val_loss")["epoch"] == 2
     assert best_row(rows, "val_accuracy")["epoch"] == 3
+    assert best_row(rows[:2], "val_accuracy")["epoch"] == 2  # a tie goes to the lower loss
     assert best_row([], "val_loss") is None

@@ -122,7 +122,8 @@ InitOpt = Annotated[Init, typer.Option(
 FINETUNE_BASE = Base(default(FinetuneConfig, "base"))
 EXTRACT_BASE = Base(default(ExtractConfig, "base"))
 EXTRACT_POOLING = Pooling(default(ExtractConfig, "pooling"))
-DEFAULT_SCHEDULE = Schedule(default(ScheduleConfig, "name"))
+STAGE1_SCHEDULE = Schedule(default(FinetuneConfig, "schedule").name)
+STAGE2_SCHEDULE = Schedule(default(FinetuneConfig, "finetune_schedule").name)
 FINETUNE_INIT = Init(default(FinetuneConfig, "init"))
 HEAD_INIT = Init(default(HeadConfig, "init"))
 DEFAULT_CLASS_WEIGHT = ClassWeight(default(FinetuneConfig, "class_weight"))
@@ -235,7 +236,8 @@ def finetune(
         "--class-weight", help="balanced, none, or auto (balanced beyond 1.5:1 imbalance).",
         rich_help_panel=TRAIN_PANEL)] = DEFAULT_CLASS_WEIGHT,
     monitor: Annotated[Monitor, typer.Option(
-        "--monitor", help="Validation metric for early stopping, best epoch and rollback.",
+        "--monitor", help="Validation metric for early stopping, best epoch and rollback "
+                          "(val_accuracy ties go to the lower val_loss).",
         rich_help_panel=TRAIN_PANEL)] = DEFAULT_MONITOR,
     patience: Annotated[int, typer.Option(
         "--patience", help="Stop a stage after this many epochs without improvement (0: never).",
@@ -258,10 +260,10 @@ def finetune(
         show_default=False)] = default(FinetuneConfig, "finetune_lr"),
     schedule: Annotated[Schedule, typer.Option(
         "--schedule", help="Stage 1 learning-rate schedule, stepped per epoch.",
-        rich_help_panel=OPT_PANEL)] = DEFAULT_SCHEDULE,
+        rich_help_panel=OPT_PANEL)] = STAGE1_SCHEDULE,
     finetune_schedule: Annotated[Schedule, typer.Option(
         "--finetune-schedule", help="Stage 2 learning-rate schedule.",
-        rich_help_panel=OPT_PANEL)] = DEFAULT_SCHEDULE,
+        rich_help_panel=OPT_PANEL)] = STAGE2_SCHEDULE,
     warmup_epochs: Annotated[int, typer.Option(
         "--warmup-epochs", help="Stage 1: epochs of linear warm-up.",
         rich_help_panel=OPT_PANEL)] = default(ScheduleConfig, "warmup_epochs"),

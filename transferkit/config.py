@@ -122,17 +122,18 @@ class FinetuneConfig:
     learning_rate: float = 1e-3
     finetune_epochs: int = 10
     finetune_lr: float | None = None  # None: a tenth of learning_rate
-    unfreeze_blocks: int = 1
+    unfreeze_blocks: int = 2
     train_batchnorm: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # Stage 1 keeps its rate (a fresh head is far from converged); stage 2 anneals it.
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("constant"))
     finetune_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     dropout: float = 0.2
     l2: float = 0.0
     dense_units: int = 0  # 0: a linear (softmax) head
     init: str = "auto"  # auto: He for ReLU layers, Glorot for the softmax
     class_weight: str = "auto"  # auto: balanced when classes differ beyond 1.5:1
-    monitor: str = "val_loss"
+    monitor: str = "val_accuracy"  # ties go to the lower val_loss
     patience: int = 5  # epochs without improvement before a stage stops; 0: never
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tensorboard: bool = False

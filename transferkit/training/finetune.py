@@ -51,9 +51,9 @@ from transferkit.training.stages import (
     StagePlan,
     StageResult,
     best_row,
-    better,
     class_weights,
     compile_model,
+    improves,
     run_stage,
     stage_result,
 )
@@ -279,9 +279,7 @@ class StageMonitor(keras.callbacks.Callback):
         run_dir, monitor = self.config.output, self.config.monitor
         assert run_dir is not None
         rows = [r for r in self.history if r["stage"] == self.plan.name]
-        previous = best_row(rows[:-1], monitor)
-        improved = monitor in rows[-1] and better(
-            monitor, rows[-1][monitor], None if previous is None else previous[monitor])
+        improved = improves(monitor, rows[-1], best_row(rows[:-1], monitor))
         save_checkpoint(run_dir, self.classifier, {"stage": self.plan.name, "epoch": epoch + 1,
                                                    "history": self.history},
                         best_of_stage=self.plan.name if improved else None)
@@ -400,7 +398,7 @@ def _choose_stage(results: list[StageResult], monitor: str, reporter: Reporter) 
     if len(results) < 2:
         return results[-1].name
     head, tuned = results[0], results[1]
-    if better(monitor, tuned.metrics[monitor], head.metrics[monitor]):
+    if improves(monitor, tuned.metrics, head.metrics):
         return tuned.name
     reporter.warning(f"Stage '{tuned.name}' did not beat stage '{head.name}' ({monitor} "
                      f"{tuned.metrics[monitor]:.4f} vs {head.metrics[monitor]:.4f}): keeping "

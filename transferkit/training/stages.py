@@ -71,19 +71,25 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, 
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-def better(monitor: str, value: float, than: float | None) -> bool:
-    """Whether `value` of `monitor` strictly improves on `than`."""
-    if than is None:
+def improves(monitor: str, row: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    """Whether an epoch's metrics beat `best` on `monitor`. Validation accuracy on small sets
+    ties often, so a tie goes to the lower validation loss."""
+    if monitor not in row:
+        return False
+    if best is None:
         return True
-    return value < than if monitor.endswith("loss") else value > than
+    if monitor.endswith("loss"):
+        return row[monitor] < best[monitor]
+    if row[monitor] != best[monitor]:
+        return row[monitor] > best[monitor]
+    return row.get("val_loss", float("inf")) < best.get("val_loss", float("inf"))
 
 
 def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
-    """The epoch row with the best `monitor` value (the earliest on ties)."""
+    """The epoch row that is best on `monitor` (the earliest of equals)."""
     best = None
     for row in rows:
-        if monitor in row and better(monitor, row[monitor], None if best is None
-                                     else best[monitor]):
+        if improves(monitor, row, best):
             best = row
     return best
 
