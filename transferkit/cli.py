@@ -21,8 +21,11 @@ from transferkit.config import (
     INITS,
     MONITORS,
     OPTIMIZERS,
+    PRECISIONS,
     SCHEDULES,
+    STRATEGIES,
     AugmentConfig,
+    ComputeConfig,
     DataConfig,
     EvaluateConfig,
     ExtractConfig,
@@ -55,10 +58,13 @@ Schedule = _choices("Schedule", SCHEDULES)
 Init = _choices("Init", INITS)
 ClassWeight = _choices("ClassWeight", CLASS_WEIGHTS)
 Monitor = _choices("Monitor", MONITORS)
+Precision = _choices("Precision", PRECISIONS)
+Strategy = _choices("Strategy", STRATEGIES)
 
 DATA_PANEL, MODEL_PANEL, TRAIN_PANEL, OPT_PANEL, AUG_PANEL, CHECK_PANEL, OUT_PANEL = (
     "Data", "Base model", "Training", "Optimisation", "Augmentation (ImageDataGenerator units)",
     "Sanity checks", "Output")
+COMPUTE_PANEL = "Hardware"
 
 
 def _load_config_file(ctx: typer.Context, param: typer.CallbackParam,
@@ -129,6 +135,8 @@ HEAD_INIT = Init(default(HeadConfig, "init"))
 DEFAULT_CLASS_WEIGHT = ClassWeight(default(FinetuneConfig, "class_weight"))
 DEFAULT_MONITOR = Monitor(default(FinetuneConfig, "monitor"))
 DEFAULT_OPTIMIZER = Optimizer(default(OptimizerConfig, "name"))
+DEFAULT_PRECISION = Precision(default(ComputeConfig, "precision"))
+DEFAULT_STRATEGY = Strategy(default(ComputeConfig, "strategy"))
 
 
 def _augment_options(augment: bool, rotation_range: float, width_shift_range: float,
@@ -299,6 +307,17 @@ def finetune(
         "--tensorboard", help="Also write TensorBoard logs to RUN/tensorboard.",
         rich_help_panel=OUT_PANEL)] = default(FinetuneConfig, "tensorboard"),
     cache: CacheOpt = default(FinetuneConfig, "cache"),
+    precision: Annotated[Precision, typer.Option(
+        "--precision", help="auto: mixed float16 on GPUs with tensor cores (the softmax stays "
+                            "float32); float32; mixed.",
+        rich_help_panel=COMPUTE_PANEL)] = DEFAULT_PRECISION,
+    jit: Annotated[bool, typer.Option(
+        "--jit/--no-jit", help="XLA-compile the training steps.",
+        rich_help_panel=COMPUTE_PANEL)] = default(ComputeConfig, "jit"),
+    strategy: Annotated[Strategy, typer.Option(
+        "--strategy", help="none; mirrored (all local GPUs); multiworker (machines in "
+                           "TF_CONFIG); auto: mirrored with several GPUs. --batch-size is per "
+                           "device.", rich_help_panel=COMPUTE_PANEL)] = DEFAULT_STRATEGY,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a new head on a frozen pretrained base, then fine-tune its top blocks.
@@ -335,7 +354,8 @@ def finetune(
             augment=_augment_options(augment, rotation_range, width_shift_range,
                                      height_shift_range, shear_range, zoom_range,
                                      horizontal_flip, vertical_flip, brightness_range),
-            tensorboard=tensorboard, lr_find=lr_find, cache=cache, overwrite=overwrite,
+            tensorboard=tensorboard, lr_find=lr_find, cache=cache,
+            compute=ComputeConfig(precision.value, jit, strategy.value), overwrite=overwrite,
         )
         if overfit_check:
             from transferkit.console import render_overfit

@@ -71,6 +71,25 @@ class DataConfig:
                f"--image-size must be a positive number of pixels; got {self.image_size}.")
 
 
+PRECISIONS = ("auto", "float32", "mixed")
+STRATEGIES = ("auto", "none", "mirrored", "multiworker")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """How the hardware is used."""
+
+    precision: str = "auto"  # auto: mixed float16 on GPUs with tensor cores
+    jit: bool = False  # XLA-compile training steps
+    strategy: str = "auto"  # auto: mirrored across local GPUs when there are several
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, f"--precision must be one of "
+                                             f"{', '.join(PRECISIONS)}; got {self.precision}.")
+        _check(self.strategy in STRATEGIES, f"--strategy must be one of "
+                                            f"{', '.join(STRATEGIES)}; got {self.strategy}.")
+
+
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 SCHEDULES = ("constant", "step", "exponential", "inverse-time", "cosine")
 INITS = ("auto", "he", "glorot")
@@ -139,6 +158,7 @@ class FinetuneConfig:
     tensorboard: bool = False
     lr_find: bool = False  # range test first; its suggestion becomes learning_rate
     cache: bool = True  # --no-augment: stage 1 reuses cached features of unchanged images
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     overwrite: bool = False
 
     def __post_init__(self) -> None:

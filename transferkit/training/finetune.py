@@ -42,6 +42,7 @@ from transferkit.augment import build_augmentation
 from transferkit.bases import BaseSpec, build_base, get_base, resolve_image_size
 from transferkit.config import FinetuneConfig, from_dict, to_dict
 from transferkit.data import DataSplits, build_dataset, load_splits, splits_from_table
+from transferkit.devices import build_strategy, precision_policy
 from transferkit.errors import ArtifactError, ConfigError, RunInterrupted
 from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
@@ -174,10 +175,13 @@ class Prepared:
     base: keras.Model
     extractor: keras.Model
     model: keras.Model
+    strategy: Any  # tf.distribute.Strategy the model lives in
+    precision: str  # resolved: float32 | mixed
 
 
 def prepare(config: FinetuneConfig, reporter: Reporter) -> Prepared:
-    """Checks the options, reads the data and builds the classifier (seeded)."""
+    """Checks the options, reads the data and builds the classifier (seeded) under the
+    precision policy and inside the distribution strategy."""
     spec = get_base(config.base)
     image_size = resolve_image_size(spec, config.data.image_size)
     if config.finetune_epochs:
@@ -189,12 +193,15 @@ def prepare(config: FinetuneConfig, reporter: Reporter) -> Prepared:
         check_new_output(config.output, config.overwrite)
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter)
     report_data(splits, reporter)
+    strategy = build_strategy(config.compute.strategy)
     keras.utils.set_random_seed(config.data.seed)
-    base = build_base(spec, image_size, config.weights)
-    extractor = build_feature_extractor(base, spec.preprocessing)
-    head = build_head(extractor.output_shape[-1], len(splits.class_names), config.dense_units,
-                      config.dropout, config.l2, config.init)
-    return Prepared(spec, image_size, splits, base, extractor, build_classifier(extractor, head))
+    with precision_policy(config.compute.precision) as precision, strategy.scope():
+        base = build_base(spec, image_size, config.weights)
+        extractor = build_feature_extractor(base, spec.preprocessing)
+        head = build_head(extractor.output_shape[-1], len(splits.class_names),
+                          config.dense_units, config.dropout, config.l2, config.init)
+        model = build_classifier(extractor, head)
+    return Prepared(spec, image_size, splits, base, extractor, model, strategy, precision)
 
 
 def finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> FinetuneResult:
@@ -228,6 +235,9 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> Finetu
             splits.class_names[i]: w for i, w in weights.items()},
         "data": data_summary(splits),
         "lr_find": None if found is None else found.to_dict(),
+        "compute": {"precision": prepared.precision, "jit": config.compute.jit,
+                    "strategy": type(prepared.strategy).__name__,
+                    "replicas": prepared.strategy.num_replicas_in_sync},
     }
     if config.overwrite:
         clear_run(config.output)
@@ -238,7 +248,7 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> Finetu
 
         save_figure(config.output / "lr_find.png", plot_lr_find(found))
     return _train(config, prepared.spec, splits, prepared.model, prepared.base, info, [], 0,
-                  reporter)
+                  reporter, prepared.strategy)
 
 
 def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> FinetuneResult:
@@ -254,7 +264,9 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
                             f"{info.get('status')!r}); there is nothing to resume.")
     config = from_dict(FinetuneConfig, {**info["config"], "output": str(run_dir)})
     spec = get_base(config.base)
-    model, state = load_checkpoint(run_dir)
+    strategy = build_strategy(config.compute.strategy)
+    with strategy.scope():  # layers keep the dtype policies they were saved with
+        model, state = load_checkpoint(run_dir)
     splits = splits_from_table(Path(config.data.data_dir), info["class_names"],
                                read_splits(run_dir), reporter)
     report_data(splits, reporter)
@@ -262,7 +274,7 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
     keras.utils.set_random_seed(config.data.seed + int(state["epoch"]))
     base = model.get_layer("features").get_layer(info["base_layer"])
     return _train(config, spec, splits, model, base, info, list(state["history"]),
-                  int(state["epoch"]), reporter, resumed_stage=state["stage"])
+                  int(state["epoch"]), reporter, strategy, resumed_stage=state["stage"])
 
 
 class StageMonitor(keras.callbacks.Callback):
@@ -310,11 +322,22 @@ def _head_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
 
 def _train(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits, model: keras.Model,
            base: keras.Model, info: dict[str, Any], history: list[dict], done: int,
-           reporter: Reporter, resumed_stage: str | None = None) -> FinetuneResult:
+           reporter: Reporter, strategy: Any, resumed_stage: str | None = None
+           ) -> FinetuneResult:
     """Runs the stages not finished yet, checkpointing each epoch; writes the run at the end."""
+    with strategy.scope():
+        return _train_in_scope(config, spec, splits, model, base, info, history, done,
+                               reporter, strategy.num_replicas_in_sync, resumed_stage)
+
+
+def _train_in_scope(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
+                    model: keras.Model, base: keras.Model, info: dict[str, Any],
+                    history: list[dict], done: int, reporter: Reporter, replicas: int,
+                    resumed_stage: str | None) -> FinetuneResult:
     from transferkit.plots import plot_curves
 
-    run_dir, batch = config.output, config.data.batch_size
+    # --batch-size is per replica: each device sees that many images per step
+    run_dir, batch = config.output, config.data.batch_size * replicas
     assert run_dir is not None
     image_size = int(info["image_size"])
     train_ds = build_dataset(splits.train.sources, splits.train.labels, image_size, batch,
@@ -353,20 +376,20 @@ def _train(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits, model: ke
                 train, val = _head_features(config, spec, splits, model.get_layer("features"),
                                             image_size, reporter)
                 if not resuming:  # checkpoints save the classifier, optimizer state included
-                    compile_model(model, config.optimizer, plan.learning_rate)
+                    compile_model(model, config.optimizer, plan.learning_rate,
+                                  config.compute.jit)
                 # A stand-alone model over the head's layers trains with the classifier's
                 # optimizer (in stage 1 their trainable variables are the same), so checkpoints
                 # of the classifier carry its state. Compiling the nested head itself would
                 # make Keras save that optimizer under the head, where loading misses it.
                 head = model.get_layer("head")
                 fitted, batch_size, optimizer = keras.Model(head.inputs, head.outputs), batch, None
-                fitted.compile(optimizer=model.optimizer, loss="sparse_categorical_crossentropy",
-                               metrics=["accuracy"])
+                compile_model(fitted, model.optimizer, plan.learning_rate, config.compute.jit)
             try:
                 trainable = run_stage(
                     fitted, plan, train, val, reporter, steps, history, optimizer=optimizer,
                     first_epoch=done if resuming else None, class_weight=weights,
-                    batch_size=batch_size,
+                    batch_size=batch_size, jit=config.compute.jit,
                     callbacks=[StageMonitor(config, plan, model, history), stop.callback(),
                                *extra])
             except _Stop as stopped:

@@ -54,10 +54,14 @@ def build_optimizer(config: OptimizerConfig, learning_rate: float) -> keras.opti
     return keras.optimizers.Adam(learning_rate)
 
 
-def compile_model(model: keras.Model, optimizer: OptimizerConfig, learning_rate: float) -> None:
-    """Compiles for the current `trainable` state (needed after every change of it)."""
-    model.compile(optimizer=build_optimizer(optimizer, learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+def compile_model(model: keras.Model, optimizer: OptimizerConfig | keras.optimizers.Optimizer,
+                  learning_rate: float, jit: bool = False) -> None:
+    """Compiles for the current `trainable` state (needed after every change of it); an
+    optimizer instance is reused as is."""
+    if isinstance(optimizer, OptimizerConfig):
+        optimizer = build_optimizer(optimizer, learning_rate)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], jit_compile=jit)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
@@ -151,7 +155,7 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
               optimizer: OptimizerConfig | None = None, first_epoch: int | None = None,
               callbacks: Sequence[keras.callbacks.Callback] = (),
               class_weight: dict[int, float] | None = None,
-              batch_size: int | None = None) -> int:
+              batch_size: int | None = None, jit: bool = False) -> int:
     """Trains `model` through `plan`, appending one row per epoch to `history`.
 
     With `optimizer`, the model is compiled for its current `trainable` state first; without,
@@ -160,7 +164,7 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
     parameter count.
     """
     if optimizer is not None:
-        compile_model(model, optimizer, plan.learning_rate)
+        compile_model(model, optimizer, plan.learning_rate, jit)
     counts = count_params(model)
     start = plan.first_epoch if first_epoch is None else first_epoch
     reporter.stage_started(StageInfo(plan.name, plan.description, plan.last_epoch - start,

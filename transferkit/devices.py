@@ -1,0 +1,77 @@
+"""What the hardware offers: mixed precision on GPUs that support it, XLA, and data-parallel
+training across local GPUs or machines (tf.distribute)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from transferkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+MIXED_POLICY = "mixed_float16"
+MIN_MIXED_CAPABILITY = (7, 0)  # Volta and newer have float16 tensor cores
+
+
+def _gpus() -> list:
+    import tensorflow as tf
+
+    return tf.config.list_physical_devices("GPU")
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'mixed' on a GPU with tensor cores, else 'float32'."""
+    if precision != "auto":
+        return precision
+    import tensorflow as tf
+
+    for gpu in _gpus():
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if capability and tuple(capability) >= MIN_MIXED_CAPABILITY:
+            return "mixed"
+    return "float32"
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str) -> Iterator[str]:
+    """Builds layers under the resolved policy (their dtypes are fixed when built), then
+    restores the previous global policy. Yields the resolved precision."""
+    import keras
+
+    resolved = resolve_precision(precision)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(MIXED_POLICY if resolved == "mixed" else "float32")
+    try:
+        yield resolved
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def build_strategy(name: str) -> tf.distribute.Strategy:
+    """none: the default (one device); mirrored: all local GPUs (or CPU); multiworker: the
+    machines in TF_CONFIG; auto: mirrored when there is more than one GPU, else none."""
+    import tensorflow as tf
+
+    if name == "auto":
+        name = "mirrored" if len(_gpus()) > 1 else "none"
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        try:
+            cluster = json.loads(os.environ.get("TF_CONFIG", ""))["cluster"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(
+                "--strategy multiworker needs TF_CONFIG describing the cluster, e.g. "
+                '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                '"task": {"type": "worker", "index": 0}} on each machine.') from None
+        if not cluster.get("worker"):
+            raise ConfigError("TF_CONFIG lists no workers; see README 'Many devices'.")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ConfigError(f"Unknown strategy '{name}'.")
