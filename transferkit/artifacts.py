@@ -194,18 +194,21 @@ def read_splits(run_dir: Path) -> list[dict[str, str]]:
         raise ArtifactError(f"Could not read '{run_dir / SPLITS_FILE}' ({exc.strerror}).") from exc
 
 
-def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any],
-                    best_of_stage: str | None = None) -> None:
-    """Saves the model after a completed epoch (optimizer state included) and the training
-    state to resume from; also keeps it as the stage's best when `best_of_stage` is given."""
+def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any]) -> None:
+    """Saves the model after a completed epoch (optimizer state included), then the training
+    state to resume from."""
     folder = run_dir / CHECKPOINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / LAST_CHECKPOINT) as tmp:
         model.save(tmp)
     write_text(folder / STATE_FILE, _json_text(dict(state)))
-    if best_of_stage is not None:
-        with atomic_path(best_checkpoint(run_dir, best_of_stage)) as tmp:
-            shutil.copyfile(folder / LAST_CHECKPOINT, tmp)
+
+
+def save_best(run_dir: Path, model: Any, stage: str) -> None:
+    """Saves `model` as the best of `stage` so far."""
+    (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+    with atomic_path(best_checkpoint(run_dir, stage)) as tmp:
+        model.save(tmp)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[Any, dict[str, Any]]:

@@ -15,6 +15,7 @@ import importlib.util
 import math
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -32,6 +33,7 @@ from transferkit.artifacts import (
     read_run_info,
     read_splits,
     restore_best,
+    save_best,
     save_checkpoint,
     save_figure,
     save_run,
@@ -277,28 +279,57 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
                   int(state["epoch"]), reporter, strategy, resumed_stage=state["stage"])
 
 
+CHECKPOINT_SECONDS = 30.0  # most training time a crash (not a signal) can lose
+
+
 class StageMonitor(keras.callbacks.Callback):
-    """After each epoch: checkpoint the whole classifier (last, and best of the stage) and
-    stop the stage once `patience` epochs pass without improvement. Driven by the history
-    rows, so both carry on correctly after a resume."""
+    """After each epoch: remember the epoch's state and the stage's best weights, write them
+    as checkpoints at most every CHECKPOINT_SECONDS (and whenever `flush` is called), and stop
+    the stage once `patience` epochs pass without improvement. Driven by the history rows, so
+    it carries on correctly after a resume. Keeping state in memory between writes makes fast
+    epochs (a head on cached features) cost microseconds, not a model save each."""
 
     def __init__(self, config: FinetuneConfig, plan: StagePlan, classifier: keras.Model,
                  history: list[dict[str, Any]]) -> None:
         super().__init__()
         self.config, self.plan, self.classifier, self.history = config, plan, classifier, history
+        self.last: tuple[int, list, list] | None = None  # epoch, weights, optimizer state
+        self.best: list | None = None  # weights of the best epoch not yet written
+        self.written = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        run_dir, monitor = self.config.output, self.config.monitor
-        assert run_dir is not None
         rows = [r for r in self.history if r["stage"] == self.plan.name]
-        improved = improves(monitor, rows[-1], best_row(rows[:-1], monitor))
-        save_checkpoint(run_dir, self.classifier, {"stage": self.plan.name, "epoch": epoch + 1,
-                                                   "history": self.history},
-                        best_of_stage=self.plan.name if improved else None)
-        best = best_row(rows, monitor)
+        weights = self.classifier.get_weights()
+        optimizer = self.classifier.optimizer
+        self.last = (epoch + 1, weights, [v.numpy() for v in optimizer.variables])
+        if improves(self.config.monitor, rows[-1], best_row(rows[:-1], self.config.monitor)):
+            self.best = weights
+        if time.monotonic() - self.written >= CHECKPOINT_SECONDS:
+            self.flush()
+        best = best_row(rows, self.config.monitor)
         patience = self.config.patience
         if patience and best is not None and rows[-1]["epoch"] - best["epoch"] >= patience:
             self.model.stop_training = True  # the model being fitted: classifier or head
+
+    def flush(self) -> None:
+        """Writes the last completed epoch (putting it back into the model first, in case a
+        stop came mid-epoch) and the stage's best weights, if newer than on disk."""
+        if self.last is None:
+            return
+        run_dir = self.config.output
+        assert run_dir is not None
+        epoch, weights, optimizer_state = self.last
+        if self.best is not None:
+            self.classifier.set_weights(self.best)
+            save_best(run_dir, self.classifier, self.plan.name)
+            self.best = None
+        self.classifier.set_weights(weights)
+        for variable, value in zip(self.classifier.optimizer.variables, optimizer_state,
+                                   strict=True):
+            variable.assign(value)
+        save_checkpoint(run_dir, self.classifier, {"stage": self.plan.name, "epoch": epoch,
+                                                   "history": self.history})
+        self.written = time.monotonic()
 
 
 def _head_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
@@ -385,15 +416,17 @@ def _train_in_scope(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
                 head = model.get_layer("head")
                 fitted, batch_size, optimizer = keras.Model(head.inputs, head.outputs), batch, None
                 compile_model(fitted, model.optimizer, plan.learning_rate, config.compute.jit)
+            monitor = StageMonitor(config, plan, model, history)
             try:
                 trainable = run_stage(
                     fitted, plan, train, val, reporter, steps, history, optimizer=optimizer,
                     first_epoch=done if resuming else None, class_weight=weights,
                     batch_size=batch_size, jit=config.compute.jit,
-                    callbacks=[StageMonitor(config, plan, model, history), stop.callback(),
-                               *extra])
+                    callbacks=[monitor, stop.callback(), *extra])
             except _Stop as stopped:
+                monitor.flush()
                 raise _interrupted(run_dir, info, history, stopped.signum) from None
+            monitor.flush()
             result = stage_result(plan, history, config.monitor, trainable)
             restore_best(model, run_dir, plan.name)  # the stage ends on its best epoch
             if result.stopped_early:
