@@ -42,6 +42,17 @@ def write_class_folder(root: Path, per_class: int = 6, offset: int = 0) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _interruptible():
+    """SIGINT with Python's usual handler, whatever the test runner inherited (a background
+    job starts with SIGINT ignored, and transferkit rightly leaves an ignored signal alone)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Converted weights and caches go to a temp folder, never the user's home."""

@@ -37,10 +37,11 @@ def _config(data: Path, out: Path) -> FinetuneConfig:
 def test_interrupted_run_resumes_to_the_same_kind_of_run(image_folder, tmp_path, stage, epoch,
                                                          signum):
     run_dir = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(RunInterrupted) as info:
         finetune(_config(image_folder, run_dir), SignalAt(stage, epoch, signum))
     assert info.value.exit_code == 128 + signum and "--resume" in str(info.value)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted"
     assert record["stopped"] == {"stage": stage, "epoch": epoch,
@@ -181,3 +182,13 @@ def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
     again = Recorder()
     finetune(dataclasses.replace(config, output=tmp_path / "run2"), again)
     assert any("0 images computed, 18 from the cache" in m for m in again.messages)
+
+
+def test_an_ignored_sigint_stays_ignored(image_folder, tmp_path):
+    from transferkit.training.finetune import StopOnSignal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a nohup'd job; the fixture restores
+    with StopOnSignal(NullReporter()) as stop:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._request
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

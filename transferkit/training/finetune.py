@@ -111,12 +111,14 @@ class StopOnSignal:
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._request)
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. nohup'd: keep it so
+                    self._previous[signum] = signal.signal(signum, self._request)
         return self
 
     def _request(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.SIGINT in self._previous:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.reporter.warning(f"{signal.Signals(signum).name} received: stopping at the end of "
                               f"the current batch (Ctrl-C again to abort at once).")
 
