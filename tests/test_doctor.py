@@ -88,3 +88,16 @@ def test_quarantine_moves_unusable_files_keeping_paths(messy_folder: Path, tmp_p
         "an earlier quarantine"
     assert {f.kind for f in diagnose(data, 32).findings}.isdisjoint(
         {"empty", "truncated", "unreadable", "not_image"})
+
+
+def test_no_cache_decodes_again(messy_folder: Path, monkeypatch: pytest.MonkeyPatch):
+    import transferkit.data as data
+
+    diagnose(messy_folder, 32)  # fills the inspection memo
+    decoded: list[Path] = []
+    real = data.inspect_image
+    monkeypatch.setattr(data, "inspect_image", lambda p: decoded.append(p) or real(p))
+    diagnose(messy_folder, 32)
+    assert decoded == []  # unchanged files come from the memo
+    fresh = diagnose(messy_folder, 32, use_cache=False)
+    assert len(decoded) == fresh.files

@@ -547,6 +547,7 @@ def doctor(
         "--quarantine", help="Move (never delete) unusable files into this folder, keeping "
                              "their relative paths.", rich_help_panel=OUT_PANEL,
         file_okay=False, show_default=False)] = None,
+    cache: CacheOpt = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Check a data folder: decode every file, find bad, mislabelled and duplicate images.
@@ -562,7 +563,7 @@ def doctor(
 
         if output is not None:
             check_new_output(output, overwrite, what="output file")
-        report = diagnose(data, get_base(base.value).min_size, RichReporter())
+        report = diagnose(data, get_base(base.value).min_size, RichReporter(), cache)
         render_doctor(report)
         if output is not None:
             save_report(output, report.to_dict(), overwrite)

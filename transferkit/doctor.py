@@ -125,8 +125,10 @@ def _duplicate_findings(entries: list[tuple[str, str, Path, ImageInfo]]) -> list
     return found
 
 
-def diagnose(data_dir: Path, min_size: int, reporter: Reporter | None = None) -> DoctorReport:
-    """Inspects every file under `data_dir` as training would see it.
+def diagnose(data_dir: Path, min_size: int, reporter: Reporter | None = None,
+             use_cache: bool = True) -> DoctorReport:
+    """Inspects every file under `data_dir` as training would see it (with `use_cache`, files
+    unchanged since an earlier inspection are not decoded again).
 
     Raises:
         DataError: `data_dir` is missing or not a folder (everything else is a finding).
@@ -144,7 +146,7 @@ def diagnose(data_dir: Path, min_size: int, reporter: Reporter | None = None) ->
     for split, folder in split_dirs.items():
         for d in class_dirs(folder):
             layout += [(split, d.name, f) for f in files_under(d)]
-    infos = inspect_images([f for _, _, f in layout], reporter, "Inspecting images")
+    infos = inspect_images([f for _, _, f in layout], reporter, "Inspecting images", use_cache)
     entries = [(s, c, f.relative_to(root), i) for (s, c, f), i in zip(layout, infos, strict=True)]
 
     stats: dict[tuple[str, str], Counter] = {}
