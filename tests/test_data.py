@@ -41,6 +41,24 @@ def test_presplit_folder_uses_its_train_val_test(presplit_folder: Path):
     assert all(p.parts[0] == "val" for p in splits.val.paths)  # relative to the data folder
 
 
+def test_inspection_memo_is_read_and_written_once_per_load(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    import transferkit.data as data
+
+    root = tmp_path / "split"
+    for split, count in (("train", 4), ("val", 2), ("test", 2)):
+        write_class_folder(root / split, per_class=count)
+    reads, writes = [], []
+    real_init, real_write = data.InspectionCache.__init__, data.write_text
+    monkeypatch.setattr(data.InspectionCache, "__init__",
+                        lambda self: reads.append(1) or real_init(self))
+    monkeypatch.setattr(data, "write_text", lambda *a: writes.append(a[0]) or real_write(*a))
+    load_splits(root, val_split=0.2, seed=0)  # three split folders, all new files
+    assert (len(reads), len(writes)) == (1, 1)
+    load_splits(root, val_split=0.2, seed=0)  # nothing new: read, but nothing to write
+    assert (len(reads), len(writes)) == (2, 1)
+
+
 def test_colour_modes_become_rgb(tmp_path: Path):
     base = make_image("circles", 0, size=40)
     for c in CLASSES[:2]:

@@ -14,8 +14,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -181,12 +182,22 @@ class InspectionCache:
                                               "files": self.entries}))
 
 
-def inspect_images(paths: Sequence[Path], reporter: Reporter,
-                   description: str = "Checking images", use_cache: bool = True
-                   ) -> list[ImageInfo]:
-    """`inspect_image` over many files on a thread pool (PIL decodes without the GIL); with
-    `use_cache`, files unchanged since an earlier inspection are not decoded again."""
-    cache = InspectionCache() if use_cache else None
+@contextmanager
+def open_inspection_cache(enabled: bool = True) -> Iterator[InspectionCache | None]:
+    """The inspection memo for one command (None when `enabled` is false), read once and
+    written once at the end, also when the command stops on a DataError half-way."""
+    cache = InspectionCache() if enabled else None
+    try:
+        yield cache
+    finally:
+        if cache is not None:
+            cache.save()
+
+
+def inspect_images(paths: Sequence[Path], reporter: Reporter, cache: InspectionCache | None,
+                   description: str = "Checking images") -> list[ImageInfo]:
+    """`inspect_image` over many files on a thread pool (PIL decodes without the GIL); files
+    that `cache` knows unchanged are not decoded again."""
     known = [cache.get(p) if cache is not None else None for p in paths]
     todo = [p for p, k in zip(paths, known, strict=True) if k is None]
     reporter.start_progress(description, len(todo))
@@ -198,8 +209,6 @@ def inspect_images(paths: Sequence[Path], reporter: Reporter,
                 cache.put(info)
             reporter.advance()
     reporter.stop_progress()
-    if cache is not None:
-        cache.save()
     return [k if k is not None else fresh[p] for p, k in zip(paths, known, strict=True)]
 
 
@@ -301,7 +310,7 @@ def find_split_dirs(root: Path) -> dict[str, Path]:
 
 def _scan_classes(folder: Path, data_root: Path, class_names: Sequence[str] | None,
                   reporter: Reporter, skipped: list[SkippedFile],
-                  use_cache: bool = True) -> ImageSet:
+                  cache: InspectionCache | None) -> ImageSet:
     """Reads `folder/<class>/**` into an ImageSet with paths relative to `data_root`,
     skipping (and recording) unusable files."""
     dirs = class_dirs(folder)
@@ -316,7 +325,7 @@ def _scan_classes(folder: Path, data_root: Path, class_names: Sequence[str] | No
         raise DataError(f"'{folder}' has class folders {unknown} that are not among the "
                         f"training classes {list(names)}. Rename or remove them.")
     files = [(f, names.index(d.name)) for d in dirs for f in files_under(d)]
-    infos = inspect_images([f for f, _ in files], reporter, use_cache=use_cache)
+    infos = inspect_images([f for f, _ in files], reporter, cache)
     kept = [(info, label) for info, (_, label) in zip(infos, files, strict=True) if info.usable]
     skipped += [SkippedFile(i.path, i.problem or "") for i in infos if not i.usable]
     for d in dirs:
@@ -346,7 +355,8 @@ def load_labelled_folder(root: Path, class_names: Sequence[str],
     root = Path(root)
     check_data_root(root)
     skipped: list[SkippedFile] = []
-    images = _scan_classes(root, root, class_names, reporter, skipped)
+    with open_inspection_cache() as cache:
+        images = _scan_classes(root, root, class_names, reporter, skipped, cache)
     if skipped:
         reporter.warning(f"Skipped {len(skipped)} unusable file(s): "
                          + ", ".join(str(f.path) for f in skipped[:10])
@@ -381,7 +391,8 @@ def split_validation(images: ImageSet, val_split: float, seed: int) -> tuple[Ima
 
 def load_splits(data_dir: Path, val_split: float, seed: int, reporter: Reporter | None = None,
                 use_cache: bool = True) -> DataSplits:
-    """Reads a data folder into train/val(/test) splits (`use_cache`: see inspect_images).
+    """Reads a data folder into train/val(/test) splits; with `use_cache`, files inspected
+    before and unchanged since are not decoded again.
 
     Raises:
         DataError: the folder is missing, has fewer than two classes, or a class has no
@@ -392,20 +403,21 @@ def load_splits(data_dir: Path, val_split: float, seed: int, reporter: Reporter 
     check_data_root(root)
     skipped: list[SkippedFile] = []
     split_dirs = find_split_dirs(root)
-    if "train" not in split_dirs:
-        train, val = split_validation(
-            _scan_classes(root, root, None, reporter, skipped, use_cache), val_split, seed)
-        test = None
-    else:
-        full = _scan_classes(split_dirs["train"], root, None, reporter, skipped, use_cache)
-        if "val" in split_dirs:
-            train = full
-            val = _scan_classes(split_dirs["val"], root, full.class_names, reporter, skipped,
-                                use_cache)
+    with open_inspection_cache(use_cache) as cache:
+        if "train" not in split_dirs:
+            train, val = split_validation(
+                _scan_classes(root, root, None, reporter, skipped, cache), val_split, seed)
+            test = None
         else:
-            train, val = split_validation(full, val_split, seed)
-        test = None if "test" not in split_dirs else _scan_classes(
-            split_dirs["test"], root, full.class_names, reporter, skipped, use_cache)
+            full = _scan_classes(split_dirs["train"], root, None, reporter, skipped, cache)
+            if "val" in split_dirs:
+                train = full
+                val = _scan_classes(split_dirs["val"], root, full.class_names, reporter,
+                                    skipped, cache)
+            else:
+                train, val = split_validation(full, val_split, seed)
+            test = None if "test" not in split_dirs else _scan_classes(
+                split_dirs["test"], root, full.class_names, reporter, skipped, cache)
     if len(val) == 0:
         raise DataError(f"No validation images could be drawn from '{root}': every class has "
                         f"a single image. Add images, or provide a '{root}/val' folder.")
@@ -419,7 +431,8 @@ def splits_from_table(root: Path, class_names: Sequence[str], rows: Sequence[dic
     reporter = reporter or NullReporter()
     check_data_root(root)
     names = tuple(class_names)
-    infos = inspect_images([root / r["path"] for r in rows], reporter)
+    with open_inspection_cache() as cache:
+        infos = inspect_images([root / r["path"] for r in rows], reporter, cache)
     skipped = [SkippedFile(i.path, i.problem or "") for i in infos if not i.usable]
 
     def image_set(split: str) -> ImageSet | None:

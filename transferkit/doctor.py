@@ -18,6 +18,7 @@ from transferkit.data import (
     files_under,
     find_split_dirs,
     inspect_images,
+    open_inspection_cache,
 )
 from transferkit.errors import ConfigError
 from transferkit.reporting import NullReporter, Reporter
@@ -146,7 +147,8 @@ def diagnose(data_dir: Path, min_size: int, reporter: Reporter | None = None,
     for split, folder in split_dirs.items():
         for d in class_dirs(folder):
             layout += [(split, d.name, f) for f in files_under(d)]
-    infos = inspect_images([f for _, _, f in layout], reporter, "Inspecting images", use_cache)
+    with open_inspection_cache(use_cache) as cache:
+        infos = inspect_images([f for _, _, f in layout], reporter, cache, "Inspecting images")
     entries = [(s, c, f.relative_to(root), i) for (s, c, f), i in zip(layout, infos, strict=True)]
 
     stats: dict[tuple[str, str], Counter] = {}

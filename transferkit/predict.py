@@ -12,7 +12,13 @@ import numpy as np
 from transferkit.artifacts import load_run
 from transferkit.callbacks import PredictProgress
 from transferkit.config import PredictConfig
-from transferkit.data import build_dataset, collect_images, decode_source, inspect_images
+from transferkit.data import (
+    build_dataset,
+    collect_images,
+    decode_source,
+    inspect_images,
+    open_inspection_cache,
+)
 from transferkit.errors import DataError
 from transferkit.reporting import NullReporter, Reporter
 
@@ -61,7 +67,8 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
     if not files:
         raise DataError(f"No image files found in {', '.join(map(str, config.paths))}. "
                         f"Pass .jpg/.png files or folders that contain them.")
-    infos = inspect_images(files, reporter)
+    with open_inspection_cache() as cache:
+        infos = inspect_images(files, reporter, cache)
     readable = [info for info in infos if info.usable]
     probabilities = np.zeros((0, len(run.class_names)), np.float32)
     if readable:
