@@ -16,18 +16,19 @@ from transferkit.config import DataConfig, ExtractConfig
 from transferkit.extract import extract
 from transferkit.features import FeatureSpec, weights_fingerprint
 
-SPEC = FeatureSpec("vgg16", "abc", 32, 5, "avg", {"channel_order": "bgr"})
+SPEC = FeatureSpec("vgg16", "abc", 32, 5, "avg", {"channel_order": "bgr"}, "float32")
 
 
 @pytest.mark.parametrize("change", [
     {"base": "resnet50"}, {"weights": "abd"}, {"image_size": 48}, {"blocks": 4},
-    {"pooling": "max"}, {"preprocessing": {"channel_order": "rgb"}}])
+    {"pooling": "max"}, {"preprocessing": {"channel_order": "rgb"}}, {"precision": "mixed"}])
 def test_cache_key_changes_with_each_part(change):
     assert dataclasses.replace(SPEC, **change).key() != SPEC.key()
 
 
 def test_cache_key_is_stable():
-    assert FeatureSpec("vgg16", "abc", 32, 5, "avg", {"channel_order": "bgr"}).key() == SPEC.key()
+    same = FeatureSpec("vgg16", "abc", 32, 5, "avg", {"channel_order": "bgr"}, "float32")
+    assert same.key() == SPEC.key()
 
 
 def test_weights_fingerprint_follows_file_content(tmp_path: Path):
@@ -78,3 +79,14 @@ def test_second_extract_computes_nothing_and_edits_recompute_only_themselves(
 
     fresh = _extract(data, tmp_path / "d.npz", cache=False)
     assert (fresh.computed, fresh.reused) == (19, 0)
+
+
+def test_mixed_precision_extract_gives_float32_features_cached_apart(image_folder: Path,
+                                                                     tmp_path: Path):
+    full = _extract(image_folder, tmp_path / "f32.npz", precision="float32")
+    mixed = _extract(image_folder, tmp_path / "f16.npz", precision="mixed")
+    assert (mixed.computed, mixed.reused) == (18, 0)  # float32 features are not reused
+    assert mixed.features.meta["precision"] == "mixed"
+    assert mixed.features.features.dtype == np.float32
+    np.testing.assert_allclose(mixed.features.features, full.features.features,
+                               rtol=0.05, atol=0.05 * np.abs(full.features.features).max())

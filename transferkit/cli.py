@@ -114,6 +114,9 @@ CacheOpt = Annotated[bool, typer.Option(
     "--cache/--no-cache", help="Reuse features (and image checks) computed before for "
                                "unchanged images; --no-cache recomputes everything.",
     rich_help_panel=DATA_PANEL)]
+PrecisionOpt = Annotated[Precision, typer.Option(
+    "--precision", help="auto: mixed float16 on GPUs with tensor cores (the softmax stays "
+                        "float32); float32; mixed.", rich_help_panel=COMPUTE_PANEL)]
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Replace an existing output instead of refusing.",
     rich_help_panel=OUT_PANEL)]
@@ -307,10 +310,7 @@ def finetune(
         "--tensorboard", help="Also write TensorBoard logs to RUN/tensorboard.",
         rich_help_panel=OUT_PANEL)] = default(FinetuneConfig, "tensorboard"),
     cache: CacheOpt = default(FinetuneConfig, "cache"),
-    precision: Annotated[Precision, typer.Option(
-        "--precision", help="auto: mixed float16 on GPUs with tensor cores (the softmax stays "
-                            "float32); float32; mixed.",
-        rich_help_panel=COMPUTE_PANEL)] = DEFAULT_PRECISION,
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     jit: Annotated[bool, typer.Option(
         "--jit/--no-jit", help="XLA-compile the training steps.",
         rich_help_panel=COMPUTE_PANEL)] = default(ComputeConfig, "jit"),
@@ -408,6 +408,7 @@ def extract(
     learning_rate: Annotated[float, typer.Option(
         "--learning-rate", help="Classifier learning rate (Adam).",
         rich_help_panel=TRAIN_PANEL)] = default(HeadConfig, "learning_rate"),
+    precision: PrecisionOpt = DEFAULT_PRECISION,
     cache: CacheOpt = default(ExtractConfig, "cache"),
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -423,7 +424,7 @@ def extract(
         settings = ExtractConfig(
             data=DataConfig(data, image_size, val_split, batch_size, seed), output=output,
             base=base.value, weights=weights, blocks=blocks, pooling=pooling.value,
-            cache=cache, overwrite=overwrite, head=head)
+            precision=precision.value, cache=cache, overwrite=overwrite, head=head)
         from transferkit.console import RichReporter, render_extract
         from transferkit.extract import extract as run_extract
 

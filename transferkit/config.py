@@ -20,6 +20,11 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_precision(precision: str) -> None:
+    _check(precision in PRECISIONS,
+           f"--precision must be one of {', '.join(PRECISIONS)}; got {precision}.")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """ImageDataGenerator-style augmentation, in its units (degrees and fractions)."""
@@ -72,6 +77,7 @@ class DataConfig:
 
 
 PRECISIONS = ("auto", "float32", "mixed")
+DEFAULT_PRECISION = "auto"  # mixed float16 on GPUs with tensor cores, else float32
 STRATEGIES = ("auto", "none", "mirrored", "multiworker")
 
 
@@ -79,13 +85,12 @@ STRATEGIES = ("auto", "none", "mirrored", "multiworker")
 class ComputeConfig:
     """How the hardware is used."""
 
-    precision: str = "auto"  # auto: mixed float16 on GPUs with tensor cores
+    precision: str = DEFAULT_PRECISION
     jit: bool = False  # XLA-compile training steps
     strategy: str = "auto"  # auto: mirrored across local GPUs when there are several
 
     def __post_init__(self) -> None:
-        _check(self.precision in PRECISIONS, f"--precision must be one of "
-                                             f"{', '.join(PRECISIONS)}; got {self.precision}.")
+        _check_precision(self.precision)
         _check(self.strategy in STRATEGIES, f"--strategy must be one of "
                                             f"{', '.join(STRATEGIES)}; got {self.strategy}.")
 
@@ -222,6 +227,7 @@ class ExtractConfig:
     weights: str = "imagenet"
     blocks: int | None = None  # None: the whole base
     pooling: str = "avg"
+    precision: str = DEFAULT_PRECISION
     cache: bool = True  # reuse features computed before for unchanged images
     overwrite: bool = False
     head: HeadConfig | None = None
@@ -230,6 +236,7 @@ class ExtractConfig:
         _check(self.blocks is None or self.blocks >= 1,
                f"--blocks must be at least 1; got {self.blocks}.")
         _check(self.pooling in ("avg", "max"), f"--pooling must be avg or max; got {self.pooling}.")
+        _check_precision(self.precision)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from transferkit.artifacts import (
 from transferkit.bases import build_base, get_base, resolve_image_size
 from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, ScheduleConfig, to_dict
 from transferkit.data import load_splits
+from transferkit.devices import precision_policy, resolve_precision
 from transferkit.errors import DataError
 from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.model import build_classifier, build_feature_extractor, build_head, cut_base
@@ -93,14 +94,17 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
                          use_cache=config.cache)
     report_data(splits, reporter)
     seed = config.data.seed
+    precision = resolve_precision(config.precision)
 
     def build() -> keras.Model:
         keras.utils.set_random_seed(seed)
-        base = cut_base(build_base(spec, image_size, config.weights), spec, blocks)
-        return build_feature_extractor(base, spec.preprocessing, config.pooling)
+        with precision_policy(precision):
+            base = cut_base(build_base(spec, image_size, config.weights), spec, blocks)
+            return build_feature_extractor(base, spec.preprocessing, config.pooling)
 
     feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, config.weights, seed),
-                               image_size, blocks, config.pooling, spec.preprocessing.to_dict())
+                               image_size, blocks, config.pooling, spec.preprocessing.to_dict(),
+                               precision)
     extractor = FeatureExtractor(build, feature_spec, config.data.batch_size, reporter,
                                  use_cache=config.cache)
     parts = [(name, s, extractor.features(s, name)) for name, s in splits.items()]
@@ -110,7 +114,7 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
                   f"features per image; {extractor.computed} computed, {extractor.reused} "
                   f"reused from the cache.")
     meta = {"base": spec.name, "weights": config.weights, "image_size": image_size,
-            "blocks": blocks, "pooling": config.pooling,
+            "blocks": blocks, "pooling": config.pooling, "precision": precision,
             "preprocessing": spec.preprocessing.to_dict(), "data_dir": str(config.data.data_dir),
             "skipped": [{"path": str(f.path), "reason": f.reason} for f in splits.skipped]}
     features = FeatureSet(

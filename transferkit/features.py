@@ -1,7 +1,7 @@
 """Frozen-base features of image sets, computed once. An on-disk cache is keyed by everything
 that determines a feature vector (base, weights, image size, cut point, pooling,
-preprocessing, and the file's content), so no unchanged image goes through the base twice and
-the model is not even built when nothing is missing."""
+preprocessing, precision, and the file's content), so no unchanged image goes through the
+base twice and the model is not even built when nothing is missing."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ class FeatureSpec:
     blocks: int
     pooling: str
     preprocessing: dict[str, Any]
+    precision: str  # resolved: float32 | mixed (float16 activations give other values)
 
     def key(self) -> str:
         payload = json.dumps({**asdict(self), "version": FEATURE_PIPELINE_VERSION},

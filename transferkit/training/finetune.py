@@ -335,14 +335,15 @@ class StageMonitor(keras.callbacks.Callback):
 
 
 def _head_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
-                   extractor: keras.Model, image_size: int, reporter: Reporter
+                   extractor: keras.Model, image_size: int, precision: str, reporter: Reporter
                    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Training and validation features for a stage 1 without augmentation: the frozen base
     then gives every image the same features each epoch, so they are computed once (or
     taken from the feature cache) and the head trains on them alone."""
     feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, config.weights,
                                                               config.data.seed),
-                               image_size, len(spec.blocks), "avg", spec.preprocessing.to_dict())
+                               image_size, len(spec.blocks), "avg", spec.preprocessing.to_dict(),
+                               precision)
     features = FeatureExtractor(lambda: extractor, feature_spec, config.data.batch_size,
                                 reporter, use_cache=config.cache)
     train = (features.features(splits.train, "training"), splits.train.labels)
@@ -407,7 +408,7 @@ def _train_in_scope(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
             optimizer = None if resuming else config.optimizer
             if plan.name == HEAD and not config.augment.enabled:
                 train, val = _head_features(config, spec, splits, model.get_layer("features"),
-                                            image_size, reporter)
+                                            image_size, info["compute"]["precision"], reporter)
                 if not resuming:  # checkpoints save the classifier, optimizer state included
                     compile_model(model, config.optimizer, plan.learning_rate,
                                   config.compute.jit)
