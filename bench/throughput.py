@@ -78,18 +78,19 @@ def extract_config(data: Path, out: Path, base: str, size: int, weights: str, ca
 
 
 class PassClock(NullReporter):
-    """Times the extraction pass of an `extract` command: from its progress bar's start to
-    its end."""
+    """Times the extraction passes of an `extract` command (one per split): from each
+    "Extracting ..." progress bar's start to its end."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._start = 0.0
+        self._start: float | None = None
 
     def start_progress(self, description: str, total: int | None) -> None:
-        self._start = time.perf_counter()
+        self._start = time.perf_counter() if description.startswith("Extracting") else None
 
     def stop_progress(self) -> None:
-        self.seconds = time.perf_counter() - self._start
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
 
 
 def extraction_ratios(data: Path, n: int, base: str, size: int, weights: str, work: Path

@@ -90,3 +90,13 @@ def test_mixed_precision_extract_gives_float32_features_cached_apart(image_folde
     assert mixed.features.features.dtype == np.float32
     np.testing.assert_allclose(mixed.features.features, full.features.features,
                                rtol=0.05, atol=0.05 * np.abs(full.features.features).max())
+
+
+def test_identical_files_go_through_the_base_once(image_folder: Path, tmp_path: Path):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    shutil.copy(data / "circles" / "circles_1.png", data / "circles" / "copy.png")
+    result = _extract(data, tmp_path / "dup.npz", cache=False)
+    assert (result.computed, result.reused) == (18, 1)
+    rows = dict(zip(result.features.paths, result.features.features, strict=True))
+    np.testing.assert_array_equal(rows["circles/copy.png"], rows["circles/circles_1.png"])

@@ -107,7 +107,9 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
                                precision)
     extractor = FeatureExtractor(build, feature_spec, config.data.batch_size, reporter,
                                  use_cache=config.cache)
-    parts = [(name, s, extractor.features(s, name)) for name, s in splits.items()]
+    named = splits.items()
+    arrays = extractor.features([s for _, s in named], "/".join(name for name, _ in named))
+    parts = [(name, s, f) for (name, s), f in zip(named, arrays, strict=True)]
     extractor.save()
     reporter.info(f"{spec.name} up to block '{spec.blocks[blocks - 1]}' ({blocks} of "
                   f"{len(spec.blocks)}), {config.pooling} pooling: {parts[0][2].shape[1]} "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,11 +57,12 @@ class FeatureSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def predict_features(model: keras.Model, images: ImageSet, image_size: int, batch_size: int,
-                     reporter: Reporter, label: str) -> np.ndarray:
-    """Runs `model` over `images` (no augmentation) in one streaming `predict` call."""
-    ds = build_dataset(images.sources, None, image_size, batch_size)
-    reporter.start_progress(f"Extracting {label} features", math.ceil(len(images) / batch_size))
+def predict_features(model: keras.Model, sources: Sequence[str], image_size: int,
+                     batch_size: int, reporter: Reporter, label: str) -> np.ndarray:
+    """Runs `model` over the images at `sources` (no augmentation) in one streaming
+    `predict` call."""
+    ds = build_dataset(sources, None, image_size, batch_size)
+    reporter.start_progress(f"Extracting {label} features", math.ceil(len(sources) / batch_size))
     features = model.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
     reporter.stop_progress()
     return features.astype(np.float32)
@@ -79,7 +80,7 @@ class FeatureExtractor:
         self.reporter = reporter
         self.cache = FeatureCache(spec.key()) if use_cache else None
         self.computed = 0  # images pushed through the base
-        self.reused = 0  # images answered from the cache
+        self.reused = 0  # images answered from the cache (or by an identical file)
 
     @property
     def model(self) -> keras.Model:
@@ -87,24 +88,31 @@ class FeatureExtractor:
             self._model = self._build()
         return self._model
 
-    def features(self, images: ImageSet, label: str) -> np.ndarray:
-        """One feature row per image of `images`, in order."""
-        known = [None if self.cache is None else self.cache.get(h) for h in images.hashes]
-        missing = np.array([k is None for k in known], dtype=bool)
-        rows: list[np.ndarray | None] = list(known)
-        if missing.any():
-            todo = images.subset(missing)
-            fresh = predict_features(self.model, todo, self.spec.image_size, self.batch_size,
-                                     self.reporter, label)
-            for i, row in zip(np.flatnonzero(missing), fresh, strict=True):
-                rows[i] = row
+    def features(self, sets: Sequence[ImageSet], label: str) -> list[np.ndarray]:
+        """One feature array per image set, a row per image in order. Every image not in
+        the cache goes through the base in a single pass; identical files only once."""
+        rows: dict[str, np.ndarray] = {}
+        todo: dict[str, str] = {}  # content hash -> the first file with that content
+        for images in sets:
+            for content, source in zip(images.hashes, images.sources, strict=True):
+                if content in rows or content in todo:
+                    continue
+                known = None if self.cache is None else self.cache.get(content)
+                if known is None:
+                    todo[content] = source
+                else:
+                    rows[content] = known
+        if todo:
+            fresh = predict_features(self.model, list(todo.values()), self.spec.image_size,
+                                     self.batch_size, self.reporter, label)
+            rows.update(zip(todo, fresh, strict=True))
             if self.cache is not None:
-                self.cache.put(todo.hashes, fresh)
-        self.computed += int(missing.sum())
-        self.reused += int((~missing).sum())
-        if not rows:
-            return np.zeros((0, 0), np.float32)
-        return np.stack(rows).astype(np.float32)  # type: ignore[arg-type]
+                self.cache.put(list(todo), fresh)
+        self.computed += len(todo)
+        self.reused += sum(len(s) for s in sets) - len(todo)
+        width = next(iter(rows.values())).shape[-1] if rows else 0
+        return [np.stack([rows[h] for h in s.hashes]).astype(np.float32) if len(s)
+                else np.zeros((0, width), np.float32) for s in sets]
 
     def save(self) -> None:
         """Writes newly computed features to the cache."""

@@ -68,7 +68,7 @@ def overfit_check(config: FinetuneConfig, reporter: Reporter | None = None) -> O
     n = min(len(train), OVERFIT_BATCHES * config.data.batch_size)
     chosen = np.sort(np.random.default_rng(config.data.seed).permutation(len(train))[:n])
     subset = train.subset(np.isin(np.arange(len(train)), chosen))
-    features = predict_features(prepared.extractor, subset, prepared.image_size,
+    features = predict_features(prepared.extractor, subset.sources, prepared.image_size,
                                 config.data.batch_size, reporter, "subset")
     return fit_tiny_subset(features, subset.labels, len(train.class_names), config.dense_units,
                            config.init, config.optimizer, config.learning_rate)
@@ -122,7 +122,7 @@ def lr_find(config: FinetuneConfig, prepared: Prepared,
     """`finetune --lr-find`: the range test on the training images' frozen features."""
     reporter = reporter or NullReporter()
     train = prepared.splits.train
-    features = predict_features(prepared.extractor, train, prepared.image_size,
+    features = predict_features(prepared.extractor, train.sources, prepared.image_size,
                                 config.data.batch_size, reporter, "training")
     result = lr_range_test(features, train.labels, len(train.class_names), config,
                            seed=config.data.seed)

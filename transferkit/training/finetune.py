@@ -346,12 +346,11 @@ def _head_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
                                precision)
     features = FeatureExtractor(lambda: extractor, feature_spec, config.data.batch_size,
                                 reporter, use_cache=config.cache)
-    train = (features.features(splits.train, "training"), splits.train.labels)
-    val = (features.features(splits.val, "validation"), splits.val.labels)
+    train, val = features.features([splits.train, splits.val], "training and validation")
     features.save()
     reporter.info(f"Stage 1 trains the head on frozen-base features (no augmentation): "
                   f"{features.computed} images computed, {features.reused} from the cache.")
-    return train, val
+    return (train, splits.train.labels), (val, splits.val.labels)
 
 
 def _train(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits, model: keras.Model,
