@@ -137,9 +137,9 @@ def test_lite0_port_calls_coffee_espresso(lite0_state):
 
 def test_imagenet_weights_convert_once_then_load_from_cache():
     spec = BASES["efficientnet_lite0"]
-    first = spec.imagenet_weights()
+    first = spec.imagenet.path()
     stamp = first.stat().st_mtime_ns
-    assert spec.imagenet_weights() == first and first.stat().st_mtime_ns == stamp
+    assert spec.imagenet.path() == first and first.stat().st_mtime_ns == stamp
     base = build_base(spec, 32, "imagenet")
     np.testing.assert_allclose(base.get_layer("stem_bn").get_weights()[2],
                                read_state_dict(lite0_checkpoint())["_bn0.running_mean"])

