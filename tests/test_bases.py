@@ -170,6 +170,7 @@ def test_efficientnet_input_scaling_matches_keras_imagenet_build():
                 if isinstance(layer, keras.layers.Normalization))
     mean, std = np.array(bases.IMAGENET_MEAN), np.array(bases.IMAGENET_STD)
     norm.set_weights([mean, std, np.array(0)])  # the file stores std as the "variance"
+    norm.finalize_state()  # as loading a weights file does
     stem = keras.Model(base.inputs, norm.output)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     p = spec.preprocessing
