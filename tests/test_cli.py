@@ -352,3 +352,19 @@ def test_cache_command_lists_and_clears(image_folder: Path, tmp_path: Path):
     assert cleared.exit_code == 0
     row = next(line for line in cleared.stdout.splitlines() if "features" in line)
     assert row.split()[1] == "0"
+
+
+def test_bases_lists_the_table_and_one_base_in_detail():
+    from transferkit.bases import BASES
+
+    listed = invoke("bases")
+    assert listed.exit_code == 0
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()
+            if line.split() and line.split()[0] in BASES}
+    assert set(rows) == set(BASES)
+    assert rows["efficientnet_lite0"][-1] == "offline"  # bundled with the install
+    assert rows["xception"][1:6] == ["20.9M", "299", "71", "14", "2048"]
+    detail = invoke("bases", "resnet50")
+    assert detail.exit_code == 0
+    assert said(detail.stdout).endswith("1 conv2 2 conv3 3 conv4 4 conv5")
+    assert invoke("bases", "vgg99").exit_code == 2

@@ -574,6 +574,20 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command("bases")
+def bases_command(
+    name: Annotated[Base | None, typer.Argument(
+        help="Show this base's blocks.", show_default=False)] = None,
+) -> None:
+    """List the pretrained bases: size, blocks, input scaling, offline ImageNet weights."""
+    from transferkit.console import render_base, render_bases
+
+    if name is None:
+        render_bases(list(BASES.values()))
+    else:
+        render_base(BASES[name.value])
+
+
 @app.command("cache")
 def cache_command(
     clear: Annotated[bool, typer.Option(

@@ -19,6 +19,7 @@ from transferkit.reporting import StageInfo
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from transferkit.bases import BaseSpec
     from transferkit.doctor import DoctorReport
     from transferkit.evaluate import EvaluationResult
     from transferkit.extract import ExtractResult
@@ -248,6 +249,34 @@ def render_quarantine(moved: Sequence[tuple[Path, Path]], destination: Path) -> 
     stderr.print(f"Moved {len(moved)} unusable file(s) into '{escape(str(destination))}':")
     for source, target in moved:
         stderr.print(f"  {escape(str(source))} -> {escape(str(target))}", soft_wrap=True)
+
+
+def render_bases(specs: Sequence[BaseSpec]) -> None:
+    table = Table(title="Convolutional bases", box=box.SIMPLE_HEAD, collapse_padding=True,
+                  pad_edge=False)
+    for name in ("base", "params", "size", "min", "blocks", "features", "input", "ImageNet"):
+        table.add_column(name, justify="left" if name in ("base", "input") else "right",
+                         no_wrap=name != "input")
+    for spec in specs:
+        table.add_row(spec.name, f"{spec.params / 1e6:.1f}M", str(spec.default_size),
+                      str(spec.min_size), str(len(spec.blocks)), str(spec.feature_dim),
+                      spec.preprocessing.describe(),
+                      "offline" if spec.imagenet.available() else "[dim]download[/dim]")
+    stdout.print(table)
+    stderr.print("size: default image size in pixels; min: the smallest it takes. ImageNet "
+                 "weights marked 'download' are fetched by Keras on first use and cached in "
+                 "~/.keras/models. `transferkit bases NAME` lists a base's blocks.")
+
+
+def render_base(spec: BaseSpec) -> None:
+    weights = "available offline" if spec.imagenet.available() else "downloaded on first use"
+    stdout.print(f"[bold]{spec.name}[/bold]: {spec.params:,} parameters, default "
+                 f"{spec.default_size} px (min {spec.min_size}), {spec.feature_dim} features, "
+                 f"input {spec.preprocessing.describe()}, ImageNet weights {weights}.")
+    stdout.print(f"{len(spec.blocks)} blocks, bottom to top (--unfreeze-blocks N tunes the "
+                 f"last N; extract --blocks N keeps the first N):")
+    for i, block in enumerate(spec.blocks, 1):
+        stdout.print(f"  {i:2d}  {block}")
 
 
 def render_cache(folder: Path, usage: Mapping[str, tuple[int, int]]) -> None:

@@ -38,6 +38,16 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """A short human description of the input scaling."""
+        if self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0):
+            return "0-255 (in base)"
+        if self.std == (1.0, 1.0, 1.0):
+            return f"{self.channel_order.upper()} - mean"
+        if len(set(self.mean)) == 1 and len(set(self.std)) == 1:
+            return f"(x-{self.mean[0]:g})/{self.std[0]:g}"
+        return "ImageNet mean/std"
+
 
 def _rgb(mean: Iterable[float], std: Iterable[float]) -> Preprocessing:
     m, s = tuple(mean), tuple(std)
