@@ -75,3 +75,15 @@ def test_augmentation_keeps_shape_and_range():
 def test_out_of_range_values_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         AugmentConfig(**kwargs)
+
+
+def test_ten_crops_are_the_corners_centre_and_their_mirrors():
+    from transferkit.augment import ten_crops
+
+    image = np.arange(5 * 5 * 3, dtype=np.float32).reshape(1, 5, 5, 3)
+    views = np.asarray(ten_crops(image, 3))
+    assert views.shape == (10, 3, 3, 3)
+    expected = [image[0, y:y + 3, x:x + 3] for y, x in ((0, 0), (0, 2), (2, 0), (2, 2), (1, 1))]
+    for i, crop in enumerate(expected):
+        np.testing.assert_array_equal(views[i], crop)
+        np.testing.assert_array_equal(views[i + 5], crop[:, ::-1])

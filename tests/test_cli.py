@@ -368,3 +368,19 @@ def test_bases_lists_the_table_and_one_base_in_detail():
     assert detail.exit_code == 0
     assert said(detail.stdout).endswith("1 conv2 2 conv3 3 conv4 4 conv5")
     assert invoke("bases", "vgg99").exit_code == 2
+
+
+def test_predict_reads_paths_from_stdin_and_writes_jsonl(trained_run: Path, image_folder: Path,
+                                                         tmp_path: Path):
+    listed = sorted(str(p) for p in (image_folder / "squares").iterdir())[:3]
+    out = tmp_path / "preds.jsonl"
+    result = runner.invoke(app, ["predict", str(trained_run), "-", "-o", str(out), "--tta",
+                                 "--threshold", "1.0"], input="\n".join(listed) + "\n\n")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in rows] == listed
+    assert all(r["label"] == "unknown" and r["best_guess"] for r in rows)
+    assert "Test-time augmentation (10 views" in said(result.stderr)
+    assert "3 image(s) scored below --threshold 1" in said(result.stderr)
+    quoted = invoke("predict", trained_run, str(image_folder / "*" / "*_1.png"))
+    assert quoted.exit_code == 0 and said(quoted.stdout).count("_1.png") == 3

@@ -415,22 +415,28 @@ def save_report(path: Path, report: Mapping[str, Any], overwrite: bool = False) 
 
 
 PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")
+OPTIONAL_PREDICTION_FIELDS = ("best_guess",)  # written only by --threshold
 
 
 def save_predictions(path: Path, rows: Sequence[Mapping[str, Any]], top_k: int,
                      overwrite: bool = False) -> None:
-    """Writes prediction rows as CSV (top-k as label_N/probability_N columns) or JSON."""
+    """Writes prediction rows as CSV (top-k as label_N/probability_N columns), JSON, or JSON
+    Lines (one object per line)."""
     check_new_output(path, overwrite, what="output file")
     if path.suffix.lower() == ".json":
         write_text(path, _json_text(list(rows)))
         return
+    if path.suffix.lower() == ".jsonl":
+        write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        return
     extra = [f"{kind}_{k}" for k in range(2, top_k + 1) for kind in ("label", "probability")]
+    extra += [f for f in OPTIONAL_PREDICTION_FIELDS if any(f in row for row in rows)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=[*PREDICTION_FIELDS, *extra],
                             extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        flat = {k: row.get(k) for k in PREDICTION_FIELDS}
+        flat = {k: row.get(k) for k in (*PREDICTION_FIELDS, *OPTIONAL_PREDICTION_FIELDS)}
         for k, alt in enumerate(row.get("top_k", [])[1:], start=2):
             flat[f"label_{k}"], flat[f"probability_{k}"] = alt["label"], alt["probability"]
         writer.writerow(flat)

@@ -76,6 +76,28 @@ def build_augmentation(config: AugmentConfig, seed: int | None = None) -> Augmen
     return augmentation
 
 
+TTA_VIEWS = 10
+TTA_SCALE = 256 / 224  # AlexNet cropped 224 px views from images resized to 256
+
+
+def tta_load_size(image_size: int) -> int:
+    """The size to read images at for test-time crops of `image_size`."""
+    return round(image_size * TTA_SCALE)
+
+
+def ten_crops(images: tf.Tensor, size: int) -> tf.Tensor:
+    """Test-time views, AlexNet-style: [B, L, L, 3] -> [B * 10, size, size, 3], each image's
+    four corner crops and centre crop, then the same five mirrored left to right."""
+    import tensorflow as tf
+
+    far = tf.shape(images)[1] - size
+    middle = far // 2
+    crops = [images[:, y:y + size, x:x + size]
+             for y, x in ((0, 0), (0, far), (far, 0), (far, far), (middle, middle))]
+    views = crops + [tf.reverse(crop, axis=[2]) for crop in crops]
+    return tf.reshape(tf.stack(views, axis=1), [-1, size, size, 3])
+
+
 def augment_grid(images: np.ndarray, augmentation: Augmentation | None, variants: int,
                  gutter: int = 4) -> np.ndarray:
     """A uint8 picture: one row per image, the original first and then `variants` augmented

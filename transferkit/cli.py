@@ -6,6 +6,7 @@ TensorFlow and Keras load inside commands only, so `transferkit --help` answers 
 from __future__ import annotations
 
 import contextlib
+import sys
 import tomllib
 from collections.abc import Iterator
 from enum import Enum
@@ -431,25 +432,47 @@ def extract(
         render_extract(run_extract(settings, RichReporter()))
 
 
+def _paths_with_stdin(paths: list[Path]) -> tuple[Path, ...]:
+    """The paths given, with `-` replaced by the non-empty lines of stdin."""
+    expanded: list[Path] = []
+    for path in paths:
+        if str(path) == "-":
+            expanded += [Path(line.strip()) for line in sys.stdin if line.strip()]
+        else:
+            expanded.append(path)
+    return tuple(expanded)
+
+
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(
         help="Run directory written by finetune or extract --train-head.", exists=False,
         file_okay=False, show_default=False)],
     paths: Annotated[list[Path], typer.Argument(
-        help="Image files and folders (searched recursively).", show_default=False)],
+        help="Image files, folders (searched recursively) or quoted glob patterns such as "
+             "'shots/**/*.jpg'; - reads one path per line from stdin.", show_default=False)],
     top_k: Annotated[int, typer.Option(
         "--top-k", help="How many labels to list per image.",
         rich_help_panel=OUT_PANEL)] = default(PredictConfig, "top_k"),
+    tta: Annotated[bool, typer.Option(
+        "--tta", help="Test-time augmentation: average over ten views (four corner crops and "
+                      "the centre crop, each also mirrored); reports how much it changed.",
+        rich_help_panel=MODEL_PANEL)] = default(PredictConfig, "tta"),
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="Label images whose top probability is below P 'unknown' (the "
+                            "best guess is kept in the output file).", metavar="P",
+        rich_help_panel=MODEL_PANEL, show_default=False)] = default(PredictConfig, "threshold"),
     batch_size: BatchOpt = default(PredictConfig, "batch_size"),
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write predictions to a .csv or .json file instead of a table.",
+        "--output", "-o", help="Write predictions to a .csv, .json or .jsonl file instead of "
+                               "a table.",
         rich_help_panel=OUT_PANEL, dir_okay=False, show_default=False)] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Predict labels for image files and folders."""
     with _user_errors():
-        settings = PredictConfig(run, tuple(paths), top_k, batch_size, output, overwrite)
+        settings = PredictConfig(run, _paths_with_stdin(paths), top_k, batch_size, output,
+                                 overwrite, tta, threshold)
         from transferkit.artifacts import save_predictions
         from transferkit.console import (
             RichReporter,

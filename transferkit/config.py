@@ -77,6 +77,7 @@ class DataConfig:
 
 
 PRECISIONS = ("auto", "float32", "mixed")
+PREDICTION_FORMATS = (".csv", ".json", ".jsonl")
 DEFAULT_PRECISION = "auto"  # mixed float16 on GPUs with tensor cores, else float32
 STRATEGIES = ("auto", "none", "mirrored", "multiworker")
 
@@ -267,13 +268,17 @@ class PredictConfig:
     batch_size: int = 32
     output: Path | None = None
     overwrite: bool = False
+    tta: bool = False  # average over ten crops (corners, centre, mirrored)
+    threshold: float | None = None  # below this top probability the label is "unknown"
 
     def __post_init__(self) -> None:
         _check(len(self.paths) > 0, "Give at least one image file or folder to predict.")
+        _check(self.threshold is None or 0.0 < self.threshold <= 1.0,
+               f"--threshold must be a probability in (0, 1]; got {self.threshold}.")
         _check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
-        _check(self.output is None or self.output.suffix.lower() in (".csv", ".json"),
-               f"--output must end in .csv or .json; got '{self.output}'.")
+        _check(self.output is None or self.output.suffix.lower() in PREDICTION_FORMATS,
+               f"--output must end in {', '.join(PREDICTION_FORMATS)}; got '{self.output}'.")
 
 
 T = TypeVar("T")

@@ -189,7 +189,9 @@ def render_predictions(report: PredictionReport, top_k: int) -> None:
             if top_k > 1:
                 row.append(escape(p.error))
         else:
-            row = [escape(str(p.path)), escape(p.label or ""), f"{p.probability:.3f}"]
+            label = (f"[dim]unknown[/] (best guess {escape(p.top_k[0][0])})" if p.unknown
+                     else escape(p.label or ""))
+            row = [escape(str(p.path)), label, f"{p.probability:.3f}"]
             if top_k > 1:
                 row.append(", ".join(f"{escape(n)} {v:.3f}" for n, v in p.top_k[1:]))
         if report.labelled:
@@ -206,9 +208,17 @@ def render_prediction_summary(report: PredictionReport) -> None:
             stderr.print(f"  {escape(str(p.path))}: {escape(p.error or '')}")
     if report.ignored:
         stderr.print(f"Ignored {report.ignored} non-image file(s) in the folders given.")
+    if report.tta is not None:
+        read = len(report.predictions) - len(errors)
+        stderr.print(f"Test-time augmentation ({report.tta.views} views per image) changed "
+                     f"the top label of {report.tta.changed} of {read} image(s); "
+                     f"probabilities moved by {report.tta.mean_shift:.3f} on average.")
+    if report.threshold is not None:
+        stderr.print(f"{report.unknown} image(s) scored below --threshold {report.threshold:g} "
+                     f"and are labelled unknown.")
     if report.accuracy is not None:
         stderr.print(f"Accuracy {report.accuracy:.4f} on {report.labelled} images whose folder "
-                     f"names a class.")
+                     f"names a class" + (" (unknown counts as wrong)." if report.unknown else "."))
 
 
 def render_doctor(report: DoctorReport) -> None:

@@ -11,6 +11,7 @@ cache, so the decoding pipeline itself stays pure TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -451,25 +452,44 @@ def splits_from_table(root: Path, class_names: Sequence[str], rows: Sequence[dic
     return DataSplits(names, train, val, image_set("test"), skipped=tuple(skipped))
 
 
+GLOB_CHARACTERS = frozenset("*?[")
+
+
 def collect_images(paths: Iterable[Path]) -> tuple[list[Path], list[SkippedFile]]:
-    """Image files named directly or found (recursively) under folders, in a stable order.
+    """Image files named directly, found (recursively) under folders, or matched by glob
+    patterns (`**` included), in a stable order.
 
     Files named directly are always kept, so a bad one gets a row with its error; files in
-    folders are kept when their extension is an image extension.
+    folders or matched by a pattern are kept when their extension is an image extension.
+
+    Raises:
+        DataError: a path does not exist, or a pattern matches nothing.
     """
     files: list[Path] = []
     ignored: list[SkippedFile] = []
+
+    def add_found(found: Iterable[Path]) -> None:
+        for f in found:
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(f)
+            else:
+                ignored.append(SkippedFile(f, f"not an image file (extension '{f.suffix}')"))
+
     for path in paths:
         if path.is_dir():
-            for f in files_under(path):
-                if f.suffix.lower() in IMAGE_EXTENSIONS:
-                    files.append(f)
-                else:
-                    ignored.append(SkippedFile(f, f"not an image file (extension '{f.suffix}')"))
+            add_found(files_under(path))
         elif path.is_file():
             files.append(path)
+        elif GLOB_CHARACTERS & set(str(path)):
+            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+            if not matches:
+                raise DataError(f"The pattern '{path}' matches no files. Check it, and quote "
+                                f"it so that transferkit expands it, e.g. 'photos/**/*.jpg'.")
+            for match in matches:
+                add_found(files_under(match) if match.is_dir() else [match])
         else:
-            raise DataError(f"'{path}' does not exist. Pass image files or folders of images.")
+            raise DataError(f"'{path}' does not exist. Pass image files, folders of images, "
+                            f"or glob patterns.")
     return files, ignored
 
 
@@ -493,7 +513,8 @@ def _parallel_calls() -> int:
 def build_dataset(sources: Sequence[str], labels: np.ndarray | None, image_size: int,
                   batch_size: int, shuffle_seed: int | None = None,
                   augment: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.data.Dataset:
-    """Batched (image, label) pairs, or images alone when `labels` is None.
+    """Batched (image, label) pairs, or images alone when `labels` is None; `augment` maps
+    each batch of images.
 
     Decoding runs in parallel ahead of the model. Parallelism is set explicitly with autotune
     off: on small CPU machines autotune can stall for seconds at the end of every pass.
@@ -510,7 +531,9 @@ def build_dataset(sources: Sequence[str], labels: np.ndarray | None, image_size:
     else:
         ds = ds.map(lambda p, y: (load_image(p, image_size), y), num_parallel_calls=parallel)
     ds = ds.batch(batch_size)
-    if augment is not None:
+    if augment is not None and labels is None:
+        ds = ds.map(augment, num_parallel_calls=parallel)
+    elif augment is not None:
         ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=parallel)
     options = tf.data.Options()
     options.autotune.enabled = False

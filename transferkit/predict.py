@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from transferkit.artifacts import load_run
+from transferkit.augment import TTA_VIEWS, ten_crops, tta_load_size
 from transferkit.callbacks import PredictProgress
 from transferkit.config import PredictConfig
 from transferkit.data import (
@@ -22,6 +23,12 @@ from transferkit.data import (
 from transferkit.errors import DataError
 from transferkit.reporting import NullReporter, Reporter
 
+if TYPE_CHECKING:
+    import keras
+
+
+UNKNOWN = "unknown"  # the label of predictions below --threshold
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -31,28 +38,64 @@ class Prediction:
     top_k: tuple[tuple[str, float], ...] = ()
     true_label: str | None = None  # the class named by the file's folder, if any
     error: str | None = None
+    unknown: bool = False  # the top probability is below the --threshold asked for
 
     @property
     def label(self) -> str | None:
-        return self.top_k[0][0] if self.top_k else None
+        if not self.top_k:
+            return None
+        return UNKNOWN if self.unknown else self.top_k[0][0]
 
     @property
     def probability(self) -> float | None:
         return self.top_k[0][1] if self.top_k else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "label": self.label, "probability": self.probability,
-                "true_label": self.true_label, "error": self.error,
-                "top_k": [{"label": n, "probability": p} for n, p in self.top_k]}
+        row = {"path": str(self.path), "label": self.label, "probability": self.probability,
+               "true_label": self.true_label, "error": self.error,
+               "top_k": [{"label": n, "probability": p} for n, p in self.top_k]}
+        if self.unknown:
+            row["best_guess"] = self.top_k[0][0]
+        return row
+
+
+@dataclass(frozen=True)
+class TTAEffect:
+    """How much test-time augmentation changed the answers, against one plain view."""
+
+    views: int
+    changed: int  # images whose top label changed
+    mean_shift: float  # mean absolute change of the probabilities, over images and classes
 
 
 @dataclass(frozen=True)
 class PredictionReport:
     predictions: tuple[Prediction, ...]
     class_names: tuple[str, ...]
-    accuracy: float | None  # over files whose folder names a class
+    accuracy: float | None  # over files whose folder names a class (unknown counts as wrong)
     labelled: int
     ignored: int  # non-image files found in folders
+    unknown: int = 0  # predictions below the threshold
+    threshold: float | None = None
+    tta: TTAEffect | None = None
+
+
+def _predict_views(model: keras.Model, sources: list[str], image_size: int, batch_size: int,
+                   reporter: Reporter, tta: bool) -> np.ndarray:
+    """Class probabilities per image: of the plain view, or averaged over the ten crops."""
+    if tta:
+        batch_size = max(1, batch_size // TTA_VIEWS)  # each image becomes TTA_VIEWS inputs
+        ds = build_dataset(sources, None, tta_load_size(image_size), batch_size,
+                           augment=lambda x: ten_crops(x, image_size))
+    else:
+        ds = build_dataset(sources, None, image_size, batch_size)
+    label = f"Predicting ({TTA_VIEWS} views each)" if tta else "Predicting"
+    reporter.start_progress(label, math.ceil(len(sources) / batch_size))
+    probabilities = model.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
+    reporter.stop_progress()
+    if tta:
+        probabilities = probabilities.reshape(len(sources), TTA_VIEWS, -1).mean(axis=1)
+    return probabilities
 
 
 def predict(config: PredictConfig, reporter: Reporter | None = None) -> PredictionReport:
@@ -71,12 +114,17 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
         infos = inspect_images(files, reporter, cache)
     readable = [info for info in infos if info.usable]
     probabilities = np.zeros((0, len(run.class_names)), np.float32)
+    effect = None
     if readable:
-        ds = build_dataset([decode_source(i) for i in readable], None, run.image_size,
-                           config.batch_size)
-        reporter.start_progress("Predicting", math.ceil(len(readable) / config.batch_size))
-        probabilities = run.model.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
-        reporter.stop_progress()
+        sources = [decode_source(i) for i in readable]
+        probabilities = _predict_views(run.model, sources, run.image_size, config.batch_size,
+                                       reporter, tta=False)
+        if config.tta:
+            plain = probabilities
+            probabilities = _predict_views(run.model, sources, run.image_size,
+                                           config.batch_size, reporter, tta=True)
+            effect = TTAEffect(TTA_VIEWS, int((plain.argmax(1) != probabilities.argmax(1)).sum()),
+                               float(np.abs(plain - probabilities).mean()))
     k = min(config.top_k, len(run.class_names))
     by_file = dict(zip((i.path for i in readable), probabilities, strict=True))
     predictions = []
@@ -88,9 +136,12 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
             continue
         p = by_file[f]
         order = np.argsort(-p, kind="stable")[:k]
+        unknown = config.threshold is not None and float(p[order[0]]) < config.threshold
         predictions.append(Prediction(
-            f, tuple((run.class_names[i], float(p[i])) for i in order), true_label))
+            f, tuple((run.class_names[i], float(p[i])) for i in order), true_label,
+            unknown=unknown))
     scored = [p for p in predictions if p.true_label is not None and p.error is None]
     accuracy = (float(np.mean([p.label == p.true_label for p in scored])) if scored else None)
     return PredictionReport(tuple(predictions), run.class_names, accuracy, len(scored),
-                            len(ignored))
+                            len(ignored), sum(p.unknown for p in predictions), config.threshold,
+                            effect)
