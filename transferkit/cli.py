@@ -19,16 +19,19 @@ from transferkit import __version__
 from transferkit.bases import BASES
 from transferkit.config import (
     CLASS_WEIGHTS,
+    EXPORT_FORMATS,
     INITS,
     MONITORS,
     OPTIMIZERS,
     PRECISIONS,
+    QUANTIZATIONS,
     SCHEDULES,
     STRATEGIES,
     AugmentConfig,
     ComputeConfig,
     DataConfig,
     EvaluateConfig,
+    ExportConfig,
     ExtractConfig,
     FinetuneConfig,
     HeadConfig,
@@ -54,6 +57,8 @@ def _choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
 
 Base = _choices("Base", list(BASES))
 Pooling = _choices("Pooling", ("avg", "max"))
+ExportFormat = _choices("ExportFormat", list(EXPORT_FORMATS))
+Quantize = _choices("Quantize", QUANTIZATIONS)
 Optimizer = _choices("Optimizer", OPTIMIZERS)
 Schedule = _choices("Schedule", SCHEDULES)
 Init = _choices("Init", INITS)
@@ -141,6 +146,8 @@ DEFAULT_MONITOR = Monitor(default(FinetuneConfig, "monitor"))
 DEFAULT_OPTIMIZER = Optimizer(default(OptimizerConfig, "name"))
 DEFAULT_PRECISION = Precision(default(ComputeConfig, "precision"))
 DEFAULT_STRATEGY = Strategy(default(ComputeConfig, "strategy"))
+EXPORT_FORMAT = ExportFormat(default(ExportConfig, "format"))
+EXPORT_QUANTIZE = Quantize(default(ExportConfig, "quantize"))
 
 
 def _augment_options(augment: bool, rotation_range: float, width_shift_range: float,
@@ -595,6 +602,39 @@ def doctor(
             render_quarantine(move_unusable(report, quarantine), quarantine)
     if not report.clean:
         raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(
+        help="Run directory written by finetune or extract --train-head.", exists=False,
+        file_okay=False, show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="SavedModel folder, or .tflite / .onnx file, to write.",
+        rich_help_panel=OUT_PANEL, show_default=False)],
+    export_format: Annotated[ExportFormat, typer.Option(
+        "--format", help="savedmodel (TensorFlow Serving, TF.js converters); tflite "
+                         "(phones, microcontrollers); onnx (ONNX Runtime and most runtimes; "
+                         "needs transferkit[onnx]).",
+        rich_help_panel=OUT_PANEL)] = EXPORT_FORMAT,
+    quantize: Annotated[Quantize, typer.Option(
+        "--quantize", help="TFLite only: float16 halves the size; dynamic stores int8 weights; "
+                           "int8 is fully integer, calibrated on the run's training images.",
+        rich_help_panel=OUT_PANEL)] = EXPORT_QUANTIZE,
+    check_images: Annotated[int, typer.Option(
+        "--check-images", help="Images run through both the export and the Keras model to "
+                               "compare their outputs.",
+        rich_help_panel=OUT_PANEL)] = default(ExportConfig, "check_images"),
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Export a run's model (preprocessing included) and check it against Keras."""
+    with _user_errors():
+        settings = ExportConfig(run, output, export_format.value, quantize.value, check_images,
+                                overwrite)
+        from transferkit.console import RichReporter, render_export
+        from transferkit.export import export as run_export
+
+        render_export(run_export(settings, RichReporter()))
 
 
 @app.command("bases")

@@ -258,6 +258,37 @@ class EvaluateConfig:
         _check(self.gallery >= 0, f"--gallery must be 0 or more; got {self.gallery}.")
 
 
+EXPORT_FORMATS = {"savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}  # -> file suffix
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`transferkit export`: a run's model for deployment, checked against Keras."""
+
+    run_dir: Path
+    output: Path
+    format: str = "savedmodel"
+    quantize: str = "none"  # TFLite only
+    check_images: int = 16  # run through both models to compare
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.format in EXPORT_FORMATS, f"--format must be one of "
+                                               f"{', '.join(EXPORT_FORMATS)}; got {self.format}.")
+        _check(self.quantize in QUANTIZATIONS, f"--quantize must be one of "
+                                               f"{', '.join(QUANTIZATIONS)}; got {self.quantize}.")
+        _check(self.quantize == "none" or self.format == "tflite",
+               f"--quantize applies to --format tflite only; got --format {self.format} "
+               f"--quantize {self.quantize}.")
+        suffix = EXPORT_FORMATS[self.format]
+        _check(not suffix or self.output.suffix.lower() == suffix,
+               f"--format {self.format} writes one file; name it with {suffix} "
+               f"(got '{self.output}').")
+        _check(self.check_images >= 1,
+               f"--check-images must be at least 1; got {self.check_images}.")
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """`transferkit predict`: a run directory applied to files and folders."""

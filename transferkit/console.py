@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from transferkit.bases import BaseSpec
     from transferkit.doctor import DoctorReport
     from transferkit.evaluate import EvaluationResult
+    from transferkit.export import ExportResult
     from transferkit.extract import ExtractResult
     from transferkit.predict import PredictionReport
     from transferkit.training import FinetuneResult, StageResult
@@ -259,6 +260,15 @@ def render_quarantine(moved: Sequence[tuple[Path, Path]], destination: Path) -> 
     stderr.print(f"Moved {len(moved)} unusable file(s) into '{escape(str(destination))}':")
     for source, target in moved:
         stderr.print(f"  {escape(str(source))} -> {escape(str(target))}", soft_wrap=True)
+
+
+def render_export(result: ExportResult) -> None:
+    on = "its own images" if result.real_images else "random images (the run's data is gone)"
+    stderr.print(f"Checked on {result.checked} of {on}: largest probability difference "
+                 f"{result.max_difference:.2g} (tolerance {result.tolerance:g}), top-1 "
+                 f"agreement {result.top1_agreement:.0%}.")
+    stdout.print(f"Exported '{escape(str(result.path))}' ({result.size_bytes / 1e6:.1f} MB); "
+                 f"class names in '{escape(str(result.labels_path))}'.")
 
 
 def render_bases(specs: Sequence[BaseSpec]) -> None:

@@ -19,7 +19,13 @@ from transferkit.artifacts import (
 )
 from transferkit.callbacks import PredictProgress
 from transferkit.config import EvaluateConfig
-from transferkit.data import ImageSet, build_dataset, load_labelled_folder, splits_from_table
+from transferkit.data import (
+    DataSplits,
+    ImageSet,
+    build_dataset,
+    load_labelled_folder,
+    splits_from_table,
+)
 from transferkit.errors import DataError
 from transferkit.reporting import NullReporter, Reporter
 
@@ -86,13 +92,23 @@ class EvaluationResult:
     mistakes: int
 
 
+def run_splits(run_dir: Path, info: dict[str, Any], class_names: tuple[str, ...],
+               reporter: Reporter) -> tuple[DataSplits, Path]:
+    """The splits a run was trained on, from its data folder, and that folder.
+
+    Raises:
+        DataError: the data folder or the run's images are gone.
+    """
+    data_dir = Path(info["config"]["data"]["data_dir"])
+    return splits_from_table(data_dir, class_names, read_splits(run_dir), reporter), data_dir
+
+
 def _images_to_evaluate(config: EvaluateConfig, info: dict[str, Any],
                         class_names: tuple[str, ...], reporter: Reporter) -> tuple[ImageSet, str]:
     if config.data_dir is not None:
         return (load_labelled_folder(config.data_dir, class_names, reporter),
                 f"labelled folder '{config.data_dir}'")
-    data_dir = Path(info["config"]["data"]["data_dir"])
-    splits = splits_from_table(data_dir, class_names, read_splits(config.run_dir), reporter)
+    splits, data_dir = run_splits(config.run_dir, info, class_names, reporter)
     return splits.val, f"the run's validation split ({data_dir})"
 
 

@@ -1,0 +1,258 @@
+"""Exports a run's model for deployment outside Python (SavedModel, TFLite, ONNX), then runs
+the exported model and checks it against the Keras model before anything is kept.
+
+Every export takes raw RGB images already resized to the run's image size, with values in
+0-255 (float32, or uint8 for an int8-quantized TFLite model), and returns class
+probabilities: the preprocessing lives inside. The class names travel with it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.artifacts import LoadedRun, check_new_output, load_run
+from transferkit.config import ExportConfig
+from transferkit.data import build_dataset
+from transferkit.errors import ArtifactError, ConfigError, DataError
+from transferkit.evaluate import run_splits
+from transferkit.reporting import NullReporter, Reporter
+
+# Largest acceptable difference of any class probability from the Keras model's, per kind of
+# export. Quantization trades exactness for size and speed: a full-integer Lite0 moved
+# probabilities by up to ~0.1 on tuxpaint with every top-1 answer kept; what the check must
+# catch is a broken export (wrong scaling, a lost layer), which moves them far more.
+TOLERANCE = {"none": 1e-4, "float16": 5e-3, "dynamic": 0.1, "int8": 0.25}
+CALIBRATION_IMAGES = 100  # int8: training images that set the activation ranges
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    labels_path: Path
+    size_bytes: int
+    checked: int  # images run through both models
+    max_difference: float  # of any class probability
+    top1_agreement: float
+    tolerance: float
+    real_images: bool  # checked on the run's images (else on random ones: its data is gone)
+
+
+def labels_path_for(output: Path, export_format: str) -> Path:
+    """Where the class names go: inside a SavedModel folder, beside a single-file export."""
+    if export_format == "savedmodel":
+        return output / "labels.txt"
+    return output.with_suffix(".labels.txt")
+
+
+def _run_images(run: LoadedRun, reporter: Reporter) -> tuple[list[str], list[str]] | str:
+    """Image files of the run's training and validation splits, or why they cannot be had."""
+    try:
+        splits, _ = run_splits(run.path, run.info, run.class_names, reporter)
+    except (DataError, ArtifactError) as exc:
+        return str(exc)
+    return list(splits.train.sources), list(splits.val.sources)
+
+
+def _as_pixels(sources: list[str], image_size: int) -> np.ndarray:
+    """Images resized for the model and rounded to whole 0-255 values, as a camera gives."""
+    batches = build_dataset(sources, None, image_size, 32)
+    images = np.concatenate([np.asarray(b) for b in batches])
+    return np.clip(np.round(images), 0, 255).astype(np.float32)
+
+
+def _pick(items: list[str], count: int, seed: int = 0) -> list[str]:
+    if len(items) <= count:
+        return items
+    chosen = np.random.default_rng(seed).choice(len(items), count, replace=False)
+    return [items[i] for i in sorted(chosen)]
+
+
+def _write_savedmodel(run: LoadedRun, target: Path, _: np.ndarray | None, __: str) -> None:
+    run.model.export(str(target), format="tf_saved_model", verbose=False)
+
+
+def _write_onnx(run: LoadedRun, target: Path, _: np.ndarray | None, __: str) -> None:
+    import onnx
+
+    run.model.export(str(target), format="onnx", verbose=False)
+    model = onnx.load(str(target))
+    for key, value in _metadata(run).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(target))
+
+
+def _write_tflite(run: LoadedRun, target: Path, calibration: np.ndarray | None,
+                  quantize: str) -> None:
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run.model.export(tmp, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        if quantize != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if quantize == "int8":
+            assert calibration is not None
+
+            def representative() -> Iterator[list[np.ndarray]]:
+                for image in calibration:
+                    yield [image[None]]
+
+            converter.representative_dataset = representative
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8  # raw pixels in, probabilities out
+        target.write_bytes(converter.convert())
+
+
+Writer = Callable[[LoadedRun, Path, "np.ndarray | None", str], None]
+WRITERS: dict[str, Writer] = {"savedmodel": _write_savedmodel, "tflite": _write_tflite,
+                              "onnx": _write_onnx}
+REQUIREMENTS = {"onnx": ("tf2onnx", "onnx", "onnxruntime")}
+
+
+def _metadata(run: LoadedRun) -> dict[str, str]:
+    return {"class_names": json.dumps(list(run.class_names)),
+            "image_size": str(run.image_size),
+            "input": "RGB pixels 0-255, NHWC, resized to image_size; preprocessing included",
+            "output": "class probabilities in class_names order",
+            "base": str(run.info.get("base"))}
+
+
+def tflite_interpreter(content: bytes) -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806 (deprecated in TF, still shipped)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Interpreter(model_content=content)
+
+
+def run_exported(path: Path, export_format: str, images: np.ndarray) -> np.ndarray:
+    """Class probabilities from an exported model, one image at a time (as a device would)."""
+    if export_format == "savedmodel":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(str(path))  # keep it: .serve needs its variables alive
+        return np.concatenate([loaded.serve(tf.constant(image[None])).numpy()
+                               for image in images])
+    if export_format == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: image[None]})[0] for image in images])
+    interpreter = tflite_interpreter(path.read_bytes())
+    interpreter.allocate_tensors()
+    given, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    rows = []
+    for image in images:
+        interpreter.set_tensor(given["index"], image[None].astype(given["dtype"]))
+        interpreter.invoke()
+        rows.append(interpreter.get_tensor(out["index"]).astype(np.float32))
+    return np.concatenate(rows)
+
+
+def compare(expected: np.ndarray, got: np.ndarray, tolerance: float
+            ) -> tuple[float, float, bool]:
+    """Largest probability difference, top-1 agreement, and whether they pass: every
+    difference within `tolerance`, and the same top class wherever the Keras model's lead
+    over its runner-up is wider than the tolerance allows to flip."""
+    difference = float(np.abs(expected - got).max()) if len(expected) else 0.0
+    agree = expected.argmax(1) == got.argmax(1)
+    ranked = np.sort(expected, axis=1)
+    clear_lead = ranked[:, -1] - ranked[:, -2] > 2 * tolerance
+    passed = difference <= tolerance and bool(agree[clear_lead].all())
+    return difference, float(agree.mean()) if len(agree) else 1.0, passed
+
+
+def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResult:
+    """Exports the run in `config.run_dir` and checks the export against the Keras model.
+
+    Raises:
+        TransferkitError: the run cannot be read, a package the format needs is missing,
+            int8 has no calibration images, the output exists, or the export's outputs do
+            not match the Keras model's (then nothing is written).
+    """
+    reporter = reporter or NullReporter()
+    missing = [m for m in REQUIREMENTS.get(config.format, ()) if importlib.util.find_spec(m)
+               is None]
+    if missing:
+        raise ConfigError(f"--format {config.format} needs {', '.join(missing)}, which is not "
+                          f"installed. Run: pip install 'transferkit[{config.format}]'")
+    labels = labels_path_for(config.output, config.format)
+    check_new_output(config.output, config.overwrite,
+                     what="export folder" if config.format == "savedmodel" else "export file")
+    if config.format != "savedmodel":
+        check_new_output(labels, config.overwrite, what="labels file")
+    run = load_run(config.run_dir)
+    found = _run_images(run, reporter)
+    if isinstance(found, str) and config.quantize == "int8":
+        raise DataError(f"int8 quantization calibrates on the run's training images, which "
+                        f"cannot be read: {found} Put the data back, or use --quantize "
+                        f"dynamic or float16.")
+    if not isinstance(found, str):
+        train, val = found
+        check_images = _as_pixels(_pick(val or train, config.check_images), run.image_size)
+        calibration = (_as_pixels(_pick(train, CALIBRATION_IMAGES), run.image_size)
+                       if config.quantize == "int8" else None)
+    else:
+        reporter.warning(f"Checking the export on random images: the run's own cannot be "
+                         f"read ({found})")
+        rng = np.random.default_rng(0)
+        check_images = np.round(rng.uniform(
+            0, 255, (config.check_images, run.image_size, run.image_size, 3))).astype(np.float32)
+        calibration = None
+    reporter.info(f"Exporting to {config.format}"
+                  + (f" ({config.quantize} quantization)" if config.quantize != "none" else "")
+                  + " ...")
+    expected = run.model.predict(check_images, verbose=0)
+    tolerance = TOLERANCE[config.quantize]
+    with tempfile.TemporaryDirectory(dir=config.output.parent) as tmp:
+        built = Path(tmp) / config.output.name
+        WRITERS[config.format](run, built, calibration, config.quantize)
+        difference, agreement, passed = compare(
+            expected, run_exported(built, config.format, check_images), tolerance)
+        if not passed:
+            raise ArtifactError(
+                f"The exported {config.format} model does not match the Keras model on "
+                f"{len(check_images)} images: largest probability difference {difference:.4g} "
+                f"(tolerance {tolerance:g}), top-1 agreement {agreement:.0%}. Nothing was "
+                f"written. Try another --quantize, or report this as a bug.")
+        if config.format == "savedmodel":
+            (built / "labels.txt").write_text("\n".join(run.class_names) + "\n",
+                                              encoding="utf-8")
+            (built / "transferkit.json").write_text(json.dumps(_metadata(run), indent=2) + "\n",
+                                                    encoding="utf-8")
+        else:
+            Path(tmp, labels.name).write_text("\n".join(run.class_names) + "\n",
+                                              encoding="utf-8")
+        _replace(built, config.output)
+        if config.format != "savedmodel":
+            _replace(Path(tmp, labels.name), labels)
+    size = (sum(f.stat().st_size for f in config.output.rglob("*") if f.is_file())
+            if config.output.is_dir() else config.output.stat().st_size)
+    return ExportResult(config.output, labels, size, len(check_images), difference, agreement,
+                        tolerance, not isinstance(found, str))
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Moves a checked export into place (over an old one only with --overwrite)."""
+    if target.is_dir():
+        shutil.rmtree(target)
+    os.replace(source, target)
