@@ -78,11 +78,14 @@ def _pick(items: list[str], count: int, seed: int = 0) -> list[str]:
     return [items[i] for i in sorted(chosen)]
 
 
-def _write_savedmodel(run: LoadedRun, target: Path, _: np.ndarray | None, __: str) -> None:
+# Writers share one signature; only TFLite uses the calibration images and quantization.
+def _write_savedmodel(run: LoadedRun, target: Path, calibration: np.ndarray | None,
+                      quantize: str) -> None:
     run.model.export(str(target), format="tf_saved_model", verbose=False)
 
 
-def _write_onnx(run: LoadedRun, target: Path, _: np.ndarray | None, __: str) -> None:
+def _write_onnx(run: LoadedRun, target: Path, calibration: np.ndarray | None,
+                quantize: str) -> None:
     import onnx
 
     run.model.export(str(target), format="onnx", verbose=False)
@@ -117,7 +120,7 @@ def _write_tflite(run: LoadedRun, target: Path, calibration: np.ndarray | None,
         target.write_bytes(converter.convert())
 
 
-Writer = Callable[[LoadedRun, Path, "np.ndarray | None", str], None]
+Writer = Callable[[LoadedRun, Path, np.ndarray | None, str], None]
 WRITERS: dict[str, Writer] = {"savedmodel": _write_savedmodel, "tflite": _write_tflite,
                               "onnx": _write_onnx}
 REQUIREMENTS = {"onnx": ("tf2onnx", "onnx", "onnxruntime")}
