@@ -50,6 +50,7 @@ def _extract(data: Path, out: Path, **kwargs):
 
 def test_second_extract_computes_nothing_and_edits_recompute_only_themselves(
         image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TRANSFERKIT_HOME", str(tmp_path / "home"))  # no other test's features
     data = tmp_path / "data"
     shutil.copytree(image_folder, data)
     first = _extract(data, tmp_path / "a.npz")
