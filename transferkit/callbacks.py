@@ -35,14 +35,3 @@ class EpochReporter(keras.callbacks.Callback):
             self.model.optimizer.learning_rate))
         self.rows.append({"stage": self.stage, "epoch": epoch + 1, **metrics})
         self.reporter.epoch_ended(self.stage, epoch + 1, self.last_epoch, metrics)
-
-
-class PredictProgress(keras.callbacks.Callback):
-    """Advances the reporter's progress bar once per predicted batch."""
-
-    def __init__(self, reporter: Reporter) -> None:
-        super().__init__()
-        self.reporter = reporter
-
-    def on_predict_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.reporter.advance()

@@ -3,7 +3,6 @@ recall and F1, the confusion matrix, and the images it gets most confidently wro
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from transferkit.artifacts import (
     save_figure,
     save_report,
 )
-from transferkit.callbacks import PredictProgress
 from transferkit.config import EvaluateConfig
 from transferkit.data import (
     DataSplits,
@@ -27,6 +25,7 @@ from transferkit.data import (
     splits_from_table,
 )
 from transferkit.errors import DataError
+from transferkit.inference import predict_batches
 from transferkit.reporting import NullReporter, Reporter
 
 
@@ -128,9 +127,8 @@ def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> Evalua
     if len(images) == 0:
         raise DataError(f"No usable labelled images in {source}.")
     ds = build_dataset(images.sources, None, run.image_size, config.batch_size)
-    reporter.start_progress("Evaluating", math.ceil(len(images) / config.batch_size))
-    probabilities = run.model.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
-    reporter.stop_progress()
+    probabilities = predict_batches(run.model, ds, len(images), config.batch_size, reporter,
+                                    "Evaluating")
     evaluation = classification_metrics(images.labels, probabilities, run.class_names,
                                         config.top_k)
     output.mkdir(parents=True, exist_ok=True)

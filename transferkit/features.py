@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,8 +15,8 @@ import numpy as np
 
 from transferkit.artifacts import FeatureCache
 from transferkit.bases import BaseSpec, resolve_weights
-from transferkit.callbacks import PredictProgress
 from transferkit.data import ImageSet, build_dataset
+from transferkit.inference import predict_batches
 from transferkit.reporting import Reporter
 
 if TYPE_CHECKING:
@@ -59,13 +58,10 @@ class FeatureSpec:
 
 def predict_features(model: keras.Model, sources: Sequence[str], image_size: int,
                      batch_size: int, reporter: Reporter, label: str) -> np.ndarray:
-    """Runs `model` over the images at `sources` (no augmentation) in one streaming
-    `predict` call."""
+    """Runs `model` over the images at `sources` (no augmentation) in one streaming pass."""
     ds = build_dataset(sources, None, image_size, batch_size)
-    reporter.start_progress(f"Extracting {label} features", math.ceil(len(sources) / batch_size))
-    features = model.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
-    reporter.stop_progress()
-    return features.astype(np.float32)
+    return predict_batches(model, ds, len(sources), batch_size, reporter,
+                           f"Extracting {label} features")
 
 
 class FeatureExtractor:

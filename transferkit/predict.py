@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,7 +10,6 @@ import numpy as np
 
 from transferkit.artifacts import load_run
 from transferkit.augment import TTA_VIEWS, ten_crops, tta_load_size
-from transferkit.callbacks import PredictProgress
 from transferkit.config import PredictConfig
 from transferkit.data import (
     build_dataset,
@@ -21,6 +19,7 @@ from transferkit.data import (
     open_inspection_cache,
 )
 from transferkit.errors import DataError
+from transferkit.inference import predict_batches
 from transferkit.reporting import NullReporter, Reporter
 
 if TYPE_CHECKING:
@@ -90,9 +89,7 @@ def _predict_views(model: keras.Model, sources: list[str], image_size: int, batc
     else:
         ds = build_dataset(sources, None, image_size, batch_size)
     label = f"Predicting ({TTA_VIEWS} views each)" if tta else "Predicting"
-    reporter.start_progress(label, math.ceil(len(sources) / batch_size))
-    probabilities = model.predict(ds, verbose=0, callbacks=[PredictProgress(reporter)])
-    reporter.stop_progress()
+    probabilities = predict_batches(model, ds, len(sources), batch_size, reporter, label)
     if tta:
         probabilities = probabilities.reshape(len(sources), TTA_VIEWS, -1).mean(axis=1)
     return probabilities
