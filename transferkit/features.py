@@ -107,7 +107,7 @@ class FeatureExtractor:
         self.computed += len(todo)
         self.reused += sum(len(s) for s in sets) - len(todo)
         width = next(iter(rows.values())).shape[-1] if rows else 0
-        return [np.stack([rows[h] for h in s.hashes]).astype(np.float32) if len(s)
+        return [np.stack([rows[h] for h in s.hashes]) if len(s)
                 else np.zeros((0, width), np.float32) for s in sets]
 
     def save(self) -> None:
