@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from transferkit.artifacts import load_run
@@ -14,6 +15,7 @@ from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ArtifactError, RunInterrupted
 from transferkit.reporting import NullReporter
 from transferkit.training import finetune, resume_finetune
+from transferkit.training.finetune import prepare
 
 
 class SignalAt(NullReporter):
@@ -174,6 +176,13 @@ def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
         finetune(config, SignalAt("head", 2))
     model, _ = load_checkpoint(tmp_path / "run")
     assert int(model.optimizer.iterations) == 4  # the head's Adam state travels with the run
+    # The checkpoint holds the trained head over the untouched base, though only the head's
+    # weights were kept in memory between epochs.
+    initial = prepare(dataclasses.replace(config, output=None), NullReporter()).model
+    for name, changed in (("features", False), ("head", True)):
+        pairs = zip(model.get_layer(name).get_weights(), initial.get_layer(name).get_weights(),
+                    strict=True)
+        assert any(not np.array_equal(a, b) for a, b in pairs) == changed, name
     recorder = Recorder()
     result = resume_finetune(tmp_path / "run", recorder)
     assert [(s.name, s.epochs) for s in result.stages] == [("head", 3), ("finetune", 2)]

@@ -289,7 +289,10 @@ class StageMonitor(keras.callbacks.Callback):
     as checkpoints at most every CHECKPOINT_SECONDS (and whenever `flush` is called), and stop
     the stage once `patience` epochs pass without improvement. Driven by the history rows, so
     it carries on correctly after a resume. Keeping state in memory between writes makes fast
-    epochs (a head on cached features) cost microseconds, not a model save each."""
+    epochs (a head on cached features) cost microseconds, not a model save each. The state is
+    the fitted model's weights, which are all a stage can change: on cached features that is
+    the head alone, not the whole classifier (a copy of the base each epoch cost more than
+    the epoch itself)."""
 
     def __init__(self, config: FinetuneConfig, plan: StagePlan, classifier: keras.Model,
                  history: list[dict[str, Any]]) -> None:
@@ -301,7 +304,7 @@ class StageMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         rows = [r for r in self.history if r["stage"] == self.plan.name]
-        weights = self.classifier.get_weights()
+        weights = self.model.get_weights()
         optimizer = self.classifier.optimizer
         self.last = (epoch + 1, weights, [v.numpy() for v in optimizer.variables])
         if improves(self.config.monitor, rows[-1], best_row(rows[:-1], self.config.monitor)):
@@ -322,10 +325,10 @@ class StageMonitor(keras.callbacks.Callback):
         assert run_dir is not None
         epoch, weights, optimizer_state = self.last
         if self.best is not None:
-            self.classifier.set_weights(self.best)
+            self.model.set_weights(self.best)
             save_best(run_dir, self.classifier, self.plan.name)
             self.best = None
-        self.classifier.set_weights(weights)
+        self.model.set_weights(weights)
         for variable, value in zip(self.classifier.optimizer.variables, optimizer_state,
                                    strict=True):
             variable.assign(value)
