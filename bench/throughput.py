@@ -1,19 +1,24 @@
 """Speed and memory of transferkit's pipeline, as ratios measured side by side in one run.
 
-    python bench/throughput.py            # about 15-20 minutes on 2 CPU cores
+    python bench/throughput.py            # about 45 minutes on 2 CPU cores
 
-1. extract images/s over a folder of JPEGs / the compute floor (the same extractor's
-   `predict` on in-memory tensors, same size and batch): efficientnet_lite0 at 224 and
-   vgg16 at 150 (target >= 0.9). The rate is that of the real `extract` command's
-   extraction pass (JPEGs decoded, resized and pushed through a freshly built base, its
-   first batch paying for the trace); the whole command, which also checks every file
-   and builds the model, is reported beside it. So is the input pipeline with tf.data's
+Passes take turns in rounds (--repeats, --stage1-repeats) and each ratio is of medians: on a
+shared 2-core machine a 20 s pass varies by a quarter between minutes, so one pass of each
+side is not enough to compare them.
+
+1. The extraction pass of the real `extract` command over a folder of JPEGs (decoded, resized
+   and pushed through a freshly built base, its first batch paying for the trace) / the
+   compute floor (the same extractor's `predict` on in-memory tensors, same size and batch,
+   traced beforehand): efficientnet_lite0 at 224 and vgg16 at 150 (target >= 0.9). The whole
+   command, which also checks every file and builds the model, is reported beside it, and so
+   is `predict` over transferkit's input pipeline, and the input pipeline with tf.data's
    AUTOTUNE instead of transferkit's explicit parallelism (see ../shared/PERF_NOTES.md).
 2. The older books' way (Keras's legacy ImageDataGenerator.flow_from_directory feeding
    `predict`) / transferkit's pipeline, reported.
 3. A second `extract` on unchanged data vs the first (target >= 20x faster).
 4. Stage 1 with --no-augment (head on cached features) vs the same epochs through the base
-   (target >= 10x faster), whole `finetune --finetune-epochs 0` commands.
+   (target >= 10x faster), whole `finetune --finetune-epochs 0` commands, each started with
+   no features cached (the ImageNet weights are converted once beforehand, as for any user).
 5. A stage-1 epoch with augmentation vs a plain Keras `fit` of the same model on
    image_dataset_from_directory with the same augmentation layers (target <= 1.0).
 6. Peak RSS of `extract` on 5,000 images vs 500 (target <= 1.3x), in fresh processes.
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +67,25 @@ def make_jpegs(root: Path, count: int, size: int = 256, seed: int = 0) -> Path:
     return root
 
 
-def timed(fn, repeats: int = 1) -> float:
-    """Best-of-`repeats` wall time of fn() (best-of damps this shared machine's noise)."""
-    times = []
+def timed(fn) -> float:
+    """Wall time of fn()."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each run's seconds over `repeats` rounds, the runs taking turns within each round, so
+    that the slow drifts of a shared machine fall on every side alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, run in runs.items():
+            times[name].append(run())
+    return times
+
+
+def spread(seconds: list[float]) -> str:
+    return "/".join(f"{t:.1f}" for t in seconds)
 
 
 def extract_config(data: Path, out: Path, base: str, size: int, weights: str, cache: bool):
@@ -79,8 +96,8 @@ def extract_config(data: Path, out: Path, base: str, size: int, weights: str, ca
 
 
 class PassClock(NullReporter):
-    """Times the extraction passes of an `extract` command (one per split): from each
-    "Extracting ..." progress bar's start to its end."""
+    """Times the extraction pass of an `extract` command: from its "Extracting ..." progress
+    bar's start to its end."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -94,9 +111,13 @@ class PassClock(NullReporter):
             self.seconds += time.perf_counter() - self._start
 
 
-def extraction_ratios(data: Path, n: int, base: str, size: int, weights: str, work: Path
-                      ) -> dict[str, float | str]:
+def extraction_times(data: Path, base: str, size: int, weights: str, work: Path,
+                     repeats: int) -> dict[str, list[float]]:
+    """Seconds per pass over the `data` folder's images, six ways, interleaved."""
     import tensorflow as tf
+
+    # The older books' way; Keras 3 keeps the class only in its legacy package.
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
     from transferkit.bases import build_base, get_base
     from transferkit.data import build_dataset, load_image, load_splits
@@ -105,71 +126,85 @@ def extraction_ratios(data: Path, n: int, base: str, size: int, weights: str, wo
 
     spec = get_base(base)
     model = build_feature_extractor(build_base(spec, size, weights), spec.preprocessing)
-    tensors = np.random.default_rng(0).uniform(0, 255, (n, size, size, 3)).astype(np.float32)
-    model.predict(tensors[:32], batch_size=32, verbose=0)  # trace once
-    floor = timed(lambda: model.predict(tensors, batch_size=32, verbose=0), repeats=3)
     images = load_splits(data, 0.2, 0)
     sources = [*images.train.sources, *images.val.sources]
+    tensors = np.random.default_rng(0).uniform(0, 255, (len(sources), size, size, 3))
+    tensors = tensors.astype(np.float32)
+    # Two floors: Keras's predict on the in-memory array (as the issue words it), and a
+    # traced call per ready-made batch, which skips predict's copy of the array; the faster
+    # is the floor.
+    batches = [tf.constant(tensors[i:i + 32]) for i in range(0, len(tensors), 32)]
+    step = tf.function(lambda x: model(x, training=False),
+                       input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
+    model.predict(tensors[:32], batch_size=32, verbose=0)  # both traced before any clock runs
+    step(batches[0])
 
     def autotuned() -> tf.data.Dataset:  # the tf.data guide's defaults
         return (tf.data.Dataset.from_tensor_slices(sources)
                 .map(lambda p: load_image(p, size), num_parallel_calls=tf.data.AUTOTUNE)
                 .batch(32).prefetch(tf.data.AUTOTUNE))
 
-    ours, tuned = [], []
-    for _ in range(3):  # interleaved; means, since the stalls come and go
-        ours.append(timed(lambda: model.predict(build_dataset(sources, None, size, 32),
-                                                verbose=0)))
-        tuned.append(timed(lambda: model.predict(autotuned(), verbose=0)))
-    passes, commands = [], []
-    for _ in range(2):
-        clock, start = PassClock(), time.perf_counter()
-        extract(extract_config(data, work / "f.npz", base, size, weights, cache=False), clock)
-        commands.append(time.perf_counter() - start)
-        passes.append(clock.seconds)
-
-    # The older books' way; Keras 3 keeps the class only in its legacy package.
-    from keras.src.legacy.preprocessing.image import ImageDataGenerator
-
     def legacy() -> None:
         generator = ImageDataGenerator().flow_from_directory(
             str(data), target_size=(size, size), batch_size=32, class_mode=None, shuffle=False)
         model.predict(generator, verbose=0)
 
-    legacy_time = timed(legacy, repeats=2)
-    return {"floor_img_s": n / floor, "pipeline_img_s": n / min(ours),
-            "autotune_slowdown": statistics.mean(tuned) / statistics.mean(ours),
-            "autotune_runs": " / ".join(f"{t:.1f}" for t in tuned),
-            "explicit_runs": " / ".join(f"{t:.1f}" for t in ours),
-            "extract_img_s": n / min(passes), "command_img_s": n / min(commands),
-            "legacy_img_s": n / legacy_time}
+    passes: list[float] = []
+
+    def command() -> float:
+        clock = PassClock()
+        seconds = timed(lambda: extract(extract_config(data, work / "f.npz", base, size,
+                                                       weights, cache=False), clock))
+        passes.append(clock.seconds)
+        return seconds
+
+    times = interleaved({
+        "predict": lambda: timed(lambda: model.predict(tensors, batch_size=32, verbose=0)),
+        "traced": lambda: timed(lambda: [step(batch).numpy() for batch in batches]),
+        "pipeline": lambda: timed(lambda: model.predict(build_dataset(sources, None, size, 32),
+                                                        verbose=0)),
+        "autotune": lambda: timed(lambda: model.predict(autotuned(), verbose=0)),
+        "command": command,
+        "legacy": lambda: timed(legacy),
+    }, repeats)
+    return {**times, "extract": passes}
 
 
 def cache_ratio(data: Path, work: Path) -> tuple[float, float]:
+    from transferkit.artifacts import clear_cache
     from transferkit.extract import extract
 
-    os.environ["TRANSFERKIT_HOME"] = str(work / "fresh-cache")  # an empty cache
-    first = timed(lambda: extract(extract_config(data, work / "c.npz", "efficientnet_lite0",
-                                                 224, "imagenet", cache=True)))
-    second = timed(lambda: extract(extract_config(data, work / "c.npz", "efficientnet_lite0",
-                                                  224, "imagenet", cache=True)))
-    return first, second
+    clear_cache()  # no features cached; the converted ImageNet weights stay, as for any user
+
+    def run() -> float:
+        return timed(lambda: extract(extract_config(data, work / "c.npz", "efficientnet_lite0",
+                                                    224, "imagenet", cache=True)))
+
+    return run(), run()
 
 
-def stage1_times(data: Path, work: Path, epochs: int) -> tuple[float, float]:
+def stage1_times(data: Path, work: Path, epochs: int, repeats: int) -> dict[str, list[float]]:
+    """Whole `finetune --finetune-epochs 0` commands: stage 1 on cached features (--no-augment)
+    and the same epochs through the base, taking turns, each starting with no features cached."""
+    from transferkit.artifacts import clear_cache
     from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
     from transferkit.training import finetune
 
-    def run(name: str, augment: AugmentConfig) -> float:
-        os.environ["TRANSFERKIT_HOME"] = str(work / f"cache-{name}")  # both start cold
+    def run(name: str, augment: AugmentConfig) -> Callable[[], float]:
         config = FinetuneConfig(data=DataConfig(data), output=work / name, epochs=epochs,
                                 finetune_epochs=0, patience=0, augment=augment, overwrite=True)
-        return timed(lambda: finetune(config))
+
+        def cold() -> float:
+            clear_cache()
+            return timed(lambda: finetune(config))
+
+        return cold
 
     # The same epochs through the base: augmentation on, every transform set to nothing.
     nothing = AugmentConfig(rotation_range=0, width_shift_range=0, height_shift_range=0,
                             shear_range=0, zoom_range=0, horizontal_flip=False)
-    return run("fast", AugmentConfig(enabled=False)), run("images", nothing)
+    return interleaved({"fast": run("fast", AugmentConfig(enabled=False)),
+                        "images": run("images", nothing)}, repeats)
 
 
 class EpochClock:
@@ -255,39 +290,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved rounds of the extraction passes (default 5)")
+    parser.add_argument("--stage1-repeats", type=int, default=3,
+                        help="interleaved rounds of the two stage-1 commands (default 3)")
     args = parser.parse_args()
+    median = statistics.median
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         os.environ["TRANSFERKIT_HOME"] = str(work / "home")
         rows = []
         # Folders big enough for ~20 s passes at each base's floor rate.
         large = make_jpegs(work / "jpegs1000", 1000)
-        for base, size, weights, n_dir in (("efficientnet_lite0", 224, "imagenet", large),
-                                           ("vgg16", 150, "none",
-                                            make_jpegs(work / "jpegs160", 160, seed=1))):
-            n = sum(1 for _ in n_dir.rglob("*.jpg"))
-            r = extraction_ratios(n_dir, n, base, size, weights, work)
-            rows.append((f"extract / compute floor, {base} at {size}",
-                         r["extract_img_s"] / r["floor_img_s"], ">= 0.9",
-                         f"{r['extract_img_s']:.1f} vs {r['floor_img_s']:.1f} img/s; whole "
-                         f"command {r['command_img_s'] / r['floor_img_s']:.2f}; predict over "
-                         f"the tf.data pipeline {r['pipeline_img_s'] / r['floor_img_s']:.2f}"))
+        for base, size, weights, folder in (("efficientnet_lite0", 224, "imagenet", large),
+                                            ("vgg16", 150, "none",
+                                             make_jpegs(work / "jpegs160", 160, seed=1))):
+            t = extraction_times(folder, base, size, weights, work, args.repeats)
+            floor = min(median(t["predict"]), median(t["traced"]))
+            rows.append((f"extract pass / compute floor, {base} at {size}",
+                         floor / median(t["extract"]), ">= 0.9",
+                         f"{sum(1 for _ in folder.rglob('*.jpg'))} images; seconds "
+                         f"per pass {spread(t['extract'])} vs floor: predict "
+                         f"{spread(t['predict'])}, traced {spread(t['traced'])}; "
+                         f"whole command {floor / median(t['command']):.2f}; predict over "
+                         f"the tf.data pipeline {floor / median(t['pipeline']):.2f}"))
             rows.append((f"pipeline with tf.data AUTOTUNE / transferkit's explicit "
-                         f"parallelism (time, mean of 3), {base} at {size}",
-                         r["autotune_slowdown"], "report",
-                         f"{r['autotune_runs']} s vs {r['explicit_runs']} s"))
-            rows.append((f"legacy ImageDataGenerator / transferkit, {base} at {size}",
-                         r["legacy_img_s"] / r["pipeline_img_s"], "report",
-                         f"{r['legacy_img_s']:.1f} vs {r['pipeline_img_s']:.1f} img/s"))
+                         f"parallelism (time), {base} at {size}",
+                         median(t["autotune"]) / median(t["pipeline"]), "report",
+                         f"{spread(t['autotune'])} s vs {spread(t['pipeline'])} s"))
+            rows.append((f"legacy ImageDataGenerator / transferkit's pipeline (speed), "
+                         f"{base} at {size}", median(t["pipeline"]) / median(t["legacy"]),
+                         "report", f"{spread(t['legacy'])} s vs {spread(t['pipeline'])} s"))
             print(*rows[-3:], sep="\n", flush=True)
         first, second = cache_ratio(large, work)
         rows.append(("second extract vs first (unchanged data)", first / second, ">= 20",
                      f"{first:.1f} s vs {second:.2f} s"))
         print(rows[-1], flush=True)
         medium = make_jpegs(work / "jpegs300", 300, seed=2)
-        fast, slow = stage1_times(medium, work, epochs=30)
-        rows.append(("stage 1 through the base / with --no-augment (30 epochs)", slow / fast,
-                     ">= 10", f"{slow:.0f} s vs {fast:.1f} s"))
+        t = stage1_times(medium, work, 30, args.stage1_repeats)
+        rows.append(("stage 1 through the base / with --no-augment (30 epochs)",
+                     median(t["images"]) / median(t["fast"]), ">= 10",
+                     f"{spread(t['images'])} s vs {spread(t['fast'])} s"))
         print(rows[-1], flush=True)
         ours, plain = augmented_epochs(medium, work)
         rows.append(("stage-1 epoch with augmentation / plain Keras fit", ours / plain,
@@ -297,7 +340,9 @@ def main() -> None:
         rss_big = peak_rss_kb(make_jpegs(work / "jpegs5000", 5000, seed=4), work / "r2.npz")
         rows.append(("peak RSS of extract, 5,000 vs 500 images", rss_big / rss_small, "<= 1.3",
                      f"{rss_big / 1024:.0f} MB vs {rss_small / 1024:.0f} MB"))
-        print("\n| measure | ratio | target | detail |\n|---|---|---|---|")
+        print(f"\nmedians of interleaved rounds ({args.repeats} for extraction, "
+              f"{args.stage1_repeats} for stage 1)")
+        print("| measure | ratio | target | detail |\n|---|---|---|---|")
         for name, ratio, target, detail in rows:
             print(f"| {name} | {ratio:.2f} | {target} | {detail} |")
 
