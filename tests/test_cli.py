@@ -56,17 +56,18 @@ def test_finetune_head_only(image_folder: Path, tmp_path: Path):
     assert [s["name"] for s in info["stages"]] == ["head"]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--val-split", "1.5"], "--val-split must be strictly between 0 and 1; got 1.5"),
-    (["--image-size", "16"], "below efficientnet_lite0's minimum of 32"),
-    (["--weights", "missing.weights.h5"], "is not 'imagenet', 'none' or an existing file"),
-    (["--unfreeze-blocks", "9"], "efficientnet_lite0 has 8 blocks"),
+@pytest.mark.parametrize(("args", "message", "code"), [
+    (["--val-split", "1.5"], "--val-split must be strictly between 0 and 1; got 1.5", 2),
+    (["--image-size", "16"], "below efficientnet_lite0's minimum of 32", 2),
+    (["--weights", "missing.weights.h5"], "is not 'imagenet', 'none' or an existing file", 1),
+    (["--unfreeze-blocks", "9"], "efficientnet_lite0 has 8 blocks", 2),
 ])
-def test_finetune_user_errors_exit_1_without_traceback(image_folder, tmp_path, args, message):
+def test_finetune_user_errors_without_traceback(image_folder, tmp_path, args, message, code):
+    """Usage errors exit 2, other user errors 1."""
     base_args = ["finetune", image_folder, "-o", tmp_path / "run", "--weights", "none",
                  "--image-size", "32", "--epochs", "1"]
     result = invoke(*base_args, *args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     assert "Error:" in result.stderr and message in said(result.stderr)
     assert "Traceback" not in result.output
     assert not (tmp_path / "run").exists()

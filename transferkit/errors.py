@@ -14,7 +14,14 @@ class DataError(TransferkitError):
 
 
 class ConfigError(TransferkitError):
-    """An option value, or a combination of them, is invalid."""
+    """An option value, or a combination of them, is invalid: a usage error, like those the
+    command line parser itself reports."""
+
+    exit_code = 2
+
+
+class MissingPackageError(TransferkitError):
+    """An option needs an optional package that is not installed."""
 
 
 class WeightsError(TransferkitError):

@@ -24,7 +24,7 @@ import numpy as np
 from transferkit.artifacts import LoadedRun, check_new_output, load_run
 from transferkit.config import ExportConfig
 from transferkit.data import build_dataset
-from transferkit.errors import ArtifactError, ConfigError, DataError
+from transferkit.errors import ArtifactError, DataError, MissingPackageError
 from transferkit.evaluate import run_splits
 from transferkit.reporting import NullReporter, Reporter
 
@@ -196,8 +196,9 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
     missing = [m for m in REQUIREMENTS.get(config.format, ()) if importlib.util.find_spec(m)
                is None]
     if missing:
-        raise ConfigError(f"--format {config.format} needs {', '.join(missing)}, which is not "
-                          f"installed. Run: pip install 'transferkit[{config.format}]'")
+        raise MissingPackageError(
+            f"--format {config.format} needs {', '.join(missing)}, which is not installed. "
+            f"Run: pip install 'transferkit[{config.format}]'")
     labels = labels_path_for(config.output, config.format)
     check_new_output(config.output, config.overwrite,
                      what="export folder" if config.format == "savedmodel" else "export file")

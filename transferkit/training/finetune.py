@@ -45,7 +45,7 @@ from transferkit.bases import BaseSpec, build_base, get_base, resolve_image_size
 from transferkit.config import FinetuneConfig, from_dict, to_dict
 from transferkit.data import DataSplits, build_dataset, load_splits, splits_from_table
 from transferkit.devices import build_strategy, precision_policy
-from transferkit.errors import ArtifactError, ConfigError, RunInterrupted
+from transferkit.errors import ArtifactError, MissingPackageError, RunInterrupted
 from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.model import build_classifier, build_feature_extractor, build_head
@@ -191,8 +191,9 @@ def prepare(config: FinetuneConfig, reporter: Reporter) -> Prepared:
     if config.finetune_epochs:
         spec.check_block_count(config.unfreeze_blocks, "--unfreeze-blocks")
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("--tensorboard needs the tensorboard package, which is not installed. "
-                          "Run: pip install 'transferkit[tensorboard]' (or drop --tensorboard).")
+        raise MissingPackageError(
+            "--tensorboard needs the tensorboard package, which is not installed. "
+            "Run: pip install 'transferkit[tensorboard]' (or drop --tensorboard).")
     if config.output is not None:
         check_new_output(config.output, config.overwrite)
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter)
