@@ -22,7 +22,7 @@ from transferkit.reporting import Reporter
 if TYPE_CHECKING:
     import keras
 
-FEATURE_PIPELINE_VERSION = 1  # bump when decoding or resizing changes what features are
+FEATURE_PIPELINE_VERSION = 2  # bump when decoding or resizing changes what features are
 
 
 def weights_fingerprint(spec: BaseSpec, weights: str, seed: int) -> str:
