@@ -1,6 +1,6 @@
 """Speed and memory of transferkit's pipeline, as ratios measured side by side in one run.
 
-    python bench/throughput.py            # about 45 minutes on 2 CPU cores
+    python bench/throughput.py            # about 50 minutes on 2 CPU cores
 
 Passes take turns in rounds (--repeats, --stage1-repeats) and each ratio is of medians: on a
 shared 2-core machine a 20 s pass varies by a quarter between minutes, so one pass of each
