@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from transferkit.config import DataConfig, ExportConfig, ExtractConfig, HeadConfig
-from transferkit.errors import ArtifactError, ConfigError
+from transferkit.errors import ArtifactError, ConfigError, MissingPackageError
 from transferkit.export import TOLERANCE, export, labels_path_for, run_exported
 
 
@@ -98,7 +98,7 @@ def test_export_options_are_checked(head_run: Path, tmp_path: Path,
     with pytest.raises(ConfigError, match="name it with .onnx"):
         ExportConfig(head_run, tmp_path / "m.tflite", "onnx")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match=r"pip install 'transferkit\[onnx\]'"):
+    with pytest.raises(MissingPackageError, match=r"pip install 'transferkit\[onnx\]'"):
         export(ExportConfig(head_run, tmp_path / "m.onnx", "onnx"))
     (tmp_path / "taken.tflite").write_bytes(b"keep me")
     monkeypatch.undo()
