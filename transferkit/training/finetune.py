@@ -292,8 +292,8 @@ class StageMonitor(keras.callbacks.Callback):
     it carries on correctly after a resume. Keeping state in memory between writes makes fast
     epochs (a head on cached features) cost microseconds, not a model save each. The state is
     the fitted model's weights, which are all a stage can change: on cached features that is
-    the head alone, not the whole classifier (a copy of the base each epoch cost more than
-    the epoch itself)."""
+    the head alone, not the whole classifier (copying that cost a quarter of such an
+    epoch)."""
 
     def __init__(self, config: FinetuneConfig, plan: StagePlan, classifier: keras.Model,
                  history: list[dict[str, Any]]) -> None:
