@@ -124,6 +124,7 @@ def extraction_times(data: Path, base: str, size: int, weights: str, work: Path,
     from transferkit.bases import build_base, get_base
     from transferkit.data import build_dataset, load_image, load_splits
     from transferkit.extract import extract
+    from transferkit.inference import inference_step
     from transferkit.model import build_feature_extractor
 
     spec = get_base(base)
@@ -136,8 +137,7 @@ def extraction_times(data: Path, base: str, size: int, weights: str, work: Path,
     # traced call per ready-made batch, which skips predict's copy of the array; the faster
     # is the floor.
     batches = [tf.constant(tensors[i:i + 32]) for i in range(0, len(tensors), 32)]
-    step = tf.function(lambda x: model(x, training=False),
-                       input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
+    step = inference_step(model, tf.TensorSpec((None, size, size, 3), tf.float32))
     model.predict(tensors[:32], batch_size=32, verbose=0)  # both traced before any clock runs
     step(batches[0])
 

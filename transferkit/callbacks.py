@@ -1,4 +1,4 @@
-"""Small Keras callbacks that turn fit/predict events into Reporter calls."""
+"""Small Keras callbacks that turn fit events into Reporter calls."""
 
 from __future__ import annotations
 

@@ -1,14 +1,15 @@
 """A model run over a stream of image batches, for extract, predict and evaluate.
 
 One `tf.function` with a batch dimension of None is traced once per call. Keras's `predict`
-traces again for the last, smaller batch, and each trace of a base costs seconds: that was a
-tenth of extracting 1,000 images on 2 CPU cores (bench/README.md). Memory holds the outputs
-only, never the images.
+traces again for the last, smaller batch, and each new trace of a base pays for tracing and
+TensorFlow's graph optimisation again: about 2 s for Lite0 on 2 CPU cores (bench/README.md).
+Memory holds the outputs only, never the images.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,13 +21,19 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 
+def inference_step(model: keras.Model, input_spec: tf.TensorSpec) -> Callable:
+    """`model` in inference mode as one `tf.function` over batches of `input_spec`, traced
+    on its first call and then reused for every batch size."""
+    import tensorflow as tf
+
+    return tf.function(lambda x: model(x, training=False), input_signature=[input_spec])
+
+
 def predict_batches(model: keras.Model, ds: tf.data.Dataset, count: int, batch_size: int,
                     reporter: Reporter, description: str) -> np.ndarray:
     """`model`'s float32 outputs for every batch of `ds` (`count` inputs in batches of
     `batch_size`, for the progress bar), in order."""
-    import tensorflow as tf
-
-    step = tf.function(lambda x: model(x, training=False), input_signature=[ds.element_spec])
+    step = inference_step(model, ds.element_spec)
     reporter.start_progress(description, math.ceil(count / batch_size))
     rows = []
     for batch in ds:
