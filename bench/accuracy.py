@@ -24,14 +24,15 @@ import transferkit  # noqa: F401  (sets the Keras backend)
 
 
 def transferkit_accuracy(data: Path, seed: int, workdir: Path) -> tuple[float, float]:
-    from transferkit.artifacts import load_run
     from transferkit.config import DataConfig, FinetuneConfig
-    from transferkit.data import build_dataset, load_splits
-    from transferkit.training import finetune
+    from transferkit.data.folders import load_splits
+    from transferkit.data.pipeline import build_dataset
+    from transferkit.runs import load_run
+    from transferkit.training.finetune import finetune
 
     start = time.perf_counter()
     run_dir = workdir / f"tk-{data.name}-{seed}"
-    finetune(FinetuneConfig(data=DataConfig(data, seed=seed), output=run_dir))
+    finetune(FinetuneConfig(data=DataConfig(data_dir=data, seed=seed), output=run_dir))
     seconds = time.perf_counter() - start
     run = load_run(run_dir)
     val = load_splits(data, 0.2, seed).val

@@ -93,7 +93,7 @@ def spread(seconds: list[float]) -> str:
 def extract_config(data: Path, out: Path, base: str, size: int, weights: str, cache: bool):
     from transferkit.config import DataConfig, ExtractConfig
 
-    return ExtractConfig(data=DataConfig(data, image_size=size), output=out, base=base,
+    return ExtractConfig(data=DataConfig(data_dir=data, image_size=size), output=out, base=base,
                          weights=weights, cache=cache, overwrite=True)
 
 
@@ -122,7 +122,8 @@ def extraction_times(data: Path, base: str, size: int, weights: str, work: Path,
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
     from transferkit.bases import build_base, get_base
-    from transferkit.data import build_dataset, load_image, load_splits
+    from transferkit.data.folders import load_splits
+    from transferkit.data.pipeline import build_dataset, load_image
     from transferkit.extract import extract
     from transferkit.inference import inference_step
     from transferkit.model import build_feature_extractor
@@ -176,7 +177,7 @@ def extraction_times(data: Path, base: str, size: int, weights: str, work: Path,
 
 
 def cache_ratio(data: Path, work: Path) -> tuple[float, float]:
-    from transferkit.artifacts import clear_cache
+    from transferkit.cache import clear_cache
     from transferkit.extract import extract
 
     clear_cache()  # no features cached; the converted ImageNet weights stay, as for any user
@@ -191,12 +192,12 @@ def cache_ratio(data: Path, work: Path) -> tuple[float, float]:
 def stage1_times(data: Path, work: Path, epochs: int, repeats: int) -> dict[str, list[float]]:
     """Whole `finetune --finetune-epochs 0` commands: stage 1 on cached features (--no-augment)
     and the same epochs through the base, taking turns, each starting with no features cached."""
-    from transferkit.artifacts import clear_cache
+    from transferkit.cache import clear_cache
     from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
-    from transferkit.training import finetune
+    from transferkit.training.finetune import finetune
 
     def run(name: str, augment: AugmentConfig) -> Callable[[], float]:
-        config = FinetuneConfig(data=DataConfig(data), output=work / name, epochs=epochs,
+        config = FinetuneConfig(data=DataConfig(data_dir=data), output=work / name, epochs=epochs,
                                 finetune_epochs=0, patience=0, augment=augment, overwrite=True)
 
         def cold() -> float:
@@ -236,7 +237,7 @@ def augmented_epochs(data: Path, work: Path, epochs: int = 4) -> tuple[float, fl
     from transferkit.bases import build_base, get_base
     from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
     from transferkit.model import build_classifier, build_feature_extractor, build_head
-    from transferkit.training import finetune
+    from transferkit.training.finetune import finetune
 
     clock = EpochClock()
 
@@ -247,7 +248,7 @@ def augmented_epochs(data: Path, work: Path, epochs: int = 4) -> tuple[float, fl
         def epoch_ended(self, *args) -> None:
             clock.tick()
 
-    finetune(FinetuneConfig(data=DataConfig(data), output=work / "aug", epochs=epochs,
+    finetune(FinetuneConfig(data=DataConfig(data_dir=data), output=work / "aug", epochs=epochs,
                             finetune_epochs=0, patience=0, overwrite=True), Clocked())
     ours = clock.steady()
 
@@ -279,8 +280,8 @@ import resource, sys
 from pathlib import Path
 from transferkit.config import DataConfig, ExtractConfig
 from transferkit.extract import extract
-extract(ExtractConfig(data=DataConfig(Path(sys.argv[1]), image_size=64), output=Path(sys.argv[2]),
-                      cache=False, overwrite=True))
+extract(ExtractConfig(data=DataConfig(data_dir=Path(sys.argv[1]), image_size=64),
+                      output=Path(sys.argv[2]), cache=False, overwrite=True))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

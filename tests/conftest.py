@@ -78,10 +78,10 @@ def presplit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished two-stage finetune run (random weights, 32 px) for predict tests."""
     from transferkit.config import DataConfig, FinetuneConfig
-    from transferkit.training import finetune
+    from transferkit.training.finetune import finetune
 
     run_dir = tmp_path_factory.mktemp("runs") / "run"
-    finetune(FinetuneConfig(data=DataConfig(image_folder, image_size=32, batch_size=8),
+    finetune(FinetuneConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", epochs=1, finetune_epochs=1))
     return run_dir
 

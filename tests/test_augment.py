@@ -29,7 +29,7 @@ def test_classic_recipe_defaults_map_to_keras_units():
     assert layers["zoom"]["height_factor"] == (-0.2, 0.2)  # scale in [0.8, 1.2]
     assert layers["zoom"]["width_factor"] == (-0.2, 0.2)  # drawn independently, like IDG
     assert layers["flip"]["mode"] == "horizontal"
-    assert all(c.get("fill_mode", FILL_MODE) == "nearest" for c in layers.values())
+    assert all(c.get("fill_mode", FILL_MODE) == "reflect" for c in layers.values())
 
 
 def test_flip_modes_and_disabled_parts():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +37,7 @@ def test_finetune_writes_a_self_describing_run(image_folder: Path, tmp_path: Pat
     assert result.exit_code == 0, result.output
     assert {"model.keras", "run.json", "history.json"} <= {p.name for p in run_dir.iterdir()}
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["base"] == "vgg16" and info["image_size"] == 32
+    assert info["base"] == "vgg16" and info["config"]["data"]["image_size"] == 32
     assert info["config"]["augment"]["brightness_range"] == [0.8, 1.2]
     assert info["stages"][1]["trainable_params"] > info["stages"][0]["trainable_params"]
     assert "Stage 'head'" in result.stderr and "Stage 'finetune'" in result.stderr
@@ -204,7 +206,7 @@ def test_interrupted_run_resumes_from_the_cli(image_folder: Path, tmp_path: Path
     from test_training import SignalAt, _config
 
     from transferkit.errors import RunInterrupted
-    from transferkit.training import finetune as run_finetune
+    from transferkit.training.finetune import finetune as run_finetune
 
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
@@ -261,9 +263,9 @@ def test_weights_that_do_not_fit_exit_1(image_folder: Path, tmp_path: Path):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"preprocessing": "caffe"}, "no valid preprocessing description"),
-    ({"class_names": None}, "no valid class_names"),
-    ({"format_version": 2}, "run format version 2"),
+    ({"preprocessing": "caffe"}, "damaged: Setting 'preprocessing' must be a table"),
+    ({"class_names": None}, "damaged: Setting 'class_names' must not be null"),
+    ({"format_version": 3}, "run format version 3"),
 ])
 def test_predict_refuses_runs_it_cannot_read(trained_run: Path, image_folder: Path,
                                              tmp_path: Path, change, message):
@@ -340,7 +342,8 @@ def test_augment_preview_writes_a_grid(image_folder: Path, tmp_path: Path):
                     "4", "--image-size", "32")
     assert result.exit_code == 0, result.output
     with Image.open(out) as im:
-        assert im.size == (5 * 36 + 4, 3 * 36 + 4)
+        assert im.width > im.height > 100  # 5 columns (original + 4 draws) by 3 rows
+    assert "3 image(s), each as the original and 4 augmented draws" in said(result.stderr)
     again = invoke("augment-preview", image_folder, "-o", out)
     assert again.exit_code == 1 and "already exists" in again.stderr
 
@@ -385,3 +388,130 @@ def test_predict_reads_paths_from_stdin_and_writes_jsonl(trained_run: Path, imag
     assert "3 image(s) scored below --threshold 1" in said(result.stderr)
     quoted = invoke("predict", trained_run, str(image_folder / "*" / "*_1.png"))
     assert quoted.exit_code == 0 and said(quoted.stdout).count("_1.png") == 3
+
+
+NATIVE_LOG = re.compile(r"absl|oneDNN|cuda|cuInit|XNNPACK|TF_ENABLE|^[IWE]\d{4} ", re.I | re.M)
+
+
+def _entry_point() -> list[str]:
+    script = Path(sys.executable).with_name("transferkit")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "transferkit"]
+
+
+def test_commands_that_load_tensorflow_start_quiet(trained_run: Path, image_folder: Path,
+                                                   tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFERKIT_VERBOSE",
+                                                            "TF_CPP_MIN_LOG_LEVEL")}
+    predicted = subprocess.run([*_entry_point(), "predict", str(trained_run),
+                                str(image_folder / "circles"), "-o", "-"],
+                               capture_output=True, text=True, timeout=300, env=env)
+    assert predicted.returncode == 0, predicted.stderr
+    assert not NATIVE_LOG.search(predicted.stderr), predicted.stderr
+    assert predicted.stdout.startswith("path,label,probability")
+    exported = subprocess.run([*_entry_point(), "export", str(trained_run), "--format", "tflite",
+                               "-o", str(tmp_path / "m.tflite"), "--check-images", "2"],
+                              capture_output=True, text=True, timeout=300, env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert not NATIVE_LOG.search(exported.stderr), exported.stderr
+    loud = subprocess.run([*_entry_point(), "--verbose", "predict", str(trained_run),
+                           str(image_folder / "circles"), "-o", "-"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert loud.returncode == 0 and NATIVE_LOG.search(loud.stderr)
+
+
+FAST_FAIL = """
+import sys
+from transferkit.cli import app
+try:
+    app(sys.argv[1:], prog_name="transferkit")
+    code = 0
+except SystemExit as exit:
+    code = exit.code
+loaded = sorted({"tensorflow", "keras"} & set(sys.modules))
+assert not loaded, f"imported {loaded} before failing"
+sys.exit(code)
+"""
+
+
+def _one_class(root: Path) -> Path:
+    (root / "only" ).mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize(("make_args", "code", "message"), [
+    (lambda d, t: ["finetune", t / "missing", "-o", t / "r"], 1, "does not exist"),
+    (lambda d, t: ["finetune", _one_class(t / "one"), "-o", t / "r"], 1, "Found 1 class folder"),
+    (lambda d, t: ["finetune", d, "-o", t / "r", "--image-size", "8"], 2, "below"),
+    (lambda d, t: ["finetune", d, "-o", t / "r", "--unfreeze-blocks", "99"], 2, "8 blocks"),
+    (lambda d, t: ["finetune", d, "-o", _occupied(t)], 1, "already exists"),
+    (lambda d, t: ["finetune", "--resume", t], 1, "is not a transferkit run"),
+    (lambda d, t: ["extract", d, "-o", t / "f.npz", "--blocks", "99"], 2, "8 blocks"),
+    (lambda d, t: ["predict", t, d], 1, "is not a transferkit run"),
+    (lambda d, t: ["evaluate", t / "nope"], 1, "does not exist"),
+    (lambda d, t: ["export", t, "--format", "tflite", "-o", t / "m.onnx"], 2, ".tflite"),
+    (lambda d, t: ["augment-preview", t / "missing", "-o", t / "g.png"], 1, "does not exist"),
+])
+def test_mistakes_are_reported_before_tensorflow_loads(image_folder: Path, tmp_path: Path,
+                                                       make_args, code: int, message: str):
+    args = [str(a) for a in make_args(image_folder, tmp_path)]
+    done = subprocess.run([sys.executable, "-c", FAST_FAIL, *args], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert message in said(done.stderr) and "Traceback" not in done.stderr
+
+
+def _occupied(root: Path) -> Path:
+    (root / "taken").mkdir()
+    (root / "taken" / "notes.txt").write_text("mine")
+    return root / "taken"
+
+
+def test_predict_writes_any_format_to_stdout_or_a_file(trained_run: Path, image_folder: Path,
+                                                       tmp_path: Path):
+    lines = invoke("predict", trained_run, image_folder / "squares", "-o", "-", "--format",
+                   "jsonl")
+    assert lines.exit_code == 0, lines.output
+    rows = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert len(rows) == 6 and all(r["true_label"] == "squares" for r in rows)
+    piped = invoke("predict", trained_run, image_folder / "squares")  # stdout is no terminal
+    assert piped.exit_code == 0
+    assert list(csv.DictReader(piped.stdout.splitlines()))[0]["true_label"] == "squares"
+    as_json = invoke("predict", trained_run, image_folder / "squares", "-o", "-", "--format",
+                     "json")
+    assert len(json.loads(as_json.stdout)) == 6
+    named = tmp_path / "preds.txt"
+    assert invoke("predict", trained_run, image_folder, "-o", named).exit_code == 2
+    chosen = invoke("predict", trained_run, image_folder, "-o", named, "--format", "json")
+    assert chosen.exit_code == 0 and len(json.loads(named.read_text())) == 18
+
+
+def test_predict_exits_1_when_nothing_could_be_predicted(trained_run: Path, tmp_path: Path):
+    (tmp_path / "a.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "b.png").write_bytes(b"")
+    result = invoke("predict", trained_run, tmp_path / "a.jpg", tmp_path / "b.png")
+    assert result.exit_code == 1
+    assert "None of the 2 file(s) given could be read" in said(result.stderr)
+    assert "Traceback" not in result.output
+
+
+def test_warnings_never_break_a_path(trained_run: Path, tmp_path: Path):
+    deep = tmp_path / ("a-long-folder-name-" * 8) / ("and-a-longer-file-name-" * 6 + ".jpg")
+    deep.parent.mkdir(parents=True)
+    deep.write_bytes(b"broken")
+    result = invoke("predict", trained_run, deep)
+    assert str(deep) in result.stderr.replace("\n  ", "")  # whole, on one line
+
+
+def test_evaluate_twice_replaces_the_earlier_evaluation(trained_run: Path, tmp_path: Path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    assert invoke("evaluate", run_dir).exit_code == 0
+    (run_dir / "evaluation" / "stale.txt").write_text("from an older evaluation")
+    again = invoke("evaluate", run_dir)
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (run_dir / "evaluation").iterdir()) == [
+        "confusion.png", "metrics.json", *(["mistakes.png"] if "mistakes" in again.stderr
+                                           else [])]
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]

@@ -10,7 +10,8 @@ import pytest
 from conftest import CLASSES, make_image, write_class_folder
 from PIL import Image
 
-from transferkit.data import build_dataset, collect_images, load_splits, split_validation
+from transferkit.data.folders import collect_images, load_splits, split_validation
+from transferkit.data.pipeline import build_dataset
 from transferkit.errors import DataError
 
 
@@ -43,7 +44,7 @@ def test_presplit_folder_uses_its_train_val_test(presplit_folder: Path):
 
 def test_inspection_memo_is_read_and_written_once_per_load(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch):
-    import transferkit.data as data
+    import transferkit.data.inspect as data
 
     root = tmp_path / "split"
     for split, count in (("train", 4), ("val", 2), ("test", 2)):
@@ -136,7 +137,7 @@ def test_split_is_stable_when_files_are_added(tmp_path: Path):
 
 
 def _decoded(path: Path, size: int = 32) -> np.ndarray:
-    from transferkit.data import decode_source, inspect_image
+    from transferkit.data.inspect import decode_source, inspect_image
 
     return np.asarray(next(iter(build_dataset([decode_source(inspect_image(path))], None, size,
                                               batch_size=1)))[0])
@@ -203,7 +204,7 @@ def test_large_jpegs_decode_scaled_and_match_a_full_antialiased_resize(tmp_path,
     antialiased resize of the fully decoded picture is within one)."""
     import tensorflow as tf
 
-    from transferkit.data import load_image
+    from transferkit.data.pipeline import load_image
 
     path = tmp_path / "big.jpg"
     Image.fromarray(_gradient(width, height)).save(path, quality=95)
@@ -216,7 +217,7 @@ def test_large_jpegs_decode_scaled_and_match_a_full_antialiased_resize(tmp_path,
 def test_mild_downscales_resize_without_antialiasing(tmp_path):
     import tensorflow as tf
 
-    from transferkit.data import load_image
+    from transferkit.data.pipeline import load_image
 
     pixels = _gradient(100, 90)
     Image.fromarray(pixels).save(tmp_path / "small.png")

@@ -91,7 +91,7 @@ def test_quarantine_moves_unusable_files_keeping_paths(messy_folder: Path, tmp_p
 
 
 def test_no_cache_decodes_again(messy_folder: Path, monkeypatch: pytest.MonkeyPatch):
-    import transferkit.data as data
+    import transferkit.data.inspect as data
 
     diagnose(messy_folder, 32)  # fills the inspection memo
     decoded: list[Path] = []

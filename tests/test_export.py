@@ -11,7 +11,7 @@ import pytest
 
 from transferkit.config import DataConfig, ExportConfig, ExtractConfig, HeadConfig
 from transferkit.errors import ArtifactError, ConfigError, MissingPackageError
-from transferkit.export import TOLERANCE, export, labels_path_for, run_exported
+from transferkit.export import FORMATS, TOLERANCE, export, get_format
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,9 @@ def head_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from transferkit.extract import extract
 
     work = tmp_path_factory.mktemp("export")
-    extract(ExtractConfig(data=DataConfig(image_folder, image_size=32, batch_size=8),
+    extract(ExtractConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                           output=work / "f.npz", base="vgg16", weights="none", blocks=2,
-                          head=HeadConfig(work / "run", dense_units=16, epochs=20)))
+                          head=HeadConfig(output=work / "run", dense_units=16, epochs=20)))
     return work / "run"
 
 
@@ -40,7 +40,7 @@ def test_export_round_trips_within_tolerance(head_run: Path, tmp_path: Path, exp
                                              quantize: str, name: str):
     if export_format == "onnx" and importlib.util.find_spec("tf2onnx") is None:
         pytest.skip("transferkit[onnx] is not installed")
-    from transferkit.artifacts import load_run
+    from transferkit.runs import load_run
 
     result = _export_and_compare(head_run, tmp_path / name, export_format, quantize)
     expected = load_run(head_run).model.predict(_fresh_images(1), verbose=0)
@@ -63,17 +63,18 @@ def test_int8_tflite_takes_raw_pixels_and_round_trips(trained_run: Path, tmp_pat
 
 
 def _export_and_compare(run_dir: Path, output: Path, export_format: str, quantize: str):
-    from transferkit.artifacts import load_run
+    from transferkit.runs import load_run
 
-    result = export(ExportConfig(run_dir, output, export_format, quantize, check_images=6))
+    result = export(ExportConfig(run_dir=run_dir, output=output, format=export_format,
+                                 quantize=quantize, check_images=6))
     assert result.path.exists() and result.real_images
     assert result.max_difference <= TOLERANCE[quantize]
     run = load_run(run_dir)
-    assert result.labels_path == labels_path_for(result.path, export_format)
+    assert result.labels_path == FORMATS[export_format].labels_path(result.path)
     assert result.labels_path.read_text().split() == list(run.class_names)
     images = _fresh_images(1)  # not the images export checked itself on
     expected = run.model.predict(images, verbose=0)
-    got = run_exported(result.path, export_format, images)
+    got = FORMATS[export_format].run(result.path, images)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= TOLERANCE[quantize]
     return result
@@ -81,27 +82,33 @@ def _export_and_compare(run_dir: Path, output: Path, export_format: str, quantiz
 
 def test_a_mismatch_is_an_error_and_writes_nothing(head_run: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch):
+    import dataclasses
+
     import transferkit.export as export_module
 
-    real = export_module.run_exported
-    monkeypatch.setattr(export_module, "run_exported",
-                        lambda *args: real(*args)[:, ::-1])  # classes in the wrong order
+    real = export_module.FORMATS["tflite"]
+    broken = dataclasses.replace(real, run=lambda *args: real.run(*args)[:, ::-1])
+    monkeypatch.setitem(export_module.FORMATS, "tflite", broken)  # classes in wrong order
     with pytest.raises(ArtifactError, match="does not match the Keras model"):
-        export(ExportConfig(head_run, tmp_path / "m.tflite", "tflite"))
+        export(ExportConfig(run_dir=head_run, output=tmp_path / "m.tflite", format="tflite"))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_export_options_are_checked(head_run: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(ConfigError, match="--quantize applies to --format tflite only"):
-        ExportConfig(head_run, tmp_path / "m", "savedmodel", "int8")
+        ExportConfig(run_dir=head_run, output=tmp_path / "m", format="savedmodel",
+                     quantize="int8")
     with pytest.raises(ConfigError, match="name it with .onnx"):
-        ExportConfig(head_run, tmp_path / "m.tflite", "onnx")
+        get_format("onnx", tmp_path / "m.tflite")
+    with pytest.raises(ConfigError, match="must be one of savedmodel, tflite, onnx"):
+        get_format("coreml", tmp_path / "m.mlmodel")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingPackageError, match=r"pip install 'transferkit\[onnx\]'"):
-        export(ExportConfig(head_run, tmp_path / "m.onnx", "onnx"))
+        export(ExportConfig(run_dir=head_run, output=tmp_path / "m.onnx", format="onnx"))
     (tmp_path / "taken.tflite").write_bytes(b"keep me")
     monkeypatch.undo()
     with pytest.raises(ArtifactError, match="already exists"):
-        export(ExportConfig(head_run, tmp_path / "taken.tflite", "tflite"))
+        export(ExportConfig(run_dir=head_run, output=tmp_path / "taken.tflite",
+                            format="tflite"))
     assert (tmp_path / "taken.tflite").read_bytes() == b"keep me"

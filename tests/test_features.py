@@ -43,7 +43,7 @@ def test_weights_fingerprint_follows_file_content(tmp_path: Path):
 
 
 def _extract(data: Path, out: Path, **kwargs):
-    config = ExtractConfig(data=DataConfig(data, image_size=32, batch_size=8), output=out,
+    config = ExtractConfig(data=DataConfig(data_dir=data, image_size=32, batch_size=8), output=out,
                            base="vgg16", weights="none", blocks=2, overwrite=True, **kwargs)
     return extract(config)
 

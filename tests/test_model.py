@@ -7,16 +7,33 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transferkit.bases import CAFFE, get_base
-from transferkit.layers import ImagePreprocessing
-from transferkit.model import build_classifier, build_feature_extractor, build_head
+from transferkit.bases import CAFFE, LITE, get_base
+from transferkit.model import (
+    build_classifier,
+    build_feature_extractor,
+    build_head,
+    build_preprocessing,
+)
 
 
-def test_caffe_preprocessing_flips_to_bgr_and_centres():
-    layer = ImagePreprocessing(CAFFE.channel_order, CAFFE.mean, CAFFE.std)
-    out = np.asarray(layer(np.array([[[[10.0, 20.0, 30.0]]]], np.float32)))
-    np.testing.assert_allclose(out[0, 0, 0], [30 - 103.939, 20 - 116.779, 10 - 123.68],
-                               rtol=1e-6)
+def _scaled(preprocessing, pixels: list[float]) -> np.ndarray:
+    inputs = keras.Input((1, 1, 3))
+    model = keras.Model(inputs, build_preprocessing(preprocessing, inputs))
+    return model.predict(np.array([[[pixels]]], np.float32), verbose=0)[0, 0, 0]
+
+
+def test_caffe_preprocessing_flips_to_bgr_and_centres_with_built_in_layers():
+    out = _scaled(CAFFE, [10.0, 20.0, 30.0])
+    np.testing.assert_allclose(out, [30 - 103.939, 20 - 116.779, 10 - 123.68], rtol=1e-6)
+    np.testing.assert_allclose(_scaled(LITE, [0.0, 127.0, 255.0]), [-127 / 128, 0, 1])
+
+
+def test_the_preprocessing_layers_are_keras_own_and_fixed():
+    spec = get_base("vgg16")
+    extractor = build_feature_extractor(spec.build((32, 32, 3)), spec.preprocessing)
+    flip, scale = extractor.get_layer("rgb_to_bgr"), extractor.get_layer("preprocessing")
+    assert type(flip).__module__.startswith("keras.") and not flip.trainable
+    assert type(scale).__module__.startswith("keras.") and not scale.trainable_weights
 
 
 def test_classifier_outputs_probabilities_and_reloads_in_safe_mode(tmp_path: Path):

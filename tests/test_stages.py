@@ -13,7 +13,7 @@ from transferkit.training.stages import best_row, class_weights, learning_rate_a
 
 
 def rates(name: str, epochs: int = 6, **kwargs) -> list[float]:
-    schedule = ScheduleConfig(name, **kwargs)
+    schedule = ScheduleConfig(name=name, **kwargs)
     return [learning_rate_at(schedule, 0.1, e, epochs) for e in range(epochs)]
 
 
@@ -39,7 +39,7 @@ def test_warmup_rises_linearly_then_the_schedule_starts():
 
 def test_unknown_schedule_is_refused():
     with pytest.raises(ConfigError, match="Unknown schedule 'linear'"):
-        ScheduleConfig("linear")
+        ScheduleConfig(name="linear")
 
 
 def test_class_weights_balanced_auto_none():

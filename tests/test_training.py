@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferkit.artifacts import load_run
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ArtifactError, RunInterrupted
 from transferkit.reporting import NullReporter
-from transferkit.training import finetune, resume_finetune
-from transferkit.training.finetune import prepare
+from transferkit.runs import load_run
+from transferkit.training.finetune import finetune, resume_finetune
+from transferkit.training.prepare import prepare
 
 
 class SignalAt(NullReporter):
@@ -30,7 +30,7 @@ class SignalAt(NullReporter):
 
 
 def _config(data: Path, out: Path) -> FinetuneConfig:
-    return FinetuneConfig(data=DataConfig(data, image_size=32, batch_size=8), output=out,
+    return FinetuneConfig(data=DataConfig(data_dir=data, image_size=32, batch_size=8), output=out,
                           weights="none", epochs=3, finetune_epochs=2, unfreeze_blocks=2)
 
 
@@ -66,14 +66,14 @@ def test_interrupted_run_resumes_to_the_same_kind_of_run(image_folder, tmp_path,
     assert [r["learning_rate"] for r in history] == pytest.approx(
         [1e-3, 1e-3, 1e-3, 1e-4, 0.5e-4], rel=1e-5)
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "complete" and "stopped" not in record
+    assert record["status"] == "complete" and record["stopped"] is None
     assert load_run(run_dir).class_names == ("circles", "squares", "stripes")
     assert not (run_dir / "checkpoints" / "last.keras").exists()
     assert (run_dir / "checkpoints" / "best-finetune.keras").is_file()
 
 
 def test_resume_restores_frozen_layers_and_optimizer_state(image_folder, tmp_path):
-    from transferkit.artifacts import load_checkpoint
+    from transferkit.runs import load_checkpoint
 
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
@@ -122,18 +122,18 @@ def test_run_stopped_before_its_first_checkpoint(image_folder, tmp_path):
 def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
     import numpy as np
 
-    from transferkit.artifacts import best_checkpoint
+    from transferkit.runs import best_checkpoint, read_record
 
     run_dir = tmp_path / "run"
-    config = FinetuneConfig(data=DataConfig(image_folder, image_size=32, batch_size=8),
+    config = FinetuneConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", epochs=2, finetune_epochs=2,
                             finetune_lr=1e3, unfreeze_blocks=3,  # a rate that wrecks the base
                             monitor="val_loss")
     result = finetune(config)
     assert result.kept_stage == "head"
-    record = json.loads((run_dir / "run.json").read_text())
-    assert record["rollback"] is True and record["kept_stage"] == "head"
-    assert record["metrics"] == result.stages[0].metrics
+    record = read_record(run_dir)
+    assert record.rollback and record.kept_stage == "head"
+    assert record.metrics == result.stages[0].metrics
     import keras
 
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
@@ -144,7 +144,7 @@ def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
 
 def test_same_seed_same_run(image_folder, tmp_path):
     def history(name: str) -> list[dict]:
-        config = FinetuneConfig(data=DataConfig(image_folder, image_size=32, batch_size=8,
+        config = FinetuneConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8,
                                                 seed=7),
                                 output=tmp_path / name, weights="none", epochs=2,
                                 finetune_epochs=1)
@@ -167,8 +167,8 @@ class Recorder(NullReporter):
 def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
     import dataclasses
 
-    from transferkit.artifacts import load_checkpoint
     from transferkit.config import AugmentConfig
+    from transferkit.runs import load_checkpoint
 
     config = dataclasses.replace(_config(image_folder, tmp_path / "run"),
                                  augment=AugmentConfig(enabled=False))

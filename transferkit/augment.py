@@ -4,7 +4,8 @@ The units differ and are converted here, once: ImageDataGenerator takes rotation
 degrees and zoom as a range around 1; Keras's RandomRotation takes a fraction of a full turn,
 RandomShear a shear coefficient (the tangent of the angle) and RandomZoom an offset from 1.
 Brightness is multiplicative in ImageDataGenerator (Keras's RandomBrightness adds), so it is
-applied as a product here. Fill mode is 'nearest', ImageDataGenerator's default.
+applied as a product here. Fill mode is 'reflect' (Keras's layers' own default):
+ImageDataGenerator's 'nearest' smears the border pixels into streaks at every edge.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import math
 from typing import TYPE_CHECKING
 
 import keras
-import numpy as np
 
 from transferkit.config import AugmentConfig
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-FILL_MODE = "nearest"
+FILL_MODE = "reflect"
 
 
 def build_augmentation_layers(config: AugmentConfig, seed: int | None = None) -> keras.Sequential:
@@ -96,18 +96,3 @@ def ten_crops(images: tf.Tensor, size: int) -> tf.Tensor:
              for y, x in ((0, 0), (0, far), (far, 0), (far, far), (middle, middle))]
     views = crops + [tf.reverse(crop, axis=[2]) for crop in crops]
     return tf.reshape(tf.stack(views, axis=1), [-1, size, size, 3])
-
-
-def augment_grid(images: np.ndarray, augmentation: Augmentation | None, variants: int,
-                 gutter: int = 4) -> np.ndarray:
-    """A uint8 picture: one row per image, the original first and then `variants` augmented
-    draws, so a person can judge whether the augmentation is sensible."""
-    columns = [images] + [np.asarray(augmentation(images)) if augmentation is not None
-                          else images for _ in range(variants)]
-    n, h, w, _ = images.shape
-    grid = np.full((n * (h + gutter) + gutter, len(columns) * (w + gutter) + gutter, 3), 255.0)
-    for c, batch in enumerate(columns):
-        for r in range(n):
-            y, x = gutter + r * (h + gutter), gutter + c * (w + gutter)
-            grid[y:y + h, x:x + w] = batch[r]
-    return np.clip(grid, 0, 255).astype(np.uint8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import keras
@@ -10,7 +11,8 @@ from transferkit.reporting import Reporter
 
 
 class EpochReporter(keras.callbacks.Callback):
-    """Per-epoch progress bar and summary line; also records each epoch's row of history."""
+    """Per-epoch progress bar and summary line; also records each epoch's row of history,
+    with its seconds (training and validation)."""
 
     def __init__(self, reporter: Reporter, stage: str, last_epoch: int, steps: int,
                  rows: list[dict[str, Any]]) -> None:
@@ -20,8 +22,10 @@ class EpochReporter(keras.callbacks.Callback):
         self.last_epoch = last_epoch
         self.steps = steps
         self.rows = rows  # appended to: the run's history across stages
+        self.started = time.monotonic()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.monotonic()
         self.reporter.start_progress(f"{self.stage} epoch {epoch + 1}/{self.last_epoch}",
                                      self.steps)
 
@@ -33,5 +37,6 @@ class EpochReporter(keras.callbacks.Callback):
         metrics = {k: float(v) for k, v in (logs or {}).items()}
         metrics["learning_rate"] = float(keras.ops.convert_to_numpy(
             self.model.optimizer.learning_rate))
+        metrics["seconds"] = round(time.monotonic() - self.started, 3)  # training + validation
         self.rows.append({"stage": self.stage, "epoch": epoch + 1, **metrics})
         self.reporter.epoch_ended(self.stage, epoch + 1, self.last_epoch, metrics)

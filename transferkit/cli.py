@@ -6,24 +6,28 @@ TensorFlow and Keras load inside commands only, so `transferkit --help` answers 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import sys
 import tomllib
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from transferkit import __version__
-from transferkit.bases import BASES
+from transferkit.bases import BASES, get_base, resolve_image_size
 from transferkit.config import (
     CLASS_WEIGHTS,
-    EXPORT_FORMATS,
     INITS,
     MONITORS,
     OPTIMIZERS,
     PRECISIONS,
+    PREDICTION_FORMATS,
     QUANTIZATIONS,
     SCHEDULES,
     STRATEGIES,
@@ -37,10 +41,13 @@ from transferkit.config import (
     HeadConfig,
     OptimizerConfig,
     PredictConfig,
+    PreviewConfig,
     ScheduleConfig,
     default,
 )
-from transferkit.errors import TransferkitError
+from transferkit.errors import ConfigError, TransferkitError
+from transferkit.export import FORMATS
+from transferkit.quiet import load_tensorflow, set_verbose
 
 app = typer.Typer(
     name="transferkit",
@@ -57,7 +64,8 @@ def _choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
 
 Base = _choices("Base", list(BASES))
 Pooling = _choices("Pooling", ("avg", "max"))
-ExportFormat = _choices("ExportFormat", list(EXPORT_FORMATS))
+ExportFormat = _choices("ExportFormat", list(FORMATS))
+PredictionFormat = _choices("PredictionFormat", PREDICTION_FORMATS)
 Quantize = _choices("Quantize", QUANTIZATIONS)
 Optimizer = _choices("Optimizer", OPTIMIZERS)
 Schedule = _choices("Schedule", SCHEDULES)
@@ -134,6 +142,7 @@ InitOpt = Annotated[Init, typer.Option(
     "--init", help="Head weight init: he, glorot, or auto (He for ReLU, Glorot for softmax).",
     rich_help_panel=TRAIN_PANEL)]
 
+AUGMENT_DEFAULTS = AugmentConfig()
 FINETUNE_BASE = Base(default(FinetuneConfig, "base"))
 EXTRACT_BASE = Base(default(ExtractConfig, "base"))
 EXTRACT_POOLING = Pooling(default(ExtractConfig, "pooling"))
@@ -150,40 +159,6 @@ EXPORT_FORMAT = ExportFormat(default(ExportConfig, "format"))
 EXPORT_QUANTIZE = Quantize(default(ExportConfig, "quantize"))
 
 
-def _augment_options(augment: bool, rotation_range: float, width_shift_range: float,
-                     height_shift_range: float, shear_range: float, zoom_range: float,
-                     horizontal_flip: bool, vertical_flip: bool,
-                     brightness_range: tuple[float, float] | None) -> AugmentConfig:
-    return AugmentConfig(augment, rotation_range, width_shift_range, height_shift_range,
-                         shear_range, zoom_range, horizontal_flip, vertical_flip,
-                         brightness_range)
-
-
-AugmentOpt = Annotated[bool, typer.Option(
-    "--augment/--no-augment", help="Augment training batches.", rich_help_panel=AUG_PANEL)]
-RotationOpt = Annotated[float, typer.Option(
-    "--rotation-range", help="Random rotation, degrees.", rich_help_panel=AUG_PANEL)]
-WidthShiftOpt = Annotated[float, typer.Option(
-    "--width-shift-range", help="Random horizontal shift, fraction of the width.",
-    rich_help_panel=AUG_PANEL)]
-HeightShiftOpt = Annotated[float, typer.Option(
-    "--height-shift-range", help="Random vertical shift, fraction of the height.",
-    rich_help_panel=AUG_PANEL)]
-ShearOpt = Annotated[float, typer.Option(
-    "--shear-range", help="Random shear angle, degrees.", rich_help_panel=AUG_PANEL)]
-ZoomOpt = Annotated[float, typer.Option(
-    "--zoom-range", help="Random zoom between 1-Z and 1+Z.", rich_help_panel=AUG_PANEL)]
-HFlipOpt = Annotated[bool, typer.Option(
-    "--horizontal-flip/--no-horizontal-flip", help="Random left-right flips.",
-    rich_help_panel=AUG_PANEL)]
-VFlipOpt = Annotated[bool, typer.Option(
-    "--vertical-flip/--no-vertical-flip", help="Random up-down flips.",
-    rich_help_panel=AUG_PANEL)]
-BrightnessOpt = Annotated[tuple[float, float] | None, typer.Option(
-    "--brightness-range", help="Random brightness factor between LOW and HIGH, e.g. 0.8 1.2.",
-    rich_help_panel=AUG_PANEL, show_default=False)]
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"transferkit {__version__}")
@@ -193,8 +168,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(version: Annotated[bool, typer.Option(
         "--version", help="Show the version and exit.", callback=_version,
-        is_eager=True)] = False) -> None:
+        is_eager=True)] = False,
+          verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Also show TensorFlow's own log lines (also: TRANSFERKIT_VERBOSE=1).",
+    )] = False) -> None:
     """Transfer learning on image folders: doctor, finetune, extract, predict, evaluate."""
+    set_verbose(verbose)
 
 
 @contextlib.contextmanager
@@ -212,7 +191,57 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def _check_data(data: DataConfig, base: str) -> int:
+    """The checks on a data folder and image size that need no TensorFlow, so mistakes are
+    reported at once; returns the resolved image size."""
+    from transferkit.data.folders import check_data_folder
+
+    size = resolve_image_size(get_base(base), data.image_size)
+    check_data_folder(data.data_dir)
+    return size
+
+
+def with_options(cls: type, name: str, panel: str) -> Callable[[Callable], Callable]:
+    """Adds the fields of config dataclass `cls` (those declared with config.option) to a
+    command as options, and hands the command one `cls` built from them as `name`. The
+    options are declared once, in the config, for every command that takes them."""
+    hints = typing.get_type_hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+    def flag(f: dataclasses.Field) -> str:
+        dashed = f.name.replace("_", "-")
+        return f.metadata["flag"] or (f"--{dashed}/--no-{dashed}" if hints[f.name] is bool
+                                      else f"--{dashed}")
+
+    def param(f: dataclasses.Field) -> str:  # the option's name, also its --config key
+        return flag(f).split("/")[0].removeprefix("--").replace("-", "_")
+
+    added = {f.name: inspect.Parameter(param(f), inspect.Parameter.KEYWORD_ONLY,
+                                       default=f.default, annotation=Annotated[
+                                           hints[f.name], typer.Option(
+                                               flag(f), help=f.metadata["help"],
+                                               rich_help_panel=panel,
+                                               show_default=f.default is not None)])
+             for f in fields}
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {field: kwargs.pop(p.name) for field, p in added.items()}
+            return command(*args, **kwargs, **{name: cls(**values)})
+
+        kept = [p for p in signature.parameters.values() if p.name != name]
+        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*kept, *added.values()])
+        return wrapper
+
+    return decorate
+
+
 @app.command()
+@with_options(AugmentConfig, "augmentation", AUG_PANEL)
 def finetune(
     data: Annotated[Path | None, typer.Argument(
         help="Folder with one sub-folder per class, or with train/ and val/ (and test/) "
@@ -297,15 +326,6 @@ def finetune(
         "--decay-epochs", help="step: epochs per step (default: a third of the stage).",
         rich_help_panel=OPT_PANEL, show_default=False)] = default(ScheduleConfig,
                                                                   "decay_epochs"),
-    augment: AugmentOpt = default(AugmentConfig, "enabled"),
-    rotation_range: RotationOpt = default(AugmentConfig, "rotation_range"),
-    width_shift_range: WidthShiftOpt = default(AugmentConfig, "width_shift_range"),
-    height_shift_range: HeightShiftOpt = default(AugmentConfig, "height_shift_range"),
-    shear_range: ShearOpt = default(AugmentConfig, "shear_range"),
-    zoom_range: ZoomOpt = default(AugmentConfig, "zoom_range"),
-    horizontal_flip: HFlipOpt = default(AugmentConfig, "horizontal_flip"),
-    vertical_flip: VFlipOpt = default(AugmentConfig, "vertical_flip"),
-    brightness_range: BrightnessOpt = default(AugmentConfig, "brightness_range"),
     overfit_check: Annotated[bool, typer.Option(
         "--overfit-check", help="Only check that the head can memorise two batches (~100 % "
                                 "training accuracy), then exit 0 (passed) or 1.",
@@ -327,56 +347,75 @@ def finetune(
                            "TF_CONFIG); auto: mirrored with several GPUs. --batch-size is per "
                            "device.", rich_help_panel=COMPUTE_PANEL)] = DEFAULT_STRATEGY,
     overwrite: OverwriteOpt = False,
+    augmentation: AugmentConfig = AUGMENT_DEFAULTS,  # from with_options
 ) -> None:
     """Train a new head on a frozen pretrained base, then fine-tune its top blocks.
 
     With --no-augment, stage 1 trains the head on frozen-base features computed once (and
     cached), which is many times faster than pushing every image through the base each epoch.
     """
-    from transferkit.console import RichReporter, render_finetune
-
-    if resume is not None:
-        if data is not None or output is not None:
-            raise typer.BadParameter("--resume takes the data folder and settings from the run "
-                                     "directory; do not pass DATA or -o with it.")
-        with _user_errors():
-            from transferkit.training import resume_finetune
-
-            render_finetune(resume_finetune(resume, RichReporter()))
-        return
-    if data is None or (output is None and not overfit_check):
-        raise typer.BadParameter("Pass the DATA folder and -o RUN (or --resume RUN).")
     with _user_errors():
+        if resume is not None:
+            _resume(resume, data, output)
+            return
+        if data is None or (output is None and not overfit_check):
+            raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
+        schedules = {"decay_rate": decay_rate, "decay_epochs": decay_epochs}
         settings = FinetuneConfig(
-            data=DataConfig(data, image_size, val_split, batch_size, seed),
+            data=DataConfig(data_dir=data, image_size=image_size, val_split=val_split,
+                            batch_size=batch_size, seed=seed),
             output=output, base=base.value, weights=weights, epochs=epochs,
             learning_rate=learning_rate, finetune_epochs=finetune_epochs,
             finetune_lr=finetune_lr, unfreeze_blocks=unfreeze_blocks,
             train_batchnorm=train_batchnorm,
-            optimizer=OptimizerConfig(optimizer.value, momentum, nesterov),
-            schedule=ScheduleConfig(schedule.value, warmup_epochs, decay_rate, decay_epochs),
-            finetune_schedule=ScheduleConfig(finetune_schedule.value, finetune_warmup_epochs,
-                                             decay_rate, decay_epochs),
+            optimizer=OptimizerConfig(name=optimizer.value, momentum=momentum,
+                                      nesterov=nesterov),
+            schedule=ScheduleConfig(name=schedule.value, warmup_epochs=warmup_epochs,
+                                    **schedules),
+            finetune_schedule=ScheduleConfig(name=finetune_schedule.value,
+                                             warmup_epochs=finetune_warmup_epochs, **schedules),
             dropout=dropout, l2=l2, dense_units=dense_units, init=init.value,
             class_weight=class_weight.value, monitor=monitor.value, patience=patience,
-            augment=_augment_options(augment, rotation_range, width_shift_range,
-                                     height_shift_range, shear_range, zoom_range,
-                                     horizontal_flip, vertical_flip, brightness_range),
+            augment=augmentation,
             tensorboard=tensorboard, lr_find=lr_find, cache=cache,
-            compute=ComputeConfig(precision.value, jit, strategy.value), overwrite=overwrite,
-        )
+            compute=ComputeConfig(precision=precision.value, jit=jit, strategy=strategy.value),
+            overwrite=overwrite)
+        _check_data(settings.data, settings.base)
+        if finetune_epochs:
+            get_base(settings.base).check_block_count(unfreeze_blocks, "--unfreeze-blocks")
+        if output is not None:
+            from transferkit.runs import check_run_output
+
+            check_run_output(output, overwrite)
+        load_tensorflow()
+        from transferkit.console import RichReporter, render_finetune, render_overfit
+
         if overfit_check:
-            from transferkit.console import render_overfit
             from transferkit.training.checks import overfit_check as run_overfit_check
 
             result = run_overfit_check(settings, RichReporter())
             render_overfit(result)
+            if not result.passed:
+                raise typer.Exit(1)
         else:
-            from transferkit.training import finetune as run_finetune
+            from transferkit.training.finetune import finetune as run_finetune
 
             render_finetune(run_finetune(settings, RichReporter()))
-    if overfit_check and not result.passed:
-        raise typer.Exit(1)
+
+
+def _resume(run_dir: Path, data: Path | None, output: Path | None) -> None:
+    """finetune --resume RUN: the run directory is read (and refused) before TensorFlow."""
+    from transferkit.runs import read_record
+
+    if data is not None or output is not None:
+        raise ConfigError("--resume takes the data folder and settings from the run "
+                          "directory; do not pass DATA or -o with it.")
+    read_record(run_dir, finished=False)
+    load_tensorflow()
+    from transferkit.console import RichReporter, render_finetune
+    from transferkit.training.finetune import resume_finetune
+
+    render_finetune(resume_finetune(run_dir, RichReporter()))
 
 
 @app.command()
@@ -427,12 +466,24 @@ def extract(
     """
     with _user_errors():
         head = None if train_head is None else HeadConfig(
-            train_head, dense_units, dropout, head_epochs, learning_rate, l2, init.value,
-            overwrite=overwrite)
+            output=train_head, dense_units=dense_units, dropout=dropout, epochs=head_epochs,
+            learning_rate=learning_rate, l2=l2, init=init.value, overwrite=overwrite)
         settings = ExtractConfig(
-            data=DataConfig(data, image_size, val_split, batch_size, seed), output=output,
-            base=base.value, weights=weights, blocks=blocks, pooling=pooling.value,
-            precision=precision.value, cache=cache, overwrite=overwrite, head=head)
+            data=DataConfig(data_dir=data, image_size=image_size, val_split=val_split,
+                            batch_size=batch_size, seed=seed),
+            output=output, base=base.value, weights=weights, blocks=blocks,
+            pooling=pooling.value, precision=precision.value, cache=cache, overwrite=overwrite,
+            head=head)
+        from transferkit.files import check_new_output
+        from transferkit.runs import check_run_output
+
+        _check_data(settings.data, settings.base)
+        if blocks is not None:
+            get_base(settings.base).check_block_count(blocks, "--blocks")
+        check_new_output(output, overwrite, what="feature file")
+        if train_head is not None:
+            check_run_output(train_head, overwrite)
+        load_tensorflow()
         from transferkit.console import RichReporter, render_extract
         from transferkit.extract import extract as run_extract
 
@@ -440,11 +491,13 @@ def extract(
 
 
 def _paths_with_stdin(paths: list[Path]) -> tuple[Path, ...]:
-    """The paths given, with `-` replaced by the non-empty lines of stdin."""
+    """The paths given, with `-` replaced by the non-empty lines of stdin (only the line end
+    is removed: a file name may begin or end with a space)."""
     expanded: list[Path] = []
     for path in paths:
         if str(path) == "-":
-            expanded += [Path(line.strip()) for line in sys.stdin if line.strip()]
+            names = (line.rstrip("\r\n") for line in sys.stdin)
+            expanded += [Path(name) for name in names if name.strip()]
         else:
             expanded.append(path)
     return tuple(expanded)
@@ -471,30 +524,55 @@ def predict(
         rich_help_panel=MODEL_PANEL, show_default=False)] = default(PredictConfig, "threshold"),
     batch_size: BatchOpt = default(PredictConfig, "batch_size"),
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write predictions to a .csv, .json or .jsonl file instead of "
-                               "a table.",
-        rich_help_panel=OUT_PANEL, dir_okay=False, show_default=False)] = None,
+        "--output", "-o", help="Write predictions to a .csv, .json or .jsonl file, or to "
+                               "stdout with -o -. Without it: a table on a terminal, CSV when "
+                               "stdout is a pipe or file.",
+        rich_help_panel=OUT_PANEL, dir_okay=False, allow_dash=True,
+        show_default=False)] = None,
+    output_format: Annotated[PredictionFormat | None, typer.Option(
+        "--format", help="csv, json or jsonl. Default: from the -o file's suffix; csv for "
+                         "stdout.", rich_help_panel=OUT_PANEL, show_default=False)] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Predict labels for image files and folders."""
     with _user_errors():
-        settings = PredictConfig(run, _paths_with_stdin(paths), top_k, batch_size, output,
-                                 overwrite, tta, threshold)
-        from transferkit.artifacts import save_predictions
+        settings = PredictConfig(
+            run_dir=run, paths=_paths_with_stdin(paths), top_k=top_k, batch_size=batch_size,
+            output=output, format=None if output_format is None else output_format.value,
+            overwrite=overwrite, tta=tta, threshold=threshold)
+        from transferkit.console import stdout
+        from transferkit.files import check_new_output
+        from transferkit.runs import read_record
+
+        read_record(run)
+        writes_file = output is not None and str(output) != "-"
+        if writes_file:
+            check_new_output(output, overwrite)
+        load_tensorflow()
         from transferkit.console import (
             RichReporter,
             render_prediction_summary,
             render_predictions,
         )
+        from transferkit.files import write_text
         from transferkit.predict import predict as run_predict
+        from transferkit.predict import predictions_text
 
         report = run_predict(settings, RichReporter())
-        if output is None:
+        shown = settings.output_format(terminal=stdout.is_terminal)
+        if shown is None:
             render_predictions(report, settings.top_k)
+        elif writes_file:
+            write_text(output, predictions_text(report, settings.top_k, shown))
         else:
-            save_predictions(output, [p.to_dict() for p in report.predictions], settings.top_k,
-                             overwrite)
+            sys.stdout.write(predictions_text(report, settings.top_k, shown))
+            sys.stdout.flush()
         render_prediction_summary(report)
+        if report.predicted == 0:
+            from transferkit.errors import DataError
+
+            raise DataError(f"None of the {len(report.predictions)} file(s) given could be "
+                            f"read as an image, so nothing was predicted.")
 
 
 @app.command()
@@ -520,7 +598,18 @@ def evaluate(
 ) -> None:
     """Accuracy, top-k, per-class precision/recall/F1, confusion matrix, worst mistakes."""
     with _user_errors():
-        settings = EvaluateConfig(run, data, output, top_k, batch_size, gallery, overwrite)
+        settings = EvaluateConfig(run_dir=run, data_dir=data, output=output, top_k=top_k,
+                                  batch_size=batch_size, gallery=gallery, overwrite=overwrite)
+        from transferkit.data.folders import check_data_root
+        from transferkit.files import check_new_output
+        from transferkit.runs import read_record
+
+        read_record(run)
+        if data is not None:
+            check_data_root(data)
+        if output is not None:
+            check_new_output(output, overwrite, what="evaluation folder")
+        load_tensorflow()
         from transferkit.console import RichReporter, render_evaluation
         from transferkit.evaluate import evaluate as run_evaluate
 
@@ -528,6 +617,7 @@ def evaluate(
 
 
 @app.command("augment-preview")
+@with_options(AugmentConfig, "augmentation", AUG_PANEL)
 def augment_preview(
     data: DataArg,
     output: Annotated[Path, typer.Option(
@@ -535,36 +625,34 @@ def augment_preview(
         dir_okay=False, show_default=False)],
     config: ConfigOpt = None,
     images: Annotated[int, typer.Option(
-        "--images", help="How many training images (one per row).",
-        rich_help_panel=OUT_PANEL)] = 4,
+        "--images", help="How many training images (one per row, the classes in turn).",
+        rich_help_panel=OUT_PANEL)] = default(PreviewConfig, "images"),
     variants: Annotated[int, typer.Option(
         "--variants", help="Augmented draws per image, after the original.",
-        rich_help_panel=OUT_PANEL)] = 6,
+        rich_help_panel=OUT_PANEL)] = default(PreviewConfig, "variants"),
     base: BaseOpt = FINETUNE_BASE,
     image_size: ImageSizeOpt = default(DataConfig, "image_size"),
     seed: SeedOpt = default(DataConfig, "seed"),
-    augment: AugmentOpt = default(AugmentConfig, "enabled"),
-    rotation_range: RotationOpt = default(AugmentConfig, "rotation_range"),
-    width_shift_range: WidthShiftOpt = default(AugmentConfig, "width_shift_range"),
-    height_shift_range: HeightShiftOpt = default(AugmentConfig, "height_shift_range"),
-    shear_range: ShearOpt = default(AugmentConfig, "shear_range"),
-    zoom_range: ZoomOpt = default(AugmentConfig, "zoom_range"),
-    horizontal_flip: HFlipOpt = default(AugmentConfig, "horizontal_flip"),
-    vertical_flip: VFlipOpt = default(AugmentConfig, "vertical_flip"),
-    brightness_range: BrightnessOpt = default(AugmentConfig, "brightness_range"),
     overwrite: OverwriteOpt = False,
+    augmentation: AugmentConfig = AUGMENT_DEFAULTS,  # from with_options
 ) -> None:
     """Save a grid of augmented versions of a few training images, to judge the augmentation."""
     with _user_errors():
-        settings = _augment_options(augment, rotation_range, width_shift_range,
-                                    height_shift_range, shear_range, zoom_range,
-                                    horizontal_flip, vertical_flip, brightness_range)
+        settings = PreviewConfig(
+            data=DataConfig(data_dir=data, image_size=image_size, seed=seed), output=output,
+            base=base.value, images=images, variants=variants, overwrite=overwrite,
+            augment=augmentation)
+        from transferkit.files import check_new_output
+
+        _check_data(settings.data, settings.base)
+        check_new_output(output, overwrite)
+        load_tensorflow()
         from transferkit.console import RichReporter, stderr
         from transferkit.training.checks import preview_augmentation
 
-        preview_augmentation(data, output, settings, base.value, image_size, images, variants,
-                             seed, overwrite, RichReporter())
-        stderr.print(f"Wrote {images} image(s) x {variants} augmented draws to '{output}'.")
+        rows = preview_augmentation(settings, RichReporter())
+        stderr.print(f"Wrote {rows} image(s), each as the original and {variants} augmented "
+                     f"draws, to '{output}'.")
 
 
 @app.command()
@@ -586,18 +674,17 @@ def doctor(
     Exits 0 when the folder is clean and 1 when problems were found.
     """
     with _user_errors():
-        from transferkit.artifacts import check_new_output, save_report
-        from transferkit.bases import get_base
         from transferkit.console import RichReporter, render_doctor, render_quarantine
         from transferkit.doctor import diagnose
         from transferkit.doctor import quarantine as move_unusable
+        from transferkit.files import check_new_output, write_json
 
         if output is not None:
-            check_new_output(output, overwrite, what="output file")
+            check_new_output(output, overwrite)
         report = diagnose(data, get_base(base.value).min_size, RichReporter(), cache)
         render_doctor(report)
         if output is not None:
-            save_report(output, report.to_dict(), overwrite)
+            write_json(output, report.to_dict())
         if quarantine is not None:
             render_quarantine(move_unusable(report, quarantine), quarantine)
     if not report.clean:
@@ -613,9 +700,9 @@ def export(
         "--output", "-o", help="SavedModel folder, or .tflite / .onnx file, to write.",
         rich_help_panel=OUT_PANEL, show_default=False)],
     export_format: Annotated[ExportFormat, typer.Option(
-        "--format", help="savedmodel (TensorFlow Serving, TF.js converters); tflite "
-                         "(phones, microcontrollers); onnx (ONNX Runtime and most runtimes; "
-                         "needs transferkit[onnx]).",
+        "--format", help="; ".join(
+            f"{f.name} ({f.help}{f'; needs transferkit[{f.extra}]' if f.extra else ''})"
+            for f in FORMATS.values()) + ".",
         rich_help_panel=OUT_PANEL)] = EXPORT_FORMAT,
     quantize: Annotated[Quantize, typer.Option(
         "--quantize", help="TFLite only: float16 halves the size; dynamic stores int8 weights; "
@@ -629,8 +716,18 @@ def export(
 ) -> None:
     """Export a run's model (preprocessing included) and check it against Keras."""
     with _user_errors():
-        settings = ExportConfig(run, output, export_format.value, quantize.value, check_images,
-                                overwrite)
+        settings = ExportConfig(run_dir=run, output=output, format=export_format.value,
+                                quantize=quantize.value, check_images=check_images,
+                                overwrite=overwrite)
+        from transferkit.export import get_format
+        from transferkit.files import check_new_output
+        from transferkit.runs import read_record
+
+        fmt = get_format(settings.format, output)
+        check_new_output(output, overwrite,
+                         what="export folder" if fmt.is_folder else "export file")
+        read_record(run)
+        load_tensorflow()
         from transferkit.console import RichReporter, render_export
         from transferkit.export import export as run_export
 
@@ -662,13 +759,11 @@ def cache_command(
 ) -> None:
     """Show what transferkit caches (features, converted images, weights), or clear it."""
     with _user_errors():
-        from transferkit.artifacts import cache_usage, clear_cache
-        from transferkit.atomic import cache_dir
+        from transferkit.cache import cache_dir, cache_usage, clear_cache
         from transferkit.console import render_cache
 
         if clear:
-            clear_cache(("features", "converted", "weights") if weights
-                        else ("features", "converted"))
+            clear_cache(weights=weights)
         render_cache(cache_dir(), cache_usage())
 
 

@@ -25,19 +25,27 @@ def _check_precision(precision: str) -> None:
            f"--precision must be one of {', '.join(PRECISIONS)}; got {precision}.")
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """ImageDataGenerator-style augmentation, in its units (degrees and fractions)."""
+def option(default: Any, help: str, flag: str | None = None) -> Any:  # noqa: A002
+    """A config field that is also a command-line option: the CLI declares it from here
+    (`--field-name`, or `flag`), so adding a field adds the option."""
+    return field(default=default, metadata={"help": help, "flag": flag})
 
-    enabled: bool = True
-    rotation_range: float = 40.0
-    width_shift_range: float = 0.2
-    height_shift_range: float = 0.2
-    shear_range: float = 0.2
-    zoom_range: float = 0.2
-    horizontal_flip: bool = True
-    vertical_flip: bool = False
-    brightness_range: tuple[float, float] | None = None
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+    """ImageDataGenerator-style augmentation, in its units (degrees and fractions). Each field
+    is a finetune and augment-preview option."""
+
+    enabled: bool = option(True, "Augment training batches.", flag="--augment/--no-augment")
+    rotation_range: float = option(40.0, "Random rotation, degrees.")
+    width_shift_range: float = option(0.2, "Random horizontal shift, fraction of the width.")
+    height_shift_range: float = option(0.2, "Random vertical shift, fraction of the height.")
+    shear_range: float = option(0.2, "Random shear angle, degrees.")
+    zoom_range: float = option(0.2, "Random zoom between 1-Z and 1+Z.")
+    horizontal_flip: bool = option(True, "Random left-right flips.")
+    vertical_flip: bool = option(False, "Random up-down flips.")
+    brightness_range: tuple[float, float] | None = option(
+        None, "Random brightness factor between LOW and HIGH, e.g. 0.8 1.2.")
 
     def __post_init__(self) -> None:
         _check(0 <= self.rotation_range <= 180, f"--rotation-range is in degrees and must be in "
@@ -58,7 +66,24 @@ class AugmentConfig:
                    f"got {low} {high}.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class PreviewConfig:
+    """`transferkit augment-preview`: a grid of training images and augmented draws."""
+
+    data: DataConfig
+    output: Path
+    base: str = DEFAULT_BASE
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    images: int = 4  # rows: training images, one per class in turn
+    variants: int = 6  # augmented draws per image, after the original
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.images >= 1, f"--images must be at least 1; got {self.images}.")
+        _check(self.variants >= 1, f"--variants must be at least 1; got {self.variants}.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where the images are and how they are split and sized."""
 
@@ -77,12 +102,13 @@ class DataConfig:
 
 
 PRECISIONS = ("auto", "float32", "mixed")
-PREDICTION_FORMATS = (".csv", ".json", ".jsonl")
+PREDICTION_FORMATS = ("csv", "json", "jsonl")
+STDOUT = Path("-")  # an output path that means standard output
 DEFAULT_PRECISION = "auto"  # mixed float16 on GPUs with tensor cores, else float32
 STRATEGIES = ("auto", "none", "mirrored", "multiworker")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ComputeConfig:
     """How the hardware is used."""
 
@@ -103,7 +129,7 @@ CLASS_WEIGHTS = ("auto", "balanced", "none")
 MONITORS = ("val_loss", "val_accuracy")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScheduleConfig:
     """A learning-rate schedule over one stage, stepped once per epoch."""
 
@@ -123,7 +149,7 @@ class ScheduleConfig:
                f"--decay-epochs must be at least 1; got {self.decay_epochs}.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
     name: str = "adam"
     momentum: float = 0.9  # SGD and RMSprop
@@ -135,7 +161,7 @@ class OptimizerConfig:
         _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1); got {self.momentum}.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     """`transferkit finetune`: train a head on a frozen base, then tune the top blocks."""
 
@@ -151,7 +177,7 @@ class FinetuneConfig:
     train_batchnorm: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     # Stage 1 keeps its rate (a fresh head is far from converged); stage 2 anneals it.
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig("constant"))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="constant"))
     finetune_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     dropout: float = 0.2
     l2: float = 0.0
@@ -194,7 +220,7 @@ class FinetuneConfig:
         return self.finetune_lr if self.finetune_lr is not None else self.learning_rate / 10
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HeadConfig:
     """The dense classifier `extract --train-head` trains on saved features."""
 
@@ -218,7 +244,7 @@ class HeadConfig:
         _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExtractConfig:
     """`transferkit extract`: frozen-base features to a file, optionally a head on them."""
 
@@ -240,7 +266,7 @@ class ExtractConfig:
         _check_precision(self.precision)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     """`transferkit evaluate`: metrics of a run on labelled images."""
 
@@ -258,38 +284,31 @@ class EvaluateConfig:
         _check(self.gallery >= 0, f"--gallery must be 0 or more; got {self.gallery}.")
 
 
-EXPORT_FORMATS = {"savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}  # -> file suffix
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     """`transferkit export`: a run's model for deployment, checked against Keras."""
 
     run_dir: Path
     output: Path
-    format: str = "savedmodel"
+    format: str = "savedmodel"  # a row of export.FORMATS, which checks it and the suffix
     quantize: str = "none"  # TFLite only
     check_images: int = 16  # run through both models to compare
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.format in EXPORT_FORMATS, f"--format must be one of "
-                                               f"{', '.join(EXPORT_FORMATS)}; got {self.format}.")
         _check(self.quantize in QUANTIZATIONS, f"--quantize must be one of "
                                                f"{', '.join(QUANTIZATIONS)}; got {self.quantize}.")
         _check(self.quantize == "none" or self.format == "tflite",
                f"--quantize applies to --format tflite only; got --format {self.format} "
                f"--quantize {self.quantize}.")
-        suffix = EXPORT_FORMATS[self.format]
-        _check(not suffix or self.output.suffix.lower() == suffix,
-               f"--format {self.format} writes one file; name it with {suffix} "
-               f"(got '{self.output}').")
         _check(self.check_images >= 1,
                f"--check-images must be at least 1; got {self.check_images}.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PredictConfig:
     """`transferkit predict`: a run directory applied to files and folders."""
 
@@ -297,7 +316,8 @@ class PredictConfig:
     paths: tuple[Path, ...]
     top_k: int = 1
     batch_size: int = 32
-    output: Path | None = None
+    output: Path | None = None  # None: a table on a terminal, else CSV; STDOUT: stdout
+    format: str | None = None  # csv | json | jsonl; None: from the output's suffix
     overwrite: bool = False
     tta: bool = False  # average over ten crops (corners, centre, mirrored)
     threshold: float | None = None  # below this top probability the label is "unknown"
@@ -308,8 +328,21 @@ class PredictConfig:
                f"--threshold must be a probability in (0, 1]; got {self.threshold}.")
         _check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
-        _check(self.output is None or self.output.suffix.lower() in PREDICTION_FORMATS,
-               f"--output must end in {', '.join(PREDICTION_FORMATS)}; got '{self.output}'.")
+        _check(self.format is None or self.format in PREDICTION_FORMATS,
+               f"--format must be one of {', '.join(PREDICTION_FORMATS)}; got {self.format}.")
+        _check(self.format is not None or self.output in (None, STDOUT)
+               or self.output.suffix.lower().lstrip(".") in PREDICTION_FORMATS,
+               f"--output must end in .{', .'.join(PREDICTION_FORMATS)}, or pass --format; "
+               f"got '{self.output}'.")
+
+    def output_format(self, terminal: bool) -> str | None:
+        """How predictions are written: csv, json or jsonl, or None for a table (only when
+        they go to a terminal)."""
+        if self.format is not None:
+            return self.format
+        if self.output is None or self.output == STDOUT:
+            return None if terminal and self.output is None else "csv"
+        return self.output.suffix.lower().lstrip(".")
 
 
 T = TypeVar("T")
@@ -317,9 +350,11 @@ T = TypeVar("T")
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:
     """Turns a JSON/TOML value into the type a config field declares."""
-    if value is None:
-        return None
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None:
+        if hint is Any or type(None) in args:
+            return None
+        raise ConfigError(f"Setting '{name}' must not be null.")
     if origin in (typing.Union, types.UnionType):
         return _coerce(next(a for a in args if a is not type(None)), value, name)
     if dataclasses.is_dataclass(hint):
@@ -336,20 +371,24 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
+def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "",
+              ready: Mapping[str, Any] | None = None) -> T:
     """Builds a config dataclass from plain data (run.json, a config file); validates it.
+    `ready` holds fields already built (taken as they are).
 
     Raises:
-        ConfigError: an unknown setting, or a value the config refuses.
+        ConfigError: an unknown, missing or invalid setting.
     """
+    ready = ready or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"Unknown setting{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(prefix + u for u in unknown)}.")
     hints = typing.get_type_hints(cls)
+    coerced = {k: _coerce(hints[k], v, prefix + k) for k, v in values.items() if k not in ready}
     try:
-        return cls(**{k: _coerce(hints[k], v, prefix + k) for k, v in values.items()})
+        return cls(**coerced, **ready)
     except TypeError as exc:
         raise ConfigError(f"Incomplete settings for {cls.__name__}: {exc}.") from exc
 

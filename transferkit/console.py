@@ -25,11 +25,12 @@ if TYPE_CHECKING:
     from transferkit.export import ExportResult
     from transferkit.extract import ExtractResult
     from transferkit.predict import PredictionReport
-    from transferkit.training import FinetuneResult, StageResult
+    from transferkit.runs import StageResult
     from transferkit.training.checks import OverfitResult
+    from transferkit.training.finetune import FinetuneResult
 
 stdout = Console()
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)  # a path in a message never breaks
 
 # Keras metric name -> short label for terminal lines and tables.
 _METRICS = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accuracy": "val_acc"}
@@ -43,6 +44,8 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
     parts = [f"{short} {metrics[k]:.3f}" for k, short in _METRICS.items() if k in metrics]
     if "learning_rate" in metrics:
         parts.append(f"lr {metrics['learning_rate']:.2g}")
+    if "seconds" in metrics:
+        parts.append(f"{metrics['seconds']:.1f}s")
     return "  ".join(parts)
 
 
@@ -108,12 +111,13 @@ def render_stages(stages: Sequence[StageResult], kept: str | None = None) -> Non
 def render_epochs(history: Sequence[Mapping[str, object]]) -> None:
     """Every epoch of every stage in one table."""
     table = Table(title="Epochs", box=box.SIMPLE_HEAD, collapse_padding=True)
-    for name in ("stage", "epoch", *_METRICS.values(), "lr"):
+    for name in ("stage", "epoch", *_METRICS.values(), "lr", "seconds"):
         table.add_column(name, justify="left" if name == "stage" else "right")
     for row in history:
         table.add_row(str(row["stage"]), str(row["epoch"]),
                       *(f"{row[k]:.3f}" if k in row else "-" for k in _METRICS),
-                      f"{row.get('learning_rate', float('nan')):.2g}")
+                      f"{row.get('learning_rate', float('nan')):.2g}",
+                      f"{row['seconds']:.1f}" if "seconds" in row else "-")
     stdout.print(table)
 
 

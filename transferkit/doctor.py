@@ -10,13 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferkit.data import (
+from transferkit.data.folders import check_data_root, class_dirs, files_under, find_split_dirs
+from transferkit.data.inspect import (
     IMAGE_EXTENSIONS,
     ImageInfo,
-    check_data_root,
-    class_dirs,
-    files_under,
-    find_split_dirs,
     inspect_images,
     open_inspection_cache,
 )

@@ -3,30 +3,24 @@ recall and F1, the confusion matrix, and the images it gets most confidently wro
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transferkit.artifacts import (
-    check_new_output,
-    load_run,
-    read_splits,
-    save_figure,
-    save_report,
-)
 from transferkit.config import EvaluateConfig
-from transferkit.data import (
-    DataSplits,
-    ImageSet,
-    build_dataset,
-    load_labelled_folder,
-    splits_from_table,
-)
+from transferkit.data.folders import DataSplits, ImageSet, load_labelled_folder, splits_from_table
+from transferkit.data.pipeline import build_dataset
 from transferkit.errors import DataError
+from transferkit.files import check_new_output, save_figure, write_json
 from transferkit.inference import predict_batches
+from transferkit.plots import plot_confusion, plot_gallery
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs import EVALUATION_DIR, LoadedRun, load_run, read_splits
 
 
 @dataclass(frozen=True)
@@ -91,39 +85,40 @@ class EvaluationResult:
     mistakes: int
 
 
-def run_splits(run_dir: Path, info: dict[str, Any], class_names: tuple[str, ...],
-               reporter: Reporter) -> tuple[DataSplits, Path]:
-    """The splits a run was trained on, from its data folder, and that folder.
+def run_splits(run: LoadedRun, reporter: Reporter) -> DataSplits:
+    """The splits a run was trained on, read again from its data folder.
 
     Raises:
         DataError: the data folder or the run's images are gone.
     """
-    data_dir = Path(info["config"]["data"]["data_dir"])
-    return splits_from_table(data_dir, class_names, read_splits(run_dir), reporter), data_dir
+    return splits_from_table(run.record.data_dir, run.class_names, read_splits(run.path),
+                             reporter)
 
 
-def _images_to_evaluate(config: EvaluateConfig, info: dict[str, Any],
-                        class_names: tuple[str, ...], reporter: Reporter) -> tuple[ImageSet, str]:
+def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
+                        reporter: Reporter) -> tuple[ImageSet, str]:
     if config.data_dir is not None:
-        return (load_labelled_folder(config.data_dir, class_names, reporter),
+        return (load_labelled_folder(config.data_dir, run.class_names, reporter),
                 f"labelled folder '{config.data_dir}'")
-    splits, data_dir = run_splits(config.run_dir, info, class_names, reporter)
-    return splits.val, f"the run's validation split ({data_dir})"
+    return (run_splits(run, reporter).val,
+            f"the run's validation split ({run.record.data_dir})")
 
 
 def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> EvaluationResult:
-    """Evaluates a run and writes metrics.json, confusion.png and mistakes.png.
+    """Evaluates a run and writes metrics.json, confusion.png and mistakes.png into a fresh
+    folder that then replaces the output folder in one step, so an earlier evaluation is
+    never mixed with this one.
 
     Raises:
-        TransferkitError: the run or the images cannot be read, or the output exists.
+        TransferkitError: the run or the images cannot be read, or the output exists (the
+            run's own evaluation folder is replaced without --overwrite).
     """
-    from transferkit.plots import plot_confusion, plot_gallery
-
     reporter = reporter or NullReporter()
     run = load_run(config.run_dir)
-    output = config.output or config.run_dir / "evaluation"
-    check_new_output(output, config.overwrite, what="evaluation folder")
-    images, source = _images_to_evaluate(config, run.info, run.class_names, reporter)
+    output = config.output or config.run_dir / EVALUATION_DIR
+    if config.output is not None:
+        check_new_output(output, config.overwrite, what="evaluation folder")
+    images, source = _images_to_evaluate(config, run, reporter)
     if len(images) == 0:
         raise DataError(f"No usable labelled images in {source}.")
     ds = build_dataset(images.sources, None, run.image_size, config.batch_size)
@@ -131,20 +126,43 @@ def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> Evalua
                                     "Evaluating")
     evaluation = classification_metrics(images.labels, probabilities, run.class_names,
                                         config.top_k)
-    output.mkdir(parents=True, exist_ok=True)
-    save_report(output / "metrics.json", {"source": source, **evaluation.to_dict()},
-                overwrite=True)
-    save_figure(output / "confusion.png", plot_confusion(evaluation.confusion, run.class_names))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
+        staged = Path(tmp) / "evaluation"
+        staged.mkdir()
+        write_json(staged / "metrics.json", {"source": source, **evaluation.to_dict()})
+        save_figure(staged / "confusion.png",
+                    plot_confusion(evaluation.confusion, run.class_names))
+        wrong = _save_mistakes(staged / "mistakes.png", images, probabilities, run,
+                               config.gallery, config.batch_size)
+        _replace_folder(staged, output)
+    return EvaluationResult(evaluation, output, source, wrong)
+
+
+def _save_mistakes(path: Path, images: ImageSet, probabilities: np.ndarray, run: LoadedRun,
+                   gallery: int, batch_size: int) -> int:
+    """A gallery of the most confidently wrong images (if any); returns how many were wrong."""
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != images.labels)
     worst = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")]
-    worst = worst[:config.gallery]
+    worst = worst[:gallery]
     if len(worst):
         pictures = np.concatenate([np.asarray(b) for b in build_dataset(
-            [images.sources[i] for i in worst], None, run.image_size, config.batch_size)])
+            [images.sources[i] for i in worst], None, run.image_size, batch_size)])
         captions = [f"{images.paths[i].name}\ntrue {run.class_names[images.labels[i]]}, said "
                     f"{run.class_names[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})"
                     for i in worst]
-        save_figure(output / "mistakes.png", plot_gallery(
-            list(pictures), captions, "Most confidently wrong"))
-    return EvaluationResult(evaluation, output, source, len(wrong))
+        save_figure(path, plot_gallery(list(pictures), captions, "Most confidently wrong"))
+    return len(wrong)
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Puts `source` where `target` is: the old folder is renamed aside first and removed
+    only after the new one is in place, so a reader sees one whole evaluation or the other."""
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, aside / target.name)
+    os.replace(source, target)
+    if aside is not None:
+        shutil.rmtree(aside)

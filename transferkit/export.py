@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.artifacts import LoadedRun, check_new_output, load_run
 from transferkit.config import ExportConfig
-from transferkit.data import build_dataset
-from transferkit.errors import ArtifactError, DataError, MissingPackageError
+from transferkit.data.pipeline import build_dataset
+from transferkit.errors import ArtifactError, ConfigError, DataError, MissingPackageError
 from transferkit.evaluate import run_splits
+from transferkit.files import check_new_output
+from transferkit.quiet import quiet_native_output
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs import LoadedRun, load_run
 
 # Largest acceptable difference of any class probability from the Keras model's, per kind of
 # export. Quantization trades exactness for size and speed: a full-integer Lite0 moved
@@ -48,17 +50,10 @@ class ExportResult:
     real_images: bool  # checked on the run's images (else on random ones: its data is gone)
 
 
-def labels_path_for(output: Path, export_format: str) -> Path:
-    """Where the class names go: inside a SavedModel folder, beside a single-file export."""
-    if export_format == "savedmodel":
-        return output / "labels.txt"
-    return output.with_suffix(".labels.txt")
-
-
 def _run_images(run: LoadedRun, reporter: Reporter) -> tuple[list[str], list[str]] | str:
     """Image files of the run's training and validation splits, or why they cannot be had."""
     try:
-        splits, _ = run_splits(run.path, run.info, run.class_names, reporter)
+        splits = run_splits(run, reporter)
     except (DataError, ArtifactError) as exc:
         return str(exc)
     return list(splits.train.sources), list(splits.val.sources)
@@ -120,10 +115,6 @@ def _write_tflite(run: LoadedRun, target: Path, calibration: np.ndarray | None,
         target.write_bytes(converter.convert())
 
 
-Writer = Callable[[LoadedRun, Path, np.ndarray | None, str], None]
-WRITERS: dict[str, Writer] = {"savedmodel": _write_savedmodel, "tflite": _write_tflite,
-                              "onnx": _write_onnx}
-REQUIREMENTS = {"onnx": ("tf2onnx", "onnx", "onnxruntime")}
 
 
 def _metadata(run: LoadedRun) -> dict[str, str]:
@@ -131,7 +122,7 @@ def _metadata(run: LoadedRun) -> dict[str, str]:
             "image_size": str(run.image_size),
             "input": "RGB pixels 0-255, NHWC, resized to image_size; preprocessing included",
             "output": "class probabilities in class_names order",
-            "base": str(run.info.get("base"))}
+            "base": run.record.base}
 
 
 def tflite_interpreter(content: bytes) -> Any:
@@ -146,29 +137,88 @@ def tflite_interpreter(content: bytes) -> Any:
         return Interpreter(model_content=content)
 
 
-def run_exported(path: Path, export_format: str, images: np.ndarray) -> np.ndarray:
-    """Class probabilities from an exported model, one image at a time (as a device would)."""
-    if export_format == "savedmodel":
-        import tensorflow as tf
+def _run_savedmodel(path: Path, images: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
 
-        loaded = tf.saved_model.load(str(path))  # keep it: .serve needs its variables alive
-        return np.concatenate([loaded.serve(tf.constant(image[None])).numpy()
-                               for image in images])
-    if export_format == "onnx":
-        import onnxruntime
+    loaded = tf.saved_model.load(str(path))  # keep it: .serve needs its variables alive
+    return np.concatenate([loaded.serve(tf.constant(image[None])).numpy() for image in images])
 
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return np.concatenate([session.run(None, {name: image[None]})[0] for image in images])
-    interpreter = tflite_interpreter(path.read_bytes())
-    interpreter.allocate_tensors()
-    given, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    rows = []
-    for image in images:
-        interpreter.set_tensor(given["index"], image[None].astype(given["dtype"]))
-        interpreter.invoke()
-        rows.append(interpreter.get_tensor(out["index"]).astype(np.float32))
+
+def _run_onnx(path: Path, images: np.ndarray) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: image[None]})[0] for image in images])
+
+
+def _run_tflite(path: Path, images: np.ndarray) -> np.ndarray:
+    with quiet_native_output():  # the interpreter announces its XNNPACK delegate on stderr
+        interpreter = tflite_interpreter(path.read_bytes())
+        interpreter.allocate_tensors()
+        given, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        rows = []
+        for image in images:
+            interpreter.set_tensor(given["index"], image[None].astype(given["dtype"]))
+            interpreter.invoke()
+            rows.append(interpreter.get_tensor(out["index"]).astype(np.float32))
     return np.concatenate(rows)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportFormat:
+    """One row of the export formats table."""
+
+    name: str
+    suffix: str  # of the file written; "" for a folder
+    packages: tuple[str, ...]  # importable modules it needs beyond transferkit's own
+    extra: str | None  # the transferkit[extra] that installs them
+    write: Callable[[LoadedRun, Path, np.ndarray | None, str], None]  # run, target, calib, q
+    run: Callable[[Path, np.ndarray], np.ndarray]  # exported model on float 0-255 images
+    help: str
+
+    @property
+    def is_folder(self) -> bool:
+        return not self.suffix
+
+    def labels_path(self, output: Path) -> Path:
+        """Where the class names go: inside a folder export, beside a single file."""
+        return output / "labels.txt" if self.is_folder else output.with_suffix(".labels.txt")
+
+
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
+    ExportFormat(name="savedmodel", suffix="", packages=(), extra=None,
+                 write=_write_savedmodel, run=_run_savedmodel,
+                 help="TensorFlow Serving, TF.js converters"),
+    ExportFormat(name="tflite", suffix=".tflite", packages=(), extra=None,
+                 write=_write_tflite, run=_run_tflite,
+                 help="phones, microcontrollers; --quantize applies"),
+    ExportFormat(name="onnx", suffix=".onnx", packages=("tf2onnx", "onnx", "onnxruntime"),
+                 extra="onnx", write=_write_onnx, run=_run_onnx,
+                 help="ONNX Runtime and most runtimes"),
+)}
+
+
+def get_format(name: str, output: Path) -> ExportFormat:
+    """The table row for `name`, checked against the output's name and the installed
+    packages.
+
+    Raises:
+        ConfigError: an unknown format, or a file name with the wrong suffix.
+        MissingPackageError: a package the format needs is not installed.
+    """
+    if name not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}; got {name}.")
+    fmt = FORMATS[name]
+    if fmt.suffix and output.suffix.lower() != fmt.suffix:
+        raise ConfigError(f"--format {name} writes one file; name it with {fmt.suffix} "
+                          f"(got '{output}').")
+    missing = [m for m in fmt.packages if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingPackageError(
+            f"--format {name} needs {', '.join(missing)}, which is not installed. "
+            f"Run: pip install 'transferkit[{fmt.extra}]'")
+    return fmt
 
 
 def compare(expected: np.ndarray, got: np.ndarray, tolerance: float
@@ -193,16 +243,11 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
             not match the Keras model's (then nothing is written).
     """
     reporter = reporter or NullReporter()
-    missing = [m for m in REQUIREMENTS.get(config.format, ()) if importlib.util.find_spec(m)
-               is None]
-    if missing:
-        raise MissingPackageError(
-            f"--format {config.format} needs {', '.join(missing)}, which is not installed. "
-            f"Run: pip install 'transferkit[{config.format}]'")
-    labels = labels_path_for(config.output, config.format)
+    fmt = get_format(config.format, config.output)
+    labels = fmt.labels_path(config.output)
     check_new_output(config.output, config.overwrite,
-                     what="export folder" if config.format == "savedmodel" else "export file")
-    if config.format != "savedmodel":
+                     what="export folder" if fmt.is_folder else "export file")
+    if not fmt.is_folder:
         check_new_output(labels, config.overwrite, what="labels file")
     run = load_run(config.run_dir)
     found = _run_images(run, reporter)
@@ -229,26 +274,23 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
     tolerance = TOLERANCE[config.quantize]
     with tempfile.TemporaryDirectory(dir=config.output.parent) as tmp:
         built = Path(tmp) / config.output.name
-        WRITERS[config.format](run, built, calibration, config.quantize)
-        difference, agreement, passed = compare(
-            expected, run_exported(built, config.format, check_images), tolerance)
+        fmt.write(run, built, calibration, config.quantize)
+        difference, agreement, passed = compare(expected, fmt.run(built, check_images),
+                                                tolerance)
         if not passed:
             raise ArtifactError(
                 f"The exported {config.format} model does not match the Keras model on "
                 f"{len(check_images)} images: largest probability difference {difference:.4g} "
                 f"(tolerance {tolerance:g}), top-1 agreement {agreement:.0%}. Nothing was "
                 f"written. Try another --quantize, or report this as a bug.")
-        if config.format == "savedmodel":
-            (built / "labels.txt").write_text("\n".join(run.class_names) + "\n",
-                                              encoding="utf-8")
+        staged_labels = built / labels.name if fmt.is_folder else Path(tmp, labels.name)
+        staged_labels.write_text("\n".join(run.class_names) + "\n", encoding="utf-8")
+        if fmt.is_folder:
             (built / "transferkit.json").write_text(json.dumps(_metadata(run), indent=2) + "\n",
                                                     encoding="utf-8")
-        else:
-            Path(tmp, labels.name).write_text("\n".join(run.class_names) + "\n",
-                                              encoding="utf-8")
         _replace(built, config.output)
-        if config.format != "savedmodel":
-            _replace(Path(tmp, labels.name), labels)
+        if not fmt.is_folder:
+            _replace(staged_labels, labels)
     size = (sum(f.stat().st_size for f in config.output.rglob("*") if f.is_file())
             if config.output.is_dir() else config.output.stat().st_size)
     return ExportResult(config.output, labels, size, len(check_images), difference, agreement,

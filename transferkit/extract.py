@@ -3,6 +3,7 @@ and the fast path of training a dense classifier on the saved features."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,31 +11,38 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transferkit.artifacts import (
+from transferkit.bases import build_base, get_base, resolve_image_size
+from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, ScheduleConfig
+from transferkit.data.folders import DataSplits, load_splits
+from transferkit.devices import precision_policy, resolve_precision
+from transferkit.errors import DataError
+from transferkit.features import (
+    FeatureExtractor,
     FeatureSet,
-    check_new_output,
+    FeatureSpec,
     save_features,
+    weights_fingerprint,
+)
+from transferkit.files import check_new_output
+from transferkit.model import (
+    build_classifier,
+    build_feature_extractor,
+    build_head,
+    cut_base,
+    find_base,
+)
+from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs import (
+    Compute,
+    RunRecord,
+    StageResult,
+    check_run_output,
     save_run,
     save_splits,
 )
-from transferkit.bases import build_base, get_base, resolve_image_size
-from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, ScheduleConfig, to_dict
-from transferkit.data import load_splits
-from transferkit.devices import precision_policy, resolve_precision
-from transferkit.errors import DataError
-from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
-from transferkit.model import build_classifier, build_feature_extractor, build_head, cut_base
-from transferkit.reporting import NullReporter, Reporter
-from transferkit.training import (
-    HEAD,
-    StagePlan,
-    StageResult,
-    data_summary,
-    report_data,
-    run_stage,
-    split_rows,
-    stage_result,
-)
+from transferkit.training.finetune import HEAD
+from transferkit.training.prepare import data_summary, report_data
+from transferkit.training.stages import StagePlan, run_stage, stage_result
 
 
 @dataclass(frozen=True)
@@ -48,7 +56,7 @@ class ExtractResult:
 
 
 def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
-               info: dict, reporter: Reporter) -> StageResult:
+               batch_size: int, record: RunRecord, reporter: Reporter) -> StageResult:
     """Trains a dense classifier on saved features; saves it with `extractor` as a run."""
     x_train, y_train = features.split("train")
     x_val, y_val = features.split("val")
@@ -56,10 +64,9 @@ def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
         raise DataError("The feature file has no validation images to train a head against.")
     head = build_head(x_train.shape[1], len(features.class_names), config.dense_units,
                       config.dropout, config.l2, config.init)
-    batch_size = 32
     history: list[dict] = []
     plan = StagePlan(HEAD, "train a dense classifier on the extracted features", 0,
-                     config.epochs, config.learning_rate, ScheduleConfig("constant"))
+                     config.epochs, config.learning_rate, ScheduleConfig(name="constant"))
     trainable = run_stage(head, plan, (x_train, y_train), (x_val, y_val), reporter,
                           math.ceil(len(x_train) / batch_size), history,
                           optimizer=OptimizerConfig(), batch_size=batch_size,
@@ -67,8 +74,9 @@ def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
                               "val_loss", patience=config.patience,
                               restore_best_weights=True)])
     stage = stage_result(plan, history, "val_loss", trainable)
-    info = {**info, "stages": [stage.to_dict()], "metrics": stage.metrics}
-    save_run(config.output, build_classifier(extractor, head), info, history)
+    save_run(config.output, build_classifier(extractor, head), record.replace(
+        stages=(stage,), kept_stage=HEAD, metrics=stage.metrics,
+        trainable_params={HEAD: trainable}), history)
     reporter.info(f"Saved the run to '{config.output}'.")
     return stage
 
@@ -89,7 +97,7 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
     spec.check_block_count(blocks, "--blocks")
     check_new_output(config.output, config.overwrite, what="feature file")
     if config.head is not None:
-        check_new_output(config.head.output, config.head.overwrite)
+        check_run_output(config.head.output, config.head.overwrite)
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter,
                          use_cache=config.cache)
     report_data(splits, reporter)
@@ -127,14 +135,26 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
         class_names=splits.class_names,
         meta=meta,
     )
-    save_features(config.output, features, config.overwrite)
+    save_features(config.output, features)
     reporter.info(f"Saved {len(features.labels)} feature vectors to '{config.output}'.")
     if config.head is None:
         return ExtractResult(config.output, features, computed=extractor.computed,
                              reused=extractor.reused)
-    info = {"command": "extract", "config": to_dict(config), **meta,
-            "class_names": list(splits.class_names), "data": data_summary(splits)}
-    stage = train_head(features, extractor.model, config.head, info, reporter)
-    save_splits(config.head.output, split_rows(splits))
+    stage = train_head(features, extractor.model, config.head, config.data.batch_size,
+                       _head_record(config, image_size, splits, precision,
+                                    find_base(extractor.model).name), reporter)
+    save_splits(config.head.output, splits.rows())
     return ExtractResult(config.output, features, config.head.output, stage,
                          extractor.computed, extractor.reused)
+
+
+def _head_record(config: ExtractConfig, image_size: int, splits: DataSplits, precision: str,
+                 base_layer: str) -> RunRecord:
+    """The record of an `extract --train-head` run, before its head is trained."""
+    spec = get_base(config.base)
+    resolved = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, image_size=image_size))
+    return RunRecord(command="extract", config=resolved, base=spec.name, base_layer=base_layer,
+                     weights=config.weights, preprocessing=spec.preprocessing,
+                     class_names=splits.class_names, compute=Compute(precision=precision),
+                     data=data_summary(splits))

@@ -1,27 +1,35 @@
-"""Frozen-base features of image sets, computed once. An on-disk cache is keyed by everything
-that determines a feature vector (base, weights, image size, cut point, pooling,
-preprocessing, precision, and the file's content), so no unchanged image goes through the
-base twice and the model is not even built when nothing is missing."""
+"""Frozen-base features of image sets, computed once, and the files that hold them: feature
+files (`extract -o`) and the feature cache. The cache is keyed by everything that determines a
+feature vector (base, weights, image size, cut point, pooling, preprocessing, precision, and
+the file's content), so no unchanged image goes through the base twice and the model is not
+even built when nothing is missing."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transferkit.artifacts import FeatureCache
 from transferkit.bases import BaseSpec, resolve_weights
-from transferkit.data import ImageSet, build_dataset
+from transferkit.cache import FEATURES, cache_path
+from transferkit.data.folders import ImageSet
+from transferkit.data.pipeline import build_dataset
+from transferkit.errors import ArtifactError
+from transferkit.files import atomic_path
 from transferkit.inference import predict_batches
 from transferkit.reporting import Reporter
 
 if TYPE_CHECKING:
     import keras
 
+FEATURES_FORMAT = "transferkit-features"
+FEATURES_FORMAT_VERSION = 1
 FEATURE_PIPELINE_VERSION = 2  # bump when decoding or resizing changes what features are
 
 
@@ -57,9 +65,11 @@ class FeatureSpec:
 
 
 def predict_features(model: keras.Model, sources: Sequence[str], image_size: int,
-                     batch_size: int, reporter: Reporter, label: str) -> np.ndarray:
-    """Runs `model` over the images at `sources` (no augmentation) in one streaming pass."""
-    ds = build_dataset(sources, None, image_size, batch_size)
+                     batch_size: int, reporter: Reporter, label: str,
+                     augment: Callable[[Any], Any] | None = None) -> np.ndarray:
+    """Runs `model` over the images at `sources` in one streaming pass (augmented draws of
+    them with `augment`)."""
+    ds = build_dataset(sources, None, image_size, batch_size, augment=augment)
     return predict_batches(model, ds, len(sources), batch_size, reporter,
                            f"Extracting {label} features")
 
@@ -114,3 +124,80 @@ class FeatureExtractor:
         """Writes newly computed features to the cache."""
         if self.cache is not None:
             self.cache.save()
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of every image of a data folder, with labels, splits and relative paths."""
+
+    features: np.ndarray  # (n, feature_dim) float32
+    labels: np.ndarray  # (n,) int32 into class_names
+    splits: np.ndarray  # (n,) str: train | val | test
+    paths: np.ndarray  # (n,) str, relative to the data folder
+    class_names: tuple[str, ...]
+    meta: dict[str, Any]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        mask = self.splits == name
+        return self.features[mask], self.labels[mask]
+
+
+def save_features(path: Path, features: FeatureSet) -> None:
+    """Writes a FeatureSet as .npz: plain arrays and a JSON string, no pickles."""
+    meta = {"format": FEATURES_FORMAT, "format_version": FEATURES_FORMAT_VERSION,
+            **features.meta, "class_names": list(features.class_names)}
+    with atomic_path(path) as tmp:
+        np.savez(tmp, features=features.features.astype(np.float32),
+                 labels=features.labels.astype(np.int32),
+                 splits=features.splits.astype(str), paths=features.paths.astype(str),
+                 meta=np.array(json.dumps(meta)))
+
+
+def load_features(path: Path) -> FeatureSet:
+    """Reads a feature file written by save_features (allow_pickle stays off)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"]))
+            arrays = {k: npz[k] for k in ("features", "labels", "splits", "paths")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"Could not read feature file '{path}' ({exc}). Run `transferkit "
+                            f"extract` again.") from exc
+    if meta.get("format") != FEATURES_FORMAT:
+        raise ArtifactError(f"'{path}' is not a transferkit feature file.")
+    return FeatureSet(class_names=tuple(meta.pop("class_names")), meta=meta, **arrays)
+
+
+class FeatureCache:
+    """Features already computed for one extractor (base, weights, size, cut point, pooling,
+    preprocessing), by image content hash: one .npz of plain arrays per extractor."""
+
+    def __init__(self, key: str) -> None:
+        self.path = cache_path(FEATURES) / f"{key}.npz"
+        self.index: dict[str, int] = {}
+        self.rows: list[np.ndarray] = []
+        self.changed = False
+        try:
+            with np.load(self.path, allow_pickle=False) as npz:
+                features = npz["features"]
+                self.index = {str(h): i for i, h in enumerate(npz["hashes"])}
+                self.rows = list(features)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # no cache yet, or a damaged one: start afresh
+
+    def get(self, content_hash: str) -> np.ndarray | None:
+        i = self.index.get(content_hash)
+        return None if i is None else self.rows[i]
+
+    def put(self, hashes: Sequence[str], features: np.ndarray) -> None:
+        for h, row in zip(hashes, features, strict=True):
+            if h not in self.index:
+                self.index[h] = len(self.rows)
+                self.rows.append(row)
+                self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        hashes = np.array(sorted(self.index, key=self.index.__getitem__))
+        with atomic_path(self.path) as tmp:
+            np.savez(tmp, hashes=hashes, features=np.stack(self.rows).astype(np.float32))

@@ -7,9 +7,9 @@ Every model transferkit saves has the same shape, a `features` model and a `head
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from transferkit.bases import BaseSpec, Preprocessing
-from transferkit.layers import ImagePreprocessing
 
 
 def cut_base(base: keras.Model, spec: BaseSpec, blocks: int | None) -> keras.Model:
@@ -22,18 +22,39 @@ def cut_base(base: keras.Model, spec: BaseSpec, blocks: int | None) -> keras.Mod
     return keras.Model(base.inputs, last_layer.output, name=f"{base.name}_to_{last_block}")
 
 
+def build_preprocessing(preprocessing: Preprocessing, x: keras.KerasTensor) -> keras.KerasTensor:
+    """Raw RGB in [0, 255] -> the scaling the base was trained with, from Keras's own layers
+    only, so a saved model loads in any Keras without transferkit: a fixed channel permutation
+    (RGB -> BGR for Caffe-style bases) as a frozen bias-free Dense over the channel axis
+    (multiplying by exact zeros and ones keeps it exact), then (x - mean) / std per channel as
+    a Rescaling by 1/std with offset -mean/std. Rescaling keeps its factors in its config and
+    makes them constants of the traced graph, so exports carry them too."""
+    if preprocessing.channel_order == "bgr":
+        flip = keras.layers.Dense(3, use_bias=False, trainable=False, name="rgb_to_bgr",
+                                  kernel_initializer=keras.initializers.Constant(
+                                      np.eye(3, dtype="float32")[::-1]))
+        x = flip(x)
+    scale = [1.0 / s for s in preprocessing.std]
+    offset = [-m / s for m, s in zip(preprocessing.mean, preprocessing.std, strict=True)]
+    return keras.layers.Rescaling(scale, offset, name="preprocessing")(x)
+
+
 def build_feature_extractor(base: keras.Model, preprocessing: Preprocessing,
                             pooling: str = "avg") -> keras.Model:
     """Raw RGB images -> pooled base features. The base always runs in inference mode, so
     its BatchNorm statistics stay those it was pretrained with, even when unfrozen."""
     inputs = keras.Input(base.input_shape[1:], name="image")
-    x = ImagePreprocessing(preprocessing.channel_order, preprocessing.mean, preprocessing.std,
-                           name="preprocessing")(inputs)
+    x = build_preprocessing(preprocessing, inputs)
     x = base(x, training=False)
     pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else \
         keras.layers.GlobalMaxPooling2D
     outputs = pool(name="pooling")(x)
     return keras.Model(inputs, outputs, name="features")
+
+
+def find_base(extractor: keras.Model) -> keras.Model:
+    """The convolutional base inside a feature extractor (its only nested model)."""
+    return next(layer for layer in extractor.layers if isinstance(layer, keras.Model))
 
 
 INITIALIZERS = {"he": "he_normal", "glorot": "glorot_uniform"}

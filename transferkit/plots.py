@@ -1,5 +1,6 @@
 """Figures for people to look at: training curves, the learning-rate range test, the
-confusion matrix and a gallery of mistakes. Builds matplotlib figures; artifacts saves them."""
+confusion matrix, a gallery of mistakes and the augmentation grid. Builds matplotlib figures
+(no pyplot state); files.save_figure writes them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from transferkit.training.checks import LRFindResult
+    from transferkit.runs import LRFind
 
 
 def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1) -> tuple[Figure, Any]:
@@ -21,21 +22,35 @@ def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1) -> tupl
     return figure, figure.subplots(nrows, ncols, squeeze=False)
 
 
-def plot_curves(history: Sequence[dict[str, Any]]) -> Figure:
-    """Training vs validation loss and accuracy over all epochs, stage boundaries marked: a
-    widening gap between the two is the tell-tale of over-fitting."""
+def plot_curves(history: Sequence[dict[str, Any]], kept: tuple[str, int | None] | None = None
+                ) -> Figure:
+    """Training vs validation loss and accuracy per epoch (a widening gap between the two is
+    the tell-tale of over-fitting), with the boundary between stages and the kept epoch
+    marked. `kept` is (stage, epoch) of the saved model."""
+    from matplotlib.ticker import MaxNLocator
+
     figure, axes = _figure(11, 4, ncols=2)
-    x = np.arange(1, len(history) + 1)
+    x = [row["epoch"] for row in history]
+    boundaries = [(history[i]["epoch"] - 0.5, history[i]["stage"]) for i in range(1, len(history))
+                  if history[i]["stage"] != history[i - 1]["stage"]]
     for ax, metric in zip(axes[0], ("loss", "accuracy"), strict=True):
         for key, style, label in ((metric, "-", "training"), (f"val_{metric}", "--",
                                                                 "validation")):
             values = [row.get(key, np.nan) for row in history]
             ax.plot(x, values, style, marker="o", markersize=3, label=label)
-        for i in range(1, len(history)):
-            if history[i]["stage"] != history[i - 1]["stage"]:
-                ax.axvline(i + 0.5, color="grey", linestyle=":")
-                ax.text(i + 0.6, ax.get_ylim()[1], history[i]["stage"], va="top", fontsize=8,
+        for at, stage in boundaries:
+            ax.axvline(at, color="grey", linestyle=":")
+            ax.annotate(f"stage '{stage}' starts", (at, 1), xycoords=("data", "axes fraction"),
+                        xytext=(3, -3), textcoords="offset points", va="top", fontsize=8,
                         color="grey")
+        if kept is not None and kept[1] is not None:
+            row = next((r for r in history if r["stage"] == kept[0]
+                        and r["epoch"] == kept[1]), None)
+            if row is not None and f"val_{metric}" in row:
+                ax.plot([row["epoch"]], [row[f"val_{metric}"]], marker="*", markersize=14,
+                        color="crimson", linestyle="none",
+                        label=f"kept: epoch {row['epoch']} ({kept[0]})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -43,18 +58,38 @@ def plot_curves(history: Sequence[dict[str, Any]]) -> Figure:
     return figure
 
 
-def plot_lr_find(result: LRFindResult) -> Figure:
+def plot_lr_find(result: LRFind) -> Figure:
     figure, axes = _figure(6, 4)
     ax = axes[0][0]
     ax.plot(result.learning_rates, result.losses)
     ax.axvline(result.suggestion, color="red", linestyle="--",
-               label=f"suggested {result.suggestion:.2g}")
+               label=f"suggested {result.suggestion:.2g} ({result.rule})")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss (smoothed)")
-    ax.set_title("Learning-rate range test")
+    ax.set_title("Learning-rate range test"
+                 + (": lowest loss at the top of the range" if result.at_edge else ""))
     ax.legend()
     ax.grid(alpha=0.3)
+    return figure
+
+
+def plot_augmentation(originals: np.ndarray, draws: Sequence[np.ndarray],
+                      labels: Sequence[str]) -> Figure:
+    """One image per row: the original, then augmented draws of it; rows name their class."""
+    columns = [originals, *draws]
+    figure, axes = _figure(1.6 * len(columns), 1.7 * len(originals), ncols=len(columns),
+                           nrows=len(originals))
+    for r, label in enumerate(labels):
+        for c, batch in enumerate(columns):
+            ax = axes[r][c]
+            ax.imshow(np.clip(batch[r], 0, 255).astype(np.uint8))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"draw {c}", fontsize=9)
+        axes[r][0].set_ylabel(label, fontsize=9)
+    figure.suptitle("Augmentation: what training sees", fontsize=10)
     return figure
 
 

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transferkit.artifacts import load_run
 from transferkit.augment import TTA_VIEWS, ten_crops, tta_load_size
-from transferkit.config import PredictConfig
-from transferkit.data import (
-    build_dataset,
-    collect_images,
-    decode_source,
-    inspect_images,
-    open_inspection_cache,
-)
+from transferkit.config import STDOUT, PredictConfig
+from transferkit.data.folders import collect_images
+from transferkit.data.inspect import decode_source, inspect_images, open_inspection_cache
+from transferkit.data.pipeline import build_dataset
 from transferkit.errors import DataError
+from transferkit.files import check_new_output
 from transferkit.inference import predict_batches
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs import load_run
 
 if TYPE_CHECKING:
     import keras
@@ -78,6 +78,11 @@ class PredictionReport:
     threshold: float | None = None
     tta: TTAEffect | None = None
 
+    @property
+    def predicted(self) -> int:
+        """Files that got an answer (the others could not be read)."""
+        return sum(p.error is None for p in self.predictions)
+
 
 def _predict_views(model: keras.Model, sources: list[str], image_size: int, batch_size: int,
                    reporter: Reporter, tta: bool) -> np.ndarray:
@@ -102,6 +107,8 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
         TransferkitError: the run cannot be read or a path does not exist.
     """
     reporter = reporter or NullReporter()
+    if config.output is not None and config.output != STDOUT:
+        check_new_output(config.output, config.overwrite)
     run = load_run(config.run_dir)
     files, ignored = collect_images(config.paths)
     if not files:
@@ -142,3 +149,29 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
     return PredictionReport(tuple(predictions), run.class_names, accuracy, len(scored),
                             len(ignored), sum(p.unknown for p in predictions), config.threshold,
                             effect)
+
+
+PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")
+OPTIONAL_PREDICTION_FIELDS = ("best_guess",)  # written only by --threshold
+
+
+def predictions_text(report: PredictionReport, top_k: int, output_format: str) -> str:
+    """The predictions as CSV (top-k as label_N/probability_N columns), JSON, or JSON Lines
+    (one object per line)."""
+    rows = [p.to_dict() for p in report.predictions]
+    if output_format == "json":
+        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+    if output_format == "jsonl":
+        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    extra = [f"{kind}_{k}" for k in range(2, top_k + 1) for kind in ("label", "probability")]
+    extra += [f for f in OPTIONAL_PREDICTION_FIELDS if any(f in row for row in rows)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*PREDICTION_FIELDS, *extra],
+                            extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        flat = {k: row.get(k) for k in (*PREDICTION_FIELDS, *OPTIONAL_PREDICTION_FIELDS)}
+        for k, alt in enumerate(row.get("top_k", [])[1:], start=2):
+            flat[f"label_{k}"], flat[f"probability_{k}"] = alt["label"], alt["probability"]
+        writer.writerow(flat)
+    return buffer.getvalue()

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from transferkit.atomic import atomic_path, cache_dir
+from transferkit.cache import WEIGHTS, cache_path
 from transferkit.errors import ConfigError, WeightsError
+from transferkit.files import atomic_path
 
 if TYPE_CHECKING:
     import keras
@@ -253,7 +254,7 @@ class Lite0Imagenet:
     def path(self) -> Path:
         source = lite0_checkpoint()
         digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-        target = cache_dir() / "weights" / f"efficientnet_lite0_imagenet_{digest}.weights.h5"
+        target = cache_path(WEIGHTS) / f"efficientnet_lite0_imagenet_{digest}.weights.h5"
         if not target.is_file():
             from transferkit.bases.efficientnet_lite import (
                 build_efficientnet_lite0,

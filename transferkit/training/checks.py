@@ -6,24 +6,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+import keras
 import numpy as np
 
-from transferkit.artifacts import check_new_output, save_image
-from transferkit.augment import augment_grid, build_augmentation
+from transferkit.augment import build_augmentation
 from transferkit.bases import get_base, resolve_image_size
-from transferkit.config import AugmentConfig, FinetuneConfig, OptimizerConfig
-from transferkit.data import build_dataset, load_splits
+from transferkit.config import FinetuneConfig, OptimizerConfig, PreviewConfig
+from transferkit.data.folders import load_splits
+from transferkit.data.pipeline import build_dataset
 from transferkit.features import predict_features
+from transferkit.files import check_new_output, save_figure
 from transferkit.model import build_head
+from transferkit.plots import plot_augmentation
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs import LRFind
+from transferkit.training.prepare import Prepared, prepare
 from transferkit.training.stages import compile_model
-
-if TYPE_CHECKING:
-
-    from transferkit.training.finetune import Prepared
 
 OVERFIT_BATCHES = 2
 OVERFIT_EPOCHS = 100
@@ -60,8 +59,6 @@ def fit_tiny_subset(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 def overfit_check(config: FinetuneConfig, reporter: Reporter | None = None) -> OverfitResult:
     """`finetune --overfit-check`: can the head memorise two batches of training images?"""
-    from transferkit.training.finetune import prepare
-
     reporter = reporter or NullReporter()
     prepared = prepare(dataclasses.replace(config, output=None), reporter)
     train = prepared.splits.train
@@ -74,23 +71,31 @@ def overfit_check(config: FinetuneConfig, reporter: Reporter | None = None) -> O
                            config.init, config.optimizer, config.learning_rate)
 
 
-@dataclass(frozen=True)
-class LRFindResult:
-    learning_rates: tuple[float, ...]
-    losses: tuple[float, ...]  # smoothed
-    suggestion: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"learning_rates": list(self.learning_rates), "losses": list(self.losses),
-                "suggestion": self.suggestion}
+def valley(losses: np.ndarray) -> int:
+    """The index of the suggested rate, by the valley rule fastai's suggestions use: take the
+    longest stretch over which the loss keeps falling (the longest decreasing subsequence of
+    the smoothed losses) and go half way down it, where it is steep but still far from the
+    point where training turns unstable."""
+    n = len(losses)
+    length = np.ones(n, dtype=int)  # of the longest decreasing chain ending at i
+    first = np.arange(n)  # where that chain starts
+    for i in range(1, n):
+        earlier = np.flatnonzero(losses[:i] > losses[i])
+        if len(earlier):
+            j = earlier[np.argmax(length[earlier])]
+            length[i], first[i] = length[j] + 1, first[j]
+    end = int(np.argmax(length))
+    return int(first[end]) + (end - int(first[end])) // 2
 
 
 def lr_range_test(features: np.ndarray, labels: np.ndarray, num_classes: int,
                   config: FinetuneConfig, min_lr: float = 1e-6, max_lr: float = 1.0,
-                  steps: int = 100, seed: int = 0) -> LRFindResult:
+                  steps: int = 100, seed: int = 0) -> LRFind:
     """Trains the head with a learning rate growing exponentially from `min_lr` to `max_lr`,
-    one mini-batch per step, until the smoothed loss explodes. Suggests a tenth of the rate
-    at the lowest loss: the last rate that is still safely on the descending slope."""
+    one mini-batch per step, until the smoothed loss explodes; suggests a rate by the valley
+    rule. `at_edge` says the loss was still at its lowest at the top of the range, where
+    the test cannot tell a good rate from one about to diverge."""
+    keras.utils.set_random_seed(seed)
     head = build_head(features.shape[1], num_classes, config.dense_units, config.dropout,
                       config.l2, config.init)
     compile_model(head, config.optimizer, min_lr)
@@ -113,36 +118,54 @@ def lr_range_test(features: np.ndarray, labels: np.ndarray, num_classes: int,
         lowest = min(lowest, smoothed)
         if step > 10 and smoothed > 4 * lowest:
             break
-    suggestion = rates[int(np.argmin(losses))] / 10
-    return LRFindResult(tuple(rates), tuple(losses), float(max(suggestion, min_lr)))
+    curve = np.array(losses)
+    at_edge = int(np.argmin(curve)) >= len(curve) - max(2, len(curve) // 20)
+    return LRFind(learning_rates=tuple(rates), losses=tuple(losses),
+                  suggestion=float(rates[valley(curve)]), rule="valley", at_edge=at_edge)
 
 
 def lr_find(config: FinetuneConfig, prepared: Prepared,
-            reporter: Reporter | None = None) -> LRFindResult:
-    """`finetune --lr-find`: the range test on the training images' frozen features."""
+            reporter: Reporter | None = None) -> LRFind:
+    """`finetune --lr-find`: the range test on the frozen-base features of augmented
+    training images, as stage 1 will see them."""
     reporter = reporter or NullReporter()
     train = prepared.splits.train
     features = predict_features(prepared.extractor, train.sources, prepared.image_size,
-                                config.data.batch_size, reporter, "training")
+                                config.data.batch_size, reporter, "augmented training",
+                                augment=build_augmentation(config.augment, config.data.seed))
     result = lr_range_test(features, train.labels, len(train.class_names), config,
                            seed=config.data.seed)
-    reporter.info(f"Learning-rate range test: lowest loss near "
-                  f"{result.suggestion * 10:.2g}; using a tenth of it, "
-                  f"{result.suggestion:.2g}, for stage 1.")
+    reporter.info(f"Learning-rate range test: {result.suggestion:.2g} for stage 1 (valley "
+                  f"rule: half way down the longest fall of the loss).")
+    if result.at_edge:
+        reporter.warning(
+            f"The loss was still at its lowest at the top of the range tried "
+            f"(lr {result.learning_rates[-1]:.2g}), so the test cannot tell where training "
+            f"turns unstable. Check lr_find.png and the epoch losses; pass --learning-rate "
+            f"to choose a rate yourself.")
     return result
 
 
-def preview_augmentation(data_dir: Path, output: Path, augment: AugmentConfig, base: str,
-                         image_size: int | None, images: int, variants: int, seed: int,
-                         overwrite: bool = False, reporter: Reporter | None = None) -> None:
-    """`augment-preview`: a grid of a few training images and augmented draws of each, at
-    the size the base sees them, written as a PNG."""
+def preview_augmentation(config: PreviewConfig, reporter: Reporter | None = None) -> int:
+    """`augment-preview`: a grid with one training image per row (taking the classes in turn),
+    its original first and then augmented draws, at the size the base sees them, written as a
+    PNG. Returns the number of rows."""
     reporter = reporter or NullReporter()
-    check_new_output(output, overwrite, what="output file")
-    size = resolve_image_size(get_base(base), image_size)
-    train = load_splits(data_dir, 0.2, seed, reporter).train
-    chosen = np.random.default_rng(seed).permutation(len(train))[:max(1, images)]
+    check_new_output(config.output, config.overwrite)
+    size = resolve_image_size(get_base(config.base), config.data.image_size)
+    train = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
+                        reporter).train
+    rng = np.random.default_rng(config.data.seed)
+    by_class = [rng.permutation(np.flatnonzero(train.labels == c))
+                for c in range(len(train.class_names))]
+    order = [int(c[rank]) for rank in range(max(map(len, by_class))) for c in by_class
+             if rank < len(c)]
+    chosen = order[:config.images]
     batch = np.asarray(next(iter(build_dataset([train.sources[i] for i in chosen], None, size,
                                                batch_size=len(chosen)))))
-    save_image(output, augment_grid(batch, build_augmentation(augment, seed), variants),
-               overwrite)
+    augmentation = build_augmentation(config.augment, config.data.seed)
+    draws = [np.asarray(augmentation(batch)) if augmentation is not None else batch
+             for _ in range(config.variants)]
+    labels = [train.class_names[train.labels[i]] for i in chosen]
+    save_figure(config.output, plot_augmentation(batch, draws, labels))
+    return len(chosen)

@@ -11,7 +11,6 @@ stage, with the right frozen layers, optimizer state, learning rate and epoch.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import signal
 import threading
@@ -24,35 +23,44 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.artifacts import (
+from transferkit.augment import build_augmentation
+from transferkit.bases import BaseSpec, get_base
+from transferkit.config import FinetuneConfig
+from transferkit.data.folders import DataSplits, splits_from_table
+from transferkit.data.pipeline import build_dataset
+from transferkit.devices import build_strategy
+from transferkit.errors import ArtifactError, RunInterrupted
+from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
+from transferkit.files import save_figure
+from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
+from transferkit.plots import plot_curves, plot_lr_find
+from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs import (
+    COMPLETE,
+    CURVES_FILE,
     INTERRUPTED,
+    LR_FIND_FILE,
     RUNNING,
-    check_new_output,
+    TENSORBOARD_DIR,
+    Compute,
+    RunRecord,
+    StageResult,
+    Stopped,
     clear_run,
     load_checkpoint,
-    read_run_info,
+    read_record,
     read_splits,
     restore_best,
     save_best,
     save_checkpoint,
-    save_figure,
+    save_record,
     save_run,
-    save_run_info,
     save_splits,
 )
-from transferkit.augment import build_augmentation
-from transferkit.bases import BaseSpec, build_base, get_base, resolve_image_size
-from transferkit.config import FinetuneConfig, from_dict, to_dict
-from transferkit.data import DataSplits, build_dataset, load_splits, splits_from_table
-from transferkit.devices import build_strategy, precision_policy
-from transferkit.errors import ArtifactError, MissingPackageError, RunInterrupted
-from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
-from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
-from transferkit.model import build_classifier, build_feature_extractor, build_head
-from transferkit.reporting import NullReporter, Reporter
+from transferkit.training.checks import lr_find
+from transferkit.training.prepare import data_summary, prepare, report_data
 from transferkit.training.stages import (
     StagePlan,
-    StageResult,
     best_row,
     class_weights,
     compile_model,
@@ -62,41 +70,6 @@ from transferkit.training.stages import (
 )
 
 HEAD, FINETUNE = "head", "finetune"
-
-
-def data_summary(splits: DataSplits) -> dict[str, Any]:
-    """What run.json records about the data a run saw."""
-    return {
-        "presplit": splits.presplit,
-        "counts": {name: {c: int(np.sum(s.labels == i)) for i, c in enumerate(s.class_names)}
-                   for name, s in splits.items()},
-        "converted": sum(s.converted for _, s in splits.items()),
-        "skipped": [{"path": str(f.path), "reason": f.reason} for f in splits.skipped],
-    }
-
-
-def report_data(splits: DataSplits, reporter: Reporter) -> None:
-    """Says what will be trained on, and lists every file left out, so nothing is dropped
-    silently."""
-    if splits.skipped:
-        shown = "\n".join(f"  {f.path}: {f.reason}" for f in splits.skipped[:20])
-        more = len(splits.skipped) - 20
-        reporter.warning(f"Skipped {len(splits.skipped)} file(s):\n{shown}"
-                         + (f"\n  ... and {more} more (all listed in run.json)" if more > 0
-                            else ""))
-    converted = sum(s.converted for _, s in splits.items())
-    if converted:
-        reporter.info(f"{converted} image(s) (EXIF-rotated, with alpha, CMYK, 16-bit or TIFF) "
-                      f"are read through a plain RGB copy made once.")
-    counts = ", ".join(f"{len(s)} {name}" for name, s in splits.items())
-    reporter.info(f"{counts} images in {len(splits.class_names)} classes: "
-                  f"{', '.join(splits.class_names)}")
-
-
-def split_rows(splits: DataSplits) -> list[tuple[str, str, str]]:
-    """splits.csv rows: relative path, class name, split."""
-    return [(p.as_posix(), s.class_names[label], name) for name, s in splits.items()
-            for p, label in zip(s.paths, s.labels, strict=True)]
 
 
 class StopOnSignal:
@@ -169,46 +142,6 @@ def plan_stages(config: FinetuneConfig, spec: BaseSpec) -> list[StagePlan]:
     return stages
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """Data and model ready to train."""
-
-    spec: BaseSpec
-    image_size: int
-    splits: DataSplits
-    base: keras.Model
-    extractor: keras.Model
-    model: keras.Model
-    strategy: Any  # tf.distribute.Strategy the model lives in
-    precision: str  # resolved: float32 | mixed
-
-
-def prepare(config: FinetuneConfig, reporter: Reporter) -> Prepared:
-    """Checks the options, reads the data and builds the classifier (seeded) under the
-    precision policy and inside the distribution strategy."""
-    spec = get_base(config.base)
-    image_size = resolve_image_size(spec, config.data.image_size)
-    if config.finetune_epochs:
-        spec.check_block_count(config.unfreeze_blocks, "--unfreeze-blocks")
-    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise MissingPackageError(
-            "--tensorboard needs the tensorboard package, which is not installed. "
-            "Run: pip install 'transferkit[tensorboard]' (or drop --tensorboard).")
-    if config.output is not None:
-        check_new_output(config.output, config.overwrite)
-    splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter)
-    report_data(splits, reporter)
-    strategy = build_strategy(config.compute.strategy)
-    keras.utils.set_random_seed(config.data.seed)
-    with precision_policy(config.compute.precision) as precision, strategy.scope():
-        base = build_base(spec, image_size, config.weights)
-        extractor = build_feature_extractor(base, spec.preprocessing)
-        head = build_head(extractor.output_shape[-1], len(splits.class_names),
-                          config.dense_units, config.dropout, config.l2, config.init)
-        model = build_classifier(extractor, head)
-    return Prepared(spec, image_size, splits, base, extractor, model, strategy, precision)
-
-
 def finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> FinetuneResult:
     """Trains a classifier on `config.data` in two stages and writes the run directory.
 
@@ -216,43 +149,34 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> Finetu
         TransferkitError: bad data, options, weights, or an existing output (all checked
             before anything is written); RunInterrupted when stopped by a signal.
     """
-    from transferkit.training.checks import lr_find
-
     reporter = reporter or NullReporter()
     if config.output is None:
         raise ArtifactError("finetune needs a run directory: pass -o RUN.")
     prepared = prepare(config, reporter)
     found = lr_find(config, prepared, reporter) if config.lr_find else None
-    if found is not None:  # its suggestion becomes the resolved stage-1 rate
-        config = dataclasses.replace(config, learning_rate=found.suggestion)
     splits = prepared.splits
     weights = class_weights(splits.train.labels, len(splits.class_names), config.class_weight)
-    info: dict[str, Any] = {
-        "command": "finetune",
-        "config": to_dict(config),
-        "base": prepared.spec.name,
-        "base_layer": prepared.base.name,
-        "weights": config.weights,
-        "image_size": prepared.image_size,
-        "preprocessing": prepared.spec.preprocessing.to_dict(),
-        "class_names": list(splits.class_names),
-        "class_weight": None if weights is None else {
+    # The record keeps the resolved config: the image size used, lr-find's rate.
+    resolved = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, image_size=prepared.image_size),
+        learning_rate=config.learning_rate if found is None else found.suggestion)
+    record = RunRecord(
+        command="finetune", config=resolved, base=prepared.spec.name,
+        base_layer=prepared.base.name, weights=config.weights,
+        preprocessing=prepared.spec.preprocessing, class_names=splits.class_names,
+        class_weights=None if weights is None else {
             splits.class_names[i]: w for i, w in weights.items()},
-        "data": data_summary(splits),
-        "lr_find": None if found is None else found.to_dict(),
-        "compute": {"precision": prepared.precision, "jit": config.compute.jit,
-                    "strategy": type(prepared.strategy).__name__,
-                    "replicas": prepared.strategy.num_replicas_in_sync},
-    }
+        compute=Compute(precision=prepared.precision, jit=config.compute.jit,
+                        strategy=type(prepared.strategy).__name__,
+                        replicas=prepared.strategy.num_replicas_in_sync),
+        data=data_summary(splits), lr_find=found, status=RUNNING)
     if config.overwrite:
         clear_run(config.output)
-    save_splits(config.output, split_rows(splits))
-    save_run_info(config.output, {**info, "status": RUNNING})
+    save_splits(config.output, splits.rows())
+    record = save_record(config.output, record)
     if found is not None:
-        from transferkit.plots import plot_lr_find
-
-        save_figure(config.output / "lr_find.png", plot_lr_find(found))
-    return _train(config, prepared.spec, splits, prepared.model, prepared.base, info, [], 0,
+        save_figure(config.output / LR_FIND_FILE, plot_lr_find(found))
+    return _train(record, prepared.spec, splits, prepared.model, prepared.base, [], 0,
                   reporter, prepared.strategy)
 
 
@@ -263,22 +187,23 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
         ArtifactError: `run_dir` is not an unfinished run, or has no checkpoint yet.
     """
     reporter = reporter or NullReporter()
-    info = read_run_info(run_dir, finished=False)
-    if info.get("command") != "finetune" or info.get("status") not in (RUNNING, INTERRUPTED):
+    record = read_record(run_dir, finished=False)
+    if record.command != "finetune" or record.status == COMPLETE:
         raise ArtifactError(f"'{run_dir}' is not an unfinished finetune run (status "
-                            f"{info.get('status')!r}); there is nothing to resume.")
-    config = from_dict(FinetuneConfig, {**info["config"], "output": str(run_dir)})
-    spec = get_base(config.base)
-    strategy = build_strategy(config.compute.strategy)
+                            f"{record.status!r}); there is nothing to resume.")
+    assert isinstance(record.config, FinetuneConfig)
+    record = record.replace(config=dataclasses.replace(record.config, output=run_dir))
+    spec = get_base(record.base)
+    strategy = build_strategy(record.config.compute.strategy)
     with strategy.scope():  # layers keep the dtype policies they were saved with
         model, state = load_checkpoint(run_dir)
-    splits = splits_from_table(Path(config.data.data_dir), info["class_names"],
-                               read_splits(run_dir), reporter)
+    splits = splits_from_table(record.data_dir, record.class_names, read_splits(run_dir),
+                               reporter)
     report_data(splits, reporter)
     reporter.info(f"Resuming stage '{state['stage']}' after epoch {state['epoch']}.")
-    keras.utils.set_random_seed(config.data.seed + int(state["epoch"]))
-    base = model.get_layer("features").get_layer(info["base_layer"])
-    return _train(config, spec, splits, model, base, info, list(state["history"]),
+    keras.utils.set_random_seed(record.config.data.seed + int(state["epoch"]))
+    base = model.get_layer("features").get_layer(record.base_layer)
+    return _train(record, spec, splits, model, base, list(state["history"]),
                   int(state["epoch"]), reporter, strategy, resumed_stage=state["stage"])
 
 
@@ -357,45 +282,43 @@ def _head_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
     return (train, splits.train.labels), (val, splits.val.labels)
 
 
-def _train(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits, model: keras.Model,
-           base: keras.Model, info: dict[str, Any], history: list[dict], done: int,
-           reporter: Reporter, strategy: Any, resumed_stage: str | None = None
-           ) -> FinetuneResult:
+def _train(record: RunRecord, spec: BaseSpec, splits: DataSplits, model: keras.Model,
+           base: keras.Model, history: list[dict], done: int, reporter: Reporter,
+           strategy: Any, resumed_stage: str | None = None) -> FinetuneResult:
     """Runs the stages not finished yet, checkpointing each epoch; writes the run at the end."""
     with strategy.scope():
-        return _train_in_scope(config, spec, splits, model, base, info, history, done,
-                               reporter, strategy.num_replicas_in_sync, resumed_stage)
+        return _train_in_scope(record, spec, splits, model, base, history, done, reporter,
+                               strategy.num_replicas_in_sync, resumed_stage)
 
 
-def _train_in_scope(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
-                    model: keras.Model, base: keras.Model, info: dict[str, Any],
-                    history: list[dict], done: int, reporter: Reporter, replicas: int,
-                    resumed_stage: str | None) -> FinetuneResult:
-    from transferkit.plots import plot_curves
-
+def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
+                    model: keras.Model, base: keras.Model, history: list[dict], done: int,
+                    reporter: Reporter, replicas: int, resumed_stage: str | None
+                    ) -> FinetuneResult:
+    config = record.config
+    assert isinstance(config, FinetuneConfig) and config.output is not None
     # --batch-size is per replica: each device sees that many images per step
-    run_dir, batch = config.output, config.data.batch_size * replicas
-    assert run_dir is not None
-    image_size = int(info["image_size"])
+    run_dir, batch, image_size = config.output, config.data.batch_size * replicas, \
+        record.image_size
     train_ds = build_dataset(splits.train.sources, splits.train.labels, image_size, batch,
                              shuffle_seed=config.data.seed + done,
                              augment=build_augmentation(config.augment, config.data.seed))
     val_ds = build_dataset(splits.val.sources, splits.val.labels, image_size, batch)
     steps = math.ceil(len(splits.train) / batch)
-    weights = None if info.get("class_weight") is None else {
-        splits.class_names.index(c): w for c, w in info["class_weight"].items()}
-    if weights is not None and done == 0:
-        shown = ", ".join(f"{c} {w:.2f}" for c, w in info["class_weight"].items())
+    weights = None if record.class_weights is None else {
+        splits.class_names.index(c): w for c, w in record.class_weights.items()}
+    if record.class_weights is not None and done == 0:
+        shown = ", ".join(f"{c} {w:.2f}" for c, w in record.class_weights.items())
         reporter.info(f"Classes are imbalanced; balanced class weights: {shown}")
     extra: list[keras.callbacks.Callback] = []
     if config.tensorboard:
-        extra.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "tensorboard")))
+        extra.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / TENSORBOARD_DIR)))
     results: list[StageResult] = []
     with StopOnSignal(reporter) as stop:
         for plan in plan_stages(config, spec):
             if done >= plan.last_epoch:  # finished before an interruption
                 results.append(stage_result(plan, history, config.monitor,
-                                            int(info["trainable_params"][plan.name])))
+                                            record.trainable_params[plan.name]))
                 continue
             resuming = resumed_stage == plan.name and done > plan.first_epoch
             if not resuming:
@@ -404,14 +327,13 @@ def _train_in_scope(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
                 else:
                     unfreeze_top_blocks(base, spec, config.unfreeze_blocks,
                                         config.train_batchnorm)
-                info.setdefault("trainable_params", {})[plan.name] = \
-                    count_params(model).trainable
-                save_run_info(run_dir, {**info, "status": RUNNING})
+                record = save_record(run_dir, record.replace(trainable_params={
+                    **record.trainable_params, plan.name: count_params(model).trainable}))
             fitted, train, val, batch_size = model, train_ds, val_ds, None
             optimizer = None if resuming else config.optimizer
             if plan.name == HEAD and not config.augment.enabled:
                 train, val = _head_features(config, spec, splits, model.get_layer("features"),
-                                            image_size, info["compute"]["precision"], reporter)
+                                            image_size, record.compute.precision, reporter)
                 if not resuming:  # checkpoints save the classifier, optimizer state included
                     compile_model(model, config.optimizer, plan.learning_rate,
                                   config.compute.jit)
@@ -431,7 +353,7 @@ def _train_in_scope(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
                     callbacks=[monitor, stop.callback(), *extra])
             except _Stop as stopped:
                 monitor.flush()
-                raise _interrupted(run_dir, info, history, stopped.signum) from None
+                raise _interrupted(run_dir, record, history, stopped.signum) from None
             monitor.flush()
             result = stage_result(plan, history, config.monitor, trainable)
             restore_best(model, run_dir, plan.name)  # the stage ends on its best epoch
@@ -446,11 +368,9 @@ def _train_in_scope(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
     if kept != results[-1].name:
         restore_best(model, run_dir, kept)
     final = next(r for r in results if r.name == kept)
-    info = {**info, "stages": [s.to_dict() for s in results], "kept_stage": kept,
-            "rollback": kept != results[-1].name, "metrics": final.metrics}
-    info.pop("stopped", None)
-    save_figure(run_dir / "curves.png", plot_curves(history))
-    save_run(run_dir, model, info, history)
+    save_figure(run_dir / CURVES_FILE, plot_curves(history, kept=(kept, final.best_epoch)))
+    record = save_run(run_dir, model, record.replace(stages=tuple(results), kept_stage=kept,
+                                                     metrics=final.metrics), history)
     reporter.info(f"Saved the run to '{run_dir}'.")
     return FinetuneResult(run_dir, splits.class_names, tuple(results), kept, tuple(history))
 
@@ -468,17 +388,17 @@ def _choose_stage(results: list[StageResult], monitor: str, reporter: Reporter) 
     return head.name
 
 
-def _interrupted(run_dir: Path, info: dict[str, Any], history: list[dict],
+def _interrupted(run_dir: Path, record: RunRecord, history: list[dict],
                  signum: int) -> RunInterrupted:
     """Records where training stopped and says how to continue."""
     name = signal.Signals(signum).name
     if not history:
-        save_run_info(run_dir, {**info, "status": INTERRUPTED})
+        save_record(run_dir, record.replace(status=INTERRUPTED))
         return RunInterrupted(f"Stopped by {name} before the first epoch ended; there is no "
                               f"checkpoint to resume. Start again with --overwrite.", signum)
-    where = {"stage": history[-1]["stage"], "epoch": history[-1]["epoch"], "signal": name}
-    save_run_info(run_dir, {**info, "status": INTERRUPTED, "stopped": where})
+    where = Stopped(stage=history[-1]["stage"], epoch=history[-1]["epoch"], signal=name)
+    save_record(run_dir, record.replace(status=INTERRUPTED, stopped=where))
     return RunInterrupted(
-        f"Stopped by {name}. '{run_dir}' keeps its checkpoint from epoch {where['epoch']} "
-        f"(stage {where['stage']}). Continue with: transferkit finetune --resume {run_dir}",
+        f"Stopped by {name}. '{run_dir}' keeps its checkpoint from epoch {where.epoch} "
+        f"(stage {where.stage}). Continue with: transferkit finetune --resume {run_dir}",
         signum)

@@ -4,7 +4,7 @@ bookkeeping of which epoch was best."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,43 +15,42 @@ from transferkit.callbacks import EpochReporter
 from transferkit.config import OptimizerConfig, ScheduleConfig
 from transferkit.freezing import count_params
 from transferkit.reporting import Reporter, StageInfo
+from transferkit.runs import StageResult
 
-# Defaults of each schedule's decay rate (per epoch, or per step of `decay_epochs`).
-DECAY_RATES = {"step": 0.5, "exponential": 0.9, "inverse-time": 0.5}
+
+def _step(base_lr: float, t: int, span: int, rate: float, every: int | None) -> float:
+    return base_lr * rate ** (t // (every or max(1, math.ceil(span / 3))))
+
+
+# name -> (default decay rate, lr(base_lr, epoch t after warm-up, span, rate, decay_epochs))
+SCHEDULES: dict[str, tuple[float, Callable[[float, int, int, float, int | None], float]]] = {
+    "constant": (1.0, lambda lr, t, span, rate, every: lr),
+    "step": (0.5, _step),  # x rate every decay_epochs (default: a third of the stage)
+    "exponential": (0.9, lambda lr, t, span, rate, every: lr * rate**t),
+    "inverse-time": (0.5, lambda lr, t, span, rate, every: lr / (1 + rate * t)),
+    "cosine": (1.0, lambda lr, t, span, rate, every: lr * 0.5 * (1 + math.cos(math.pi * t / span))),
+}
 
 
 def learning_rate_at(schedule: ScheduleConfig, base_lr: float, epoch: int, epochs: int) -> float:
     """The learning rate for `epoch` (0-based, within a stage of `epochs` epochs).
 
     Warm-up rises linearly to `base_lr` over `warmup_epochs`; the schedule then runs over the
-    remaining epochs: constant, step (x rate every `decay_epochs`), exponential (x rate per
-    epoch), inverse-time (/ (1 + rate * t)) or cosine (to 0 at the stage's end).
+    remaining epochs (see SCHEDULES; cosine reaches 0 at the stage's end).
     """
     warmup = min(schedule.warmup_epochs, max(epochs - 1, 0))
     if epoch < warmup:
         return base_lr * (epoch + 1) / (warmup + 1)
-    t, span = epoch - warmup, max(epochs - warmup, 1)
-    rate = schedule.decay_rate if schedule.decay_rate is not None else DECAY_RATES.get(
-        schedule.name, 1.0)
-    if schedule.name == "step":
-        every = schedule.decay_epochs or max(1, math.ceil(span / 3))
-        return base_lr * rate ** (t // every)
-    if schedule.name == "exponential":
-        return base_lr * rate**t
-    if schedule.name == "inverse-time":
-        return base_lr / (1 + rate * t)
-    if schedule.name == "cosine":
-        return base_lr * 0.5 * (1 + math.cos(math.pi * t / span))
-    return base_lr
+    default_rate, rule = SCHEDULES[schedule.name]
+    rate = schedule.decay_rate if schedule.decay_rate is not None else default_rate
+    return rule(base_lr, epoch - warmup, max(epochs - warmup, 1), rate, schedule.decay_epochs)
 
 
-def build_optimizer(config: OptimizerConfig, learning_rate: float) -> keras.optimizers.Optimizer:
-    if config.name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=config.momentum,
-                                    nesterov=config.nesterov)
-    if config.name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate, momentum=config.momentum)
-    return keras.optimizers.Adam(learning_rate)
+OPTIMIZERS: dict[str, Callable[[OptimizerConfig, float], keras.optimizers.Optimizer]] = {
+    "adam": lambda c, lr: keras.optimizers.Adam(lr),
+    "sgd": lambda c, lr: keras.optimizers.SGD(lr, momentum=c.momentum, nesterov=c.nesterov),
+    "rmsprop": lambda c, lr: keras.optimizers.RMSprop(lr, momentum=c.momentum),
+}
 
 
 def compile_model(model: keras.Model, optimizer: OptimizerConfig | keras.optimizers.Optimizer,
@@ -59,7 +58,7 @@ def compile_model(model: keras.Model, optimizer: OptimizerConfig | keras.optimiz
     """Compiles for the current `trainable` state (needed after every change of it); an
     optimizer instance is reused as is."""
     if isinstance(optimizer, OptimizerConfig):
-        optimizer = build_optimizer(optimizer, learning_rate)
+        optimizer = OPTIMIZERS[optimizer.name](optimizer, learning_rate)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], jit_compile=jit)
 
@@ -118,35 +117,18 @@ class StagePlan:
                                 self.epochs)
 
 
-@dataclass(frozen=True)
-class StageResult:
-    """What one stage did, and the epoch it kept (its best, restored at the end)."""
-
-    name: str
-    epochs: int  # run
-    learning_rate: float
-    trainable_params: int
-    metrics: dict[str, float]  # of the kept epoch
-    best_epoch: int | None
-    best_val_accuracy: float | None
-    stopped_early: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "epochs": self.epochs, "learning_rate": self.learning_rate,
-                "trainable_params": self.trainable_params, "metrics": self.metrics,
-                "best_epoch": self.best_epoch, "best_val_accuracy": self.best_val_accuracy,
-                "stopped_early": self.stopped_early}
-
-
 def stage_result(plan: StagePlan, history: Sequence[dict[str, Any]], monitor: str,
                  trainable_params: int) -> StageResult:
     """Summarises a stage from its history rows."""
     rows = [r for r in history if r["stage"] == plan.name]
     kept = best_row(rows, monitor) or rows[-1]
     accuracies = [r["val_accuracy"] for r in rows if "val_accuracy" in r]
-    return StageResult(plan.name, len(rows), plan.learning_rate, trainable_params,
-                       {k: v for k, v in kept.items() if k not in ("stage", "epoch")},
-                       kept["epoch"], max(accuracies) if accuracies else None,
+    return StageResult(name=plan.name, epochs=len(rows), learning_rate=plan.learning_rate,
+                       trainable_params=trainable_params,
+                       metrics={k: v for k, v in kept.items()
+                                if k not in ("stage", "epoch", "seconds")},
+                       best_epoch=kept["epoch"],
+                       best_val_accuracy=max(accuracies) if accuracies else None,
                        stopped_early=len(rows) < plan.epochs)
 
 

@@ -1,0 +1,82 @@
+"""The layout ARCHITECTURE.md describes: no import cycles (imports inside functions and
+type-checking blocks count too), the core free of the CLI's libraries, and a light CLI."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import transferkit
+
+PACKAGE = Path(transferkit.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every transferkit module -> the transferkit modules it imports, wherever it does."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            found |= {t for t in targets if t in modules and t != "transferkit"}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycle = path[path.index(target):] + [target]
+                raise AssertionError(" -> ".join([*cycle]))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_the_core_never_imports_the_cli_libraries():
+    for path in PACKAGE.rglob("*.py"):
+        if path.name in ("cli.py", "console.py"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {alias.name.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module.split(".")[0] for node in ast.walk(tree)
+                  if isinstance(node, ast.ImportFrom) and node.module}
+        assert not names & {"typer", "rich"}, path
+
+
+def test_leaves_import_no_other_transferkit_module():
+    graph = _imports()
+    assert graph["transferkit.errors"] == set() and graph["transferkit.reporting"] == set()
+    assert graph["transferkit.config"] <= {"transferkit.errors"}
+    assert graph["transferkit.cache"] == set()
+
+
+def test_importing_the_cli_loads_no_tensorflow():
+    check = ("import sys, transferkit.cli; "
+             "assert not {'tensorflow', 'keras'} & set(sys.modules), 'loaded at import'")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr

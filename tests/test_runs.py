@@ -1,0 +1,141 @@
+"""Run directories: one typed record, plain-Keras models, damage reported clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.errors import ArtifactError
+from transferkit.runs import RECORD_FILE, RunRecord, load_run, read_record
+
+
+def test_run_round_trip(trained_run: Path):
+    run = load_run(trained_run)
+    assert run.class_names == ("circles", "squares", "stripes") and run.image_size == 32
+    record = run.record
+    assert [s.name for s in record.stages] == ["head", "finetune"]
+    assert record.stages[1].trainable_params > record.stages[0].trainable_params
+    assert record.preprocessing.channel_order == "rgb" and record.status == "complete"
+    assert {"tensorflow", "keras", "transferkit"} <= set(record.versions)
+    assert RunRecord.from_dict(record.to_dict()) == record
+    history = json.loads((trained_run / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert all(row["seconds"] > 0 for row in history)
+    assert (trained_run / "history.csv").read_text().splitlines()[0].endswith(",seconds")
+    assert not list(trained_run.glob(".*tmp*"))  # no temp files left behind
+
+
+def test_run_json_stores_the_image_size_once(trained_run: Path):
+    values = json.loads((trained_run / RECORD_FILE).read_text())
+    assert values["format_version"] == 2
+    assert "image_size" not in values and values["config"]["data"]["image_size"] == 32
+
+
+def test_the_final_model_carries_no_optimizer_but_checkpoints_do(trained_run: Path):
+    import h5py
+
+    def weight_groups(path: Path) -> set[str]:
+        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as f, \
+                h5py.File(f, "r") as h5:
+            return set(h5.keys())
+
+    assert "optimizer" not in weight_groups(trained_run / "model.keras")
+    assert "optimizer" in weight_groups(trained_run / "checkpoints" / "best-finetune.keras")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: (d / "run.json").unlink(), "has no run.json"),
+    (lambda d: (d / "run.json").write_text("{not json"), "Could not read"),
+    (lambda d: (d / "model.keras").unlink(), "has no model.keras"),
+    (lambda d: (d / "model.keras").write_bytes(b"garbage"), "Could not load"),
+    (lambda d: _edit(d, format_version=99), "run format version 99"),
+    (lambda d: _edit(d, class_names="cats"), "damaged"),
+    (lambda d: _edit(d, class_names=["a", "a", "b"]), "damaged: class_names"),
+    (lambda d: _edit(d, class_names=["a", "b"]), "predicts 3 classes"),
+    (lambda d: _edit(d, status="done"), "damaged: status"),
+    (lambda d: _edit(d, command="train"), "damaged: unknown command"),
+])
+def test_damaged_run_directories_fail_clearly(trained_run: Path, tmp_path: Path, damage, message):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    damage(run_dir)
+    with pytest.raises(ArtifactError, match=message):
+        load_run(run_dir)
+
+
+def _edit(run_dir: Path, **changes) -> None:
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, **changes}))
+
+
+def test_a_run_from_transferkit_0_1_gets_a_way_forward(trained_run: Path, tmp_path: Path):
+    run_dir = tmp_path / "old"
+    shutil.copytree(trained_run, run_dir)
+    _edit(run_dir, format_version=1, image_size=32)
+    with pytest.raises(ArtifactError, match=r"transferkit 0\.1 \(run format 1\).*Train it again"):
+        read_record(run_dir)
+
+
+def test_missing_run_directory(tmp_path: Path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_run(tmp_path / "nope")
+
+
+PLAIN_KERAS = """
+import sys
+import numpy as np
+import keras
+from PIL import Image
+model = keras.models.load_model(sys.argv[1])  # safe_mode is on by default
+images = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) for p in sys.argv[3:]])
+np.save(sys.argv[2], model.predict(images, verbose=0))
+assert not any(name.split(".")[0] == "transferkit" for name in sys.modules), "imported!"
+"""
+
+
+@pytest.fixture(scope="module")
+def vgg16_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Caffe-style (BGR, mean-centred) base: its channel flip must be plain Keras too."""
+    from transferkit.config import DataConfig, ExtractConfig, HeadConfig
+    from transferkit.extract import extract
+
+    work = tmp_path_factory.mktemp("vgg16")
+    extract(ExtractConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
+                          output=work / "f.npz", base="vgg16", weights="none",
+                          head=HeadConfig(output=work / "run", epochs=2)))
+    return work / "run"
+
+
+@pytest.mark.parametrize("which", ["lite0", "vgg16"])
+def test_models_load_in_plain_keras_and_agree_with_predict(
+        which: str, trained_run: Path, vgg16_run: Path, tmp_path: Path):
+    from transferkit.config import PredictConfig
+    from transferkit.predict import predict
+
+    run_dir = trained_run if which == "lite0" else vgg16_run
+    rng = np.random.default_rng(7)
+    files = []
+    for i in range(4):  # raw RGB at the run's size: no resize on either side
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+        files.append(str(path))
+    out = tmp_path / "plain.npy"
+    env = {"PATH": "/usr/bin:/bin", "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", PLAIN_KERAS, str(run_dir / "model.keras"),
+                           str(out), *files], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    plain = np.load(out)
+    report = predict(PredictConfig(run_dir=run_dir, paths=tuple(Path(f) for f in files),
+                                   top_k=3))
+    names = load_run(run_dir).class_names
+    ours = np.array([[dict(p.top_k)[n] for n in names] for p in report.predictions])
+    np.testing.assert_allclose(plain, ours, atol=1e-5)

@@ -1,0 +1,320 @@
+"""Class folders and splits: which files are the images of which class, in which split.
+
+A data folder holds one sub-folder per class, either directly (then a seeded validation split
+is drawn) or under `train/`, `val/` and optionally `test/`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.data.inspect import (
+    IMAGE_EXTENSIONS,
+    InspectionCache,
+    decode_source,
+    inspect_images,
+    open_inspection_cache,
+)
+from transferkit.errors import DataError
+from transferkit.reporting import NullReporter, Reporter
+
+SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Usable image files with integer labels into `class_names`.
+
+    `paths` are relative to `root` (the data folder); `sources` are what gets decoded;
+    `hashes` are the files' content hashes (what feature caches are keyed by).
+    """
+
+    root: Path
+    paths: tuple[Path, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    sources: tuple[str, ...]
+    hashes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def converted(self) -> int:
+        """How many images are decoded through a converted copy."""
+        return sum(src != str(self.root / p) for p, src in zip(self.paths, self.sources,
+                                                                strict=True))
+
+    def subset(self, mask: np.ndarray) -> ImageSet:
+        keep = np.flatnonzero(mask)
+        return ImageSet(self.root, tuple(self.paths[i] for i in keep), self.labels[keep],
+                        self.class_names, tuple(self.sources[i] for i in keep),
+                        tuple(self.hashes[i] for i in keep))
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The splits of one data folder, and the files left out of them."""
+
+    class_names: tuple[str, ...]
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None = None
+    presplit: bool = False
+    skipped: tuple[SkippedFile, ...] = field(default_factory=tuple)
+
+    def items(self) -> list[tuple[str, ImageSet]]:
+        named = [("train", self.train), ("val", self.val), ("test", self.test)]
+        return [(name, s) for name, s in named if s is not None]
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """splits.csv rows: relative path (posix), class name, split."""
+        return [(p.as_posix(), s.class_names[label], name) for name, s in self.items()
+                for p, label in zip(s.paths, s.labels, strict=True)]
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every non-hidden file under `folder`, recursively, in a stable order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        found += [Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f)]
+    return found
+
+
+def class_dirs(root: Path) -> list[Path]:
+    """The class folders of a (split) folder, sorted by name."""
+    return sorted((p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)),
+                  key=lambda p: p.name)
+
+
+def check_data_root(root: Path) -> None:
+    """Raises a DataError unless `root` is an existing folder."""
+    if not root.exists():
+        raise DataError(f"Data folder '{root}' does not exist. Pass a folder with one "
+                        f"sub-folder of images per class.")
+    if not root.is_dir():
+        raise DataError(f"'{root}' is a file; pass the folder that holds the class folders.")
+
+
+def check_data_folder(root: Path) -> None:
+    """The checks that need no image decoded: `root` is a folder with at least two class
+    folders (under `train/` when it has one). Cheap, so commands run it first.
+
+    Raises:
+        DataError: saying what is missing and how the folder should look.
+    """
+    check_data_root(root)
+    folder = find_split_dirs(root).get("train", root)
+    dirs = class_dirs(folder)
+    if len(dirs) < 2:
+        raise DataError(
+            f"Found {len(dirs)} class folder{'s' if len(dirs) != 1 else ''} in '{folder}'; "
+            f"need at least 2. Put each class's images in its own sub-folder, e.g. "
+            f"{folder}/cats/*.jpg and {folder}/dogs/*.jpg.")
+
+
+def find_split_dirs(root: Path) -> dict[str, Path]:
+    """The split folders present in `root` (`train`, `val`, `test`), if any."""
+    found = {}
+    for split, names in SPLIT_DIRS.items():
+        folder = next((root / n for n in names if (root / n).is_dir()), None)
+        if folder is not None:
+            found[split] = folder
+    return found
+
+
+def _scan_classes(folder: Path, data_root: Path, class_names: Sequence[str] | None,
+                  reporter: Reporter, skipped: list[SkippedFile],
+                  cache: InspectionCache | None) -> ImageSet:
+    """Reads `folder/<class>/**` into an ImageSet with paths relative to `data_root`,
+    skipping (and recording) unusable files."""
+    dirs = class_dirs(folder)
+    names = tuple(d.name for d in dirs) if class_names is None else tuple(class_names)
+    unknown = [d.name for d in dirs if d.name not in names]
+    if unknown:
+        raise DataError(f"'{folder}' has class folders {unknown} that are not among the "
+                        f"training classes {list(names)}. Rename or remove them.")
+    files = [(f, names.index(d.name)) for d in dirs for f in files_under(d)]
+    infos = inspect_images([f for f, _ in files], reporter, cache)
+    kept = [(info, label) for info, (_, label) in zip(infos, files, strict=True) if info.usable]
+    skipped += [SkippedFile(i.path, i.problem or "") for i in infos if not i.usable]
+    for d in dirs:
+        if not any(names[label] == d.name for _, label in kept):
+            why = (" (every file in it is unreadable or not an image)"
+                   if any(names[label] == d.name for _, label in files) else "")
+            raise DataError(f"Class folder '{d}' has no usable images{why}. Add .jpg/.png "
+                            f"images to it or remove the folder.")
+    return ImageSet(
+        root=data_root,
+        paths=tuple(info.path.relative_to(data_root) for info, _ in kept),
+        labels=np.array([label for _, label in kept], dtype=np.int32),
+        class_names=names,
+        sources=tuple(decode_source(info) for info, _ in kept),
+        hashes=tuple(info.sha256 for info, _ in kept),
+    )
+
+
+def load_labelled_folder(root: Path, class_names: Sequence[str],
+                         reporter: Reporter | None = None) -> ImageSet:
+    """A folder of class sub-folders named like `class_names` (a subset of them is fine).
+
+    Raises:
+        DataError: the folder is missing or has folders that are not among `class_names`.
+    """
+    reporter = reporter or NullReporter()
+    root = Path(root)
+    check_data_root(root)
+    skipped: list[SkippedFile] = []
+    with open_inspection_cache() as cache:
+        images = _scan_classes(root, root, class_names, reporter, skipped, cache)
+    if skipped:
+        reporter.warning(f"Skipped {len(skipped)} unusable file(s): "
+                         + ", ".join(str(f.path) for f in skipped[:10])
+                         + (" ..." if len(skipped) > 10 else ""))
+    return images
+
+
+def split_position(seed: int, path: Path) -> float:
+    """A file's place in [0, 1) for the validation draw: a hash of its relative path and the
+    seed, so it never depends on which other files exist."""
+    digest = hashlib.sha256(f"{seed}:{path.as_posix()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_validation(images: ImageSet, val_split: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Each file goes to validation when its hash position is below `val_split`; adding files
+    never moves existing ones. A class with no file below the threshold lends its lowest one
+    to validation, and a class entirely below keeps its highest one for training (both only
+    matter for classes of a handful of images)."""
+    positions = np.array([split_position(seed, p) for p in images.paths])
+    is_val = positions < val_split
+    for label in range(len(images.class_names)):
+        idx = np.flatnonzero(images.labels == label)
+        if len(idx) < 2:
+            continue
+        if not is_val[idx].any():
+            is_val[idx[np.argmin(positions[idx])]] = True
+        if is_val[idx].all():
+            is_val[idx[np.argmax(positions[idx])]] = False
+    return images.subset(~is_val), images.subset(is_val)
+
+
+def load_splits(data_dir: Path, val_split: float, seed: int, reporter: Reporter | None = None,
+                use_cache: bool = True) -> DataSplits:
+    """Reads a data folder into train/val(/test) splits; with `use_cache`, files inspected
+    before and unchanged since are not decoded again.
+
+    Raises:
+        DataError: the folder is missing, has fewer than two classes, or a class has no
+            usable images.
+    """
+    reporter = reporter or NullReporter()
+    root = Path(data_dir)
+    check_data_folder(root)
+    skipped: list[SkippedFile] = []
+    split_dirs = find_split_dirs(root)
+    with open_inspection_cache(use_cache) as cache:
+        if "train" not in split_dirs:
+            train, val = split_validation(
+                _scan_classes(root, root, None, reporter, skipped, cache), val_split, seed)
+            test = None
+        else:
+            full = _scan_classes(split_dirs["train"], root, None, reporter, skipped, cache)
+            if "val" in split_dirs:
+                train = full
+                val = _scan_classes(split_dirs["val"], root, full.class_names, reporter,
+                                    skipped, cache)
+            else:
+                train, val = split_validation(full, val_split, seed)
+            test = None if "test" not in split_dirs else _scan_classes(
+                split_dirs["test"], root, full.class_names, reporter, skipped, cache)
+    if len(val) == 0:
+        raise DataError(f"No validation images could be drawn from '{root}': every class has "
+                        f"a single image. Add images, or provide a '{root}/val' folder.")
+    return DataSplits(train.class_names, train, val, test, "val" in split_dirs, tuple(skipped))
+
+
+def splits_from_table(root: Path, class_names: Sequence[str], rows: Sequence[dict[str, str]],
+                      reporter: Reporter | None = None) -> DataSplits:
+    """Rebuilds the splits a run was trained on from its saved table (path, label, split),
+    so a resumed run sees the same files. Files gone since are skipped and reported."""
+    reporter = reporter or NullReporter()
+    check_data_root(root)
+    names = tuple(class_names)
+    with open_inspection_cache() as cache:
+        infos = inspect_images([root / r["path"] for r in rows], reporter, cache)
+    skipped = [SkippedFile(i.path, i.problem or "") for i in infos if not i.usable]
+
+    def image_set(split: str) -> ImageSet | None:
+        chosen = [(r, i) for r, i in zip(rows, infos, strict=True)
+                  if r["split"] == split and i.usable]
+        if not chosen:
+            return None
+        return ImageSet(root, tuple(Path(r["path"]) for r, _ in chosen),
+                        np.array([names.index(r["label"]) for r, _ in chosen], np.int32), names,
+                        tuple(decode_source(i) for _, i in chosen),
+                        tuple(i.sha256 for _, i in chosen))
+
+    train, val = image_set("train"), image_set("val")
+    if train is None or val is None:
+        raise DataError(f"The images this run was trained on are no longer in '{root}'.")
+    return DataSplits(names, train, val, image_set("test"), skipped=tuple(skipped))
+
+
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+def collect_images(paths: Iterable[Path]) -> tuple[list[Path], list[SkippedFile]]:
+    """Image files named directly, found (recursively) under folders, or matched by glob
+    patterns (`**` included), in a stable order.
+
+    Files named directly are always kept, so a bad one gets a row with its error; files in
+    folders or matched by a pattern are kept when their extension is an image extension.
+
+    Raises:
+        DataError: a path does not exist, or a pattern matches nothing.
+    """
+    files: list[Path] = []
+    ignored: list[SkippedFile] = []
+
+    def add_found(found: Iterable[Path]) -> None:
+        for f in found:
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(f)
+            else:
+                ignored.append(SkippedFile(f, f"not an image file (extension '{f.suffix}')"))
+
+    for path in paths:
+        if path.is_dir():
+            add_found(files_under(path))
+        elif path.is_file():
+            files.append(path)
+        elif GLOB_CHARACTERS & set(str(path)):
+            matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
+            if not matches:
+                raise DataError(f"The pattern '{path}' matches no files. Check it, and quote "
+                                f"it so that transferkit expands it, e.g. 'photos/**/*.jpg'.")
+            for match in matches:
+                add_found(files_under(match) if match.is_dir() else [match])
+        else:
+            raise DataError(f"'{path}' does not exist. Pass image files, folders of images, "
+                            f"or glob patterns.")
+    return files, ignored

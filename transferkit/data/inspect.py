@@ -1,0 +1,208 @@
+"""The only place that opens image files with Pillow: one full decode per file says whether
+it is usable and whether TensorFlow's decoder would get it wrong (EXIF-rotated, with alpha,
+CMYK, 16-bit, TIFF...); those are converted once to plain RGB PNGs in the cache, so the
+decoding pipeline itself stays pure TensorFlow. What each file was found to be is memoised by
+size and modification time."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from transferkit.cache import CONVERTED, INSPECTED, cache_path
+from transferkit.files import atomic_path, write_text
+from transferkit.reporting import Reporter
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+# Formats and modes tf.io.decode_image turns into the right RGB by itself.
+NATIVE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP"})
+NATIVE_MODES = frozenset({"RGB", "L", "P"})
+# What each image format's files are usually called, to flag content that lies about itself.
+FORMAT_EXTENSIONS = {
+    "JPEG": {".jpg", ".jpeg", ".jpe"}, "MPO": {".jpg", ".jpeg", ".jpe"}, "PNG": {".png"},
+    "GIF": {".gif"}, "BMP": {".bmp"}, "WEBP": {".webp"}, "TIFF": {".tif", ".tiff"},
+}
+ALPHA_BACKGROUND = (255, 255, 255)
+_EXIF_ORIENTATION = 0x0112
+_CONVERSION_VERSION = "1"  # part of the cache key of converted images
+_INSPECTION_VERSION = 1  # bump when inspect_image's findings change
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What one full decode of a file found."""
+
+    path: Path
+    size_bytes: int
+    sha256: str
+    format: str | None = None  # from the content, not the extension
+    mode: str | None = None
+    width: int = 0
+    height: int = 0
+    orientation: int = 1  # EXIF; 1 is upright
+    has_alpha: bool = False
+    problem: str | None = None  # why the file cannot be used
+    problem_kind: str | None = None  # empty | truncated | unreadable | not_image
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+    @property
+    def needs_conversion(self) -> bool:
+        """True when TensorFlow's decoder would not give the right RGB picture."""
+        return self.usable and (self.format not in NATIVE_FORMATS or self.mode not in NATIVE_MODES
+                                or self.orientation != 1 or self.has_alpha)
+
+    @property
+    def extension_mismatch(self) -> bool:
+        expected = FORMAT_EXTENSIONS.get(self.format or "")
+        return expected is not None and self.path.suffix.lower() not in expected
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def inspect_image(path: Path) -> ImageInfo:
+    """Reads and fully decodes one file; never raises for a bad file, it says why instead."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return ImageInfo(path, 0, "", problem=f"cannot be read ({exc.strerror})",
+                         problem_kind="unreadable")
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return ImageInfo(path, 0, digest, problem="empty file (0 bytes)", problem_kind="empty")
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return ImageInfo(path, len(data), digest,
+                         problem=f"not an image file (extension '{path.suffix}')",
+                         problem_kind="not_image")
+    found: dict = {}
+    try:
+        with Image.open(path) as im:
+            found = {"format": im.format, "mode": im.mode, "width": im.width,
+                     "height": im.height, "has_alpha": _has_alpha(im),
+                     "orientation": int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)}
+            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading every byte
+            im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        message = str(exc) or type(exc).__name__
+        kind = "truncated" if "truncat" in message.lower() else "unreadable"
+        return ImageInfo(path, len(data), digest, **found,
+                         problem=f"{'truncated' if kind == 'truncated' else 'unreadable'} "
+                                 f"image ({message})", problem_kind=kind)
+    return ImageInfo(path, len(data), digest, **found)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image -> upright 8-bit RGB, alpha composited on white."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(im, dtype=np.float64)
+        peak = pixels.max() if pixels.size else 0
+        scale = 255.0 / 65535.0 if peak > 255 else (255.0 if im.mode == "F" and peak <= 1 else 1)
+        im = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), mode="L")
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
+def converted_path(info: ImageInfo) -> Path:
+    """Where the plain-RGB copy of an image that needs conversion lives (made once)."""
+    target = cache_path(CONVERTED) / f"{info.sha256}-v{_CONVERSION_VERSION}.png"
+    if not target.is_file():
+        with Image.open(info.path) as im, atomic_path(target) as tmp:
+            _to_rgb(im).save(tmp, format="PNG")
+    return target
+
+
+class InspectionCache:
+    """What inspect_image found for each file, reused while the file's size and modification
+    time are unchanged, so re-reading a folder decodes only new or edited files."""
+
+    def __init__(self) -> None:
+        self.path = cache_path(INSPECTED)
+        self.entries: dict[str, dict] = {}
+        self.changed = False
+        try:
+            stored = json.loads(self.path.read_text(encoding="utf-8"))
+            if stored.get("version") == _INSPECTION_VERSION:
+                self.entries = stored["files"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass  # no cache yet, or an unreadable one: start afresh
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int] | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def get(self, path: Path) -> ImageInfo | None:
+        entry = self.entries.get(str(path.resolve()))
+        stamp = self._stamp(path)
+        if entry is None or stamp is None or entry["stamp"] != stamp:
+            return None
+        return ImageInfo(path=path, **entry["info"])
+
+    def put(self, info: ImageInfo) -> None:
+        stamp = self._stamp(info.path)
+        if stamp is not None:
+            fields = {k: v for k, v in dataclasses.asdict(info).items() if k != "path"}
+            self.entries[str(info.path.resolve())] = {"stamp": stamp, "info": fields}
+            self.changed = True
+
+    def save(self) -> None:
+        if self.changed:
+            write_text(self.path, json.dumps({"version": _INSPECTION_VERSION,
+                                              "files": self.entries}))
+
+
+@contextmanager
+def open_inspection_cache(enabled: bool = True) -> Iterator[InspectionCache | None]:
+    """The inspection memo for one command (None when `enabled` is false), read once and
+    written once at the end, also when the command stops on a DataError half-way."""
+    cache = InspectionCache() if enabled else None
+    try:
+        yield cache
+    finally:
+        if cache is not None:
+            cache.save()
+
+
+def inspect_images(paths: Sequence[Path], reporter: Reporter, cache: InspectionCache | None,
+                   description: str = "Checking images") -> list[ImageInfo]:
+    """`inspect_image` over many files on a thread pool (PIL decodes without the GIL); files
+    that `cache` knows unchanged are not decoded again."""
+    known = [cache.get(p) if cache is not None else None for p in paths]
+    todo = [p for p, k in zip(paths, known, strict=True) if k is None]
+    reporter.start_progress(description, len(todo))
+    fresh: dict[Path, ImageInfo] = {}
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        for info in pool.map(inspect_image, todo):
+            fresh[info.path] = info
+            if cache is not None:
+                cache.put(info)
+            reporter.advance()
+    reporter.stop_progress()
+    return [k if k is not None else fresh[p] for p, k in zip(paths, known, strict=True)]
+
+
+def decode_source(info: ImageInfo) -> str:
+    """The file the tf.data pipeline decodes for this image: itself, or its converted copy."""
+    return str(converted_path(info) if info.needs_conversion else info.path)

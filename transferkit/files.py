@@ -1,0 +1,103 @@
+"""Writing files safely: atomic writes that respect the umask and reach the disk, and the
+refusal to replace a user's output unless asked."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import ArtifactError
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename in `folder` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename still happened
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yields a temporary path next to `target`; if the body succeeds, the file is flushed to
+    disk and renamed onto `target`, and the rename made durable.
+
+    The temporary file is created with mode 0666 less the umask, as `open` would create
+    `target` itself (mkstemp's 0600 would make every output private). Its name keeps
+    `target`'s suffixes, since Keras and numpy pick formats by them.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes)
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, target)
+        _fsync_folder(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(target: Path, text: str) -> None:
+    """Writes UTF-8 text atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def json_text(value: Any) -> str:
+    """Indented JSON, non-ASCII kept readable."""
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_json(target: Path, value: Any) -> None:
+    """Writes a JSON document atomically."""
+    write_text(target, json_text(value))
+
+
+def save_figure(path: Path, figure: Any) -> None:
+    """Writes a matplotlib figure as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def check_new_output(path: Path, overwrite: bool, what: str = "output file") -> None:
+    """Refuses to replace existing results unless asked to.
+
+    Raises:
+        ArtifactError: `path` holds something and `overwrite` is False, or is the wrong kind.
+    """
+    is_dir_output = what.endswith(("directory", "folder"))
+    if path.exists() and is_dir_output and not path.is_dir():
+        raise ArtifactError(f"'{path}' is a file, not a {what}. Choose another -o/--output.")
+    if path.exists() and not is_dir_output and path.is_dir():
+        raise ArtifactError(f"'{path}' is a folder; --output needs a file name.")
+    occupied = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if occupied and not overwrite:
+        raise ArtifactError(
+            f"The {what} '{path}' already exists{' and is not empty' if is_dir_output else ''}. "
+            f"Choose another name, or pass --overwrite to replace it.")
