@@ -515,3 +515,34 @@ def test_evaluate_twice_replaces_the_earlier_evaluation(trained_run: Path, tmp_p
         "confusion.png", "metrics.json", *(["mistakes.png"] if "mistakes" in again.stderr
                                            else [])]
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_lr_find_on_the_bundled_sample_data_no_longer_picks_a_diverging_rate(tmp_path: Path):
+    """Issue 11's case, with the real Lite0 ImageNet weights: the old rule found its lowest
+    loss at lr 1, trained at 0.1 and ended stage 1 at loss 9.6."""
+    sample = Path(__file__).parents[1] / "sample_data"
+    run_dir = tmp_path / "run"
+    result = invoke("finetune", sample, "-o", run_dir, "--lr-find", "--epochs", "2",
+                    "--finetune-epochs", "0", "--image-size", "96")
+    assert result.exit_code == 0, result.output
+    record = json.loads((run_dir / "run.json").read_text())
+    found = record["lr_find"]
+    assert found["rule"] == "valley" and found["suggestion"] < 0.01
+    if found["at_edge"]:
+        assert "lowest at the top of the range" in said(result.stderr)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert history[-1]["loss"] < 1.3  # the default rate's loss in the issue
+
+
+def test_augmentation_options_are_declared_once_for_both_commands():
+    import dataclasses
+
+    from transferkit.config import AugmentConfig
+
+    for command in ("finetune", "augment-preview"):
+        shown = said(invoke(command, "--help").stdout)
+        for field in dataclasses.fields(AugmentConfig):
+            assert field.metadata["help"] in shown, (command, field.name)
+    flags = invoke("augment-preview", "--help").stdout
+    assert "--augment" in flags and "--no-augment" in flags and "--brightness-range" in flags

@@ -27,7 +27,7 @@ def test_curves_tick_whole_epochs_and_mark_the_boundary_and_the_kept_epoch():
         assert ticks and all(float(t).is_integer() for t in ticks)
         assert any(line.get_xdata()[0] == 2.5 for line in ax.get_lines()
                    if len(line.get_xdata()) == 2)  # the boundary between epochs 2 and 3
-        assert "stage 'finetune' starts" in [t.get_text() for t in ax.texts]
+        assert "finetune →" in [t.get_text() for t in ax.texts]
         labels = ax.get_legend_handles_labels()[1]
         assert "kept: epoch 3 (finetune)" in labels
     loss_axis = figure.axes[0]

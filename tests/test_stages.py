@@ -59,3 +59,23 @@ def test_best_row_follows_the_monitor():
     assert best_row(rows, "val_accuracy")["epoch"] == 3
     assert best_row(rows[:2], "val_accuracy")["epoch"] == 2  # a tie goes to the lower loss
     assert best_row([], "val_loss") is None
+
+
+def test_configs_are_keyword_only():
+    from pathlib import Path
+
+    from transferkit.config import DataConfig, OptimizerConfig
+
+    with pytest.raises(TypeError):
+        DataConfig(Path("data"), 224)  # two swapped ints would otherwise go unnoticed
+    with pytest.raises(TypeError):
+        OptimizerConfig("sgd", 0.9)
+    assert DataConfig(data_dir=Path("data"), image_size=224).image_size == 224
+
+
+def test_every_optimizer_and_schedule_named_in_config_has_a_row():
+    from transferkit.config import OPTIMIZERS, SCHEDULES
+    from transferkit.training.stages import OPTIMIZERS as BUILDERS
+    from transferkit.training.stages import SCHEDULES as RULES
+
+    assert set(BUILDERS) == set(OPTIMIZERS) and set(RULES) == set(SCHEDULES)

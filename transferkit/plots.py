@@ -40,7 +40,7 @@ def plot_curves(history: Sequence[dict[str, Any]], kept: tuple[str, int | None] 
             ax.plot(x, values, style, marker="o", markersize=3, label=label)
         for at, stage in boundaries:
             ax.axvline(at, color="grey", linestyle=":")
-            ax.annotate(f"stage '{stage}' starts", (at, 1), xycoords=("data", "axes fraction"),
+            ax.annotate(f"{stage} →", (at, 1), xycoords=("data", "axes fraction"),
                         xytext=(3, -3), textcoords="offset points", va="top", fontsize=8,
                         color="grey")
         if kept is not None and kept[1] is not None:
