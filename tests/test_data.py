@@ -223,3 +223,28 @@ def test_mild_downscales_resize_without_antialiasing(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "small.png")
     ours = load_image(tf.constant(str(tmp_path / "small.png")), 64).numpy()
     np.testing.assert_allclose(ours, tf.image.resize(pixels, [64, 64]).numpy(), atol=1e-4)
+
+
+def test_single_image_classes_keep_their_image_for_training(tmp_path: Path):
+    """1,000 classes of one image each used to leave a fifth of them in validation only."""
+    from transferkit.reporting import NullReporter
+
+    class Warnings(NullReporter):
+        def __init__(self) -> None:
+            self.said: list[str] = []
+
+        def warning(self, message: str) -> None:
+            self.said.append(message)
+
+    for i in range(60):
+        folder = tmp_path / f"class{i:03d}"
+        folder.mkdir()
+        make_image(CLASSES[i % 3], i).save(folder / "only.png")
+    for name in ("class000", "class001"):  # two classes with enough images to validate
+        for j in range(5):
+            make_image("circles", 100 + j).save(tmp_path / name / f"more{j}.png")
+    reporter = Warnings()
+    splits = load_splits(tmp_path, val_split=0.2, seed=0, reporter=reporter)
+    assert set(splits.train.labels.tolist()) == set(range(60))  # every class trains
+    assert set(splits.val.labels.tolist()) <= {0, 1}
+    assert any("58 class(es) have no validation image" in m for m in reporter.said)

@@ -139,3 +139,59 @@ def test_models_load_in_plain_keras_and_agree_with_predict(
     names = load_run(run_dir).class_names
     ours = np.array([[dict(p.top_k)[n] for n in names] for p in report.predictions])
     np.testing.assert_allclose(plain, ours, atol=1e-5)
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from transferkit.runs import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()  # hold it until told (or killed)
+"""
+
+
+def test_one_writer_per_run_directory_and_a_dead_holder_frees_it(tmp_path: Path):
+    import os
+    import signal
+
+    from transferkit.runs import LOCK_FILE, check_run_output, run_lock
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ArtifactError, match=rf"another transferkit process \(process "
+                                                rf"{holder.pid} on "), run_lock(run_dir):
+            pass
+        check_run_output(run_dir, overwrite=False)  # the lock file alone is not a run
+        os.kill(holder.pid, signal.SIGKILL)  # a stale lock: its process is gone
+        holder.wait(timeout=30)
+        with run_lock(run_dir):
+            assert (run_dir / LOCK_FILE).read_text().startswith(f"process {os.getpid()} ")
+        assert not run_dir.exists() or not any(run_dir.iterdir())
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_two_finetune_runs_into_one_folder_one_is_refused(image_folder: Path, tmp_path: Path):
+    """The real thing: two finetune processes started together; exactly one writes the run."""
+    script = ("import sys; from pathlib import Path; "
+              "from transferkit.config import DataConfig, FinetuneConfig; "
+              "from transferkit.training.finetune import finetune; "
+              "finetune(FinetuneConfig(data=DataConfig(data_dir=Path(sys.argv[1]), "
+              "image_size=32, batch_size=8), output=Path(sys.argv[2]), weights='none', "
+              "epochs=2, finetune_epochs=0, augment=__import__('transferkit.config', "
+              "fromlist=['x']).AugmentConfig(enabled=False)))")
+    run_dir = tmp_path / "run"
+    both = [subprocess.Popen([sys.executable, "-c", script, str(image_folder), str(run_dir)],
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in both]
+    codes = sorted(code for code, _ in results)
+    refused = [err for code, err in results if code != 0]
+    assert codes[0] == 0 and len(refused) == 1, results
+    assert "is being written by another transferkit process" in refused[0] or \
+        "already exists" in refused[0]
+    assert read_record(run_dir).status == "complete"

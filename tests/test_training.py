@@ -201,3 +201,46 @@ def test_an_ignored_sigint_stays_ignored(image_folder, tmp_path):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) == stop._request
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_a_loss_that_turns_nan_stops_the_run_and_saves_no_model(image_folder, tmp_path):
+    """A base whose weights hold NaN (a damaged file) makes every loss NaN: the run stops in
+    its first epoch with exit 1, says which epoch and what to do, and leaves no model."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from transferkit.bases import get_base
+    from transferkit.cli import app
+
+    base = get_base("efficientnet_lite0").build((32, 32, 3))
+    base.set_weights([np.full(w.shape, np.nan, w.dtype) for w in base.get_weights()])
+    weights = tmp_path / "nan.weights.h5"
+    base.save_weights(weights)
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["finetune", str(image_folder), "-o", str(run_dir),
+                                      "--weights", str(weights), "--image-size", "32",
+                                      "--batch-size", "8", "--epochs", "2",
+                                      "--finetune-epochs", "0", "--no-augment"])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.stderr.split())
+    assert "loss became nan in epoch 1 (stage 'head'" in said and "Lower --learning-rate" in said
+    assert "Traceback" not in result.output
+    assert not (run_dir / "model.keras").exists()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "epoch 1" in record["failure"]
+    again = CliRunner().invoke(app, ["finetune", str(image_folder), "-o", str(run_dir)])
+    assert again.exit_code == 1 and "holds a failed run" in " ".join(again.stderr.split())
+
+
+@pytest.mark.parametrize("option", ["--learning-rate", "--dropout", "--finetune-lr",
+                                    "--momentum", "--val-split"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_options_are_usage_errors(image_folder, tmp_path, option, value):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    result = CliRunner().invoke(app, ["finetune", str(image_folder), "-o",
+                                      str(tmp_path / "run"), option, value])
+    assert result.exit_code == 2, result.output
+    assert "must be" in result.stderr and not (tmp_path / "run").exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import keras
 
+from transferkit.errors import TrainingDiverged
 from transferkit.reporting import Reporter
 
 
@@ -40,3 +42,23 @@ class EpochReporter(keras.callbacks.Callback):
         metrics["seconds"] = round(time.monotonic() - self.started, 3)  # training + validation
         self.rows.append({"stage": self.stage, "epoch": epoch + 1, **metrics})
         self.reporter.epoch_ended(self.stage, epoch + 1, self.last_epoch, metrics)
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Ends training at the end of an epoch whose training or validation loss is NaN or
+    infinite, before any other callback sees that epoch (so it is never checkpointed)."""
+
+    def __init__(self, stage: str, option: str) -> None:
+        super().__init__()
+        self.stage, self.option = stage, option
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        for key in ("loss", "val_loss"):
+            value = float((logs or {}).get(key, 0.0))
+            if not math.isfinite(value):
+                rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+                raise TrainingDiverged(
+                    f"The {'validation ' if key == 'val_loss' else ''}loss became {value} in "
+                    f"epoch {epoch + 1} (stage '{self.stage}', learning rate {rate:.3g}), so "
+                    f"training stopped and no model was saved. Lower {self.option} (a tenth is "
+                    f"a good first try, or use --lr-find) and start again with --overwrite.")

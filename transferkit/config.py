@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,18 @@ DEFAULT_BASE = "efficientnet_lite0"
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_finite(config: Any) -> None:
+    """Every number in a config is finite: inf or nan would pass a range check such as
+    `> 0` and train to NaN."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number; "
+                                  f"got {value}.")
 
 
 def _check_precision(precision: str) -> None:
@@ -48,6 +61,7 @@ class AugmentConfig:
         None, "Random brightness factor between LOW and HIGH, e.g. 0.8 1.2.")
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(0 <= self.rotation_range <= 180, f"--rotation-range is in degrees and must be in "
                                                 f"[0, 180]; got {self.rotation_range}.")
         for name in ("width_shift_range", "height_shift_range"):
@@ -79,6 +93,7 @@ class PreviewConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.images >= 1, f"--images must be at least 1; got {self.images}.")
         _check(self.variants >= 1, f"--variants must be at least 1; got {self.variants}.")
 
@@ -94,6 +109,7 @@ class DataConfig:
     seed: int = 1337
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(0 < self.val_split < 1,
                f"--val-split must be strictly between 0 and 1; got {self.val_split}.")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
@@ -117,6 +133,7 @@ class ComputeConfig:
     strategy: str = "auto"  # auto: mirrored across local GPUs when there are several
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check_precision(self.precision)
         _check(self.strategy in STRATEGIES, f"--strategy must be one of "
                                             f"{', '.join(STRATEGIES)}; got {self.strategy}.")
@@ -139,6 +156,7 @@ class ScheduleConfig:
     decay_epochs: int | None = None  # step schedule: epochs per step (None: a third)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.name in SCHEDULES, f"Unknown schedule '{self.name}'. Choose one of: "
                                        f"{', '.join(SCHEDULES)}.")
         _check(self.warmup_epochs >= 0,
@@ -156,6 +174,7 @@ class OptimizerConfig:
     nesterov: bool = True  # SGD
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.name in OPTIMIZERS, f"Unknown optimizer '{self.name}'. Choose one of: "
                                         f"{', '.join(OPTIMIZERS)}.")
         _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1); got {self.momentum}.")
@@ -194,6 +213,7 @@ class FinetuneConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.epochs >= 1, f"--epochs must be at least 1; got {self.epochs}.")
         _check(self.finetune_epochs >= 0,
                f"--finetune-epochs must be 0 or more; got {self.finetune_epochs}.")
@@ -235,6 +255,7 @@ class HeadConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
         _check(self.patience >= 1, f"patience must be at least 1; got {self.patience}.")
         _check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
@@ -260,6 +281,7 @@ class ExtractConfig:
     head: HeadConfig | None = None
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.blocks is None or self.blocks >= 1,
                f"--blocks must be at least 1; got {self.blocks}.")
         _check(self.pooling in ("avg", "max"), f"--pooling must be avg or max; got {self.pooling}.")
@@ -279,6 +301,7 @@ class EvaluateConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
         _check(self.gallery >= 0, f"--gallery must be 0 or more; got {self.gallery}.")
@@ -299,6 +322,7 @@ class ExportConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self.quantize in QUANTIZATIONS, f"--quantize must be one of "
                                                f"{', '.join(QUANTIZATIONS)}; got {self.quantize}.")
         _check(self.quantize == "none" or self.format == "tflite",
@@ -323,6 +347,7 @@ class PredictConfig:
     threshold: float | None = None  # below this top probability the label is "unknown"
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(len(self.paths) > 0, "Give at least one image file or folder to predict.")
         _check(self.threshold is None or 0.0 < self.threshold <= 1.0,
                f"--threshold must be a probability in (0, 1]; got {self.threshold}.")

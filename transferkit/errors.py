@@ -32,6 +32,10 @@ class ArtifactError(TransferkitError):
     """A run directory, feature file or output file cannot be read or written."""
 
 
+class TrainingDiverged(TransferkitError):
+    """The loss became NaN or infinite: the run stops, and no model is saved as complete."""
+
+
 class RunInterrupted(TransferkitError):
     """Training stopped on a signal; the run directory can be resumed."""
 

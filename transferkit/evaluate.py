@@ -20,7 +20,14 @@ from transferkit.files import check_new_output, save_figure, write_json
 from transferkit.inference import predict_batches
 from transferkit.plots import plot_confusion, plot_gallery
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs import EVALUATION_DIR, LoadedRun, load_run, read_splits
+from transferkit.runs import (
+    EVALUATION_DIR,
+    LoadedRun,
+    load_run,
+    read_record,
+    read_splits,
+    run_lock,
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,14 @@ def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> Evalua
             run's own evaluation folder is replaced without --overwrite).
     """
     reporter = reporter or NullReporter()
+    if config.output is not None:
+        return _evaluate(config, reporter)
+    read_record(config.run_dir)  # a missing folder is an error, not a folder to make
+    with run_lock(config.run_dir):  # it writes RUN/evaluation
+        return _evaluate(config, reporter)
+
+
+def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     run = load_run(config.run_dir)
     output = config.output or config.run_dir / EVALUATION_DIR
     if config.output is not None:

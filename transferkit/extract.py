@@ -37,6 +37,7 @@ from transferkit.runs import (
     RunRecord,
     StageResult,
     check_run_output,
+    run_lock,
     save_run,
     save_splits,
 )
@@ -91,6 +92,13 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
         TransferkitError: bad data, options, weights, or an existing output.
     """
     reporter = reporter or NullReporter()
+    if config.head is None:
+        return _extract(config, reporter)
+    with run_lock(config.head.output):
+        return _extract(config, reporter)
+
+
+def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     spec = get_base(config.base)
     image_size = resolve_image_size(spec, config.data.image_size)
     blocks = config.blocks or len(spec.blocks)

@@ -85,8 +85,10 @@ def save_figure(path: Path, figure: Any) -> None:
         figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def check_new_output(path: Path, overwrite: bool, what: str = "output file") -> None:
-    """Refuses to replace existing results unless asked to.
+def check_new_output(path: Path, overwrite: bool, what: str = "output file",
+                     ignore: tuple[str, ...] = ()) -> None:
+    """Refuses to replace existing results unless asked to; a folder holding only the names
+    in `ignore` counts as empty.
 
     Raises:
         ArtifactError: `path` holds something and `overwrite` is False, or is the wrong kind.
@@ -96,7 +98,8 @@ def check_new_output(path: Path, overwrite: bool, what: str = "output file") -> 
         raise ArtifactError(f"'{path}' is a file, not a {what}. Choose another -o/--output.")
     if path.exists() and not is_dir_output and path.is_dir():
         raise ArtifactError(f"'{path}' is a folder; --output needs a file name.")
-    occupied = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    occupied = path.exists() and (not path.is_dir() or any(
+        p.name not in ignore for p in path.iterdir()))
     if occupied and not overwrite:
         raise ArtifactError(
             f"The {what} '{path}' already exists{' and is not empty' if is_dir_output else ''}. "

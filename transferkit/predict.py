@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 
 UNKNOWN = "unknown"  # the label of predictions below --threshold
+NON_FINITE = ("the model gave NaN or infinite probabilities (its weights are damaged, or it "
+              "diverged in training): train it again")
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,9 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
             predictions.append(Prediction(f, true_label=true_label, error=info.problem))
             continue
         p = by_file[f]
+        if not np.isfinite(p).all():
+            predictions.append(Prediction(f, true_label=true_label, error=NON_FINITE))
+            continue
         order = np.argsort(-p, kind="stable")[:k]
         unknown = config.threshold is not None and float(p[order[0]]) < config.threshold
         predictions.append(Prediction(

@@ -11,14 +11,18 @@ evaluated, and models load in Keras's safe mode.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import io
 import json
+import os
 import platform
 import shutil
+import socket
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +35,7 @@ from transferkit.errors import ArtifactError, ConfigError
 from transferkit.files import atomic_path, check_new_output, json_text, write_json, write_text
 
 RUN_FORMAT = "transferkit-run"
+LOCK_FILE = ".transferkit.lock"  # held by the one process writing the run
 RUN_FORMAT_VERSION = 2
 MODEL_FILE = "model.keras"
 RECORD_FILE = "run.json"
@@ -46,8 +51,8 @@ LAST_CHECKPOINT = "last.keras"
 STATE_FILE = "state.json"
 RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
              CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR)
-COMPLETE, RUNNING, INTERRUPTED = "complete", "running", "interrupted"
-STATUSES = (COMPLETE, RUNNING, INTERRUPTED)
+COMPLETE, RUNNING, INTERRUPTED, FAILED = "complete", "running", "interrupted", "failed"
+STATUSES = (COMPLETE, RUNNING, INTERRUPTED, FAILED)
 COMMANDS = {"finetune": FinetuneConfig, "extract": ExtractConfig}
 HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
                    "learning_rate", "seconds")
@@ -135,6 +140,7 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)  # of the kept stage's best epoch
     lr_find: LRFind | None = None
     stopped: Stopped | None = None
+    failure: str | None = None  # why a failed run stopped
     versions: dict[str, str] = field(default_factory=dict)  # set when saved
     updated: str = ""  # set when saved
 
@@ -263,6 +269,8 @@ def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
         record = RunRecord.from_dict(values)
     except ConfigError as exc:
         raise ArtifactError(f"'{path}' is damaged: {exc}. Train the run again.") from exc
+    if finished and record.status == FAILED:
+        raise ArtifactError(f"'{run_dir}' holds a failed run: {record.failure}")
     if finished and record.status != COMPLETE:
         raise ArtifactError(
             f"'{run_dir}' is an unfinished run ({describe_unfinished(record)}). Finish it with "
@@ -289,12 +297,61 @@ def check_run_output(path: Path, overwrite: bool) -> None:
             record = read_record(path, finished=False)
         except ArtifactError:
             record = None
+        if record is not None and record.status == FAILED:
+            raise ArtifactError(
+                f"The run directory '{path}' holds a failed run ({record.failure}). Pass "
+                f"--overwrite to start again there.")
         if record is not None and record.status != COMPLETE:
             raise ArtifactError(
                 f"The run directory '{path}' holds an unfinished run "
                 f"({describe_unfinished(record)}). Continue it with `transferkit finetune "
                 f"--resume {path}`, or pass --overwrite to start again.")
-    check_new_output(path, overwrite, what="run directory")
+    check_new_output(path, overwrite, what="run directory", ignore=(LOCK_FILE,))
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Makes this process the run directory's one writer while inside the block.
+
+    The lock is an exclusive flock on RUN/.transferkit.lock, which the kernel releases when the
+    holder exits, however it exits (kill -9 included): a lock left by a dead process is free
+    to take, with nothing to clean up first. A folder the lock created is removed again if
+    nothing else was written into it.
+
+    Raises:
+        ArtifactError: another process holds the lock; the message names it.
+    """
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ArtifactError(
+                f"'{run_dir}' is being written by another transferkit process ({holder}). "
+                f"Two runs in one folder would mix their files: wait for it to finish, stop "
+                f"it, or choose another -o.") from None
+        try:  # the holder before us may have removed the file after we opened it
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if empty: a run that failed before writing anything
 
 
 def clear_run(run_dir: Path) -> None:

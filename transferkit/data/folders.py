@@ -202,19 +202,33 @@ def split_position(seed: int, path: Path) -> float:
 def split_validation(images: ImageSet, val_split: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """Each file goes to validation when its hash position is below `val_split`; adding files
     never moves existing ones. A class with no file below the threshold lends its lowest one
-    to validation, and a class entirely below keeps its highest one for training (both only
-    matter for classes of a handful of images)."""
+    to validation, a class entirely below keeps its highest one for training, and a class of
+    a single image keeps it for training (these only matter for classes of a handful of
+    images)."""
     positions = np.array([split_position(seed, p) for p in images.paths])
     is_val = positions < val_split
     for label in range(len(images.class_names)):
         idx = np.flatnonzero(images.labels == label)
         if len(idx) < 2:
+            is_val[idx] = False
             continue
         if not is_val[idx].any():
             is_val[idx[np.argmin(positions[idx])]] = True
         if is_val[idx].all():
             is_val[idx[np.argmax(positions[idx])]] = False
     return images.subset(~is_val), images.subset(is_val)
+
+
+def _warn_unvalidated(splits: DataSplits, reporter: Reporter) -> None:
+    """Names the classes the validation split has no image of: their accuracy is unmeasured."""
+    seen = set(splits.val.labels.tolist())
+    missing = [name for i, name in enumerate(splits.class_names) if i not in seen]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if
+                                           len(missing) > 10 else "")
+        reporter.warning(f"{len(missing)} class(es) have no validation image, so their "
+                         f"accuracy is not measured: {shown}. A class of a single image keeps "
+                         f"it for training; add images (or a val/ folder) to validate them.")
 
 
 def load_splits(data_dir: Path, val_split: float, seed: int, reporter: Reporter | None = None,
@@ -249,7 +263,10 @@ def load_splits(data_dir: Path, val_split: float, seed: int, reporter: Reporter 
     if len(val) == 0:
         raise DataError(f"No validation images could be drawn from '{root}': every class has "
                         f"a single image. Add images, or provide a '{root}/val' folder.")
-    return DataSplits(train.class_names, train, val, test, "val" in split_dirs, tuple(skipped))
+    splits = DataSplits(train.class_names, train, val, test, "val" in split_dirs,
+                        tuple(skipped))
+    _warn_unvalidated(splits, reporter)
+    return splits
 
 
 def splits_from_table(root: Path, class_names: Sequence[str], rows: Sequence[dict[str, str]],

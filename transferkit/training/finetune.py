@@ -29,7 +29,7 @@ from transferkit.config import FinetuneConfig
 from transferkit.data.folders import DataSplits, splits_from_table
 from transferkit.data.pipeline import build_dataset
 from transferkit.devices import build_strategy
-from transferkit.errors import ArtifactError, RunInterrupted
+from transferkit.errors import ArtifactError, RunInterrupted, TrainingDiverged
 from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.files import save_figure
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
@@ -38,6 +38,7 @@ from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs import (
     COMPLETE,
     CURVES_FILE,
+    FAILED,
     INTERRUPTED,
     LR_FIND_FILE,
     RUNNING,
@@ -51,6 +52,7 @@ from transferkit.runs import (
     read_record,
     read_splits,
     restore_best,
+    run_lock,
     save_best,
     save_checkpoint,
     save_record,
@@ -138,7 +140,7 @@ def plan_stages(config: FinetuneConfig, spec: BaseSpec) -> list[StagePlan]:
             FINETUNE, f"fine-tune block{'s' if len(top) > 1 else ''} {', '.join(top)} "
                       f"(BatchNorm {'trainable' if config.train_batchnorm else 'frozen'})",
             config.epochs, config.epochs + config.finetune_epochs,
-            config.resolved_finetune_lr, config.finetune_schedule))
+            config.resolved_finetune_lr, config.finetune_schedule, "--finetune-lr"))
     return stages
 
 
@@ -152,6 +154,13 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> Finetu
     reporter = reporter or NullReporter()
     if config.output is None:
         raise ArtifactError("finetune needs a run directory: pass -o RUN.")
+    with run_lock(config.output):
+        return _start(config, reporter)
+
+
+def _start(config: FinetuneConfig, reporter: Reporter) -> FinetuneResult:
+    """finetune, once this process holds the run directory."""
+    assert config.output is not None
     prepared = prepare(config, reporter)
     found = lr_find(config, prepared, reporter) if config.lr_find else None
     splits = prepared.splits
@@ -187,7 +196,17 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
         ArtifactError: `run_dir` is not an unfinished run, or has no checkpoint yet.
     """
     reporter = reporter or NullReporter()
+    read_record(run_dir, finished=False)  # a missing folder is an error, not a folder to make
+    with run_lock(run_dir):
+        return _resume(run_dir, reporter)
+
+
+def _resume(run_dir: Path, reporter: Reporter) -> FinetuneResult:
+    """resume_finetune, once this process holds the run directory."""
     record = read_record(run_dir, finished=False)
+    if record.status == FAILED:
+        raise ArtifactError(f"'{run_dir}' holds a failed run, which would fail again the same "
+                            f"way: {record.failure}")
     if record.command != "finetune" or record.status == COMPLETE:
         raise ArtifactError(f"'{run_dir}' is not an unfinished finetune run (status "
                             f"{record.status!r}); there is nothing to resume.")
@@ -354,6 +373,9 @@ def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
             except _Stop as stopped:
                 monitor.flush()
                 raise _interrupted(run_dir, record, history, stopped.signum) from None
+            except TrainingDiverged as diverged:
+                save_record(run_dir, record.replace(status=FAILED, failure=str(diverged)))
+                raise
             monitor.flush()
             result = stage_result(plan, history, config.monitor, trainable)
             restore_best(model, run_dir, plan.name)  # the stage ends on its best epoch

@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.callbacks import EpochReporter
+from transferkit.callbacks import EpochReporter, StopOnNonFinite
 from transferkit.config import OptimizerConfig, ScheduleConfig
 from transferkit.freezing import count_params
 from transferkit.reporting import Reporter, StageInfo
@@ -107,6 +107,7 @@ class StagePlan:
     last_epoch: int
     learning_rate: float
     schedule: ScheduleConfig
+    rate_option: str = "--learning-rate"  # the option that sets `learning_rate`
 
     @property
     def epochs(self) -> int:
@@ -155,11 +156,12 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: plan.learning_rate_at(
         epoch))
     recorder = EpochReporter(reporter, plan.name, plan.last_epoch, steps, history)
+    diverged = StopOnNonFinite(plan.name, plan.rate_option)
     # A dataset arrives shuffled already; arrays are shuffled by fit.
     fit_args: dict[str, Any] = {"x": train, "validation_data": validation, "shuffle": False}
     if isinstance(train, tuple):
         fit_args = {"x": train[0], "y": train[1], "validation_data": validation,
                     "batch_size": batch_size}
     model.fit(**fit_args, epochs=plan.last_epoch, initial_epoch=start, verbose=0,
-              class_weight=class_weight, callbacks=[schedule, recorder, *callbacks])
+              class_weight=class_weight, callbacks=[schedule, diverged, recorder, *callbacks])
     return counts.trainable
