@@ -442,6 +442,9 @@ def _one_class(root: Path) -> Path:
     (lambda d, t: ["finetune", t / "missing", "-o", t / "r"], 1, "does not exist"),
     (lambda d, t: ["finetune", _one_class(t / "one"), "-o", t / "r"], 1, "Found 1 class folder"),
     (lambda d, t: ["finetune", d, "-o", t / "r", "--image-size", "8"], 2, "below"),
+    (lambda d, t: ["finetune", d, "-o", t / "r", "--image-size", "1000000000"], 2,
+     "above transferkit's maximum of 1024 pixels"),
+    (lambda d, t: ["finetune", _newline_class(t), "-o", t / "r"], 1, "line break"),
     (lambda d, t: ["finetune", d, "-o", t / "r", "--unfreeze-blocks", "99"], 2, "8 blocks"),
     (lambda d, t: ["finetune", d, "-o", _occupied(t)], 1, "already exists"),
     (lambda d, t: ["finetune", "--resume", t], 1, "is not a transferkit run"),
@@ -458,6 +461,12 @@ def test_mistakes_are_reported_before_tensorflow_loads(image_folder: Path, tmp_p
                           text=True, timeout=60)
     assert done.returncode == code, done.stderr
     assert message in said(done.stderr) and "Traceback" not in done.stderr
+
+
+def _newline_class(root: Path) -> Path:
+    for name in ("cats", "dogs\nand wolves"):
+        (root / "nl" / name).mkdir(parents=True)
+    return root / "nl"
 
 
 def _occupied(root: Path) -> Path:
@@ -546,3 +555,55 @@ def test_augmentation_options_are_declared_once_for_both_commands():
             assert field.metadata["help"] in shown, (command, field.name)
     flags = invoke("augment-preview", "--help").stdout
     assert "--augment" in flags and "--no-augment" in flags and "--brightness-range" in flags
+
+
+def _hostile_folder(root: Path) -> Path:
+    """Class folders holding what a careless or hostile user leaves in them."""
+    from conftest import write_class_folder
+
+    write_class_folder(root, per_class=5)
+    circles = root / "circles"
+    os.mkfifo(circles / "fifo.jpg")  # reading it would block forever
+    (circles / "zero.png").symlink_to("/dev/zero")  # reading it would never end
+    (circles / "loop.jpg").symlink_to(circles / "loop.jpg")
+    (circles / "gone.jpg").symlink_to(root / "nowhere.jpg")
+    from PIL import Image
+
+    Image.new("L", (9000, 9000)).save(circles / "huge.png")  # 81 MP, a few KB of PNG
+    raw = os.fsencode(circles) + b"/caf\xe9 latin-1 name.png"  # not valid UTF-8
+    with open(raw, "wb") as f:
+        f.write((root / "squares" / "squares_1.png").read_bytes())
+    return root
+
+
+def test_hostile_files_are_skipped_and_reported_never_hang(tmp_path: Path):
+    data = _hostile_folder(tmp_path / "data")
+    env = {**os.environ, "COLUMNS": "200"}
+    doctor = subprocess.run([*_entry_point(), "doctor", str(data), "-o",
+                             str(tmp_path / "report.json")], capture_output=True, timeout=120,
+                            env=env)
+    assert doctor.returncode == 1, doctor.stderr  # problems found, none fatal
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    kinds = {Path(f["paths"][0]).name: f["kind"] for f in report["findings"] if f["paths"]}
+    assert kinds["fifo.jpg"] == kinds["zero.png"] == "special"
+    assert kinds["loop.jpg"] == kinds["gone.jpg"] == "unreadable"
+    assert kinds["huge.png"] == "too_large"
+    assert os.fsencode("caf\udce9 latin-1 name.png") == b"caf\xe9 latin-1 name.png"
+    assert "caf\udce9 latin-1 name.png" in {Path(p).name for f in report["findings"]
+                                            for p in f["paths"]}  # a duplicate of squares_1
+
+    run_dir = tmp_path / "run"
+    trained = subprocess.run([*_entry_point(), "finetune", str(data), "-o", str(run_dir),
+                              *TINY, "--epochs", "1", "--finetune-epochs", "0", "--no-augment"],
+                             capture_output=True, timeout=300, env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    skipped = {Path(s["path"]).name for s in json.loads(
+        (run_dir / "run.json").read_text())["data"]["skipped"]}
+    assert skipped == {"fifo.jpg", "zero.png", "loop.jpg", "gone.jpg", "huge.png"}
+    assert b"caf\xe9 latin-1 name.png" in (run_dir / "splits.csv").read_bytes()
+
+    predicted = subprocess.run([*_entry_point(), "predict", str(run_dir), str(data / "circles"),
+                                "-o", "-"], capture_output=True, timeout=300, env=env)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert b"caf\xe9 latin-1 name.png" in predicted.stdout  # the name's own bytes
+    assert b"fifo.jpg" in predicted.stdout and b"not a regular file" in predicted.stdout

@@ -59,6 +59,8 @@ def test_the_final_model_carries_no_optimizer_but_checkpoints_do(trained_run: Pa
     (lambda d: _edit(d, format_version=99), "run format version 99"),
     (lambda d: _edit(d, class_names="cats"), "damaged"),
     (lambda d: _edit(d, class_names=["a", "a", "b"]), "damaged: class_names"),
+    (lambda d: _edit(d, class_names=["circles", "squa\nres", "stripes"]), "line breaks"),
+    (lambda d: _edit(d, class_names=["circles", "squa\u2028res", "stripes"]), "line breaks"),
     (lambda d: _edit(d, class_names=["a", "b"]), "predicts 3 classes"),
     (lambda d: _edit(d, status="done"), "damaged: status"),
     (lambda d: _edit(d, command="train"), "damaged: unknown command"),

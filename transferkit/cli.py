@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import io
 import sys
 import tomllib
 import typing
@@ -174,6 +175,10 @@ def _main(version: Annotated[bool, typer.Option(
     )] = False) -> None:
     """Transfer learning on image folders: doctor, finetune, extract, predict, evaluate."""
     set_verbose(verbose)
+    # A file name that is not valid UTF-8 is printed as its own bytes, as `ls` does, instead
+    # of failing the command (stderr already escapes them).
+    with contextlib.suppress(AttributeError, io.UnsupportedOperation):
+        sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager

@@ -29,6 +29,8 @@ KINDS = {
     "truncated": "truncated image",
     "unreadable": "file that does not decode as an image",
     "not_image": "non-image file among the images",
+    "special": "not a regular file (FIFO, device or socket)",
+    "too_large": "image above the size limit (256 MiB, 64 megapixels)",
     "stray_image": "image outside any class folder (ignored by training)",
     "extension_mismatch": "content does not match the file extension",
     "too_small": "image smaller than the base's minimum size",
@@ -36,7 +38,8 @@ KINDS = {
     "conflict": "same image in two classes (contradictory labels)",
     "duplicate": "same image twice in one class",
 }
-UNUSABLE = ("empty", "truncated", "unreadable", "not_image")  # what --quarantine moves
+# What --quarantine moves; special files stay (moving a FIFO across disks would read it).
+UNUSABLE = ("empty", "truncated", "unreadable", "not_image", "too_large")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from transferkit.errors import DataError
 from transferkit.files import check_new_output, save_figure, write_json
 from transferkit.inference import predict_batches
 from transferkit.plots import plot_confusion, plot_gallery
-from transferkit.reporting import NullReporter, Reporter
+from transferkit.reporting import NullReporter, Reporter, printable
 from transferkit.runs import (
     EVALUATION_DIR,
     LoadedRun,
@@ -164,8 +164,9 @@ def _save_mistakes(path: Path, images: ImageSet, probabilities: np.ndarray, run:
     if len(worst):
         pictures = np.concatenate([np.asarray(b) for b in build_dataset(
             [images.sources[i] for i in worst], None, run.image_size, batch_size)])
-        captions = [f"{images.paths[i].name}\ntrue {run.class_names[images.labels[i]]}, said "
-                    f"{run.class_names[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})"
+        names = run.class_names
+        captions = [f"{printable(images.paths[i].name)}\ntrue {names[images.labels[i]]}, said "
+                    f"{names[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})"
                     for i in worst]
         save_figure(path, plot_gallery(list(pictures), captions, "Most confidently wrong"))
     return len(wrong)

@@ -64,14 +64,19 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 def write_text(target: Path, text: str) -> None:
-    """Writes UTF-8 text atomically."""
+    """Writes UTF-8 text atomically. File names that are not valid UTF-8 (Python holds their
+    bytes as lone surrogates) are written as those bytes, so they read back exactly with
+    errors="surrogateescape"."""
     with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
-def json_text(value: Any) -> str:
-    """Indented JSON, non-ASCII kept readable."""
-    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+def json_text(value: Any, indent: int | None = 2) -> str:
+    """JSON (indented, or on one line with `indent=None`), non-ASCII kept readable. Lone
+    surrogates (from file names that are not valid UTF-8) become \\udcXX escapes: valid JSON
+    that json.loads turns back into the same name."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False) + "\n"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def write_json(target: Path, value: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from transferkit.data.folders import collect_images
 from transferkit.data.inspect import decode_source, inspect_images, open_inspection_cache
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import DataError
-from transferkit.files import check_new_output
+from transferkit.files import check_new_output, json_text
 from transferkit.inference import predict_batches
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs import load_run
@@ -165,9 +164,9 @@ def predictions_text(report: PredictionReport, top_k: int, output_format: str) -
     (one object per line)."""
     rows = [p.to_dict() for p in report.predictions]
     if output_format == "json":
-        return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
+        return json_text(rows)
     if output_format == "jsonl":
-        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        return "".join(json_text(row, indent=None) for row in rows)
     extra = [f"{kind}_{k}" for k in range(2, top_k + 1) for kind in ("label", "probability")]
     extra += [f for f in OPTIONAL_PREDICTION_FIELDS if any(f in row for row in rows)]
     buffer = io.StringIO()

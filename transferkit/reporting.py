@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
+
+
+def printable(text: str) -> str:
+    """`text` with the undecodable bytes of a file name (lone surrogates) shown as U+FFFD,
+    for places that cannot carry them, such as a figure's caption."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def fits_one_line(name: str) -> bool:
+    """Whether `name` has no control character and nothing that splits a line (a labels file,
+    a CSV row and a terminal line hold it intact)."""
+    return bool(name) and not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from transferkit.bases import Preprocessing
 from transferkit.config import ExtractConfig, FinetuneConfig, from_dict, to_dict
 from transferkit.errors import ArtifactError, ConfigError
 from transferkit.files import atomic_path, check_new_output, json_text, write_json, write_text
+from transferkit.reporting import fits_one_line
 
 RUN_FORMAT = "transferkit-run"
 LOCK_FILE = ".transferkit.lock"  # held by the one process writing the run
@@ -188,8 +189,9 @@ class RunRecord:
             raise ConfigError("config.data.image_size is not set")
         names = record.class_names
         if len(names) < 2 or len(set(names)) != len(names) or not all(
-                isinstance(n, str) and n for n in names):
-            raise ConfigError(f"class_names must be two or more distinct names; got {names!r}")
+                isinstance(n, str) and fits_one_line(n) for n in names):
+            raise ConfigError(f"class_names must be two or more distinct names without line "
+                              f"breaks or control characters; got {names!r}")
         if record.status not in STATUSES:
             raise ConfigError(f"status must be one of {', '.join(STATUSES)}; got "
                               f"{record.status!r}")
@@ -388,7 +390,8 @@ def save_splits(run_dir: Path, rows: Sequence[tuple[str, str, str]]) -> None:
 def read_splits(run_dir: Path) -> list[dict[str, str]]:
     """The rows of splits.csv."""
     try:
-        with open(run_dir / SPLITS_FILE, newline="", encoding="utf-8") as f:
+        with open(run_dir / SPLITS_FILE, newline="", encoding="utf-8",
+                  errors="surrogateescape") as f:
             return list(csv.DictReader(f))
     except OSError as exc:
         raise ArtifactError(f"Could not read '{run_dir / SPLITS_FILE}' ({exc.strerror}).") from exc

@@ -375,13 +375,26 @@ def get_base(name: str) -> BaseSpec:
                           f"{len(BASES)}.") from None
 
 
+MAX_IMAGE_SIZE = 1024  # px: 4.6x a 224 base's pixels; beyond it a batch outgrows memory
+
+
 def resolve_image_size(spec: BaseSpec, image_size: int | None) -> int:
-    """The image size to use: the base's default unless given; never below its minimum."""
+    """The image size to use: the base's default unless given; within its minimum and
+    MAX_IMAGE_SIZE.
+
+    Raises:
+        ConfigError: the size is out of bounds.
+    """
     size = spec.default_size if image_size is None else image_size
     if size < spec.min_size:
         raise ConfigError(
             f"--image-size {size} is below {spec.name}'s minimum of {spec.min_size} pixels. "
             f"Use --image-size {spec.min_size} or more (default {spec.default_size}).")
+    if size > MAX_IMAGE_SIZE:
+        raise ConfigError(
+            f"--image-size {size} is above transferkit's maximum of {MAX_IMAGE_SIZE} pixels "
+            f"(memory grows with its square). Use {MAX_IMAGE_SIZE} or less (default "
+            f"{spec.default_size} for {spec.name}).")
     return size
 
 

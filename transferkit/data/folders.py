@@ -23,7 +23,7 @@ from transferkit.data.inspect import (
     open_inspection_cache,
 )
 from transferkit.errors import DataError
-from transferkit.reporting import NullReporter, Reporter
+from transferkit.reporting import NullReporter, Reporter, fits_one_line
 
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
 
@@ -100,9 +100,20 @@ def files_under(folder: Path) -> list[Path]:
 
 
 def class_dirs(root: Path) -> list[Path]:
-    """The class folders of a (split) folder, sorted by name."""
-    return sorted((p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)),
-                  key=lambda p: p.name)
+    """The class folders of a (split) folder, sorted by name.
+
+    Raises:
+        DataError: a folder name holds a line break or another control character, which no
+            labels file, CSV row or terminal line can carry intact.
+    """
+    found = sorted((p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name)),
+                   key=lambda p: p.name)
+    for folder in found:
+        if not fits_one_line(folder.name):
+            raise DataError(f"The class folder name {folder.name!r} in '{root}' holds a line "
+                            f"break or another control character, which a labels file cannot "
+                            f"carry. Rename the folder.")
+    return found
 
 
 def check_data_root(root: Path) -> None:
@@ -195,7 +206,7 @@ def load_labelled_folder(root: Path, class_names: Sequence[str],
 def split_position(seed: int, path: Path) -> float:
     """A file's place in [0, 1) for the validation draw: a hash of its relative path and the
     seed, so it never depends on which other files exist."""
-    digest = hashlib.sha256(f"{seed}:{path.as_posix()}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{path.as_posix()}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

@@ -7,9 +7,13 @@ size and modification time."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import io
 import json
 import os
+import stat
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -34,9 +38,13 @@ FORMAT_EXTENSIONS = {
     "GIF": {".gif"}, "BMP": {".bmp"}, "WEBP": {".webp"}, "TIFF": {".tif", ".tiff"},
 }
 ALPHA_BACKGROUND = (255, 255, 255)
+# Limits on one image: larger files are skipped and reported, never read or decoded. A 64 MP
+# picture (8000 x 8000) decodes to 192 MB of RGB; anything larger is not a training image.
+MAX_FILE_BYTES = 256 * 2**20
+MAX_PIXELS = 64_000_000
 _EXIF_ORIENTATION = 0x0112
 _CONVERSION_VERSION = "1"  # part of the cache key of converted images
-_INSPECTION_VERSION = 1  # bump when inspect_image's findings change
+_INSPECTION_VERSION = 2  # bump when inspect_image's findings change
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,8 @@ class ImageInfo:
     orientation: int = 1  # EXIF; 1 is upright
     has_alpha: bool = False
     problem: str | None = None  # why the file cannot be used
-    problem_kind: str | None = None  # empty | truncated | unreadable | not_image
+    # empty | truncated | unreadable | not_image | special | too_large
+    problem_kind: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -75,13 +84,49 @@ def _has_alpha(im: Image.Image) -> bool:
     return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
 
 
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file (links followed), at most MAX_FILE_BYTES of them.
+
+    The file is opened without blocking and checked on the open descriptor, so a FIFO named
+    like an image never hangs the read and a link to /dev/zero is never read without end.
+
+    Raises:
+        UnusableFile: the path is not a regular file, is too large, or cannot be read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        reason = {errno.ELOOP: "a loop of symbolic links",
+                  errno.ENOENT: "a broken link, or gone"}.get(exc.errno or 0, exc.strerror)
+        raise UnusableFile(f"cannot be read ({reason})", "unreadable") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UnusableFile("not a regular file (a FIFO, device, socket or folder)",
+                               "special")
+        if info.st_size > MAX_FILE_BYTES:
+            raise UnusableFile(f"{info.st_size / 2**20:.0f} MiB, above the "
+                               f"{MAX_FILE_BYTES // 2**20} MiB limit for one image", "too_large")
+        try:
+            return f.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise UnusableFile(f"cannot be read ({exc.strerror})", "unreadable") from None
+
+
+class UnusableFile(Exception):
+    """Why a file cannot be an image: a message and a kind (see ImageInfo.problem_kind)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 def inspect_image(path: Path) -> ImageInfo:
     """Reads and fully decodes one file; never raises for a bad file, it says why instead."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return ImageInfo(path, 0, "", problem=f"cannot be read ({exc.strerror})",
-                         problem_kind="unreadable")
+        data = read_regular_file(path)
+    except UnusableFile as unusable:
+        return ImageInfo(path, 0, "", problem=str(unusable), problem_kind=unusable.kind)
     digest = hashlib.sha256(data).hexdigest()
     if not data:
         return ImageInfo(path, 0, digest, problem="empty file (0 bytes)", problem_kind="empty")
@@ -91,13 +136,24 @@ def inspect_image(path: Path) -> ImageInfo:
                          problem_kind="not_image")
     found: dict = {}
     try:
-        with Image.open(path) as im:
-            found = {"format": im.format, "mode": im.mode, "width": im.width,
-                     "height": im.height, "has_alpha": _has_alpha(im),
-                     "orientation": int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)}
-            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reading every byte
-            im.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        with warnings.catch_warnings():  # the pixel limit below is transferkit's own
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                found = {"format": im.format, "mode": im.mode, "width": im.width,
+                         "height": im.height, "has_alpha": _has_alpha(im),
+                         "orientation": int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)}
+                if im.width * im.height > MAX_PIXELS:
+                    return ImageInfo(path, len(data), digest, **found, problem_kind="too_large",
+                                     problem=f"{im.width}x{im.height} is "
+                                             f"{im.width * im.height / 1e6:.0f} megapixels, "
+                                             f"above the limit of {MAX_PIXELS / 1e6:.0f}; "
+                                             f"downscale it")
+                im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, reading every byte
+                im.load()
+    except Image.DecompressionBombError as exc:
+        return ImageInfo(path, len(data), digest, **found, problem_kind="too_large",
+                         problem=f"above the limit of {MAX_PIXELS / 1e6:.0f} megapixels ({exc})")
+    except (OSError, SyntaxError, ValueError) as exc:
         message = str(exc) or type(exc).__name__
         kind = "truncated" if "truncat" in message.lower() else "unreadable"
         return ImageInfo(path, len(data), digest, **found,
@@ -154,7 +210,7 @@ class InspectionCache:
         return [stat.st_size, stat.st_mtime_ns]
 
     def get(self, path: Path) -> ImageInfo | None:
-        entry = self.entries.get(str(path.resolve()))
+        entry = self.entries.get(os.path.realpath(path))  # realpath: loops do not raise
         stamp = self._stamp(path)
         if entry is None or stamp is None or entry["stamp"] != stamp:
             return None
@@ -164,7 +220,7 @@ class InspectionCache:
         stamp = self._stamp(info.path)
         if stamp is not None:
             fields = {k: v for k, v in dataclasses.asdict(info).items() if k != "path"}
-            self.entries[str(info.path.resolve())] = {"stamp": stamp, "info": fields}
+            self.entries[os.path.realpath(info.path)] = {"stamp": stamp, "info": fields}
             self.changed = True
 
     def save(self) -> None:

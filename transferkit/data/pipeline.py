@@ -69,7 +69,9 @@ def build_dataset(sources: Sequence[str], labels: np.ndarray | None, image_size:
     import tensorflow as tf
 
     parallel = _parallel_calls()
-    items = (list(sources),) if labels is None else (list(sources), np.asarray(labels, np.int32))
+    # File names as the OS's bytes: a name that is not valid UTF-8 reads back exactly.
+    names = [os.fsencode(s) for s in sources]
+    items = (names,) if labels is None else (names, np.asarray(labels, np.int32))
     ds = tf.data.Dataset.from_tensor_slices(items)
     if shuffle_seed is not None:
         ds = ds.shuffle(len(sources), seed=shuffle_seed, reshuffle_each_iteration=True)
