@@ -607,3 +607,49 @@ def test_hostile_files_are_skipped_and_reported_never_hang(tmp_path: Path):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert b"caf\xe9 latin-1 name.png" in predicted.stdout  # the name's own bytes
     assert b"fifo.jpg" in predicted.stdout and b"not a regular file" in predicted.stdout
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """Mounts small tmpfs file systems (root only, as in CI); skips where mounting is denied."""
+    mounted: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_earlier_outputs(trained_run: Path,
+                                                                 image_folder: Path, tmpfs):
+    disk = tmpfs("small", "size=64k")
+    earlier = disk / "preds.json"
+    earlier.write_text("earlier predictions")
+    with open(disk / "filler", "wb") as f:  # leave less room than the predictions need
+        f.write(b"\0" * (60 * 1024))
+    result = invoke("predict", trained_run, image_folder, "-o", earlier, "--overwrite")
+    assert result.exit_code == 1, result.output
+    assert "the disk is full" in said(result.stderr) and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert earlier.read_text() == "earlier predictions"
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "preds.json"]  # no temp file
+
+
+def test_a_read_only_output_is_refused_before_any_work(trained_run: Path, image_folder: Path,
+                                                       tmpfs):
+    frozen = tmpfs("ro", "ro,size=64k")
+    for args in (["predict", trained_run, image_folder, "-o", frozen / "p.csv"],
+                 ["finetune", image_folder, "-o", frozen / "run", *TINY],
+                 ["export", trained_run, "--format", "tflite", "-o", frozen / "m.tflite"]):
+        result = invoke(*args)
+        assert result.exit_code == 1, result.output
+        assert "Cannot write into" in said(result.stderr) and "read-only" in result.stderr

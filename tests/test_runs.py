@@ -197,3 +197,93 @@ def test_two_finetune_runs_into_one_folder_one_is_refused(image_folder: Path, tm
     assert "is being written by another transferkit process" in refused[0] or \
         "already exists" in refused[0]
     assert read_record(run_dir).status == "complete"
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda d: _replace_in(d / "splits.csv", ",circles,", ",cats,"),
+     r"line \d+ has label 'cats', which is not one of the run's classes"),
+    (lambda d: (d / "splits.csv").write_bytes(b"path,label,split\n\x00\xff\xfe\x00junk\n"),
+     "is damaged"),
+    (lambda d: _replace_in(d / "splits.csv", ",val\n", ",holdout\n"), "has split 'holdout'"),
+    (lambda d: _replace_in(d / "splits.csv", "circles/", "../../etc/"), "not inside the data"),
+])
+def test_damaged_splits_are_reported_not_tracebacks(trained_run: Path, tmp_path: Path,
+                                                     damage, message):
+    from transferkit.config import EvaluateConfig
+    from transferkit.evaluate import evaluate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    damage(run_dir)
+    with pytest.raises(ArtifactError, match=message):
+        evaluate(EvaluateConfig(run_dir=run_dir))
+
+
+def _replace_in(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize("state", [
+    {"stage": "head", "history": []}, {"stage": "head", "epoch": "2", "history": []},
+    {"stage": "warmup", "epoch": 1, "history": [{"stage": "warmup", "epoch": 1}]},
+    {"stage": "head", "epoch": 3, "history": [{"stage": "head", "epoch": 1}]}, [1, 2]])
+def test_a_damaged_resume_state_is_reported(trained_run: Path, tmp_path: Path, state):
+    from transferkit.runs import load_checkpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    shutil.copy(trained_run / "model.keras", folder / "last.keras")
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match="state.json' is damaged"):
+        load_checkpoint(tmp_path / "run", ["head", "finetune"])
+
+
+def test_temp_files_of_a_killed_writer_are_removed_when_the_run_is_next_locked(tmp_path: Path):
+    from transferkit.runs import run_lock
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    stale = [run_dir / ".model.keras.0badf00d.tmp.keras",
+             run_dir / "checkpoints" / ".last.keras.12345678.tmp.keras"]
+    for path in stale:
+        path.write_bytes(b"")  # a save killed half-way
+    (run_dir / ".notes.tmp").write_text("the user's own file")
+    with run_lock(run_dir):
+        assert not any(p.exists() for p in stale)
+    assert (run_dir / ".notes.tmp").exists()
+
+
+def test_a_signal_during_the_final_save_waits_for_it(image_folder: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    import os
+    import signal
+
+    import transferkit.runs as runs
+    from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
+    from transferkit.reporting import NullReporter
+    from transferkit.training.finetune import finetune
+
+    class Warnings(NullReporter):
+        said: list[str] = []
+
+        def warning(self, message: str) -> None:
+            self.said.append(message)
+
+    real = runs.save_model
+
+    def save_then_terminated(path, model):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-save
+        real(path, model)
+
+    monkeypatch.setattr(runs, "save_model", save_then_terminated)
+    run_dir = tmp_path / "run"
+    reporter = Warnings()
+    finetune(FinetuneConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
+                            output=run_dir, weights="none", epochs=1, finetune_epochs=0,
+                            augment=AugmentConfig(enabled=False)), reporter)
+    assert read_record(run_dir).status == "complete"
+    assert load_run(run_dir).model is not None
+    assert any("SIGTERM arrived while the run was being saved" in m for m in reporter.said)
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]

@@ -78,7 +78,7 @@ def test_resume_restores_frozen_layers_and_optimizer_state(image_folder, tmp_pat
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
         finetune(_config(image_folder, run_dir), SignalAt("finetune", 4))
-    model, state = load_checkpoint(run_dir)
+    model, state = load_checkpoint(run_dir, ["head", "finetune"])
     assert int(model.optimizer.iterations) == 2  # one finetune epoch of 2 batches (12 images)
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
     base = model.get_layer("features").get_layer("efficientnet_lite0")
@@ -174,7 +174,7 @@ def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
                                  augment=AugmentConfig(enabled=False))
     with pytest.raises(RunInterrupted):
         finetune(config, SignalAt("head", 2))
-    model, _ = load_checkpoint(tmp_path / "run")
+    model, _ = load_checkpoint(tmp_path / "run", ["head", "finetune"])
     assert int(model.optimizer.iterations) == 4  # the head's Adam state travels with the run
     # The checkpoint holds the trained head over the untouched base, though only the head's
     # weights were kept in memory between epochs.

@@ -191,6 +191,14 @@ def _user_errors() -> Iterator[None]:
     except TransferkitError as exc:
         print_error(str(exc))
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:
+        from transferkit.files import describe_write_error
+
+        message = describe_write_error(exc)
+        if message is None:
+            raise
+        print_error(message)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print_error("Interrupted.")
         raise typer.Exit(130) from None

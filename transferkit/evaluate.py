@@ -98,8 +98,8 @@ def run_splits(run: LoadedRun, reporter: Reporter) -> DataSplits:
     Raises:
         DataError: the data folder or the run's images are gone.
     """
-    return splits_from_table(run.record.data_dir, run.class_names, read_splits(run.path),
-                             reporter)
+    rows = read_splits(run.path, run.class_names)
+    return splits_from_table(run.record.data_dir, run.class_names, rows, reporter)
 
 
 def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,

@@ -4,14 +4,22 @@ refusal to replace a user's output unless asked."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from transferkit.errors import ArtifactError
+
+# Why a write failed, for the errors a user can fix; anything else stays a bug's traceback.
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp")  # what atomic_path names its temp files
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -105,7 +113,44 @@ def check_new_output(path: Path, overwrite: bool, what: str = "output file",
         raise ArtifactError(f"'{path}' is a folder; --output needs a file name.")
     occupied = path.exists() and (not path.is_dir() or any(
         p.name not in ignore for p in path.iterdir()))
+    check_writable(path)
     if occupied and not overwrite:
         raise ArtifactError(
             f"The {what} '{path}' already exists{' and is not empty' if is_dir_output else ''}. "
             f"Choose another name, or pass --overwrite to replace it.")
+
+
+def check_writable(path: Path) -> None:
+    """The folder `path` would be written in (its nearest existing one) accepts new files,
+    so a read-only or forbidden output is refused before any work is done.
+
+    Raises:
+        ArtifactError: naming the folder and the reason.
+    """
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactError(f"Cannot write into '{folder}' (read-only or not yours). Choose "
+                            f"another output, or change the folder's permissions.")
+
+
+def describe_write_error(exc: OSError) -> str | None:
+    """One line for a write that failed for a reason the user can fix, else None."""
+    reason = WRITE_ERRORS.get(exc.errno or 0)
+    if reason is None:
+        return None
+    where = f" '{exc.filename}'" if exc.filename else ""
+    fix = ("Free some space, or write to another disk." if exc.errno in (errno.ENOSPC,
+                                                                        errno.EDQUOT)
+           else "Choose another output, or change the folder's permissions.")
+    return f"Could not write{where}: {reason}. Nothing was left half-written. {fix}"
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Removes temp files that atomic_path left when its process was killed mid-write (only
+    call it while holding the folder's lock, so that none is in use)."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_file() and _TEMP_NAME.match(path.name):
+                path.unlink(missing_ok=True)

@@ -32,7 +32,14 @@ import transferkit
 from transferkit.bases import Preprocessing
 from transferkit.config import ExtractConfig, FinetuneConfig, from_dict, to_dict
 from transferkit.errors import ArtifactError, ConfigError
-from transferkit.files import atomic_path, check_new_output, json_text, write_json, write_text
+from transferkit.files import (
+    atomic_path,
+    check_new_output,
+    json_text,
+    remove_stale_temp_files,
+    write_json,
+    write_text,
+)
 from transferkit.reporting import fits_one_line
 
 RUN_FORMAT = "transferkit-run"
@@ -346,6 +353,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    for folder in (run_dir, run_dir / CHECKPOINTS_DIR):  # left by a writer that was killed
+        remove_stale_temp_files(folder)
     try:
         yield
     finally:
@@ -387,14 +396,41 @@ def save_splits(run_dir: Path, rows: Sequence[tuple[str, str, str]]) -> None:
     write_text(run_dir / SPLITS_FILE, buffer.getvalue())
 
 
-def read_splits(run_dir: Path) -> list[dict[str, str]]:
-    """The rows of splits.csv."""
+SPLITS = ("train", "val", "test")
+
+
+def read_splits(run_dir: Path, class_names: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of splits.csv, each checked: a relative path inside the data folder, one of
+    the run's classes, one of the splits.
+
+    Raises:
+        ArtifactError: the file is missing, unreadable, or a row is damaged.
+    """
+    path = run_dir / SPLITS_FILE
     try:
-        with open(run_dir / SPLITS_FILE, newline="", encoding="utf-8",
-                  errors="surrogateescape") as f:
-            return list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = list(csv.DictReader(f))
     except OSError as exc:
-        raise ArtifactError(f"Could not read '{run_dir / SPLITS_FILE}' ({exc.strerror}).") from exc
+        raise ArtifactError(f"Could not read '{path}' ({exc.strerror}).") from exc
+    except csv.Error as exc:
+        raise ArtifactError(f"'{path}' is damaged ({exc}); it is not the CSV transferkit "
+                            f"wrote. Train the run again.") from exc
+    known = set(class_names)
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        problem = None
+        if set(row) != {"path", "label", "split"} or None in row.values():
+            problem = "does not have the columns path, label, split"
+        elif row["label"] not in known:
+            problem = f"has label {row['label']!r}, which is not one of the run's classes"
+        elif row["split"] not in SPLITS:
+            problem = f"has split {row['split']!r}, not one of {', '.join(SPLITS)}"
+        elif not row["path"] or Path(row["path"]).is_absolute() or ".." in Path(
+                row["path"]).parts:
+            problem = f"has path {row['path']!r}, which is not inside the data folder"
+        if problem:
+            raise ArtifactError(f"'{path}' is damaged: line {number} {problem}. Train the run "
+                                f"again.")
+    return rows
 
 
 def save_model(path: Path, model: Any) -> None:
@@ -452,8 +488,13 @@ def save_best(run_dir: Path, model: Any, stage: str) -> None:
         model.save(tmp)
 
 
-def load_checkpoint(run_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """The last completed epoch's model (compiled, optimizer state restored) and state."""
+def load_checkpoint(run_dir: Path, stages: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """The last completed epoch's model (compiled, optimizer state restored) and the state
+    to resume from (its stage, one of `stages`; its epoch; the history so far), checked.
+
+    Raises:
+        ArtifactError: there is no checkpoint yet, or it is damaged.
+    """
     import keras
 
     folder = run_dir / CHECKPOINTS_DIR
@@ -462,6 +503,16 @@ def load_checkpoint(run_dir: Path) -> tuple[Any, dict[str, Any]]:
             f"'{run_dir}' has no checkpoint to resume from: it stopped before finishing its "
             f"first epoch. Start it again with --overwrite.")
     state = _read_json(folder / STATE_FILE)
+    history = state.get("history") if isinstance(state, dict) else None
+    valid = (isinstance(state, dict) and state.get("stage") in stages
+             and isinstance(state.get("epoch"), int) and state["epoch"] >= 1
+             and isinstance(history, list) and bool(history)
+             and all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in history)
+             and history[-1]["epoch"] == state["epoch"])
+    if not valid:
+        raise ArtifactError(f"'{folder / STATE_FILE}' is damaged (it needs the stage, the "
+                            f"epoch and the history of every epoch so far). Start the run "
+                            f"again with --overwrite.")
     try:
         model = keras.saving.load_model(folder / LAST_CHECKPOINT, compile=True, safe_mode=True)
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:

@@ -215,9 +215,10 @@ def _resume(run_dir: Path, reporter: Reporter) -> FinetuneResult:
     spec = get_base(record.base)
     strategy = build_strategy(record.config.compute.strategy)
     with strategy.scope():  # layers keep the dtype policies they were saved with
-        model, state = load_checkpoint(run_dir)
-    splits = splits_from_table(record.data_dir, record.class_names, read_splits(run_dir),
-                               reporter)
+        model, state = load_checkpoint(run_dir, [plan.name for plan in plan_stages(
+            record.config, spec)])
+    rows = read_splits(run_dir, record.class_names)
+    splits = splits_from_table(record.data_dir, record.class_names, rows, reporter)
     report_data(splits, reporter)
     reporter.info(f"Resuming stage '{state['stage']}' after epoch {state['epoch']}.")
     keras.utils.set_random_seed(record.config.data.seed + int(state["epoch"]))
@@ -386,14 +387,19 @@ def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
                           f"({config.monitor} {result.metrics[config.monitor]:.4f}).")
             results.append(result)
             done = plan.last_epoch
-    kept = _choose_stage(results, config.monitor, reporter)
-    if kept != results[-1].name:
-        restore_best(model, run_dir, kept)
-    final = next(r for r in results if r.name == kept)
-    save_figure(run_dir / CURVES_FILE, plot_curves(history, kept=(kept, final.best_epoch)))
-    record = save_run(run_dir, model, record.replace(stages=tuple(results), kept_stage=kept,
-                                                     metrics=final.metrics), history)
+        # Still inside StopOnSignal: a SIGTERM or Ctrl-C now waits for the save (about a
+        # second), so the run ends complete instead of as a half-written model.
+        kept = _choose_stage(results, config.monitor, reporter)
+        if kept != results[-1].name:
+            restore_best(model, run_dir, kept)
+        final = next(r for r in results if r.name == kept)
+        save_figure(run_dir / CURVES_FILE, plot_curves(history, kept=(kept, final.best_epoch)))
+        record = save_run(run_dir, model, record.replace(stages=tuple(results), kept_stage=kept,
+                                                         metrics=final.metrics), history)
     reporter.info(f"Saved the run to '{run_dir}'.")
+    if stop.signum is not None:
+        reporter.warning(f"{signal.Signals(stop.signum).name} arrived while the run was being "
+                         f"saved; it was saved complete first.")
     return FinetuneResult(run_dir, splits.class_names, tuple(results), kept, tuple(history))
 
 
