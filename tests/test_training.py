@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -174,7 +175,11 @@ def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
                                  augment=AugmentConfig(enabled=False))
     with pytest.raises(RunInterrupted):
         finetune(config, SignalAt("head", 2))
-    model, _ = load_checkpoint(tmp_path / "run", ["head", "finetune"])
+    from transferkit.training.finetune import _restore_head_state
+
+    model, state = load_checkpoint(tmp_path / "run", ["head", "finetune"])
+    assert state["head_only"]  # each epoch wrote the head alone, beside the stage's start
+    _restore_head_state(model, tmp_path / "run")
     assert int(model.optimizer.iterations) == 4  # the head's Adam state travels with the run
     # The checkpoint holds the trained head over the untouched base, though only the head's
     # weights were kept in memory between epochs.
@@ -244,3 +249,60 @@ def test_non_finite_options_are_usage_errors(image_folder, tmp_path, option, val
                                       str(tmp_path / "run"), option, value])
     assert result.exit_code == 2, result.output
     assert "must be" in result.stderr and not (tmp_path / "run").exists()
+
+
+KILLABLE = """
+import sys
+from pathlib import Path
+from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
+from transferkit.training.finetune import finetune
+finetune(FinetuneConfig(data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
+                        output=Path(sys.argv[2]), weights="none", epochs=400, patience=0,
+                        finetune_epochs=2, augment=AugmentConfig(enabled=sys.argv[3] == "1")))
+"""
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["head-on-features", "through-base"])
+def test_kill_9_loses_at_most_the_epoch_in_progress(image_folder, tmp_path, augment):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    state = run_dir / "checkpoints" / "state.json"
+    worker = subprocess.Popen([sys.executable, "-c", KILLABLE, str(image_folder), str(run_dir),
+                               "1" if augment else "0"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and worker.poll() is None:
+            try:
+                if json.loads(state.read_text())["epoch"] >= 3:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=60)
+    finally:
+        worker.kill()
+    saved = json.loads(state.read_text())["epoch"]
+    assert saved >= 3
+    history_before = json.loads(state.read_text())["history"]
+    assert [r["epoch"] for r in history_before] == list(range(1, saved + 1))  # none skipped
+
+    from transferkit.config import FinetuneConfig
+    from transferkit.runs import read_record
+
+    record = read_record(run_dir, finished=False)
+    assert record.status == "running"
+    shortened = record.replace(config=dataclasses.replace(record.config, epochs=saved + 2))
+    from transferkit.runs import save_record
+
+    save_record(run_dir, shortened)  # finish quickly: two more head epochs, then stage 2
+    assert isinstance(shortened.config, FinetuneConfig)
+    result = resume_finetune(run_dir)
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["epoch"] for r in history][:saved] == list(range(1, saved + 1))
+    assert [r["epoch"] for r in history if r["stage"] == "head"] == list(range(1, saved + 3))
+    assert [s.name for s in result.stages] == ["head", "finetune"]

@@ -21,6 +21,7 @@ import os
 import platform
 import shutil
 import socket
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ EVALUATION_DIR = "evaluation"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.keras"
 STATE_FILE = "state.json"
+HEAD_STATE = "head_state.npz"  # per-epoch checkpoint of a head trained on cached features
 RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
              CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR)
 COMPLETE, RUNNING, INTERRUPTED, FAILED = "complete", "running", "interrupted", "failed"
@@ -452,7 +454,7 @@ def save_run(run_dir: Path, model: Any, record: RunRecord,
     save_model(run_dir / MODEL_FILE, model)
     save_history(run_dir, history)
     record = save_record(run_dir, record.replace(status=COMPLETE, stopped=None))
-    for name in (LAST_CHECKPOINT, STATE_FILE):
+    for name in (LAST_CHECKPOINT, STATE_FILE, HEAD_STATE):
         (run_dir / CHECKPOINTS_DIR / name).unlink(missing_ok=True)
     return record
 
@@ -464,21 +466,63 @@ def best_checkpoint(run_dir: Path, stage: str) -> Path:
 
 def restore_best(model: Any, run_dir: Path, stage: str) -> None:
     """Loads the weights of `stage`'s best checkpoint into `model` (not its optimizer)."""
-    import warnings
-
     with warnings.catch_warnings():  # the optimizer may differ from the saved one: expected
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(best_checkpoint(run_dir, stage))
 
 
-def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any]) -> None:
-    """Saves the model after a completed epoch (optimizer state included), then the training
-    state to resume from."""
+def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any] | None = None) -> None:
+    """Saves the model (optimizer state included) as the checkpoint to resume from, then the
+    training state (stage, epoch, history) that says so; without `state`, the model alone
+    (the base of head-only checkpoints, saved when their stage starts)."""
     folder = run_dir / CHECKPOINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / LAST_CHECKPOINT) as tmp:
         model.save(tmp)
-    write_text(folder / STATE_FILE, json_text(dict(state)))
+    (folder / HEAD_STATE).unlink(missing_ok=True)
+    if state is not None:
+        write_text(folder / STATE_FILE, json_text(dict(state)))
+
+
+def save_head_state(run_dir: Path, last: Sequence[Any], best: Sequence[Any] | None,
+                    optimizer: Sequence[Any], state: Mapping[str, Any]) -> None:
+    """A head-only checkpoint: the head's weights, its best weights so far and the optimizer
+    state, as plain arrays, then the training state that points at it."""
+    import numpy as np
+
+    folder = run_dir / CHECKPOINTS_DIR
+    arrays = {f"last_{i}": w for i, w in enumerate(last)}
+    arrays |= {f"best_{i}": w for i, w in enumerate(best or [])}
+    arrays |= {f"optimizer_{i}": v for i, v in enumerate(optimizer)}
+    with atomic_path(folder / HEAD_STATE) as tmp:
+        np.savez(tmp, **arrays)
+    write_text(folder / STATE_FILE, json_text({**state, "head_only": True}))
+
+
+def load_head_state(run_dir: Path) -> tuple[list[Any], list[Any] | None, list[Any]]:
+    """The head's last weights, its best so far (None if none) and the optimizer state.
+
+    Raises:
+        ArtifactError: the file is missing or damaged.
+    """
+    import numpy as np
+
+    path = run_dir / CHECKPOINTS_DIR / HEAD_STATE
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            def group(prefix: str) -> list[Any]:
+                keys = sorted((k for k in npz.files if k.startswith(prefix)),
+                              key=lambda k: int(k.rsplit("_", 1)[1]))
+                return [npz[k] for k in keys]
+
+            last, best, optimizer = group("last_"), group("best_"), group("optimizer_")
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"Could not read '{path}' ({exc}). Start the run again with "
+                            f"--overwrite.") from exc
+    if not last:
+        raise ArtifactError(f"'{path}' holds no head weights. Start the run again with "
+                            f"--overwrite.")
+    return last, best or None, optimizer
 
 
 def save_best(run_dir: Path, model: Any, stage: str) -> None:
@@ -514,7 +558,10 @@ def load_checkpoint(run_dir: Path, stages: Sequence[str]) -> tuple[Any, dict[str
                             f"epoch and the history of every epoch so far). Start the run "
                             f"again with --overwrite.")
     try:
-        model = keras.saving.load_model(folder / LAST_CHECKPOINT, compile=True, safe_mode=True)
+        with warnings.catch_warnings():  # a head-only checkpoint's optimizer state is its own
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = keras.saving.load_model(folder / LAST_CHECKPOINT, compile=True,
+                                            safe_mode=True)
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"Could not read the checkpoint in '{folder}' ({exc}). Start the "
                             f"run again with --overwrite.") from exc
