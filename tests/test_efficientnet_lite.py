@@ -85,6 +85,39 @@ def test_reader_rebuilds_offsets_and_strides(tmp_path: Path, monkeypatch: pytest
     assert arrays["scalar"] == 7.5 and arrays["conv.weight"].dtype == np.float32
 
 
+@pytest.mark.parametrize(("tensor", "message"), [
+    (("0", 4, (3,), (-2,)), "invalid shape"),  # a negative stride reads before the data
+    (("0", 0, (1_000_000_000,), (0,)), "reaches past the end"),  # 1e9 elements of one value
+    (("0", 0, (1_000_000_000,), (1,)), "reaches past the end"),
+    (("0", 0, (-3,), (1,)), "invalid shape"),
+    (("0", -5, (2,), (1,)), "starts at -5"),
+    (("0", 19, (2,), (1,)), "reaches past the end"),
+    (("0", 0, (2, 2), (1,)), "invalid shape"),
+    (("0", 0.5, (2,), (1,)), "non-integer"),
+])
+def test_reader_checks_every_size_stride_and_offset(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, tensor,
+                                                    message):
+    path = tmp_path / "crafted.pth"
+    write_legacy_checkpoint(path, {"w": tensor}, {"0": np.arange(20, dtype=np.float32)},
+                            monkeypatch)
+    with pytest.raises(WeightsError, match=message):
+        read_state_dict(path)
+
+
+def test_reader_refuses_a_storage_larger_than_the_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "short.pth"
+    write_legacy_checkpoint(path, {"w": ("0", 0, (4,), (1,))},
+                            {"0": np.arange(4, dtype=np.float32)}, monkeypatch)
+    data = path.read_bytes()
+    count = (4).to_bytes(8, "little")
+    at = data.rindex(count)
+    path.write_bytes(data[:at] + (10**12).to_bytes(8, "little") + data[at + 8:])
+    with pytest.raises(WeightsError, match="truncated or damaged"):
+        read_state_dict(path)
+
+
 class _Exploit:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

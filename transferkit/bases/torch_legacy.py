@@ -8,6 +8,8 @@ file can describe arrays but can never make this process run code.
 
 from __future__ import annotations
 
+import math
+import os
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -55,28 +57,42 @@ class _TensorRef:
     stride: tuple[int, ...]
 
     def materialize(self) -> np.ndarray:
+        """The tensor as a new array, after checking that every element it names lies inside
+        its storage: a crafted file cannot make it read outside the bytes it holds, or
+        allocate more than its storage's worth of elements."""
         data = self.storage.data
+        key = self.storage.key
         if data is None:
-            raise WeightsError(f"Storage {self.storage.key} has no data in the checkpoint.")
-        if not self.size:
-            return data[self.offset].copy()
-        if any(n == 0 for n in self.size):
-            return np.zeros(self.size, data.dtype)
-        reach = sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
-        needed = self.offset + reach + 1
-        itemsize = data.itemsize
-        if needed > data.size:
-            raise WeightsError(f"A tensor reaches past the end of storage {self.storage.key}.")
+            raise WeightsError(f"Storage {key} has no data in the checkpoint.")
+        size, stride, offset = self.size, self.stride, self.offset
+        if len(size) != len(stride) or any(n < 0 for n in size) or any(s < 0 for s in stride):
+            raise WeightsError(f"A tensor of storage {key} has an invalid shape {size} or "
+                               f"strides {stride}.")
+        if not 0 <= offset < max(data.size, 1):
+            raise WeightsError(f"A tensor starts at {offset}, outside storage {key} "
+                               f"({data.size} elements).")
+        elements = math.prod(size)
+        if elements == 0:
+            return np.zeros(size, data.dtype)
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+        if last >= data.size or elements > data.size:
+            raise WeightsError(f"A tensor of shape {size} reaches past the end of storage "
+                               f"{key} ({data.size} elements).")
         view = np.lib.stride_tricks.as_strided(
-            data[self.offset:], shape=self.size, strides=[s * itemsize for s in self.stride]
-        )
+            data[offset:], shape=size, strides=[s * data.itemsize for s in stride],
+            writeable=False)
         return np.array(view)
 
 
 def _rebuild_tensor_v2(storage: _Storage, storage_offset: int, size: tuple[int, ...],
                        stride: tuple[int, ...], requires_grad: bool = False,
                        backward_hooks: Any = None, *args: Any) -> _TensorRef:
-    return _TensorRef(storage, int(storage_offset), tuple(size), tuple(stride))
+    if not isinstance(storage, _Storage):
+        raise WeightsError(f"A tensor refers to {type(storage).__name__}, not a storage.")
+    numbers = (storage_offset, *size, *stride)
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+        raise WeightsError(f"A tensor has a non-integer offset, shape or stride: {numbers!r}.")
+    return _TensorRef(storage, storage_offset, tuple(size), tuple(stride))
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -101,7 +117,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise WeightsError(f"Unexpected persistent id in weights file: {pid!r}")
-        storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], int(pid[4])
+        storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], pid[4]
+        if not isinstance(numel, int) or numel < 0:
+            raise WeightsError(f"A storage in the weights file has an invalid size {numel!r}.")
         if not isinstance(storage_type, _StorageType):
             raise WeightsError(f"Unexpected storage type in weights file: {storage_type!r}")
         if len(pid) > 5 and pid[5] is not None:
@@ -124,6 +142,7 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
     """
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             if _load_plain(f) != MAGIC_NUMBER:
                 raise WeightsError(f"'{path}' is not a legacy PyTorch checkpoint "
                                    "(wrong magic number).")
@@ -141,6 +160,9 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
                     raise WeightsError(f"'{path}' lists storage {key} that no tensor uses.")
                 count = int.from_bytes(f.read(8), "little")
                 dtype = np.dtype(storage.dtype).newbyteorder("<")
+                if count != storage.numel or count * dtype.itemsize > size - f.tell():
+                    raise WeightsError(f"'{path}' is truncated or damaged: storage {key} "
+                                       f"claims {count} elements ({storage.numel} declared).")
                 raw = f.read(count * dtype.itemsize)
                 if len(raw) != count * dtype.itemsize:
                     raise WeightsError(f"'{path}' is truncated (storage {key}).")
@@ -151,5 +173,5 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
         raise WeightsError(f"Could not read weights file '{path}': {exc.strerror}.") from exc
     if not isinstance(state, dict):
         raise WeightsError(f"'{path}' does not hold a state dict (found {type(state).__name__}).")
-    return {name: value.materialize() for name, value in state.items()
+    return {str(name): value.materialize() for name, value in state.items()
             if isinstance(value, _TensorRef)}
