@@ -9,7 +9,7 @@ import pytest
 from conftest import write_class_folder
 
 from transferkit.doctor import diagnose, quarantine
-from transferkit.errors import ConfigError, DataError
+from transferkit.errors import ArtifactError, ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,63 @@ def test_no_cache_decodes_again(messy_folder: Path, monkeypatch: pytest.MonkeyPa
     assert decoded == []  # unchanged files come from the memo
     fresh = diagnose(messy_folder, 32, use_cache=False)
     assert len(decoded) == fresh.files
+
+
+def _one_bad_file(root: Path, name: str = "broken.jpg", size: int = 10) -> Path:
+    from conftest import write_class_folder
+
+    write_class_folder(root, per_class=2)
+    (root / "circles" / name).write_bytes(b"\xff\xd8" + b"x" * size)  # not a decodable JPEG
+    return root
+
+
+def test_quarantine_never_replaces_a_dangling_link(tmp_path: Path):
+    data = _one_bad_file(tmp_path / "data")
+    dest = tmp_path / "bad"
+    (dest / "circles").mkdir(parents=True)
+    (dest / "circles" / "broken.jpg").symlink_to(tmp_path / "nowhere")  # dangling
+    moved = quarantine(diagnose(data, 32, use_cache=False), dest)
+    assert [t.name for _, t in moved] == ["broken.1.jpg"]
+    assert (dest / "circles" / "broken.jpg").is_symlink()  # untouched
+
+
+def test_quarantine_under_a_file_is_refused_before_anything_happens(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    data = _one_bad_file(tmp_path / "data")
+    (tmp_path / "afile").write_text("mine")
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["doctor", str(data), "-o", str(report), "--quarantine",
+                                      str(tmp_path / "afile" / "bad")])
+    assert result.exit_code == 2 and "is a file" in result.stderr
+    assert not report.exists()  # the refusal comes first
+    inside = CliRunner().invoke(app, ["doctor", str(data), "-o", str(report), "--quarantine",
+                                      str(data / "bad")])
+    assert inside.exit_code == 2 and not report.exists()
+    assert (data / "circles" / "broken.jpg").exists()
+
+
+def test_quarantine_onto_a_full_disk_leaves_no_partial_copy(tmp_path: Path):
+    import subprocess
+
+    data = _one_bad_file(tmp_path / "data", name="a_small.jpg", size=10)
+    (data / "squares" / "z_large.jpg").write_bytes(b"\xff\xd8" + b"y" * 200_000)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        report = diagnose(data, 32, use_cache=False)
+        with pytest.raises(ArtifactError, match=r"stays where it was\. 1 file\(s\) were moved"):
+            quarantine(report, disk / "bad")
+        assert (data / "squares" / "z_large.jpg").stat().st_size == 200_002  # intact
+        assert not (data / "circles" / "a_small.jpg").exists()  # moved before the failure
+        assert (disk / "bad" / "circles" / "a_small.jpg").exists()
+        left = [p.name for p in (disk / "bad").rglob("*") if p.is_file()]
+        assert left == ["a_small.jpg"]  # no truncated copy, no temp file
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -688,18 +688,20 @@ def doctor(
     """
     with _user_errors():
         from transferkit.console import RichReporter, render_doctor, render_quarantine
-        from transferkit.doctor import diagnose
+        from transferkit.doctor import check_quarantine, diagnose
         from transferkit.doctor import quarantine as move_unusable
         from transferkit.files import check_new_output, write_json
 
         if output is not None:
             check_new_output(output, overwrite)
+        if quarantine is not None:  # refused before anything is inspected or written
+            check_quarantine(data, quarantine)
         report = diagnose(data, get_base(base.value).min_size, RichReporter(), cache)
         render_doctor(report)
         if output is not None:
             write_json(output, report.to_dict())
         if quarantine is not None:
-            render_quarantine(move_unusable(report, quarantine), quarantine)
+            render_quarantine(move_unusable(report, quarantine, RichReporter()), quarantine)
     if not report.clean:
         raise typer.Exit(1)
 

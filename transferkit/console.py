@@ -258,12 +258,11 @@ def render_doctor(report: DoctorReport) -> None:
 
 
 def render_quarantine(moved: Sequence[tuple[Path, Path]], destination: Path) -> None:
+    """The summary after the moves (each was reported as it happened)."""
     if not moved:
         stderr.print("Nothing to quarantine: no unusable files.")
         return
-    stderr.print(f"Moved {len(moved)} unusable file(s) into '{escape(str(destination))}':")
-    for source, target in moved:
-        stderr.print(f"  {escape(str(source))} -> {escape(str(target))}", soft_wrap=True)
+    stderr.print(f"Moved {len(moved)} unusable file(s) into '{escape(str(destination))}'.")
 
 
 def render_export(result: ExportResult) -> None:

@@ -3,6 +3,7 @@ trouble training, and moves (never deletes) unusable files aside on request."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections import Counter, defaultdict
@@ -17,7 +18,8 @@ from transferkit.data.inspect import (
     inspect_images,
     open_inspection_cache,
 )
-from transferkit.errors import ConfigError
+from transferkit.errors import ArtifactError, ConfigError
+from transferkit.files import atomic_path, check_writable
 from transferkit.reporting import NullReporter, Reporter
 
 # Kinds of finding, in the order they are shown, with what each means.
@@ -186,25 +188,67 @@ def diagnose(data_dir: Path, min_size: int, reporter: Reporter | None = None,
     return DoctorReport(root, classes, tuple(findings), len(layout), min_size)
 
 
-def quarantine(report: DoctorReport, destination: Path) -> list[tuple[Path, Path]]:
-    """Moves the unusable files into `destination`, keeping their paths relative to the data
-    folder; never overwrites (a clash gets a numbered name). Returns (from, to) pairs.
+def check_quarantine(data_dir: Path, destination: Path) -> None:
+    """The checks a --quarantine folder must pass before anything is inspected or written.
 
     Raises:
-        ConfigError: `destination` lies inside the data folder (it would be read as data).
+        ConfigError: it lies inside the data folder, or under a file.
+        ArtifactError: it cannot be written.
     """
-    root, dest = report.root.resolve(), destination.resolve()
+    root, dest = Path(os.path.realpath(data_dir)), Path(os.path.realpath(destination))
     if dest == root or root in dest.parents:
         raise ConfigError(f"--quarantine '{destination}' is inside the data folder; training "
-                          f"would read it as data. Choose a folder outside '{report.root}'.")
-    moved = []
+                          f"would read it as data. Choose a folder outside '{data_dir}'.")
+    existing = destination
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--quarantine '{destination}' cannot be a folder: '{existing}' is a "
+                          f"file. Choose another folder.")
+    check_writable(destination)
+
+
+def quarantine(report: DoctorReport, destination: Path,
+               reporter: Reporter | None = None) -> list[tuple[Path, Path]]:
+    """Moves the unusable files into `destination`, keeping their paths relative to the data
+    folder, and reports each move as it happens. Never replaces anything there (a clash, even
+    with a dangling link, gets a numbered name), and never leaves half a file: across disks a
+    file is copied to a temporary name and renamed, and only then removed from the data.
+
+    Raises:
+        ConfigError, ArtifactError: see check_quarantine; ArtifactError also when a move
+            fails (that file stays where it was; the moves before it are done and reported).
+    """
+    reporter = reporter or NullReporter()
+    check_quarantine(report.root, destination)
+    moved: list[tuple[Path, Path]] = []
     for rel in report.unusable_files():
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+        source, target = report.root / rel, destination / rel
         n = 1
-        while target.exists():
-            target = dest / rel.with_name(f"{rel.stem}.{n}{rel.suffix}")
+        while os.path.lexists(target):
+            target = destination / rel.with_name(f"{rel.stem}.{n}{rel.suffix}")
             n += 1
-        shutil.move(os.fspath(report.root / rel), os.fspath(target))
-        moved.append((report.root / rel, target))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _move(source, target)
+        except OSError as exc:
+            raise ArtifactError(
+                f"Could not move '{source}' to '{target}' ({exc.strerror}); it stays where it "
+                f"was. {len(moved)} file(s) were moved before it.") from exc
+        reporter.info(f"Moved '{source}' -> '{target}'")
+        moved.append((source, target))
     return moved
+
+
+def _move(source: Path, target: Path) -> None:
+    """A rename on one file system; across two, a copy under a temporary name that becomes
+    `target` only when whole, then the source's removal."""
+    try:
+        os.rename(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    with atomic_path(target) as tmp:
+        shutil.copy2(source, tmp)
+    os.unlink(source)
