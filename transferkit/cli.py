@@ -356,9 +356,10 @@ def finetune(
         "--jit/--no-jit", help="XLA-compile the training steps.",
         rich_help_panel=COMPUTE_PANEL)] = default(ComputeConfig, "jit"),
     strategy: Annotated[Strategy, typer.Option(
-        "--strategy", help="none; mirrored (all local GPUs); multiworker (machines in "
-                           "TF_CONFIG); auto: mirrored with several GPUs. --batch-size is per "
-                           "device.", rich_help_panel=COMPUTE_PANEL)] = DEFAULT_STRATEGY,
+        "--strategy", help="none; mirrored (all local GPUs); auto: mirrored with several "
+                           "GPUs. --batch-size is per device. (multiworker: not available with "
+                           "Keras 3; the error says why.)",
+        rich_help_panel=COMPUTE_PANEL)] = DEFAULT_STRATEGY,
     overwrite: OverwriteOpt = False,
     augmentation: AugmentConfig = AUGMENT_DEFAULTS,  # from with_options
 ) -> None:

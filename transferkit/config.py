@@ -137,6 +137,12 @@ class ComputeConfig:
         _check_precision(self.precision)
         _check(self.strategy in STRATEGIES, f"--strategy must be one of "
                                             f"{', '.join(STRATEGIES)}; got {self.strategy}.")
+        _check(self.strategy != "multiworker",
+               "--strategy multiworker is not available: Keras 3's fit fails under "
+               "TensorFlow's MultiWorkerMirroredStrategy (keras-team/keras#20585: first while "
+               "building the model from a distributed batch, then while averaging each step's "
+               "losses across workers). Train on one machine: --strategy mirrored uses all of "
+               "its GPUs.")
 
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")

@@ -1,11 +1,9 @@
 """What the hardware offers: mixed precision on GPUs that support it, XLA, and data-parallel
-training across local GPUs or machines (tf.distribute)."""
+training across local GPUs (tf.distribute)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -53,8 +51,8 @@ def precision_policy(precision: str) -> Iterator[str]:
 
 
 def build_strategy(name: str) -> tf.distribute.Strategy:
-    """none: the default (one device); mirrored: all local GPUs (or CPU); multiworker: the
-    machines in TF_CONFIG; auto: mirrored when there is more than one GPU, else none."""
+    """none: the default (one device); mirrored: all local GPUs (or CPU); auto: mirrored when
+    there is more than one GPU, else none. (multiworker is refused by ComputeConfig.)"""
     import tensorflow as tf
 
     if name == "auto":
@@ -63,15 +61,4 @@ def build_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        try:
-            cluster = json.loads(os.environ.get("TF_CONFIG", ""))["cluster"]
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(
-                "--strategy multiworker needs TF_CONFIG describing the cluster, e.g. "
-                '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                '"task": {"type": "worker", "index": 0}} on each machine.') from None
-        if not cluster.get("worker"):
-            raise ConfigError("TF_CONFIG lists no workers; see README 'Many devices'.")
-        return tf.distribute.MultiWorkerMirroredStrategy()
     raise ConfigError(f"Unknown strategy '{name}'.")
