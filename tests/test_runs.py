@@ -82,7 +82,8 @@ def test_a_run_from_transferkit_0_1_gets_a_way_forward(trained_run: Path, tmp_pa
     run_dir = tmp_path / "old"
     shutil.copytree(trained_run, run_dir)
     _edit(run_dir, format_version=1, image_size=32)
-    with pytest.raises(ArtifactError, match=r"transferkit 0\.1 \(run format 1\).*Train it again"):
+    with pytest.raises(ArtifactError, match=r"transferkit 0\.1 \(run format 1\).*transferkit "
+                                            r"upgrade"):
         read_record(run_dir)
 
 
@@ -287,3 +288,55 @@ def test_a_signal_during_the_final_save_waits_for_it(image_folder: Path, tmp_pat
     assert load_run(run_dir).model is not None
     assert any("SIGTERM arrived while the run was being saved" in m for m in reporter.said)
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
+
+
+def _as_transferkit_0_1_run(trained_run: Path, run_dir: Path) -> None:
+    """A run as transferkit 0.1 wrote it: its own preprocessing layer in model.keras, and
+    run.json of format 1 (image size at the top, config's left null, `class_weight`)."""
+    import keras
+
+    from transferkit.legacy import LegacyImagePreprocessing
+
+    shutil.copytree(trained_run, run_dir)
+    new = load_run(run_dir)
+    pre = new.record.preprocessing
+    features = new.model.get_layer("features")
+    inputs = keras.Input((32, 32, 3))
+    x = LegacyImagePreprocessing(pre.channel_order, pre.mean, pre.std,
+                                 name="preprocessing")(inputs)
+    x = features.get_layer(new.record.base_layer)(x, training=False)
+    old_features = keras.Model(inputs, features.get_layer("pooling")(x), name="features")
+    image = keras.Input((32, 32, 3))
+    old = keras.Model(image, new.model.get_layer("head")(old_features(image)), name="classifier")
+    (run_dir / "model.keras").unlink()
+    old.save(run_dir / "model.keras")
+    values = json.loads((run_dir / "run.json").read_text())
+    values["config"]["data"]["image_size"] = None
+    values |= {"format_version": 1, "image_size": 32, "class_weight": values.pop("class_weights")}
+    for key in ("failure", "lr_find"):
+        values.pop(key)
+    (run_dir / "run.json").write_text(json.dumps(values))
+
+
+def test_upgrade_re_saves_a_transferkit_0_1_run_as_plain_keras(trained_run: Path,
+                                                               tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    run_dir = tmp_path / "old"
+    _as_transferkit_0_1_run(trained_run, run_dir)
+    refused = CliRunner().invoke(app, ["predict", str(run_dir), str(tmp_path)])
+    assert refused.exit_code == 1 and "transferkit upgrade" in " ".join(refused.stderr.split())
+    images = np.random.default_rng(3).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    expected = load_run(trained_run).model.predict(images, verbose=0)
+    upgraded = CliRunner().invoke(app, ["upgrade", str(run_dir)])
+    assert upgraded.exit_code == 0, upgraded.output
+    record = read_record(run_dir)
+    assert record.image_size == 32 and record.class_names == ("circles", "squares", "stripes")
+    np.testing.assert_allclose(load_run(run_dir).model.predict(images, verbose=0), expected,
+                               atol=1e-5)
+    assert "ImagePreprocessing" not in zipfile.ZipFile(run_dir / "model.keras").read(
+        "config.json").decode()  # plain Keras now
+    again = CliRunner().invoke(app, ["upgrade", str(run_dir)])
+    assert again.exit_code == 1 and "nothing to upgrade" in again.stderr

@@ -750,6 +750,29 @@ def export(
         render_export(run_export(settings, RichReporter()))
 
 
+@app.command()
+def upgrade(
+    run: Annotated[Path, typer.Argument(
+        help="Run directory written by transferkit 0.1.", exists=False, file_okay=False,
+        show_default=False)],
+) -> None:
+    """Re-save a run written by transferkit 0.1 as plain Keras (run format 2), in place."""
+    with _user_errors():
+        from transferkit.runs import RECORD_FILE
+
+        if not (run / RECORD_FILE).is_file():
+            from transferkit.runs import read_record
+
+            read_record(run)  # says what is wrong with the folder
+        load_tensorflow()
+        from transferkit.console import stdout
+        from transferkit.legacy import upgrade_run
+
+        upgrade_run(run)
+        stdout.print(f"Re-saved '{run}' as run format 2: its model.keras now loads in plain "
+                     f"Keras, and every command reads it.")
+
+
 @app.command("bases")
 def bases_command(
     name: Annotated[Base | None, typer.Argument(

@@ -267,10 +267,8 @@ def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
     if version == 1:
         raise ArtifactError(
             f"'{run_dir}' was written by transferkit 0.1 (run format 1), whose model.keras "
-            f"needs transferkit's own preprocessing layer to load. This version writes plain "
-            f"Keras models (run format 2) and cannot read it. Train it again with `transferkit "
-            f"finetune` (its settings are in '{path}' under \"config\"), or keep using "
-            f"transferkit 0.1 for it.")
+            f"needs transferkit 0.1's own layer to load. Re-save it as a plain Keras run "
+            f"(format 2) with: transferkit upgrade {run_dir}")
     if version != RUN_FORMAT_VERSION:
         raise ArtifactError(
             f"'{run_dir}' was written in run format version {version!r}; this transferkit "

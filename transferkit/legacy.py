@@ -1,0 +1,120 @@
+"""Runs written by transferkit 0.1 (run format 1). Their model.keras holds 0.1's own
+preprocessing layer, so it needs that class to load, and their run.json has another shape.
+`upgrade_run` re-saves such a run in place as format 2: a plain Keras model and a RunRecord.
+Nothing else reads format 1; `runs.read_record` points here.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from transferkit.errors import ArtifactError, ConfigError
+from transferkit.model import build_classifier, build_feature_extractor, find_base
+from transferkit.runs import (
+    MODEL_FILE,
+    RECORD_FILE,
+    RunRecord,
+    run_lock,
+    save_model,
+    save_record,
+)
+
+
+@keras.saving.register_keras_serializable(package="transferkit", name="ImagePreprocessing")
+class LegacyImagePreprocessing(keras.layers.Layer):
+    """transferkit 0.1's input scaling layer, under the name its files use, so that they load
+    (in safe mode: this class is code of ours, not of the file). It is never saved again."""
+
+    def __init__(self, channel_order: str = "rgb", mean: Sequence[float] = (0.0, 0.0, 0.0),
+                 std: Sequence[float] = (1.0, 1.0, 1.0), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.channel_order = channel_order
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def call(self, inputs: Any) -> Any:
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.channel_order == "bgr":
+            x = ops.flip(x, axis=-1)
+        return (x - ops.convert_to_tensor(self.mean, self.compute_dtype)) / \
+            ops.convert_to_tensor(self.std, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "channel_order": self.channel_order,
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def record_from_v1(values: dict[str, Any]) -> RunRecord:
+    """A format-2 record from a format-1 run.json (validated as any record is).
+
+    Raises:
+        ConfigError: a field is missing or invalid.
+    """
+    known = {"command", "base", "base_layer", "weights", "preprocessing", "class_names",
+             "compute", "data", "status", "trainable_params", "stages", "kept_stage",
+             "metrics", "stopped", "versions", "updated"}
+    config = dict(values.get("config") or {})
+    config["data"] = {**dict(config.get("data") or {}), "image_size": values.get("image_size")}
+    record: dict[str, Any] = {k: v for k, v in values.items() if k in known}
+    record |= {"config": config, "class_weights": values.get("class_weight")}
+    if values.get("command") == "extract":  # 0.1 kept these beside the config
+        record |= {"compute": {"precision": values.get("precision", "float32")},
+                   "base_layer": values.get("base_layer", ""), "kept_stage": "head"}
+    found = values.get("lr_find")
+    if isinstance(found, dict):
+        losses = list(found.get("losses") or [])
+        record["lr_find"] = {**found, "rule": "a tenth of the rate at the lowest loss (0.1)",
+                             "at_edge": bool(losses) and
+                             int(np.argmin(losses)) >= len(losses) - max(2, len(losses) // 20)}
+    return RunRecord.from_dict(record)
+
+
+def upgrade_run(run_dir: Path) -> RunRecord:
+    """Re-saves a transferkit 0.1 run as run format 2, in place: the same base and head
+    behind Keras's own preprocessing layers, checked to give the same probabilities first.
+
+    Raises:
+        ArtifactError: `run_dir` is not a format-1 run, or cannot be read or converted.
+    """
+    with run_lock(run_dir):
+        try:
+            values = json.loads((run_dir / RECORD_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"Could not read '{run_dir / RECORD_FILE}' ({exc}).") from exc
+        if not isinstance(values, dict) or values.get("format_version") != 1:
+            raise ArtifactError(f"'{run_dir}' is not a transferkit 0.1 run (run format 1); "
+                                f"there is nothing to upgrade.")
+        try:
+            record = record_from_v1(values)
+        except ConfigError as exc:
+            raise ArtifactError(f"'{run_dir / RECORD_FILE}' is damaged: {exc}.") from exc
+        try:
+            old = keras.saving.load_model(run_dir / MODEL_FILE, compile=False, safe_mode=True)
+        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+            raise ArtifactError(f"Could not load '{run_dir / MODEL_FILE}' ({exc}).") from exc
+        features = old.get_layer("features")
+        base = find_base(features)
+        pooling = ("max" if isinstance(features.get_layer("pooling"),
+                                       keras.layers.GlobalMaxPooling2D) else "avg")
+        model = build_classifier(build_feature_extractor(base, record.preprocessing, pooling),
+                                 old.get_layer("head"))
+        images = np.random.default_rng(0).uniform(
+            0, 255, (4, record.image_size, record.image_size, 3)).astype("float32")
+        difference = float(np.abs(old.predict(images, verbose=0)
+                                  - model.predict(images, verbose=0)).max())
+        if difference > 1e-4:
+            raise ArtifactError(f"The re-saved model of '{run_dir}' would differ from the old "
+                                f"one by {difference:.2g}; nothing was changed.")
+        save_model(run_dir / MODEL_FILE, model)
+        return save_record(run_dir, record.replace(base_layer=base.name))
