@@ -653,3 +653,18 @@ def test_a_read_only_output_is_refused_before_any_work(trained_run: Path, image_
         result = invoke(*args)
         assert result.exit_code == 1, result.output
         assert "Cannot write into" in said(result.stderr) and "read-only" in result.stderr
+
+
+def test_names_read_from_stdin_keep_their_spaces(trained_run: Path, image_folder: Path,
+                                                 tmp_path: Path):
+    import shutil
+
+    spaced = [tmp_path / "ends with a space .png", tmp_path / " starts with one.png"]
+    for target in spaced:
+        shutil.copy(image_folder / "circles" / "circles_1.png", target)
+    result = runner.invoke(app, ["predict", str(trained_run), "-", "-o", "-", "--format",
+                                 "jsonl"], input="".join(f"{p}\n" for p in spaced))
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [str(p) for p in spaced]
+    assert all(r["error"] is None for r in rows)
