@@ -69,3 +69,48 @@ def test_evaluate_cli_on_validation_split_and_on_a_folder(trained_run: Path, ima
                                  str(tmp_path / "eval2")])
     assert folder.exit_code == 0, folder.output
     assert json.loads((tmp_path / "eval2" / "metrics.json").read_text())["images"] == 18
+
+
+def test_evaluate_gives_intervals_and_says_which_split_chose(trained_run: Path,
+                                                             image_folder: Path, tmp_path: Path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", str(trained_run), "-o", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.stdout.split())
+    assert "val accuracy" in shown and "95 % CI" in shown and "chose the epochs" in shown
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    low, high = metrics["accuracy_95ci"]
+    assert low <= metrics["accuracy"] <= high and metrics["split_chose_the_model"]
+    assert all(c["recall_low"] <= c["recall"] <= c["recall_high"] for c in metrics["per_class"])
+    held = runner.invoke(app, ["evaluate", str(trained_run), str(image_folder), "-o",
+                               str(tmp_path / "h")])
+    assert "held out" in " ".join(held.stdout.split())
+    assert not json.loads((tmp_path / "h" / "metrics.json").read_text())["split_chose_the_model"]
+
+
+def test_finetune_and_extract_score_the_test_split_once_at_the_end(presplit_folder: Path,
+                                                                    tmp_path: Path):
+    from transferkit.config import (
+        AugmentConfig,
+        DataConfig,
+        ExtractConfig,
+        FinetuneConfig,
+        HeadConfig,
+    )
+    from transferkit.extract import extract
+    from transferkit.runs import read_record
+    from transferkit.training.finetune import finetune
+
+    data = DataConfig(data_dir=presplit_folder, image_size=32, batch_size=8)
+    result = finetune(FinetuneConfig(data=data, output=tmp_path / "run", weights="none",
+                                     epochs=1, finetune_epochs=0,
+                                     augment=AugmentConfig(enabled=False)))
+    val, test = result.scores
+    assert (val.split, val.n, val.chose) == ("val", 6, True)
+    assert (test.split, test.n, test.chose) == ("test", 3, False)
+    assert val.low <= val.accuracy <= val.high and test.low <= test.accuracy <= test.high
+    assert read_record(tmp_path / "run").scores == result.scores
+    extracted = extract(ExtractConfig(data=data, output=tmp_path / "f.npz", weights="none",
+                                      head=HeadConfig(output=tmp_path / "head", epochs=2)))
+    assert extracted.record is not None
+    assert [(s.split, s.n) for s in extracted.record.scores] == [("val", 6), ("test", 3)]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from transferkit.export import ExportResult
     from transferkit.extract import ExtractResult
     from transferkit.predict import PredictionReport
-    from transferkit.runs import StageResult
+    from transferkit.runs import Score, StageResult
     from transferkit.training.checks import OverfitResult
     from transferkit.training.finetune import FinetuneResult
 
@@ -124,7 +124,16 @@ def render_epochs(history: Sequence[Mapping[str, object]]) -> None:
 def render_finetune(result: FinetuneResult) -> None:
     render_epochs(result.history)
     render_stages(result.stages, result.kept_stage)
+    render_scores(result.scores)
     stdout.print(f"Saved model: stage '{result.kept_stage}' (marked *), in {result.run_dir}")
+
+
+def render_scores(scores: Sequence[Score]) -> None:
+    """Each accuracy with its split, n and 95 % interval, and whether the split chose."""
+    for score in scores:
+        note = (" (this split chose the epochs and stages, so it flatters the model)"
+                if score.chose else " (held out: nothing was chosen on it)")
+        stdout.print(escape(score.describe() + note))
 
 
 def render_overfit(result: OverfitResult) -> None:
@@ -143,13 +152,16 @@ def render_evaluation(result: EvaluationResult) -> None:
     e = result.evaluation
     stdout.print(f"Evaluated {e.images} images from {escape(result.source)}")
     tops = "  ".join(f"top-{k} {v:.4f}" for k, v in e.top_k_accuracy.items() if k > 1)
-    stdout.print(f"accuracy {e.accuracy:.4f}  {tops}  macro F1 {e.macro_f1:.4f}")
-    per_class = Table(title="Per class", box=box.SIMPLE_HEAD, collapse_padding=True)
-    for name in ("class", "precision", "recall", "F1", "support"):
+    render_scores([e.score])
+    stdout.print(f"{tops}  macro F1 {e.macro_f1:.4f}".strip())
+    per_class = Table(title="Per class", box=box.SIMPLE_HEAD, collapse_padding=True,
+                      caption="recall 95 % CI: Wilson interval of the class's accuracy")
+    for name in ("class", "precision", "recall", "recall 95 % CI", "F1", "support"):
         per_class.add_column(name, justify="left" if name == "class" else "right")
     for c in e.per_class:
         per_class.add_row(escape(c.name), f"{c.precision:.3f}", f"{c.recall:.3f}",
-                          f"{c.f1:.3f}", str(c.support))
+                          f"{c.recall_low:.2f}-{c.recall_high:.2f}", f"{c.f1:.3f}",
+                          str(c.support))
     stdout.print(per_class)
     confusion = Table(title="Confusion matrix (rows: true, columns: predicted)",
                       box=box.SIMPLE_HEAD, collapse_padding=True)
@@ -175,8 +187,9 @@ def render_extract(result: ExtractResult) -> None:
         if n:
             table.add_row(name, str(n), str(result.features.features.shape[1]))
     stdout.print(table)
-    if result.stage is not None:
-        render_stages([result.stage])
+    if result.record is not None:
+        render_stages(result.record.stages)
+        render_scores(result.record.scores)
 
 
 def render_predictions(report: PredictionReport, top_k: int) -> None:

@@ -23,11 +23,13 @@ from transferkit.reporting import NullReporter, Reporter, printable
 from transferkit.runs import (
     EVALUATION_DIR,
     LoadedRun,
+    Score,
     load_run,
     read_record,
     read_splits,
     run_lock,
 )
+from transferkit.stats import wilson_interval
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class ClassMetrics:
     recall: float
     f1: float
     support: int
+    recall_low: float  # the recall's 95 % Wilson interval (its accuracy on this class)
+    recall_high: float
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,13 @@ class Evaluation:
     confusion: np.ndarray  # rows: true class, columns: predicted
     macro_f1: float
     images: int
+    score: Score  # the accuracy with its split, n and 95 % interval
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "images": self.images, "accuracy": self.accuracy,
+            "accuracy_95ci": [self.score.low, self.score.high], "split": self.score.split,
+            "split_chose_the_model": self.score.chose,
             "top_k_accuracy": {str(k): v for k, v in self.top_k_accuracy.items()},
             "macro_f1": self.macro_f1,
             "per_class": [vars(c) for c in self.per_class],
@@ -60,8 +67,11 @@ class Evaluation:
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
-                           class_names: tuple[str, ...], top_k: int = 3) -> Evaluation:
-    """Metrics from true labels and predicted probabilities (pure numpy).
+                           class_names: tuple[str, ...], top_k: int = 3, split: str = "data",
+                           chose: bool = False) -> Evaluation:
+    """Metrics from true labels and predicted probabilities (pure numpy), the accuracy and
+    each class's recall with a 95 % Wilson interval. `split` names what was evaluated and
+    `chose` says whether it chose the model's epochs or stages.
 
     Precision, recall and F1 are 0 where undefined (no predictions or no support).
     """
@@ -78,10 +88,13 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
         precision = tp / confusion[:, c].sum() if confusion[:, c].sum() else 0.0
         recall = tp / confusion[c].sum() if confusion[c].sum() else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        low, high = wilson_interval(int(tp), int(confusion[c].sum()))
         per_class.append(ClassMetrics(name, float(precision), float(recall), float(f1),
-                                      int(confusion[c].sum())))
-    return Evaluation(class_names, float(np.mean(predicted == labels)), top, tuple(per_class),
-                      confusion, float(np.mean([c.f1 for c in per_class])), len(labels))
+                                      int(confusion[c].sum()), low, high))
+    correct = int((predicted == labels).sum())
+    return Evaluation(class_names, correct / max(len(labels), 1), top, tuple(per_class),
+                      confusion, float(np.mean([c.f1 for c in per_class])), len(labels),
+                      Score.of(split, correct, len(labels), chose))
 
 
 @dataclass(frozen=True)
@@ -103,12 +116,13 @@ def run_splits(run: LoadedRun, reporter: Reporter) -> DataSplits:
 
 
 def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
-                        reporter: Reporter) -> tuple[ImageSet, str]:
+                        reporter: Reporter) -> tuple[ImageSet, str, str]:
+    """The images, what they are in words, and their split's name."""
     if config.data_dir is not None:
         return (load_labelled_folder(config.data_dir, run.class_names, reporter),
-                f"labelled folder '{config.data_dir}'")
+                f"labelled folder '{config.data_dir}'", config.data_dir.name or "data")
     return (run_splits(run, reporter).val,
-            f"the run's validation split ({run.record.data_dir})")
+            f"the run's validation split ({run.record.data_dir})", "val")
 
 
 def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> EvaluationResult:
@@ -133,14 +147,14 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     output = config.output or config.run_dir / EVALUATION_DIR
     if config.output is not None:
         check_new_output(output, config.overwrite, what="evaluation folder")
-    images, source = _images_to_evaluate(config, run, reporter)
+    images, source, split = _images_to_evaluate(config, run, reporter)
     if len(images) == 0:
         raise DataError(f"No usable labelled images in {source}.")
     ds = build_dataset(images.sources, None, run.image_size, config.batch_size)
     probabilities = predict_batches(run.model, ds, len(images), config.batch_size, reporter,
                                     "Evaluating")
     evaluation = classification_metrics(images.labels, probabilities, run.class_names,
-                                        config.top_k)
+                                        config.top_k, split, chose=config.data_dir is None)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
         staged = Path(tmp) / "evaluation"

@@ -35,7 +35,7 @@ from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs import (
     Compute,
     RunRecord,
-    StageResult,
+    Score,
     check_run_output,
     run_lock,
     save_run,
@@ -51,13 +51,13 @@ class ExtractResult:
     features_path: Path
     features: FeatureSet
     run_dir: Path | None = None
-    stage: StageResult | None = None
+    record: RunRecord | None = None  # of the --train-head run
     computed: int = 0  # images that went through the base
     reused: int = 0  # images whose features came from the cache
 
 
 def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
-               batch_size: int, record: RunRecord, reporter: Reporter) -> StageResult:
+               batch_size: int, record: RunRecord, reporter: Reporter) -> RunRecord:
     """Trains a dense classifier on saved features; saves it with `extractor` as a run."""
     x_train, y_train = features.split("train")
     x_val, y_val = features.split("val")
@@ -75,11 +75,17 @@ def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
                               "val_loss", patience=config.patience,
                               restore_best_weights=True)])
     stage = stage_result(plan, history, "val_loss", trainable)
-    save_run(config.output, build_classifier(extractor, head), record.replace(
-        stages=(stage,), kept_stage=HEAD, metrics=stage.metrics,
+    scores = [Score.of("val", round(stage.metrics["val_accuracy"] * len(y_val)), len(y_val),
+                       chose=True)]
+    x_test, y_test = features.split("test")
+    if len(x_test):  # nothing is chosen on the test split; it is scored once, here
+        correct = int((head.predict(x_test, verbose=0).argmax(axis=1) == y_test).sum())
+        scores.append(Score.of("test", correct, len(y_test), chose=False))
+    record = save_run(config.output, build_classifier(extractor, head), record.replace(
+        stages=(stage,), kept_stage=HEAD, metrics=stage.metrics, scores=tuple(scores),
         trainable_params={HEAD: trainable}), history)
     reporter.info(f"Saved the run to '{config.output}'.")
-    return stage
+    return record
 
 
 def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractResult:
@@ -148,11 +154,11 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     if config.head is None:
         return ExtractResult(config.output, features, computed=extractor.computed,
                              reused=extractor.reused)
-    stage = train_head(features, extractor.model, config.head, config.data.batch_size,
+    record = train_head(features, extractor.model, config.head, config.data.batch_size,
                        _head_record(config, image_size, splits, precision,
                                     find_base(extractor.model).name), reporter)
     save_splits(config.head.output, splits.rows())
-    return ExtractResult(config.output, features, config.head.output, stage,
+    return ExtractResult(config.output, features, config.head.output, record,
                          extractor.computed, extractor.reused)
 
 

@@ -42,6 +42,7 @@ from transferkit.files import (
     write_text,
 )
 from transferkit.reporting import fits_one_line
+from transferkit.stats import wilson_interval
 
 RUN_FORMAT = "transferkit-run"
 LOCK_FILE = ".transferkit.lock"  # held by the one process writing the run
@@ -80,6 +81,31 @@ class StageResult:
     best_epoch: int | None
     best_val_accuracy: float | None
     stopped_early: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Score:
+    """An accuracy with its split, its n and its 95 % Wilson interval; `chose` says the split
+    chose epochs or stages, which makes its accuracy an optimistic estimate."""
+
+    split: str
+    n: int
+    correct: int
+    accuracy: float
+    low: float
+    high: float
+    chose: bool
+
+    @classmethod
+    def of(cls, split: str, correct: int, n: int, chose: bool) -> Score:
+        low, high = wilson_interval(correct, n)
+        return cls(split=split, n=n, correct=correct, accuracy=correct / n if n else 0.0,
+                   low=low, high=high, chose=chose)
+
+    def describe(self) -> str:
+        """'val accuracy 0.895 (95 % CI 0.759-0.958, n=38)'."""
+        return (f"{self.split} accuracy {self.accuracy:.3f} (95 % CI {self.low:.3f}-"
+                f"{self.high:.3f}, n={self.n})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +174,7 @@ class RunRecord:
     stages: tuple[StageResult, ...] = ()
     kept_stage: str | None = None  # whose weights model.keras has
     metrics: dict[str, float] = field(default_factory=dict)  # of the kept stage's best epoch
+    scores: tuple[Score, ...] = ()  # the kept model's accuracy per split, with intervals
     lr_find: LRFind | None = None
     stopped: Stopped | None = None
     failure: str | None = None  # why a failed run stopped

@@ -32,6 +32,7 @@ from transferkit.errors import ArtifactError, RunInterrupted, TrainingDiverged
 from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.files import save_figure
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
+from transferkit.inference import predict_batches
 from transferkit.plots import plot_curves, plot_lr_find
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs import (
@@ -44,6 +45,7 @@ from transferkit.runs import (
     TENSORBOARD_DIR,
     Compute,
     RunRecord,
+    Score,
     StageResult,
     Stopped,
     clear_run,
@@ -129,6 +131,7 @@ class FinetuneResult:
     stages: tuple[StageResult, ...]
     kept_stage: str  # whose weights the saved model has
     history: tuple[dict[str, Any], ...]
+    scores: tuple[Score, ...]  # of the kept model: val, and test when DATA has one
 
 
 def plan_stages(config: FinetuneConfig, spec: BaseSpec) -> list[StagePlan]:
@@ -419,13 +422,31 @@ def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
             restore_best(model, run_dir, kept)
         final = next(r for r in results if r.name == kept)
         save_figure(run_dir / CURVES_FILE, plot_curves(history, kept=(kept, final.best_epoch)))
-        record = save_run(run_dir, model, record.replace(stages=tuple(results), kept_stage=kept,
-                                                         metrics=final.metrics), history)
+        scores = _score(model, splits, final, image_size, batch, reporter)
+        record = save_run(run_dir, model, record.replace(
+            stages=tuple(results), kept_stage=kept, metrics=final.metrics, scores=scores),
+            history)
     reporter.info(f"Saved the run to '{run_dir}'.")
     if stop.signum is not None:
         reporter.warning(f"{signal.Signals(stop.signum).name} arrived while the run was being "
                          f"saved; it was saved complete first.")
-    return FinetuneResult(run_dir, splits.class_names, tuple(results), kept, tuple(history))
+    return FinetuneResult(run_dir, splits.class_names, tuple(results), kept, tuple(history),
+                          scores)
+
+
+def _score(model: keras.Model, splits: DataSplits, final: StageResult, image_size: int,
+           batch: int, reporter: Reporter) -> tuple[Score, ...]:
+    """The kept model's accuracy with intervals: on val (which chose its epochs and stages),
+    and on DATA/test when there is one, which nothing was chosen on."""
+    val = len(splits.val)
+    scores = [Score.of("val", round(final.metrics["val_accuracy"] * val), val, chose=True)]
+    if splits.test is not None and len(splits.test):
+        ds = build_dataset(splits.test.sources, None, image_size, batch)
+        predicted = predict_batches(model, ds, len(splits.test), batch, reporter,
+                                    "Scoring the test split").argmax(axis=1)
+        correct = int((predicted == splits.test.labels).sum())
+        scores.append(Score.of("test", correct, len(splits.test), chose=False))
+    return tuple(scores)
 
 
 def _choose_stage(results: list[StageResult], monitor: str, reporter: Reporter) -> str:
