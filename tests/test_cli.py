@@ -453,6 +453,9 @@ def _one_class(root: Path) -> Path:
     (lambda d, t: ["evaluate", t / "nope"], 1, "does not exist"),
     (lambda d, t: ["export", t, "--format", "tflite", "-o", t / "m.onnx"], 2, ".tflite"),
     (lambda d, t: ["augment-preview", t / "missing", "-o", t / "g.png"], 1, "does not exist"),
+    (lambda d, t: ["augment-preview", d, "-o", t / "g.png", "--rotation-range", "400"], 2,
+     "--rotation-range is in degrees"),
+    (lambda d, t: ["finetune", d, "-o", t / "r", "--zoom-range", "nan"], 2, "finite"),
 ])
 def test_mistakes_are_reported_before_tensorflow_loads(image_folder: Path, tmp_path: Path,
                                                        make_args, code: int, message: str):

@@ -204,14 +204,13 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _check_data(data: DataConfig, base: str) -> int:
+def _check_data(data: DataConfig, base: str) -> None:
     """The checks on a data folder and image size that need no TensorFlow, so mistakes are
-    reported at once; returns the resolved image size."""
+    reported at once."""
     from transferkit.data.folders import check_data_folder
 
-    size = resolve_image_size(get_base(base), data.image_size)
+    resolve_image_size(get_base(base), data.image_size)
     check_data_folder(data.data_dir)
-    return size
 
 
 def with_options(cls: type, name: str, panel: str) -> Callable[[Callable], Callable]:
@@ -243,7 +242,9 @@ def with_options(cls: type, name: str, panel: str) -> Callable[[Callable], Calla
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             values = {field: kwargs.pop(p.name) for field, p in added.items()}
-            return command(*args, **kwargs, **{name: cls(**values)})
+            with _user_errors():  # an out-of-range value is a usage error, not a traceback
+                built = cls(**values)
+            return command(*args, **kwargs, **{name: built})
 
         kept = [p for p in signature.parameters.values() if p.name != name]
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
