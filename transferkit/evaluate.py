@@ -3,8 +3,6 @@ recall and F1, the confusion matrix, and the images it gets most confidently wro
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ from transferkit.config import EvaluateConfig
 from transferkit.data.folders import DataSplits, ImageSet, load_labelled_folder, splits_from_table
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import DataError
-from transferkit.files import check_new_output, save_figure, write_json
+from transferkit.files import check_new_output, replace_path, save_figure, write_json
 from transferkit.inference import predict_batches
 from transferkit.plots import plot_confusion, plot_gallery
 from transferkit.reporting import NullReporter, Reporter, printable
@@ -164,7 +162,7 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
                     plot_confusion(evaluation.confusion, run.class_names))
         wrong = _save_mistakes(staged / "mistakes.png", images, probabilities, run,
                                config.gallery, config.batch_size)
-        _replace_folder(staged, output)
+        replace_path(staged, output)
     return EvaluationResult(evaluation, output, source, wrong)
 
 
@@ -184,15 +182,3 @@ def _save_mistakes(path: Path, images: ImageSet, probabilities: np.ndarray, run:
                     for i in worst]
         save_figure(path, plot_gallery(list(pictures), captions, "Most confidently wrong"))
     return len(wrong)
-
-
-def _replace_folder(source: Path, target: Path) -> None:
-    """Puts `source` where `target` is: the old folder is renamed aside first and removed
-    only after the new one is in place, so a reader sees one whole evaluation or the other."""
-    aside = None
-    if target.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, aside / target.name)
-    os.replace(source, target)
-    if aside is not None:
-        shutil.rmtree(aside)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,7 +23,7 @@ from transferkit.config import ExportConfig
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ArtifactError, ConfigError, DataError, MissingPackageError
 from transferkit.evaluate import run_splits
-from transferkit.files import check_new_output
+from transferkit.files import check_new_output, replace_path
 from transferkit.quiet import quiet_native_output
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs import LoadedRun, load_run
@@ -288,17 +286,10 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
         if fmt.is_folder:
             (built / "transferkit.json").write_text(json.dumps(_metadata(run), indent=2) + "\n",
                                                     encoding="utf-8")
-        _replace(built, config.output)
+        replace_path(built, config.output)
         if not fmt.is_folder:
-            _replace(staged_labels, labels)
+            replace_path(staged_labels, labels)
     size = (sum(f.stat().st_size for f in config.output.rglob("*") if f.is_file())
             if config.output.is_dir() else config.output.stat().st_size)
     return ExportResult(config.output, labels, size, len(check_images), difference, agreement,
                         tolerance, not isinstance(found, str))
-
-
-def _replace(source: Path, target: Path) -> None:
-    """Moves a checked export into place (over an old one only with --overwrite)."""
-    if target.is_dir():
-        shutil.rmtree(target)
-    os.replace(source, target)

@@ -169,6 +169,6 @@ def _head_record(config: ExtractConfig, image_size: int, splits: DataSplits, pre
     resolved = dataclasses.replace(
         config, data=dataclasses.replace(config.data, image_size=image_size))
     return RunRecord(command="extract", config=resolved, base=spec.name, base_layer=base_layer,
-                     weights=config.weights, preprocessing=spec.preprocessing,
+                     preprocessing=spec.preprocessing,
                      class_names=splits.class_names, compute=Compute(precision=precision),
                      data=data_summary(splits))

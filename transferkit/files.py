@@ -9,6 +9,8 @@ import json
 import os
 import re
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,19 @@ def check_new_output(path: Path, overwrite: bool, what: str = "output file",
         raise ArtifactError(
             f"The {what} '{path}' already exists{' and is not empty' if is_dir_output else ''}. "
             f"Choose another name, or pass --overwrite to replace it.")
+
+
+def replace_path(source: Path, target: Path) -> None:
+    """Puts a finished file or folder `source` where `target` is, on the same file system.
+    An old folder there is renamed aside first and removed only once the new one is in place,
+    so a reader sees the whole old one or the whole new one (a file is replaced by rename)."""
+    aside = None
+    if target.is_dir() and not target.is_symlink():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, aside / target.name)
+    os.replace(source, target)
+    if aside is not None:
+        shutil.rmtree(aside)
 
 
 def check_writable(path: Path) -> None:

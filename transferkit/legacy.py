@@ -61,7 +61,7 @@ def record_from_v1(values: dict[str, Any]) -> RunRecord:
     Raises:
         ConfigError: a field is missing or invalid.
     """
-    known = {"command", "base", "base_layer", "weights", "preprocessing", "class_names",
+    known = {"command", "base", "base_layer", "preprocessing", "class_names",
              "compute", "data", "status", "trainable_params", "stages", "kept_stage",
              "metrics", "stopped", "versions", "updated"}
     config = dict(values.get("config") or {})

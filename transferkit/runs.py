@@ -163,7 +163,6 @@ class RunRecord:
     config: FinetuneConfig | ExtractConfig
     base: str
     base_layer: str  # the base's layer name inside the model's `features` model
-    weights: str  # imagenet | none | a path
     preprocessing: Preprocessing
     class_names: tuple[str, ...]
     class_weights: dict[str, float] | None = None

@@ -42,6 +42,10 @@ ALPHA_BACKGROUND = (255, 255, 255)
 # picture (8000 x 8000) decodes to 192 MB of RGB; anything larger is not a training image.
 MAX_FILE_BYTES = 256 * 2**20
 MAX_PIXELS = 64_000_000
+# Pillow warns from 89 megapixels; transferkit reports those images against its own, lower
+# limit instead. A filter set once, not per file: catch_warnings is not thread-safe, and
+# images are inspected on a thread pool.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _EXIF_ORIENTATION = 0x0112
 _CONVERSION_VERSION = "1"  # part of the cache key of converted images
 _INSPECTION_VERSION = 2  # bump when inspect_image's findings change
@@ -136,20 +140,18 @@ def inspect_image(path: Path) -> ImageInfo:
                          problem_kind="not_image")
     found: dict = {}
     try:
-        with warnings.catch_warnings():  # the pixel limit below is transferkit's own
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                found = {"format": im.format, "mode": im.mode, "width": im.width,
-                         "height": im.height, "has_alpha": _has_alpha(im),
-                         "orientation": int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)}
-                if im.width * im.height > MAX_PIXELS:
-                    return ImageInfo(path, len(data), digest, **found, problem_kind="too_large",
-                                     problem=f"{im.width}x{im.height} is "
-                                             f"{im.width * im.height / 1e6:.0f} megapixels, "
-                                             f"above the limit of {MAX_PIXELS / 1e6:.0f}; "
-                                             f"downscale it")
-                im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, reading every byte
-                im.load()
+        with Image.open(io.BytesIO(data)) as im:
+            found = {"format": im.format, "mode": im.mode, "width": im.width,
+                     "height": im.height, "has_alpha": _has_alpha(im),
+                     "orientation": int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)}
+            if im.width * im.height > MAX_PIXELS:
+                return ImageInfo(path, len(data), digest, **found, problem_kind="too_large",
+                                 problem=f"{im.width}x{im.height} is "
+                                         f"{im.width * im.height / 1e6:.0f} megapixels, "
+                                         f"above the limit of {MAX_PIXELS / 1e6:.0f}; "
+                                         f"downscale it")
+            im.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, reading every byte
+            im.load()
     except Image.DecompressionBombError as exc:
         return ImageInfo(path, len(data), digest, **found, problem_kind="too_large",
                          problem=f"above the limit of {MAX_PIXELS / 1e6:.0f} megapixels ({exc})")

@@ -175,7 +175,7 @@ def _start(config: FinetuneConfig, reporter: Reporter) -> FinetuneResult:
         learning_rate=config.learning_rate if found is None else found.suggestion)
     record = RunRecord(
         command="finetune", config=resolved, base=prepared.spec.name,
-        base_layer=prepared.base.name, weights=config.weights,
+        base_layer=prepared.base.name,
         preprocessing=prepared.spec.preprocessing, class_names=splits.class_names,
         class_weights=None if weights is None else {
             splits.class_names[i]: w for i, w in weights.items()},
