@@ -523,6 +523,13 @@ def save_head_state(run_dir: Path, last: Sequence[Any], best: Sequence[Any] | No
     write_text(folder / STATE_FILE, json_text({**state, "head_only": True}))
 
 
+def keep_last_as_best(run_dir: Path, stage: str) -> None:
+    """Makes the checkpoint just written `stage`'s best so far, by copying the file (a save
+    of the same model again would cost as much as the checkpoint itself)."""
+    with atomic_path(best_checkpoint(run_dir, stage)) as tmp:
+        shutil.copyfile(run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT, tmp)
+
+
 def load_head_state(run_dir: Path) -> tuple[list[Any], list[Any] | None, list[Any]]:
     """The head's last weights, its best so far (None if none) and the optimizer state.
 

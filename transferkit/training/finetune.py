@@ -49,6 +49,7 @@ from transferkit.runs import (
     StageResult,
     Stopped,
     clear_run,
+    keep_last_as_best,
     load_checkpoint,
     load_head_state,
     read_record,
@@ -272,9 +273,9 @@ class StageMonitor(keras.callbacks.Callback):
             optimizer = [v.numpy() for v in self.classifier.optimizer.variables]
             save_head_state(self.run_dir, weights, self.best, optimizer, self.state)
         else:
-            if improved:
-                save_best(self.run_dir, self.classifier, self.plan.name)
             save_checkpoint(self.run_dir, self.classifier, self.state)
+            if improved:  # the checkpoint just written is the best: copied, not saved again
+                keep_last_as_best(self.run_dir, self.plan.name)
         best = best_row(rows, self.config.monitor)
         patience = self.config.patience
         if patience and best is not None and rows[-1]["epoch"] - best["epoch"] >= patience:
