@@ -7,4 +7,4 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is noise for CLI users.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # run format 2: plain Keras models (0.1 runs: transferkit upgrade)
