@@ -1,14 +1,19 @@
-"""transferkit's default `finetune` against a hand-written Keras script, on the same data.
+"""transferkit's default `finetune` against its anchors, on the same images, split and
+EfficientNet-Lite0 ImageNet weights, side by side in one run:
 
-The hand-written side follows the official Keras transfer-learning guide: frozen base called
-with training=False, flip/rotation/zoom augmentation layers, global pooling, dropout 0.2,
-softmax; Adam at its default rate; then the whole base unfrozen and trained at 1e-5. Both
-sides use the same base and ImageNet weights (efficientnet_lite0), the same image size (224)
-and the same epoch budget (transferkit's defaults: 20 + 10); transferkit may stop early.
-Both are scored the same way: accuracy of the final model on the validation split.
+- transferkit: `finetune` with its defaults (plus any --tk-option, for trying a variant);
+- probe: scikit-learn's logistic regression on the frozen pooled features `extract` writes,
+  C chosen by 5-fold cross-validation on the training split (LogisticRegressionCV, log loss);
+  timed from a cold feature cache, extraction included;
+- keras_guide: the official Keras transfer-learning guide as a script: the frozen base called
+  with training=False, flip/rotation/zoom augmentation layers, pooling, dropout 0.2, softmax,
+  Adam at its default rate for 20 epochs; then the whole base unfrozen at 1e-5 for 10.
 
-    python ../shared/bench/make_datasets.py --out /tmp/tk-data tuxpaint photos
-    python bench/accuracy.py --data /tmp/tk-data --sets tuxpaint photos --seeds 0 1 2
+Each side is scored on DATA/test when the set has one (tuxpaint10), else on DATA/val, and
+nothing chooses on the test split. Times are whole wall-clock seconds on this machine.
+
+    python ../shared/bench/make_datasets.py --out /tmp/tk-data tuxpaint tuxpaint10 photos
+    python bench/accuracy.py --sets tuxpaint10 tuxpaint photos --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -19,30 +24,56 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import transferkit  # noqa: F401  (sets the Keras backend)
 
+GUIDE_EPOCHS, GUIDE_FINETUNE_EPOCHS = 20, 10
 
-def transferkit_accuracy(data: Path, seed: int, workdir: Path) -> tuple[float, float]:
-    from transferkit.config import DataConfig, FinetuneConfig
-    from transferkit.data.folders import load_splits
-    from transferkit.data.pipeline import build_dataset
-    from transferkit.runs import load_run
+
+def scored_split(data: Path) -> str:
+    return "test" if (data / "test").is_dir() else "val"
+
+
+def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, Any]
+                     ) -> dict[str, Any]:
+    from transferkit.config import DataConfig, FinetuneConfig, from_dict
     from transferkit.training.finetune import finetune
 
     start = time.perf_counter()
     run_dir = workdir / f"tk-{data.name}-{seed}"
-    finetune(FinetuneConfig(data=DataConfig(data_dir=data, seed=seed), output=run_dir))
+    config = from_dict(FinetuneConfig, {**options, "output": run_dir},
+                       ready={"data": DataConfig(data_dir=data, seed=seed)})
+    result = finetune(config)
     seconds = time.perf_counter() - start
-    run = load_run(run_dir)
-    val = load_splits(data, 0.2, seed).val
-    ds = build_dataset(val.sources, val.labels, run.image_size, 32)
-    run.model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return float(run.model.evaluate(ds, verbose=0)[1]), seconds
+    score = next(s for s in result.scores if s.split == scored_split(data))
+    from transferkit.runs import read_record
+
+    record = read_record(run_dir)
+    return {"accuracy": score.accuracy, "seconds": seconds, "kept": result.kept_stage,
+            "probe_ready": record.probe.ready_after if record.probe else None,
+            "val_correct": result.choice.val_correct,
+            "ece_before": result.calibration.test_ece_before or result.calibration.val_ece_before,
+            "ece_after": result.calibration.test_ece_after or result.calibration.val_ece_after}
 
 
-def keras_guide_accuracy(data: Path, seed: int, epochs: int, finetune_epochs: int
-                         ) -> tuple[float, float]:
+def probe_side(data: Path, seed: int, workdir: Path) -> dict[str, Any]:
+    from transferkit.config import DataConfig, ExtractConfig
+    from transferkit.extract import extract
+    from transferkit.training.probe import fit_probe
+
+    start = time.perf_counter()
+    result = extract(ExtractConfig(data=DataConfig(data_dir=data, seed=seed), cache=False,
+                                   output=workdir / f"probe-{data.name}-{seed}.npz"))
+    features = result.features
+    x, y = features.split("train")
+    probe = fit_probe(x, y, len(features.class_names), seed=seed)
+    x_eval, y_eval = features.split(scored_split(data))
+    accuracy = float((probe.probabilities(x_eval).argmax(axis=1) == y_eval).mean())
+    return {"accuracy": accuracy, "seconds": time.perf_counter() - start, "c": probe.c}
+
+
+def keras_guide_side(data: Path, seed: int) -> dict[str, Any]:
     import keras
 
     from transferkit.bases import BASES, build_base
@@ -50,11 +81,13 @@ def keras_guide_accuracy(data: Path, seed: int, epochs: int, finetune_epochs: in
     start = time.perf_counter()
     keras.utils.set_random_seed(seed)
     size = (224, 224)
-    train_ds = keras.utils.image_dataset_from_directory(
-        data / "train", image_size=size, batch_size=32, seed=seed, shuffle=True, verbose=False)
-    val_ds = keras.utils.image_dataset_from_directory(
-        data / "val", image_size=size, batch_size=32, shuffle=False, verbose=False)
-    num_classes = len(train_ds.class_names)
+
+    def images(split: str, shuffle: bool) -> Any:
+        return keras.utils.image_dataset_from_directory(
+            data / split, image_size=size, batch_size=32, seed=seed, shuffle=shuffle,
+            verbose=False)
+
+    train_ds, val_ds = images("train", True), images("val", False)
     augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"),
                                      keras.layers.RandomRotation(0.1),
                                      keras.layers.RandomZoom(0.1)])
@@ -66,17 +99,19 @@ def keras_guide_accuracy(data: Path, seed: int, epochs: int, finetune_epochs: in
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D()(x)
     x = keras.layers.Dropout(0.2)(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+    outputs = keras.layers.Dense(len(train_ds.class_names), activation="softmax")(x)
     model = keras.Model(inputs, outputs)
     model.compile(optimizer=keras.optimizers.Adam(),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(train_ds, epochs=epochs, validation_data=val_ds, verbose=0)
+    model.fit(train_ds, epochs=GUIDE_EPOCHS, validation_data=val_ds, verbose=0)
     base.trainable = True
     model.compile(optimizer=keras.optimizers.Adam(1e-5),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(train_ds, epochs=epochs + finetune_epochs, initial_epoch=epochs,
-              validation_data=val_ds, verbose=0)
-    return float(model.evaluate(val_ds, verbose=0)[1]), time.perf_counter() - start
+    model.fit(train_ds, epochs=GUIDE_EPOCHS + GUIDE_FINETUNE_EPOCHS,
+              initial_epoch=GUIDE_EPOCHS, validation_data=val_ds, verbose=0)
+    scored = images(scored_split(data), False)
+    return {"accuracy": float(model.evaluate(scored, verbose=0)[1]),
+            "seconds": time.perf_counter() - start}
 
 
 def summary(values: list[float]) -> str:
@@ -85,43 +120,45 @@ def summary(values: list[float]) -> str:
 
 
 def main() -> None:
-    from transferkit.config import FinetuneConfig, default
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("/tmp/tk-data"))
-    parser.add_argument("--sets", nargs="+", default=["tuxpaint", "photos"])
+    parser.add_argument("--sets", nargs="+", default=["tuxpaint10", "tuxpaint", "photos"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--results", type=Path, default=None, help="also write JSON here")
+    parser.add_argument("--sides", nargs="+", default=["transferkit", "probe", "keras_guide"],
+                        choices=["transferkit", "probe", "keras_guide"])
+    parser.add_argument("--tk-option", action="append", default=[], metavar="NAME=JSON",
+                        help="a FinetuneConfig setting for the transferkit side, e.g. "
+                             "unfreeze_blocks=4 (repeatable)")
+    parser.add_argument("--results", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args()
-    epochs = default(FinetuneConfig, "epochs")
-    finetune_epochs = default(FinetuneConfig, "finetune_epochs")
-    results: dict[str, dict[str, list[float]]] = {}
+    options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.tk_option)}
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets:
             data = args.data / name
-            found = results.setdefault(name, {"transferkit": [], "keras_guide": [],
-                                               "transferkit_s": [], "keras_guide_s": []})
             for seed in args.seeds:
-                acc, secs = transferkit_accuracy(data, seed, Path(tmp))
-                found["transferkit"].append(acc)
-                found["transferkit_s"].append(secs)
-                acc2, secs2 = keras_guide_accuracy(data, seed, epochs, finetune_epochs)
-                found["keras_guide"].append(acc2)
-                found["keras_guide_s"].append(secs2)
-                print(f"{name} seed {seed}: transferkit {acc:.3f} ({secs:.0f} s), "
-                      f"keras guide {acc2:.3f} ({secs2:.0f} s)", flush=True)
-    print("\n| data | transferkit (mean ± sd) | hand-written Keras (mean ± sd) "
-          "| per seed (tk / keras) | mean time tk / keras |")
+                for side in args.sides:
+                    if side == "transferkit":
+                        row = transferkit_side(data, seed, Path(tmp), options)
+                    elif side == "probe":
+                        row = probe_side(data, seed, Path(tmp))
+                    else:
+                        row = keras_guide_side(data, seed)
+                    row |= {"set": name, "seed": seed, "side": side,
+                            "split": scored_split(data), "options": options}
+                    rows.setdefault((name, side), []).append(row)
+                    print(json.dumps(row), flush=True)
+                    if args.results:
+                        with args.results.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+    print("\n| set (scored split) | side | accuracy, mean ± sd | per seed | mean seconds |")
     print("|---|---|---|---|---|")
-    for name, found in results.items():
-        per_seed = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(
-            found["transferkit"], found["keras_guide"], strict=True))
-        print(f"| {name} | {summary(found['transferkit'])} | {summary(found['keras_guide'])} "
-              f"| {per_seed} | {statistics.mean(found['transferkit_s']):.0f} s / "
-              f"{statistics.mean(found['keras_guide_s']):.0f} s |")
-    if args.results:
-        args.results.write_text(json.dumps(results, indent=2))
+    for (name, side), found in rows.items():
+        accuracies = [r["accuracy"] for r in found]
+        print(f"| {name} ({found[0]['split']}) | {side} | {summary(accuracies)} | "
+              f"{'/'.join(f'{a:.3f}' for a in accuracies)} | "
+              f"{statistics.mean(r['seconds'] for r in found):.0f} |")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from transferkit.config import (
     STRATEGIES,
     AugmentConfig,
     ComputeConfig,
+    CVConfig,
     DataConfig,
     EvaluateConfig,
     ExportConfig,
@@ -276,7 +277,8 @@ def finetune(
     batch_size: BatchOpt = default(DataConfig, "batch_size"),
     seed: SeedOpt = default(DataConfig, "seed"),
     epochs: Annotated[int, typer.Option(
-        "--epochs", help="Stage 1: most epochs training the new head on the frozen base.",
+        "--epochs", help="Most epochs training the head further on the frozen base, with "
+                  "augmentation, after the linear probe gave it its weights (0: skip).",
         rich_help_panel=TRAIN_PANEL)] = default(FinetuneConfig, "epochs"),
     finetune_epochs: Annotated[int, typer.Option(
         "--finetune-epochs", help="Stage 2: most epochs with the top blocks unfrozen (0: skip).",
@@ -431,6 +433,66 @@ def _resume(run_dir: Path, data: Path | None, output: Path | None) -> None:
     from transferkit.training.finetune import resume_finetune
 
     render_finetune(resume_finetune(run_dir, RichReporter()))
+
+
+@app.command()
+def cv(
+    data: DataArg,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Run directory for the K-fold ensemble (its folds go in "
+                               "RUN/folds).", rich_help_panel=OUT_PANEL, file_okay=False,
+        show_default=False)],
+    folds: Annotated[int, typer.Option(
+        "--folds", help="K: how many stratified folds.",
+        rich_help_panel=TRAIN_PANEL)] = default(CVConfig, "folds"),
+    config: ConfigOpt = None,
+    base: BaseOpt = FINETUNE_BASE,
+    weights: WeightsOpt = default(FinetuneConfig, "weights"),
+    image_size: ImageSizeOpt = default(DataConfig, "image_size"),
+    val_split: Annotated[float, typer.Option(
+        "--val-split", help="Share of each fold's training images held out to choose its "
+                            "epochs and model.", rich_help_panel=DATA_PANEL)] = default(
+        DataConfig, "val_split"),
+    batch_size: BatchOpt = default(DataConfig, "batch_size"),
+    seed: SeedOpt = default(DataConfig, "seed"),
+    epochs: Annotated[int, typer.Option(
+        "--epochs", help="Head epochs on the frozen base after the probe (0: skip).",
+        rich_help_panel=TRAIN_PANEL)] = default(FinetuneConfig, "epochs"),
+    finetune_epochs: Annotated[int, typer.Option(
+        "--finetune-epochs", help="Most epochs with the top blocks unfrozen (0: the probe "
+                                  "alone).", rich_help_panel=TRAIN_PANEL)] = default(
+        FinetuneConfig, "finetune_epochs"),
+    unfreeze_blocks: Annotated[int, typer.Option(
+        "--unfreeze-blocks", help="How many blocks to unfreeze, from the top.",
+        rich_help_panel=TRAIN_PANEL)] = default(FinetuneConfig, "unfreeze_blocks"),
+    cache: CacheOpt = default(FinetuneConfig, "cache"),
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Cross-validate the finetune recipe: K stratified folds, an out-of-fold prediction for
+    every image (oof.csv), each fold's held-out accuracy with its interval, and the K fold
+    models saved as one averaged model that predict, evaluate and export take.
+
+    train/ and val/ are pooled; test/ stays out, and the ensemble is scored on it.
+    """
+    with _user_errors():
+        settings = CVConfig(folds=folds, recipe=FinetuneConfig(
+            data=DataConfig(data_dir=data, image_size=image_size, val_split=val_split,
+                            batch_size=batch_size, seed=seed),
+            output=output, base=base.value, weights=weights, epochs=epochs,
+            finetune_epochs=finetune_epochs, unfreeze_blocks=unfreeze_blocks, cache=cache,
+            overwrite=overwrite))
+        _check_data(settings.recipe.data, settings.recipe.base)
+        if finetune_epochs:
+            get_base(settings.recipe.base).check_block_count(unfreeze_blocks,
+                                                             "--unfreeze-blocks")
+        from transferkit.runs import check_run_output
+
+        check_run_output(output, overwrite)
+        load_tensorflow()
+        from transferkit.console import RichReporter, render_cv
+        from transferkit.cv import cross_validate
+
+        render_cv(cross_validate(settings, RichReporter()))
 
 
 @app.command()

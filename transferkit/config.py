@@ -194,7 +194,9 @@ class FinetuneConfig:
     output: Path | None  # None only for diagnostics that write no run (--overfit-check)
     base: str = DEFAULT_BASE
     weights: str = "imagenet"
-    epochs: int = 20
+    # The linear probe gives the head its weights; --epochs trains it further on the frozen
+    # base (with augmentation) before the top blocks are tuned.
+    epochs: int = 0
     learning_rate: float = 1e-3
     finetune_epochs: int = 10
     finetune_lr: float | None = None  # None: a tenth of learning_rate
@@ -220,7 +222,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        _check(self.epochs >= 1, f"--epochs must be at least 1; got {self.epochs}.")
+        _check(self.epochs >= 0, f"--epochs must be 0 or more; got {self.epochs}.")
         _check(self.finetune_epochs >= 0,
                f"--finetune-epochs must be 0 or more; got {self.finetune_epochs}.")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
@@ -232,6 +234,10 @@ class FinetuneConfig:
         _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
         _check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
         _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
+        _check(not (self.dense_units and self.finetune_epochs and not self.epochs),
+               f"--dense-units {self.dense_units} adds a hidden layer that the linear probe "
+               f"cannot initialise, so it must be trained before fine-tuning: pass --epochs N "
+               f"(e.g. --epochs 20).")
         _check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
         _check(self.class_weight in CLASS_WEIGHTS, f"--class-weight must be one of "
                                                    f"{', '.join(CLASS_WEIGHTS)}; got "
@@ -244,6 +250,18 @@ class FinetuneConfig:
     def resolved_finetune_lr(self) -> float:
         """Stage 2's rate: as given, else a tenth of stage 1's."""
         return self.finetune_lr if self.finetune_lr is not None else self.learning_rate / 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class CVConfig:
+    """`transferkit cv`: stratified K-fold cross-validation of the finetune recipe. The
+    recipe's data is DATA and its output the ensemble run directory."""
+
+    recipe: FinetuneConfig
+    folds: int = 5
+
+    def __post_init__(self) -> None:
+        _check(self.folds >= 2, f"--folds must be at least 2; got {self.folds}.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,12 +20,13 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from transferkit.bases import BaseSpec
+    from transferkit.cv import CVResult
     from transferkit.doctor import DoctorReport
     from transferkit.evaluate import EvaluationResult
     from transferkit.export import ExportResult
     from transferkit.extract import ExtractResult
     from transferkit.predict import PredictionReport
-    from transferkit.runs import Score, StageResult
+    from transferkit.runs import Choice, Score, StageResult
     from transferkit.training.checks import OverfitResult
     from transferkit.training.finetune import FinetuneResult
 
@@ -122,10 +123,55 @@ def render_epochs(history: Sequence[Mapping[str, object]]) -> None:
 
 
 def render_finetune(result: FinetuneResult) -> None:
-    render_epochs(result.history)
-    render_stages(result.stages, result.kept_stage)
+    if result.history:
+        render_epochs(result.history)
+        render_stages(result.stages, result.kept_stage)
+    render_choice(result.choice)
     render_scores(result.scores)
-    stdout.print(f"Saved model: stage '{result.kept_stage}' (marked *), in {result.run_dir}")
+    c = result.calibration
+    stdout.print(f"Probabilities calibrated: temperature {c.temperature:.2f}; expected "
+                 f"calibration error on val {c.val_ece_before:.3f} -> {c.val_ece_after:.3f}"
+                 + ("" if c.test_ece_after is None else
+                    f", on test {c.test_ece_before:.3f} -> {c.test_ece_after:.3f}"))
+    stdout.print(f"Saved model: '{result.kept_stage}', in {escape(str(result.run_dir))}")
+
+
+def render_choice(choice: Choice) -> None:
+    """The candidate models on val, simplest first, and why the kept one was kept."""
+    table = Table(title="Candidates on val (simplest first)", box=box.SIMPLE_HEAD,
+                  collapse_padding=True,
+                  caption="a candidate replaces the one before only by more right answers "
+                          "than noise: sqrt(images on which they disagree)")
+    for name in ("model", "right", "accuracy", "vs kept so far", "noise", ""):
+        table.add_column(name, justify="left" if name in ("model", "") else "right")
+    steps = {c.other: c for c in choice.comparisons}
+    for name, correct in choice.val_correct.items():
+        step = steps.get(name)
+        table.add_row(name, f"{correct}/{choice.n}", f"{correct / choice.n:.3f}",
+                      "-" if step is None else f"{step.margin:+d} vs {step.simpler}",
+                      "-" if step is None else f"{step.noise:.1f}",
+                      "kept" if name == choice.kept else "")
+    stdout.print(table)
+
+
+def render_cv(result: CVResult) -> None:
+    """Each fold's held-out accuracy, their mean, and the pooled out-of-fold score."""
+    cv = result.record.cross_validation
+    assert cv is not None
+    table = Table(title=f"{cv.folds}-fold cross-validation", box=box.SIMPLE_HEAD,
+                  collapse_padding=True,
+                  caption="each fold chose its epochs and model on an inner val split; "
+                          "its score is on the fold it never saw")
+    for name in ("fold", "right", "accuracy", "95 % CI"):
+        table.add_column(name, justify="left" if name == "fold" else "right")
+    for s in cv.fold_scores:
+        table.add_row(s.split, f"{s.correct}/{s.n}", f"{s.accuracy:.3f}",
+                      f"{s.low:.3f}-{s.high:.3f}")
+    stdout.print(table)
+    stdout.print(f"mean fold accuracy {cv.mean:.3f} (sd {cv.sd:.3f} across folds)")
+    render_scores(result.record.scores)
+    stdout.print(f"Saved the ensemble of {cv.folds} fold models, oof.csv and the fold runs in "
+                 f"{escape(str(result.run_dir))}")
 
 
 def render_scores(scores: Sequence[Score]) -> None:

@@ -119,8 +119,15 @@ def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
     if config.data_dir is not None:
         return (load_labelled_folder(config.data_dir, run.class_names, reporter),
                 f"labelled folder '{config.data_dir}'", config.data_dir.name or "data")
-    return (run_splits(run, reporter).val,
-            f"the run's validation split ({run.record.data_dir})", "val")
+    splits = run_splits(run, reporter)
+    if run.record.command == "cv":  # every train/val image trained some fold
+        if splits.test is None or not len(splits.test):
+            raise DataError(f"'{run.path}' is a cross-validation ensemble: each of its images "
+                            f"trained some of its folds, so it has no held-out split of its "
+                            f"own. Its out-of-fold accuracy is in run.json and oof.csv; pass "
+                            f"a labelled folder to evaluate it on new images.")
+        return splits.test, f"the run's test split ({run.record.data_dir})", "test"
+    return splits.val, f"the run's validation split ({run.record.data_dir})", "val"
 
 
 def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> EvaluationResult:

@@ -58,6 +58,7 @@ def find_base(extractor: keras.Model) -> keras.Model:
 
 
 INITIALIZERS = {"he": "he_normal", "glorot": "glorot_uniform"}
+PREDICTIONS = "predictions"  # the head's softmax layer
 
 
 def build_head(feature_dim: int, num_classes: int, dense_units: int = 0, dropout: float = 0.0,
@@ -77,7 +78,7 @@ def build_head(feature_dim: int, num_classes: int, dense_units: int = 0, dropout
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                                  kernel_initializer=INITIALIZERS.get(init, "glorot_uniform"),
-                                 kernel_regularizer=regularizer, name="predictions")(x)
+                                 kernel_regularizer=regularizer, name=PREDICTIONS)(x)
     return keras.Model(inputs, outputs, name="head")
 
 

@@ -60,11 +60,14 @@ CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.keras"
 STATE_FILE = "state.json"
 HEAD_STATE = "head_state.npz"  # per-epoch checkpoint of a head trained on cached features
+FOLDS_DIR = "folds"  # cv: one complete finetune run per fold
+OOF_FILE = "oof.csv"  # cv: every image's out-of-fold prediction
 RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
-             CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR)
+             CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR, FOLDS_DIR, OOF_FILE)
 COMPLETE, RUNNING, INTERRUPTED, FAILED = "complete", "running", "interrupted", "failed"
 STATUSES = (COMPLETE, RUNNING, INTERRUPTED, FAILED)
-COMMANDS = {"finetune": FinetuneConfig, "extract": ExtractConfig}
+# command -> its config; a cv run records the recipe each of its folds ran
+COMMANDS = {"finetune": FinetuneConfig, "extract": ExtractConfig, "cv": FinetuneConfig}
 HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
                    "learning_rate", "seconds")
 
@@ -106,6 +109,63 @@ class Score:
         """'val accuracy 0.895 (95 % CI 0.759-0.958, n=38)'."""
         return (f"{self.split} accuracy {self.accuracy:.3f} (95 % CI {self.low:.3f}-"
                 f"{self.high:.3f}, n={self.n})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeRecord:
+    """The linear probe a finetune began with: its regularisation, how it was chosen, and
+    when it was ready as a model (seconds after the run started)."""
+
+    c: float
+    folds: int  # of the cross-validation that chose c; 0: not cross-validated
+    fit_seconds: float
+    ready_after: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Comparison:
+    """One step of choosing the kept model: `other` replaces `simpler` only when it gets
+    more validation images right by more than the noise of that count."""
+
+    simpler: str
+    other: str
+    margin: int  # images `other` gets right minus those `simpler` does, on the same images
+    noise: float  # sqrt of the images on which they disagree (McNemar)
+    won: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    """How the kept model was chosen among the candidates (simplest first)."""
+
+    val_correct: dict[str, int]  # candidate -> validation images it gets right
+    n: int
+    comparisons: tuple[Comparison, ...]
+    kept: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Temperature scaling fitted on val, with the expected calibration error (ECE) before
+    and after, on val (which fitted it) and on test when there is one."""
+
+    temperature: float
+    val_ece_before: float
+    val_ece_after: float
+    test_ece_before: float | None = None
+    test_ece_after: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossValidation:
+    """A cv run: stratified K-fold cross-validation of the recipe. Each fold chose its
+    epochs and candidates on an inner val split of its training folds, so every fold's
+    score (on the fold it never saw) is held out."""
+
+    folds: int
+    fold_scores: tuple[Score, ...]
+    mean: float  # of the fold accuracies
+    sd: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,7 +219,7 @@ class RunRecord:
     """run.json: everything a run directory says about itself. `config` is resolved: its
     image size is the one used (the only place the image size is stored)."""
 
-    command: str  # finetune | extract
+    command: str  # finetune | extract | cv
     config: FinetuneConfig | ExtractConfig
     base: str
     base_layer: str  # the base's layer name inside the model's `features` model
@@ -175,6 +235,10 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)  # of the kept stage's best epoch
     scores: tuple[Score, ...] = ()  # the kept model's accuracy per split, with intervals
     lr_find: LRFind | None = None
+    probe: ProbeRecord | None = None
+    choice: Choice | None = None
+    calibration: Calibration | None = None
+    cross_validation: CrossValidation | None = None
     stopped: Stopped | None = None
     failure: str | None = None  # why a failed run stopped
     versions: dict[str, str] = field(default_factory=dict)  # set when saved

@@ -64,6 +64,12 @@ class ImageSet:
                         self.class_names, tuple(self.sources[i] for i in keep),
                         tuple(self.hashes[i] for i in keep))
 
+    def join(self, other: ImageSet) -> ImageSet:
+        """This set followed by `other` (of the same folder and classes)."""
+        return ImageSet(self.root, self.paths + other.paths,
+                        np.concatenate([self.labels, other.labels]), self.class_names,
+                        self.sources + other.sources, self.hashes + other.hashes)
+
 
 @dataclass(frozen=True)
 class DataSplits:
@@ -302,6 +308,8 @@ def splits_from_table(root: Path, class_names: Sequence[str], rows: Sequence[dic
                         tuple(i.sha256 for _, i in chosen))
 
     train, val = image_set("train"), image_set("val")
+    if val is None and train is not None and not any(r["split"] == "val" for r in rows):
+        val = train.subset(np.zeros(len(train), bool))  # a cv ensemble: no split of its own
     if train is None or val is None:
         raise DataError(f"The images this run was trained on are no longer in '{root}'.")
     return DataSplits(names, train, val, image_set("test"), skipped=tuple(skipped))

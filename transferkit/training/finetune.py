@@ -14,6 +14,7 @@ import dataclasses
 import math
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -24,15 +25,23 @@ import numpy as np
 
 from transferkit.augment import build_augmentation
 from transferkit.bases import BaseSpec, get_base
+from transferkit.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    fold_temperature,
+    log_loss,
+    scale,
+)
 from transferkit.config import FinetuneConfig
 from transferkit.data.folders import DataSplits, splits_from_table
 from transferkit.data.pipeline import build_dataset
-from transferkit.devices import build_strategy
+from transferkit.devices import build_strategy, precision_policy
 from transferkit.errors import ArtifactError, RunInterrupted, TrainingDiverged
 from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.files import save_figure
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.inference import predict_batches
+from transferkit.model import PREDICTIONS, build_classifier, build_head
 from transferkit.plots import plot_curves, plot_lr_find
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs import (
@@ -43,11 +52,15 @@ from transferkit.runs import (
     LR_FIND_FILE,
     RUNNING,
     TENSORBOARD_DIR,
+    Calibration,
+    Choice,
     Compute,
+    ProbeRecord,
     RunRecord,
     Score,
     StageResult,
     Stopped,
+    best_checkpoint,
     clear_run,
     keep_last_as_best,
     load_checkpoint,
@@ -64,7 +77,10 @@ from transferkit.runs import (
     save_splits,
 )
 from transferkit.training.checks import lr_find
-from transferkit.training.prepare import data_summary, prepare, report_data
+from transferkit.training.choice import choose
+from transferkit.training.choice import describe as describe_choice
+from transferkit.training.prepare import Prepared, data_summary, prepare, report_data
+from transferkit.training.probe import fit_probe
 from transferkit.training.stages import (
     StagePlan,
     best_row,
@@ -75,7 +91,7 @@ from transferkit.training.stages import (
     stage_result,
 )
 
-HEAD, FINETUNE = "head", "finetune"
+PROBE, HEAD, FINETUNE = "probe", "head", "finetune"  # the candidates, simplest first
 
 
 class StopOnSignal:
@@ -133,12 +149,18 @@ class FinetuneResult:
     kept_stage: str  # whose weights the saved model has
     history: tuple[dict[str, Any], ...]
     scores: tuple[Score, ...]  # of the kept model: val, and test when DATA has one
+    choice: Choice
+    calibration: Calibration
+    test_probabilities: np.ndarray | None  # the kept model's, calibrated, on DATA/test
 
 
 def plan_stages(config: FinetuneConfig, spec: BaseSpec) -> list[StagePlan]:
-    """Stage 1 (head) and, unless --finetune-epochs 0, stage 2 (top blocks)."""
-    stages = [StagePlan(HEAD, f"train a new head on the frozen {spec.name} base", 0,
-                        config.epochs, config.learning_rate, config.schedule)]
+    """The epoch-based stages after the probe: the head on the frozen base (when --epochs),
+    then, unless --finetune-epochs 0, the top blocks."""
+    stages = []
+    if config.epochs:
+        stages.append(StagePlan(HEAD, f"train the head on the frozen {spec.name} base", 0,
+                                config.epochs, config.learning_rate, config.schedule))
     if config.finetune_epochs:
         top = spec.blocks[-config.unfreeze_blocks:]
         stages.append(StagePlan(
@@ -149,8 +171,10 @@ def plan_stages(config: FinetuneConfig, spec: BaseSpec) -> list[StagePlan]:
     return stages
 
 
-def finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> FinetuneResult:
-    """Trains a classifier on `config.data` in two stages and writes the run directory.
+def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
+             splits: DataSplits | None = None) -> FinetuneResult:
+    """Trains a classifier on `config.data` (split as `splits` when given: cv's folds) and
+    writes the run directory.
 
     Raises:
         TransferkitError: bad data, options, weights, or an existing output (all checked
@@ -160,13 +184,15 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None) -> Finetu
     if config.output is None:
         raise ArtifactError("finetune needs a run directory: pass -o RUN.")
     with run_lock(config.output):
-        return _start(config, reporter)
+        return _start(config, reporter, splits)
 
 
-def _start(config: FinetuneConfig, reporter: Reporter) -> FinetuneResult:
+def _start(config: FinetuneConfig, reporter: Reporter,
+           splits: DataSplits | None) -> FinetuneResult:
     """finetune, once this process holds the run directory."""
     assert config.output is not None
-    prepared = prepare(config, reporter)
+    started = time.perf_counter()
+    prepared = prepare(config, reporter, splits)
     found = lr_find(config, prepared, reporter) if config.lr_find else None
     splits = prepared.splits
     weights = class_weights(splits.train.labels, len(splits.class_names), config.class_weight)
@@ -190,6 +216,7 @@ def _start(config: FinetuneConfig, reporter: Reporter) -> FinetuneResult:
     record = save_record(config.output, record)
     if found is not None:
         save_figure(config.output / LR_FIND_FILE, plot_lr_find(found))
+    record = _probe(record, prepared, reporter, started)
     return _train(record, prepared.spec, splits, prepared.model, prepared.base, [], 0,
                   reporter, prepared.strategy)
 
@@ -232,6 +259,41 @@ def _resume(run_dir: Path, reporter: Reporter) -> FinetuneResult:
     return _train(record, spec, splits, model, base, list(state["history"]),
                   int(state["epoch"]), reporter, strategy, resumed_stage=state["stage"],
                   resumed_best=best)
+
+
+def _probe(record: RunRecord, prepared: Prepared, reporter: Reporter,
+           started: float) -> RunRecord:
+    """Fits the linear probe on frozen features of train, says its val score (the bar to
+    beat) and saves it as the first candidate model, the first usable one. A linear head
+    starts from its weights (LP-FT); a head with a hidden layer gets a probe model of its
+    own."""
+    config = record.config
+    assert isinstance(config, FinetuneConfig) and config.output is not None
+    splits, model = prepared.splits, prepared.model
+    (x_train, y_train), (x_val, y_val) = _frozen_features(
+        config, prepared.spec, splits, model.get_layer("features"), prepared.image_size,
+        record.compute.precision, reporter)
+    probe = fit_probe(x_train, y_train, len(splits.class_names),
+                      balanced=record.class_weights is not None, seed=config.data.seed)
+    correct = int((probe.probabilities(x_val).argmax(axis=1) == y_val).sum())
+    how = (f"C={probe.c:g} by {probe.folds}-fold cross-validation on train" if probe.folds
+           else f"C={probe.c:g}: a class has one training image, too few to cross-validate")
+    reporter.info(f"Linear probe ({how}; {probe.seconds:.1f} s): "
+                  f"{Score.of('val', correct, len(y_val), chose=False).describe()}. "
+                  f"The kept model must beat it by more than noise.")
+    with prepared.strategy.scope(), precision_policy(record.compute.precision):
+        candidate = model
+        if config.dense_units:
+            candidate = build_classifier(model.get_layer("features"), build_head(
+                x_train.shape[1], len(splits.class_names)))
+        candidate.get_layer("head").get_layer(PREDICTIONS).set_weights(
+            [probe.kernel, probe.bias])
+    save_best(config.output, candidate, PROBE)
+    ready = time.perf_counter() - started
+    reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
+    return save_record(config.output, record.replace(probe=ProbeRecord(
+        c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
+        ready_after=round(ready, 3))))
 
 
 class StageMonitor(keras.callbacks.Callback):
@@ -309,12 +371,13 @@ def _restore_head_state(model: keras.Model, run_dir: Path) -> list[np.ndarray] |
     return best
 
 
-def _head_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
-                   extractor: keras.Model, image_size: int, precision: str, reporter: Reporter
-                   ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Training and validation features for a stage 1 without augmentation: the frozen base
-    then gives every image the same features each epoch, so they are computed once (or
-    taken from the feature cache) and the head trains on them alone."""
+def _frozen_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
+                     extractor: keras.Model, image_size: int, precision: str,
+                     reporter: Reporter
+                     ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Training and validation features of the frozen base, for the probe and for a head
+    stage without augmentation: the frozen base gives every image the same features each
+    epoch, so they are computed once (or taken from the feature cache)."""
     feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, config.weights,
                                                               config.data.seed),
                                image_size, len(spec.blocks), "avg", spec.preprocessing.to_dict(),
@@ -323,8 +386,8 @@ def _head_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
                                 reporter, use_cache=config.cache)
     train, val = features.features([splits.train, splits.val], "training and validation")
     features.save()
-    reporter.info(f"Stage 1 trains the head on frozen-base features (no augmentation): "
-                  f"{features.computed} images computed, {features.reused} from the cache.")
+    reporter.info(f"Frozen-base features: {features.computed} images computed, "
+                  f"{features.reused} from the cache.")
     return (train, splits.train.labels), (val, splits.val.labels)
 
 
@@ -380,8 +443,10 @@ def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
             fitted, train, val, batch_size = model, train_ds, val_ds, None
             optimizer = None if resuming else config.optimizer
             if plan.name == HEAD and not config.augment.enabled:
-                train, val = _head_features(config, spec, splits, model.get_layer("features"),
-                                            image_size, record.compute.precision, reporter)
+                train, val = _frozen_features(config, spec, splits, model.get_layer("features"),
+                                              image_size, record.compute.precision, reporter)
+                reporter.info("Stage 'head' trains on the frozen-base features (no "
+                              "augmentation).")
                 if not resuming:  # checkpoints save the classifier, optimizer state included
                     compile_model(model, config.optimizer, plan.learning_rate,
                                   config.compute.jit)
@@ -418,49 +483,90 @@ def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
             done = plan.last_epoch
         # Still inside StopOnSignal: a SIGTERM or Ctrl-C now waits for the save (about a
         # second), so the run ends complete instead of as a half-written model.
-        kept = _choose_stage(results, config.monitor, reporter)
-        if kept != results[-1].name:
-            restore_best(model, run_dir, kept)
-        final = next(r for r in results if r.name == kept)
-        save_figure(run_dir / CURVES_FILE, plot_curves(history, kept=(kept, final.best_epoch)))
-        scores = _score(model, splits, final, image_size, batch, reporter)
+        model, choice, val_probabilities = _choose_model(model, run_dir, results, splits,
+                                                          image_size, batch, reporter)
+        calibration, scores, test = _calibrate_and_score(model, choice, val_probabilities,
+                                                         splits, image_size, batch, reporter)
+        final = next((r for r in results if r.name == choice.kept), None)
+        if history:
+            save_figure(run_dir / CURVES_FILE, plot_curves(
+                history, kept=None if final is None else (final.name, final.best_epoch)))
+        calibrated = scale(val_probabilities, calibration.temperature)
+        metrics = {"val_accuracy": scores[0].accuracy,
+                   "val_loss": log_loss(calibrated, splits.val.labels)}
         record = save_run(run_dir, model, record.replace(
-            stages=tuple(results), kept_stage=kept, metrics=final.metrics, scores=scores),
-            history)
+            stages=tuple(results), kept_stage=choice.kept, metrics=metrics, scores=scores,
+            choice=choice, calibration=calibration), history)
     reporter.info(f"Saved the run to '{run_dir}'.")
     if stop.signum is not None:
         reporter.warning(f"{signal.Signals(stop.signum).name} arrived while the run was being "
                          f"saved; it was saved complete first.")
-    return FinetuneResult(run_dir, splits.class_names, tuple(results), kept, tuple(history),
-                          scores)
+    return FinetuneResult(run_dir, splits.class_names, tuple(results), choice.kept,
+                          tuple(history), scores, choice, calibration, test)
 
 
-def _score(model: keras.Model, splits: DataSplits, final: StageResult, image_size: int,
-           batch: int, reporter: Reporter) -> tuple[Score, ...]:
-    """The kept model's accuracy with intervals: on val (which chose its epochs and stages),
-    and on DATA/test when there is one, which nothing was chosen on."""
-    val = len(splits.val)
-    scores = [Score.of("val", round(final.metrics["val_accuracy"] * val), val, chose=True)]
+def _candidate(model: keras.Model, run_dir: Path, name: str) -> keras.Model:
+    """The candidate model `name` (the probe or a stage's best): its weights restored into
+    `model`, or, for a probe beside a head with a hidden layer, its own saved model."""
+    try:
+        restore_best(model, run_dir, name)
+        return model
+    except ValueError:  # another architecture: the probe's linear head
+        return keras.saving.load_model(best_checkpoint(run_dir, name), compile=False,
+                                       safe_mode=True)
+
+
+def _choose_model(model: keras.Model, run_dir: Path, results: list[StageResult],
+                  splits: DataSplits, image_size: int, batch: int, reporter: Reporter
+                  ) -> tuple[keras.Model, Choice, np.ndarray]:
+    """Scores every candidate on val and keeps the simplest one that no later one beats by
+    more than noise (training.choice); returns it, the choice and its val probabilities."""
+    ds = build_dataset(splits.val.sources, None, image_size, batch)
+    probabilities = {}
+    for name in (PROBE, *(r.name for r in results)):
+        probabilities[name] = predict_batches(_candidate(model, run_dir, name), ds,
+                                              len(splits.val), batch, reporter,
+                                              f"Scoring the '{name}' model on val")
+    choice = choose({name: p.argmax(axis=1) == splits.val.labels
+                     for name, p in probabilities.items()})
+    if choice.comparisons:
+        reporter.info(f"Choosing the model to keep:\n{describe_choice(choice)}")
+    return _candidate(model, run_dir, choice.kept), choice, probabilities[choice.kept]
+
+
+def _calibrate_and_score(model: keras.Model, choice: Choice, val_probabilities: np.ndarray,
+                         splits: DataSplits, image_size: int, batch: int, reporter: Reporter
+                         ) -> tuple[Calibration, tuple[Score, ...], np.ndarray | None]:
+    """Fits a temperature on val and folds it into the kept model; scores it with intervals
+    on val (which chose it) and on DATA/test when there is one, which nothing was chosen or
+    fitted on. Calibration changes no answer, only how sure each one is."""
+    labels = splits.val.labels
+    temperature = fit_temperature(val_probabilities, labels)
+    fold_temperature(model.get_layer("head").get_layer(PREDICTIONS), temperature)
+    calibrated = scale(val_probabilities, temperature)
+    values: dict[str, Any] = {
+        "temperature": round(temperature, 4),
+        "val_ece_before": expected_calibration_error(val_probabilities, labels),
+        "val_ece_after": expected_calibration_error(calibrated, labels)}
+    scores = [Score.of("val", choice.val_correct[choice.kept], len(labels), chose=True)]
+    test = None
     if splits.test is not None and len(splits.test):
         ds = build_dataset(splits.test.sources, None, image_size, batch)
-        predicted = predict_batches(model, ds, len(splits.test), batch, reporter,
-                                    "Scoring the test split").argmax(axis=1)
-        correct = int((predicted == splits.test.labels).sum())
+        test = predict_batches(model, ds, len(splits.test), batch, reporter,
+                               "Scoring the test split")
+        correct = int((test.argmax(axis=1) == splits.test.labels).sum())
         scores.append(Score.of("test", correct, len(splits.test), chose=False))
-    return tuple(scores)
-
-
-def _choose_stage(results: list[StageResult], monitor: str, reporter: Reporter) -> str:
-    """The stage whose model is kept: the last, unless it failed to beat an earlier one."""
-    if len(results) < 2:
-        return results[-1].name
-    head, tuned = results[0], results[1]
-    if improves(monitor, tuned.metrics, head.metrics):
-        return tuned.name
-    reporter.warning(f"Stage '{tuned.name}' did not beat stage '{head.name}' ({monitor} "
-                     f"{tuned.metrics[monitor]:.4f} vs {head.metrics[monitor]:.4f}): keeping "
-                     f"the '{head.name}' model (rollback).")
-    return head.name
+        values["test_ece_before"] = expected_calibration_error(scale(test, 1 / temperature),
+                                                               splits.test.labels)
+        values["test_ece_after"] = expected_calibration_error(test, splits.test.labels)
+    calibration = Calibration(**{k: round(v, 4) for k, v in values.items()})
+    reporter.info(f"Calibration: temperature {calibration.temperature:.2f}, expected "
+                  f"calibration error on val {calibration.val_ece_before:.3f} -> "
+                  f"{calibration.val_ece_after:.3f}"
+                  + ("" if calibration.test_ece_after is None else
+                     f", on test {calibration.test_ece_before:.3f} -> "
+                     f"{calibration.test_ece_after:.3f}") + ".")
+    return calibration, tuple(scores), test
 
 
 def _interrupted(run_dir: Path, record: RunRecord, history: list[dict],

@@ -62,9 +62,10 @@ class Prepared:
     precision: str  # resolved: float32 | mixed
 
 
-def prepare(config: FinetuneConfig, reporter: Reporter) -> Prepared:
-    """Checks the options, reads the data and builds the classifier (seeded) under the
-    precision policy and inside the distribution strategy."""
+def prepare(config: FinetuneConfig, reporter: Reporter,
+            splits: DataSplits | None = None) -> Prepared:
+    """Checks the options, reads the data (unless given its `splits`) and builds the
+    classifier (seeded) under the precision policy and inside the distribution strategy."""
     spec = get_base(config.base)
     image_size = resolve_image_size(spec, config.data.image_size)
     if config.finetune_epochs:
@@ -75,7 +76,9 @@ def prepare(config: FinetuneConfig, reporter: Reporter) -> Prepared:
             "Run: pip install 'transferkit[tensorboard]' (or drop --tensorboard).")
     if config.output is not None:
         check_run_output(config.output, config.overwrite)
-    splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter)
+    if splits is None:
+        splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
+                             reporter)
     report_data(splits, reporter)
     strategy = build_strategy(config.compute.strategy)
     keras.utils.set_random_seed(config.data.seed)

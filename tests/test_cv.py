@@ -1,0 +1,109 @@
+"""cv: stratified folds, out-of-fold predictions for every image, and the ensemble run that
+predict and evaluate take; and the probe-first finetune it is built from."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CLASSES
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+from transferkit.config import CVConfig, DataConfig, FinetuneConfig
+from transferkit.errors import ConfigError
+
+TINY = {"image_size": 32, "batch_size": 8}
+
+
+def test_a_probe_only_run_is_a_complete_calibrated_model(image_folder, tmp_path):
+    from transferkit.runs import load_run, read_record
+    from transferkit.training.finetune import finetune
+
+    result = finetune(FinetuneConfig(data=DataConfig(data_dir=image_folder, **TINY),
+                                     output=tmp_path / "run", weights="none",
+                                     finetune_epochs=0))
+    assert result.kept_stage == "probe" and result.stages == () and result.history == ()
+    record = read_record(tmp_path / "run")
+    assert record.probe is not None and record.probe.ready_after > 0
+    assert record.choice.val_correct.keys() == {"probe"}
+    assert 0.5 <= record.calibration.temperature <= 10
+    assert record.scores[0].split == "val" and record.scores[0].chose
+    assert load_run(tmp_path / "run").model.output_shape == (None, 3)
+
+
+def test_a_hidden_layer_needs_head_epochs_before_fine_tuning(image_folder):
+    with pytest.raises(ConfigError, match="--epochs N"):
+        FinetuneConfig(data=DataConfig(data_dir=image_folder), output=None, dense_units=64)
+
+
+@pytest.fixture(scope="module")
+def cv_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transferkit.cv import cross_validate
+
+    run_dir = tmp_path_factory.mktemp("cv") / "run"
+    cross_validate(CVConfig(folds=2, recipe=FinetuneConfig(
+        data=DataConfig(data_dir=image_folder, **TINY), output=run_dir, weights="none",
+        finetune_epochs=1)))
+    return run_dir
+
+
+def test_every_image_gets_one_out_of_fold_prediction(cv_run, image_folder):
+    with open(cv_run / "oof.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    paths = sorted(p.relative_to(image_folder).as_posix()
+                   for p in image_folder.rglob("*") if p.is_file())
+    assert sorted(r["path"] for r in rows) == paths
+    assert {r["fold"] for r in rows} == {"1", "2"}
+    for fold in ("1", "2"):  # stratified: every class held out in every fold
+        assert {r["label"] for r in rows if r["fold"] == fold} == set(CLASSES)
+        assert sum(r["fold"] == fold for r in rows) == len(rows) // 2
+    for r in rows:
+        probabilities = [float(r[k]) for k in r if k.startswith("p_")]
+        assert sum(probabilities) == pytest.approx(1, abs=1e-4)
+        assert float(r["probability"]) == max(probabilities)
+        assert float(r[f"p_{r['predicted']}"]) == max(probabilities)
+
+
+def test_the_record_has_each_fold_and_the_out_of_fold_score(cv_run):
+    record = json.loads((cv_run / "run.json").read_text())
+    assert record["command"] == "cv" and record["status"] == "complete"
+    cv = record["cross_validation"]
+    assert cv["folds"] == 2 and sum(s["n"] for s in cv["fold_scores"]) == 18
+    oof = record["scores"][0]
+    assert oof["split"] == "out-of-fold" and oof["n"] == 18 and not oof["chose"]
+    assert oof["low"] <= oof["accuracy"] <= oof["high"]
+    for k in (1, 2):
+        fold = json.loads((cv_run / "folds" / f"fold-{k}" / "run.json").read_text())
+        assert fold["status"] == "complete" and fold["scores"][-1]["split"] == "test"
+
+
+def test_the_ensemble_averages_the_fold_models(cv_run):
+    from transferkit.runs import load_run
+
+    images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    ensemble = load_run(cv_run).model.predict(images, verbose=0)
+    folds = [load_run(cv_run / "folds" / f"fold-{k}").model.predict(images, verbose=0)
+             for k in (1, 2)]
+    np.testing.assert_allclose(ensemble, np.mean(folds, axis=0), atol=1e-5)
+
+
+def test_predict_takes_the_ensemble_and_evaluate_explains_its_missing_split(cv_run,
+                                                                           image_folder):
+    runner = CliRunner()
+    found = runner.invoke(app, ["predict", str(cv_run), str(image_folder), "-o", "-"])
+    assert found.exit_code == 0, found.output
+    assert len(found.stdout.strip().splitlines()) == 19  # header + 18 images
+    refused = runner.invoke(app, ["evaluate", str(cv_run)])
+    assert refused.exit_code == 1 and "oof.csv" in refused.output
+
+
+def test_too_many_folds_for_a_class_is_a_clear_error(image_folder, tmp_path):
+    result = CliRunner().invoke(app, ["cv", str(image_folder), "-o", str(tmp_path / "cv"),
+                                      "--folds", "7", "--weights", "none", "--image-size", "32"])
+    assert result.exit_code == 1
+    assert "--folds 7 needs at least 7 images per class" in result.output
+    assert not (tmp_path / "cv").exists()

@@ -1,0 +1,146 @@
+"""The linear probe, the choice among candidate models, and temperature scaling, on synthetic
+features whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from transferkit.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    fold_temperature,
+    log_loss,
+    scale,
+)
+from transferkit.stats import paired_margin
+from transferkit.training.choice import choose, describe
+from transferkit.training.probe import FALLBACK_C, PROBE_CS, fit_probe
+
+
+def blobs(n_per_class: int, classes: int, dim: int = 16, spread: float = 1.0, seed: int = 0
+          ) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (classes, dim))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    return (centres[labels] + rng.normal(0, spread, (len(labels), dim))).astype(np.float32), \
+        labels
+
+
+def test_the_probe_is_a_softmax_layer_that_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = blobs(20, 4, spread=3.0)
+    probe = fit_probe(x, y, 4)
+    assert probe.c in PROBE_CS and probe.folds == 5
+    reference = LogisticRegression(C=probe.c, max_iter=3000, tol=1e-3).fit(x, y)
+    ours, theirs = probe.probabilities(x), reference.predict_proba(x)
+    np.testing.assert_allclose(ours, theirs, atol=0.02)  # both stop at tol 1e-3
+    assert (ours.argmax(axis=1) == theirs.argmax(axis=1)).all()
+    assert probe.kernel.shape == (16, 4) and probe.bias.shape == (4,)
+
+
+def test_the_probe_regularises_more_when_the_data_is_noisier():
+    clean = fit_probe(*blobs(20, 3, spread=0.5), 3)
+    noisy = fit_probe(*blobs(20, 3, spread=6.0), 3)
+    assert noisy.c < clean.c
+
+
+def test_two_classes_give_two_softmax_columns():
+    x, y = blobs(10, 2)
+    probe = fit_probe(x, y, 2)
+    assert probe.kernel.shape == (16, 2)
+    assert (probe.probabilities(x).argmax(axis=1) == y).mean() > 0.9
+
+
+def test_a_class_with_one_training_image_skips_cross_validation():
+    x, y = blobs(6, 3)
+    x, y = np.concatenate([x, np.full((1, 16), 12.0, np.float32)]), np.concatenate([y, [3]])
+    probe = fit_probe(x, y, 4)
+    assert probe.folds == 0 and probe.c == FALLBACK_C
+    assert probe.probabilities(x[-1:]).argmax() == 3
+
+
+def test_few_images_per_class_use_as_many_folds_as_the_smallest_class_allows():
+    x, y = blobs(3, 3)
+    assert fit_probe(x, y, 3).folds == 3
+
+
+def test_paired_margin_counts_only_disagreements():
+    a = np.array([True, True, False, False, True])
+    b = np.array([True, False, True, True, True])
+    assert paired_margin(a, b) == (1, pytest.approx(3 ** 0.5))
+
+
+def test_the_simpler_candidate_is_kept_unless_beaten_by_more_than_noise():
+    n = 60
+    probe = np.zeros(n, bool)
+    probe[:50] = True
+    within_noise = probe.copy()
+    within_noise[50:54] = True  # 4 gained...
+    within_noise[:2] = False  # ...2 lost: +2 with noise sqrt(6) = 2.45
+    choice = choose({"probe": probe, "finetune": within_noise})
+    assert choice.kept == "probe"
+    assert choice.comparisons[0].margin == 2 and not choice.comparisons[0].won
+    assert "within noise" in describe(choice)
+    clear_win = probe.copy()
+    clear_win[50:54] = True  # +4 with noise 2
+    choice = choose({"probe": probe, "head": within_noise, "finetune": clear_win})
+    assert choice.kept == "finetune"
+    assert choice.val_correct == {"probe": 50, "head": 52, "finetune": 54} and choice.n == n
+    assert [c.simpler for c in choice.comparisons] == ["probe", "probe"]
+
+
+def test_a_tie_keeps_the_simpler_candidate():
+    same = np.array([True, False, True])
+    assert choose({"probe": same, "finetune": same.copy()}).kept == "probe"
+
+
+def overconfident(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from softmax(logits), so those probabilities are calibrated; the model
+    reports softmax(3 * logits), three times too sure."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (n, 4))
+    calibrated = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(4, p=p) for p in calibrated])
+    sharp = np.exp(3 * logits)
+    return sharp / sharp.sum(axis=1, keepdims=True), labels
+
+
+def test_temperature_scaling_undoes_overconfidence():
+    probabilities, labels = overconfident()
+    temperature = fit_temperature(probabilities, labels)
+    assert temperature == pytest.approx(3.0, rel=0.15)
+    calibrated = scale(probabilities, temperature)
+    assert (calibrated.argmax(axis=1) == probabilities.argmax(axis=1)).all()
+    assert expected_calibration_error(calibrated, labels) < \
+        expected_calibration_error(probabilities, labels) / 3
+    assert log_loss(calibrated, labels) < log_loss(probabilities, labels)
+
+
+def test_a_calibrated_model_keeps_its_temperature_when_there_is_nothing_to_gain():
+    probabilities, labels = overconfident()
+    calibrated = scale(probabilities, fit_temperature(probabilities, labels))
+    assert fit_temperature(calibrated, labels) == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_perfect_val_split_cannot_sharpen_the_model_without_bound():
+    probabilities = np.array([[0.7, 0.3], [0.2, 0.8]])
+    assert fit_temperature(probabilities, np.array([0, 1])) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_expected_calibration_error_of_known_bins():
+    probabilities = np.array([[0.9, 0.1]] * 10)
+    labels = np.array([0] * 6 + [1] * 4)  # confident 0.9, right 0.6
+    assert expected_calibration_error(probabilities, labels) == pytest.approx(0.3)
+
+
+def test_folding_the_temperature_into_the_softmax_layer_equals_scaling():
+    import keras
+
+    x = np.random.default_rng(0).normal(size=(8, 5)).astype("float32")
+    layer = keras.layers.Dense(3, activation="softmax")
+    before = keras.ops.convert_to_numpy(layer(x))
+    fold_temperature(layer, 2.5)
+    after = keras.ops.convert_to_numpy(layer(x))
+    np.testing.assert_allclose(after, scale(before, 2.5), atol=1e-5)

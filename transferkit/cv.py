@@ -1,0 +1,175 @@
+"""`transferkit cv`: stratified, seeded K-fold cross-validation of the whole finetune recipe.
+
+train and val are pooled (DATA/test stays out of it, for the ensemble's held-out score) and
+cut into K stratified folds. Each fold runs the recipe as a complete finetune run in
+RUN/folds/fold-K, choosing its epochs and candidates on an inner val split of its training
+folds, so its predictions on the held-out fold are truly out of sample: oof.csv gives one per
+image. The frozen-base features are cached, so the probe of every fold after the first costs
+no pass through the base. The K fold models become one plain Keras model that averages their
+probabilities: predict, evaluate and export take RUN like any run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.config import CVConfig
+from transferkit.data.folders import DataSplits, ImageSet, load_splits, split_validation
+from transferkit.data.pipeline import build_dataset
+from transferkit.errors import ArtifactError, DataError
+from transferkit.files import write_text
+from transferkit.inference import predict_batches
+from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs import (
+    FOLDS_DIR,
+    OOF_FILE,
+    RUNNING,
+    CrossValidation,
+    RunRecord,
+    Score,
+    check_run_output,
+    clear_run,
+    load_run,
+    run_lock,
+    save_record,
+    save_run,
+    save_splits,
+)
+from transferkit.training.finetune import finetune
+from transferkit.training.prepare import data_summary
+
+
+@dataclass(frozen=True)
+class CVResult:
+    run_dir: Path
+    record: RunRecord
+
+
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    return run_dir / FOLDS_DIR / f"fold-{fold}"
+
+
+def cross_validate(config: CVConfig, reporter: Reporter | None = None) -> CVResult:
+    """Runs the recipe on each of K folds and writes the ensemble run directory.
+
+    Raises:
+        TransferkitError: bad data or options (a class with fewer images than folds), or an
+            existing output.
+    """
+    reporter = reporter or NullReporter()
+    output = config.recipe.output
+    if output is None:
+        raise ArtifactError("cv needs a run directory for its ensemble: pass -o RUN.")
+    with run_lock(output):
+        return _cross_validate(config, output, reporter)
+
+
+def _cross_validate(config: CVConfig, output: Path, reporter: Reporter) -> CVResult:
+    from sklearn.model_selection import StratifiedKFold
+
+    recipe = config.recipe
+    check_run_output(output, recipe.overwrite)
+    splits = load_splits(recipe.data.data_dir, recipe.data.val_split, recipe.data.seed, reporter)
+    pooled = splits.train.join(splits.val)
+    names = splits.class_names
+    counts = np.bincount(pooled.labels, minlength=len(names))
+    if counts.min() < config.folds:
+        small = ", ".join(f"{names[i]} ({counts[i]})" for i in np.flatnonzero(
+            counts < config.folds)[:10])
+        raise DataError(f"--folds {config.folds} needs at least {config.folds} images per "
+                        f"class outside test/, so that every fold holds out each class; these "
+                        f"have fewer: {small}. Use fewer folds or add images.")
+    if recipe.overwrite:
+        clear_run(output)
+    save_splits(output, [(p.as_posix(), names[label], split) for split, images in
+                         (("train", pooled), ("test", splits.test)) if images is not None
+                         for p, label in zip(images.paths, images.labels, strict=True)])
+    folds = StratifiedKFold(config.folds, shuffle=True, random_state=recipe.data.seed)
+    oof = np.zeros((len(pooled), len(names)), np.float32)
+    fold_of = np.zeros(len(pooled), int)
+    scores = []
+    for k, (_, held_idx) in enumerate(folds.split(np.zeros(len(pooled)), pooled.labels), 1):
+        held = np.zeros(len(pooled), bool)
+        held[held_idx] = True
+        inner_train, inner_val = split_validation(pooled.subset(~held), recipe.data.val_split,
+                                                  recipe.data.seed)
+        reporter.info(f"Fold {k}/{config.folds}: {len(inner_train)} train, {len(inner_val)} "
+                      f"val (choosing epochs and models), {held.sum()} held out.")
+        result = finetune(
+            dataclasses.replace(recipe, output=fold_dir(output, k), overwrite=False), reporter,
+            DataSplits(names, inner_train, inner_val, pooled.subset(held), False,
+                       splits.skipped))
+        assert result.test_probabilities is not None
+        oof[held] = result.test_probabilities
+        fold_of[held] = k
+        held_out = next(s for s in result.scores if s.split == "test")
+        scores.append(dataclasses.replace(held_out, split=f"fold {k}"))
+        reporter.info(scores[-1].describe())
+    return _save_ensemble(config, output, splits, pooled, oof, fold_of, tuple(scores),
+                          reporter)
+
+
+def _save_ensemble(config: CVConfig, output: Path, splits: DataSplits, pooled: ImageSet,
+                   oof: np.ndarray, fold_of: np.ndarray, scores: tuple[Score, ...],
+                   reporter: Reporter) -> CVResult:
+    """oof.csv, the averaged model of the K folds, its test score, and run.json."""
+    names = splits.class_names
+    _write_oof(output / OOF_FILE, pooled, oof, fold_of)
+    correct = int((oof.argmax(axis=1) == pooled.labels).sum())
+    summary = [Score.of("out-of-fold", correct, len(pooled), chose=False)]
+    runs = [load_run(fold_dir(output, k)) for k in range(1, config.folds + 1)]
+    model = average_models([run.model for run in runs])
+    first = runs[0].record
+    if splits.test is not None and len(splits.test):
+        batch = config.recipe.data.batch_size
+        ds = build_dataset(splits.test.sources, None, first.image_size, batch)
+        test = predict_batches(model, ds, len(splits.test), batch, reporter,
+                               "Scoring the ensemble on the test split")
+        summary.append(Score.of("test", int((test.argmax(axis=1) == splits.test.labels).sum()),
+                                len(splits.test), chose=False))
+    accuracies = [s.accuracy for s in scores]
+    record = RunRecord(
+        command="cv", config=dataclasses.replace(first.config, output=output), base=first.base,
+        base_layer=first.base_layer, preprocessing=first.preprocessing, class_names=names,
+        compute=first.compute, data=data_summary(splits), status=RUNNING,
+        scores=tuple(summary),
+        cross_validation=CrossValidation(
+            folds=config.folds, fold_scores=scores, mean=round(statistics.mean(accuracies), 4),
+            sd=round(statistics.stdev(accuracies), 4)))
+    save_record(output, record)
+    record = save_run(output, model, record, [])
+    reporter.info(f"Saved the {config.folds}-fold ensemble to '{output}'.")
+    return CVResult(output, record)
+
+
+def average_models(models: list) -> object:
+    """One Keras model whose output is the mean of the models' probabilities."""
+    import keras
+
+    inputs = keras.Input(models[0].input_shape[1:], name="image")
+    members = [keras.Model(m.input, m.output, name=f"fold_{k}")(inputs)
+               for k, m in enumerate(models, 1)]
+    return keras.Model(inputs, keras.layers.Average(name="average")(members), name="ensemble")
+
+
+def _write_oof(path: Path, images: ImageSet, probabilities: np.ndarray,
+               fold_of: np.ndarray) -> None:
+    """path, label, fold, predicted, its probability, then one column per class."""
+    names = images.class_names
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "fold", "predicted", "probability",
+                     *(f"p_{n}" for n in names)])
+    for p, label, fold, row in zip(images.paths, images.labels, fold_of, probabilities,
+                                   strict=True):
+        best = int(row.argmax())
+        writer.writerow([p.as_posix(), names[label], int(fold), names[best],
+                         f"{row[best]:.6f}", *(f"{v:.6f}" for v in row)])
+    write_text(path, buffer.getvalue())

@@ -1,0 +1,44 @@
+"""Choosing the kept model among a run's candidates without overfitting a small val split.
+
+The candidates come simplest first (the linear probe, the head, the fine-tuned model). Each
+later one replaces the current choice only when, on the same val images, it gets more right
+by more than the noise of that count: the square root of the images on which the two disagree
+(McNemar's statistic above 1). On 60 val images, two more right with two disagreements wins;
+two more right with six disagreements does not, and the simpler model is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from transferkit.runs import Choice, Comparison
+from transferkit.stats import paired_margin
+
+
+def choose(correct: Mapping[str, np.ndarray]) -> Choice:
+    """The kept candidate, from each candidate's boolean array of right answers on val
+    (in order, simplest first)."""
+    names = list(correct)
+    kept, comparisons = names[0], []
+    for other in names[1:]:
+        margin, noise = paired_margin(correct[kept], correct[other])
+        won = margin > 0 and margin > noise
+        comparisons.append(Comparison(simpler=kept, other=other, margin=margin,
+                                      noise=round(noise, 3), won=won))
+        if won:
+            kept = other
+    return Choice(val_correct={name: int(c.sum()) for name, c in correct.items()},
+                  n=len(next(iter(correct.values()))), comparisons=tuple(comparisons),
+                  kept=kept)
+
+
+def describe(choice: Choice) -> str:
+    """One line per comparison, for the console and the log."""
+    lines = []
+    for c in choice.comparisons:
+        verdict = "kept" if c.won else "not kept: within noise" if c.margin > 0 else "not kept"
+        lines.append(f"'{c.other}' vs '{c.simpler}': {c.margin:+d} of {choice.n} val images "
+                     f"(noise {c.noise:.1f}) - {verdict}")
+    return "\n".join(lines)
