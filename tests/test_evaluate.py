@@ -28,6 +28,9 @@ def test_metrics_equal_a_hand_computation():
     assert e.accuracy == pytest.approx(4 / 6)
     assert e.top_k_accuracy == {1: pytest.approx(4 / 6), 2: pytest.approx(5 / 6)}
     np.testing.assert_array_equal(e.confusion, [[2, 1, 0], [1, 1, 0], [0, 0, 1]])
+    # confidences 0.8, 0.6, 0.7, 0.8, 0.5, 0.4 (right, right, wrong, right, wrong, right), in
+    # 15 bins: |1-0.8|*2/6 + |1-0.6|/6 + |0-0.7|/6 + |0-0.5|/6 + |1-0.4|/6
+    assert e.calibration_error == pytest.approx((0.4 + 0.4 + 0.7 + 0.5 + 0.6) / 6)
     a, b, c = e.per_class
     assert (a.precision, a.recall, a.support) == (pytest.approx(2 / 3), pytest.approx(2 / 3), 3)
     assert (b.precision, b.recall, b.support) == (pytest.approx(1 / 2), pytest.approx(1 / 2), 2)

@@ -213,8 +213,31 @@ def test_an_ignored_sigint_stays_ignored(image_folder, tmp_path):
 
 
 def test_a_loss_that_turns_nan_stops_the_run_and_saves_no_model(image_folder, tmp_path):
-    """A base whose weights hold NaN (a damaged file) makes every loss NaN: the run stops in
-    its first epoch with exit 1, says which epoch and what to do, and leaves no model."""
+    """A penalty that overflows float32 makes the loss NaN: the run stops in its first epoch
+    with exit 1, says which epoch and what to do, and leaves no model."""
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["finetune", str(image_folder), "-o", str(run_dir),
+                                      "--weights", "none", "--image-size", "32",
+                                      "--batch-size", "8", "--epochs", "2", "--l2", "1e38",
+                                      "--finetune-epochs", "0", "--no-augment"])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.stderr.split())
+    assert "in epoch 1 (stage 'head'" in said and "Lower --learning-rate" in said, said
+    assert "Traceback" not in result.output
+    assert not (run_dir / "model.keras").exists()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "epoch 1" in record["failure"]
+    again = CliRunner().invoke(app, ["finetune", str(image_folder), "-o", str(run_dir)])
+    assert again.exit_code == 1 and "holds a failed run" in " ".join(again.stderr.split())
+
+
+def test_damaged_base_weights_stop_the_run_before_training(image_folder, tmp_path):
+    """A base whose weights hold NaN gives NaN features: the probe refuses them with exit 1,
+    names the weights, and the run is recorded as failed."""
     import numpy as np
     from typer.testing import CliRunner
 
@@ -228,17 +251,12 @@ def test_a_loss_that_turns_nan_stops_the_run_and_saves_no_model(image_folder, tm
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, ["finetune", str(image_folder), "-o", str(run_dir),
                                       "--weights", str(weights), "--image-size", "32",
-                                      "--batch-size", "8", "--epochs", "2",
-                                      "--finetune-epochs", "0", "--no-augment"])
+                                      "--batch-size", "8", "--finetune-epochs", "0"])
     assert result.exit_code == 1, result.output
     said = " ".join(result.stderr.split())
-    assert "loss became nan in epoch 1 (stage 'head'" in said and "Lower --learning-rate" in said
-    assert "Traceback" not in result.output
-    assert not (run_dir / "model.keras").exists()
-    record = json.loads((run_dir / "run.json").read_text())
-    assert record["status"] == "failed" and "epoch 1" in record["failure"]
-    again = CliRunner().invoke(app, ["finetune", str(image_folder), "-o", str(run_dir)])
-    assert again.exit_code == 1 and "holds a failed run" in " ".join(again.stderr.split())
+    assert "non-finite features" in said and "nan.weights.h5" in said, said
+    assert "Traceback" not in result.output and not (run_dir / "model.keras").exists()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
 
 
 @pytest.mark.parametrize("option", ["--learning-rate", "--dropout", "--finetune-lr",

@@ -199,7 +199,8 @@ def render_evaluation(result: EvaluationResult) -> None:
     stdout.print(f"Evaluated {e.images} images from {escape(result.source)}")
     tops = "  ".join(f"top-{k} {v:.4f}" for k, v in e.top_k_accuracy.items() if k > 1)
     render_scores([e.score])
-    stdout.print(f"{tops}  macro F1 {e.macro_f1:.4f}".strip())
+    stdout.print(f"{tops}  macro F1 {e.macro_f1:.4f}  expected calibration error "
+                 f"{e.calibration_error:.3f}".strip())
     per_class = Table(title="Per class", box=box.SIMPLE_HEAD, collapse_padding=True,
                       caption="recall 95 % CI: Wilson interval of the class's accuracy")
     for name in ("class", "precision", "recall", "recall 95 % CI", "F1", "support"):

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.calibration import expected_calibration_error
 from transferkit.config import EvaluateConfig
 from transferkit.data.folders import DataSplits, ImageSet, load_labelled_folder, splits_from_table
 from transferkit.data.pipeline import build_dataset
@@ -51,6 +52,7 @@ class Evaluation:
     macro_f1: float
     images: int
     score: Score  # the accuracy with its split, n and 95 % interval
+    calibration_error: float  # expected calibration error: how far confidence is from accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,7 +60,7 @@ class Evaluation:
             "accuracy_95ci": [self.score.low, self.score.high], "split": self.score.split,
             "split_chose_the_model": self.score.chose,
             "top_k_accuracy": {str(k): v for k, v in self.top_k_accuracy.items()},
-            "macro_f1": self.macro_f1,
+            "macro_f1": self.macro_f1, "expected_calibration_error": self.calibration_error,
             "per_class": [vars(c) for c in self.per_class],
             "class_names": list(self.class_names), "confusion": self.confusion.tolist(),
         }
@@ -92,7 +94,8 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     correct = int((predicted == labels).sum())
     return Evaluation(class_names, correct / max(len(labels), 1), top, tuple(per_class),
                       confusion, float(np.mean([c.f1 for c in per_class])), len(labels),
-                      Score.of(split, correct, len(labels), chose))
+                      Score.of(split, correct, len(labels), chose),
+                      expected_calibration_error(probabilities, labels))
 
 
 @dataclass(frozen=True)

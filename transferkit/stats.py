@@ -1,6 +1,8 @@
 """How sure a measured accuracy is. The Wilson score interval is written out here (five
 lines) rather than taken from statsmodels, which transferkit would otherwise not need; it
-keeps sensible bounds at 0 and 100 % and on the few dozen images a validation split holds."""
+keeps sensible bounds at 0 and 100 % and on the few dozen images a validation split holds.
+The paired margin says whether one model beats another on the same images by more than
+noise."""
 
 from __future__ import annotations
 

@@ -273,6 +273,16 @@ def _probe(record: RunRecord, prepared: Prepared, reporter: Reporter,
     (x_train, y_train), (x_val, y_val) = _frozen_features(
         config, prepared.spec, splits, model.get_layer("features"), prepared.image_size,
         record.compute.precision, reporter)
+    broken = int((~np.isfinite(x_train)).any(axis=1).sum() + (~np.isfinite(x_val)).any(
+        axis=1).sum())
+    if broken:
+        failure = (f"The frozen {prepared.spec.name} base gives non-finite features (NaN or "
+                   f"inf) for {broken} of {len(x_train) + len(x_val)} images, so nothing can "
+                   f"be trained on them: its weights ('{config.weights}') are damaged, or were "
+                   f"saved from a model whose training diverged. Use other weights (e.g. "
+                   f"--weights imagenet).")
+        save_record(config.output, record.replace(status=FAILED, failure=failure))
+        raise TrainingDiverged(failure)
     probe = fit_probe(x_train, y_train, len(splits.class_names),
                       balanced=record.class_weights is not None, seed=config.data.seed)
     correct = int((probe.probabilities(x_val).argmax(axis=1) == y_val).sum())
