@@ -32,6 +32,7 @@ from transferkit.config import (
     QUANTIZATIONS,
     SCHEDULES,
     STRATEGIES,
+    AuditConfig,
     AugmentConfig,
     ComputeConfig,
     CVConfig,
@@ -493,6 +494,46 @@ def cv(
         from transferkit.cv import cross_validate
 
         render_cv(cross_validate(settings, RichReporter()))
+
+
+@app.command()
+def audit(
+    data: DataArg,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Folder for audit.json and report.html.",
+        rich_help_panel=OUT_PANEL, file_okay=False, show_default=False)],
+    base: BaseOpt = FINETUNE_BASE,
+    weights: WeightsOpt = default(AuditConfig, "weights"),
+    image_size: ImageSizeOpt = default(DataConfig, "image_size"),
+    val_split: ValSplitOpt = default(DataConfig, "val_split"),
+    batch_size: BatchOpt = default(DataConfig, "batch_size"),
+    seed: SeedOpt = default(DataConfig, "seed"),
+    duplicate_similarity: Annotated[float, typer.Option(
+        "--duplicate-similarity", help="Perceptual similarity (correlation of thumbnails, "
+                                       "aligned over small crops) from which two images count "
+                                       "as near-duplicates.",
+        rich_help_panel=CHECK_PANEL)] = default(AuditConfig, "duplicate_similarity"),
+    cache: CacheOpt = default(AuditConfig, "cache"),
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Find likely label errors, near-duplicates (and leaks between splits) and outliers,
+    from frozen-base features; write audit.json and a self-contained report.html. Never moves
+    or edits the data."""
+    with _user_errors():
+        settings = AuditConfig(
+            data=DataConfig(data_dir=data, image_size=image_size, val_split=val_split,
+                            batch_size=batch_size, seed=seed),
+            output=output, base=base.value, weights=weights,
+            duplicate_similarity=duplicate_similarity, cache=cache, overwrite=overwrite)
+        _check_data(settings.data, settings.base)
+        from transferkit.files import check_new_output
+
+        check_new_output(output, overwrite, what="audit folder")
+        load_tensorflow()
+        from transferkit.audit import audit as run_audit
+        from transferkit.console import RichReporter, render_audit
+
+        render_audit(run_audit(settings, RichReporter()))
 
 
 @app.command()

@@ -265,6 +265,26 @@ class CVConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    """`transferkit audit`: label issues, near-duplicates and outliers of a data folder."""
+
+    data: DataConfig
+    output: Path
+    base: str = DEFAULT_BASE
+    weights: str = "imagenet"
+    # perceptual similarity from which two images are near-duplicates; measured on planted
+    # resized, re-encoded and 5 %-cropped copies, which all scored 0.977 or more
+    duplicate_similarity: float = 0.975
+    cache: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(0 < self.duplicate_similarity <= 1,
+               f"--duplicate-similarity must be in (0, 1]; got {self.duplicate_similarity}.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class HeadConfig:
     """The dense classifier `extract --train-head` trains on saved features."""
 

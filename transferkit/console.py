@@ -19,6 +19,7 @@ from transferkit.reporting import StageInfo
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from transferkit.audit import AuditResult
     from transferkit.bases import BaseSpec
     from transferkit.cv import CVResult
     from transferkit.doctor import DoctorReport
@@ -152,6 +153,30 @@ def render_choice(choice: Choice) -> None:
                       "-" if step is None else f"{step.noise:.1f}",
                       "kept" if name == choice.kept else "")
     stdout.print(table)
+
+
+def render_audit(result: AuditResult) -> None:
+    """The counts, then the first few of each finding; the report has them all."""
+    leaks = sum(p.cross_split for p in result.near_duplicates)
+    stdout.print(f"Audited {result.images} images in {result.seconds:.1f} s (out-of-fold "
+                 f"accuracy of a linear probe {result.oof_accuracy:.3f}):")
+    stdout.print(f"  {len(result.label_issues)} likely label error(s), "
+                 f"{len(result.near_duplicates)} near-duplicate pair(s) ({leaks} across "
+                 f"splits), {len(result.outliers)} outlier(s)")
+    if result.label_issues:
+        table = Table(title="Most likely label errors", box=box.SIMPLE_HEAD,
+                      collapse_padding=True)
+        for name in ("path", "given", "suggested", "quality"):
+            table.add_column(name, justify="right" if name == "quality" else "left",
+                             overflow="fold")
+        for issue in result.label_issues[:10]:
+            table.add_row(escape(issue.path), escape(issue.given), escape(issue.suggested),
+                          f"{issue.score:.3f}")
+        stdout.print(table)
+    for pair in [p for p in result.near_duplicates if p.cross_split][:10]:
+        stdout.print(escape(f"  leak: {pair.paths[0]} ({pair.splits[0]}) ~ {pair.paths[1]} "
+                            f"({pair.splits[1]}), similarity {pair.similarity:.3f}"))
+    stdout.print(f"Wrote audit.json and report.html to {escape(str(result.output))}")
 
 
 def render_cv(result: CVResult) -> None:

@@ -1,0 +1,397 @@
+"""`transferkit audit`: what is wrong with the data, before any recipe is tuned on it.
+
+From the frozen-base features of every image (cached, so an audit after a run costs no pass
+through the base):
+- label issues: out-of-fold probabilities of a cross-validated linear probe, given to
+  cleanlab's confident learning (`find_label_issues`, ranked by its label quality score);
+- near-duplicates: pairs whose perceptual fingerprints (blurred grey thumbnails, aligned over
+  small crops) correlate at --duplicate-similarity or more, marked when they cross splits (a
+  leak) or classes (a contradiction);
+- outliers: images far from their own class's centre and from every other class's.
+audit writes audit.json and report.html into its output folder, and never moves or edits data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit import report
+from transferkit.bases import build_base, get_base, resolve_image_size
+from transferkit.config import AuditConfig
+from transferkit.data.folders import ImageSet, load_splits
+from transferkit.devices import precision_policy, resolve_precision
+from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
+from transferkit.files import check_new_output, replace_path, write_json, write_text
+from transferkit.reporting import NullReporter, Reporter
+from transferkit.training.probe import fit_probe
+
+AUDIT_FILE = "audit.json"
+REPORT_FILE = "report.html"
+THUMB_PX = 32
+CANDIDATES = 10  # per image: nearest by whole-image fingerprint (and half as many by embedding)
+OUTLIER_FENCE = 1.5  # Tukey: beyond Q3 + 1.5 IQR of the distances to the own class's centre
+MAX_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class LabelIssue:
+    path: str
+    given: str
+    suggested: str
+    score: float  # cleanlab's label quality: near 0 for a likely wrong label
+    split: str
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    paths: tuple[str, str]
+    similarity: float  # perceptual: correlation of grey thumbnails, aligned over crops
+    embedding_similarity: float  # cosine similarity of the base's features
+    cross_split: bool
+    cross_class: bool
+    splits: tuple[str, str]
+    labels: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Outlier:
+    path: str
+    label: str
+    distance_to_class: float  # cosine distance to the centre of its class
+    nearest_other_class: str
+    distance_to_other: float  # ... and to the centre of the nearest other class
+    split: str
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    output: Path
+    images: int
+    label_issues: tuple[LabelIssue, ...]
+    label_quality: tuple[tuple[str, float], ...]  # every image, least likely label first
+    near_duplicates: tuple[NearDuplicate, ...]
+    outliers: tuple[Outlier, ...]
+    oof_accuracy: float
+    seconds: float
+
+
+def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
+    """Audits `config.data` and writes audit.json and report.html into `config.output`.
+
+    Raises:
+        TransferkitError: bad data or options, or an existing output.
+    """
+    reporter = reporter or NullReporter()
+    started = time.perf_counter()
+    check_new_output(config.output, config.overwrite, what="audit folder")
+    splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
+                         reporter, use_cache=config.cache)
+    named = splits.items()
+    images = named[0][1]
+    for _, more in named[1:]:
+        images = images.join(more)
+    split_of = np.array([name for name, s in named for _ in range(len(s))])
+    features = _features(config, images, reporter)
+    reporter.info(f"Auditing {len(images)} images in {len(images.class_names)} classes.")
+    probabilities = out_of_fold_probabilities(features, images.labels,
+                                              len(images.class_names), config.data.seed)
+    issues, quality = label_issues(images, probabilities, split_of)
+    pairs = near_duplicates(images, features, split_of, config.duplicate_similarity)
+    far = outliers(images, features, split_of)
+    oof = float((probabilities.argmax(axis=1) == images.labels).mean())
+    result = AuditResult(config.output, len(images), issues, quality, pairs, far, oof,
+                         time.perf_counter() - started)
+    _write(config, result, images, features, split_of, probabilities, splits.skipped)
+    return result
+
+
+def _features(config: AuditConfig, images: ImageSet, reporter: Reporter) -> np.ndarray:
+    """The pooled frozen-base features of every image, through the shared feature cache."""
+    spec = get_base(config.base)
+    image_size = resolve_image_size(spec, config.data.image_size)
+    precision = resolve_precision("auto")
+
+    def build() -> Any:
+        import keras
+
+        from transferkit.model import build_feature_extractor
+
+        keras.utils.set_random_seed(config.data.seed)
+        with precision_policy(precision):
+            return build_feature_extractor(build_base(spec, image_size, config.weights),
+                                           spec.preprocessing)
+
+    feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, config.weights,
+                                                              config.data.seed),
+                               image_size, len(spec.blocks), "avg",
+                               spec.preprocessing.to_dict(), precision)
+    extractor = FeatureExtractor(build, feature_spec, config.data.batch_size, reporter,
+                                 use_cache=config.cache)
+    (features,) = extractor.features([images], "all")
+    extractor.save()
+    reporter.info(f"{spec.name} features: {extractor.computed} images computed, "
+                  f"{extractor.reused} from the cache.")
+    return features
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                              seed: int) -> np.ndarray:
+    """Each image's class probabilities from a linear probe that never saw it: stratified
+    K-fold (K up to 5, as the smallest class allows), C chosen by the probe's own
+    cross-validation on all images. A class of one image gets no column from the folds that
+    hold it out; its probability there is 0, which is the honest answer."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    counts = np.bincount(labels, minlength=num_classes)
+    folds = int(max(2, min(MAX_FOLDS, counts[counts > 0].min())))
+    c = fit_probe(features, labels, num_classes, seed=seed).c
+    with warnings.catch_warnings():  # few members in a class; future default changes
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        found = cross_val_predict(
+            LogisticRegression(C=c, max_iter=3000, tol=1e-3), features, labels,
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
+    probabilities = np.zeros((len(labels), num_classes))
+    present = np.flatnonzero(counts)
+    probabilities[:, present] = found
+    return probabilities
+
+
+def label_issues(images: ImageSet, probabilities: np.ndarray, split_of: np.ndarray
+                 ) -> tuple[tuple[LabelIssue, ...], tuple[tuple[str, float], ...]]:
+    """Confident learning's label issues, most suspicious (lowest label quality) first; and
+    every image's label quality, lowest first."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    names = images.class_names
+    with warnings.catch_warnings():  # classes with few images
+        warnings.simplefilter("ignore")
+        quality = get_label_quality_scores(images.labels, probabilities)
+        flagged = find_label_issues(images.labels, probabilities,
+                                    return_indices_ranked_by="self_confidence")
+    issues = tuple(LabelIssue(path=images.paths[i].as_posix(), given=names[images.labels[i]],
+                              suggested=names[int(probabilities[i].argmax())],
+                              score=round(float(quality[i]), 4), split=str(split_of[i]))
+                   for i in sorted(flagged, key=lambda i: quality[i]))
+    ranking = tuple((images.paths[i].as_posix(), round(float(quality[i]), 4))
+                    for i in np.argsort(quality, kind="stable"))
+    return issues, ranking
+
+
+def _crop_boxes() -> tuple[tuple[float, float, float, float], ...]:
+    """The whole image, then 5 % and 10 % cut off: at each corner, and around the centre."""
+    boxes = [(0.0, 0.0, 1.0, 1.0)]
+    for f in (0.05, 0.1):
+        boxes += [(f, f, 1, 1), (0, f, 1 - f, 1), (f, 0, 1, 1 - f), (0, 0, 1 - f, 1 - f),
+                  (f / 2, f / 2, 1 - f / 2, 1 - f / 2)]
+    return tuple(boxes)
+
+
+CROP_BOXES = _crop_boxes()
+
+
+def thumbnails(source: str) -> np.ndarray:
+    """The image's perceptual fingerprints, one per CROP_BOX: grey, THUMB_PX square,
+    slightly blurred, zero mean and unit norm, so that their dot product is a correlation
+    that resizing and re-encoding hardly move. Written here (Pillow and numpy, a few lines)
+    because perceptual-hash packages compare whole images only and miss crops."""
+    from PIL import Image, ImageFilter
+
+    grid = 3 * THUMB_PX
+    with open(os.fsencode(source), "rb") as f, Image.open(f) as image:
+        image.draft("L", (2 * grid, 2 * grid))  # JPEGs decode at a fraction of their size
+        grey = image.convert("L").resize((grid, grid), Image.Resampling.LANCZOS)
+    out = []
+    for x0, y0, x1, y1 in CROP_BOXES:
+        crop = grey.crop((round(x0 * grid), round(y0 * grid), round(x1 * grid),
+                          round(y1 * grid))).resize((THUMB_PX, THUMB_PX),
+                                                    Image.Resampling.LANCZOS)
+        v = np.asarray(crop.filter(ImageFilter.GaussianBlur(1)), np.float64).ravel()
+        v -= v.mean()
+        out.append(v / max(np.linalg.norm(v), 1e-12))
+    return np.stack(out)
+
+
+def near_duplicates(images: ImageSet, features: np.ndarray, split_of: np.ndarray,
+                    threshold: float) -> tuple[NearDuplicate, ...]:
+    """Pairs that are copies of one another up to resizing, re-encoding or a slight crop,
+    most similar first. Each image is compared in full with the candidates nearest to it
+    (by whole-image fingerprint and by embedding), and a pair scores the best correlation of
+    one image with any crop of the other."""
+    prints = np.stack([thumbnails(s) for s in images.sources])  # (n, crops, pixels)
+    whole = prints[:, 0]
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    embedding = unit @ unit.T
+    candidates = set()
+    for scores, k in ((whole @ whole.T, CANDIDATES), (embedding, CANDIDATES // 2)):
+        np.fill_diagonal(scores, -np.inf)
+        nearest = np.argsort(-scores, axis=1)[:, :k]
+        candidates |= {(min(i, j), max(i, j)) for i, row in enumerate(nearest) for j in row}
+    names = images.class_names
+    pairs = []
+    for i, j in sorted(candidates):
+        score = max(float((prints[j] @ whole[i]).max()), float((prints[i] @ whole[j]).max()))
+        if score >= threshold:
+            pairs.append(NearDuplicate(
+                paths=(images.paths[i].as_posix(), images.paths[j].as_posix()),
+                similarity=round(score, 4), embedding_similarity=round(float(
+                    embedding[i, j]), 4),
+                cross_split=bool(split_of[i] != split_of[j]),
+                cross_class=bool(images.labels[i] != images.labels[j]),
+                splits=(str(split_of[i]), str(split_of[j])),
+                labels=(names[images.labels[i]], names[images.labels[j]])))
+    return tuple(sorted(pairs, key=lambda p: -p.similarity))
+
+
+def outliers(images: ImageSet, features: np.ndarray,
+             split_of: np.ndarray) -> tuple[Outlier, ...]:
+    """Images beyond the Tukey fence of distances to their own class's centre that are no
+    nearer to any other class's centre: far from everything, not merely mislabelled."""
+    names = images.class_names
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    present = np.unique(images.labels)
+    centres = np.zeros((len(names), unit.shape[1]))
+    for c in present:
+        centre = unit[images.labels == c].mean(axis=0)
+        centres[c] = centre / max(np.linalg.norm(centre), 1e-12)
+    distance = 1 - unit @ centres.T  # cosine distance to each class's centre
+    distance[:, np.setdiff1d(np.arange(len(names)), present)] = np.inf
+    own = distance[np.arange(len(unit)), images.labels]
+    q1, q3 = np.percentile(own, [25, 75])
+    fence = q3 + OUTLIER_FENCE * (q3 - q1)
+    others = distance.copy()
+    others[np.arange(len(unit)), images.labels] = np.inf
+    nearest = others.argmin(axis=1)
+    found = [Outlier(path=images.paths[i].as_posix(), label=names[images.labels[i]],
+                     distance_to_class=round(float(own[i]), 4),
+                     nearest_other_class=names[nearest[i]],
+                     distance_to_other=round(float(others[i, nearest[i]]), 4),
+                     split=str(split_of[i]))
+             for i in np.flatnonzero((own > fence) & (others.min(axis=1) > fence))]
+    return tuple(sorted(found, key=lambda o: -o.distance_to_class))
+
+
+def _write(config: AuditConfig, result: AuditResult, images: ImageSet, features: np.ndarray,
+           split_of: np.ndarray, probabilities: np.ndarray, skipped: Any) -> None:
+    """audit.json and report.html, built in a fresh folder that replaces the output whole."""
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{config.output.name}.", dir=config.output.parent
+                                     ) as tmp:
+        folder = Path(tmp) / "audit"
+        folder.mkdir()
+        write_json(folder / AUDIT_FILE, {
+            "data": str(config.data.data_dir), "base": config.base, "weights": config.weights,
+            "images": result.images, "class_names": list(images.class_names),
+            "out_of_fold_accuracy": round(result.oof_accuracy, 4),
+            "thresholds": {"duplicate_similarity": config.duplicate_similarity,
+                           "outlier_fence_iqr": OUTLIER_FENCE},
+            "label_issues": [_plain(i, "split") for i in result.label_issues],
+            "near_duplicates": [_plain(p) for p in result.near_duplicates],
+            "outliers": [_plain(o) for o in result.outliers],
+            "label_quality": [{"path": p, "score": q} for p, q in result.label_quality],
+            "skipped": [{"path": str(f.path), "reason": f.reason} for f in skipped],
+            "seconds": round(result.seconds, 2)})
+        write_text(folder / REPORT_FILE, _page(config, result, images, features, split_of))
+        replace_path(folder, config.output)
+
+
+def _plain(item: Any, *drop: str) -> dict[str, Any]:
+    values = asdict(item)
+    for key, value in values.items():
+        if isinstance(value, tuple):
+            values[key] = list(value)
+    return {k: v for k, v in values.items() if k not in drop}
+
+
+def _page(config: AuditConfig, result: AuditResult, images: ImageSet, features: np.ndarray,
+          split_of: np.ndarray) -> str:
+    from sklearn.decomposition import PCA
+
+    source = dict(zip((p.as_posix() for p in images.paths), images.sources, strict=True))
+    index = {p.as_posix(): i for i, p in enumerate(images.paths)}
+    shown = 40
+    issue_rows = [[report.thumbnail(source[i.path]), f"<span class=\"path\">{report.esc(i.path)}"
+                   f"</span>", report.esc(i.given), report.esc(i.suggested), f"{i.score:.3f}",
+                   report.esc(i.split)] for i in result.label_issues[:shown]]
+    pair_rows = [[report.thumbnail(source[p.paths[0]]), report.thumbnail(source[p.paths[1]]),
+                  "<br>".join(f"<span class=\"path\">{report.esc(x)}</span> ({report.esc(s)}, "
+                              f"{report.esc(c)})" for x, s, c in zip(p.paths, p.splits,
+                                                                       p.labels, strict=True)),
+                  f"{p.similarity:.3f}", f"{p.embedding_similarity:.3f}",
+                  "<b class=\"bad\">yes</b>" if p.cross_split else "no",
+                  "<b class=\"bad\">yes</b>" if p.cross_class else "no"]
+                 for p in result.near_duplicates[:shown]]
+    outlier_rows = [[report.thumbnail(source[o.path]), f"<span class=\"path\">"
+                     f"{report.esc(o.path)}</span>", report.esc(o.label),
+                     f"{o.distance_to_class:.3f}", report.esc(o.nearest_other_class),
+                     f"{o.distance_to_other:.3f}"] for o in result.outliers[:shown]]
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    points = PCA(2, random_state=0).fit_transform(unit) if len(unit) > 2 else np.zeros(
+        (len(unit), 2))
+    marked = [index[i.path] for i in result.label_issues[:shown]]
+    titles = [f"{p.as_posix()} ({images.class_names[label]}, {s})"
+              for p, label, s in zip(images.paths, images.labels, split_of, strict=True)]
+    leaks = sum(p.cross_split for p in result.near_duplicates)
+
+    def more(n: int) -> str:
+        return f" The first {shown} of {n} are shown; audit.json lists all." if n > shown \
+            else ""
+
+    return report.page(
+        f"Data audit: {config.data.data_dir}",
+        f"{result.images} images, {len(images.class_names)} classes, features of "
+        f"{config.base} ({config.weights}); audited in {result.seconds:.1f} s. Nothing was "
+        f"moved or edited.",
+        [report.section("Summary", report.table(
+            ["check", "found"],
+            [["likely wrong labels (confident learning)", str(len(result.label_issues))],
+             ["near-duplicate pairs", str(len(result.near_duplicates))],
+             ["... of which cross splits (a leak)", f"<b class=\"bad\">{leaks}</b>" if leaks
+              else "0"],
+             ["outliers", str(len(result.outliers))],
+             ["out-of-fold accuracy of a linear probe", f"{result.oof_accuracy:.3f}"]],
+            [False, True])),
+         report.section(
+             "Likely label errors", report.table(
+                 ["image", "path", "given", "suggested", "label quality", "split"], issue_rows,
+                 [False, False, False, False, True, False]) if issue_rows else
+             "<p>None found.</p>",
+             note="Out-of-fold probabilities of a cross-validated linear probe, through "
+                  "cleanlab's confident learning; lowest label quality first." + more(
+                      len(result.label_issues))),
+         report.section(
+             "Near-duplicates", report.table(
+                 ["a", "b", "paths (split, label)", "perceptual", "embedding",
+                  "cross split", "cross class"], pair_rows,
+                 [False, False, False, True, True, False, False]) if pair_rows else
+             "<p>None found.</p>",
+             note=f"Perceptual similarity (correlation of blurred grey thumbnails, the best "
+                  f"over crops of up to 10 %) of at least {config.duplicate_similarity}; the "
+                  f"embedding column is the base's cosine similarity, for reference. A pair "
+                  f"across splits leaks a validation or test image into training." + more(
+                      len(result.near_duplicates))),
+         report.section(
+             "Outliers", report.table(
+                 ["image", "path", "label", "distance to its class", "nearest other class",
+                  "distance to it"], outlier_rows,
+                 [False, False, False, True, False, True]) if outlier_rows else
+             "<p>None found.</p>",
+             note="Beyond the Tukey fence (Q3 + 1.5 IQR) of cosine distances to their own "
+                  "class's centre, and as far from every other class's."),
+         report.section(
+             "Embedding map", report.scatter(points, images.labels, images.class_names, titles,
+                                             marked),
+             note="The features projected on their first two principal components, coloured "
+                  "by given label; red rings mark likely label errors. Hover a point for its "
+                  "path.")])
