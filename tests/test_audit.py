@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,20 @@ def test_a_name_with_markup_is_escaped(tmp_path):
 
     cell = report.esc("<script>alert(1)</script>")
     assert "<script>" not in cell and "&lt;script&gt;" in cell
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_in_a_real_browser(audited, tmp_path):
+    """Headless Chromium draws the page offline: the thumbnails and the map's coloured
+    points show up in the screenshot."""
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    "--hide-scrollbars", "--window-size=1200,4000", f"--screenshot={shot}",
+                    (audited / "report.html").as_uri()], check=True, capture_output=True,
+                   timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    saturated = (pixels.max(axis=2) - pixels.min(axis=2)) > 80  # colour, not grey text
+    assert saturated.mean() > 0.002  # thumbnails of coloured shapes and the map's points
+    rows = np.flatnonzero(saturated.any(axis=1))
+    assert rows.max() - rows.min() > 1000  # colour from the top sections down to the map

@@ -173,6 +173,7 @@ def test_doctor_cli_reports_writes_json_and_quarantines(messy_folder: Path, tmp_
     assert (tmp_path / "bad" / "train" / "circles" / "notes.jpg").is_file()
     clean = invoke("doctor", Path(__file__).parents[1] / "sample_data")
     assert clean.exit_code == 0 and "No problems found in 90 files" in said(clean.stderr)
+    assert "transferkit audit DATA" in said(clean.stderr)  # where the deeper checks are
 
 
 def test_all_commands_survive_a_messy_folder(messy_folder: Path, tmp_path: Path):

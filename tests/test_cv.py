@@ -33,6 +33,9 @@ def test_a_probe_only_run_is_a_complete_calibrated_model(image_folder, tmp_path)
     assert 0.5 <= record.calibration.temperature <= 10
     assert record.scores[0].split == "val" and record.scores[0].chose
     assert load_run(tmp_path / "run").model.output_shape == (None, 3)
+    page = (tmp_path / "run" / "report.html").read_text()
+    for heading in ("Run", "How good it is", "On val (it chose the model)", "Embedding map"):
+        assert f"<h2>{heading}</h2>" in page
 
 
 def test_a_hidden_layer_needs_head_epochs_before_fine_tuning(image_folder):
@@ -79,6 +82,19 @@ def test_the_record_has_each_fold_and_the_out_of_fold_score(cv_run):
     for k in (1, 2):
         fold = json.loads((cv_run / "folds" / f"fold-{k}" / "run.json").read_text())
         assert fold["status"] == "complete" and fold["scores"][-1]["split"] == "test"
+
+
+def test_the_cv_report_shows_folds_and_out_of_fold_predictions(cv_run):
+    page = (cv_run / "report.html").read_text()
+    assert "<h2>On out-of-fold predictions" in page and "fold 2" in page
+    assert "Mean fold accuracy" in page
+
+
+def test_evaluate_refreshes_the_report_with_its_evaluation(cv_run, image_folder):
+    result = CliRunner().invoke(app, ["evaluate", str(cv_run), str(image_folder)])
+    assert result.exit_code == 0, result.output
+    page = (cv_run / "report.html").read_text()
+    assert f"<h2>On labelled folder &#x27;{image_folder}&#x27;</h2>" in page
 
 
 def test_the_ensemble_averages_the_fold_models(cv_run):

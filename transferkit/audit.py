@@ -31,10 +31,10 @@ from transferkit.devices import precision_policy, resolve_precision
 from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.files import check_new_output, replace_path, write_json, write_text
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs import REPORT_FILE
 from transferkit.training.probe import fit_probe
 
 AUDIT_FILE = "audit.json"
-REPORT_FILE = "report.html"
 THUMB_PX = 32
 CANDIDATES = 10  # per image: nearest by whole-image fingerprint (and half as many by embedding)
 OUTLIER_FENCE = 1.5  # Tukey: beyond Q3 + 1.5 IQR of the distances to the own class's centre

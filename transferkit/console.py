@@ -340,6 +340,9 @@ def render_doctor(report: DoctorReport) -> None:
         stderr.print(f"[yellow]{len(report.findings)} problem(s)[/] in {report.files} files.")
     else:
         stderr.print(f"[green]No problems found[/] in {report.files} files.")
+    stderr.print("doctor checks files and finds exact copies. For likely wrong labels, "
+                 "resized or re-encoded copies across splits, and outliers, run: "
+                 "transferkit audit DATA -o AUDIT (writes AUDIT/report.html).")
 
 
 def render_quarantine(moved: Sequence[tuple[Path, Path]], destination: Path) -> None:

@@ -24,9 +24,11 @@ from transferkit.config import CVConfig
 from transferkit.data.folders import DataSplits, ImageSet, load_splits, split_validation
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ArtifactError, DataError
+from transferkit.evaluate import classification_metrics
 from transferkit.files import write_text
 from transferkit.inference import predict_batches
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.run_report import Evaluated, write_run_report
 from transferkit.runs import (
     FOLDS_DIR,
     OOF_FILE,
@@ -127,6 +129,7 @@ def _save_ensemble(config: CVConfig, output: Path, splits: DataSplits, pooled: I
     runs = [load_run(fold_dir(output, k)) for k in range(1, config.folds + 1)]
     model = average_models([run.model for run in runs])
     first = runs[0].record
+    test = None
     if splits.test is not None and len(splits.test):
         batch = config.recipe.data.batch_size
         ds = build_dataset(splits.test.sources, None, first.image_size, batch)
@@ -145,6 +148,14 @@ def _save_ensemble(config: CVConfig, output: Path, splits: DataSplits, pooled: I
             sd=round(statistics.stdev(accuracies), 4)))
     save_record(output, record)
     record = save_run(output, model, record, [])
+    evaluated = [Evaluated("out-of-fold predictions (each image by the fold that never saw it)",
+                           pooled, oof, classification_metrics(
+                               pooled.labels, oof, names, split="out-of-fold"))]
+    if test is not None and splits.test is not None:
+        evaluated.append(Evaluated("test (the ensemble, held out)", splits.test, test,
+                                   classification_metrics(splits.test.labels, test, names,
+                                                          split="test")))
+    write_run_report(output, record, evaluated)
     reporter.info(f"Saved the {config.folds}-fold ensemble to '{output}'.")
     return CVResult(output, record)
 

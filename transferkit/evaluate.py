@@ -19,6 +19,7 @@ from transferkit.files import check_new_output, replace_path, save_figure, write
 from transferkit.inference import predict_batches
 from transferkit.plots import plot_confusion, plot_gallery
 from transferkit.reporting import NullReporter, Reporter, printable
+from transferkit.run_report import Evaluated, write_run_report
 from transferkit.runs import (
     EVALUATION_DIR,
     LoadedRun,
@@ -162,7 +163,7 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     probabilities = predict_batches(run.model, ds, len(images), config.batch_size, reporter,
                                     "Evaluating")
     evaluation = classification_metrics(images.labels, probabilities, run.class_names,
-                                        config.top_k, split, chose=config.data_dir is None)
+                                        config.top_k, split, chose=split == "val")
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
         staged = Path(tmp) / "evaluation"
@@ -173,6 +174,9 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
         wrong = _save_mistakes(staged / "mistakes.png", images, probabilities, run,
                                config.gallery, config.batch_size)
         replace_path(staged, output)
+    if config.output is None:  # the run's own evaluation: its report shows it
+        write_run_report(config.run_dir, run.record,
+                         [Evaluated(source, images, probabilities, evaluation)])
     return EvaluationResult(evaluation, output, source, wrong)
 
 

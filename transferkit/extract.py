@@ -16,6 +16,7 @@ from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, Sched
 from transferkit.data.folders import DataSplits, load_splits
 from transferkit.devices import precision_policy, resolve_precision
 from transferkit.errors import DataError
+from transferkit.evaluate import classification_metrics
 from transferkit.features import (
     FeatureExtractor,
     FeatureSet,
@@ -32,6 +33,7 @@ from transferkit.model import (
     find_base,
 )
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.run_report import Evaluated, write_run_report
 from transferkit.runs import (
     Compute,
     RunRecord,
@@ -57,8 +59,10 @@ class ExtractResult:
 
 
 def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
-               batch_size: int, record: RunRecord, reporter: Reporter) -> RunRecord:
-    """Trains a dense classifier on saved features; saves it with `extractor` as a run."""
+               batch_size: int, record: RunRecord, reporter: Reporter
+               ) -> tuple[RunRecord, keras.Model]:
+    """Trains a dense classifier on saved features; saves it with `extractor` as a run.
+    Returns the run's record and the trained head."""
     x_train, y_train = features.split("train")
     x_val, y_val = features.split("val")
     if len(x_val) == 0:
@@ -85,7 +89,7 @@ def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
         stages=(stage,), kept_stage=HEAD, metrics=stage.metrics, scores=tuple(scores),
         trainable_params={HEAD: trainable}), history)
     reporter.info(f"Saved the run to '{config.output}'.")
-    return record
+    return record, head
 
 
 def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractResult:
@@ -154,10 +158,19 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     if config.head is None:
         return ExtractResult(config.output, features, computed=extractor.computed,
                              reused=extractor.reused)
-    record = train_head(features, extractor.model, config.head, config.data.batch_size,
-                       _head_record(config, image_size, splits, precision,
-                                    find_base(extractor.model).name), reporter)
+    record, head = train_head(features, extractor.model, config.head, config.data.batch_size,
+                              _head_record(config, image_size, splits, precision,
+                                           find_base(extractor.model).name), reporter)
     save_splits(config.head.output, splits.rows())
+    evaluated = []
+    for name, images in splits.items()[1:]:  # val, and test when there is one
+        x, y = features.split(name)
+        probabilities = head.predict(x, verbose=0)
+        evaluated.append(Evaluated(name, images, probabilities, classification_metrics(
+            y, probabilities, splits.class_names, split=name, chose=name == "val")))
+    write_run_report(config.head.output, record, evaluated,
+                     (features.features, splits.train.join(splits.val) if splits.test is None
+                      else splits.train.join(splits.val).join(splits.test)))
     return ExtractResult(config.output, features, config.head.output, record,
                          extractor.computed, extractor.reused)
 

@@ -60,12 +60,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]],
           numeric: Sequence[bool] | None = None) -> str:
     """`rows` hold HTML (escape text with `esc`); numeric columns align right."""
     numeric = numeric or [False] * len(headers)
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers) if any(headers) else ""
     right = ' class="n"'
     body = "".join("<tr>" + "".join(f"<td{right if n else ''}>{cell}</td>"
                                     for cell, n in zip(row, numeric, strict=True)) + "</tr>"
                    for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    head = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def thumbnail(source: str, size: int = THUMBNAIL_PX) -> str:

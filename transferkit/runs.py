@@ -62,8 +62,10 @@ STATE_FILE = "state.json"
 HEAD_STATE = "head_state.npz"  # per-epoch checkpoint of a head trained on cached features
 FOLDS_DIR = "folds"  # cv: one complete finetune run per fold
 OOF_FILE = "oof.csv"  # cv: every image's out-of-fold prediction
+REPORT_FILE = "report.html"  # the run's self-contained page (run_report.py); audit's too
 RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
-             CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR, FOLDS_DIR, OOF_FILE)
+             CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR, FOLDS_DIR, OOF_FILE,
+             REPORT_FILE)
 COMPLETE, RUNNING, INTERRUPTED, FAILED = "complete", "running", "interrupted", "failed"
 STATUSES = (COMPLETE, RUNNING, INTERRUPTED, FAILED)
 # command -> its config; a cv run records the recipe each of its folds ran

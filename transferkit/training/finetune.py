@@ -37,6 +37,7 @@ from transferkit.data.folders import DataSplits, splits_from_table
 from transferkit.data.pipeline import build_dataset
 from transferkit.devices import build_strategy, precision_policy
 from transferkit.errors import ArtifactError, RunInterrupted, TrainingDiverged
+from transferkit.evaluate import classification_metrics
 from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.files import save_figure
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
@@ -44,12 +45,14 @@ from transferkit.inference import predict_batches
 from transferkit.model import PREDICTIONS, build_classifier, build_head
 from transferkit.plots import plot_curves, plot_lr_find
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.run_report import Evaluated, write_run_report
 from transferkit.runs import (
     COMPLETE,
     CURVES_FILE,
     FAILED,
     INTERRUPTED,
     LR_FIND_FILE,
+    REPORT_FILE,
     RUNNING,
     TENSORBOARD_DIR,
     Calibration,
@@ -507,12 +510,33 @@ def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
         record = save_run(run_dir, model, record.replace(
             stages=tuple(results), kept_stage=choice.kept, metrics=metrics, scores=scores,
             choice=choice, calibration=calibration), history)
+    _report(record, spec, splits, model, calibrated, test, reporter)
     reporter.info(f"Saved the run to '{run_dir}'.")
     if stop.signum is not None:
         reporter.warning(f"{signal.Signals(stop.signum).name} arrived while the run was being "
                          f"saved; it was saved complete first.")
     return FinetuneResult(run_dir, splits.class_names, tuple(results), choice.kept,
                           tuple(history), scores, choice, calibration, test)
+
+
+def _report(record: RunRecord, spec: BaseSpec, splits: DataSplits, model: keras.Model,
+            val: np.ndarray, test: np.ndarray | None, reporter: Reporter) -> None:
+    """RUN/report.html: the record, the kept model on val and test, and a map of the
+    frozen-base features (from the cache the probe filled)."""
+    config = record.config
+    assert isinstance(config, FinetuneConfig) and config.output is not None
+    names = splits.class_names
+    evaluated = [Evaluated("val (it chose the model)", splits.val, val, classification_metrics(
+        splits.val.labels, val, names, split="val", chose=True))]
+    if test is not None and splits.test is not None:
+        evaluated.append(Evaluated("test (held out)", splits.test, test, classification_metrics(
+            splits.test.labels, test, names, split="test")))
+    (x_train, _), (x_val, _) = _frozen_features(
+        config, spec, splits, model.get_layer("features"), record.image_size,
+        record.compute.precision, NullReporter())
+    write_run_report(config.output, record, evaluated, (
+        np.concatenate([x_train, x_val]), splits.train.join(splits.val)))
+    reporter.info(f"Wrote {config.output / REPORT_FILE}.")
 
 
 def _candidate(model: keras.Model, run_dir: Path, name: str) -> keras.Model:

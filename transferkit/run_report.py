@@ -1,0 +1,153 @@
+"""RUN/report.html: what a run is and how good it is, on one self-contained page. finetune,
+cv and extract --train-head write it; evaluate writes it again with its own evaluation.
+Built from report.py's pieces; the numbers come from run.json and the predictions given."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from transferkit import report
+from transferkit.files import write_text
+from transferkit.runs import CURVES_FILE, REPORT_FILE, RunRecord
+
+if TYPE_CHECKING:
+    from transferkit.data.folders import ImageSet
+    from transferkit.evaluate import Evaluation
+
+GALLERY = 12  # confidently wrong images shown per evaluated split
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """Predictions of the run's model on one labelled set, and their metrics."""
+
+    name: str  # what was evaluated, in words: "val (chose the model)", "test", a folder
+    images: ImageSet
+    probabilities: np.ndarray
+    metrics: Evaluation
+
+
+def write_run_report(run_dir: Path, record: RunRecord, evaluated: Sequence[Evaluated],
+                     features: tuple[np.ndarray, ImageSet] | None = None) -> Path:
+    """Writes RUN/report.html; `features` (of any images, with their labels) draw the map."""
+    sections = [_summary(record), _scores(record)]
+    sections += [report.section(f"On {e.name}", *_evaluation(e)) for e in evaluated]
+    curves = report.png(run_dir / CURVES_FILE, "Training and validation loss and accuracy per "
+                                               "epoch; the star marks the kept epoch.")
+    if curves:
+        sections.append(report.section("Curves", curves))
+    if features is not None and len(features[0]) > 2:
+        sections.append(_map(*features))
+    page = report.page(f"transferkit run: {run_dir.name}",
+                       f"{record.command} of {record.data_dir}, {record.base} at "
+                       f"{record.image_size} px; status {record.status}; updated "
+                       f"{record.updated}", sections)
+    write_text(run_dir / REPORT_FILE, page)
+    return run_dir / REPORT_FILE
+
+
+def _summary(record: RunRecord) -> str:
+    config = record.config
+    rows = [["data", report.esc(record.data_dir)],
+            ["classes", report.esc(", ".join(record.class_names))],
+            ["base", report.esc(f"{record.base} ({getattr(config, 'weights', '')}), "
+                                f"{record.image_size} px")]]
+    counts = record.data.counts
+    rows.append(["images", report.esc(", ".join(f"{sum(c.values())} {split}"
+                                                for split, c in counts.items()))])
+    if record.probe is not None:
+        rows.append(["linear probe", report.esc(
+            f"C={record.probe.c:g} ({record.probe.folds}-fold CV on train), first usable "
+            f"model after {record.probe.ready_after:.0f} s")])
+    for stage in record.stages:
+        rows.append([f"stage {report.esc(stage.name)}", report.esc(
+            f"{stage.epochs} epochs at {stage.learning_rate:.2g}, best epoch "
+            f"{stage.best_epoch}, {stage.trainable_params:,} trainable parameters")])
+    if record.kept_stage:
+        rows.append(["kept model", f"<b>{report.esc(record.kept_stage)}</b>"])
+    if record.calibration is not None:
+        c = record.calibration
+        after = "" if c.test_ece_after is None else \
+            f"; on test {c.test_ece_before:.3f} -> {c.test_ece_after:.3f}"
+        rows.append(["calibration", report.esc(
+            f"temperature {c.temperature:.2f}; expected calibration error on val "
+            f"{c.val_ece_before:.3f} -> {c.val_ece_after:.3f}{after}")])
+    return report.section("Run", report.table(["", ""], rows))
+
+
+def _scores(record: RunRecord) -> str:
+    rows = [[report.esc(s.split), str(s.n), str(s.correct), f"<b>{s.accuracy:.3f}</b>",
+             f"{s.low:.3f} - {s.high:.3f}",
+             "<span class=\"bad\">yes: optimistic</span>" if s.chose else
+             "<span class=\"good\">no: held out</span>"] for s in record.scores]
+    parts = [report.table(["split", "n", "right", "accuracy", "95 % CI (Wilson)",
+                           "chose the model"], rows,
+                          [False, True, True, True, True, False])]
+    if record.choice is not None:
+        choice, steps = record.choice, {c.other: c for c in record.choice.comparisons}
+        parts.append(report.table(
+            ["candidate (simplest first)", "right on val", "vs kept so far", "noise", ""],
+            [[report.esc(name), f"{n}/{choice.n}",
+              "-" if name not in steps else f"{steps[name].margin:+d}",
+              "-" if name not in steps else f"{steps[name].noise:.1f}",
+              "kept" if name == choice.kept else ""]
+             for name, n in choice.val_correct.items()], [False, True, True, True, False]))
+    if record.cross_validation is not None:
+        cv = record.cross_validation
+        parts.append(report.table(
+            ["fold", "n", "accuracy", "95 % CI"],
+            [[report.esc(s.split), str(s.n), f"{s.accuracy:.3f}", f"{s.low:.3f} - {s.high:.3f}"]
+             for s in cv.fold_scores], [False, True, True, True]))
+        parts.append(f"<p>Mean fold accuracy {cv.mean:.3f} (sd {cv.sd:.3f}).</p>")
+    return report.section(
+        "How good it is", *parts,
+        note="Every accuracy with its n and 95 % interval. A split that chose epochs or "
+             "models flatters the model; a held-out one does not.")
+
+
+def _evaluation(e: Evaluated) -> list[str]:
+    m = e.metrics
+    names = m.class_names
+    per_class = report.table(
+        ["class", "precision", "recall", "recall 95 % CI", "F1", "support"],
+        [[report.esc(c.name), f"{c.precision:.3f}", f"{c.recall:.3f}",
+          f"{c.recall_low:.2f} - {c.recall_high:.2f}", f"{c.f1:.3f}", str(c.support)]
+         for c in m.per_class], [False, True, True, True, True, True])
+    confusion = report.table(
+        ["true \\ predicted", *names],
+        [[report.esc(name), *(f"<b>{n}</b>" if i == j else (str(n) if n else "")
+                              for j, n in enumerate(row))]
+         for i, (name, row) in enumerate(zip(names, m.confusion, strict=True))],
+        [False] + [True] * len(names))
+    predicted = e.probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != e.images.labels)
+    wrong = wrong[np.argsort(-e.probabilities[wrong, predicted[wrong]])][:GALLERY]
+    cards = "".join(
+        f"<div class=\"card\">{report.thumbnail(e.images.sources[i], 180)}<div>"
+        f"<span class=\"path\">{report.esc(e.images.paths[i].as_posix())}</span><br>"
+        f"given <b>{report.esc(names[e.images.labels[i]])}</b>, predicted "
+        f"<b class=\"bad\">{report.esc(names[predicted[i]])}</b> "
+        f"({e.probabilities[i, predicted[i]]:.2f})</div></div>" for i in wrong)
+    return [f"<p>{report.esc(m.score.describe())}; macro F1 {m.macro_f1:.3f}; expected "
+            f"calibration error {m.calibration_error:.3f}.</p>", per_class,
+            "<h3>Confusion matrix</h3>", confusion,
+            f"<h3>Most confident mistakes ({len(wrong)} shown)</h3>",
+            f"<div class=\"cards\">{cards}</div>" if cards else "<p>No mistakes.</p>"]
+
+
+def _map(features: np.ndarray, images: ImageSet) -> str:
+    from sklearn.decomposition import PCA
+
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    points = PCA(2, random_state=0).fit_transform(unit)
+    titles = [f"{p.as_posix()} ({images.class_names[label]})"
+              for p, label in zip(images.paths, images.labels, strict=True)]
+    return report.section("Embedding map", report.scatter(points, images.labels,
+                                                          images.class_names, titles),
+                          note="Frozen-base features projected on their first two principal "
+                               "components, coloured by label.")
