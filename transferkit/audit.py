@@ -36,6 +36,7 @@ from transferkit.training.probe import fit_probe
 
 AUDIT_FILE = "audit.json"
 THUMB_PX = 32
+BLUR = 1.5  # Gaussian sigma, pixels of the thumbnail: forgives the half-pixel shifts of a crop
 CANDIDATES = 10  # per image: nearest by whole-image fingerprint (and half as many by embedding)
 OUTLIER_FENCE = 1.5  # Tukey: beyond Q3 + 1.5 IQR of the distances to the own class's centre
 MAX_FOLDS = 5
@@ -217,7 +218,7 @@ def thumbnails(source: str) -> np.ndarray:
         crop = grey.crop((round(x0 * grid), round(y0 * grid), round(x1 * grid),
                           round(y1 * grid))).resize((THUMB_PX, THUMB_PX),
                                                     Image.Resampling.LANCZOS)
-        v = np.asarray(crop.filter(ImageFilter.GaussianBlur(1)), np.float64).ravel()
+        v = np.asarray(crop.filter(ImageFilter.GaussianBlur(BLUR)), np.float64).ravel()
         v -= v.mean()
         out.append(v / max(np.linalg.norm(v), 1e-12))
     return np.stack(out)
