@@ -144,3 +144,25 @@ def test_folding_the_temperature_into_the_softmax_layer_equals_scaling():
     fold_temperature(layer, 2.5)
     after = keras.ops.convert_to_numpy(layer(x))
     np.testing.assert_allclose(after, scale(before, 2.5), atol=1e-5)
+
+
+def test_bases_rank_by_cross_validated_probe_accuracy(monkeypatch, image_folder):
+    """Two bases, one whose features separate the classes and one of noise: the first ranks
+    first, each with its interval over every train and val image."""
+    from transferkit import ranking
+    from transferkit.config import DataConfig
+
+    def fake_features(base, weights, data, images, reporter, use_cache):
+        rng = np.random.default_rng(0)
+        noise = rng.normal(size=(len(images), 8))
+        if base == "good":
+            noise[np.arange(len(images)), images.labels] += 6
+        return noise
+
+    monkeypatch.setattr(ranking, "available_bases", lambda: ["noisy", "good"])
+    monkeypatch.setattr(ranking, "base_features", fake_features)
+    ranks = ranking.rank_bases(DataConfig(data_dir=image_folder))
+    assert [r.base for r in ranks] == ["good", "noisy"]
+    assert ranks[0].score.accuracy > 0.9 and ranks[0].score.n == 18
+    assert ranks[0].score.low < ranks[0].score.accuracy <= ranks[0].score.high
+    assert ranks[1].score.accuracy < ranks[0].score.accuracy

@@ -24,22 +24,19 @@ from typing import Any
 import numpy as np
 
 from transferkit import report
-from transferkit.bases import build_base, get_base, resolve_image_size
 from transferkit.config import AuditConfig
 from transferkit.data.folders import ImageSet, load_splits
-from transferkit.devices import precision_policy, resolve_precision
-from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
+from transferkit.features import base_features
 from transferkit.files import check_new_output, replace_path, write_json, write_text
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs import REPORT_FILE
-from transferkit.training.probe import fit_probe
+from transferkit.training.probe import out_of_fold_probabilities
 
 AUDIT_FILE = "audit.json"
 THUMB_PX = 32
 BLUR = 1.5  # Gaussian sigma, pixels of the thumbnail: forgives the half-pixel shifts of a crop
 CANDIDATES = 10  # per image: nearest by whole-image fingerprint (and half as many by embedding)
 OUTLIER_FENCE = 1.5  # Tukey: beyond Q3 + 1.5 IQR of the distances to the own class's centre
-MAX_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -100,7 +97,8 @@ def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
     for _, more in named[1:]:
         images = images.join(more)
     split_of = np.array([name for name, s in named for _ in range(len(s))])
-    features = _features(config, images, reporter)
+    features = base_features(config.base, config.weights, config.data, images, reporter,
+                             config.cache)
     reporter.info(f"Auditing {len(images)} images in {len(images.class_names)} classes.")
     probabilities = out_of_fold_probabilities(features, images.labels,
                                               len(images.class_names), config.data.seed)
@@ -112,60 +110,6 @@ def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
                          time.perf_counter() - started)
     _write(config, result, images, features, split_of, probabilities, splits.skipped)
     return result
-
-
-def _features(config: AuditConfig, images: ImageSet, reporter: Reporter) -> np.ndarray:
-    """The pooled frozen-base features of every image, through the shared feature cache."""
-    spec = get_base(config.base)
-    image_size = resolve_image_size(spec, config.data.image_size)
-    precision = resolve_precision("auto")
-
-    def build() -> Any:
-        import keras
-
-        from transferkit.model import build_feature_extractor
-
-        keras.utils.set_random_seed(config.data.seed)
-        with precision_policy(precision):
-            return build_feature_extractor(build_base(spec, image_size, config.weights),
-                                           spec.preprocessing)
-
-    feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, config.weights,
-                                                              config.data.seed),
-                               image_size, len(spec.blocks), "avg",
-                               spec.preprocessing.to_dict(), precision)
-    extractor = FeatureExtractor(build, feature_spec, config.data.batch_size, reporter,
-                                 use_cache=config.cache)
-    (features,) = extractor.features([images], "all")
-    extractor.save()
-    reporter.info(f"{spec.name} features: {extractor.computed} images computed, "
-                  f"{extractor.reused} from the cache.")
-    return features
-
-
-def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                              seed: int) -> np.ndarray:
-    """Each image's class probabilities from a linear probe that never saw it: stratified
-    K-fold (K up to 5, as the smallest class allows), C chosen by the probe's own
-    cross-validation on all images. A class of one image gets no column from the folds that
-    hold it out; its probability there is 0, which is the honest answer."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    counts = np.bincount(labels, minlength=num_classes)
-    folds = int(max(2, min(MAX_FOLDS, counts[counts > 0].min())))
-    c = fit_probe(features, labels, num_classes, seed=seed).c
-    with warnings.catch_warnings():  # few members in a class; future default changes
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        found = cross_val_predict(
-            LogisticRegression(C=c, max_iter=3000, tol=1e-3), features, labels,
-            cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
-    probabilities = np.zeros((len(labels), num_classes))
-    present = np.flatnonzero(counts)
-    probabilities[:, present] = found
-    return probabilities
 
 
 def label_issues(images: ImageSet, probabilities: np.ndarray, split_of: np.ndarray

@@ -66,6 +66,8 @@ def _choices(name: str, values: tuple[str, ...] | list[str]) -> type[Enum]:
 
 
 Base = _choices("Base", list(BASES))
+AUTO_BASE = "auto"  # finetune: the best base of `bases --rank` on the data
+FinetuneBase = _choices("FinetuneBase", [AUTO_BASE, *BASES])
 Pooling = _choices("Pooling", ("avg", "max"))
 ExportFormat = _choices("ExportFormat", list(FORMATS))
 PredictionFormat = _choices("PredictionFormat", PREDICTION_FORMATS)
@@ -147,6 +149,7 @@ InitOpt = Annotated[Init, typer.Option(
 
 AUGMENT_DEFAULTS = AugmentConfig()
 FINETUNE_BASE = Base(default(FinetuneConfig, "base"))
+FINETUNE_BASE_OR_AUTO = FinetuneBase(default(FinetuneConfig, "base"))
 EXTRACT_BASE = Base(default(ExtractConfig, "base"))
 EXTRACT_POOLING = Pooling(default(ExtractConfig, "pooling"))
 STAGE1_SCHEDULE = Schedule(default(FinetuneConfig, "schedule").name)
@@ -271,7 +274,10 @@ def finetune(
                          "saved settings.", rich_help_panel=OUT_PANEL, file_okay=False,
         show_default=False)] = None,
     config: ConfigOpt = None,
-    base: BaseOpt = FINETUNE_BASE,
+    base: Annotated[FinetuneBase, typer.Option(
+        "--base", help="Pretrained convolutional base; auto: the best of `transferkit bases "
+                       "--rank DATA` (a probe on each available base's features).",
+        rich_help_panel=MODEL_PANEL)] = FINETUNE_BASE_OR_AUTO,
     weights: WeightsOpt = default(FinetuneConfig, "weights"),
     image_size: ImageSizeOpt = default(DataConfig, "image_size"),
     val_split: ValSplitOpt = default(DataConfig, "val_split"),
@@ -382,7 +388,8 @@ def finetune(
         settings = FinetuneConfig(
             data=DataConfig(data_dir=data, image_size=image_size, val_split=val_split,
                             batch_size=batch_size, seed=seed),
-            output=output, base=base.value, weights=weights, epochs=epochs,
+            output=output, base=default(FinetuneConfig, "base") if base.value == AUTO_BASE
+            else base.value, weights=weights, epochs=epochs,
             learning_rate=learning_rate, finetune_epochs=finetune_epochs,
             finetune_lr=finetune_lr, unfreeze_blocks=unfreeze_blocks,
             train_batchnorm=train_batchnorm,
@@ -398,6 +405,9 @@ def finetune(
             tensorboard=tensorboard, lr_find=lr_find, cache=cache,
             compute=ComputeConfig(precision=precision.value, jit=jit, strategy=strategy.value),
             overwrite=overwrite)
+        if base.value == AUTO_BASE and weights != default(FinetuneConfig, "weights"):
+            raise ConfigError(f"--base auto ranks the bases by their ImageNet weights; got "
+                              f"--weights {weights}. Name the base that fits those weights.")
         _check_data(settings.data, settings.base)
         if finetune_epochs:
             get_base(settings.base).check_block_count(unfreeze_blocks, "--unfreeze-blocks")
@@ -407,6 +417,16 @@ def finetune(
             check_run_output(output, overwrite)
         load_tensorflow()
         from transferkit.console import RichReporter, render_finetune, render_overfit
+
+        if base.value == AUTO_BASE:
+            from transferkit.console import render_ranks
+            from transferkit.ranking import rank_bases
+
+            ranks = rank_bases(settings.data, RichReporter(), settings.cache)
+            render_ranks(ranks)
+            settings = dataclasses.replace(settings, base=ranks[0].base)
+            if finetune_epochs:
+                get_base(settings.base).check_block_count(unfreeze_blocks, "--unfreeze-blocks")
 
         if overfit_check:
             from transferkit.training.checks import overfit_check as run_overfit_check
@@ -881,11 +901,28 @@ def upgrade(
 def bases_command(
     name: Annotated[Base | None, typer.Argument(
         help="Show this base's blocks.", show_default=False)] = None,
+    rank: Annotated[Path | None, typer.Option(
+        "--rank", help="Rank the bases whose ImageNet weights are on this machine by the "
+                       "cross-validated accuracy of a linear probe on DATA.", metavar="DATA",
+        file_okay=False, show_default=False)] = None,
+    image_size: ImageSizeOpt = default(DataConfig, "image_size"),
+    seed: SeedOpt = default(DataConfig, "seed"),
 ) -> None:
     """List the pretrained bases: size, blocks, input scaling, offline ImageNet weights."""
     from transferkit.console import render_base, render_bases
 
-    if name is None:
+    if rank is not None:
+        with _user_errors():
+            data = DataConfig(data_dir=rank, image_size=image_size, seed=seed)
+            from transferkit.data.folders import check_data_folder
+
+            check_data_folder(data.data_dir)
+            load_tensorflow()
+            from transferkit.console import RichReporter, render_ranks
+            from transferkit.ranking import rank_bases
+
+            render_ranks(rank_bases(data, RichReporter()))
+    elif name is None:
         render_bases(list(BASES.values()))
     else:
         render_base(BASES[name.value])

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from transferkit.export import ExportResult
     from transferkit.extract import ExtractResult
     from transferkit.predict import PredictionReport
+    from transferkit.ranking import BaseRank
     from transferkit.runs import Choice, Score, StageResult
     from transferkit.training.checks import OverfitResult
     from transferkit.training.finetune import FinetuneResult
@@ -377,6 +378,20 @@ def render_bases(specs: Sequence[BaseSpec]) -> None:
     stderr.print("size: default image size in pixels; min: the smallest it takes. ImageNet "
                  "weights marked 'download' are fetched by Keras on first use and cached in "
                  "~/.keras/models. `transferkit bases NAME` lists a base's blocks.")
+
+
+def render_ranks(ranks: Sequence[BaseRank]) -> None:
+    table = Table(title="Bases ranked on this data", box=box.SIMPLE_HEAD, collapse_padding=True,
+                  caption="a linear probe on each base's frozen features, cross-validated over "
+                          "train and val (test is never used)")
+    for name in ("rank", "base", "accuracy", "95 % CI", "n", "seconds"):
+        table.add_column(name, justify="left" if name == "base" else "right")
+    for i, r in enumerate(ranks, 1):
+        table.add_row(str(i), r.base, f"{r.score.accuracy:.3f}",
+                      f"{r.score.low:.3f}-{r.score.high:.3f}", str(r.score.n), f"{r.seconds:.1f}")
+    stdout.print(table)
+    stderr.print("Only bases whose ImageNet weights are on this machine are ranked; the others "
+                 "are downloaded by Keras on first use (`transferkit bases` marks them).")
 
 
 def render_base(spec: BaseSpec) -> None:

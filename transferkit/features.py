@@ -28,6 +28,8 @@ from transferkit.reporting import Reporter
 if TYPE_CHECKING:
     import keras
 
+    from transferkit.config import DataConfig
+
 FEATURES_FORMAT = "transferkit-features"
 FEATURES_FORMAT_VERSION = 1
 FEATURE_PIPELINE_VERSION = 2  # bump when decoding or resizing changes what features are
@@ -124,6 +126,38 @@ class FeatureExtractor:
         """Writes newly computed features to the cache."""
         if self.cache is not None:
             self.cache.save()
+
+
+def base_features(base: str, weights: str, data: DataConfig, images: ImageSet,
+                  reporter: Reporter, use_cache: bool = True) -> np.ndarray:
+    """The pooled features of the whole `base` (at the data's image size, or the base's own)
+    for `images`, through the feature cache: what audit and base ranking compare images by."""
+    from transferkit.bases import build_base, get_base, resolve_image_size
+    from transferkit.devices import precision_policy, resolve_precision
+
+    spec = get_base(base)
+    image_size = resolve_image_size(spec, data.image_size)
+    precision = resolve_precision("auto")
+
+    def build() -> keras.Model:
+        import keras
+
+        from transferkit.model import build_feature_extractor
+
+        keras.utils.set_random_seed(data.seed)
+        with precision_policy(precision):
+            return build_feature_extractor(build_base(spec, image_size, weights),
+                                           spec.preprocessing)
+
+    feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, weights, data.seed),
+                               image_size, len(spec.blocks), "avg",
+                               spec.preprocessing.to_dict(), precision)
+    extractor = FeatureExtractor(build, feature_spec, data.batch_size, reporter, use_cache)
+    (features,) = extractor.features([images], f"{spec.name}")
+    extractor.save()
+    reporter.info(f"{spec.name} features: {extractor.computed} images computed, "
+                  f"{extractor.reused} from the cache.")
+    return features
 
 
 @dataclass(frozen=True)

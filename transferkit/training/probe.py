@@ -72,3 +72,28 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
     kernel[:, model.classes_] = coef.T
     bias[model.classes_] = intercept
     return LinearProbe(kernel, bias, c, folds, time.perf_counter() - start)
+
+
+def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                              seed: int) -> np.ndarray:
+    """Each image's class probabilities from a linear probe that never saw it: stratified
+    K-fold (K up to 5, as the smallest class allows), C chosen by the probe's own
+    cross-validation on all images. A class of one image gets no column from the folds that
+    hold it out; its probability there is 0, which is the honest answer."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    counts = np.bincount(labels, minlength=num_classes)
+    folds = int(max(2, min(MAX_FOLDS, counts[counts > 0].min())))
+    c = fit_probe(features, labels, num_classes, seed=seed).c
+    with warnings.catch_warnings():  # few members in a class; future default changes
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        found = cross_val_predict(
+            LogisticRegression(C=c, max_iter=3000, tol=1e-3), features, labels,
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
+    probabilities = np.zeros((len(labels), num_classes))
+    present = np.flatnonzero(counts)
+    probabilities[:, present] = found
+    return probabilities
