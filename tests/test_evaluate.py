@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from transferkit.cli import app
-from transferkit.evaluate import classification_metrics
+from transferkit.metrics import classification_metrics
 
 
 def test_metrics_equal_a_hand_computation():

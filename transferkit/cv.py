@@ -24,9 +24,9 @@ from transferkit.config import CVConfig
 from transferkit.data.folders import DataSplits, ImageSet, load_splits, split_validation
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ArtifactError, DataError
-from transferkit.evaluate import classification_metrics
 from transferkit.files import write_text
 from transferkit.inference import predict_batches
+from transferkit.metrics import classification_metrics
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
 from transferkit.runs import (

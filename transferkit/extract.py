@@ -16,7 +16,6 @@ from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, Sched
 from transferkit.data.folders import DataSplits, load_splits
 from transferkit.devices import precision_policy, resolve_precision
 from transferkit.errors import DataError
-from transferkit.evaluate import classification_metrics
 from transferkit.features import (
     FeatureExtractor,
     FeatureSet,
@@ -25,6 +24,7 @@ from transferkit.features import (
     weights_fingerprint,
 )
 from transferkit.files import check_new_output
+from transferkit.metrics import classification_metrics
 from transferkit.model import (
     build_classifier,
     build_feature_extractor,

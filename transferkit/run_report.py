@@ -17,7 +17,7 @@ from transferkit.runs import CURVES_FILE, REPORT_FILE, RunRecord
 
 if TYPE_CHECKING:
     from transferkit.data.folders import ImageSet
-    from transferkit.evaluate import Evaluation
+    from transferkit.metrics import Evaluation
 
 GALLERY = 12  # confidently wrong images shown per evaluated split
 

@@ -37,11 +37,11 @@ from transferkit.data.folders import DataSplits, splits_from_table
 from transferkit.data.pipeline import build_dataset
 from transferkit.devices import build_strategy, precision_policy
 from transferkit.errors import ArtifactError, RunInterrupted, TrainingDiverged
-from transferkit.evaluate import classification_metrics
 from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
 from transferkit.files import save_figure
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.inference import predict_batches
+from transferkit.metrics import classification_metrics
 from transferkit.model import PREDICTIONS, build_classifier, build_head
 from transferkit.plots import plot_curves, plot_lr_find
 from transferkit.reporting import NullReporter, Reporter
