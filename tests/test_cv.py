@@ -123,3 +123,22 @@ def test_too_many_folds_for_a_class_is_a_clear_error(image_folder, tmp_path):
     assert result.exit_code == 1
     assert "--folds 7 needs at least 7 images per class" in result.output
     assert not (tmp_path / "cv").exists()
+
+
+def test_gradcam_maps_each_image_for_its_class(trained_run, image_folder):
+    from transferkit.gradcam import gradcam, has_feature_map
+    from transferkit.runs import load_run
+
+    run = load_run(trained_run)
+    assert has_feature_map(run.model)
+    sources = [str(p) for p in sorted(image_folder.rglob("*.png"))[:3]]
+    cams = gradcam(run.model, sources, np.array([0, 1, 2]), run.image_size)
+    assert cams.shape[0] == 3 and cams.ndim == 3
+    assert cams.min() >= 0 and cams.max() <= 1
+
+
+def test_an_ensemble_has_no_single_feature_map(cv_run):
+    from transferkit.gradcam import has_feature_map
+    from transferkit.runs import load_run
+
+    assert not has_feature_map(load_run(cv_run).model)

@@ -106,7 +106,8 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
         replace_path(staged, output)
     if config.output is None:  # the run's own evaluation: its report shows it
         write_run_report(config.run_dir, run.record,
-                         [Evaluated(source, images, probabilities, evaluation)])
+                         [Evaluated(source, images, probabilities, evaluation, run.model,
+                                    run.image_size)])
     return EvaluationResult(evaluation, output, source, wrong)
 
 

@@ -86,6 +86,28 @@ def thumbnail(source: str, size: int = THUMBNAIL_PX) -> str:
     return f"<img class=\"thumb\" alt=\"\" src=\"data:image/jpeg;base64,{data}\">"
 
 
+def heatmap(source: str, cam: np.ndarray, size: int = THUMBNAIL_PX) -> str:
+    """An <img> of the image with a class-activation map laid over it (jet, half opaque)."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    try:
+        with open(os.fsencode(source), "rb") as f, Image.open(f) as image:
+            image.draft("RGB", (size * 2, size * 2))
+            small = image.convert("RGB").resize((size, size))
+    except (OSError, ValueError) as exc:
+        return f"<span class=\"muted\">(unreadable: {esc(exc)})</span>"
+    grid = Image.fromarray(np.uint8(255 * np.clip(cam, 0, 1))).resize(
+        (size, size), Image.Resampling.BILINEAR)
+    colours = np.uint8(255 * colormaps["jet"](np.asarray(grid) / 255.0)[..., :3])
+    blended = Image.blend(small, Image.fromarray(colours), 0.45)
+    buffer = io.BytesIO()
+    blended.save(buffer, "JPEG", quality=80)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return (f"<img class=\"thumb\" alt=\"Grad-CAM\" title=\"where the model looked\" "
+            f"src=\"data:image/jpeg;base64,{data}\">")
+
+
 def png(path: Path, caption: str) -> str:
     """A PNG file embedded as a figure; nothing when the file is missing."""
     if not path.is_file():

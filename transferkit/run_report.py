@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from transferkit import report
 from transferkit.files import write_text
+from transferkit.gradcam import gradcam, has_feature_map
 from transferkit.runs import CURVES_FILE, REPORT_FILE, RunRecord
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ class Evaluated:
     images: ImageSet
     probabilities: np.ndarray
     metrics: Evaluation
+    model: Any = None  # when given (a single classifier), mistakes get Grad-CAM maps
+    image_size: int = 0
 
 
 def write_run_report(run_dir: Path, record: RunRecord, evaluated: Sequence[Evaluated],
@@ -127,8 +130,15 @@ def _evaluation(e: Evaluated) -> list[str]:
     predicted = e.probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != e.images.labels)
     wrong = wrong[np.argsort(-e.probabilities[wrong, predicted[wrong]])][:GALLERY]
+    maps = {}
+    if e.model is not None and len(wrong) and has_feature_map(e.model):
+        cams = gradcam(e.model, [e.images.sources[i] for i in wrong], predicted[wrong],
+                       e.image_size)
+        maps = {i: report.heatmap(e.images.sources[i], cam, 180)
+                for i, cam in zip(wrong, cams, strict=True)}
     cards = "".join(
-        f"<div class=\"card\">{report.thumbnail(e.images.sources[i], 180)}<div>"
+        f"<div class=\"card\">{report.thumbnail(e.images.sources[i], 180)}"
+        f"{maps.get(i, '')}<div>"
         f"<span class=\"path\">{report.esc(e.images.paths[i].as_posix())}</span><br>"
         f"given <b>{report.esc(names[e.images.labels[i]])}</b>, predicted "
         f"<b class=\"bad\">{report.esc(names[predicted[i]])}</b> "
@@ -136,7 +146,9 @@ def _evaluation(e: Evaluated) -> list[str]:
     return [f"<p>{report.esc(m.score.describe())}; macro F1 {m.macro_f1:.3f}; expected "
             f"calibration error {m.calibration_error:.3f}.</p>", per_class,
             "<h3>Confusion matrix</h3>", confusion,
-            f"<h3>Most confident mistakes ({len(wrong)} shown)</h3>",
+            f"<h3>Most confident mistakes ({len(wrong)} shown)</h3>"
+            + ("<p class=\"muted\">Under each, Grad-CAM: where the model looked for the "
+               "class it predicted (red: most).</p>" if maps else ""),
             f"<div class=\"cards\">{cards}</div>" if cards else "<p>No mistakes.</p>"]
 
 

@@ -527,10 +527,10 @@ def _report(record: RunRecord, spec: BaseSpec, splits: DataSplits, model: keras.
     assert isinstance(config, FinetuneConfig) and config.output is not None
     names = splits.class_names
     evaluated = [Evaluated("val (it chose the model)", splits.val, val, classification_metrics(
-        splits.val.labels, val, names, split="val", chose=True))]
+        splits.val.labels, val, names, split="val", chose=True), model, record.image_size)]
     if test is not None and splits.test is not None:
         evaluated.append(Evaluated("test (held out)", splits.test, test, classification_metrics(
-            splits.test.labels, test, names, split="test")))
+            splits.test.labels, test, names, split="test"), model, record.image_size))
     (x_train, _), (x_val, _) = _frozen_features(
         config, spec, splits, model.get_layer("features"), record.image_size,
         record.compute.precision, NullReporter())
