@@ -522,7 +522,7 @@ def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
 def _report(record: RunRecord, spec: BaseSpec, splits: DataSplits, model: keras.Model,
             val: np.ndarray, test: np.ndarray | None, reporter: Reporter) -> None:
     """RUN/report.html: the record, the kept model on val and test, and a map of the
-    frozen-base features (from the cache the probe filled)."""
+    frozen-base features (from the cache the probe filled; with --no-cache, no map)."""
     config = record.config
     assert isinstance(config, FinetuneConfig) and config.output is not None
     names = splits.class_names
@@ -531,11 +531,13 @@ def _report(record: RunRecord, spec: BaseSpec, splits: DataSplits, model: keras.
     if test is not None and splits.test is not None:
         evaluated.append(Evaluated("test (held out)", splits.test, test, classification_metrics(
             splits.test.labels, test, names, split="test"), model, record.image_size))
-    (x_train, _), (x_val, _) = _frozen_features(
-        config, spec, splits, model.get_layer("features"), record.image_size,
-        record.compute.precision, NullReporter())
-    write_run_report(config.output, record, evaluated, (
-        np.concatenate([x_train, x_val]), splits.train.join(splits.val)))
+    features = None
+    if config.cache:  # the probe's features, from the cache; never a second pass for a map
+        (x_train, _), (x_val, _) = _frozen_features(
+            config, spec, splits, model.get_layer("features"), record.image_size,
+            record.compute.precision, NullReporter())
+        features = np.concatenate([x_train, x_val]), splits.train.join(splits.val)
+    write_run_report(config.output, record, evaluated, features)
     reporter.info(f"Wrote {config.output / REPORT_FILE}.")
 
 
