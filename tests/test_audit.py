@@ -93,7 +93,7 @@ def test_flipped_labels_rank_first(planted, audited):
     top = ranking[:len(truth["flipped"])]
     assert len(set(top) & set(truth["flipped"])) >= 2
     issue = next(i for i in found["label_issues"] if i["path"] == truth["flipped"][0])
-    assert (issue["given"], issue["suggested"]) == ("squares", "discs")
+    assert (issue["given"], issue["suggested"], issue["split"]) == ("squares", "discs", "train")
     scores = [i["score"] for i in found["label_issues"]]
     assert scores == sorted(scores)
 

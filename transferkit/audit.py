@@ -241,7 +241,7 @@ def _write(config: AuditConfig, result: AuditResult, images: ImageSet, features:
             "out_of_fold_accuracy": round(result.oof_accuracy, 4),
             "thresholds": {"duplicate_similarity": config.duplicate_similarity,
                            "outlier_fence_iqr": OUTLIER_FENCE},
-            "label_issues": [_plain(i, "split") for i in result.label_issues],
+            "label_issues": [_plain(i) for i in result.label_issues],
             "near_duplicates": [_plain(p) for p in result.near_duplicates],
             "outliers": [_plain(o) for o in result.outliers],
             "label_quality": [{"path": p, "score": q} for p, q in result.label_quality],
@@ -251,12 +251,9 @@ def _write(config: AuditConfig, result: AuditResult, images: ImageSet, features:
         replace_path(folder, config.output)
 
 
-def _plain(item: Any, *drop: str) -> dict[str, Any]:
-    values = asdict(item)
-    for key, value in values.items():
-        if isinstance(value, tuple):
-            values[key] = list(value)
-    return {k: v for k, v in values.items() if k not in drop}
+def _plain(item: Any) -> dict[str, Any]:
+    """A finding as JSON-ready fields (json writes its tuples as arrays)."""
+    return asdict(item)
 
 
 def _page(config: AuditConfig, result: AuditResult, images: ImageSet, features: np.ndarray,
