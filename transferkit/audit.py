@@ -241,19 +241,14 @@ def _write(config: AuditConfig, result: AuditResult, images: ImageSet, features:
             "out_of_fold_accuracy": round(result.oof_accuracy, 4),
             "thresholds": {"duplicate_similarity": config.duplicate_similarity,
                            "outlier_fence_iqr": OUTLIER_FENCE},
-            "label_issues": [_plain(i) for i in result.label_issues],
-            "near_duplicates": [_plain(p) for p in result.near_duplicates],
-            "outliers": [_plain(o) for o in result.outliers],
+            "label_issues": [asdict(i) for i in result.label_issues],
+            "near_duplicates": [asdict(p) for p in result.near_duplicates],
+            "outliers": [asdict(o) for o in result.outliers],
             "label_quality": [{"path": p, "score": q} for p, q in result.label_quality],
             "skipped": [{"path": str(f.path), "reason": f.reason} for f in skipped],
             "seconds": round(result.seconds, 2)})
         write_text(folder / REPORT_FILE, _page(config, result, images, features, split_of))
         replace_path(folder, config.output)
-
-
-def _plain(item: Any) -> dict[str, Any]:
-    """A finding as JSON-ready fields (json writes its tuples as arrays)."""
-    return asdict(item)
 
 
 def _page(config: AuditConfig, result: AuditResult, images: ImageSet, features: np.ndarray,
