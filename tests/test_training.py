@@ -129,7 +129,8 @@ def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
     config = FinetuneConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", epochs=2, finetune_epochs=2,
                             finetune_lr=1e3, unfreeze_blocks=3,  # a rate that wrecks the base
-                            monitor="val_loss")
+                            monitor="val_loss",
+                            dense_units=16)  # a hidden layer: the probe is a model of its own
     result = finetune(config)
     assert result.kept_stage in ("probe", "head")
     record = read_record(run_dir)

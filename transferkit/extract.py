@@ -19,9 +19,7 @@ from transferkit.errors import DataError
 from transferkit.features import (
     FeatureExtractor,
     FeatureSet,
-    FeatureSpec,
     save_features,
-    weights_fingerprint,
 )
 from transferkit.files import check_new_output
 from transferkit.metrics import classification_metrics
@@ -128,11 +126,9 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
             base = cut_base(build_base(spec, image_size, config.weights), spec, blocks)
             return build_feature_extractor(base, spec.preprocessing, config.pooling)
 
-    feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, config.weights, seed),
-                               image_size, blocks, config.pooling, spec.preprocessing.to_dict(),
-                               precision)
-    extractor = FeatureExtractor(build, feature_spec, config.data.batch_size, reporter,
-                                 use_cache=config.cache)
+    extractor = FeatureExtractor.of_base(build, spec, config.weights, seed, image_size,
+                                         precision, config.data.batch_size, reporter,
+                                         config.cache, blocks, config.pooling)
     named = splits.items()
     arrays = extractor.features([s for _, s in named], "/".join(name for name, _ in named))
     parts = [(name, s, f) for (name, s), f in zip(named, arrays, strict=True)]

@@ -90,6 +90,18 @@ class FeatureExtractor:
         self.computed = 0  # images pushed through the base
         self.reused = 0  # images answered from the cache (or by an identical file)
 
+    @classmethod
+    def of_base(cls, build: Callable[[], keras.Model], spec: BaseSpec, weights: str, seed: int,
+                image_size: int, precision: str, batch_size: int, reporter: Reporter,
+                use_cache: bool = True, blocks: int | None = None, pooling: str = "avg"
+                ) -> FeatureExtractor:
+        """The extractor of `spec`'s features with `weights` (drawn from `seed` when random),
+        pooled after `blocks` of its blocks (all by default)."""
+        feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, weights, seed),
+                                   image_size, blocks or len(spec.blocks), pooling,
+                                   spec.preprocessing.to_dict(), precision)
+        return cls(build, feature_spec, batch_size, reporter, use_cache)
+
     @property
     def model(self) -> keras.Model:
         if self._model is None:
@@ -149,10 +161,8 @@ def base_features(base: str, weights: str, data: DataConfig, images: ImageSet,
             return build_feature_extractor(build_base(spec, image_size, weights),
                                            spec.preprocessing)
 
-    feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, weights, data.seed),
-                               image_size, len(spec.blocks), "avg",
-                               spec.preprocessing.to_dict(), precision)
-    extractor = FeatureExtractor(build, feature_spec, data.batch_size, reporter, use_cache)
+    extractor = FeatureExtractor.of_base(build, spec, weights, data.seed, image_size, precision,
+                                         data.batch_size, reporter, use_cache)
     (features,) = extractor.features([images], f"{spec.name}")
     extractor.save()
     reporter.info(f"{spec.name} features: {extractor.computed} images computed, "

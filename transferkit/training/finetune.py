@@ -37,7 +37,7 @@ from transferkit.data.folders import DataSplits, splits_from_table
 from transferkit.data.pipeline import build_dataset
 from transferkit.devices import build_strategy, precision_policy
 from transferkit.errors import ArtifactError, RunInterrupted, TrainingDiverged
-from transferkit.features import FeatureExtractor, FeatureSpec, weights_fingerprint
+from transferkit.features import FeatureExtractor
 from transferkit.files import save_figure
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.inference import predict_batches
@@ -391,12 +391,9 @@ def _frozen_features(config: FinetuneConfig, spec: BaseSpec, splits: DataSplits,
     """Training and validation features of the frozen base, for the probe and for a head
     stage without augmentation: the frozen base gives every image the same features each
     epoch, so they are computed once (or taken from the feature cache)."""
-    feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, config.weights,
-                                                              config.data.seed),
-                               image_size, len(spec.blocks), "avg", spec.preprocessing.to_dict(),
-                               precision)
-    features = FeatureExtractor(lambda: extractor, feature_spec, config.data.batch_size,
-                                reporter, use_cache=config.cache)
+    features = FeatureExtractor.of_base(lambda: extractor, spec, config.weights,
+                                        config.data.seed, image_size, precision,
+                                        config.data.batch_size, reporter, config.cache)
     train, val = features.features([splits.train, splits.val], "training and validation")
     features.save()
     reporter.info(f"Frozen-base features: {features.computed} images computed, "
@@ -496,8 +493,9 @@ def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
             done = plan.last_epoch
         # Still inside StopOnSignal: a SIGTERM or Ctrl-C now waits for the save (about a
         # second), so the run ends complete instead of as a half-written model.
-        model, choice, val_probabilities = _choose_model(model, run_dir, results, splits,
-                                                          image_size, batch, reporter)
+        model, choice, val_probabilities = _choose_model(
+            model, run_dir, results, splits, image_size, batch, bool(config.dense_units),
+            reporter)
         calibration, scores, test = _calibrate_and_score(model, choice, val_probabilities,
                                                          splits, image_size, batch, reporter)
         final = next((r for r in results if r.name == choice.kept), None)
@@ -541,33 +539,34 @@ def _report(record: RunRecord, spec: BaseSpec, splits: DataSplits, model: keras.
     reporter.info(f"Wrote {config.output / REPORT_FILE}.")
 
 
-def _candidate(model: keras.Model, run_dir: Path, name: str) -> keras.Model:
+def _candidate(model: keras.Model, run_dir: Path, name: str, own_probe: bool) -> keras.Model:
     """The candidate model `name` (the probe or a stage's best): its weights restored into
-    `model`, or, for a probe beside a head with a hidden layer, its own saved model."""
-    try:
-        restore_best(model, run_dir, name)
-        return model
-    except ValueError:  # another architecture: the probe's linear head
+    `model`; or, when `own_probe` (a head with a hidden layer the probe cannot fill), the
+    probe's own saved model."""
+    if name == PROBE and own_probe:
         return keras.saving.load_model(best_checkpoint(run_dir, name), compile=False,
                                        safe_mode=True)
+    restore_best(model, run_dir, name)
+    return model
 
 
 def _choose_model(model: keras.Model, run_dir: Path, results: list[StageResult],
-                  splits: DataSplits, image_size: int, batch: int, reporter: Reporter
-                  ) -> tuple[keras.Model, Choice, np.ndarray]:
+                  splits: DataSplits, image_size: int, batch: int, own_probe: bool,
+                  reporter: Reporter) -> tuple[keras.Model, Choice, np.ndarray]:
     """Scores every candidate on val and keeps the simplest one that no later one beats by
     more than noise (training.choice); returns it, the choice and its val probabilities."""
     ds = build_dataset(splits.val.sources, None, image_size, batch)
     probabilities = {}
     for name in (PROBE, *(r.name for r in results)):
-        probabilities[name] = predict_batches(_candidate(model, run_dir, name), ds,
+        probabilities[name] = predict_batches(_candidate(model, run_dir, name, own_probe), ds,
                                               len(splits.val), batch, reporter,
                                               f"Scoring the '{name}' model on val")
     choice = choose({name: p.argmax(axis=1) == splits.val.labels
                      for name, p in probabilities.items()})
     if choice.comparisons:
         reporter.info(f"Choosing the model to keep:\n{describe_choice(choice)}")
-    return _candidate(model, run_dir, choice.kept), choice, probabilities[choice.kept]
+    return (_candidate(model, run_dir, choice.kept, own_probe), choice,
+            probabilities[choice.kept])
 
 
 def _calibrate_and_score(model: keras.Model, choice: Choice, val_probabilities: np.ndarray,
