@@ -7,7 +7,11 @@ EfficientNet-Lite0 ImageNet weights, side by side in one run:
   timed from a cold feature cache, extraction included;
 - keras_guide: the official Keras transfer-learning guide as a script: the frozen base called
   with training=False, flip/rotation/zoom augmentation layers, pooling, dropout 0.2, softmax,
-  Adam at its default rate for 20 epochs; then the whole base unfrozen at 1e-5 for 10.
+  Adam at its default rate for 20 epochs; then the whole base unfrozen at 1e-5 for 10;
+- fastai: fastai's own recipe as its docs write it: `ImageDataLoaders.from_folder` with
+  `Resize(224)` and `aug_transforms()`, `vision_learner` (its concat-pool head) and
+  `fine_tune(10, freeze_epochs=1)`, on a PyTorch port of the same Lite0 checkpoint
+  (bench/lite0_torch.py). Needs the bench extra: pip install -e ".[bench]".
 
 Each side is scored on DATA/test when the set has one (tuxpaint10), else on DATA/val, and
 nothing chooses on the test split. Times are whole wall-clock seconds on this machine.
@@ -29,6 +33,7 @@ from typing import Any
 import transferkit  # noqa: F401  (sets the Keras backend)
 
 GUIDE_EPOCHS, GUIDE_FINETUNE_EPOCHS = 20, 10
+FASTAI_FREEZE_EPOCHS, FASTAI_EPOCHS = 1, 10  # transferkit's default budget is 0 + 10
 
 
 def scored_split(data: Path) -> str:
@@ -114,6 +119,42 @@ def keras_guide_side(data: Path, seed: int) -> dict[str, Any]:
             "seconds": time.perf_counter() - start}
 
 
+def fastai_side(data: Path, seed: int) -> dict[str, Any]:
+    from fastai.vision.all import (
+        ImageDataLoaders,
+        Normalize,
+        Resize,
+        accuracy,
+        aug_transforms,
+        default_split,
+        get_image_files,
+        model_meta,
+        set_seed,
+        vision_learner,
+    )
+    from lite0_torch import LITE0_MEAN, LITE0_STD, lite0_imagenet
+    from torch import nn
+
+    start = time.perf_counter()
+    set_seed(seed, reproducible=True)
+    dls = ImageDataLoaders.from_folder(
+        data, train="train", valid="val", item_tfms=Resize(224), bs=32, seed=seed,
+        num_workers=0, batch_tfms=[*aug_transforms(),
+                                   Normalize.from_stats([LITE0_MEAN] * 3, [LITE0_STD] * 3)])
+    def lite0(pretrained: bool) -> nn.Module:
+        return lite0_imagenet()
+
+    # How fastai's vision_learner cuts and splits an arch it does not know: the whole body.
+    model_meta[lite0] = {"cut": nn.Sequential, "split": default_split}
+    learn = vision_learner(dls, lite0, normalize=False, metrics=accuracy)
+    with learn.no_bar(), learn.no_logging():
+        learn.fine_tune(FASTAI_EPOCHS, freeze_epochs=FASTAI_FREEZE_EPOCHS)
+        scored = dls.test_dl(get_image_files(data / scored_split(data)), with_labels=True)
+        probabilities, targets = learn.get_preds(dl=scored)
+    return {"accuracy": float((probabilities.argmax(dim=1) == targets).float().mean()),
+            "seconds": time.perf_counter() - start}
+
+
 def summary(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {spread:.3f}"
@@ -126,7 +167,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["tuxpaint10", "tuxpaint", "photos"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sides", nargs="+", default=["transferkit", "probe", "keras_guide"],
-                        choices=["transferkit", "probe", "keras_guide"])
+                        choices=["transferkit", "probe", "keras_guide", "fastai"])
     parser.add_argument("--tk-option", action="append", default=[], metavar="NAME=JSON",
                         help="a FinetuneConfig setting for the transferkit side, e.g. "
                              "unfreeze_blocks=4 (repeatable)")
@@ -143,8 +184,10 @@ def main() -> None:
                         row = transferkit_side(data, seed, Path(tmp), options)
                     elif side == "probe":
                         row = probe_side(data, seed, Path(tmp))
-                    else:
+                    elif side == "keras_guide":
                         row = keras_guide_side(data, seed)
+                    else:
+                        row = fastai_side(data, seed)
                     row |= {"set": name, "seed": seed, "side": side,
                             "split": scored_split(data), "options": options}
                     rows.setdefault((name, side), []).append(row)
