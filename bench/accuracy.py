@@ -7,7 +7,8 @@ EfficientNet-Lite0 ImageNet weights, side by side in one run:
   timed from a cold feature cache, extraction included;
 - keras_guide: the official Keras transfer-learning guide as a script: the frozen base called
   with training=False, flip/rotation/zoom augmentation layers, pooling, dropout 0.2, softmax,
-  Adam at its default rate for 20 epochs; then the whole base unfrozen at 1e-5 for 10;
+  Adam at its default rate for 20 epochs; then the whole base unfrozen at 1e-5 for 10
+  (--guide-epochs sets other budgets);
 - fastai: fastai's own recipe as its docs write it: `ImageDataLoaders.from_folder` with
   `Resize(224)` and `aug_transforms()`, `vision_learner` (its concat-pool head) and
   `fine_tune(10, freeze_epochs=1)`, on a PyTorch port of the same Lite0 checkpoint
@@ -78,7 +79,7 @@ def probe_side(data: Path, seed: int, workdir: Path) -> dict[str, Any]:
     return {"accuracy": accuracy, "seconds": time.perf_counter() - start, "c": probe.c}
 
 
-def keras_guide_side(data: Path, seed: int) -> dict[str, Any]:
+def keras_guide_side(data: Path, seed: int, epochs: tuple[int, int]) -> dict[str, Any]:
     import keras
 
     from transferkit.bases import BASES, build_base
@@ -108,15 +109,16 @@ def keras_guide_side(data: Path, seed: int) -> dict[str, Any]:
     model = keras.Model(inputs, outputs)
     model.compile(optimizer=keras.optimizers.Adam(),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(train_ds, epochs=GUIDE_EPOCHS, validation_data=val_ds, verbose=0)
+    head_epochs, finetune_epochs = epochs
+    model.fit(train_ds, epochs=head_epochs, validation_data=val_ds, verbose=0)
     base.trainable = True
     model.compile(optimizer=keras.optimizers.Adam(1e-5),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(train_ds, epochs=GUIDE_EPOCHS + GUIDE_FINETUNE_EPOCHS,
-              initial_epoch=GUIDE_EPOCHS, validation_data=val_ds, verbose=0)
+    model.fit(train_ds, epochs=head_epochs + finetune_epochs, initial_epoch=head_epochs,
+              validation_data=val_ds, verbose=0)
     scored = images(scored_split(data), False)
     return {"accuracy": float(model.evaluate(scored, verbose=0)[1]),
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "epochs": list(epochs)}
 
 
 def fastai_side(data: Path, seed: int) -> dict[str, Any]:
@@ -171,6 +173,10 @@ def main() -> None:
     parser.add_argument("--tk-option", action="append", default=[], metavar="NAME=JSON",
                         help="a FinetuneConfig setting for the transferkit side, e.g. "
                              "unfreeze_blocks=4 (repeatable)")
+    parser.add_argument("--guide-epochs", nargs=2, type=int, metavar=("HEAD", "FINETUNE"),
+                        default=[GUIDE_EPOCHS, GUIDE_FINETUNE_EPOCHS],
+                        help="the Keras guide's two budgets (default: its own 20 10; "
+                             "transferkit's default budget is 0 10)")
     parser.add_argument("--results", type=Path, default=None, help="append JSON lines here")
     args = parser.parse_args()
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.tk_option)}
@@ -185,7 +191,7 @@ def main() -> None:
                     elif side == "probe":
                         row = probe_side(data, seed, Path(tmp))
                     elif side == "keras_guide":
-                        row = keras_guide_side(data, seed)
+                        row = keras_guide_side(data, seed, tuple(args.guide_epochs))
                     else:
                         row = fastai_side(data, seed)
                     row |= {"set": name, "seed": seed, "side": side,

@@ -28,7 +28,6 @@ from transferkit.bases.efficientnet_lite import HEAD_CHANNELS, STAGES, STEM_CHAN
 from transferkit.bases.torch_legacy import read_state_dict
 
 BN_EPSILON = 1e-3
-BN_MOMENTUM = 0.01  # PyTorch's convention for Keras's 0.99
 LITE0_MEAN, LITE0_STD = 127.0 / 255.0, 128.0 / 255.0  # (x - 127) / 128 on [0, 1] inputs
 
 
@@ -45,7 +44,10 @@ class SameConv2d(nn.Conv2d):
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=BN_EPSILON, momentum=BN_MOMENTUM)
+    # PyTorch's default momentum (0.1), as torchvision's and timm's EfficientNets keep it.
+    # fastai trains BatchNorm even in a frozen body; at Keras's 0.99 (0.01 here) the running
+    # statistics trailed the changed weights and fastai scored 0.27 on digits.
+    return nn.BatchNorm2d(channels, eps=BN_EPSILON)
 
 
 class MBConv(nn.Module):
