@@ -141,8 +141,8 @@ def fastai_side(data: Path, seed: int) -> dict[str, Any]:
     set_seed(seed, reproducible=True)
     dls = ImageDataLoaders.from_folder(
         data, train="train", valid="val", item_tfms=Resize(224), bs=32, seed=seed,
-        num_workers=0, batch_tfms=[*aug_transforms(),
-                                   Normalize.from_stats([LITE0_MEAN] * 3, [LITE0_STD] * 3)])
+        num_workers=0, batch_tfms=[*aug_transforms(), Normalize.from_stats(LITE0_MEAN, LITE0_STD)])
+
     def lite0(pretrained: bool) -> nn.Module:
         return lite0_imagenet()
 

@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (PyTorch's own convention)
 from torch import nn
 
-from transferkit.bases import lite0_checkpoint
+from transferkit.bases import get_base, lite0_checkpoint
 from transferkit.bases.efficientnet_lite import HEAD_CHANNELS, STAGES, STEM_CHANNELS
 from transferkit.bases.torch_legacy import read_state_dict
 
 BN_EPSILON = 1e-3
-LITE0_MEAN, LITE0_STD = 127.0 / 255.0, 128.0 / 255.0  # (x - 127) / 128 on [0, 1] inputs
+SPEC = get_base("efficientnet_lite0")
+# transferkit's input scaling of Lite0, for inputs in [0, 1] (fastai's Normalize)
+LITE0_MEAN = [m / 255.0 for m in SPEC.preprocessing.mean]
+LITE0_STD = [s / 255.0 for s in SPEC.preprocessing.std]
 
 
 class SameConv2d(nn.Conv2d):
@@ -109,20 +112,21 @@ def lite0_imagenet() -> Lite0Body:
 
 def _check(data: Path, limit: int) -> None:
     """Cosine of pooled features, this port against transferkit's Keras base, on real images."""
-    from PIL import Image
+    from transferkit.bases import build_base
+    from transferkit.data.pipeline import build_dataset
+    from transferkit.model import build_feature_extractor
 
-    from transferkit.bases import build_base, get_base
-
-    paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-    paths = paths[:limit]
-    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((224, 224)), np.float32)
-                       for p in paths])
-    scaled = (images - 127.0) / 128.0
-    keras_features = build_base(get_base("efficientnet_lite0"), 224, "imagenet").predict(
-        scaled, verbose=0).mean(axis=(1, 2))
+    paths = sorted(str(p) for p in data.rglob("*")
+                   if p.suffix.lower() in {".png", ".jpg", ".jpeg"})[:limit]
+    images = np.concatenate([np.asarray(b) for b in build_dataset(paths, None, 224, 32)])
+    keras_features = build_feature_extractor(build_base(SPEC, 224, "imagenet"),
+                                             SPEC.preprocessing).predict(images, verbose=0)
+    scaled = (images / 255.0 - np.array(LITE0_MEAN, np.float32)) / np.array(LITE0_STD,
+                                                                             np.float32)
     model = lite0_imagenet().eval()
     with torch.no_grad():
-        torch_features = model(torch.from_numpy(scaled).permute(0, 3, 1, 2)).mean(dim=(2, 3))
+        torch_features = model(torch.from_numpy(scaled.astype(np.float32)).permute(0, 3, 1, 2)
+                               ).mean(dim=(2, 3))
     a, b = keras_features, torch_features.numpy()
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     print(f"{len(paths)} images: cosine min {cosine.min():.6f}, mean {cosine.mean():.6f}; "
