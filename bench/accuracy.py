@@ -59,6 +59,13 @@ def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, An
     return {"accuracy": score.accuracy, "seconds": seconds, "kept": result.kept_stage,
             "probe_ready": record.probe.ready_after if record.probe else None,
             "val_correct": result.choice.val_correct,
+            "adaptation": None if record.adaptation is None else {
+                "pixels": record.adaptation.pixel_accuracy,
+                "probe": record.adaptation.probe_accuracy,
+                "mirrored": record.adaptation.mirrored_accuracy,
+                "deep": record.adaptation.deep,
+                "no_flips": record.adaptation.mirror_changes_labels,
+                "seconds": record.adaptation.seconds},
             "ece_before": result.calibration.test_ece_before or result.calibration.val_ece_before,
             "ece_after": result.calibration.test_ece_after or result.calibration.val_ece_after}
 

@@ -13,7 +13,6 @@ audit writes audit.json and report.html into its output folder, and never moves 
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 import warnings
@@ -26,6 +25,7 @@ import numpy as np
 from transferkit import report
 from transferkit.config import AuditConfig
 from transferkit.data.folders import ImageSet, load_splits
+from transferkit.data.inspect import small_image
 from transferkit.features import base_features
 from transferkit.files import check_new_output, replace_path, write_json, write_text
 from transferkit.reporting import NullReporter, Reporter
@@ -154,9 +154,7 @@ def thumbnails(source: str) -> np.ndarray:
     from PIL import Image, ImageFilter
 
     grid = 3 * THUMB_PX
-    with open(os.fsencode(source), "rb") as f, Image.open(f) as image:
-        image.draft("L", (2 * grid, 2 * grid))  # JPEGs decode at a fraction of their size
-        grey = image.convert("L").resize((grid, grid), Image.Resampling.LANCZOS)
+    grey = small_image(source, "L", grid)
     out = []
     for x0, y0, x1, y1 in CROP_BOXES:
         crop = grey.crop((round(x0 * grid), round(y0 * grid), round(x1 * grid),

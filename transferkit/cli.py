@@ -139,6 +139,17 @@ PrecisionOpt = Annotated[Precision, typer.Option(
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Replace an existing output instead of refusing.",
     rich_help_panel=OUT_PANEL)]
+UnfreezeOpt = Annotated[int | None, typer.Option(
+    "--unfreeze-blocks", help="Stage 2: how many blocks to unfreeze, from the top. Default: "
+                              "2, or every block when --adapt finds the data unlike the "
+                              "base's pretraining.", rich_help_panel=TRAIN_PANEL,
+    show_default=False)]
+AdaptOpt = Annotated[bool, typer.Option(
+    "--adapt/--no-adapt", help="Decide from the training data, in seconds, whether to "
+                               "fine-tune every block (raw pixels rival the frozen features) "
+                               "and whether to drop left-right flips (they change labels). "
+                               "--no-adapt: the top 2 blocks and the flips as given.",
+    rich_help_panel=TRAIN_PANEL)]
 DropoutOpt = Annotated[float, typer.Option(
     "--dropout", help="Dropout before the softmax layer.", rich_help_panel=TRAIN_PANEL)]
 L2Opt = Annotated[float, typer.Option(
@@ -290,9 +301,8 @@ def finetune(
     finetune_epochs: Annotated[int, typer.Option(
         "--finetune-epochs", help="Stage 2: most epochs with the top blocks unfrozen (0: skip).",
         rich_help_panel=TRAIN_PANEL)] = default(FinetuneConfig, "finetune_epochs"),
-    unfreeze_blocks: Annotated[int, typer.Option(
-        "--unfreeze-blocks", help="Stage 2: how many blocks to unfreeze, from the top.",
-        rich_help_panel=TRAIN_PANEL)] = default(FinetuneConfig, "unfreeze_blocks"),
+    unfreeze_blocks: UnfreezeOpt = default(FinetuneConfig, "unfreeze_blocks"),
+    adapt: AdaptOpt = default(FinetuneConfig, "adapt"),
     train_batchnorm: Annotated[bool, typer.Option(
         "--train-batchnorm/--freeze-batchnorm", help="Stage 2: let unfrozen BatchNorm layers "
                                                      "learn their scale and shift.",
@@ -391,7 +401,7 @@ def finetune(
             output=output, base=default(FinetuneConfig, "base") if base.value == AUTO_BASE
             else base.value, weights=weights, epochs=epochs,
             learning_rate=learning_rate, finetune_epochs=finetune_epochs,
-            finetune_lr=finetune_lr, unfreeze_blocks=unfreeze_blocks,
+            finetune_lr=finetune_lr, unfreeze_blocks=unfreeze_blocks, adapt=adapt,
             train_batchnorm=train_batchnorm,
             optimizer=OptimizerConfig(name=optimizer.value, momentum=momentum,
                                       nesterov=nesterov),
@@ -483,9 +493,8 @@ def cv(
         "--finetune-epochs", help="Most epochs with the top blocks unfrozen (0: the probe "
                                   "alone).", rich_help_panel=TRAIN_PANEL)] = default(
         FinetuneConfig, "finetune_epochs"),
-    unfreeze_blocks: Annotated[int, typer.Option(
-        "--unfreeze-blocks", help="How many blocks to unfreeze, from the top.",
-        rich_help_panel=TRAIN_PANEL)] = default(FinetuneConfig, "unfreeze_blocks"),
+    unfreeze_blocks: UnfreezeOpt = default(FinetuneConfig, "unfreeze_blocks"),
+    adapt: AdaptOpt = default(FinetuneConfig, "adapt"),
     cache: CacheOpt = default(FinetuneConfig, "cache"),
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -500,7 +509,8 @@ def cv(
             data=DataConfig(data_dir=data, image_size=image_size, val_split=val_split,
                             batch_size=batch_size, seed=seed),
             output=output, base=base.value, weights=weights, epochs=epochs,
-            finetune_epochs=finetune_epochs, unfreeze_blocks=unfreeze_blocks, cache=cache,
+            finetune_epochs=finetune_epochs, unfreeze_blocks=unfreeze_blocks, adapt=adapt,
+            cache=cache,
             overwrite=overwrite))
         _check_data(settings.recipe.data, settings.recipe.base)
         if finetune_epochs:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from transferkit.errors import ConfigError
 
 DEFAULT_BASE = "efficientnet_lite0"
+TOP_BLOCKS = 2  # blocks fine-tuned unless the data or --unfreeze-blocks says otherwise
 
 
 def _check(condition: bool, message: str) -> None:
@@ -200,7 +201,8 @@ class FinetuneConfig:
     learning_rate: float = 1e-3
     finetune_epochs: int = 10
     finetune_lr: float | None = None  # None: a tenth of learning_rate
-    unfreeze_blocks: int = 2
+    unfreeze_blocks: int | None = None  # None: TOP_BLOCKS, or all when adapt finds it deep
+    adapt: bool = True  # decide depth and flips from the training data (training.adaptation)
     train_batchnorm: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     # Stage 1 keeps its rate (a fresh head is far from converged); stage 2 anneals it.
@@ -228,7 +230,8 @@ class FinetuneConfig:
         _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
         _check(self.finetune_lr is None or self.finetune_lr > 0,
                f"--finetune-lr must be > 0; got {self.finetune_lr}.")
-        _check(self.unfreeze_blocks >= 1 or self.finetune_epochs == 0,
+        _check(self.unfreeze_blocks is None or self.unfreeze_blocks >= 1
+               or self.finetune_epochs == 0,
                f"--unfreeze-blocks must be at least 1 when fine-tuning; got "
                f"{self.unfreeze_blocks}. Use --finetune-epochs 0 to train the head only.")
         _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
@@ -245,6 +248,11 @@ class FinetuneConfig:
         _check(self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}; got "
                                          f"{self.monitor}.")
         _check(self.patience >= 0, f"--patience must be 0 or more; got {self.patience}.")
+
+    @property
+    def resolved_unfreeze_blocks(self) -> int:
+        """Stage 2's depth: as given (or as adaptation set it), else the top TOP_BLOCKS."""
+        return self.unfreeze_blocks if self.unfreeze_blocks is not None else TOP_BLOCKS
 
     @property
     def resolved_finetune_lr(self) -> float:

@@ -125,6 +125,22 @@ class ProbeRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Adaptation:
+    """What finetune found about the data before its stages (training.adaptation): the
+    out-of-fold accuracy on train of raw pixels, of the linear probe, and of raw pixels on
+    the held-out images mirrored; and what it made of them."""
+
+    folds: int
+    images: int  # training images checked (a stratified sample of large sets)
+    pixel_accuracy: float
+    probe_accuracy: float
+    mirrored_accuracy: float
+    deep: bool  # the features fit the data badly: every block is fine-tuned
+    mirror_changes_labels: bool  # left-right flips are left out of the augmentation
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Comparison:
     """One step of choosing the kept model: `other` replaces `simpler` only when it gets
     more validation images right by more than the noise of that count."""
@@ -238,6 +254,7 @@ class RunRecord:
     scores: tuple[Score, ...] = ()  # the kept model's accuracy per split, with intervals
     lr_find: LRFind | None = None
     probe: ProbeRecord | None = None
+    adaptation: Adaptation | None = None
     choice: Choice | None = None
     calibration: Calibration | None = None
     cross_validation: CrossValidation | None = None

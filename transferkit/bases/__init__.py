@@ -155,9 +155,10 @@ class BaseSpec:
         """Each block's positions in `base.layers` (see Blocks)."""
         return self.block_markers.spans(base)
 
-    def check_block_count(self, count: int, option: str) -> None:
-        """Raises a ConfigError naming `option` unless 1 <= count <= the number of blocks."""
-        if not 1 <= count <= len(self.blocks):
+    def check_block_count(self, count: int | None, option: str) -> None:
+        """Raises a ConfigError naming `option` unless 1 <= count <= the number of blocks
+        (None: decided later, always in range)."""
+        if count is not None and not 1 <= count <= len(self.blocks):
             raise ConfigError(f"{option} {count} is out of range: {self.name} has "
                               f"{len(self.blocks)} blocks ({', '.join(self.blocks)}).")
 

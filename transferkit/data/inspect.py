@@ -261,6 +261,15 @@ def inspect_images(paths: Sequence[Path], reporter: Reporter, cache: InspectionC
     return [k if k is not None else fresh[p] for p, k in zip(paths, known, strict=True)]
 
 
+def small_image(source: str, mode: str, size: int) -> Image.Image:
+    """The image at `source` (a decodable file, see decode_source) in Pillow `mode`, resized
+    to `size` pixels square. JPEGs decode at a fraction of their size first (Pillow's
+    draft), so a thumbnail costs milliseconds."""
+    with open(os.fsencode(source), "rb") as f, Image.open(f) as image:
+        image.draft(mode, (2 * size, 2 * size))
+        return image.convert(mode).resize((size, size), Image.Resampling.LANCZOS)
+
+
 def decode_source(info: ImageInfo) -> str:
     """The file the tf.data pipeline decodes for this image: itself, or its converted copy."""
     return str(converted_path(info) if info.needs_conversion else info.path)

@@ -79,6 +79,9 @@ from transferkit.runs import (
     save_run,
     save_splits,
 )
+from transferkit.training.adaptation import apply as apply_adaptation
+from transferkit.training.adaptation import assess
+from transferkit.training.adaptation import describe as describe_adaptation
 from transferkit.training.checks import lr_find
 from transferkit.training.choice import choose
 from transferkit.training.choice import describe as describe_choice
@@ -165,7 +168,7 @@ def plan_stages(config: FinetuneConfig, spec: BaseSpec) -> list[StagePlan]:
         stages.append(StagePlan(HEAD, f"train the head on the frozen {spec.name} base", 0,
                                 config.epochs, config.learning_rate, config.schedule))
     if config.finetune_epochs:
-        top = spec.blocks[-config.unfreeze_blocks:]
+        top = spec.blocks[-config.resolved_unfreeze_blocks:]
         stages.append(StagePlan(
             FINETUNE, f"fine-tune block{'s' if len(top) > 1 else ''} {', '.join(top)} "
                       f"(BatchNorm {'trainable' if config.train_batchnorm else 'frozen'})",
@@ -219,7 +222,9 @@ def _start(config: FinetuneConfig, reporter: Reporter,
     record = save_record(config.output, record)
     if found is not None:
         save_figure(config.output / LR_FIND_FILE, plot_lr_find(found))
-    record = _probe(record, prepared, reporter, started)
+    record, x_train = _probe(record, prepared, reporter, started)
+    if config.adapt and config.finetune_epochs:
+        record = _adapt(record, prepared, x_train, reporter)
     return _train(record, prepared.spec, splits, prepared.model, prepared.base, [], 0,
                   reporter, prepared.strategy)
 
@@ -265,11 +270,11 @@ def _resume(run_dir: Path, reporter: Reporter) -> FinetuneResult:
 
 
 def _probe(record: RunRecord, prepared: Prepared, reporter: Reporter,
-           started: float) -> RunRecord:
+           started: float) -> tuple[RunRecord, np.ndarray]:
     """Fits the linear probe on frozen features of train, says its val score (the bar to
     beat) and saves it as the first candidate model, the first usable one. A linear head
     starts from its weights (LP-FT); a head with a hidden layer gets a probe model of its
-    own."""
+    own. Returns the record and the training features."""
     config = record.config
     assert isinstance(config, FinetuneConfig) and config.output is not None
     splits, model = prepared.splits, prepared.model
@@ -306,7 +311,26 @@ def _probe(record: RunRecord, prepared: Prepared, reporter: Reporter,
     reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
     return save_record(config.output, record.replace(probe=ProbeRecord(
         c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
-        ready_after=round(ready, 3))))
+        ready_after=round(ready, 3)))), x_train
+
+
+def _adapt(record: RunRecord, prepared: Prepared, x_train: np.ndarray,
+           reporter: Reporter) -> RunRecord:
+    """Decides from the training split how deep to fine-tune and whether flips keep labels
+    (training.adaptation), and writes the decisions into the record's resolved config, so
+    that a resumed run trains the same way."""
+    config = record.config
+    assert isinstance(config, FinetuneConfig) and config.output is not None and record.probe
+    train = prepared.splits.train
+    found = assess(train.sources, train.labels, x_train, record.probe.c,
+                   balanced=record.class_weights is not None, seed=config.data.seed)
+    if found is None:
+        reporter.info("Too few training images per class to check the data; fine-tuning the "
+                      "top blocks with the augmentation as given.")
+        return record
+    reporter.info(describe_adaptation(found))
+    return save_record(config.output, record.replace(
+        adaptation=found, config=apply_adaptation(config, found, len(prepared.spec.blocks))))
 
 
 class StageMonitor(keras.callbacks.Callback):
@@ -446,7 +470,7 @@ def _train_in_scope(record: RunRecord, spec: BaseSpec, splits: DataSplits,
                 if plan.name == HEAD:
                     freeze_base(base)
                 else:
-                    unfreeze_top_blocks(base, spec, config.unfreeze_blocks,
+                    unfreeze_top_blocks(base, spec, config.resolved_unfreeze_blocks,
                                         config.train_batchnorm)
                 record = save_record(run_dir, record.replace(trainable_params={
                     **record.trainable_params, plan.name: count_params(model).trainable}))

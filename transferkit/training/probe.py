@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,13 +40,21 @@ class LinearProbe:
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def probe_estimator(c: float, balanced: bool = False) -> Any:
+    """The probe's scikit-learn model at a given C, for fits where C is already known."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=3000, tol=1e-3,
+                              class_weight="balanced" if balanced else None)
+
+
 def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
               balanced: bool = False, seed: int = 0) -> LinearProbe:
     """Fits the probe on training features. Every class must have a training image.
 
     `balanced` weighs classes inversely to their frequency, as the run's class weights do.
     """
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
 
     start = time.perf_counter()
@@ -62,7 +71,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
             c = float(np.atleast_1d(model.C_)[0])
         else:
             folds, c = 0, FALLBACK_C
-            model = LogisticRegression(C=c, max_iter=3000, tol=1e-3, class_weight=weight)
+            model = probe_estimator(c, balanced)
             model.fit(features, labels)
     kernel = np.zeros((features.shape[1], num_classes), np.float32)
     bias = np.zeros(num_classes, np.float32)
@@ -80,7 +89,6 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_clas
     K-fold (K up to 5, as the smallest class allows), C chosen by the probe's own
     cross-validation on all images. A class of one image gets no column from the folds that
     hold it out; its probability there is 0, which is the honest answer."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     counts = np.bincount(labels, minlength=num_classes)
@@ -91,7 +99,7 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_clas
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         found = cross_val_predict(
-            LogisticRegression(C=c, max_iter=3000, tol=1e-3), features, labels,
+            probe_estimator(c), features, labels,
             cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
     probabilities = np.zeros((len(labels), num_classes))
     present = np.flatnonzero(counts)

@@ -1,0 +1,142 @@
+"""The checks that decide, from the training data, how deep to fine-tune and whether flips
+keep labels; and that finetune records and applies what they decide."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.config import TOP_BLOCKS, DataConfig, FinetuneConfig
+from transferkit.runs import Adaptation, read_record
+from transferkit.training.adaptation import (
+    DEEP_LR_SCALE,
+    DEEP_WARMUP_EPOCHS,
+    MAX_IMAGES,
+    _sample,
+    apply,
+    assess,
+    describe,
+)
+from transferkit.training.finetune import finetune
+
+
+def _write(folder: Path, name: str, pixels: np.ndarray) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def _ramp(direction: int, index: int, size: int = 24) -> np.ndarray:
+    """A grey ramp that brightens to the right (1) or to the left (-1), with noise: the class
+    is only in its handedness, so a mirror image is the other class."""
+    rng = np.random.default_rng(index)
+    ramp = np.linspace(30, 220, size)[::direction]
+    image = np.tile(ramp, (size, 1))[..., None].repeat(3, axis=2)
+    return image + rng.normal(0, 20, image.shape)
+
+
+def _colour(cls: int, index: int, size: int = 24) -> np.ndarray:
+    """A symmetric blob, red or blue: mirroring keeps the class."""
+    rng = np.random.default_rng(index)
+    yy, xx = np.mgrid[:size, :size]
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2)[..., None]
+    colour = np.array([200, 40, 40]) if cls == 0 else np.array([40, 40, 200])
+    return np.where(disc, colour, 120) + rng.normal(0, 20, (size, size, 3))
+
+
+def test_handed_classes_with_useless_features_go_deep_without_flips(tmp_path):
+    labels = np.repeat([0, 1], 20)
+    sources = [_write(tmp_path / str(c), f"{i}", _ramp(1 if c == 0 else -1, i))
+               for i, c in enumerate(labels)]
+    noise = np.random.default_rng(0).normal(size=(len(labels), 16))  # features know nothing
+    found = assess(sources, labels, noise, c=1.0, balanced=False, seed=0)
+    assert found is not None
+    assert found.pixel_accuracy > 0.9 and found.mirrored_accuracy < 0.2
+    assert found.deep and found.mirror_changes_labels
+    assert found.folds == 5 and found.images == 40
+    assert "goes deep" in describe(found) and "no left-right flips" in describe(found)
+
+
+def test_symmetric_classes_with_telling_features_stay_shallow_with_flips(tmp_path):
+    labels = np.repeat([0, 1], 20)
+    sources = [_write(tmp_path / str(c), f"{i}", _colour(c, i)) for i, c in enumerate(labels)]
+    rng = np.random.default_rng(1)
+    features = np.eye(2)[labels] * 3 + rng.normal(0, 0.3, (len(labels), 2))
+    found = assess(sources, labels, features, c=1.0, balanced=False, seed=0)
+    assert found is not None
+    assert found.probe_accuracy == 1.0 and found.mirrored_accuracy == found.pixel_accuracy
+    assert not found.deep and not found.mirror_changes_labels
+    assert "fit the data" in describe(found) and "mirroring keeps labels" in describe(found)
+
+
+def test_a_class_with_one_training_image_is_not_checked(tmp_path):
+    labels = np.array([0, 0, 0, 1])
+    sources = [_write(tmp_path, f"{i}", _colour(c, i)) for i, c in enumerate(labels)]
+    assert assess(sources, labels, np.zeros((4, 2)), 1.0, False, 0) is None
+
+
+def test_large_sets_are_sampled_per_class():
+    labels = np.r_[np.zeros(3 * MAX_IMAGES, int), np.ones(3, int)]
+    picked = _sample(labels, seed=0)
+    assert abs(len(picked) - MAX_IMAGES) <= 5 and (labels[picked] == 1).sum() == 3
+    assert len(np.unique(picked)) == len(picked)
+    assert list(_sample(labels[:10], 0)) == list(range(10))
+
+
+def _handed_folder(root: Path, per_class: int = 12) -> Path:
+    for c, direction in (("right", 1), ("left", -1)):
+        for i in range(per_class):
+            _write(root / "train" / c, f"{i}", _ramp(direction, 1000 * (direction + 1) + i))
+            if i < 4:
+                _write(root / "val" / c, f"{i}", _ramp(direction, 5000 * (direction + 1) + i))
+    return root
+
+
+def _found(deep: bool, mirror: bool) -> Adaptation:
+    return Adaptation(folds=5, images=100, pixel_accuracy=0.9, probe_accuracy=0.8,
+                      mirrored_accuracy=0.3 if mirror else 0.9, deep=deep,
+                      mirror_changes_labels=mirror, seconds=1.0)
+
+
+def test_going_deep_tunes_every_block_faster_after_a_warm_up_unless_told_otherwise():
+    config = FinetuneConfig(data=DataConfig(data_dir=Path("d")), output=None)
+    deep = apply(config, _found(deep=True, mirror=False), blocks=8)
+    assert deep.unfreeze_blocks == 8 and deep.augment.horizontal_flip
+    assert deep.resolved_finetune_lr == pytest.approx(DEEP_LR_SCALE * 1e-4)
+    assert deep.finetune_schedule.warmup_epochs == DEEP_WARMUP_EPOCHS
+    told = apply(dataclasses.replace(config, finetune_lr=5e-5), _found(True, False), 8)
+    assert (told.unfreeze_blocks, told.finetune_lr, told.finetune_schedule.warmup_epochs) == (
+        8, 5e-5, 0)
+    fixed = apply(dataclasses.replace(config, unfreeze_blocks=3), _found(True, True), 8)
+    assert fixed.unfreeze_blocks == 3 and fixed.finetune_lr is None
+    assert not fixed.augment.horizontal_flip
+    shallow = apply(config, _found(deep=False, mirror=False), blocks=8)
+    assert shallow == config and shallow.resolved_unfreeze_blocks == TOP_BLOCKS
+
+
+def test_finetune_records_and_applies_the_decisions(tmp_path):
+    config = FinetuneConfig(data=DataConfig(data_dir=_handed_folder(tmp_path / "data"),
+                                            image_size=32, batch_size=8),
+                            output=tmp_path / "run", weights="none", finetune_epochs=1)
+    finetune(config)
+    record = read_record(tmp_path / "run")
+    found = record.adaptation
+    assert found is not None and found.mirror_changes_labels
+    assert record.config == apply(dataclasses.replace(config, data=record.config.data),
+                                  found, blocks=8)  # efficientnet_lite0 has 8 blocks
+
+
+def test_no_adapt_keeps_the_options(tmp_path):
+    config = FinetuneConfig(data=DataConfig(data_dir=_handed_folder(tmp_path / "data"),
+                                            image_size=32, batch_size=8),
+                            output=tmp_path / "run", weights="none", finetune_epochs=1,
+                            adapt=False)
+    finetune(config)
+    record = read_record(tmp_path / "run")
+    assert record.adaptation is None and record.config.augment.horizontal_flip is True
+    assert record.config.resolved_unfreeze_blocks == TOP_BLOCKS
