@@ -123,8 +123,8 @@ def describe(found: Adaptation) -> str:
              "the features fit the data")
     mirror = ("left and right carry the label: no left-right flips"
               if found.mirror_changes_labels else "mirroring keeps labels")
-    return (f"Data checks ({how}): raw pixels {found.pixel_accuracy:.3f} vs the probe "
-            f"{found.probe_accuracy:.3f}: {depth}.\nMirrored images: raw pixels "
+    return (f"Raw pixels {found.pixel_accuracy:.3f} vs the probe {found.probe_accuracy:.3f} "
+            f"({how}): {depth}.\nMirrored images: raw pixels "
             f"{found.pixel_accuracy:.3f} -> {found.mirrored_accuracy:.3f}: {mirror}.")
 
 

@@ -328,7 +328,7 @@ def _adapt(record: RunRecord, prepared: Prepared, x_train: np.ndarray,
         reporter.info("Too few training images per class to check the data; fine-tuning the "
                       "top blocks with the augmentation as given.")
         return record
-    reporter.info(describe_adaptation(found))
+    reporter.info(f"Data checks: {describe_adaptation(found)}")
     return save_record(config.output, record.replace(
         adaptation=found, config=apply_adaptation(config, found, len(prepared.spec.blocks))))
 
