@@ -18,6 +18,7 @@ from transferkit.cli import app
 
 runner = CliRunner()
 TINY = ["--weights", "none", "--image-size", "32", "--batch-size", "8"]
+TINY_FT = [*TINY, "--no-adapt"]  # finetune on random weights: the data checks are not the subject
 
 
 def invoke(*args: str):
@@ -31,7 +32,7 @@ def said(text: str) -> str:
 
 def test_finetune_writes_a_self_describing_run(image_folder: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    result = invoke("finetune", image_folder, "-o", run_dir, *TINY, "--epochs", "2",
+    result = invoke("finetune", image_folder, "-o", run_dir, *TINY_FT, "--epochs", "2",
                     "--finetune-epochs", "1", "--unfreeze-blocks", "2", "--base", "vgg16",
                     "--brightness-range", "0.8", "1.2")
     assert result.exit_code == 0, result.output
@@ -44,14 +45,14 @@ def test_finetune_writes_a_self_describing_run(image_folder: Path, tmp_path: Pat
     assert "trainable parameters" in result.stderr
     assert "Training summary" in result.stdout
 
-    again = invoke("finetune", image_folder, "-o", run_dir, *TINY)
+    again = invoke("finetune", image_folder, "-o", run_dir, *TINY_FT)
     assert again.exit_code == 1
     assert "already exists and is not empty" in said(again.stderr)
     assert "--overwrite" in again.stderr
 
 
 def test_finetune_head_only(image_folder: Path, tmp_path: Path):
-    result = invoke("finetune", image_folder, "-o", tmp_path / "run", *TINY, "--epochs", "1",
+    result = invoke("finetune", image_folder, "-o", tmp_path / "run", *TINY_FT, "--epochs", "1",
                     "--finetune-epochs", "0", "--no-augment")
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -178,7 +179,7 @@ def test_doctor_cli_reports_writes_json_and_quarantines(messy_folder: Path, tmp_
 
 def test_all_commands_survive_a_messy_folder(messy_folder: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
-    result = invoke("finetune", messy_folder, "-o", run_dir, *TINY, "--epochs", "1",
+    result = invoke("finetune", messy_folder, "-o", run_dir, *TINY_FT, "--epochs", "1",
                     "--finetune-epochs", "1")
     assert result.exit_code == 0, result.output
     assert "Skipped 4 file(s)" in result.stderr and "truncated.jpg" in result.stderr
@@ -212,7 +213,7 @@ def test_interrupted_run_resumes_from_the_cli(image_folder: Path, tmp_path: Path
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
         run_finetune(_config(image_folder, run_dir), SignalAt("head", 1))
-    again = invoke("finetune", image_folder, "-o", run_dir, *TINY)
+    again = invoke("finetune", image_folder, "-o", run_dir, *TINY_FT)
     assert again.exit_code == 1 and "--resume" in again.stderr
     assert "interrupted in stage head after epoch 1" in said(again.stderr)
     mixed = invoke("finetune", image_folder, "--resume", run_dir)
@@ -233,7 +234,7 @@ def test_data_errors_exit_1_and_write_nothing(tmp_path: Path, setup, args, messa
     data = tmp_path / "data"
     data.mkdir()
     setup(data)
-    result = invoke("finetune", data, "-o", tmp_path / "run", *TINY, *args)
+    result = invoke("finetune", data, "-o", tmp_path / "run", *TINY_FT, *args)
     assert result.exit_code == 1, result.output
     assert message in said(result.stderr) and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
@@ -318,15 +319,15 @@ def test_config_file_then_command_line_overrides(image_folder: Path, tmp_path: P
 
 
 def test_overfit_check_and_lr_find(image_folder: Path, tmp_path: Path):
-    check = invoke("finetune", image_folder, *TINY, "--overfit-check", "--base", "resnet50")
+    check = invoke("finetune", image_folder, *TINY_FT, "--overfit-check", "--base", "resnet50")
     assert check.exit_code == 0, check.output
     assert "Overfit check passed" in said(check.stdout)
     # random Lite0 features at 32 px carry next to no signal: the check must say so
-    flat = invoke("finetune", image_folder, *TINY, "--overfit-check")
+    flat = invoke("finetune", image_folder, *TINY_FT, "--overfit-check")
     assert flat.exit_code == 1 and "Overfit check FAILED" in said(flat.stdout)
 
     run_dir = tmp_path / "run"
-    found = invoke("finetune", image_folder, "-o", run_dir, *TINY, "--lr-find", "--epochs",
+    found = invoke("finetune", image_folder, "-o", run_dir, *TINY_FT, "--lr-find", "--epochs",
                    "1", "--finetune-epochs", "0")
     assert found.exit_code == 0, found.output
     assert "Learning-rate range test" in said(found.stderr)
@@ -652,7 +653,7 @@ def test_a_read_only_output_is_refused_before_any_work(trained_run: Path, image_
                                                        tmpfs):
     frozen = tmpfs("ro", "ro,size=64k")
     for args in (["predict", trained_run, image_folder, "-o", frozen / "p.csv"],
-                 ["finetune", image_folder, "-o", frozen / "run", *TINY],
+                 ["finetune", image_folder, "-o", frozen / "run", *TINY_FT],
                  ["export", trained_run, "--format", "tflite", "-o", frozen / "m.tflite"]):
         result = invoke(*args)
         assert result.exit_code == 1, result.output

@@ -23,7 +23,7 @@ def test_a_probe_only_run_is_a_complete_calibrated_model(image_folder, tmp_path)
     from transferkit.runs import load_run, read_record
     from transferkit.training.finetune import finetune
 
-    result = finetune(FinetuneConfig(data=DataConfig(data_dir=image_folder, **TINY),
+    result = finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, **TINY),
                                      output=tmp_path / "run", weights="none",
                                      finetune_epochs=0))
     assert result.kept_stage == "probe" and result.stages == () and result.history == ()
@@ -40,7 +40,8 @@ def test_a_probe_only_run_is_a_complete_calibrated_model(image_folder, tmp_path)
 
 def test_a_hidden_layer_needs_head_epochs_before_fine_tuning(image_folder):
     with pytest.raises(ConfigError, match="--epochs N"):
-        FinetuneConfig(data=DataConfig(data_dir=image_folder), output=None, dense_units=64)
+        FinetuneConfig(adapt=False,
+                       data=DataConfig(data_dir=image_folder), output=None, dense_units=64)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def cv_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     from transferkit.cv import cross_validate
 
     run_dir = tmp_path_factory.mktemp("cv") / "run"
-    cross_validate(CVConfig(folds=2, recipe=FinetuneConfig(
+    cross_validate(CVConfig(folds=2, recipe=FinetuneConfig(adapt=False,
         data=DataConfig(data_dir=image_folder, **TINY), output=run_dir, weights="none",
         finetune_epochs=1)))
     return run_dir

@@ -53,7 +53,8 @@ tf.config.set_logical_device_configuration(
 from pathlib import Path
 from transferkit.config import ComputeConfig, DataConfig, FinetuneConfig
 from transferkit.training.finetune import finetune
-finetune(FinetuneConfig(data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
+finetune(FinetuneConfig(adapt=False,
+                        data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
                         output=Path(sys.argv[2]), weights="none", epochs=1, finetune_epochs=1,
                         compute=ComputeConfig(strategy="mirrored")))
 """

@@ -105,7 +105,8 @@ def test_finetune_and_extract_score_the_test_split_once_at_the_end(presplit_fold
     from transferkit.training.finetune import finetune
 
     data = DataConfig(data_dir=presplit_folder, image_size=32, batch_size=8)
-    result = finetune(FinetuneConfig(data=data, output=tmp_path / "run", weights="none",
+    result = finetune(FinetuneConfig(adapt=False,
+                                     data=data, output=tmp_path / "run", weights="none",
                                      epochs=1, finetune_epochs=0,
                                      augment=AugmentConfig(enabled=False)))
     val, test = result.scores

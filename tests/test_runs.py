@@ -184,7 +184,7 @@ def test_two_finetune_runs_into_one_folder_one_is_refused(image_folder: Path, tm
     script = ("import sys; from pathlib import Path; "
               "from transferkit.config import DataConfig, FinetuneConfig; "
               "from transferkit.training.finetune import finetune; "
-              "finetune(FinetuneConfig(data=DataConfig(data_dir=Path(sys.argv[1]), "
+              "finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=Path(sys.argv[1]), "
               "image_size=32, batch_size=8), output=Path(sys.argv[2]), weights='none', "
               "epochs=2, finetune_epochs=0, augment=__import__('transferkit.config', "
               "fromlist=['x']).AugmentConfig(enabled=False)))")
@@ -281,7 +281,8 @@ def test_a_signal_during_the_final_save_waits_for_it(image_folder: Path, tmp_pat
     monkeypatch.setattr(runs, "save_model", save_then_terminated)
     run_dir = tmp_path / "run"
     reporter = Warnings()
-    finetune(FinetuneConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
+    finetune(FinetuneConfig(adapt=False,
+                            data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", epochs=1, finetune_epochs=0,
                             augment=AugmentConfig(enabled=False)), reporter)
     assert read_record(run_dir).status == "complete"

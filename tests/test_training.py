@@ -31,7 +31,8 @@ class SignalAt(NullReporter):
 
 
 def _config(data: Path, out: Path) -> FinetuneConfig:
-    return FinetuneConfig(data=DataConfig(data_dir=data, image_size=32, batch_size=8), output=out,
+    return FinetuneConfig(adapt=False,
+                          data=DataConfig(data_dir=data, image_size=32, batch_size=8), output=out,
                           weights="none", epochs=3, finetune_epochs=2, unfreeze_blocks=2)
 
 
@@ -126,7 +127,8 @@ def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
     from transferkit.runs import best_checkpoint, read_record
 
     run_dir = tmp_path / "run"
-    config = FinetuneConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
+    config = FinetuneConfig(adapt=False,
+                            data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", epochs=2, finetune_epochs=2,
                             finetune_lr=1e3, unfreeze_blocks=3,  # a rate that wrecks the base
                             monitor="val_loss",
@@ -150,7 +152,8 @@ def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
 
 def test_same_seed_same_run(image_folder, tmp_path):
     def history(name: str) -> list[dict]:
-        config = FinetuneConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8,
+        config = FinetuneConfig(adapt=False,
+                                data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8,
                                                 seed=7),
                                 output=tmp_path / name, weights="none", epochs=2,
                                 finetune_epochs=1)
@@ -279,7 +282,8 @@ import sys
 from pathlib import Path
 from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
 from transferkit.training.finetune import finetune
-finetune(FinetuneConfig(data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
+finetune(FinetuneConfig(adapt=False,
+                        data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
                         output=Path(sys.argv[2]), weights="none", epochs=400, patience=0,
                         finetune_epochs=2, augment=AugmentConfig(enabled=sys.argv[3] == "1")))
 """
