@@ -83,7 +83,7 @@ def assess(sources: Sequence[str], labels: np.ndarray, features: np.ndarray, c: 
 
     start = time.perf_counter()
     pick = _sample(labels, seed)
-    y = labels[pick]
+    y, f = labels[pick], features[pick]
     counts = np.bincount(y)
     folds = int(min(MAX_FOLDS, counts[counts > 0].min()))
     if folds < 2:
@@ -100,8 +100,8 @@ def assess(sources: Sequence[str], labels: np.ndarray, features: np.ndarray, c: 
             svm.fit(flat[train], y[train])
             right["pixels"][held] = svm.predict(flat[held]) == y[held]
             right["mirrored"][held] = svm.predict(mirrored[held]) == y[held]
-            probe = probe_estimator(c, balanced).fit(features[pick][train], y[train])
-            right["probe"][held] = probe.predict(features[pick][held]) == y[held]
+            probe = probe_estimator(c, balanced).fit(f[train], y[train])
+            right["probe"][held] = probe.predict(f[held]) == y[held]
     pixel_errors, probe_errors = 1 - right["pixels"].mean(), 1 - right["probe"].mean()
     lost, noise = paired_margin(right["mirrored"], right["pixels"])
     skill = right["pixels"].sum() - counts.max()  # right answers above naming the top class
