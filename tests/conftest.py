@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transferkit.reporting import NullReporter
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ["COLUMNS"] = "200"  # Rich tables unwrapped, so tests can read whole cells
 
@@ -40,6 +42,16 @@ def write_class_folder(root: Path, per_class: int = 6, offset: int = 0) -> Path:
             ext = "png" if i % 2 else "jpg"
             image.save(folder / f"{kind}_{offset + i}.{ext}")
     return root
+
+
+class Recorder(NullReporter):
+    """A reporter that keeps its info lines, for tests that read what a run said."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.messages.append(message)
 
 
 @pytest.fixture(autouse=True)

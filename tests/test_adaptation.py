@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Recorder
 from PIL import Image
 
 from transferkit.config import TOP_BLOCKS, DataConfig, FinetuneConfig
@@ -122,11 +123,15 @@ def test_going_deep_tunes_every_block_faster_after_a_warm_up_unless_told_otherwi
 def test_finetune_records_and_applies_the_decisions(tmp_path):
     config = FinetuneConfig(data=DataConfig(data_dir=_handed_folder(tmp_path / "data"),
                                             image_size=32, batch_size=8),
-                            output=tmp_path / "run", weights="none", finetune_epochs=1)
-    finetune(config)
+                            output=tmp_path / "run", weights="none", finetune_epochs=1,
+                            unfreeze_blocks=1)
+    reporter = Recorder()
+    finetune(config, reporter)
     record = read_record(tmp_path / "run")
     found = record.adaptation
-    assert found is not None and found.mirror_changes_labels
+    assert found is not None and found.mirror_changes_labels and found.deep
+    assert record.config.unfreeze_blocks == 1  # the user's depth stands, and says so
+    assert any("--unfreeze-blocks 1 was given and stands" in m for m in reporter.messages)
     assert record.config == apply(dataclasses.replace(config, data=record.config.data),
                                   found, blocks=8)  # efficientnet_lite0 has 8 blocks
 

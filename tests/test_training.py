@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Recorder
 
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ArtifactError, RunInterrupted
@@ -163,14 +164,6 @@ def test_same_seed_same_run(image_folder, tmp_path):
     for a, b in zip(first, second, strict=True):
         for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-
-
-class Recorder(NullReporter):
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-
-    def info(self, message: str) -> None:
-        self.messages.append(message)
 
 
 def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):

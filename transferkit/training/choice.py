@@ -35,10 +35,14 @@ def choose(correct: Mapping[str, np.ndarray]) -> Choice:
 
 
 def describe(choice: Choice) -> str:
-    """One line per comparison, for the console and the log."""
-    lines = []
-    for c in choice.comparisons:
-        verdict = "kept" if c.won else "not kept: within noise" if c.margin > 0 else "not kept"
-        lines.append(f"'{c.other}' vs '{c.simpler}': {c.margin:+d} of {choice.n} val images "
-                     f"(noise {c.noise:.1f}) - {verdict}")
-    return "\n".join(lines)
+    """One line for the console and the log: the kept model and the comparison that decided
+    it (the console's table at the end of a run shows every candidate)."""
+    deciding = next((c for c in reversed(choice.comparisons) if c.won), None) or next(
+        (c for c in choice.comparisons if c.margin > 0), None)
+    if deciding is None:
+        return f"Kept '{choice.kept}': no later candidate got more right on val."
+    how = f"{deciding.margin:+d} of {choice.n} val images (noise {deciding.noise:.1f})"
+    if deciding.won:
+        return f"Kept '{choice.kept}': {how} over '{deciding.simpler}'."
+    return (f"Kept '{choice.kept}': '{deciding.other}' got {how}, within noise, so the "
+            f"simpler model stays.")

@@ -328,7 +328,9 @@ def _adapt(record: RunRecord, prepared: Prepared, x_train: np.ndarray,
         reporter.info("Too few training images per class to check the data; fine-tuning the "
                       "top blocks with the augmentation as given.")
         return record
-    reporter.info(f"Data checks: {describe_adaptation(found)}")
+    stands = "" if not found.deep or config.unfreeze_blocks is None else (
+        f"\n--unfreeze-blocks {config.unfreeze_blocks} was given and stands over that.")
+    reporter.info(f"Data checks: {describe_adaptation(found)}{stands}")
     return save_record(config.output, record.replace(
         adaptation=found, config=apply_adaptation(config, found, len(prepared.spec.blocks))))
 
@@ -588,7 +590,7 @@ def _choose_model(model: keras.Model, run_dir: Path, results: list[StageResult],
     choice = choose({name: p.argmax(axis=1) == splits.val.labels
                      for name, p in probabilities.items()})
     if choice.comparisons:
-        reporter.info(f"Choosing the model to keep:\n{describe_choice(choice)}")
+        reporter.info(describe_choice(choice))
     return (_candidate(model, run_dir, choice.kept, own_probe), choice,
             probabilities[choice.kept])
 
