@@ -11,7 +11,7 @@ import pytest
 from conftest import Recorder
 from PIL import Image
 
-from transferkit.config import TOP_BLOCKS, DataConfig, FinetuneConfig
+from transferkit.config import TOP_BLOCKS, AugmentConfig, DataConfig, FinetuneConfig
 from transferkit.runs import Adaptation, read_record
 from transferkit.training.adaptation import (
     DEEP_LR_SCALE,
@@ -21,6 +21,7 @@ from transferkit.training.adaptation import (
     apply,
     assess,
     describe,
+    standing,
 )
 from transferkit.training.finetune import finetune
 
@@ -117,7 +118,20 @@ def test_going_deep_tunes_every_block_faster_after_a_warm_up_unless_told_otherwi
     assert fixed.unfreeze_blocks == 3 and fixed.finetune_lr is None
     assert not fixed.augment.horizontal_flip
     shallow = apply(config, _found(deep=False, mirror=False), blocks=8)
-    assert shallow == config and shallow.resolved_unfreeze_blocks == TOP_BLOCKS
+    assert shallow.augment.horizontal_flip is True  # the default, resolved by the check
+    assert dataclasses.replace(shallow, augment=config.augment) == config
+    assert shallow.resolved_unfreeze_blocks == TOP_BLOCKS
+    assert standing(config, _found(True, True)) == []
+
+
+def test_flip_flags_the_user_gave_stand_over_the_mirror_check():
+    config = FinetuneConfig(data=DataConfig(data_dir=Path("d")), output=None)
+    flips = dataclasses.replace(config, augment=AugmentConfig(horizontal_flip=True))
+    assert apply(flips, _found(False, mirror=True), 8).augment.horizontal_flip is True
+    assert standing(flips, _found(False, mirror=True)) == ["--horizontal-flip"]
+    no_flips = dataclasses.replace(config, augment=AugmentConfig(horizontal_flip=False))
+    assert apply(no_flips, _found(False, mirror=False), 8).augment.horizontal_flip is False
+    assert apply(config, _found(False, mirror=True), 8).augment.horizontal_flip is False
 
 
 def test_finetune_records_and_applies_the_decisions(tmp_path):
@@ -131,7 +145,7 @@ def test_finetune_records_and_applies_the_decisions(tmp_path):
     found = record.adaptation
     assert found is not None and found.mirror_changes_labels and found.deep
     assert record.config.unfreeze_blocks == 1  # the user's depth stands, and says so
-    assert any("--unfreeze-blocks 1 was given and stands" in m for m in reporter.messages)
+    assert any("Given and kept over that: --unfreeze-blocks 1." in m for m in reporter.messages)
     assert record.config == apply(dataclasses.replace(config, data=record.config.data),
                                   found, blocks=8)  # efficientnet_lite0 has 8 blocks
 
@@ -143,5 +157,6 @@ def test_no_adapt_keeps_the_options(tmp_path):
                             adapt=False)
     finetune(config)
     record = read_record(tmp_path / "run")
-    assert record.adaptation is None and record.config.augment.horizontal_flip is True
+    assert record.adaptation is None  # flips stay at their default: on
+    assert record.config.augment.horizontal_flip is None
     assert record.config.resolved_unfreeze_blocks == TOP_BLOCKS

@@ -43,7 +43,7 @@ def build_augmentation_layers(config: AugmentConfig, seed: int | None = None) ->
                                               name="zoom"))
     flip = {(True, False): "horizontal", (False, True): "vertical",
             (True, True): "horizontal_and_vertical"}.get(
-        (config.horizontal_flip, config.vertical_flip))
+        (config.horizontal_flip is not False, config.vertical_flip))
     if flip:
         layers.append(keras.layers.RandomFlip(flip, seed=seed, name="flip"))
     return keras.Sequential(layers, name="augmentation")

@@ -238,8 +238,8 @@ def with_options(cls: type, name: str, panel: str) -> Callable[[Callable], Calla
 
     def flag(f: dataclasses.Field) -> str:
         dashed = f.name.replace("_", "-")
-        return f.metadata["flag"] or (f"--{dashed}/--no-{dashed}" if hints[f.name] is bool
-                                      else f"--{dashed}")
+        return f.metadata["flag"] or (f"--{dashed}/--no-{dashed}" if hints[f.name] in (
+            bool, bool | None) else f"--{dashed}")
 
     def param(f: dataclasses.Field) -> str:  # the option's name, also its --config key
         return flag(f).split("/")[0].removeprefix("--").replace("-", "_")

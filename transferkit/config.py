@@ -56,7 +56,10 @@ class AugmentConfig:
     height_shift_range: float = option(0.2, "Random vertical shift, fraction of the height.")
     shear_range: float = option(0.2, "Random shear angle, degrees.")
     zoom_range: float = option(0.2, "Random zoom between 1-Z and 1+Z.")
-    horizontal_flip: bool = option(True, "Random left-right flips.")
+    # None: on, unless finetune's data checks find that left and right carry the label
+    horizontal_flip: bool | None = option(
+        None, "Random left-right flips; by default on, unless the data checks find that "
+              "mirroring changes labels.")
     vertical_flip: bool = option(False, "Random up-down flips.")
     brightness_range: tuple[float, float] | None = option(
         None, "Random brightness factor between LOW and HIGH, e.g. 0.8 1.2.")

@@ -128,12 +128,22 @@ def describe(found: Adaptation) -> str:
             f"{found.pixel_accuracy:.3f} -> {found.mirrored_accuracy:.3f}: {mirror}.")
 
 
+def standing(config: FinetuneConfig, found: Adaptation) -> list[str]:
+    """The options the user set that stand against what the checks found (before `apply`)."""
+    stands = []
+    if found.deep and config.unfreeze_blocks is not None:
+        stands.append(f"--unfreeze-blocks {config.unfreeze_blocks}")
+    if found.mirror_changes_labels and config.augment.horizontal_flip:
+        stands.append("--horizontal-flip")
+    return stands
+
+
 def apply(config: FinetuneConfig, found: Adaptation, blocks: int) -> FinetuneConfig:
     """`config` with the decisions applied (the base has `blocks` blocks). What the user set
-    stands: --unfreeze-blocks, and --finetune-lr with its warm-up."""
+    stands: --unfreeze-blocks, --[no-]horizontal-flip, and --finetune-lr with its warm-up."""
     augment = config.augment
-    if found.mirror_changes_labels and augment.horizontal_flip:
-        augment = dataclasses.replace(augment, horizontal_flip=False)
+    if augment.horizontal_flip is None:  # not set by the user: the check decides
+        augment = dataclasses.replace(augment, horizontal_flip=not found.mirror_changes_labels)
     config = dataclasses.replace(config, augment=augment)
     if not found.deep or config.unfreeze_blocks is not None:
         return config

@@ -80,7 +80,7 @@ from transferkit.runs import (
     save_splits,
 )
 from transferkit.training.adaptation import apply as apply_adaptation
-from transferkit.training.adaptation import assess
+from transferkit.training.adaptation import assess, standing
 from transferkit.training.adaptation import describe as describe_adaptation
 from transferkit.training.checks import lr_find
 from transferkit.training.choice import choose
@@ -328,9 +328,9 @@ def _adapt(record: RunRecord, prepared: Prepared, x_train: np.ndarray,
         reporter.info("Too few training images per class to check the data; fine-tuning the "
                       "top blocks with the augmentation as given.")
         return record
-    stands = "" if not found.deep or config.unfreeze_blocks is None else (
-        f"\n--unfreeze-blocks {config.unfreeze_blocks} was given and stands over that.")
-    reporter.info(f"Data checks: {describe_adaptation(found)}{stands}")
+    stands = standing(config, found)
+    reporter.info(f"Data checks: {describe_adaptation(found)}" + (
+        f"\nGiven and kept over that: {', '.join(stands)}." if stands else ""))
     return save_record(config.output, record.replace(
         adaptation=found, config=apply_adaptation(config, found, len(prepared.spec.blocks))))
 
