@@ -122,6 +122,8 @@ def test_going_deep_tunes_every_block_faster_after_a_warm_up_unless_told_otherwi
     assert dataclasses.replace(shallow, augment=config.augment) == config
     assert shallow.resolved_unfreeze_blocks == TOP_BLOCKS
     assert standing(config, _found(True, True)) == []
+    assert standing(dataclasses.replace(config, finetune_lr=5e-5), _found(True, False)) == [
+        "--finetune-lr 5e-05"]
 
 
 def test_flip_flags_the_user_gave_stand_over_the_mirror_check():
@@ -148,6 +150,17 @@ def test_finetune_records_and_applies_the_decisions(tmp_path):
     assert any("Given and kept over that: --unfreeze-blocks 1." in m for m in reporter.messages)
     assert record.config == apply(dataclasses.replace(config, data=record.config.data),
                                   found, blocks=8)  # efficientnet_lite0 has 8 blocks
+
+
+def test_a_head_stage_that_augments_is_checked_for_flips_too(tmp_path):
+    config = FinetuneConfig(data=DataConfig(data_dir=_handed_folder(tmp_path / "data"),
+                                            image_size=32, batch_size=8),
+                            output=tmp_path / "run", weights="none", epochs=1,
+                            finetune_epochs=0)
+    finetune(config)
+    record = read_record(tmp_path / "run")
+    assert record.adaptation is not None and record.adaptation.mirror_changes_labels
+    assert record.config.augment.horizontal_flip is False
 
 
 def test_no_adapt_keeps_the_options(tmp_path):

@@ -66,8 +66,10 @@ def _sample(labels: np.ndarray, seed: int) -> np.ndarray:
     picked = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
+        # in proportion (never more than the class has: MAX_IMAGES < len(labels) here), and
+        # at least enough for every fold to hold one out
         take = max(min(len(members), MAX_FOLDS), round(len(members) * MAX_IMAGES / len(labels)))
-        picked.append(rng.choice(members, min(take, len(members)), replace=False))
+        picked.append(rng.choice(members, take, replace=False))
     return np.sort(np.concatenate(picked))
 
 
@@ -133,6 +135,8 @@ def standing(config: FinetuneConfig, found: Adaptation) -> list[str]:
     stands = []
     if found.deep and config.unfreeze_blocks is not None:
         stands.append(f"--unfreeze-blocks {config.unfreeze_blocks}")
+    elif found.deep and config.finetune_lr is not None:
+        stands.append(f"--finetune-lr {config.finetune_lr:g}")
     if found.mirror_changes_labels and config.augment.horizontal_flip:
         stands.append("--horizontal-flip")
     return stands

@@ -223,7 +223,9 @@ def _start(config: FinetuneConfig, reporter: Reporter,
     if found is not None:
         save_figure(config.output / LR_FIND_FILE, plot_lr_find(found))
     record, x_train = _probe(record, prepared, reporter, started)
-    if config.adapt and config.finetune_epochs:
+    # The checks decide stage 2's depth and the flips of any stage that augments; a run of
+    # the probe alone needs neither.
+    if config.adapt and (config.finetune_epochs or (config.epochs and config.augment.enabled)):
         record = _adapt(record, prepared, x_train, reporter)
     return _train(record, prepared.spec, splits, prepared.model, prepared.base, [], 0,
                   reporter, prepared.strategy)
