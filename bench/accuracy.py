@@ -44,7 +44,7 @@ def scored_split(data: Path) -> str:
 def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, Any]
                      ) -> dict[str, Any]:
     from transferkit.config import DataConfig, FinetuneConfig, from_dict
-    from transferkit.training.finetune import finetune
+    from transferkit.training.recipe import finetune
 
     start = time.perf_counter()
     run_dir = workdir / f"tk-{data.name}-{seed}"
@@ -53,7 +53,7 @@ def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, An
     result = finetune(config)
     seconds = time.perf_counter() - start
     score = next(s for s in result.scores if s.split == scored_split(data))
-    from transferkit.runs import read_record
+    from transferkit.runs.directory import read_record
 
     record = read_record(run_dir)
     return {"accuracy": score.accuracy, "seconds": seconds, "kept": result.kept_stage,

@@ -35,7 +35,7 @@ def main() -> None:
     from transferkit.bases import build_base, get_base
     from transferkit.config import OptimizerConfig
     from transferkit.model import build_classifier, build_feature_extractor, build_head
-    from transferkit.runs import save_checkpoint, save_head_state
+    from transferkit.runs.checkpoints import save_checkpoint, save_head_state
     from transferkit.training.stages import compile_model
 
     spec = get_base(args.base)

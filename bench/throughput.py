@@ -194,7 +194,7 @@ def stage1_times(data: Path, work: Path, epochs: int, repeats: int) -> dict[str,
     and the same epochs through the base, taking turns, each starting with no features cached."""
     from transferkit.cache import clear_cache
     from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
-    from transferkit.training.finetune import finetune
+    from transferkit.training.recipe import finetune
 
     def run(name: str, augment: AugmentConfig) -> Callable[[], float]:
         config = FinetuneConfig(data=DataConfig(data_dir=data), output=work / name, epochs=epochs,
@@ -237,7 +237,7 @@ def augmented_epochs(data: Path, work: Path, epochs: int = 4) -> tuple[float, fl
     from transferkit.bases import build_base, get_base
     from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
     from transferkit.model import build_classifier, build_feature_extractor, build_head
-    from transferkit.training.finetune import finetune
+    from transferkit.training.recipe import finetune
 
     clock = EpochClock()
 

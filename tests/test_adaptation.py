@@ -11,19 +11,15 @@ import pytest
 from conftest import Recorder
 from PIL import Image
 
+from transferkit.bases import get_base
 from transferkit.config import TOP_BLOCKS, AugmentConfig, DataConfig, FinetuneConfig
-from transferkit.runs import Adaptation, read_record
-from transferkit.training.adaptation import (
-    DEEP_LR_SCALE,
-    DEEP_WARMUP_EPOCHS,
-    MAX_IMAGES,
-    _sample,
-    apply,
-    assess,
-    describe,
-    standing,
-)
-from transferkit.training.finetune import finetune
+from transferkit.runs.directory import read_record
+from transferkit.runs.records import Adaptation
+from transferkit.training.adaptation import MAX_IMAGES, _sample, assess
+from transferkit.training.plan import DEEP_LR_SCALE, DEEP_WARMUP_EPOCHS, build_plan
+from transferkit.training.recipe import finetune
+
+LITE0 = get_base("efficientnet_lite0")  # 8 blocks
 
 
 def _write(folder: Path, name: str, pixels: np.ndarray) -> str:
@@ -61,7 +57,7 @@ def test_handed_classes_with_useless_features_go_deep_without_flips(tmp_path):
     assert found.pixel_accuracy > 0.9 and found.mirrored_accuracy < 0.2
     assert found.deep and found.mirror_changes_labels
     assert found.folds == 5 and found.images == 40
-    assert "goes deep" in describe(found) and "no left-right flips" in describe(found)
+    assert "goes deep" in found.describe() and "no left-right flips" in found.describe()
 
 
 def test_symmetric_classes_with_telling_features_stay_shallow_with_flips(tmp_path):
@@ -73,7 +69,7 @@ def test_symmetric_classes_with_telling_features_stay_shallow_with_flips(tmp_pat
     assert found is not None
     assert found.probe_accuracy == 1.0 and found.mirrored_accuracy == found.pixel_accuracy
     assert not found.deep and not found.mirror_changes_labels
-    assert "fit the data" in describe(found) and "mirroring keeps labels" in describe(found)
+    assert "fit the data" in found.describe() and "mirroring keeps labels" in found.describe()
 
 
 def test_a_class_with_one_training_image_is_not_checked(tmp_path):
@@ -107,33 +103,38 @@ def _found(deep: bool, mirror: bool) -> Adaptation:
 
 def test_going_deep_tunes_every_block_faster_after_a_warm_up_unless_told_otherwise():
     config = FinetuneConfig(data=DataConfig(data_dir=Path("d")), output=None)
-    deep = apply(config, _found(deep=True, mirror=False), blocks=8)
+    deep = build_plan(config, LITE0, found=_found(deep=True, mirror=False))
     assert deep.unfreeze_blocks == 8 and deep.augment.horizontal_flip
-    assert deep.resolved_finetune_lr == pytest.approx(DEEP_LR_SCALE * 1e-4)
+    assert deep.finetune_lr == pytest.approx(DEEP_LR_SCALE * 1e-4)
     assert deep.finetune_schedule.warmup_epochs == DEEP_WARMUP_EPOCHS
-    told = apply(dataclasses.replace(config, finetune_lr=5e-5), _found(True, False), 8)
+    told = build_plan(dataclasses.replace(config, finetune_lr=5e-5), LITE0,
+                      found=_found(True, False))
     assert (told.unfreeze_blocks, told.finetune_lr, told.finetune_schedule.warmup_epochs) == (
         8, 5e-5, 0)
-    fixed = apply(dataclasses.replace(config, unfreeze_blocks=3), _found(True, True), 8)
-    assert fixed.unfreeze_blocks == 3 and fixed.finetune_lr is None
+    assert told.stood == ("--finetune-lr 5e-05",)
+    fixed = build_plan(dataclasses.replace(config, unfreeze_blocks=3), LITE0,
+                       found=_found(True, True))
+    assert fixed.unfreeze_blocks == 3 and fixed.finetune_lr == pytest.approx(1e-4)
     assert not fixed.augment.horizontal_flip
-    shallow = apply(config, _found(deep=False, mirror=False), blocks=8)
+    assert fixed.stood == ("--unfreeze-blocks 3",)
+    shallow = build_plan(config, LITE0, found=_found(deep=False, mirror=False))
     assert shallow.augment.horizontal_flip is True  # the default, resolved by the check
-    assert dataclasses.replace(shallow, augment=config.augment) == config
-    assert shallow.resolved_unfreeze_blocks == TOP_BLOCKS
-    assert standing(config, _found(True, True)) == []
-    assert standing(dataclasses.replace(config, finetune_lr=5e-5), _found(True, False)) == [
-        "--finetune-lr 5e-05"]
+    assert shallow.unfreeze_blocks == TOP_BLOCKS and shallow.stood == ()
+    assert shallow.finetune_schedule == config.finetune_schedule
+    assert build_plan(config, LITE0, found=_found(True, True)).stood == ()
+    assert config.augment.horizontal_flip is None  # nothing written back
 
 
 def test_flip_flags_the_user_gave_stand_over_the_mirror_check():
     config = FinetuneConfig(data=DataConfig(data_dir=Path("d")), output=None)
     flips = dataclasses.replace(config, augment=AugmentConfig(horizontal_flip=True))
-    assert apply(flips, _found(False, mirror=True), 8).augment.horizontal_flip is True
-    assert standing(flips, _found(False, mirror=True)) == ["--horizontal-flip"]
+    plan = build_plan(flips, LITE0, found=_found(False, mirror=True))
+    assert plan.augment.horizontal_flip is True and plan.stood == ("--horizontal-flip",)
     no_flips = dataclasses.replace(config, augment=AugmentConfig(horizontal_flip=False))
-    assert apply(no_flips, _found(False, mirror=False), 8).augment.horizontal_flip is False
-    assert apply(config, _found(False, mirror=True), 8).augment.horizontal_flip is False
+    assert build_plan(no_flips, LITE0, found=_found(False, mirror=False)
+                      ).augment.horizontal_flip is False
+    assert build_plan(config, LITE0, found=_found(False, mirror=True)
+                      ).augment.horizontal_flip is False
 
 
 def test_finetune_records_and_applies_the_decisions(tmp_path):
@@ -146,10 +147,10 @@ def test_finetune_records_and_applies_the_decisions(tmp_path):
     record = read_record(tmp_path / "run")
     found = record.adaptation
     assert found is not None and found.mirror_changes_labels and found.deep
-    assert record.config.unfreeze_blocks == 1  # the user's depth stands, and says so
+    assert record.config == config  # as given
+    assert record.plan is not None and record.plan.unfreeze_blocks == 1  # the user's depth
     assert any("Given and kept over that: --unfreeze-blocks 1." in m for m in reporter.messages)
-    assert record.config == apply(dataclasses.replace(config, data=record.config.data),
-                                  found, blocks=8)  # efficientnet_lite0 has 8 blocks
+    assert record.plan == build_plan(config, LITE0, found=found)
 
 
 def test_a_head_stage_that_augments_is_checked_for_flips_too(tmp_path):
@@ -160,7 +161,7 @@ def test_a_head_stage_that_augments_is_checked_for_flips_too(tmp_path):
     finetune(config)
     record = read_record(tmp_path / "run")
     assert record.adaptation is not None and record.adaptation.mirror_changes_labels
-    assert record.config.augment.horizontal_flip is False
+    assert record.plan is not None and record.plan.augment.horizontal_flip is False
 
 
 def test_no_adapt_keeps_the_options(tmp_path):
@@ -172,4 +173,5 @@ def test_no_adapt_keeps_the_options(tmp_path):
     record = read_record(tmp_path / "run")
     assert record.adaptation is None  # flips stay at their default: on
     assert record.config.augment.horizontal_flip is None
-    assert record.config.resolved_unfreeze_blocks == TOP_BLOCKS
+    assert record.plan is not None and record.plan.augment.horizontal_flip is True
+    assert record.plan.unfreeze_blocks == TOP_BLOCKS

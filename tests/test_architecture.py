@@ -57,7 +57,7 @@ def test_no_import_cycles():
 
 def test_the_core_never_imports_the_cli_libraries():
     for path in PACKAGE.rglob("*.py"):
-        if path.name in ("cli.py", "console.py"):
+        if path.name in ("cli.py", "options.py", "console.py"):
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         names = {alias.name.split(".")[0] for node in ast.walk(tree)
@@ -65,6 +65,33 @@ def test_the_core_never_imports_the_cli_libraries():
         names |= {node.module.split(".")[0] for node in ast.walk(tree)
                   if isinstance(node, ast.ImportFrom) and node.module}
         assert not names & {"typer", "rich"}, path
+
+
+# ARCHITECTURE.md's layers, top first; a module may import its own layer and those below.
+LAYERS = [
+    {"__main__", "cli", "options", "console"},
+    {"training.recipe", "cv", "audit", "ranking", "extract", "predict", "evaluate", "export",
+     "doctor", "legacy", "training.checks", "run_report"},
+    {"training.prepare", "training.stages", "training.probe", "training.adaptation",
+     "training.choice", "training.plan", "training.loop", "callbacks", "model", "freezing",
+     "augment", "features", "inference", "plots", "devices", "calibration", "metrics",
+     "gradcam", "report"},
+    {"data", "data.inspect", "data.folders", "data.pipeline", "runs", "runs.records",
+     "runs.directory", "runs.checkpoints", "bases", "bases.efficientnet_lite",
+     "bases.torch_legacy", "files", "cache"},
+    {"", "config", "errors", "reporting", "quiet", "stats", "training"},
+]
+
+
+def _layer(module: str) -> int:
+    name = module.removeprefix("transferkit").removeprefix(".")
+    return next(i for i, names in enumerate(LAYERS) if name in names)
+
+
+def test_every_module_has_a_layer_and_no_import_points_up():
+    upward = [f"{module} -> {target}" for module, targets in _imports().items()
+              for target in targets if _layer(target) < _layer(module)]
+    assert upward == []
 
 
 def test_leaves_import_no_other_transferkit_module():

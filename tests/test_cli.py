@@ -208,7 +208,7 @@ def test_interrupted_run_resumes_from_the_cli(image_folder: Path, tmp_path: Path
     from test_training import SignalAt, _config
 
     from transferkit.errors import RunInterrupted
-    from transferkit.training.finetune import finetune as run_finetune
+    from transferkit.training.recipe import finetune as run_finetune
 
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
@@ -267,7 +267,7 @@ def test_weights_that_do_not_fit_exit_1(image_folder: Path, tmp_path: Path):
 @pytest.mark.parametrize(("change", "message"), [
     ({"preprocessing": "caffe"}, "damaged: Setting 'preprocessing' must be a table"),
     ({"class_names": None}, "damaged: Setting 'class_names' must not be null"),
-    ({"format_version": 3}, "run format version 3"),
+    ({"format_version": 4}, "run format version 4"),
 ])
 def test_predict_refuses_runs_it_cannot_read(trained_run: Path, image_folder: Path,
                                              tmp_path: Path, change, message):
@@ -332,7 +332,8 @@ def test_overfit_check_and_lr_find(image_folder: Path, tmp_path: Path):
     assert found.exit_code == 0, found.output
     assert "Learning-rate range test" in said(found.stderr)
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["config"]["learning_rate"] == pytest.approx(info["lr_find"]["suggestion"])
+    assert info["plan"]["learning_rate"] == pytest.approx(info["lr_find"]["suggestion"])
+    assert info["config"]["learning_rate"] == 1e-3  # as given
     assert _png(run_dir / "lr_find.png")
 
 

@@ -20,8 +20,8 @@ TINY = {"image_size": 32, "batch_size": 8}
 
 
 def test_a_probe_only_run_is_a_complete_calibrated_model(image_folder, tmp_path):
-    from transferkit.runs import load_run, read_record
-    from transferkit.training.finetune import finetune
+    from transferkit.runs.directory import load_run, read_record
+    from transferkit.training.recipe import finetune
 
     result = finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, **TINY),
                                      output=tmp_path / "run", weights="none",
@@ -99,7 +99,7 @@ def test_evaluate_refreshes_the_report_with_its_evaluation(cv_run, image_folder)
 
 
 def test_the_ensemble_averages_the_fold_models(cv_run):
-    from transferkit.runs import load_run
+    from transferkit.runs.directory import load_run
 
     images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
     ensemble = load_run(cv_run).model.predict(images, verbose=0)
@@ -128,7 +128,7 @@ def test_too_many_folds_for_a_class_is_a_clear_error(image_folder, tmp_path):
 
 def test_gradcam_maps_each_image_for_its_class(trained_run, image_folder):
     from transferkit.gradcam import gradcam, has_feature_map
-    from transferkit.runs import load_run
+    from transferkit.runs.directory import load_run
 
     run = load_run(trained_run)
     assert has_feature_map(run.model)
@@ -140,6 +140,6 @@ def test_gradcam_maps_each_image_for_its_class(trained_run, image_folder):
 
 def test_an_ensemble_has_no_single_feature_map(cv_run):
     from transferkit.gradcam import has_feature_map
-    from transferkit.runs import load_run
+    from transferkit.runs.directory import load_run
 
     assert not has_feature_map(load_run(cv_run).model)

@@ -52,7 +52,7 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 from pathlib import Path
 from transferkit.config import ComputeConfig, DataConfig, FinetuneConfig
-from transferkit.training.finetune import finetune
+from transferkit.training.recipe import finetune
 finetune(FinetuneConfig(adapt=False,
                         data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
                         output=Path(sys.argv[2]), weights="none", epochs=1, finetune_epochs=1,

@@ -101,8 +101,8 @@ def test_finetune_and_extract_score_the_test_split_once_at_the_end(presplit_fold
         HeadConfig,
     )
     from transferkit.extract import extract
-    from transferkit.runs import read_record
-    from transferkit.training.finetune import finetune
+    from transferkit.runs.directory import read_record
+    from transferkit.training.recipe import finetune
 
     data = DataConfig(data_dir=presplit_folder, image_size=32, batch_size=8)
     result = finetune(FinetuneConfig(adapt=False,

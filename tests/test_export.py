@@ -9,9 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferkit.config import DataConfig, ExportConfig, ExtractConfig, HeadConfig
+from transferkit.config import (
+    EXPORT_FORMATS,
+    DataConfig,
+    ExportConfig,
+    ExtractConfig,
+    HeadConfig,
+)
 from transferkit.errors import ArtifactError, ConfigError, MissingPackageError
-from transferkit.export import FORMATS, TOLERANCE, export, get_format
+from transferkit.export import FORMATS, TOLERANCE, export
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,7 @@ def test_export_round_trips_within_tolerance(head_run: Path, tmp_path: Path, exp
                                              quantize: str, name: str):
     if export_format == "onnx" and importlib.util.find_spec("tf2onnx") is None:
         pytest.skip("transferkit[onnx] is not installed")
-    from transferkit.runs import load_run
+    from transferkit.runs.directory import load_run
 
     result = _export_and_compare(head_run, tmp_path / name, export_format, quantize)
     expected = load_run(head_run).model.predict(_fresh_images(1), verbose=0)
@@ -63,7 +69,7 @@ def test_int8_tflite_takes_raw_pixels_and_round_trips(trained_run: Path, tmp_pat
 
 
 def _export_and_compare(run_dir: Path, output: Path, export_format: str, quantize: str):
-    from transferkit.runs import load_run
+    from transferkit.runs.directory import load_run
 
     result = export(ExportConfig(run_dir=run_dir, output=output, format=export_format,
                                  quantize=quantize, check_images=6))
@@ -100,9 +106,10 @@ def test_export_options_are_checked(head_run: Path, tmp_path: Path,
         ExportConfig(run_dir=head_run, output=tmp_path / "m", format="savedmodel",
                      quantize="int8")
     with pytest.raises(ConfigError, match="name it with .onnx"):
-        get_format("onnx", tmp_path / "m.tflite")
+        ExportConfig(run_dir=head_run, output=tmp_path / "m.tflite", format="onnx")
     with pytest.raises(ConfigError, match="must be one of savedmodel, tflite, onnx"):
-        get_format("coreml", tmp_path / "m.mlmodel")
+        ExportConfig(run_dir=head_run, output=tmp_path / "m.mlmodel", format="coreml")
+    assert set(FORMATS) == set(EXPORT_FORMATS)  # a row for every format the config names
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingPackageError, match=r"pip install 'transferkit\[onnx\]'"):
         export(ExportConfig(run_dir=head_run, output=tmp_path / "m.onnx", format="onnx"))

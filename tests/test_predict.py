@@ -31,7 +31,7 @@ def test_tta_on_a_uniform_image_equals_the_plain_prediction(trained_run: Path, t
 def test_tta_is_the_mean_over_the_ten_crops(trained_run: Path, image_folder: Path):
     from transferkit.augment import ten_crops, tta_load_size
     from transferkit.data.pipeline import load_image
-    from transferkit.runs import load_run
+    from transferkit.runs.directory import load_run
 
     files = sorted((image_folder / "circles").iterdir())[:2]
     plain = predict(PredictConfig(run_dir=trained_run, paths=tuple(files), top_k=3))

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from transferkit.errors import ArtifactError
-from transferkit.runs import RECORD_FILE, RunRecord, load_run, read_record
+from transferkit.runs.directory import RECORD_FILE, load_run, read_record
+from transferkit.runs.records import RunRecord
 
 
 def test_run_round_trip(trained_run: Path):
@@ -33,10 +34,13 @@ def test_run_round_trip(trained_run: Path):
     assert not list(trained_run.glob(".*tmp*"))  # no temp files left behind
 
 
-def test_run_json_stores_the_image_size_once(trained_run: Path):
+def test_run_json_keeps_the_settings_as_given_and_the_decisions_apart(trained_run: Path):
     values = json.loads((trained_run / RECORD_FILE).read_text())
-    assert values["format_version"] == 2
-    assert "image_size" not in values and values["config"]["data"]["image_size"] == 32
+    assert values["format_version"] == 3
+    assert values["image_size"] == 32 and values["config"]["data"]["image_size"] == 32
+    assert values["config"]["finetune_lr"] is None  # as given: a tenth of the rate
+    assert values["plan"]["finetune_lr"] == pytest.approx(1e-4)  # as decided
+    assert values["plan"]["unfreeze_blocks"] == 2
 
 
 def test_the_final_model_carries_no_optimizer_but_checkpoints_do(trained_run: Path):
@@ -147,7 +151,7 @@ def test_models_load_in_plain_keras_and_agree_with_predict(
 HOLD_LOCK = """
 import sys
 from pathlib import Path
-from transferkit.runs import run_lock
+from transferkit.runs.directory import run_lock
 with run_lock(Path(sys.argv[1])):
     print("locked", flush=True)
     sys.stdin.read()  # hold it until told (or killed)
@@ -158,7 +162,7 @@ def test_one_writer_per_run_directory_and_a_dead_holder_frees_it(tmp_path: Path)
     import os
     import signal
 
-    from transferkit.runs import LOCK_FILE, check_run_output, run_lock
+    from transferkit.runs.directory import LOCK_FILE, check_run_output, run_lock
 
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)],
@@ -183,7 +187,7 @@ def test_two_finetune_runs_into_one_folder_one_is_refused(image_folder: Path, tm
     """The real thing: two finetune processes started together; exactly one writes the run."""
     script = ("import sys; from pathlib import Path; "
               "from transferkit.config import DataConfig, FinetuneConfig; "
-              "from transferkit.training.finetune import finetune; "
+              "from transferkit.training.recipe import finetune; "
               "finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=Path(sys.argv[1]), "
               "image_size=32, batch_size=8), output=Path(sys.argv[2]), weights='none', "
               "epochs=2, finetune_epochs=0, augment=__import__('transferkit.config', "
@@ -231,7 +235,7 @@ def _replace_in(path: Path, old: str, new: str) -> None:
     {"stage": "warmup", "epoch": 1, "history": [{"stage": "warmup", "epoch": 1}]},
     {"stage": "head", "epoch": 3, "history": [{"stage": "head", "epoch": 1}]}, [1, 2]])
 def test_a_damaged_resume_state_is_reported(trained_run: Path, tmp_path: Path, state):
-    from transferkit.runs import load_checkpoint
+    from transferkit.runs.checkpoints import load_checkpoint
 
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
@@ -242,7 +246,7 @@ def test_a_damaged_resume_state_is_reported(trained_run: Path, tmp_path: Path, s
 
 
 def test_temp_files_of_a_killed_writer_are_removed_when_the_run_is_next_locked(tmp_path: Path):
-    from transferkit.runs import run_lock
+    from transferkit.runs.directory import run_lock
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -261,10 +265,10 @@ def test_a_signal_during_the_final_save_waits_for_it(image_folder: Path, tmp_pat
     import os
     import signal
 
-    import transferkit.runs as runs
+    import transferkit.runs.directory as runs
     from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
     from transferkit.reporting import NullReporter
-    from transferkit.training.finetune import finetune
+    from transferkit.training.recipe import finetune
 
     class Warnings(NullReporter):
         said: list[str] = []
@@ -313,7 +317,7 @@ def _as_transferkit_0_1_run(trained_run: Path, run_dir: Path) -> None:
     old.save(run_dir / "model.keras")
     values = json.loads((run_dir / "run.json").read_text())
     values["config"]["data"]["image_size"] = None
-    values |= {"format_version": 1, "image_size": 32, "class_weight": values.pop("class_weights")}
+    values |= {"format_version": 1, "class_weight": values.pop("plan")["class_weights"]}
     for key in ("failure", "lr_find"):
         values.pop(key)
     (run_dir / "run.json").write_text(json.dumps(values))

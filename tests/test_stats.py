@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transferkit.runs import Score
+from transferkit.runs.records import Score
 from transferkit.stats import wilson_interval
 
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from conftest import Recorder
 
+from transferkit.bases import get_base
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ArtifactError, RunInterrupted
 from transferkit.reporting import NullReporter
-from transferkit.runs import load_run
-from transferkit.training.finetune import finetune, resume_finetune
+from transferkit.runs.directory import load_run
 from transferkit.training.prepare import prepare
+from transferkit.training.recipe import finetune, resume_finetune
 
 
 class SignalAt(NullReporter):
@@ -76,7 +77,7 @@ def test_interrupted_run_resumes_to_the_same_kind_of_run(image_folder, tmp_path,
 
 
 def test_resume_restores_frozen_layers_and_optimizer_state(image_folder, tmp_path):
-    from transferkit.runs import load_checkpoint
+    from transferkit.runs.checkpoints import load_checkpoint
 
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
@@ -125,7 +126,8 @@ def test_run_stopped_before_its_first_checkpoint(image_folder, tmp_path):
 def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
     import numpy as np
 
-    from transferkit.runs import best_checkpoint, read_record
+    from transferkit.runs.checkpoints import best_checkpoint
+    from transferkit.runs.directory import read_record
 
     run_dir = tmp_path / "run"
     config = FinetuneConfig(adapt=False,
@@ -170,13 +172,13 @@ def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
     import dataclasses
 
     from transferkit.config import AugmentConfig
-    from transferkit.runs import load_checkpoint
+    from transferkit.runs.checkpoints import load_checkpoint
 
     config = dataclasses.replace(_config(image_folder, tmp_path / "run"),
                                  augment=AugmentConfig(enabled=False))
     with pytest.raises(RunInterrupted):
         finetune(config, SignalAt("head", 2))
-    from transferkit.training.finetune import _restore_head_state
+    from transferkit.training.loop import _restore_head_state
 
     model, state = load_checkpoint(tmp_path / "run", ["head", "finetune"])
     assert state["head_only"]  # each epoch wrote the head alone, beside the stage's start
@@ -184,7 +186,8 @@ def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
     assert int(model.optimizer.iterations) == 4  # the head's Adam state travels with the run
     # The checkpoint holds the trained head over the untouched base, though only the head's
     # weights were kept in memory between epochs.
-    initial = prepare(dataclasses.replace(config, output=None), NullReporter()).model
+    initial = prepare(dataclasses.replace(config, output=None), get_base(config.base),
+                      NullReporter()).model
     for name, changed in (("features", False), ("head", True)):
         pairs = zip(model.get_layer(name).get_weights(), initial.get_layer(name).get_weights(),
                     strict=True)
@@ -200,7 +203,7 @@ def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
 
 
 def test_an_ignored_sigint_stays_ignored(image_folder, tmp_path):
-    from transferkit.training.finetune import StopOnSignal
+    from transferkit.callbacks import StopOnSignal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a nohup'd job; the fixture restores
     with StopOnSignal(NullReporter()) as stop:
@@ -274,7 +277,7 @@ KILLABLE = """
 import sys
 from pathlib import Path
 from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
-from transferkit.training.finetune import finetune
+from transferkit.training.recipe import finetune
 finetune(FinetuneConfig(adapt=False,
                         data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
                         output=Path(sys.argv[2]), weights="none", epochs=400, patience=0,
@@ -312,12 +315,12 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(image_folder, tmp_path, augm
     assert [r["epoch"] for r in history_before] == list(range(1, saved + 1))  # none skipped
 
     from transferkit.config import FinetuneConfig
-    from transferkit.runs import read_record
+    from transferkit.runs.directory import read_record
 
     record = read_record(run_dir, finished=False)
     assert record.status == "running"
     shortened = record.replace(config=dataclasses.replace(record.config, epochs=saved + 2))
-    from transferkit.runs import save_record
+    from transferkit.runs.directory import save_record
 
     save_record(run_dir, shortened)  # finish quickly: two more head epochs, then stage 2
     assert isinstance(shortened.config, FinetuneConfig)

@@ -29,7 +29,7 @@ from transferkit.data.inspect import small_image
 from transferkit.features import base_features
 from transferkit.files import check_new_output, replace_path, write_json, write_text
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs import REPORT_FILE
+from transferkit.runs.directory import REPORT_FILE
 from transferkit.training.probe import out_of_fold_probabilities
 
 AUDIT_FILE = "audit.json"

@@ -1,15 +1,30 @@
-"""Small Keras callbacks that turn fit events into Reporter calls."""
+"""Every Keras callback transferkit trains with: progress to the Reporter, stopping on a
+non-finite loss, per-epoch checkpoints with the stage's best and early stopping
+(StageMonitor), and SIGINT/SIGTERM honoured at a batch boundary (StopOnSignal). One rule
+says whether an epoch is better (`improves`)."""
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any
 
 import keras
+import numpy as np
 
 from transferkit.errors import TrainingDiverged
 from transferkit.reporting import Reporter
+from transferkit.runs.checkpoints import (
+    keep_last_as_best,
+    save_best,
+    save_checkpoint,
+    save_head_state,
+)
 
 
 class EpochReporter(keras.callbacks.Callback):
@@ -62,3 +77,132 @@ class StopOnNonFinite(keras.callbacks.Callback):
                     f"epoch {epoch + 1} (stage '{self.stage}', learning rate {rate:.3g}), so "
                     f"training stopped and no model was saved. Lower {self.option} (a tenth is "
                     f"a good first try, or use --lr-find) and start again with --overwrite.")
+
+
+def improves(monitor: str, row: dict[str, Any], best: dict[str, Any] | None) -> bool:
+    """Whether an epoch's metrics beat `best` on `monitor`. Validation accuracy on small sets
+    ties often, so a tie goes to the lower validation loss."""
+    if monitor not in row:
+        return False
+    if best is None:
+        return True
+    if monitor.endswith("loss"):
+        return row[monitor] < best[monitor]
+    if row[monitor] != best[monitor]:
+        return row[monitor] > best[monitor]
+    return row.get("val_loss", float("inf")) < best.get("val_loss", float("inf"))
+
+
+def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
+    """The epoch row that is best on `monitor` (the earliest of equals)."""
+    best = None
+    for row in rows:
+        if improves(monitor, row, best):
+            best = row
+    return best
+
+
+class StageMonitor(keras.callbacks.Callback):
+    """After each epoch: checkpoint it, so that a crash or kill -9 loses at most the epoch in
+    progress; keep the stage's best weights; and stop the stage once `patience` epochs pass
+    without improvement (0: never). Driven by the history rows, so it carries on correctly
+    after a resume.
+
+    Training through the base, each epoch saves the classifier (0.50 s for Lite0 at 224 px on
+    2 CPU cores, fsync included; such an epoch takes many seconds). A head trained on cached
+    features changes only the head, and its epochs take milliseconds: each writes the head's
+    weights, the best ones so far and the optimizer state (4 ms, 0.2 MB), beside the
+    classifier saved once when the stage started; `finish` writes the full checkpoints once
+    at the stage's end.
+    """
+
+    def __init__(self, run_dir: Path, stage: str, monitor: str, patience: int,
+                 classifier: keras.Model, history: list[dict[str, Any]],
+                 best: list[np.ndarray] | None = None) -> None:
+        super().__init__()
+        self.run_dir, self.stage, self.monitor, self.patience = run_dir, stage, monitor, patience
+        self.classifier, self.history = classifier, history
+        self.best = best  # head-only: the best epoch's head weights so far
+        self.state: dict[str, Any] | None = None  # of the last completed epoch
+
+    @property
+    def head_only(self) -> bool:
+        """Whether the model being fitted is the head alone, on cached features."""
+        return self.model is not self.classifier
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        rows = [r for r in self.history if r["stage"] == self.stage]
+        improved = improves(self.monitor, rows[-1], best_row(rows[:-1], self.monitor))
+        self.state = {"stage": self.stage, "epoch": epoch + 1, "history": self.history}
+        if self.head_only:
+            weights = self.model.get_weights()
+            if improved:
+                self.best = weights
+            optimizer = [v.numpy() for v in self.classifier.optimizer.variables]
+            save_head_state(self.run_dir, weights, self.best, optimizer, self.state)
+        else:
+            save_checkpoint(self.run_dir, self.classifier, self.state)
+            if improved:  # the checkpoint just written is the best: copied, not saved again
+                keep_last_as_best(self.run_dir, self.stage)
+        best = best_row(rows, self.monitor)
+        if self.patience and best is not None and \
+                rows[-1]["epoch"] - best["epoch"] >= self.patience:
+            self.model.stop_training = True  # the model being fitted: classifier or head
+
+    def finish(self) -> None:
+        """At the stage's end, head-only: the best model and the last epoch's, in full."""
+        if self.state is None or not self.head_only:
+            return
+        last = self.model.get_weights()
+        if self.best is not None:
+            self.model.set_weights(self.best)
+            save_best(self.run_dir, self.classifier, self.stage)
+            self.model.set_weights(last)
+        save_checkpoint(self.run_dir, self.classifier, self.state)
+
+
+class StopRequested(Exception):
+    """Raised inside fit() to leave it at a batch boundary."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask training to stop at the next batch boundary
+    instead of killing it mid-write. A second Ctrl-C interrupts at once."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. nohup'd: keep it so
+                    self._previous[signum] = signal.signal(signum, self._request)
+        return self
+
+    def _request(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+        if signal.SIGINT in self._previous:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.reporter.warning(f"{signal.Signals(signum).name} received: stopping at the end of "
+                              f"the current batch (Ctrl-C again to abort at once).")
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def check(self, *args: Any, **kwargs: Any) -> None:
+        """Raises StopRequested when a stop was requested (a callback at every boundary)."""
+        if self.signum is not None:
+            raise StopRequested(self.signum)
+
+    def callback(self) -> keras.callbacks.Callback:
+        return keras.callbacks.LambdaCallback(on_train_batch_end=self.check,
+                                              on_test_batch_end=self.check,
+                                              on_epoch_end=self.check)

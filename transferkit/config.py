@@ -39,16 +39,57 @@ def _check_precision(precision: str) -> None:
            f"--precision must be one of {', '.join(PRECISIONS)}; got {precision}.")
 
 
-def option(default: Any, help: str, flag: str | None = None) -> Any:  # noqa: A002
-    """A config field that is also a command-line option: the CLI declares it from here
-    (`--field-name`, or `flag`), so adding a field adds the option."""
-    return field(default=default, metadata={"help": help, "flag": flag})
+# Help panels: where an option is listed in --help.
+DATA, MODEL, TRAIN, OPTIMISE, AUGMENT, CHECKS, OUTPUT, HARDWARE = (
+    "Data", "Base model", "Training", "Optimisation", "Augmentation (ImageDataGenerator units)",
+    "Sanity checks", "Output", "Hardware")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
+           flag: str | None = None, short: str | None = None, panel: str | None = None,
+           choices: tuple[str, ...] | str | None = None, argument: bool = False,
+           metavar: str | None = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that is also a command-line option: the CLI (options.py) declares it
+    from here, so adding a setting is adding a field.
+
+    Args:
+        flag: the option's spelling when not `--field-name` (`--a/--no-a` for booleans).
+        short: a one-letter alias, e.g. "-o".
+        panel: the --help panel; a nested config's group panel otherwise.
+        choices: the allowed values, or the name of a table the CLI knows ("bases").
+        argument: a positional argument instead of an option.
+    """
+    metadata = {"help": help, "flag": flag, "short": short, "panel": panel,
+                "choices": choices, "argument": argument, "metavar": metavar}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def group(factory: Any = dataclasses.MISSING, *, prefix: str = "", panel: str | None = None,
+          enabled_by: str | None = None) -> Any:
+    """A nested config whose fields are the command's options too, spelled `--{prefix}name`.
+    A field marked `named_by_group` takes the group's own name (`--optimizer`). With
+    `enabled_by`, the group is optional (None) and built only when that option is given."""
+    metadata = {"group": True, "prefix": prefix, "panel": panel, "enabled_by": enabled_by}
+    if enabled_by is not None:
+        return field(default=None, metadata=metadata)
+    if factory is dataclasses.MISSING:
+        return field(metadata=metadata)
+    return field(default_factory=factory, metadata=metadata)
+
+
+def named(default: Any, help: str, choices: tuple[str, ...]) -> Any:  # noqa: A002
+    """The field that a group's option is named after (`--optimizer NAME`)."""
+    return field(default=default, metadata={"help": help, "flag": None, "short": None,
+                                            "panel": None, "choices": choices,
+                                            "argument": False, "metavar": None,
+                                            "named_by_group": True})
 
 
 @dataclass(frozen=True, kw_only=True)
 class AugmentConfig:
-    """ImageDataGenerator-style augmentation, in its units (degrees and fractions). Each field
-    is a finetune and augment-preview option."""
+    """ImageDataGenerator-style augmentation, in its units (degrees and fractions)."""
 
     enabled: bool = option(True, "Augment training batches.", flag="--augment/--no-augment")
     rotation_range: float = option(40.0, "Random rotation, degrees.")
@@ -85,32 +126,17 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PreviewConfig:
-    """`transferkit augment-preview`: a grid of training images and augmented draws."""
-
-    data: DataConfig
-    output: Path
-    base: str = DEFAULT_BASE
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    images: int = 4  # rows: training images, one per class in turn
-    variants: int = 6  # augmented draws per image, after the original
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.images >= 1, f"--images must be at least 1; got {self.images}.")
-        _check(self.variants >= 1, f"--variants must be at least 1; got {self.variants}.")
-
-
-@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where the images are and how they are split and sized."""
 
-    data_dir: Path
-    image_size: int | None = None  # None: the base's default
-    val_split: float = 0.2
-    batch_size: int = 32
-    seed: int = 1337
+    data_dir: Path = option(
+        help="Folder with one sub-folder per class, or with train/ and val/ (and test/) "
+             "folders of class sub-folders.", argument=True, metavar="DATA")
+    image_size: int | None = option(None, "Square input size in pixels. Default: the base's.")
+    val_split: float = option(
+        0.2, "Fraction of each class held out for validation when DATA has no val/.")
+    batch_size: int = option(32, "Images per batch.")
+    seed: int = option(1337, "Seed for the split, shuffling, augmentation and initial weights.")
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -121,20 +147,54 @@ class DataConfig:
                f"--image-size must be a positive number of pixels; got {self.image_size}.")
 
 
+AUTO_BASE = "auto"  # finetune: the best base of `bases --rank` on the data
 PRECISIONS = ("auto", "float32", "mixed")
 PREDICTION_FORMATS = ("csv", "json", "jsonl")
 STDOUT = Path("-")  # an output path that means standard output
 DEFAULT_PRECISION = "auto"  # mixed float16 on GPUs with tensor cores, else float32
 STRATEGIES = ("auto", "none", "mirrored", "multiworker")
+POOLINGS = ("avg", "max")
+# export format -> the suffix of the file it writes ("" for a folder); export.FORMATS has a
+# row for each
+EXPORT_FORMATS = {"savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}
+CACHE_HELP = ("Reuse features (and image checks) computed before for unchanged images; "
+              "--no-cache recomputes everything.")
+OVERWRITE_HELP = "Replace an existing output instead of refusing."
+WEIGHTS_HELP = "'imagenet', 'none' (random init) or a Keras weights file for the base."
+PRECISION_HELP = ("auto: mixed float16 on GPUs with tensor cores (the softmax stays float32); "
+                  "float32; mixed.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreviewConfig:
+    """`transferkit augment-preview`: a grid of training images and augmented draws."""
+
+    data: DataConfig = group(panel=DATA)
+    output: Path = option(help="PNG file to write.", short="-o", panel=OUTPUT)
+    base: str = option(DEFAULT_BASE, "Pretrained convolutional base (its image size).",
+                       choices="bases", panel=MODEL)
+    augment: AugmentConfig = group(AugmentConfig, panel=AUGMENT)
+    images: int = option(4, "How many training images (one per row, the classes in turn).",
+                         panel=OUTPUT)
+    variants: int = option(6, "Augmented draws per image, after the original.", panel=OUTPUT)
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(self.images >= 1, f"--images must be at least 1; got {self.images}.")
+        _check(self.variants >= 1, f"--variants must be at least 1; got {self.variants}.")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ComputeConfig:
     """How the hardware is used."""
 
-    precision: str = DEFAULT_PRECISION
-    jit: bool = False  # XLA-compile training steps
-    strategy: str = "auto"  # auto: mirrored across local GPUs when there are several
+    precision: str = option(DEFAULT_PRECISION, PRECISION_HELP, choices=PRECISIONS)
+    jit: bool = option(False, "XLA-compile the training steps.")
+    strategy: str = option(
+        "auto", "none; mirrored (all local GPUs); auto: mirrored with several GPUs. "
+                "--batch-size is per device. (multiworker: not available with Keras 3; the "
+                "error says why.)", choices=STRATEGIES)
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -151,6 +211,7 @@ class ComputeConfig:
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 SCHEDULES = ("constant", "step", "exponential", "inverse-time", "cosine")
+DECAYING = ("step", "exponential", "inverse-time")  # the schedules a decay rate applies to
 INITS = ("auto", "he", "glorot")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 MONITORS = ("val_loss", "val_accuracy")
@@ -160,10 +221,14 @@ MONITORS = ("val_loss", "val_accuracy")
 class ScheduleConfig:
     """A learning-rate schedule over one stage, stepped once per epoch."""
 
-    name: str = "cosine"
-    warmup_epochs: int = 0
-    decay_rate: float | None = None  # None: the schedule's own default
-    decay_epochs: int | None = None  # step schedule: epochs per step (None: a third)
+    name: str = named("cosine", "Learning-rate schedule of the stage, stepped per epoch.",
+                      SCHEDULES)
+    warmup_epochs: int = option(0, "Epochs of linear warm-up.")
+    decay_rate: float | None = option(
+        None, "step: factor per step (0.5); exponential: factor per epoch (0.9); "
+              "inverse-time: rate (0.5).")
+    decay_epochs: int | None = option(
+        None, "step: epochs per step (default: a third of the stage).")
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -175,13 +240,21 @@ class ScheduleConfig:
                f"--decay-rate must be > 0; got {self.decay_rate}.")
         _check(self.decay_epochs is None or self.decay_epochs >= 1,
                f"--decay-epochs must be at least 1; got {self.decay_epochs}.")
+        _check(self.decay_rate is None or self.name in DECAYING,
+               f"A decay rate applies to a {', '.join(DECAYING)} schedule; this stage's "
+               f"schedule is {self.name}. (--decay-rate is the head stage's, "
+               f"--finetune-decay-rate the fine-tuning stage's.)")
+        _check(self.decay_epochs is None or self.name == "step",
+               f"Decay epochs apply to the step schedule; this stage's schedule is "
+               f"{self.name}. (--decay-epochs is the head stage's, --finetune-decay-epochs "
+               f"the fine-tuning stage's.)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    name: str = "adam"
-    momentum: float = 0.9  # SGD and RMSprop
-    nesterov: bool = True  # SGD
+    name: str = named("adam", "Optimizer for every stage.", OPTIMIZERS)
+    momentum: float = option(0.9, "Momentum (sgd, rmsprop).")
+    nesterov: bool = option(True, "Nesterov momentum (sgd).")
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -192,38 +265,66 @@ class OptimizerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    """`transferkit finetune`: train a head on a frozen base, then tune the top blocks."""
+    """`transferkit finetune`: train a head on a frozen base, then tune the top blocks.
+    As the user gave it: what transferkit decides lives in the run's Plan."""
 
-    data: DataConfig
-    output: Path | None  # None only for diagnostics that write no run (--overfit-check)
-    base: str = DEFAULT_BASE
-    weights: str = "imagenet"
+    data: DataConfig = group(panel=DATA)
+    # None only for diagnostics that write no run (--overfit-check)
+    output: Path | None = option(help="Run directory to create.", short="-o", panel=OUTPUT)
+    base: str = option(DEFAULT_BASE, "Pretrained convolutional base; auto: the best of "
+                                     "`transferkit bases --rank DATA` (a probe on each "
+                                     "available base's features).",
+                       choices="bases+auto", panel=MODEL)
+    weights: str = option("imagenet", WEIGHTS_HELP, panel=MODEL)
     # The linear probe gives the head its weights; --epochs trains it further on the frozen
     # base (with augmentation) before the top blocks are tuned.
-    epochs: int = 0
-    learning_rate: float = 1e-3
-    finetune_epochs: int = 10
-    finetune_lr: float | None = None  # None: a tenth of learning_rate
-    unfreeze_blocks: int | None = None  # None: TOP_BLOCKS, or all when adapt finds it deep
-    adapt: bool = True  # decide depth and flips from the training data (training.adaptation)
-    train_batchnorm: bool = False
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    # Stage 1 keeps its rate (a fresh head is far from converged); stage 2 anneals it.
-    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="constant"))
-    finetune_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    dropout: float = 0.2
-    l2: float = 0.0
-    dense_units: int = 0  # 0: a linear (softmax) head
-    init: str = "auto"  # auto: He for ReLU layers, Glorot for the softmax
-    class_weight: str = "auto"  # auto: balanced when classes differ beyond 1.5:1
-    monitor: str = "val_accuracy"  # ties go to the lower val_loss
-    patience: int = 5  # epochs without improvement before a stage stops; 0: never
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    tensorboard: bool = False
-    lr_find: bool = False  # range test first; its suggestion becomes learning_rate
-    cache: bool = True  # --no-augment: stage 1 reuses cached features of unchanged images
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-    overwrite: bool = False
+    epochs: int = option(0, "Most epochs training the head further on the frozen base, with "
+                            "augmentation, after the linear probe gave it its weights "
+                            "(0: skip).", panel=TRAIN)
+    learning_rate: float = option(1e-3, "Head stage learning rate.", panel=OPTIMISE)
+    finetune_epochs: int = option(10, "Most epochs with the top blocks unfrozen (0: skip).",
+                                  panel=TRAIN)
+    finetune_lr: float | None = option(
+        None, "Fine-tuning learning rate. Default: a tenth of --learning-rate, so pretrained "
+              "features survive.", panel=OPTIMISE)
+    unfreeze_blocks: int | None = option(
+        None, "How many blocks to fine-tune, from the top. Default: 2, or every block when "
+              "the data checks find the data unlike the base's pretraining.", panel=TRAIN)
+    adapt: bool = option(
+        True, "Decide from the training data, in seconds, whether to fine-tune every block "
+              "(raw pixels rival the frozen features) and whether to drop left-right flips "
+              "(they change labels). --no-adapt: the top 2 blocks and the flips as given.",
+        panel=TRAIN)
+    train_batchnorm: bool = option(
+        False, "Let unfrozen BatchNorm layers learn their scale and shift.",
+        flag="--train-batchnorm/--freeze-batchnorm", panel=TRAIN)
+    optimizer: OptimizerConfig = group(OptimizerConfig, panel=OPTIMISE)
+    # The head stage keeps its rate (a fresh head is far from converged); fine-tuning anneals.
+    schedule: ScheduleConfig = group(lambda: ScheduleConfig(name="constant"), panel=OPTIMISE)
+    finetune_schedule: ScheduleConfig = group(ScheduleConfig, prefix="finetune_",
+                                              panel=OPTIMISE)
+    dropout: float = option(0.2, "Dropout before the softmax layer.", panel=TRAIN)
+    l2: float = option(0.0, "L2 penalty on the head's weights (0: none).", panel=TRAIN)
+    dense_units: int = option(0, "Hidden ReLU units in the head (0: linear softmax head).",
+                              panel=TRAIN)
+    init: str = option("auto", "Head weight init: he, glorot, or auto (He for ReLU, Glorot "
+                               "for softmax).", choices=INITS, panel=TRAIN)
+    class_weight: str = option("auto", "balanced, none, or auto (balanced beyond 1.5:1 "
+                                       "imbalance).", choices=CLASS_WEIGHTS, panel=TRAIN)
+    monitor: str = option("val_accuracy", "Validation metric for early stopping, best epoch "
+                                          "and rollback (val_accuracy ties go to the lower "
+                                          "val_loss).", choices=MONITORS, panel=TRAIN)
+    patience: int = option(5, "Stop a stage after this many epochs without improvement "
+                              "(0: never).", panel=TRAIN)
+    augment: AugmentConfig = group(AugmentConfig, panel=AUGMENT)
+    tensorboard: bool = option(False, "Also write TensorBoard logs to RUN/tensorboard.",
+                               flag="--tensorboard", panel=OUTPUT)
+    lr_find: bool = option(False, "Run a learning-rate range test first, save lr_find.png, "
+                                  "and train the head stage at its suggestion.",
+                           flag="--lr-find", panel=CHECKS)
+    cache: bool = option(True, CACHE_HELP, panel=DATA)
+    compute: ComputeConfig = group(ComputeConfig, panel=HARDWARE)
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -251,16 +352,9 @@ class FinetuneConfig:
         _check(self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}; got "
                                          f"{self.monitor}.")
         _check(self.patience >= 0, f"--patience must be 0 or more; got {self.patience}.")
-
-    @property
-    def resolved_unfreeze_blocks(self) -> int:
-        """Stage 2's depth: as given (or as adaptation set it), else the top TOP_BLOCKS."""
-        return self.unfreeze_blocks if self.unfreeze_blocks is not None else TOP_BLOCKS
-
-    @property
-    def resolved_finetune_lr(self) -> float:
-        """Stage 2's rate: as given, else a tenth of stage 1's."""
-        return self.finetune_lr if self.finetune_lr is not None else self.learning_rate / 10
+        _check(self.base != AUTO_BASE or self.weights == "imagenet",
+               f"--base auto ranks the bases by their ImageNet weights; got --weights "
+               f"{self.weights}. Name the base that fits those weights.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,26 +362,33 @@ class CVConfig:
     """`transferkit cv`: stratified K-fold cross-validation of the finetune recipe. The
     recipe's data is DATA and its output the ensemble run directory."""
 
-    recipe: FinetuneConfig
-    folds: int = 5
+    recipe: FinetuneConfig = group()
+    folds: int = option(5, "K: how many stratified folds.", panel=TRAIN)
 
     def __post_init__(self) -> None:
         _check(self.folds >= 2, f"--folds must be at least 2; got {self.folds}.")
+        _check(self.recipe.base != AUTO_BASE,
+               "cv cross-validates one recipe on one base; --base auto is finetune's. Name a "
+               "base, e.g. the first of `transferkit bases --rank DATA`.")
 
 
 @dataclass(frozen=True, kw_only=True)
 class AuditConfig:
     """`transferkit audit`: label issues, near-duplicates and outliers of a data folder."""
 
-    data: DataConfig
-    output: Path
-    base: str = DEFAULT_BASE
-    weights: str = "imagenet"
+    data: DataConfig = group(panel=DATA)
+    output: Path = option(help="Folder for audit.json and report.html.", short="-o",
+                          panel=OUTPUT)
+    base: str = option(DEFAULT_BASE, "Pretrained convolutional base.", choices="bases",
+                       panel=MODEL)
+    weights: str = option("imagenet", WEIGHTS_HELP, panel=MODEL)
     # perceptual similarity from which two images are near-duplicates; measured on planted
     # resized, re-encoded and 5 %-cropped copies in five sets, which all scored 0.98 or more
-    duplicate_similarity: float = 0.975
-    cache: bool = True
-    overwrite: bool = False
+    duplicate_similarity: float = option(
+        0.975, "Perceptual similarity (correlation of thumbnails, aligned over small crops) "
+               "from which two images count as near-duplicates.", panel=CHECKS)
+    cache: bool = option(True, CACHE_HELP, panel=DATA)
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -296,23 +397,44 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DoctorConfig:
+    """`transferkit doctor`: decode every file of a data folder, as training would."""
+
+    data_dir: Path = option(help="The data folder to check (any layout transferkit reads).",
+                            argument=True, metavar="DATA")
+    base: str = option(DEFAULT_BASE, "Pretrained convolutional base (its smallest input).",
+                       choices="bases", panel=MODEL)
+    output: Path | None = option(None, "Also write the full report as JSON.", short="-o",
+                                 panel=OUTPUT)
+    quarantine: Path | None = option(
+        None, "Move (never delete) unusable files into this folder, keeping their relative "
+              "paths.", panel=OUTPUT)
+    cache: bool = option(True, CACHE_HELP, panel=DATA)
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
+
+
+@dataclass(frozen=True, kw_only=True)
 class HeadConfig:
     """The dense classifier `extract --train-head` trains on saved features."""
 
-    output: Path
-    dense_units: int = 256
-    dropout: float = 0.5
-    epochs: int = 30
-    learning_rate: float = 1e-3
-    l2: float = 0.0
-    init: str = "auto"
-    patience: int = 10  # epochs without val_loss improvement; the best epoch is kept
-    overwrite: bool = False
+    output: Path = option(help="Also train a dense classifier on the features and save it as "
+                               "a run directory usable by `predict`.", flag="--train-head")
+    dense_units: int = option(256, "Hidden units of the classifier (0: linear).")
+    dropout: float = option(0.5, "Dropout before the classifier's softmax layer.")
+    epochs: int = option(30, "Most epochs of classifier training; the best (by val_loss) is "
+                             "kept.", flag="--head-epochs")
+    learning_rate: float = option(1e-3, "Classifier learning rate (Adam).")
+    l2: float = option(0.0, "L2 penalty on the classifier's weights (0: none).")
+    init: str = option("auto", "Weight init: he, glorot, or auto (He for ReLU, Glorot for "
+                               "softmax).", choices=INITS)
+    patience: int = option(10, "Epochs without val_loss improvement before training stops; "
+                               "the best epoch is kept.")
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
-        _check(self.patience >= 1, f"patience must be at least 1; got {self.patience}.")
+        _check(self.patience >= 1, f"--patience must be at least 1; got {self.patience}.")
         _check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
         _check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
         _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
@@ -324,22 +446,27 @@ class HeadConfig:
 class ExtractConfig:
     """`transferkit extract`: frozen-base features to a file, optionally a head on them."""
 
-    data: DataConfig
-    output: Path
-    base: str = DEFAULT_BASE
-    weights: str = "imagenet"
-    blocks: int | None = None  # None: the whole base
-    pooling: str = "avg"
-    precision: str = DEFAULT_PRECISION
-    cache: bool = True  # reuse features computed before for unchanged images
-    overwrite: bool = False
-    head: HeadConfig | None = None
+    data: DataConfig = group(panel=DATA)
+    output: Path = option(help="Feature file to write (.npz).", short="-o", panel=OUTPUT)
+    base: str = option(DEFAULT_BASE, "Pretrained convolutional base.", choices="bases",
+                       panel=MODEL)
+    weights: str = option("imagenet", WEIGHTS_HELP, panel=MODEL)
+    blocks: int | None = option(None, "Use only the base's first N blocks (lower layers "
+                                      "transfer better to data far from ImageNet). Default: "
+                                      "all.", panel=MODEL)
+    pooling: str = option("avg", "Global pooling of the feature maps.", choices=POOLINGS,
+                          panel=MODEL)
+    precision: str = option(DEFAULT_PRECISION, PRECISION_HELP, choices=PRECISIONS,
+                            panel=HARDWARE)
+    cache: bool = option(True, CACHE_HELP, panel=DATA)
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
+    head: HeadConfig | None = group(panel=TRAIN, enabled_by="output")
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.blocks is None or self.blocks >= 1,
                f"--blocks must be at least 1; got {self.blocks}.")
-        _check(self.pooling in ("avg", "max"), f"--pooling must be avg or max; got {self.pooling}.")
+        _check(self.pooling in POOLINGS, f"--pooling must be avg or max; got {self.pooling}.")
         _check_precision(self.precision)
 
 
@@ -347,13 +474,18 @@ class ExtractConfig:
 class EvaluateConfig:
     """`transferkit evaluate`: metrics of a run on labelled images."""
 
-    run_dir: Path
-    data_dir: Path | None = None  # None: the run's own validation split
-    output: Path | None = None  # None: RUN/evaluation
-    top_k: int = 3
-    batch_size: int = 32
-    gallery: int = 16  # how many confidently wrong images to show
-    overwrite: bool = False
+    run_dir: Path = option(help="Run directory to evaluate.", argument=True, metavar="RUN")
+    data_dir: Path | None = option(
+        None, "A labelled folder (class sub-folders named like the run's classes). Default: "
+              "the run's validation split.", argument=True, metavar="DATA")
+    output: Path | None = option(None, "Folder for metrics.json, confusion.png and "
+                                       "mistakes.png. Default: RUN/evaluation.", short="-o",
+                                 panel=OUTPUT)
+    top_k: int = option(3, "Also report top-k accuracy for this k.", panel=OUTPUT)
+    batch_size: int = option(32, "Images per batch.", panel=DATA)
+    gallery: int = option(16, "How many of the most confidently wrong images to show.",
+                          panel=OUTPUT)
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -369,15 +501,30 @@ QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 class ExportConfig:
     """`transferkit export`: a run's model for deployment, checked against Keras."""
 
-    run_dir: Path
-    output: Path
-    format: str = "savedmodel"  # a row of export.FORMATS, which checks it and the suffix
-    quantize: str = "none"  # TFLite only
-    check_images: int = 16  # run through both models to compare
-    overwrite: bool = False
+    run_dir: Path = option(help="Run directory written by finetune or extract --train-head.",
+                           argument=True, metavar="RUN")
+    output: Path = option(help="SavedModel folder, or .tflite / .onnx file, to write.",
+                          short="-o", panel=OUTPUT)
+    format: str = option("savedmodel", "savedmodel (a folder for TensorFlow Serving and TF.js "
+                                       "converters); tflite (a file for phones and "
+                                       "microcontrollers); onnx (a file for ONNX Runtime; "
+                                       "needs transferkit[onnx]).",
+                         choices=tuple(EXPORT_FORMATS), panel=OUTPUT)
+    quantize: str = option("none", "TFLite only: float16 halves the size; dynamic stores int8 "
+                                   "weights; int8 is fully integer, calibrated on the run's "
+                                   "training images.", choices=QUANTIZATIONS, panel=OUTPUT)
+    check_images: int = option(16, "Images run through both the export and the Keras model to "
+                                   "compare their outputs.", panel=OUTPUT)
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
         _check_finite(self)
+        _check(self.format in EXPORT_FORMATS, f"--format must be one of "
+                                              f"{', '.join(EXPORT_FORMATS)}; got {self.format}.")
+        suffix = EXPORT_FORMATS[self.format]
+        _check(not suffix or self.output.suffix.lower() == suffix,
+               f"--format {self.format} writes one file; name it with {suffix} (got "
+               f"'{self.output}').")
         _check(self.quantize in QUANTIZATIONS, f"--quantize must be one of "
                                                f"{', '.join(QUANTIZATIONS)}; got {self.quantize}.")
         _check(self.quantize == "none" or self.format == "tflite",
@@ -391,15 +538,28 @@ class ExportConfig:
 class PredictConfig:
     """`transferkit predict`: a run directory applied to files and folders."""
 
-    run_dir: Path
-    paths: tuple[Path, ...]
-    top_k: int = 1
-    batch_size: int = 32
-    output: Path | None = None  # None: a table on a terminal, else CSV; STDOUT: stdout
-    format: str | None = None  # csv | json | jsonl; None: from the output's suffix
-    overwrite: bool = False
-    tta: bool = False  # average over ten crops (corners, centre, mirrored)
-    threshold: float | None = None  # below this top probability the label is "unknown"
+    run_dir: Path = option(help="Run directory written by finetune or extract --train-head.",
+                           argument=True, metavar="RUN")
+    paths: tuple[Path, ...] = option(
+        help="Image files, folders (searched recursively) or quoted glob patterns such as "
+             "'shots/**/*.jpg'; - reads one path per line from stdin.", argument=True,
+        metavar="PATHS...")
+    top_k: int = option(1, "How many labels to list per image.", panel=OUTPUT)
+    batch_size: int = option(32, "Images per batch.", panel=DATA)
+    output: Path | None = option(
+        None, "Write predictions to a .csv, .json or .jsonl file, or to stdout with -o -. "
+              "Without it: a table on a terminal, CSV when stdout is a pipe or file.",
+        short="-o", panel=OUTPUT)
+    format: str | None = option(None, "csv, json or jsonl. Default: from the -o file's "
+                                      "suffix; csv for stdout.", choices=PREDICTION_FORMATS,
+                                panel=OUTPUT)
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
+    tta: bool = option(False, "Test-time augmentation: average over ten views (four corner "
+                              "crops and the centre crop, each also mirrored); reports how "
+                              "much it changed.", flag="--tta", panel=MODEL)
+    threshold: float | None = option(
+        None, "Label images whose top probability is below P 'unknown' (the best guess is "
+              "kept in the output file).", metavar="P", panel=MODEL)
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -442,12 +602,28 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"Setting '{name}' must be a table of settings; got {value!r}.")
         return from_dict(hint, value, prefix=f"{name}.")
     if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"Setting '{name}' must be a path; got {value!r}.")
         return Path(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"Setting '{name}' must be a list; got {value!r}.")
         inner = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(inner) != len(value):
+            raise ConfigError(f"Setting '{name}' takes {len(inner)} values; got {value!r}.")
         return tuple(_coerce(h, v, name) for h, v in zip(inner, value, strict=True))
+    return _scalar(hint, value, name)
+
+
+def _scalar(hint: Any, value: Any, name: str) -> Any:
+    """`value` as the bool, int, float or str that `hint` says, or a ConfigError: a config
+    file or run.json may hold anything."""
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (bool, int, float, str) and (type(value) is not hint):
+        kind = {bool: "true or false", int: "a whole number", float: "a number",
+                str: "text"}[hint]
+        raise ConfigError(f"Setting '{name}' must be {kind}; got {value!r}.")
     return value
 
 
@@ -471,17 +647,6 @@ def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "",
         return cls(**coerced, **ready)
     except TypeError as exc:
         raise ConfigError(f"Incomplete settings for {cls.__name__}: {exc}.") from exc
-
-
-def default(cls: type, name: str) -> Any:
-    """The default of a config field, so CLI options never re-type a literal."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-    raise KeyError(f"{cls.__name__} has no default for {name!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

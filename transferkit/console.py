@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from transferkit.extract import ExtractResult
     from transferkit.predict import PredictionReport
     from transferkit.ranking import BaseRank
-    from transferkit.runs import Choice, Score, StageResult
+    from transferkit.runs.records import Choice, Score, StageResult
     from transferkit.training.checks import OverfitResult
-    from transferkit.training.finetune import FinetuneResult
+    from transferkit.training.recipe import FinetuneResult
 
 stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)  # a path in a message never breaks

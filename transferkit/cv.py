@@ -29,13 +29,9 @@ from transferkit.inference import predict_batches
 from transferkit.metrics import classification_metrics
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
-from transferkit.runs import (
+from transferkit.runs.directory import (
     FOLDS_DIR,
     OOF_FILE,
-    RUNNING,
-    CrossValidation,
-    RunRecord,
-    Score,
     check_run_output,
     clear_run,
     load_run,
@@ -44,8 +40,9 @@ from transferkit.runs import (
     save_run,
     save_splits,
 )
-from transferkit.training.finetune import finetune
+from transferkit.runs.records import RUNNING, CrossValidation, RunRecord, Score
 from transferkit.training.prepare import data_summary
+from transferkit.training.recipe import finetune
 
 
 @dataclass(frozen=True)
@@ -139,8 +136,8 @@ def _save_ensemble(config: CVConfig, output: Path, splits: DataSplits, pooled: I
                                 len(splits.test), chose=False))
     accuracies = [s.accuracy for s in scores]
     record = RunRecord(
-        command="cv", config=dataclasses.replace(first.config, output=output), base=first.base,
-        base_layer=first.base_layer, preprocessing=first.preprocessing, class_names=names,
+        command="cv", config=config.recipe, base=first.base, base_layer=first.base_layer,
+        preprocessing=first.preprocessing, class_names=names, image_size=first.image_size,
         compute=first.compute, data=data_summary(splits), status=RUNNING,
         scores=tuple(summary),
         cross_validation=CrossValidation(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.config import EvaluateConfig
-from transferkit.data.folders import DataSplits, ImageSet, load_labelled_folder, splits_from_table
+from transferkit.data.folders import ImageSet, load_labelled_folder
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import DataError
 from transferkit.files import check_new_output, replace_path, save_figure, write_json
@@ -19,12 +19,12 @@ from transferkit.metrics import Evaluation, classification_metrics
 from transferkit.plots import plot_confusion, plot_gallery
 from transferkit.reporting import NullReporter, Reporter, printable
 from transferkit.run_report import Evaluated, write_run_report
-from transferkit.runs import (
+from transferkit.runs.directory import (
     EVALUATION_DIR,
     LoadedRun,
     load_run,
+    load_run_splits,
     read_record,
-    read_splits,
     run_lock,
 )
 
@@ -37,23 +37,13 @@ class EvaluationResult:
     mistakes: int
 
 
-def run_splits(run: LoadedRun, reporter: Reporter) -> DataSplits:
-    """The splits a run was trained on, read again from its data folder.
-
-    Raises:
-        DataError: the data folder or the run's images are gone.
-    """
-    rows = read_splits(run.path, run.class_names)
-    return splits_from_table(run.record.data_dir, run.class_names, rows, reporter)
-
-
 def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
                         reporter: Reporter) -> tuple[ImageSet, str, str]:
     """The images, what they are in words, and their split's name."""
     if config.data_dir is not None:
         return (load_labelled_folder(config.data_dir, run.class_names, reporter),
                 f"labelled folder '{config.data_dir}'", config.data_dir.name or "data")
-    splits = run_splits(run, reporter)
+    splits = load_run_splits(run.path, run.record, reporter)
     if run.record.command == "cv":  # every train/val image trained some fold
         if splits.test is None or not len(splits.test):
             raise DataError(f"'{run.path}' is a cross-validation ensemble: each of its images "

@@ -19,14 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.config import ExportConfig
+from transferkit.config import EXPORT_FORMATS, ExportConfig
 from transferkit.data.pipeline import build_dataset
-from transferkit.errors import ArtifactError, ConfigError, DataError, MissingPackageError
-from transferkit.evaluate import run_splits
+from transferkit.errors import ArtifactError, DataError, MissingPackageError
 from transferkit.files import check_new_output, replace_path
 from transferkit.quiet import quiet_native_output
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs import LoadedRun, load_run
+from transferkit.runs.directory import LoadedRun, load_run, load_run_splits
 
 # Largest acceptable difference of any class probability from the Keras model's, per kind of
 # export. Quantization trades exactness for size and speed: a full-integer Lite0 moved
@@ -51,7 +50,7 @@ class ExportResult:
 def _run_images(run: LoadedRun, reporter: Reporter) -> tuple[list[str], list[str]] | str:
     """Image files of the run's training and validation splits, or why they cannot be had."""
     try:
-        splits = run_splits(run, reporter)
+        splits = load_run_splits(run.path, run.record, reporter)
     except (DataError, ArtifactError) as exc:
         return str(exc)
     return list(splits.train.sources), list(splits.val.sources)
@@ -167,13 +166,17 @@ def _run_tflite(path: Path, images: np.ndarray) -> np.ndarray:
 class ExportFormat:
     """One row of the export formats table."""
 
-    name: str
-    suffix: str  # of the file written; "" for a folder
+    name: str  # a key of config.EXPORT_FORMATS, which gives its suffix
     packages: tuple[str, ...]  # importable modules it needs beyond transferkit's own
     extra: str | None  # the transferkit[extra] that installs them
     write: Callable[[LoadedRun, Path, np.ndarray | None, str], None]  # run, target, calib, q
     run: Callable[[Path, np.ndarray], np.ndarray]  # exported model on float 0-255 images
     help: str
+
+    @property
+    def suffix(self) -> str:
+        """Of the file written; "" for a folder."""
+        return EXPORT_FORMATS[self.name]
 
     @property
     def is_folder(self) -> bool:
@@ -185,32 +188,26 @@ class ExportFormat:
 
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
-    ExportFormat(name="savedmodel", suffix="", packages=(), extra=None,
+    ExportFormat(name="savedmodel", packages=(), extra=None,
                  write=_write_savedmodel, run=_run_savedmodel,
                  help="TensorFlow Serving, TF.js converters"),
-    ExportFormat(name="tflite", suffix=".tflite", packages=(), extra=None,
+    ExportFormat(name="tflite", packages=(), extra=None,
                  write=_write_tflite, run=_run_tflite,
                  help="phones, microcontrollers; --quantize applies"),
-    ExportFormat(name="onnx", suffix=".onnx", packages=("tf2onnx", "onnx", "onnxruntime"),
+    ExportFormat(name="onnx", packages=("tf2onnx", "onnx", "onnxruntime"),
                  extra="onnx", write=_write_onnx, run=_run_onnx,
                  help="ONNX Runtime and most runtimes"),
 )}
 
 
-def get_format(name: str, output: Path) -> ExportFormat:
-    """The table row for `name`, checked against the output's name and the installed
-    packages.
+def get_format(name: str) -> ExportFormat:
+    """The table row for `name` (ExportConfig checked the name and the output's suffix),
+    checked against the installed packages.
 
     Raises:
-        ConfigError: an unknown format, or a file name with the wrong suffix.
         MissingPackageError: a package the format needs is not installed.
     """
-    if name not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}; got {name}.")
     fmt = FORMATS[name]
-    if fmt.suffix and output.suffix.lower() != fmt.suffix:
-        raise ConfigError(f"--format {name} writes one file; name it with {fmt.suffix} "
-                          f"(got '{output}').")
     missing = [m for m in fmt.packages if importlib.util.find_spec(m) is None]
     if missing:
         raise MissingPackageError(
@@ -241,7 +238,7 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
             not match the Keras model's (then nothing is written).
     """
     reporter = reporter or NullReporter()
-    fmt = get_format(config.format, config.output)
+    fmt = get_format(config.format)
     labels = fmt.labels_path(config.output)
     check_new_output(config.output, config.overwrite,
                      what="export folder" if fmt.is_folder else "export file")

@@ -3,7 +3,6 @@ and the fast path of training a dense classifier on the saved features."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +31,9 @@ from transferkit.model import (
 )
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
-from transferkit.runs import (
-    Compute,
-    RunRecord,
-    Score,
-    check_run_output,
-    run_lock,
-    save_run,
-    save_splits,
-)
-from transferkit.training.finetune import HEAD
+from transferkit.runs.directory import check_run_output, run_lock, save_run, save_splits
+from transferkit.runs.records import Compute, RunRecord, Score
+from transferkit.training.plan import HEAD
 from transferkit.training.prepare import data_summary, report_data
 from transferkit.training.stages import StagePlan, run_stage, stage_result
 
@@ -175,9 +167,7 @@ def _head_record(config: ExtractConfig, image_size: int, splits: DataSplits, pre
                  base_layer: str) -> RunRecord:
     """The record of an `extract --train-head` run, before its head is trained."""
     spec = get_base(config.base)
-    resolved = dataclasses.replace(
-        config, data=dataclasses.replace(config.data, image_size=image_size))
-    return RunRecord(command="extract", config=resolved, base=spec.name, base_layer=base_layer,
-                     preprocessing=spec.preprocessing,
-                     class_names=splits.class_names, compute=Compute(precision=precision),
+    return RunRecord(command="extract", config=config, base=spec.name, base_layer=base_layer,
+                     preprocessing=spec.preprocessing, class_names=splits.class_names,
+                     image_size=image_size, compute=Compute(precision=precision),
                      data=data_summary(splits))

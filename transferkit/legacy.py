@@ -1,11 +1,16 @@
-"""Runs written by transferkit 0.1 (run format 1). Their model.keras holds 0.1's own
-preprocessing layer, so it needs that class to load, and their run.json has another shape.
-`upgrade_run` re-saves such a run in place as format 2: a plain Keras model and a RunRecord.
-Nothing else reads format 1; `runs.read_record` points here.
+"""Runs of earlier run formats, brought up to date in place by `upgrade_run`:
+- format 1 (transferkit 0.1): model.keras holds 0.1's own preprocessing layer, so it needs
+  that class to load; it is re-saved as a plain Keras model, checked to predict the same.
+- format 2: run.json kept the resolved config (image size, depth, rates, flips written
+  into it) and the class weights beside it; format 3 keeps the config apart from the
+  decided image size and Plan. Format 2's resolved config becomes the config, and its
+  values the Plan (they are what the run trained with).
+Nothing else reads formats 1 and 2; `runs.directory.read_record` points here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from collections.abc import Sequence
@@ -16,16 +21,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from transferkit.config import TOP_BLOCKS, FinetuneConfig, from_dict, to_dict
 from transferkit.errors import ArtifactError, ConfigError
 from transferkit.model import build_classifier, build_feature_extractor, find_base
-from transferkit.runs import (
-    MODEL_FILE,
-    RECORD_FILE,
-    RunRecord,
-    run_lock,
-    save_model,
-    save_record,
-)
+from transferkit.runs.directory import MODEL_FILE, RECORD_FILE, run_lock, save_model, save_record
+from transferkit.runs.records import COMMANDS, Plan, RunRecord
 
 
 @keras.saving.register_keras_serializable(package="transferkit", name="ImagePreprocessing")
@@ -55,19 +55,38 @@ class LegacyImagePreprocessing(keras.layers.Layer):
                 "mean": list(self.mean), "std": list(self.std)}
 
 
+def _plan_of(command: Any, config: Any, class_weights: Any) -> dict[str, Any] | None:
+    """The Plan a run of an earlier format trained with: its resolved config's values."""
+    if command not in ("finetune", "cv") or not isinstance(config, dict):
+        return None
+    resolved = from_dict(COMMANDS[command], config, prefix="config.")
+    assert isinstance(resolved, FinetuneConfig)  # the command says so
+    augment, rate = resolved.augment, resolved.learning_rate
+    plan = Plan(
+        learning_rate=rate,
+        unfreeze_blocks=(resolved.unfreeze_blocks or TOP_BLOCKS) if resolved.finetune_epochs
+        else 0, finetune_lr=resolved.finetune_lr or rate / 10, schedule=resolved.schedule,
+        finetune_schedule=resolved.finetune_schedule,
+        augment=augment if augment.horizontal_flip is not None else dataclasses.replace(
+            augment, horizontal_flip=True),
+        class_weights=class_weights)
+    return to_dict(plan)
+
+
 def record_from_v1(values: dict[str, Any]) -> RunRecord:
-    """A format-2 record from a format-1 run.json (validated as any record is).
+    """A current record from a format-1 run.json (validated as any record is).
 
     Raises:
         ConfigError: a field is missing or invalid.
     """
-    known = {"command", "base", "base_layer", "preprocessing", "class_names",
+    known = {"command", "base", "base_layer", "preprocessing", "class_names", "image_size",
              "compute", "data", "status", "trainable_params", "stages", "kept_stage",
              "metrics", "stopped", "versions", "updated"}
     config = dict(values.get("config") or {})
     config["data"] = {**dict(config.get("data") or {}), "image_size": values.get("image_size")}
     record: dict[str, Any] = {k: v for k, v in values.items() if k in known}
-    record |= {"config": config, "class_weights": values.get("class_weight")}
+    record |= {"config": config,
+               "plan": _plan_of(values.get("command"), config, values.get("class_weight"))}
     if values.get("command") == "extract":  # 0.1 kept these beside the config
         record |= {"compute": {"precision": values.get("precision", "float32")},
                    "base_layer": values.get("base_layer", ""), "kept_stage": "head"}
@@ -80,41 +99,66 @@ def record_from_v1(values: dict[str, Any]) -> RunRecord:
     return RunRecord.from_dict(record)
 
 
-def upgrade_run(run_dir: Path) -> RunRecord:
-    """Re-saves a transferkit 0.1 run as run format 2, in place: the same base and head
-    behind Keras's own preprocessing layers, checked to give the same probabilities first.
+def record_from_v2(values: dict[str, Any]) -> RunRecord:
+    """A current record from a format-2 run.json: the image size and Plan out of its
+    resolved config.
 
     Raises:
-        ArtifactError: `run_dir` is not a format-1 run, or cannot be read or converted.
+        ConfigError: a field is missing or invalid.
+    """
+    record = {k: v for k, v in values.items() if k not in ("format", "format_version")}
+    config = record.get("config")
+    data = config.get("data") if isinstance(config, dict) else None
+    record["image_size"] = data.get("image_size") if isinstance(data, dict) else None
+    record["plan"] = _plan_of(record.get("command"), config, record.pop("class_weights", None))
+    return RunRecord.from_dict(record)
+
+
+def upgrade_run(run_dir: Path) -> RunRecord:
+    """Brings a run of an earlier format up to the current one, in place (format 1: the same
+    base and head re-saved behind Keras's own preprocessing layers, checked to give the same
+    probabilities first).
+
+    Raises:
+        ArtifactError: `run_dir` is not a run of an earlier format, or cannot be converted.
     """
     with run_lock(run_dir):
         try:
             values = json.loads((run_dir / RECORD_FILE).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"Could not read '{run_dir / RECORD_FILE}' ({exc}).") from exc
-        if not isinstance(values, dict) or values.get("format_version") != 1:
-            raise ArtifactError(f"'{run_dir}' is not a transferkit 0.1 run (run format 1); "
-                                f"there is nothing to upgrade.")
+        version = values.get("format_version") if isinstance(values, dict) else None
+        if version not in (1, 2):
+            raise ArtifactError(f"'{run_dir}' is not a run of an earlier format (run format "
+                                f"1 or 2); there is nothing to upgrade.")
         try:
-            record = record_from_v1(values)
+            record = record_from_v1(values) if version == 1 else record_from_v2(values)
         except ConfigError as exc:
             raise ArtifactError(f"'{run_dir / RECORD_FILE}' is damaged: {exc}.") from exc
-        try:
-            old = keras.saving.load_model(run_dir / MODEL_FILE, compile=False, safe_mode=True)
-        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
-            raise ArtifactError(f"Could not load '{run_dir / MODEL_FILE}' ({exc}).") from exc
-        features = old.get_layer("features")
-        base = find_base(features)
-        pooling = ("max" if isinstance(features.get_layer("pooling"),
-                                       keras.layers.GlobalMaxPooling2D) else "avg")
-        model = build_classifier(build_feature_extractor(base, record.preprocessing, pooling),
-                                 old.get_layer("head"))
-        images = np.random.default_rng(0).uniform(
-            0, 255, (4, record.image_size, record.image_size, 3)).astype("float32")
-        difference = float(np.abs(old.predict(images, verbose=0)
-                                  - model.predict(images, verbose=0)).max())
-        if difference > 1e-4:
-            raise ArtifactError(f"The re-saved model of '{run_dir}' would differ from the old "
-                                f"one by {difference:.2g}; nothing was changed.")
-        save_model(run_dir / MODEL_FILE, model)
-        return save_record(run_dir, record.replace(base_layer=base.name))
+        if version == 2:
+            return save_record(run_dir, record)
+        base_layer = _resave_v1_model(run_dir, record)
+        return save_record(run_dir, record.replace(base_layer=base_layer))
+
+
+def _resave_v1_model(run_dir: Path, record: RunRecord) -> str:
+    """Re-saves a format-1 model.keras as plain Keras; returns its base layer's name."""
+    try:
+        old = keras.saving.load_model(run_dir / MODEL_FILE, compile=False, safe_mode=True)
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"Could not load '{run_dir / MODEL_FILE}' ({exc}).") from exc
+    features = old.get_layer("features")
+    base = find_base(features)
+    pooling = ("max" if isinstance(features.get_layer("pooling"),
+                                   keras.layers.GlobalMaxPooling2D) else "avg")
+    model = build_classifier(build_feature_extractor(base, record.preprocessing, pooling),
+                             old.get_layer("head"))
+    images = np.random.default_rng(0).uniform(
+        0, 255, (4, record.image_size, record.image_size, 3)).astype("float32")
+    difference = float(np.abs(old.predict(images, verbose=0)
+                              - model.predict(images, verbose=0)).max())
+    if difference > 1e-4:
+        raise ArtifactError(f"The re-saved model of '{run_dir}' would differ from the old "
+                            f"one by {difference:.2g}; nothing was changed.")
+    save_model(run_dir / MODEL_FILE, model)
+    return base.name

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.calibration import expected_calibration_error
-from transferkit.runs import Score
+from transferkit.runs.records import Score
 from transferkit.stats import wilson_interval
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,10 +17,10 @@ from transferkit.data.folders import collect_images
 from transferkit.data.inspect import decode_source, inspect_images, open_inspection_cache
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import DataError
-from transferkit.files import check_new_output, json_text
+from transferkit.files import check_new_output, json_text, write_text
 from transferkit.inference import predict_batches
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs import load_run
+from transferkit.runs.directory import load_run
 
 if TYPE_CHECKING:
     import keras
@@ -179,3 +180,14 @@ def predictions_text(report: PredictionReport, top_k: int, output_format: str) -
             flat[f"label_{k}"], flat[f"probability_{k}"] = alt["label"], alt["probability"]
         writer.writerow(flat)
     return buffer.getvalue()
+
+
+def write_predictions(config: PredictConfig, report: PredictionReport,
+                      output_format: str) -> None:
+    """Writes the predictions to `config.output`, or to stdout for none or `-`."""
+    text = predictions_text(report, config.top_k, output_format)
+    if config.output is None or config.output == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        write_text(config.output, text)

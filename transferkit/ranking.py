@@ -17,7 +17,7 @@ from transferkit.data.folders import load_splits
 from transferkit.errors import WeightsError
 from transferkit.features import base_features
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs import Score
+from transferkit.runs.records import Score
 from transferkit.training.probe import out_of_fold_probabilities
 
 

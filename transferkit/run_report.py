@@ -14,8 +14,8 @@ import numpy as np
 from transferkit import report
 from transferkit.files import write_text
 from transferkit.gradcam import gradcam, has_feature_map
-from transferkit.runs import CURVES_FILE, REPORT_FILE, RunRecord
-from transferkit.training.adaptation import describe as describe_adaptation
+from transferkit.runs.directory import CURVES_FILE, REPORT_FILE
+from transferkit.runs.records import RunRecord
 
 if TYPE_CHECKING:
     from transferkit.data.folders import ImageSet
@@ -69,7 +69,7 @@ def _summary(record: RunRecord) -> str:
             f"C={record.probe.c:g} ({record.probe.folds}-fold CV on train), first usable "
             f"model after {record.probe.ready_after:.0f} s")])
     if record.adaptation is not None:
-        rows.append(["data checks", report.esc(describe_adaptation(record.adaptation))])
+        rows.append(["data checks", report.esc(record.adaptation.describe())])
     for stage in record.stages:
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
             f"{stage.epochs} epochs at {stage.learning_rate:.2g}, best epoch "

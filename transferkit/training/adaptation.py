@@ -17,21 +17,20 @@ hundred images):
   ImageNet features were trained to shrug off mirroring, so on mirrored digits the probe
   lost 6 points where the pixel model lost 65.
 
-Scikit-learn does the fitting; the rules are the part written here.
+Scikit-learn does the fitting; the rules are the part written here. What they decide is
+applied in training/plan.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-from transferkit.config import FinetuneConfig
 from transferkit.data.inspect import small_image
-from transferkit.runs import Adaptation
+from transferkit.runs.records import Adaptation
 from transferkit.stats import paired_margin
 from transferkit.training.probe import MAX_FOLDS, probe_estimator
 
@@ -44,12 +43,6 @@ DEEP_BELOW = 0.5  # deep when the probe's errors exceed this fraction of the pix
 # sets nothing; phase-locked synthetic stripes, whose mirror images are still stripes, 45 %.
 MIRROR_SKILL_LOST = 0.5
 MIRROR_Z = 2.0
-# Tuning every block: three times the default stage-2 rate, reached over two warm-up epochs.
-# On digits (seed 0, val right of 100; the probe 92): 1e-4 gave 94, 3e-4 gave 95, and 3e-4
-# after warm-up 96. Without warm-up the first epoch at 3e-4 fell to 21 right before climbing
-# back; with it, to 82.
-DEEP_LR_SCALE = 3.0
-DEEP_WARMUP_EPOCHS = 2
 
 
 def pixels(sources: Sequence[str]) -> np.ndarray:
@@ -115,46 +108,3 @@ def assess(sources: Sequence[str], labels: np.ndarray, features: np.ndarray, c: 
         mirror_changes_labels=bool(lost > MIRROR_Z * noise
                                    and lost > MIRROR_SKILL_LOST * max(skill, 0)),
         seconds=round(time.perf_counter() - start, 3))
-
-
-def describe(found: Adaptation) -> str:
-    """Two lines for the console and the log: what was measured and what it decided."""
-    how = f"{found.folds}-fold on {found.images} training images, {found.seconds:.1f} s"
-    depth = ("the features remove less than half of the pixels' errors, so the data is "
-             "unlike the base's pretraining: fine-tuning goes deep" if found.deep else
-             "the features fit the data")
-    mirror = ("left and right carry the label: no left-right flips"
-              if found.mirror_changes_labels else "mirroring keeps labels")
-    return (f"Raw pixels {found.pixel_accuracy:.3f} vs the probe {found.probe_accuracy:.3f} "
-            f"({how}): {depth}.\nMirrored images: raw pixels "
-            f"{found.pixel_accuracy:.3f} -> {found.mirrored_accuracy:.3f}: {mirror}.")
-
-
-def standing(config: FinetuneConfig, found: Adaptation) -> list[str]:
-    """The options the user set that stand against what the checks found (before `apply`)."""
-    stands = []
-    if found.deep and config.unfreeze_blocks is not None:
-        stands.append(f"--unfreeze-blocks {config.unfreeze_blocks}")
-    elif found.deep and config.finetune_lr is not None:
-        stands.append(f"--finetune-lr {config.finetune_lr:g}")
-    if found.mirror_changes_labels and config.augment.horizontal_flip:
-        stands.append("--horizontal-flip")
-    return stands
-
-
-def apply(config: FinetuneConfig, found: Adaptation, blocks: int) -> FinetuneConfig:
-    """`config` with the decisions applied (the base has `blocks` blocks). What the user set
-    stands: --unfreeze-blocks, --[no-]horizontal-flip, and --finetune-lr with its warm-up."""
-    augment = config.augment
-    if augment.horizontal_flip is None:  # not set by the user: the check decides
-        augment = dataclasses.replace(augment, horizontal_flip=not found.mirror_changes_labels)
-    config = dataclasses.replace(config, augment=augment)
-    if not found.deep or config.unfreeze_blocks is not None:
-        return config
-    if config.finetune_lr is not None:
-        return dataclasses.replace(config, unfreeze_blocks=blocks)
-    schedule = config.finetune_schedule
-    return dataclasses.replace(
-        config, unfreeze_blocks=blocks, finetune_lr=DEEP_LR_SCALE * config.resolved_finetune_lr,
-        finetune_schedule=dataclasses.replace(
-            schedule, warmup_epochs=max(schedule.warmup_epochs, DEEP_WARMUP_EPOCHS)))

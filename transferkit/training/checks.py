@@ -12,7 +12,13 @@ import numpy as np
 
 from transferkit.augment import build_augmentation
 from transferkit.bases import get_base, resolve_image_size
-from transferkit.config import FinetuneConfig, OptimizerConfig, PreviewConfig
+from transferkit.config import (
+    AUTO_BASE,
+    DEFAULT_BASE,
+    FinetuneConfig,
+    OptimizerConfig,
+    PreviewConfig,
+)
 from transferkit.data.folders import load_splits
 from transferkit.data.pipeline import build_dataset
 from transferkit.features import predict_features
@@ -20,7 +26,7 @@ from transferkit.files import check_new_output, save_figure
 from transferkit.model import build_head
 from transferkit.plots import plot_augmentation
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs import LRFind
+from transferkit.runs.records import LRFind
 from transferkit.training.prepare import Prepared, prepare
 from transferkit.training.stages import compile_model
 
@@ -60,7 +66,8 @@ def fit_tiny_subset(features: np.ndarray, labels: np.ndarray, num_classes: int,
 def overfit_check(config: FinetuneConfig, reporter: Reporter | None = None) -> OverfitResult:
     """`finetune --overfit-check`: can the head memorise two batches of training images?"""
     reporter = reporter or NullReporter()
-    prepared = prepare(dataclasses.replace(config, output=None), reporter)
+    base = DEFAULT_BASE if config.base == AUTO_BASE else config.base  # the pipeline's check
+    prepared = prepare(dataclasses.replace(config, output=None), get_base(base), reporter)
     train = prepared.splits.train
     n = min(len(train), OVERFIT_BATCHES * config.data.batch_size)
     chosen = np.sort(np.random.default_rng(config.data.seed).permutation(len(train))[:n])

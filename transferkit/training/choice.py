@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from transferkit.runs import Choice, Comparison
+from transferkit.runs.records import Choice, Comparison
 from transferkit.stats import paired_margin
 
 

@@ -10,14 +10,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.bases import BaseSpec, build_base, get_base, resolve_image_size
+from transferkit.bases import BaseSpec, build_base, resolve_image_size
 from transferkit.config import FinetuneConfig
 from transferkit.data.folders import DataSplits, load_splits
 from transferkit.devices import build_strategy, precision_policy
 from transferkit.errors import MissingPackageError
 from transferkit.model import build_classifier, build_feature_extractor, build_head
 from transferkit.reporting import Reporter
-from transferkit.runs import DataSummary, SkippedRecord, check_run_output
+from transferkit.runs.directory import check_run_output
+from transferkit.runs.records import DataSummary, SkippedRecord
 
 
 def data_summary(splits: DataSplits) -> DataSummary:
@@ -62,11 +63,11 @@ class Prepared:
     precision: str  # resolved: float32 | mixed
 
 
-def prepare(config: FinetuneConfig, reporter: Reporter,
+def prepare(config: FinetuneConfig, spec: BaseSpec, reporter: Reporter,
             splits: DataSplits | None = None) -> Prepared:
-    """Checks the options, reads the data (unless given its `splits`) and builds the
-    classifier (seeded) under the precision policy and inside the distribution strategy."""
-    spec = get_base(config.base)
+    """Checks the options against base `spec`, reads the data (unless given its `splits`)
+    and builds the classifier (seeded) under the precision policy and inside the
+    distribution strategy."""
     image_size = resolve_image_size(spec, config.data.image_size)
     if config.finetune_epochs:
         spec.check_block_count(config.unfreeze_blocks, "--unfreeze-blocks")

@@ -11,11 +11,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.callbacks import EpochReporter, StopOnNonFinite
+from transferkit.callbacks import EpochReporter, StopOnNonFinite, best_row
 from transferkit.config import OptimizerConfig, ScheduleConfig
 from transferkit.freezing import count_params
 from transferkit.reporting import Reporter, StageInfo
-from transferkit.runs import StageResult
+from transferkit.runs.records import StageResult
 
 
 def _step(base_lr: float, t: int, span: int, rate: float, every: int | None) -> float:
@@ -72,29 +72,6 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, 
         return None
     weights = counts.sum() / (num_classes * np.maximum(counts, 1))
     return {i: float(w) for i, w in enumerate(weights)}
-
-
-def improves(monitor: str, row: dict[str, Any], best: dict[str, Any] | None) -> bool:
-    """Whether an epoch's metrics beat `best` on `monitor`. Validation accuracy on small sets
-    ties often, so a tie goes to the lower validation loss."""
-    if monitor not in row:
-        return False
-    if best is None:
-        return True
-    if monitor.endswith("loss"):
-        return row[monitor] < best[monitor]
-    if row[monitor] != best[monitor]:
-        return row[monitor] > best[monitor]
-    return row.get("val_loss", float("inf")) < best.get("val_loss", float("inf"))
-
-
-def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
-    """The epoch row that is best on `monitor` (the earliest of equals)."""
-    best = None
-    for row in rows:
-        if improves(monitor, row, best):
-            best = row
-    return best
 
 
 @dataclass(frozen=True)

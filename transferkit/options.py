@@ -1,0 +1,276 @@
+"""Command-line options generated from the config dataclasses (config.py), so a setting is
+declared once: its field gives the option's name, type, default, help, choices and panel,
+and its `__post_init__` the bounds. `--config FILE.toml` loads the same settings for any
+command; options given on the command line win over the file, the file over the defaults.
+
+Typer builds options from a function's signature; `configured` writes that signature from
+the fields. Only cli.py uses this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from transferkit.config import AUTO_BASE, OUTPUT, from_dict
+from transferkit.errors import ConfigError
+
+_FILE_SETTINGS = "transferkit.config_file"  # click context meta key
+
+
+def _choice_table(name: str) -> tuple[str, ...]:
+    """Choices that live in a table outside config.py (config imports no other module)."""
+    from transferkit.bases import BASES
+
+    tables = {"bases": tuple(BASES), "bases+auto": (AUTO_BASE, *BASES)}
+    return tables[name]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One option: where its value goes in the config tree (one path, or several for a
+    shared option such as --overwrite), and how it is declared."""
+
+    param: str  # Python name, also the key in a --config file
+    paths: tuple[tuple[str, ...], ...]
+    hint: Any
+    default: Any  # dataclasses.MISSING: required
+    meta: Mapping[str, Any]
+    panel: str | None
+    optional_group: tuple[str, ...] | None  # the `enabled_by` group it belongs to
+    enables: bool = False  # it is that group's `enabled_by` option
+
+    @property
+    def flag(self) -> str:
+        if self.meta.get("flag"):
+            return self.meta["flag"]
+        dashed = self.param.replace("_", "-")
+        return f"--{dashed}/--no-{dashed}" if _unwrap(self.hint) is bool else f"--{dashed}"
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+
+def _unwrap(hint: Any) -> Any:
+    """`X` for `X | None`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _walk(cls: type, path: tuple[str, ...], prefix: str, panel: str | None, defaults: Any,
+          optional: tuple[str, ...] | None, group_name: str,
+          enabled_by: str | None = None) -> Iterator[Leaf]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("group"):
+            inner = _unwrap(hints[f.name])
+            instance = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                        else None)
+            yield from _walk(inner, (*path, f.name), prefix + meta["prefix"],
+                             meta["panel"] or panel, instance,
+                             (*path, f.name) if meta["enabled_by"] else optional,
+                             prefix + f.name, meta["enabled_by"])
+        elif "help" in meta:
+            param = (group_name if meta.get("named_by_group") else
+                     meta["flag"].split("/")[0].removeprefix("--").replace("-", "_")
+                     if meta.get("flag") else prefix + f.name)
+            default = getattr(defaults, f.name) if defaults is not None else f.default
+            yield Leaf(param, ((*path, f.name),), hints[f.name], default, meta,
+                       meta["panel"] or panel, optional, f.name == enabled_by)
+
+
+def leaves(cls: type) -> list[Leaf]:
+    """Every option of config `cls`, nested configs flattened; options of the same name
+    (an --overwrite in two configs) become one that sets both."""
+    merged: dict[str, Leaf] = {}
+    for leaf in _walk(cls, (), "", None, None, None, ""):
+        if leaf.param in merged:
+            first = merged[leaf.param]
+            leaf = dataclasses.replace(first, paths=first.paths + leaf.paths)
+        merged[leaf.param] = leaf
+    return list(merged.values())
+
+
+def _declare(leaf: Leaf, optional: bool) -> inspect.Parameter:
+    meta = leaf.meta
+    hint = leaf.hint
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[-1] is Ellipsis:
+        hint = list[typing.get_args(hint)[0]]  # a variadic argument
+    choices = meta.get("choices")
+    if isinstance(choices, str):
+        choices = _choice_table(choices)
+    extra: dict[str, Any] = {"help": meta["help"], "show_default": leaf.default not in (
+        None, dataclasses.MISSING)}
+    if choices:  # a str Enum, which Typer lists in --help and checks
+        hint = Enum(leaf.param, {c.replace("-", "_"): c for c in choices}, type=str)
+        hint = hint | None if leaf.default is None else hint
+    if meta.get("metavar"):
+        extra["metavar"] = meta["metavar"]
+    # a required setting is a required argument or option, unless the command may go
+    # without it, or its group is optional (then its absence turns the group off)
+    default = None if optional or leaf.enables else leaf.default
+    if meta.get("argument"):
+        declared = typer.Argument(**extra)
+    else:
+        names = [leaf.flag, *([meta["short"]] if meta.get("short") else [])]
+        declared = typer.Option(*names, rich_help_panel=leaf.panel, **extra)
+    return inspect.Parameter(
+        leaf.param, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[hint, declared],
+        default=inspect.Parameter.empty if default is dataclasses.MISSING else default)
+
+
+def _read_config_file(ctx: typer.Context, param: typer.CallbackParam,
+                      path: Path | None) -> None:
+    """--config FILE.toml: read now (eagerly), applied when the command builds its config."""
+    if path is None:
+        return
+    try:
+        ctx.meta[_FILE_SETTINGS] = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise typer.BadParameter(f"cannot read '{path}': {exc}") from exc
+
+
+CONFIG_OPTION = inspect.Parameter(
+    "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
+    annotation=Annotated[Path | None, typer.Option(
+        "--config", help="TOML file of settings: option names as keys (learning_rate = 3e-4), "
+                         "or tables as in run.json's config (an optimizer table with "
+                         "name = 'sgd'). Options on the command line override it.",
+        callback=_read_config_file, is_eager=True, exists=True, dir_okay=False,
+        rich_help_panel=OUTPUT, show_default=False)])
+
+
+def _file_values(settings: Mapping[str, Any], known: list[Leaf]) -> dict[str, Any]:
+    """A --config file's settings as {option: value}; keys are option names or dotted
+    config paths (nested tables), with - or _."""
+    by_path = {".".join(p): leaf.param for leaf in known for p in leaf.paths}
+    by_param = {leaf.param for leaf in known}
+
+    def flatten(table: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
+        for key, value in table.items():
+            name = prefix + key.replace("-", "_")
+            if isinstance(value, Mapping) and name not in by_path and name not in by_param:
+                yield from flatten(value, name + ".")
+            else:
+                yield name, value
+
+    values, unknown = {}, []
+    for name, value in flatten(settings, ""):
+        param = by_path.get(name) or (name if name in by_param else None)
+        if param is None:
+            unknown.append(name)
+        else:
+            values[param] = value
+    if unknown:
+        raise ConfigError(f"The --config file has unknown setting(s) {', '.join(unknown)}; "
+                          f"valid ones are this command's options: "
+                          f"{', '.join(sorted(by_param))}.")
+    return values
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a command was given: every option's value (command line over --config file over
+    default), and which of them the user set."""
+
+    cls: type
+    known: tuple[Leaf, ...]
+    values: Mapping[str, Any]
+    given: frozenset[str]
+
+    def build(self, **overrides: Any) -> Any:
+        """The config, validated.
+
+        Raises:
+            ConfigError: a missing or invalid value (a usage error).
+        """
+        values = {**self.values, **overrides}
+        enablers = {leaf.optional_group: leaf for leaf in self.known if leaf.enables}
+        off = {group for group, leaf in enablers.items() if values[leaf.param] is None}
+        tree: dict[str, Any] = {}
+        for leaf in self.known:
+            value = values[leaf.param]
+            if leaf.optional_group in off:
+                if leaf.param in self.given:
+                    raise ConfigError(
+                        f"{leaf.flag.split('/')[0]} applies only with "
+                        f"{enablers[leaf.optional_group].flag}; got it without.")
+                continue
+            if value is None and leaf.required and _unwrap(leaf.hint) is leaf.hint:
+                what = leaf.meta.get("metavar") or leaf.flag.split("/")[0]
+                raise ConfigError(f"Missing {what}: {leaf.meta['help']}")
+            for path in leaf.paths:
+                if not any(path[:len(group)] == group for group in off):
+                    _put(tree, path, value)
+        return from_dict(self.cls, tree)
+
+
+def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = list(value) if isinstance(value, tuple) else value
+
+
+def configured(cls: type, optional: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Declares every option of config `cls` (and --config) on a command, and hands it their
+    values as `settings: Settings`. `optional` names options the command may go without
+    (finetune's DATA and -o with --resume)."""
+    known = tuple(leaves(cls))
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+
+        @functools.wraps(command)
+        def wrapper(ctx: typer.Context, **kwargs: Any) -> Any:
+            from transferkit.console import print_error
+
+            try:
+                from_file = _file_values(ctx.meta.get(_FILE_SETTINGS, {}), list(known))
+            except ConfigError as exc:
+                print_error(str(exc))
+                raise typer.Exit(2) from None
+            kwargs.pop("config_file")
+            values = {leaf.param: _plain(kwargs.pop(leaf.param)) for leaf in known}
+            typed = {p for p in values if getattr(ctx.get_parameter_source(p), "name",
+                                                  "DEFAULT") != "DEFAULT"}
+            values = {**values, **from_file, **{p: values[p] for p in typed}}
+            settings = Settings(cls, known, values, frozenset(typed | set(from_file)))
+            return command(**kwargs, settings=settings)
+
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in signature.parameters.values() if p.name != "settings"]
+        generated = [_declare(leaf, leaf.param in optional) for leaf in known]
+        arguments = [p for p in generated if _is_argument(p)]
+        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[CONTEXT, *arguments, *own, CONFIG_OPTION,
+                        *(p for p in generated if not _is_argument(p))])
+        return wrapper
+
+    return decorate
+
+
+CONTEXT = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+
+
+def _plain(value: Any) -> Any:
+    """A choice's str value instead of its Enum member."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def _is_argument(parameter: inspect.Parameter) -> bool:
+    return any(isinstance(m, typer.models.ArgumentInfo)
+               for m in getattr(parameter.annotation, "__metadata__", ()))

@@ -1,0 +1,262 @@
+"""The epoch loop of a finetune: the stages of its Plan in order, each stopped early on its
+monitored metric and ended on its best epoch, every epoch checkpointed; and resuming a run
+from its last checkpoint in the right stage, with the right frozen layers, optimizer state,
+learning rate and epoch.
+
+`Training` is the state a run carries through the recipe (as fastai's Learner does): the
+settings as given, the record (with its Plan), the data, the model and the history.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from transferkit.augment import build_augmentation
+from transferkit.bases import BaseSpec, get_base
+from transferkit.callbacks import StageMonitor, StopOnSignal, StopRequested
+from transferkit.config import FinetuneConfig
+from transferkit.data.folders import DataSplits
+from transferkit.data.pipeline import build_dataset
+from transferkit.devices import build_strategy
+from transferkit.errors import ArtifactError, RunInterrupted, TrainingDiverged
+from transferkit.features import FeatureExtractor
+from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
+from transferkit.reporting import Reporter
+from transferkit.runs.checkpoints import (
+    load_checkpoint,
+    load_head_state,
+    restore_best,
+    save_checkpoint,
+)
+from transferkit.runs.directory import (
+    TENSORBOARD_DIR,
+    load_run_splits,
+    read_record,
+    save_record,
+)
+from transferkit.runs.records import (
+    COMPLETE,
+    FAILED,
+    INTERRUPTED,
+    Plan,
+    RunRecord,
+    StageResult,
+    Stopped,
+)
+from transferkit.training.plan import HEAD, plan_stages
+from transferkit.training.prepare import report_data
+from transferkit.training.stages import StagePlan, compile_model, run_stage, stage_result
+
+
+@dataclass
+class Training:
+    """A finetune run in progress."""
+
+    config: FinetuneConfig  # as given
+    run_dir: Path
+    record: RunRecord  # as last saved; its plan once the data checks ran
+    spec: BaseSpec
+    splits: DataSplits
+    model: keras.Model  # the classifier: features (preprocessing, base, pooling) and head
+    base: keras.Model
+    strategy: Any  # the tf.distribute.Strategy the model lives in
+    reporter: Reporter
+    class_weights: dict[str, float] | None = None  # balanced, by class name
+    started: float = 0.0  # time.perf_counter() when the run started
+    history: list[dict[str, Any]] = field(default_factory=list)
+    done: int = 0  # epochs completed, counted across stages
+    resumed_stage: str | None = None
+    resumed_best: list[np.ndarray] | None = None  # a resumed head-only stage's best weights
+
+    @property
+    def plan(self) -> Plan:
+        if self.record.plan is None:
+            raise ArtifactError(f"'{self.run_dir}/run.json' has no plan: the run stopped "
+                                f"before its stages began. Start it again with --overwrite.")
+        return self.record.plan
+
+    @property
+    def batch(self) -> int:
+        """Images per step: --batch-size is per replica."""
+        return self.config.data.batch_size * self.strategy.num_replicas_in_sync
+
+    def save(self, **changes: Any) -> None:
+        """Writes run.json with `changes`."""
+        self.record = save_record(self.run_dir, self.record.replace(**changes))
+
+    def frozen_features(self, reporter: Reporter | None = None
+                        ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """Training and validation features of the frozen base, for the probe and for a head
+        stage without augmentation: the frozen base gives every image the same features each
+        epoch, so they are computed once (or taken from the feature cache)."""
+        reporter = reporter or self.reporter
+        config = self.config
+        features = FeatureExtractor.of_base(
+            lambda: self.model.get_layer("features"), self.spec, config.weights,
+            config.data.seed, self.record.image_size, self.record.compute.precision,
+            config.data.batch_size, reporter, config.cache)
+        train, val = features.features([self.splits.train, self.splits.val],
+                                       "training and validation")
+        features.save()
+        reporter.info(f"Frozen-base features: {features.computed} images computed, "
+                      f"{features.reused} from the cache.")
+        return (train, self.splits.train.labels), (val, self.splits.val.labels)
+
+
+def resume(run_dir: Path, reporter: Reporter) -> Training:
+    """The Training of an interrupted run, from its last checkpoint.
+
+    Raises:
+        ArtifactError: `run_dir` is not an unfinished finetune run, or has no checkpoint.
+    """
+    record = read_record(run_dir, finished=False)
+    if record.status == FAILED:
+        raise ArtifactError(f"'{run_dir}' holds a failed run, which would fail again the same "
+                            f"way: {record.failure}")
+    if record.command != "finetune" or record.status == COMPLETE:
+        raise ArtifactError(f"'{run_dir}' is not an unfinished finetune run (status "
+                            f"{record.status!r}); there is nothing to resume.")
+    config = record.config
+    assert isinstance(config, FinetuneConfig)  # the record's command says so
+    spec = get_base(record.base)
+    if record.plan is None:
+        raise ArtifactError(f"'{run_dir}' stopped before its stages began; there is no "
+                            f"checkpoint to resume. Start it again with --overwrite.")
+    strategy = build_strategy(config.compute.strategy)
+    with strategy.scope():  # layers keep the dtype policies they were saved with
+        model, state = load_checkpoint(run_dir, [s.name for s in plan_stages(
+            config, record.plan, spec)])
+    splits = load_run_splits(run_dir, record, reporter)
+    report_data(splits, reporter)
+    reporter.info(f"Resuming stage '{state['stage']}' after epoch {state['epoch']}.")
+    keras.utils.set_random_seed(config.data.seed + int(state["epoch"]))
+    base = model.get_layer("features").get_layer(record.base_layer)
+    training = Training(config, run_dir, record, spec, splits, model, base, strategy, reporter,
+                        record.plan.class_weights, history=list(state["history"]),
+                        done=int(state["epoch"]), resumed_stage=state["stage"])
+    if state.get("head_only"):
+        training.resumed_best = _restore_head_state(model, run_dir)
+    return training
+
+
+def _restore_head_state(model: keras.Model, run_dir: Path) -> list[np.ndarray] | None:
+    """Puts a head-only checkpoint's weights and optimizer state into the classifier saved
+    when its stage started; returns the stage's best head weights so far."""
+    head = model.get_layer("head")
+    last, best, optimizer = load_head_state(run_dir)
+    model.optimizer.build(head.trainable_variables)
+    try:
+        head.set_weights(last)
+        for variable, value in zip(model.optimizer.variables, optimizer, strict=True):
+            variable.assign(value)
+    except ValueError as exc:
+        raise ArtifactError(f"The head checkpoint in '{run_dir}' does not fit its model "
+                            f"({exc}). Start the run again with --overwrite.") from exc
+    return best
+
+
+def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
+    """Runs the Plan's stages not finished yet (inside the strategy's scope); each ends on
+    its best epoch."""
+    t = training
+    results = []
+    for stage in plan_stages(t.config, t.plan, t.spec):
+        if t.done >= stage.last_epoch:  # finished before an interruption
+            results.append(stage_result(stage, t.history, t.config.monitor,
+                                        t.record.trainable_params[stage.name]))
+            continue
+        result = _train_stage(t, stage, stop)
+        restore_best(t.model, t.run_dir, stage.name)  # the stage ends on its best epoch
+        if result.stopped_early:
+            t.reporter.info(f"Stage '{stage.name}' stopped early: no {t.config.monitor} "
+                            f"improvement for {t.config.patience} epochs.")
+        t.reporter.info(f"Stage '{stage.name}' keeps its best epoch, {result.best_epoch} "
+                        f"({t.config.monitor} {result.metrics[t.config.monitor]:.4f}).")
+        results.append(result)
+        t.done = stage.last_epoch
+    return results
+
+
+def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal) -> StageResult:
+    """One stage: freeze or unfreeze, compile, fit with the callbacks; checkpointed each
+    epoch. A signal leaves it as an interrupted run, a diverged loss as a failed one."""
+    config, plan = t.config, t.plan
+    resuming = t.resumed_stage == stage.name and t.done > stage.first_epoch
+    if not resuming:
+        if stage.name == HEAD:
+            freeze_base(t.base)
+        else:
+            unfreeze_top_blocks(t.base, t.spec, plan.unfreeze_blocks, config.train_batchnorm)
+        t.save(trainable_params={**t.record.trainable_params,
+                                 stage.name: count_params(t.model).trainable})
+    fitted, train, val, batch_size = _stage_inputs(t, stage, resuming)
+    monitor = StageMonitor(t.run_dir, stage.name, config.monitor, config.patience, t.model,
+                           t.history, best=t.resumed_best if resuming else None)
+    extra = [keras.callbacks.TensorBoard(log_dir=str(t.run_dir / TENSORBOARD_DIR))
+             ] if config.tensorboard else []
+    weights = None if plan.class_weights is None else {
+        t.splits.class_names.index(c): w for c, w in plan.class_weights.items()}
+    try:
+        trainable = run_stage(
+            fitted, stage, train, val, t.reporter, math.ceil(len(t.splits.train) / t.batch),
+            t.history, optimizer=None if resuming or fitted is not t.model else config.optimizer,
+            first_epoch=t.done if resuming else None, class_weight=weights,
+            batch_size=batch_size, jit=config.compute.jit,
+            callbacks=[monitor, stop.callback(), *extra])
+    except StopRequested as stopped:  # every completed epoch is checkpointed already
+        raise interrupted(t, stopped.signum) from None
+    except TrainingDiverged as diverged:
+        t.save(status=FAILED, failure=str(diverged))
+        raise
+    monitor.finish()
+    return stage_result(stage, t.history, config.monitor, trainable)
+
+
+def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
+                  ) -> tuple[keras.Model, Any, Any, int | None]:
+    """The model a stage fits and its training and validation data: the classifier on
+    (augmented) image datasets, or, for a head stage without augmentation, the head alone on
+    cached frozen-base features (then with the batch size to use)."""
+    config, plan = t.config, t.plan
+    if stage.name != HEAD or plan.augment.enabled:
+        train = build_dataset(t.splits.train.sources, t.splits.train.labels,
+                              t.record.image_size, t.batch, shuffle_seed=config.data.seed + t.done,
+                              augment=build_augmentation(plan.augment, config.data.seed))
+        val = build_dataset(t.splits.val.sources, t.splits.val.labels, t.record.image_size,
+                            t.batch)
+        return t.model, train, val, None
+    train, val = t.frozen_features()
+    t.reporter.info("Stage 'head' trains on the frozen-base features (no augmentation).")
+    if not resuming:  # checkpoints save the classifier, optimizer state included
+        compile_model(t.model, config.optimizer, stage.learning_rate, config.compute.jit)
+        save_checkpoint(t.run_dir, t.model)  # the frozen base, once per stage
+    # A stand-alone model over the head's layers trains with the classifier's optimizer (in
+    # the head stage their trainable variables are the same), so checkpoints of the
+    # classifier carry its state. Compiling the nested head itself would make Keras save that
+    # optimizer under the head, where loading misses it.
+    head = t.model.get_layer("head")
+    fitted = keras.Model(head.inputs, head.outputs)
+    compile_model(fitted, t.model.optimizer, stage.learning_rate, config.compute.jit)
+    return fitted, train, val, t.batch
+
+
+def interrupted(t: Training, signum: int) -> RunInterrupted:
+    """Records where training stopped and says how to continue."""
+    name = signal.Signals(signum).name
+    if not t.history:
+        t.save(status=INTERRUPTED)
+        return RunInterrupted(f"Stopped by {name} before the first epoch ended; there is no "
+                              f"checkpoint to resume. Start again with --overwrite.", signum)
+    where = Stopped(stage=t.history[-1]["stage"], epoch=t.history[-1]["epoch"], signal=name)
+    t.save(status=INTERRUPTED, stopped=where)
+    return RunInterrupted(
+        f"Stopped by {name}. '{t.run_dir}' keeps its checkpoint from epoch {where.epoch} "
+        f"(stage {where.stage}). Continue with: transferkit finetune --resume {t.run_dir}",
+        signum)

@@ -1,0 +1,327 @@
+"""`finetune`, the staged recipe (LP-FT): a linear probe on frozen features first (the first
+usable model, and the bar to beat), data checks that decide how deep to tune and whether
+flips keep labels, then the head and the top blocks at a lower rate; the simplest candidate
+is kept unless another wins by more than noise, calibrated, and scored once on DATA/test.
+
+The epoch loop and resuming live in loop.py, the decisions in plan.py, every callback in
+callbacks.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from transferkit.bases import get_base
+from transferkit.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    fold_temperature,
+    log_loss,
+    scale,
+)
+from transferkit.callbacks import StopOnSignal
+from transferkit.config import AUTO_BASE, FinetuneConfig
+from transferkit.data.folders import DataSplits
+from transferkit.data.pipeline import build_dataset
+from transferkit.errors import ArtifactError, TrainingDiverged
+from transferkit.files import save_figure
+from transferkit.inference import predict_batches
+from transferkit.metrics import classification_metrics
+from transferkit.model import PREDICTIONS, build_classifier, build_head
+from transferkit.plots import plot_curves, plot_lr_find
+from transferkit.reporting import NullReporter, Reporter
+from transferkit.run_report import Evaluated, write_run_report
+from transferkit.runs.checkpoints import best_checkpoint, restore_best, save_best
+from transferkit.runs.directory import (
+    CURVES_FILE,
+    LR_FIND_FILE,
+    REPORT_FILE,
+    clear_run,
+    run_lock,
+    save_record,
+    save_run,
+    save_splits,
+)
+from transferkit.runs.records import (
+    FAILED,
+    RUNNING,
+    Calibration,
+    Choice,
+    Compute,
+    ProbeRecord,
+    RunRecord,
+    Score,
+    StageResult,
+)
+from transferkit.training.adaptation import assess
+from transferkit.training.checks import lr_find
+from transferkit.training.choice import choose
+from transferkit.training.choice import describe as describe_choice
+from transferkit.training.loop import Training, resume, train_stages
+from transferkit.training.plan import PROBE, build_plan
+from transferkit.training.prepare import data_summary, prepare
+from transferkit.training.probe import fit_probe
+from transferkit.training.stages import class_weights
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    run_dir: Path
+    class_names: tuple[str, ...]
+    stages: tuple[StageResult, ...]
+    kept_stage: str  # whose weights the saved model has
+    history: tuple[dict[str, Any], ...]
+    scores: tuple[Score, ...]  # of the kept model: val, and test when DATA has one
+    choice: Choice
+    calibration: Calibration
+    test_probabilities: np.ndarray | None  # the kept model's, calibrated, on DATA/test
+
+
+def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
+             splits: DataSplits | None = None) -> FinetuneResult:
+    """Trains a classifier on `config.data` (split as `splits` when given: cv's folds) and
+    writes the run directory.
+
+    Raises:
+        TransferkitError: bad data, options, weights, or an existing output (all checked
+            before anything is written); RunInterrupted when stopped by a signal.
+    """
+    reporter = reporter or NullReporter()
+    if config.output is None:
+        raise ArtifactError("finetune needs a run directory: pass -o RUN.")
+    with run_lock(config.output):
+        training = _start(config, reporter, splits)  # data, model, lr-find; run.json
+        x_train = _probe(training)  # the first candidate model, and the bar to beat
+        _decide(training, x_train)  # data checks -> the Plan, recorded once
+        return _train_and_keep(training)  # stages, choice, calibration, scores, report
+
+
+def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> FinetuneResult:
+    """Continues an interrupted `finetune` from its last completed epoch.
+
+    Raises:
+        ArtifactError: `run_dir` is not an unfinished run, or has no checkpoint yet.
+    """
+    from transferkit.runs.directory import read_record
+
+    reporter = reporter or NullReporter()
+    read_record(run_dir, finished=False)  # a missing folder is an error, not a folder to make
+    with run_lock(run_dir):
+        return _train_and_keep(resume(run_dir, reporter))
+
+
+def _start(config: FinetuneConfig, reporter: Reporter, splits: DataSplits | None) -> Training:
+    """Reads the data, builds the model (the best-ranked base for --base auto), runs the
+    learning-rate range test when asked, and writes run.json as running."""
+    assert config.output is not None  # finetune checked it
+    started = time.perf_counter()
+    base = config.base
+    if base == AUTO_BASE:
+        from transferkit.ranking import rank_bases
+
+        ranks = rank_bases(config.data, reporter, config.cache)
+        base = ranks[0].base
+        reporter.info("Bases ranked on the data: " + ", ".join(
+            f"{r.base} {r.accuracy:.3f}" for r in ranks) + f"; fine-tuning {base}.")
+    prepared = prepare(config, get_base(base), reporter, splits)
+    found = lr_find(config, prepared, reporter) if config.lr_find else None
+    record = RunRecord(
+        command="finetune", config=config, base=prepared.spec.name,
+        base_layer=prepared.base.name, preprocessing=prepared.spec.preprocessing,
+        class_names=prepared.splits.class_names, image_size=prepared.image_size,
+        compute=Compute(precision=prepared.precision, jit=config.compute.jit,
+                        strategy=type(prepared.strategy).__name__,
+                        replicas=prepared.strategy.num_replicas_in_sync),
+        data=data_summary(prepared.splits), lr_find=found, status=RUNNING)
+    if config.overwrite:
+        clear_run(config.output)
+    save_splits(config.output, prepared.splits.rows())
+    if found is not None:
+        save_figure(config.output / LR_FIND_FILE, plot_lr_find(found))
+    return Training(config, config.output, save_record(config.output, record), prepared.spec,
+                    prepared.splits, prepared.model, prepared.base, prepared.strategy,
+                    reporter, _class_weights(config, prepared.splits, reporter), started)
+
+
+def _probe(t: Training) -> np.ndarray:
+    """Fits the linear probe on frozen features of train, says its val score (the bar to
+    beat) and saves it as the first candidate model, the first usable one. A linear head
+    starts from its weights (LP-FT); a head with a hidden layer gets a probe model of its
+    own. Returns the training features."""
+    (x_train, y_train), (x_val, y_val) = t.frozen_features()
+    broken = int((~np.isfinite(x_train)).any(axis=1).sum() + (~np.isfinite(x_val)).any(
+        axis=1).sum())
+    if broken:
+        failure = (f"The frozen {t.spec.name} base gives non-finite features (NaN or inf) for "
+                   f"{broken} of {len(x_train) + len(x_val)} images, so nothing can be "
+                   f"trained on them: its weights ('{t.config.weights}') are damaged, or were "
+                   f"saved from a model whose training diverged. Use other weights (e.g. "
+                   f"--weights imagenet).")
+        t.save(status=FAILED, failure=failure)
+        raise TrainingDiverged(failure)
+    probe = fit_probe(x_train, y_train, len(t.splits.class_names),
+                      balanced=t.class_weights is not None, seed=t.config.data.seed)
+    correct = int((probe.probabilities(x_val).argmax(axis=1) == y_val).sum())
+    how = (f"C={probe.c:g} by {probe.folds}-fold cross-validation on train" if probe.folds
+           else f"C={probe.c:g}: a class has one training image, too few to cross-validate")
+    t.reporter.info(f"Linear probe ({how}; {probe.seconds:.1f} s): "
+                    f"{Score.of('val', correct, len(y_val), chose=False).describe()}. "
+                    f"The kept model must beat it by more than noise.")
+    with t.strategy.scope():
+        candidate = t.model
+        if t.config.dense_units:
+            candidate = build_classifier(t.model.get_layer("features"), build_head(
+                x_train.shape[1], len(t.splits.class_names)))
+        candidate.get_layer("head").get_layer(PREDICTIONS).set_weights(
+            [probe.kernel, probe.bias])
+    save_best(t.run_dir, candidate, PROBE)
+    ready = time.perf_counter() - t.started
+    t.reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
+    t.save(probe=ProbeRecord(c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
+                             ready_after=round(ready, 3)))
+    return x_train
+
+
+def _class_weights(config: FinetuneConfig, splits: DataSplits,
+                   reporter: Reporter) -> dict[str, float] | None:
+    """Balanced class weights by name when --class-weight asks or the classes differ."""
+    names = splits.class_names
+    weights = class_weights(splits.train.labels, len(names), config.class_weight)
+    if weights is None:
+        return None
+    by_name = {names[i]: w for i, w in weights.items()}
+    reporter.info("Classes are imbalanced; balanced class weights: " + ", ".join(
+        f"{c} {w:.2f}" for c, w in by_name.items()))
+    return by_name
+
+
+def _decide(t: Training, x_train: np.ndarray) -> None:
+    """Runs the data checks (when a stage needs them), resolves the Plan and records it: the
+    one place what transferkit decides is written."""
+    config, found = t.config, None
+    # the checks decide the fine-tuning depth and the flips of any stage that augments; a
+    # run of the probe alone needs neither
+    if config.adapt and (config.finetune_epochs or (config.epochs and config.augment.enabled)):
+        train = t.splits.train
+        found = assess(train.sources, train.labels, x_train, t.record.probe.c,
+                       balanced=t.class_weights is not None, seed=config.data.seed)
+        if found is None:
+            t.reporter.info("Too few training images per class to check the data; "
+                            "fine-tuning the top blocks with the augmentation as given.")
+    rate = None if t.record.lr_find is None else t.record.lr_find.suggestion
+    plan = build_plan(config, t.spec, rate, found, t.class_weights)
+    if found is not None:
+        t.reporter.info(f"Data checks: {found.describe()}" + (
+            f"\nGiven and kept over that: {', '.join(plan.stood)}." if plan.stood else ""))
+    t.save(adaptation=found, plan=plan)
+
+
+def _train_and_keep(t: Training) -> FinetuneResult:
+    """The stages, then the choice among the candidates, calibration and scores; writes the
+    run. A signal during the final save waits for it (about a second), so the run ends
+    complete instead of as a half-written model."""
+    with t.strategy.scope(), StopOnSignal(t.reporter) as stop:
+        results = train_stages(t, stop)
+        model, choice, val = _choose_model(t, results)
+        calibration, scores, test = _calibrate_and_score(t, model, choice, val)
+        final = next((r for r in results if r.name == choice.kept), None)
+        if t.history:
+            save_figure(t.run_dir / CURVES_FILE, plot_curves(
+                t.history, kept=None if final is None else (final.name, final.best_epoch)))
+        calibrated = scale(val, calibration.temperature)
+        metrics = {"val_accuracy": scores[0].accuracy,
+                   "val_loss": log_loss(calibrated, t.splits.val.labels)}
+        t.record = save_run(t.run_dir, model, t.record.replace(
+            stages=tuple(results), kept_stage=choice.kept, metrics=metrics, scores=scores,
+            choice=choice, calibration=calibration), t.history)
+    _report(t, model, calibrated, test)
+    t.reporter.info(f"Saved the run to '{t.run_dir}'.")
+    if stop.signum is not None:
+        t.reporter.warning(f"{signal.Signals(stop.signum).name} arrived while the run was "
+                           f"being saved; it was saved complete first.")
+    return FinetuneResult(t.run_dir, t.splits.class_names, tuple(results), choice.kept,
+                          tuple(t.history), scores, choice, calibration, test)
+
+
+def _candidate(t: Training, name: str) -> keras.Model:
+    """The candidate model `name` (the probe or a stage's best): its weights restored into
+    the classifier; or, for a head with a hidden layer the probe cannot fill, the probe's
+    own saved model."""
+    if name == PROBE and t.config.dense_units:
+        return keras.saving.load_model(best_checkpoint(t.run_dir, name), compile=False,
+                                       safe_mode=True)
+    restore_best(t.model, t.run_dir, name)
+    return t.model
+
+
+def _choose_model(t: Training, results: list[StageResult]
+                  ) -> tuple[keras.Model, Choice, np.ndarray]:
+    """Scores every candidate on val and keeps the simplest one that no later one beats by
+    more than noise (training.choice); returns it, the choice and its val probabilities."""
+    val = t.splits.val
+    ds = build_dataset(val.sources, None, t.record.image_size, t.batch)
+    probabilities = {name: predict_batches(_candidate(t, name), ds, len(val), t.batch,
+                                           t.reporter, f"Scoring the '{name}' model on val")
+                     for name in (PROBE, *(r.name for r in results))}
+    choice = choose({name: p.argmax(axis=1) == val.labels for name, p in probabilities.items()})
+    if choice.comparisons:
+        t.reporter.info(describe_choice(choice))
+    return _candidate(t, choice.kept), choice, probabilities[choice.kept]
+
+
+def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: np.ndarray
+                         ) -> tuple[Calibration, tuple[Score, ...], np.ndarray | None]:
+    """Fits a temperature on val and folds it into the kept model; scores it with intervals
+    on val (which chose it) and on DATA/test when there is one, which nothing was chosen or
+    fitted on. Calibration changes no answer, only how sure each one is."""
+    labels, test_split = t.splits.val.labels, t.splits.test
+    temperature = fit_temperature(val, labels)
+    fold_temperature(model.get_layer("head").get_layer(PREDICTIONS), temperature)
+    values: dict[str, Any] = {
+        "temperature": round(temperature, 4),
+        "val_ece_before": expected_calibration_error(val, labels),
+        "val_ece_after": expected_calibration_error(scale(val, temperature), labels)}
+    scores = [Score.of("val", choice.val_correct[choice.kept], len(labels), chose=True)]
+    test = None
+    if test_split is not None and len(test_split):
+        ds = build_dataset(test_split.sources, None, t.record.image_size, t.batch)
+        test = predict_batches(model, ds, len(test_split), t.batch, t.reporter,
+                               "Scoring the test split")
+        correct = int((test.argmax(axis=1) == test_split.labels).sum())
+        scores.append(Score.of("test", correct, len(test_split), chose=False))
+        values["test_ece_before"] = expected_calibration_error(scale(test, 1 / temperature),
+                                                               test_split.labels)
+        values["test_ece_after"] = expected_calibration_error(test, test_split.labels)
+    calibration = Calibration(**{k: round(v, 4) for k, v in values.items()})
+    t.reporter.info(f"Calibration: temperature {calibration.temperature:.2f}, expected "
+                    f"calibration error on val {calibration.val_ece_before:.3f} -> "
+                    f"{calibration.val_ece_after:.3f}"
+                    + ("" if calibration.test_ece_after is None else
+                       f", on test {calibration.test_ece_before:.3f} -> "
+                       f"{calibration.test_ece_after:.3f}") + ".")
+    return calibration, tuple(scores), test
+
+
+def _report(t: Training, model: keras.Model, val: np.ndarray, test: np.ndarray | None) -> None:
+    """RUN/report.html: the record, the kept model on val and test, and a map of the
+    frozen-base features (from the cache the probe filled; with --no-cache, no map)."""
+    names, size = t.splits.class_names, t.record.image_size
+    evaluated = [Evaluated("val (it chose the model)", t.splits.val, val, classification_metrics(
+        t.splits.val.labels, val, names, split="val", chose=True), model, size)]
+    if test is not None and t.splits.test is not None:
+        evaluated.append(Evaluated("test (held out)", t.splits.test, test,
+                                   classification_metrics(t.splits.test.labels, test, names,
+                                                          split="test"), model, size))
+    features = None
+    if t.config.cache:  # the probe's features, from the cache; never a second pass for a map
+        (x_train, _), (x_val, _) = t.frozen_features(NullReporter())
+        features = np.concatenate([x_train, x_val]), t.splits.train.join(t.splits.val)
+    write_run_report(t.run_dir, t.record, evaluated, features)
+    t.reporter.info(f"Wrote {t.run_dir / REPORT_FILE}.")
