@@ -107,3 +107,14 @@ def test_importing_the_cli_loads_no_tensorflow():
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_functions_stay_short_and_the_cli_thin():
+    """The longest function reads in one screen; cli.py is options -> config -> core."""
+    longest = max(
+        (node.end_lineno - node.lineno + 1, f"{path.name}:{node.name}")
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))
+    assert longest[0] < 60, longest
+    assert len((PACKAGE / "cli.py").read_text(encoding="utf-8").splitlines()) < 450

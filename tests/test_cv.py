@@ -13,7 +13,7 @@ from conftest import CLASSES
 from typer.testing import CliRunner
 
 from transferkit.cli import app
-from transferkit.config import CVConfig, DataConfig, FinetuneConfig
+from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ConfigError
 
 TINY = {"image_size": 32, "batch_size": 8}
@@ -46,13 +46,25 @@ def test_a_hidden_layer_needs_head_epochs_before_fine_tuning(image_folder):
 
 @pytest.fixture(scope="module")
 def cv_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transferkit.cv import cross_validate
+    """A 2-fold cv run from the command line, its recipe set by options and a --config file
+    of nested tables, as run.json writes them."""
+    work = tmp_path_factory.mktemp("cv")
+    settings = work / "recipe.toml"
+    settings.write_text('finetune_epochs = 1\nweights = "none"\n[data]\nimage_size = 32\n'
+                        'batch_size = 8\n[optimizer]\nname = "sgd"\nmomentum = 0.8\n')
+    result = CliRunner().invoke(app, ["cv", str(image_folder), "-o", str(work / "run"),
+                                      "--folds", "2", "--no-adapt", "--config", str(settings),
+                                      "--learning-rate", "3e-4", "--no-augment"])
+    assert result.exit_code == 0, result.output
+    return work / "run"
 
-    run_dir = tmp_path_factory.mktemp("cv") / "run"
-    cross_validate(CVConfig(folds=2, recipe=FinetuneConfig(adapt=False,
-        data=DataConfig(data_dir=image_folder, **TINY), output=run_dir, weights="none",
-        finetune_epochs=1)))
-    return run_dir
+
+def test_the_whole_recipe_reaches_every_fold(cv_run):
+    for k in (1, 2):
+        config = json.loads((cv_run / "folds" / f"fold-{k}" / "run.json").read_text())["config"]
+        assert config["learning_rate"] == 3e-4 and config["optimizer"]["name"] == "sgd"
+        assert config["optimizer"]["momentum"] == 0.8 and config["data"]["image_size"] == 32
+        assert config["augment"]["enabled"] is False and config["finetune_epochs"] == 1
 
 
 def test_every_image_gets_one_out_of_fold_prediction(cv_run, image_folder):

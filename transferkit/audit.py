@@ -249,84 +249,98 @@ def _write(config: AuditConfig, result: AuditResult, images: ImageSet, features:
         replace_path(folder, config.output)
 
 
-def _page(config: AuditConfig, result: AuditResult, images: ImageSet, features: np.ndarray,
-          split_of: np.ndarray) -> str:
+SHOWN = 40  # rows per section of the page; audit.json lists all
+
+
+def _more(n: int) -> str:
+    return f" The first {SHOWN} of {n} are shown; audit.json lists all." if n > SHOWN else ""
+
+
+def _issue_section(result: AuditResult, source: dict[str, str]) -> str:
+    rows = [[report.thumbnail(source[i.path]), f"<span class=\"path\">{report.esc(i.path)}"
+             f"</span>", report.esc(i.given), report.esc(i.suggested), f"{i.score:.3f}",
+             report.esc(i.split)] for i in result.label_issues[:SHOWN]]
+    return report.section(
+        "Likely label errors", report.table(
+            ["image", "path", "given", "suggested", "label quality", "split"], rows,
+            [False, False, False, False, True, False]) if rows else "<p>None found.</p>",
+        note="Out-of-fold probabilities of a cross-validated linear probe, through cleanlab's "
+             "confident learning; lowest label quality first." + _more(
+                 len(result.label_issues)))
+
+
+def _duplicate_section(config: AuditConfig, result: AuditResult,
+                       source: dict[str, str]) -> str:
+    rows = [[report.thumbnail(source[p.paths[0]]), report.thumbnail(source[p.paths[1]]),
+             "<br>".join(f"<span class=\"path\">{report.esc(x)}</span> ({report.esc(s)}, "
+                         f"{report.esc(c)})" for x, s, c in zip(p.paths, p.splits, p.labels,
+                                                                  strict=True)),
+             f"{p.similarity:.3f}", f"{p.embedding_similarity:.3f}",
+             "<b class=\"bad\">yes</b>" if p.cross_split else "no",
+             "<b class=\"bad\">yes</b>" if p.cross_class else "no"]
+            for p in result.near_duplicates[:SHOWN]]
+    return report.section(
+        "Near-duplicates", report.table(
+            ["a", "b", "paths (split, label)", "perceptual", "embedding", "cross split",
+             "cross class"], rows, [False, False, False, True, True, False, False])
+        if rows else "<p>None found.</p>",
+        note=f"Perceptual similarity (correlation of blurred grey thumbnails, the best over "
+             f"crops of up to 10 %) of at least {config.duplicate_similarity}; the embedding "
+             f"column is the base's cosine similarity, for reference. A pair across splits "
+             f"leaks a validation or test image into training." + _more(
+                 len(result.near_duplicates)))
+
+
+def _outlier_section(result: AuditResult, source: dict[str, str]) -> str:
+    rows = [[report.thumbnail(source[o.path]), f"<span class=\"path\">{report.esc(o.path)}"
+             f"</span>", report.esc(o.label), f"{o.distance_to_class:.3f}",
+             report.esc(o.nearest_other_class), f"{o.distance_to_other:.3f}"]
+            for o in result.outliers[:SHOWN]]
+    return report.section(
+        "Outliers", report.table(
+            ["image", "path", "label", "distance to its class", "nearest other class",
+             "distance to it"], rows, [False, False, False, True, False, True])
+        if rows else "<p>None found.</p>",
+        note="Beyond the Tukey fence (Q3 + 1.5 IQR) of cosine distances to their own class's "
+             "centre, and as far from every other class's.")
+
+
+def _map_section(result: AuditResult, images: ImageSet, features: np.ndarray,
+                 split_of: np.ndarray) -> str:
     from sklearn.decomposition import PCA
 
-    source = dict(zip((p.as_posix() for p in images.paths), images.sources, strict=True))
     index = {p.as_posix(): i for i, p in enumerate(images.paths)}
-    shown = 40
-    issue_rows = [[report.thumbnail(source[i.path]), f"<span class=\"path\">{report.esc(i.path)}"
-                   f"</span>", report.esc(i.given), report.esc(i.suggested), f"{i.score:.3f}",
-                   report.esc(i.split)] for i in result.label_issues[:shown]]
-    pair_rows = [[report.thumbnail(source[p.paths[0]]), report.thumbnail(source[p.paths[1]]),
-                  "<br>".join(f"<span class=\"path\">{report.esc(x)}</span> ({report.esc(s)}, "
-                              f"{report.esc(c)})" for x, s, c in zip(p.paths, p.splits,
-                                                                       p.labels, strict=True)),
-                  f"{p.similarity:.3f}", f"{p.embedding_similarity:.3f}",
-                  "<b class=\"bad\">yes</b>" if p.cross_split else "no",
-                  "<b class=\"bad\">yes</b>" if p.cross_class else "no"]
-                 for p in result.near_duplicates[:shown]]
-    outlier_rows = [[report.thumbnail(source[o.path]), f"<span class=\"path\">"
-                     f"{report.esc(o.path)}</span>", report.esc(o.label),
-                     f"{o.distance_to_class:.3f}", report.esc(o.nearest_other_class),
-                     f"{o.distance_to_other:.3f}"] for o in result.outliers[:shown]]
     unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     points = PCA(2, random_state=0).fit_transform(unit) if len(unit) > 2 else np.zeros(
         (len(unit), 2))
-    marked = [index[i.path] for i in result.label_issues[:shown]]
+    marked = [index[i.path] for i in result.label_issues[:SHOWN]]
     titles = [f"{p.as_posix()} ({images.class_names[label]}, {s})"
               for p, label, s in zip(images.paths, images.labels, split_of, strict=True)]
+    return report.section(
+        "Embedding map", report.scatter(points, images.labels, images.class_names, titles,
+                                        marked),
+        note="The features projected on their first two principal components, coloured by "
+             "given label; red rings mark likely label errors. Hover a point for its path.")
+
+
+def _page(config: AuditConfig, result: AuditResult, images: ImageSet, features: np.ndarray,
+          split_of: np.ndarray) -> str:
+    source = dict(zip((p.as_posix() for p in images.paths), images.sources, strict=True))
     leaks = sum(p.cross_split for p in result.near_duplicates)
-
-    def more(n: int) -> str:
-        return f" The first {shown} of {n} are shown; audit.json lists all." if n > shown \
-            else ""
-
+    summary = report.table(
+        ["check", "found"],
+        [["likely wrong labels (confident learning)", str(len(result.label_issues))],
+         ["near-duplicate pairs", str(len(result.near_duplicates))],
+         ["... of which cross splits (a leak)", f"<b class=\"bad\">{leaks}</b>" if leaks
+          else "0"],
+         ["outliers", str(len(result.outliers))],
+         ["out-of-fold accuracy of a linear probe", f"{result.oof_accuracy:.3f}"]],
+        [False, True])
     return report.page(
         f"Data audit: {config.data.data_dir}",
         f"{result.images} images, {len(images.class_names)} classes, features of "
         f"{config.base} ({config.weights}); audited in {result.seconds:.1f} s. Nothing was "
         f"moved or edited.",
-        [report.section("Summary", report.table(
-            ["check", "found"],
-            [["likely wrong labels (confident learning)", str(len(result.label_issues))],
-             ["near-duplicate pairs", str(len(result.near_duplicates))],
-             ["... of which cross splits (a leak)", f"<b class=\"bad\">{leaks}</b>" if leaks
-              else "0"],
-             ["outliers", str(len(result.outliers))],
-             ["out-of-fold accuracy of a linear probe", f"{result.oof_accuracy:.3f}"]],
-            [False, True])),
-         report.section(
-             "Likely label errors", report.table(
-                 ["image", "path", "given", "suggested", "label quality", "split"], issue_rows,
-                 [False, False, False, False, True, False]) if issue_rows else
-             "<p>None found.</p>",
-             note="Out-of-fold probabilities of a cross-validated linear probe, through "
-                  "cleanlab's confident learning; lowest label quality first." + more(
-                      len(result.label_issues))),
-         report.section(
-             "Near-duplicates", report.table(
-                 ["a", "b", "paths (split, label)", "perceptual", "embedding",
-                  "cross split", "cross class"], pair_rows,
-                 [False, False, False, True, True, False, False]) if pair_rows else
-             "<p>None found.</p>",
-             note=f"Perceptual similarity (correlation of blurred grey thumbnails, the best "
-                  f"over crops of up to 10 %) of at least {config.duplicate_similarity}; the "
-                  f"embedding column is the base's cosine similarity, for reference. A pair "
-                  f"across splits leaks a validation or test image into training." + more(
-                      len(result.near_duplicates))),
-         report.section(
-             "Outliers", report.table(
-                 ["image", "path", "label", "distance to its class", "nearest other class",
-                  "distance to it"], outlier_rows,
-                 [False, False, False, True, False, True]) if outlier_rows else
-             "<p>None found.</p>",
-             note="Beyond the Tukey fence (Q3 + 1.5 IQR) of cosine distances to their own "
-                  "class's centre, and as far from every other class's."),
-         report.section(
-             "Embedding map", report.scatter(points, images.labels, images.class_names, titles,
-                                             marked),
-             note="The features projected on their first two principal components, coloured "
-                  "by given label; red rings mark likely label errors. Hover a point for its "
-                  "path.")])
+        [report.section("Summary", summary), _issue_section(result, source),
+         _duplicate_section(config, result, source), _outlier_section(result, source),
+         _map_section(result, images, features, split_of)])

@@ -229,6 +229,27 @@ def compare(expected: np.ndarray, got: np.ndarray, tolerance: float
     return difference, float(agree.mean()) if len(agree) else 1.0, passed
 
 
+def _check_images(config: ExportConfig, run: LoadedRun, reporter: Reporter
+                  ) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """Images to compare the export with Keras on, int8's calibration images, and whether
+    they are the run's own (else random: its data is gone)."""
+    found = _run_images(run, reporter)
+    if isinstance(found, str) and config.quantize == "int8":
+        raise DataError(f"int8 quantization calibrates on the run's training images, which "
+                        f"cannot be read: {found} Put the data back, or use --quantize "
+                        f"dynamic or float16.")
+    if isinstance(found, str):
+        reporter.warning(f"Checking the export on random images: the run's own cannot be "
+                         f"read ({found})")
+        size = run.image_size
+        images = np.random.default_rng(0).uniform(0, 255, (config.check_images, size, size, 3))
+        return np.round(images).astype(np.float32), None, False
+    train, val = found
+    calibration = (_as_pixels(_pick(train, CALIBRATION_IMAGES), run.image_size)
+                   if config.quantize == "int8" else None)
+    return _as_pixels(_pick(val or train, config.check_images), run.image_size), calibration, True
+
+
 def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResult:
     """Exports the run in `config.run_dir` and checks the export against the Keras model.
 
@@ -245,23 +266,7 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
     if not fmt.is_folder:
         check_new_output(labels, config.overwrite, what="labels file")
     run = load_run(config.run_dir)
-    found = _run_images(run, reporter)
-    if isinstance(found, str) and config.quantize == "int8":
-        raise DataError(f"int8 quantization calibrates on the run's training images, which "
-                        f"cannot be read: {found} Put the data back, or use --quantize "
-                        f"dynamic or float16.")
-    if not isinstance(found, str):
-        train, val = found
-        check_images = _as_pixels(_pick(val or train, config.check_images), run.image_size)
-        calibration = (_as_pixels(_pick(train, CALIBRATION_IMAGES), run.image_size)
-                       if config.quantize == "int8" else None)
-    else:
-        reporter.warning(f"Checking the export on random images: the run's own cannot be "
-                         f"read ({found})")
-        rng = np.random.default_rng(0)
-        check_images = np.round(rng.uniform(
-            0, 255, (config.check_images, run.image_size, run.image_size, 3))).astype(np.float32)
-        calibration = None
+    check_images, calibration, real = _check_images(config, run, reporter)
     reporter.info(f"Exporting to {config.format}"
                   + (f" ({config.quantize} quantization)" if config.quantize != "none" else "")
                   + " ...")
@@ -289,4 +294,4 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
     size = (sum(f.stat().st_size for f in config.output.rglob("*") if f.is_file())
             if config.output.is_dir() else config.output.stat().st_size)
     return ExportResult(config.output, labels, size, len(check_images), difference, agreement,
-                        tolerance, not isinstance(found, str))
+                        tolerance, real)

@@ -129,26 +129,36 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
                   f"{len(spec.blocks)}), {config.pooling} pooling: {parts[0][2].shape[1]} "
                   f"features per image; {extractor.computed} computed, {extractor.reused} "
                   f"reused from the cache.")
-    meta = {"base": spec.name, "weights": config.weights, "image_size": image_size,
-            "blocks": blocks, "pooling": config.pooling, "precision": precision,
-            "preprocessing": spec.preprocessing.to_dict(), "data_dir": str(config.data.data_dir),
-            "skipped": [{"path": str(f.path), "reason": f.reason} for f in splits.skipped]}
     features = FeatureSet(
         features=np.concatenate([f for _, _, f in parts]),
         labels=np.concatenate([s.labels for _, s, _ in parts]),
         splits=np.array([name for name, s, _ in parts for _ in range(len(s))]),
         paths=np.array([p.as_posix() for _, s, _ in parts for p in s.paths]),
         class_names=splits.class_names,
-        meta=meta,
-    )
+        meta={"base": spec.name, "weights": config.weights, "image_size": image_size,
+              "blocks": blocks, "pooling": config.pooling, "precision": precision,
+              "preprocessing": spec.preprocessing.to_dict(),
+              "data_dir": str(config.data.data_dir),
+              "skipped": [{"path": str(f.path), "reason": f.reason} for f in splits.skipped]})
     save_features(config.output, features)
     reporter.info(f"Saved {len(features.labels)} feature vectors to '{config.output}'.")
     if config.head is None:
         return ExtractResult(config.output, features, computed=extractor.computed,
                              reused=extractor.reused)
-    record, head = train_head(features, extractor.model, config.head, config.data.batch_size,
+    record = _train_head_run(config, features, splits, extractor.model, image_size, precision,
+                             reporter)
+    return ExtractResult(config.output, features, config.head.output, record,
+                         extractor.computed, extractor.reused)
+
+
+def _train_head_run(config: ExtractConfig, features: FeatureSet, splits: DataSplits,
+                    extractor: keras.Model, image_size: int, precision: str,
+                    reporter: Reporter) -> RunRecord:
+    """extract --train-head: the head on the features, saved as a run with its report."""
+    assert config.head is not None  # the caller checked
+    record, head = train_head(features, extractor, config.head, config.data.batch_size,
                               _head_record(config, image_size, splits, precision,
-                                           find_base(extractor.model).name), reporter)
+                                           find_base(extractor).name), reporter)
     save_splits(config.head.output, splits.rows())
     evaluated = []
     for name, images in splits.items()[1:]:  # val, and test when there is one
@@ -159,8 +169,7 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     write_run_report(config.head.output, record, evaluated,
                      (features.features, splits.train.join(splits.val) if splits.test is None
                       else splits.train.join(splits.val).join(splits.test)))
-    return ExtractResult(config.output, features, config.head.output, record,
-                         extractor.computed, extractor.reused)
+    return record
 
 
 def _head_record(config: ExtractConfig, image_size: int, splits: DataSplits, precision: str,

@@ -155,15 +155,22 @@ CONFIG_OPTION = inspect.Parameter(
 
 
 def _file_values(settings: Mapping[str, Any], known: list[Leaf]) -> dict[str, Any]:
-    """A --config file's settings as {option: value}; keys are option names or dotted
-    config paths (nested tables), with - or _."""
-    by_path = {".".join(p): leaf.param for leaf in known for p in leaf.paths}
+    """A --config file's settings as {option: value}; keys are option names or config paths
+    (nested tables, as run.json writes them), with - or _. A path may leave out its outer
+    tables where that is unambiguous: cv reads finetune's [optimizer] as its recipe's."""
+    by_path: dict[str, str | None] = {}
+    for leaf in known:
+        for path in leaf.paths:
+            for start in range(len(path)):
+                key = ".".join(path[start:])
+                by_path[key] = leaf.param if by_path.get(key, leaf.param) == leaf.param \
+                    else None  # two options end in this key: ambiguous
     by_param = {leaf.param for leaf in known}
 
     def flatten(table: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
         for key, value in table.items():
             name = prefix + key.replace("-", "_")
-            if isinstance(value, Mapping) and name not in by_path and name not in by_param:
+            if isinstance(value, Mapping):  # a table: no option takes one as its value
                 yield from flatten(value, name + ".")
             else:
                 yield name, value
