@@ -7,12 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tinybase
 from PIL import Image
 
 from transferkit.reporting import NullReporter
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ["COLUMNS"] = "200"  # Rich tables unwrapped, so tests can read whole cells
+
+tinybase.register()  # before any test module imports the CLI, which lists the bases
+# The same for a subprocess a test starts (prepend to its script).
+TINY_SETUP = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              f"import tinybase; tinybase.register()\n")
 
 CLASSES = ("circles", "squares", "stripes")
 SIZE = 32
@@ -97,7 +103,8 @@ def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
     # they find the features useless and tune every block, which only slows such tests
     finetune(FinetuneConfig(adapt=False,
                             data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
-                            output=run_dir, weights="none", epochs=1, finetune_epochs=1))
+                            output=run_dir, weights="none", base="tiny", epochs=1,
+                            finetune_epochs=1))
     return run_dir
 
 

@@ -156,7 +156,7 @@ def test_finetune_records_and_applies_the_decisions(tmp_path):
 def test_a_head_stage_that_augments_is_checked_for_flips_too(tmp_path):
     config = FinetuneConfig(data=DataConfig(data_dir=_handed_folder(tmp_path / "data"),
                                             image_size=32, batch_size=8),
-                            output=tmp_path / "run", weights="none", epochs=1,
+                            output=tmp_path / "run", weights="none", base="tiny", epochs=1,
                             finetune_epochs=0)
     finetune(config)
     record = read_record(tmp_path / "run")
@@ -167,7 +167,7 @@ def test_a_head_stage_that_augments_is_checked_for_flips_too(tmp_path):
 def test_no_adapt_keeps_the_options(tmp_path):
     config = FinetuneConfig(data=DataConfig(data_dir=_handed_folder(tmp_path / "data"),
                                             image_size=32, batch_size=8),
-                            output=tmp_path / "run", weights="none", finetune_epochs=1,
+                            output=tmp_path / "run", weights="none", base="tiny", finetune_epochs=1,
                             adapt=False)
     finetune(config)
     record = read_record(tmp_path / "run")

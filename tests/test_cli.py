@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from transferkit.cli import app
 
 runner = CliRunner()
-TINY = ["--weights", "none", "--image-size", "32", "--batch-size", "8"]
+LITE0 = ["--weights", "none", "--image-size", "32", "--batch-size", "8"]
+TINY = [*LITE0, "--base", "tiny"]  # tests/tinybase.py; a subprocess knows only LITE0
 TINY_FT = [*TINY, "--no-adapt"]  # finetune on random weights: the data checks are not the subject
 
 
@@ -600,7 +601,7 @@ def test_hostile_files_are_skipped_and_reported_never_hang(tmp_path: Path):
 
     run_dir = tmp_path / "run"
     trained = subprocess.run([*_entry_point(), "finetune", str(data), "-o", str(run_dir),
-                              *TINY, "--epochs", "1", "--finetune-epochs", "0", "--no-augment"],
+                              *LITE0, "--epochs", "1", "--finetune-epochs", "0", "--no-augment"],
                              capture_output=True, timeout=300, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     skipped = {Path(s["path"]).name for s in json.loads(

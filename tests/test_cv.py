@@ -24,7 +24,7 @@ def test_a_probe_only_run_is_a_complete_calibrated_model(image_folder, tmp_path)
     from transferkit.training.recipe import finetune
 
     result = finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, **TINY),
-                                     output=tmp_path / "run", weights="none",
+                                     output=tmp_path / "run", weights="none", base="tiny",
                                      finetune_epochs=0))
     assert result.kept_stage == "probe" and result.stages == () and result.history == ()
     record = read_record(tmp_path / "run")
@@ -54,7 +54,8 @@ def cv_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
                         'batch_size = 8\n[optimizer]\nname = "sgd"\nmomentum = 0.8\n')
     result = CliRunner().invoke(app, ["cv", str(image_folder), "-o", str(work / "run"),
                                       "--folds", "2", "--no-adapt", "--config", str(settings),
-                                      "--learning-rate", "3e-4", "--no-augment"])
+                                      "--base", "tiny", "--learning-rate", "3e-4",
+                                      "--no-augment"])
     assert result.exit_code == 0, result.output
     return work / "run"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import TINY_SETUP
 
 from transferkit.bases import get_base
 from transferkit.devices import build_strategy, precision_policy, resolve_precision
@@ -45,7 +46,7 @@ def test_multiworker_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch)
     assert build_strategy("none").num_replicas_in_sync == 1
 
 
-MIRRORED = """
+MIRRORED = TINY_SETUP + """
 import sys, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
@@ -55,7 +56,8 @@ from transferkit.config import ComputeConfig, DataConfig, FinetuneConfig
 from transferkit.training.recipe import finetune
 finetune(FinetuneConfig(adapt=False,
                         data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
-                        output=Path(sys.argv[2]), weights="none", epochs=1, finetune_epochs=1,
+                        output=Path(sys.argv[2]), weights="none", base="tiny", epochs=1,
+                        finetune_epochs=1,
                         compute=ComputeConfig(strategy="mirrored")))
 """
 

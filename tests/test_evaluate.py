@@ -107,7 +107,7 @@ def test_finetune_and_extract_score_the_test_split_once_at_the_end(presplit_fold
     data = DataConfig(data_dir=presplit_folder, image_size=32, batch_size=8)
     result = finetune(FinetuneConfig(adapt=False,
                                      data=data, output=tmp_path / "run", weights="none",
-                                     epochs=1, finetune_epochs=0,
+                                     base="tiny", epochs=1, finetune_epochs=0,
                                      augment=AugmentConfig(enabled=False)))
     val, test = result.scores
     assert (val.split, val.n, val.chose) == ("val", 6, True)

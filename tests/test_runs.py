@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_SETUP
 from PIL import Image
 
 from transferkit.errors import ArtifactError
@@ -185,13 +186,13 @@ def test_one_writer_per_run_directory_and_a_dead_holder_frees_it(tmp_path: Path)
 
 def test_two_finetune_runs_into_one_folder_one_is_refused(image_folder: Path, tmp_path: Path):
     """The real thing: two finetune processes started together; exactly one writes the run."""
-    script = ("import sys; from pathlib import Path; "
-              "from transferkit.config import DataConfig, FinetuneConfig; "
-              "from transferkit.training.recipe import finetune; "
-              "finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=Path(sys.argv[1]), "
-              "image_size=32, batch_size=8), output=Path(sys.argv[2]), weights='none', "
-              "epochs=2, finetune_epochs=0, augment=__import__('transferkit.config', "
-              "fromlist=['x']).AugmentConfig(enabled=False)))")
+    script = TINY_SETUP + (
+        "from pathlib import Path; "
+        "from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig; "
+        "from transferkit.training.recipe import finetune; "
+        "finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=Path(sys.argv[1]), "
+        "image_size=32, batch_size=8), output=Path(sys.argv[2]), weights='none', base='tiny', "
+        "epochs=2, finetune_epochs=0, augment=AugmentConfig(enabled=False)))")
     run_dir = tmp_path / "run"
     both = [subprocess.Popen([sys.executable, "-c", script, str(image_folder), str(run_dir)],
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -287,8 +288,8 @@ def test_a_signal_during_the_final_save_waits_for_it(image_folder: Path, tmp_pat
     reporter = Warnings()
     finetune(FinetuneConfig(adapt=False,
                             data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
-                            output=run_dir, weights="none", epochs=1, finetune_epochs=0,
-                            augment=AugmentConfig(enabled=False)), reporter)
+                            output=run_dir, weights="none", base="tiny", epochs=1,
+                            finetune_epochs=0, augment=AugmentConfig(enabled=False)), reporter)
     assert read_record(run_dir).status == "complete"
     assert load_run(run_dir).model is not None
     assert any("SIGTERM arrived while the run was being saved" in m for m in reporter.said)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Recorder
+from conftest import TINY_SETUP, Recorder
 
 from transferkit.bases import get_base
 from transferkit.config import DataConfig, FinetuneConfig
@@ -35,7 +35,8 @@ class SignalAt(NullReporter):
 def _config(data: Path, out: Path) -> FinetuneConfig:
     return FinetuneConfig(adapt=False,
                           data=DataConfig(data_dir=data, image_size=32, batch_size=8), output=out,
-                          weights="none", epochs=3, finetune_epochs=2, unfreeze_blocks=2)
+                          weights="none", base="tiny", epochs=3, finetune_epochs=2,
+                          unfreeze_blocks=2)
 
 
 @pytest.mark.parametrize(("stage", "epoch", "signum"), [("head", 2, signal.SIGINT),
@@ -85,11 +86,11 @@ def test_resume_restores_frozen_layers_and_optimizer_state(image_folder, tmp_pat
     model, state = load_checkpoint(run_dir, ["head", "finetune"])
     assert int(model.optimizer.iterations) == 2  # one finetune epoch of 2 batches (12 images)
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
-    base = model.get_layer("features").get_layer("efficientnet_lite0")
-    assert base.get_layer("head_conv").trainable
-    assert base.get_layer("stage7_block1_dwconv").trainable
-    assert not base.get_layer("stage6_block1_dwconv").trainable
-    assert not base.get_layer("head_bn").trainable
+    base = model.get_layer("features").get_layer("tiny")
+    # the top 2 of the tiny base's 3 blocks are unfrozen, their BatchNorm stays frozen
+    assert base.get_layer("block3_conv").trainable and base.get_layer("block2_conv").trainable
+    assert not base.get_layer("block1_conv").trainable
+    assert not base.get_layer("block3_bn").trainable
 
 
 def test_finished_or_foreign_runs_are_not_resumed(trained_run, tmp_path):
@@ -132,7 +133,8 @@ def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
     run_dir = tmp_path / "run"
     config = FinetuneConfig(adapt=False,
                             data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
-                            output=run_dir, weights="none", epochs=2, finetune_epochs=2,
+                            output=run_dir, weights="none", base="tiny", epochs=2,
+                            finetune_epochs=2,
                             finetune_lr=1e3, unfreeze_blocks=3,  # a rate that wrecks the base
                             monitor="val_loss",
                             dense_units=16)  # a hidden layer: the probe is a model of its own
@@ -158,7 +160,7 @@ def test_same_seed_same_run(image_folder, tmp_path):
         config = FinetuneConfig(adapt=False,
                                 data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8,
                                                 seed=7),
-                                output=tmp_path / name, weights="none", epochs=2,
+                                output=tmp_path / name, weights="none", base="tiny", epochs=2,
                                 finetune_epochs=1)
         return list(finetune(config).history)
 
@@ -221,7 +223,7 @@ def test_a_loss_that_turns_nan_stops_the_run_and_saves_no_model(image_folder, tm
 
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, ["finetune", str(image_folder), "-o", str(run_dir),
-                                      "--weights", "none", "--image-size", "32",
+                                      "--weights", "none", "--base", "tiny", "--image-size", "32",
                                       "--batch-size", "8", "--epochs", "2", "--l2", "1e38",
                                       "--finetune-epochs", "0", "--no-augment"])
     assert result.exit_code == 1, result.output
@@ -273,14 +275,15 @@ def test_non_finite_options_are_usage_errors(image_folder, tmp_path, option, val
     assert "must be" in result.stderr and not (tmp_path / "run").exists()
 
 
-KILLABLE = """
+KILLABLE = TINY_SETUP + """
 import sys
 from pathlib import Path
 from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
 from transferkit.training.recipe import finetune
 finetune(FinetuneConfig(adapt=False,
                         data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
-                        output=Path(sys.argv[2]), weights="none", epochs=400, patience=0,
+                        output=Path(sys.argv[2]), weights="none", base="tiny", epochs=400,
+                        patience=0,
                         finetune_epochs=2, augment=AugmentConfig(enabled=sys.argv[3] == "1")))
 """
 

@@ -80,10 +80,13 @@ def build_dataset(sources: Sequence[str], labels: np.ndarray | None, image_size:
     else:
         ds = ds.map(lambda p, y: (load_image(p, image_size), y), num_parallel_calls=parallel)
     ds = ds.batch(batch_size)
+    # Augmentation draws from seeded random state: batches take their draws one after the
+    # other, so the same seed gives the same run (in parallel calls the order in which they
+    # reach that state varies). It works on whole batches, so it stays cheap beside the base.
     if augment is not None and labels is None:
-        ds = ds.map(augment, num_parallel_calls=parallel)
+        ds = ds.map(augment)
     elif augment is not None:
-        ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=parallel)
+        ds = ds.map(lambda x, y: (augment(x), y))
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.prefetch(2).with_options(options)
