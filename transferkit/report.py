@@ -11,11 +11,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from transferkit.data.inspect import small_image
 
 THUMBNAIL_PX = 96
 # Ten colours that stay apart for the usual colour blindnesses (Okabe-Ito, then Tol's).
@@ -69,21 +71,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]],
     return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
+def _jpeg_uri(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def thumbnail(source: str, size: int = THUMBNAIL_PX) -> str:
     """An <img> of the image file as a small JPEG data URI (or a note if it cannot be read)."""
-    from PIL import Image
-
     try:
-        with open(os.fsencode(source), "rb") as f, Image.open(f) as image:
-            image.draft("RGB", (size * 2, size * 2))  # JPEGs decode at a fraction of size
-            small = image.convert("RGB")
-            small.thumbnail((size, size))
-            buffer = io.BytesIO()
-            small.save(buffer, "JPEG", quality=80)
+        small = small_image(source, "RGB", size, square=False)
     except (OSError, ValueError) as exc:
         return f"<span class=\"muted\">(unreadable: {esc(exc)})</span>"
-    data = base64.b64encode(buffer.getvalue()).decode()
-    return f"<img class=\"thumb\" alt=\"\" src=\"data:image/jpeg;base64,{data}\">"
+    return f"<img class=\"thumb\" alt=\"\" src=\"{_jpeg_uri(small)}\">"
 
 
 def heatmap(source: str, cam: np.ndarray, size: int = THUMBNAIL_PX) -> str:
@@ -92,20 +92,15 @@ def heatmap(source: str, cam: np.ndarray, size: int = THUMBNAIL_PX) -> str:
     from PIL import Image
 
     try:
-        with open(os.fsencode(source), "rb") as f, Image.open(f) as image:
-            image.draft("RGB", (size * 2, size * 2))
-            small = image.convert("RGB").resize((size, size))
+        small = small_image(source, "RGB", size)
     except (OSError, ValueError) as exc:
         return f"<span class=\"muted\">(unreadable: {esc(exc)})</span>"
     grid = Image.fromarray(np.uint8(255 * np.clip(cam, 0, 1))).resize(
         (size, size), Image.Resampling.BILINEAR)
     colours = np.uint8(255 * colormaps["jet"](np.asarray(grid) / 255.0)[..., :3])
     blended = Image.blend(small, Image.fromarray(colours), 0.45)
-    buffer = io.BytesIO()
-    blended.save(buffer, "JPEG", quality=80)
-    data = base64.b64encode(buffer.getvalue()).decode()
     return (f"<img class=\"thumb\" alt=\"Grad-CAM\" title=\"where the model looked\" "
-            f"src=\"data:image/jpeg;base64,{data}\">")
+            f"src=\"{_jpeg_uri(blended)}\">")
 
 
 def png(path: Path, caption: str) -> str:

@@ -270,12 +270,14 @@ class Lite0Imagenet:
         return target
 
 
-def _keras(name: str, constructor: str, fname: str, preprocessing: Preprocessing,
+def _keras(*, name: str, constructor: str, fname: str, preprocessing: Preprocessing,
            default_size: int, feature_dim: int, params: int, blocks: Blocks,
            min_size: int = 32) -> BaseSpec:
-    """A row for a keras.applications base."""
-    return BaseSpec(name, _keras_application(constructor), KerasImagenet(constructor, fname),
-                    preprocessing, default_size, min_size, feature_dim, params, blocks)
+    """A row for a keras.applications base (`fname`: the no-top weights file Keras caches)."""
+    return BaseSpec(name=name, build=_keras_application(constructor),
+                    imagenet=KerasImagenet(constructor, fname), preprocessing=preprocessing,
+                    default_size=default_size, min_size=min_size, feature_dim=feature_dim,
+                    params=params, block_markers=blocks)
 
 
 def _notop(stem: str) -> str:
@@ -291,76 +293,101 @@ EFFICIENTNETV2_BLOCKS = starting("block1a_", "block2a_", "block3a_", "block4a_",
                                  "block6a_", "top_")
 
 
-def _efficientnet(variant: str, default_size: int, feature_dim: int, params: int) -> BaseSpec:
-    return _keras(f"efficientnet{variant}", f"EfficientNet{variant.upper()}",
-                  f"efficientnet{variant}_notop.h5", EFFICIENTNET, default_size, feature_dim,
-                  params, EFFICIENTNET_BLOCKS)
+def _efficientnet(*, variant: str, default_size: int, feature_dim: int, params: int
+                  ) -> BaseSpec:
+    return _keras(name=f"efficientnet{variant}", constructor=f"EfficientNet{variant.upper()}",
+                  fname=f"efficientnet{variant}_notop.h5", preprocessing=EFFICIENTNET,
+                  default_size=default_size, feature_dim=feature_dim, params=params,
+                  blocks=EFFICIENTNET_BLOCKS)
 
 
-def _efficientnetv2(variant: str, default_size: int, feature_dim: int, params: int
+def _efficientnetv2(*, variant: str, default_size: int, feature_dim: int, params: int
                     ) -> BaseSpec:
-    return _keras(f"efficientnetv2{variant}", f"EfficientNetV2{variant.upper()}",
-                  f"efficientnetv2-{variant}_notop.h5", RAW, default_size, feature_dim,
-                  params, EFFICIENTNETV2_BLOCKS)
+    return _keras(name=f"efficientnetv2{variant}",
+                  constructor=f"EfficientNetV2{variant.upper()}",
+                  fname=f"efficientnetv2-{variant}_notop.h5", preprocessing=RAW,
+                  default_size=default_size, feature_dim=feature_dim, params=params,
+                  blocks=EFFICIENTNETV2_BLOCKS)
 
+
+INCEPTION_RESNET_BLOCKS = ending(
+    "mixed_5b", "block35_10_ac", "mixed_6a", "block17_20_ac", "mixed_7a", "conv_7b_ac",
+    names=("mixed_5b", "block35", "mixed_6a", "block17", "mixed_7a", "block8"))
+MOBILENET_V2_BLOCKS = starting(
+    "expanded_conv_", "block_1_", "block_3_", "block_6_", "block_10_", "block_13_", "block_16_",
+    "Conv_1", names=("block_0", "block_1", "block_3", "block_6", "block_10", "block_13",
+                     "block_16", "Conv_1"))
+MOBILENET_V3_SMALL_BLOCKS = starting(
+    "expanded_conv_", "expanded_conv_1_", "expanded_conv_3_", "expanded_conv_6_",
+    "expanded_conv_8_", "conv_1", names=("expanded_conv_0", "expanded_conv_1", "expanded_conv_3",
+                                         "expanded_conv_6", "expanded_conv_8", "conv_1"))
+MOBILENET_V3_LARGE_BLOCKS = starting(
+    "expanded_conv_", "expanded_conv_1_", "expanded_conv_3_", "expanded_conv_6_",
+    "expanded_conv_10_", "expanded_conv_12_", "conv_1",
+    names=("expanded_conv_0", "expanded_conv_1", "expanded_conv_3", "expanded_conv_6",
+           "expanded_conv_10", "expanded_conv_12", "conv_1"))
+CONVNEXT_BLOCKS = starting(
+    "convnext_tiny_stage_0_", "convnext_tiny_downsampling_block_0",
+    "convnext_tiny_downsampling_block_1", "convnext_tiny_downsampling_block_2",
+    names=("stage_0", "stage_1", "stage_2", "stage_3"))
+LITE0_BLOCKS = starting("stage1_", "stage2_", "stage3_", "stage4_", "stage5_", "stage6_",
+                        "stage7_", "head_")
 
 _ROWS = (
-    _keras("vgg16", "VGG16", _notop("vgg16"), CAFFE, 224, 512, 14_714_688, VGG_BLOCKS),
-    _keras("vgg19", "VGG19", _notop("vgg19"), CAFFE, 224, 512, 20_024_384, VGG_BLOCKS),
-    _keras("resnet50", "ResNet50", _notop("resnet50"), CAFFE, 224, 2048, 23_587_712,
-           RESNET_BLOCKS),
-    _keras("resnet101", "ResNet101", _notop("resnet101"), CAFFE, 224, 2048, 42_658_176,
-           RESNET_BLOCKS),
-    _keras("resnet152", "ResNet152", _notop("resnet152"), CAFFE, 224, 2048, 58_370_944,
-           RESNET_BLOCKS),
-    _keras("resnet50v2", "ResNet50V2", _notop("resnet50v2"), TF, 224, 2048, 23_564_800,
-           RESNET_BLOCKS),
-    _keras("xception", "Xception", _notop("xception"), TF, 299, 2048, 20_861_480,
-           starting(*(f"block{i}_" for i in range(1, 15))), min_size=71),
-    _keras("inception_v3", "InceptionV3", _notop("inception_v3"), TF, 299, 2048, 21_802_784,
-           ending(*(f"mixed{i}" for i in range(11))), min_size=75),
-    _keras("inception_resnet_v2", "InceptionResNetV2", _notop("inception_resnet_v2"), TF, 299,
-           1536, 54_336_736,
-           ending("mixed_5b", "block35_10_ac", "mixed_6a", "block17_20_ac", "mixed_7a",
-                  "conv_7b_ac", names=("mixed_5b", "block35", "mixed_6a", "block17",
-                                       "mixed_7a", "block8")), min_size=75),
-    _keras("mobilenet_v2", "MobileNetV2",
-           "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", TF, 224, 1280,
-           2_257_984,
-           starting("expanded_conv_", "block_1_", "block_3_", "block_6_", "block_10_",
-                    "block_13_", "block_16_", "Conv_1",
-                    names=("block_0", "block_1", "block_3", "block_6", "block_10",
-                           "block_13", "block_16", "Conv_1"))),
-    _keras("mobilenet_v3_small", "MobileNetV3Small",
-           "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5", RAW, 224, 576, 939_120,
-           starting("expanded_conv_", "expanded_conv_1_", "expanded_conv_3_",
-                    "expanded_conv_6_", "expanded_conv_8_", "conv_1",
-                    names=("expanded_conv_0", "expanded_conv_1", "expanded_conv_3",
-                           "expanded_conv_6", "expanded_conv_8", "conv_1"))),
-    _keras("mobilenet_v3_large", "MobileNetV3Large",
-           "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", RAW, 224, 960, 2_996_352,
-           starting("expanded_conv_", "expanded_conv_1_", "expanded_conv_3_",
-                    "expanded_conv_6_", "expanded_conv_10_", "expanded_conv_12_", "conv_1",
-                    names=("expanded_conv_0", "expanded_conv_1", "expanded_conv_3",
-                           "expanded_conv_6", "expanded_conv_10", "expanded_conv_12",
-                           "conv_1"))),
-    _keras("densenet121", "DenseNet121", _notop("densenet121"), TORCH, 224, 1024, 7_037_504,
-           DENSENET_BLOCKS),
-    _efficientnet("b0", 224, 1280, 4_049_571),
-    _efficientnet("b1", 240, 1280, 6_575_239),
-    _efficientnet("b2", 260, 1408, 7_768_569),
-    _efficientnet("b3", 300, 1536, 10_783_535),
-    _efficientnetv2("b0", 224, 1280, 5_919_312),
-    _efficientnetv2("b1", 240, 1280, 6_931_124),
-    _efficientnetv2("b2", 260, 1408, 8_769_374),
-    _efficientnetv2("b3", 300, 1536, 12_930_622),
-    _keras("convnext_tiny", "ConvNeXtTiny", "convnext_tiny_notop.h5", RAW, 224, 768, 27_820_128,
-           starting("convnext_tiny_stage_0_", "convnext_tiny_downsampling_block_0",
-                    "convnext_tiny_downsampling_block_1", "convnext_tiny_downsampling_block_2",
-                    names=("stage_0", "stage_1", "stage_2", "stage_3"))),
-    BaseSpec("efficientnet_lite0", _build_lite0, Lite0Imagenet(), LITE, 224, 32, 1280, 3_413_024,
-             starting("stage1_", "stage2_", "stage3_", "stage4_", "stage5_", "stage6_",
-                      "stage7_", "head_")),
+    _keras(name="vgg16", constructor="VGG16", fname=_notop("vgg16"), preprocessing=CAFFE,
+           default_size=224, feature_dim=512, params=14_714_688, blocks=VGG_BLOCKS),
+    _keras(name="vgg19", constructor="VGG19", fname=_notop("vgg19"), preprocessing=CAFFE,
+           default_size=224, feature_dim=512, params=20_024_384, blocks=VGG_BLOCKS),
+    _keras(name="resnet50", constructor="ResNet50", fname=_notop("resnet50"), preprocessing=CAFFE,
+           default_size=224, feature_dim=2048, params=23_587_712, blocks=RESNET_BLOCKS),
+    _keras(name="resnet101", constructor="ResNet101", fname=_notop("resnet101"),
+           preprocessing=CAFFE, default_size=224, feature_dim=2048, params=42_658_176,
+           blocks=RESNET_BLOCKS),
+    _keras(name="resnet152", constructor="ResNet152", fname=_notop("resnet152"),
+           preprocessing=CAFFE, default_size=224, feature_dim=2048, params=58_370_944,
+           blocks=RESNET_BLOCKS),
+    _keras(name="resnet50v2", constructor="ResNet50V2", fname=_notop("resnet50v2"),
+           preprocessing=TF, default_size=224, feature_dim=2048, params=23_564_800,
+           blocks=RESNET_BLOCKS),
+    _keras(name="xception", constructor="Xception", fname=_notop("xception"), preprocessing=TF,
+           default_size=299, feature_dim=2048, params=20_861_480,
+           blocks=starting(*(f"block{i}_" for i in range(1, 15))), min_size=71),
+    _keras(name="inception_v3", constructor="InceptionV3", fname=_notop("inception_v3"),
+           preprocessing=TF, default_size=299, feature_dim=2048, params=21_802_784,
+           blocks=ending(*(f"mixed{i}" for i in range(11))), min_size=75),
+    _keras(name="inception_resnet_v2", constructor="InceptionResNetV2",
+           fname=_notop("inception_resnet_v2"), preprocessing=TF, default_size=299,
+           feature_dim=1536, params=54_336_736,
+           blocks=INCEPTION_RESNET_BLOCKS, min_size=75),
+    _keras(name="mobilenet_v2", constructor="MobileNetV2",
+           fname="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+           preprocessing=TF, default_size=224, feature_dim=1280, params=2_257_984,
+           blocks=MOBILENET_V2_BLOCKS),
+    _keras(name="mobilenet_v3_small", constructor="MobileNetV3Small",
+           fname="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5", preprocessing=RAW,
+           default_size=224, feature_dim=576, params=939_120,
+           blocks=MOBILENET_V3_SMALL_BLOCKS),
+    _keras(name="mobilenet_v3_large", constructor="MobileNetV3Large",
+           fname="weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", preprocessing=RAW,
+           default_size=224, feature_dim=960, params=2_996_352,
+           blocks=MOBILENET_V3_LARGE_BLOCKS),
+    _keras(name="densenet121", constructor="DenseNet121", fname=_notop("densenet121"),
+           preprocessing=TORCH, default_size=224, feature_dim=1024, params=7_037_504,
+           blocks=DENSENET_BLOCKS),
+    _efficientnet(variant="b0", default_size=224, feature_dim=1280, params=4_049_571),
+    _efficientnet(variant="b1", default_size=240, feature_dim=1280, params=6_575_239),
+    _efficientnet(variant="b2", default_size=260, feature_dim=1408, params=7_768_569),
+    _efficientnet(variant="b3", default_size=300, feature_dim=1536, params=10_783_535),
+    _efficientnetv2(variant="b0", default_size=224, feature_dim=1280, params=5_919_312),
+    _efficientnetv2(variant="b1", default_size=240, feature_dim=1280, params=6_931_124),
+    _efficientnetv2(variant="b2", default_size=260, feature_dim=1408, params=8_769_374),
+    _efficientnetv2(variant="b3", default_size=300, feature_dim=1536, params=12_930_622),
+    _keras(name="convnext_tiny", constructor="ConvNeXtTiny", fname="convnext_tiny_notop.h5",
+           preprocessing=RAW, default_size=224, feature_dim=768, params=27_820_128,
+           blocks=CONVNEXT_BLOCKS),
+    BaseSpec(name="efficientnet_lite0", build=_build_lite0, imagenet=Lite0Imagenet(),
+             preprocessing=LITE, default_size=224, min_size=32, feature_dim=1280, params=3_413_024,
+             block_markers=LITE0_BLOCKS),
 )
 BASES: dict[str, BaseSpec] = {spec.name: spec for spec in _ROWS}
 

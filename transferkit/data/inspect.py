@@ -261,13 +261,18 @@ def inspect_images(paths: Sequence[Path], reporter: Reporter, cache: InspectionC
     return [k if k is not None else fresh[p] for p, k in zip(paths, known, strict=True)]
 
 
-def small_image(source: str, mode: str, size: int) -> Image.Image:
+def small_image(source: str, mode: str, size: int, square: bool = True) -> Image.Image:
     """The image at `source` (a decodable file, see decode_source) in Pillow `mode`, resized
-    to `size` pixels square. JPEGs decode at a fraction of their size first (Pillow's
-    draft), so a thumbnail costs milliseconds."""
+    to `size` pixels square (or, not `square`, to fit within them, keeping its shape). JPEGs
+    decode at a fraction of their size first (Pillow's draft), so a thumbnail costs
+    milliseconds."""
     with open(os.fsencode(source), "rb") as f, Image.open(f) as image:
         image.draft(mode, (2 * size, 2 * size))
-        return image.convert(mode).resize((size, size), Image.Resampling.LANCZOS)
+        small = image.convert(mode)
+        if square:
+            return small.resize((size, size), Image.Resampling.LANCZOS)
+        small.thumbnail((size, size))
+        return small
 
 
 def decode_source(info: ImageInfo) -> str:
