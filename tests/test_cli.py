@@ -675,3 +675,21 @@ def test_names_read_from_stdin_keep_their_spaces(trained_run: Path, image_folder
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["path"] for r in rows] == [str(p) for p in spaced]
     assert all(r["error"] is None for r in rows)
+
+
+def test_resume_refuses_options_it_would_ignore(trained_run: Path):
+    result = invoke("finetune", "--resume", trained_run, "--finetune-epochs", "3",
+                    "--learning-rate", "0.5")
+    assert result.exit_code == 2
+    assert "--finetune-epochs, --learning-rate too" in said(result.stderr)
+
+
+def test_every_command_takes_a_config_file_of_its_own_settings(image_folder: Path,
+                                                              tmp_path: Path):
+    settings = tmp_path / "predict.toml"
+    settings.write_text("top_k = 0\n")  # predict's own setting, out of range: validated
+    result = invoke("predict", tmp_path, image_folder, "--config", settings)
+    assert result.exit_code == 2 and "--top-k must be at least 1" in said(result.stderr)
+    settings.write_text("learning_rate = 0.1\n")  # not a setting predict has
+    result = invoke("predict", tmp_path, image_folder, "--config", settings)
+    assert result.exit_code == 2 and "unknown setting(s) learning_rate" in said(result.stderr)
