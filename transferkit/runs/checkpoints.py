@@ -1,0 +1,140 @@
+"""Checkpoints inside a run directory while it trains: the last completed epoch with its
+optimizer state (for --resume), a head-only epoch as plain arrays, and each stage's best
+model. Keras saves and loads them (safe mode); this module names and validates them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transferkit.errors import ArtifactError
+from transferkit.files import atomic_path, json_text, write_text
+from transferkit.runs.directory import (
+    CHECKPOINTS_DIR,
+    HEAD_STATE,
+    LAST_CHECKPOINT,
+    STATE_FILE,
+    read_json,
+)
+
+
+def best_checkpoint(run_dir: Path, stage: str) -> Path:
+    """The best model of `stage` so far (written by save_best)."""
+    return run_dir / CHECKPOINTS_DIR / f"best-{stage}.keras"
+
+
+def restore_best(model: Any, run_dir: Path, stage: str) -> None:
+    """Loads the weights of `stage`'s best checkpoint into `model` (not its optimizer)."""
+    with warnings.catch_warnings():  # the optimizer may differ from the saved one: expected
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(best_checkpoint(run_dir, stage))
+
+
+def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any] | None = None) -> None:
+    """Saves the model (optimizer state included) as the checkpoint to resume from, then the
+    training state (stage, epoch, history) that says so; without `state`, the model alone
+    (the base of head-only checkpoints, saved when their stage starts)."""
+    folder = run_dir / CHECKPOINTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / LAST_CHECKPOINT) as tmp:
+        model.save(tmp)
+    (folder / HEAD_STATE).unlink(missing_ok=True)
+    if state is not None:
+        write_text(folder / STATE_FILE, json_text(dict(state)))
+
+
+def save_head_state(run_dir: Path, last: Sequence[Any], best: Sequence[Any] | None,
+                    optimizer: Sequence[Any], state: Mapping[str, Any]) -> None:
+    """A head-only checkpoint: the head's weights, its best weights so far and the optimizer
+    state, as plain arrays, then the training state that points at it."""
+    import numpy as np
+
+    folder = run_dir / CHECKPOINTS_DIR
+    arrays = {f"last_{i}": w for i, w in enumerate(last)}
+    arrays |= {f"best_{i}": w for i, w in enumerate(best or [])}
+    arrays |= {f"optimizer_{i}": v for i, v in enumerate(optimizer)}
+    with atomic_path(folder / HEAD_STATE) as tmp:
+        np.savez(tmp, **arrays)
+    write_text(folder / STATE_FILE, json_text({**state, "head_only": True}))
+
+
+def keep_last_as_best(run_dir: Path, stage: str) -> None:
+    """Makes the checkpoint just written `stage`'s best so far, by copying the file (a save
+    of the same model again would cost as much as the checkpoint itself)."""
+    with atomic_path(best_checkpoint(run_dir, stage)) as tmp:
+        shutil.copyfile(run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT, tmp)
+
+
+def load_head_state(run_dir: Path) -> tuple[list[Any], list[Any] | None, list[Any]]:
+    """The head's last weights, its best so far (None if none) and the optimizer state.
+
+    Raises:
+        ArtifactError: the file is missing or damaged.
+    """
+    import numpy as np
+
+    path = run_dir / CHECKPOINTS_DIR / HEAD_STATE
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            def group(prefix: str) -> list[Any]:
+                keys = sorted((k for k in npz.files if k.startswith(prefix)),
+                              key=lambda k: int(k.rsplit("_", 1)[1]))
+                return [npz[k] for k in keys]
+
+            last, best, optimizer = group("last_"), group("best_"), group("optimizer_")
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"Could not read '{path}' ({exc}). Start the run again with "
+                            f"--overwrite.") from exc
+    if not last:
+        raise ArtifactError(f"'{path}' holds no head weights. Start the run again with "
+                            f"--overwrite.")
+    return last, best or None, optimizer
+
+
+def save_best(run_dir: Path, model: Any, stage: str) -> None:
+    """Saves `model` as the best of `stage` so far."""
+    (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+    with atomic_path(best_checkpoint(run_dir, stage)) as tmp:
+        model.save(tmp)
+
+
+def load_checkpoint(run_dir: Path, stages: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """The last completed epoch's model (compiled, optimizer state restored) and the state
+    to resume from (its stage, one of `stages`; its epoch; the history so far), checked.
+
+    Raises:
+        ArtifactError: there is no checkpoint yet, or it is damaged.
+    """
+    import keras
+
+    folder = run_dir / CHECKPOINTS_DIR
+    if not (folder / STATE_FILE).is_file() or not (folder / LAST_CHECKPOINT).is_file():
+        raise ArtifactError(
+            f"'{run_dir}' has no checkpoint to resume from: it stopped before finishing its "
+            f"first epoch. Start it again with --overwrite.")
+    state = read_json(folder / STATE_FILE)
+    history = state.get("history") if isinstance(state, dict) else None
+    valid = (isinstance(state, dict) and state.get("stage") in stages
+             and isinstance(state.get("epoch"), int) and state["epoch"] >= 1
+             and isinstance(history, list) and bool(history)
+             and all(isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in history)
+             and history[-1]["epoch"] == state["epoch"])
+    if not valid:
+        raise ArtifactError(f"'{folder / STATE_FILE}' is damaged (it needs the stage, the "
+                            f"epoch and the history of every epoch so far). Start the run "
+                            f"again with --overwrite.")
+    try:
+        with warnings.catch_warnings():  # a head-only checkpoint's optimizer state is its own
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = keras.saving.load_model(folder / LAST_CHECKPOINT, compile=True,
+                                            safe_mode=True)
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"Could not read the checkpoint in '{folder}' ({exc}). Start the "
+                            f"run again with --overwrite.") from exc
+    return model, state
+

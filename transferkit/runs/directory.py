@@ -1,0 +1,374 @@
+"""The run directory: every file name in it, reading and writing run.json, splits.csv and the
+history, the finished model, and the lock that makes one process its only writer. Nothing
+else spells a run file's name or reads run.json.
+
+A run directory describes itself: `model.keras` (raw RGB images in, class probabilities out;
+built-in Keras layers only, no optimizer state), `run.json` (a RunRecord), `history.json`,
+`history.csv` and `splits.csv`. Every file is written atomically. Reading validates what it
+reads: run.json is plain JSON, nothing in it is evaluated, and models load in Keras's safe
+mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import transferkit
+from transferkit.errors import ArtifactError, ConfigError
+from transferkit.files import (
+    atomic_path,
+    check_new_output,
+    remove_stale_temp_files,
+    write_json,
+    write_text,
+)
+from transferkit.runs.records import (
+    COMPLETE,
+    FAILED,
+    RUN_FORMAT,
+    RUN_FORMAT_VERSION,
+    RunRecord,
+)
+
+if TYPE_CHECKING:
+    from transferkit.data.folders import DataSplits
+    from transferkit.reporting import Reporter
+
+LOCK_FILE = ".transferkit.lock"  # held by the one process writing the run
+MODEL_FILE = "model.keras"
+RECORD_FILE = "run.json"
+HISTORY_JSON = "history.json"
+HISTORY_CSV = "history.csv"
+SPLITS_FILE = "splits.csv"
+CURVES_FILE = "curves.png"
+LR_FIND_FILE = "lr_find.png"
+TENSORBOARD_DIR = "tensorboard"
+EVALUATION_DIR = "evaluation"
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.keras"
+STATE_FILE = "state.json"
+HEAD_STATE = "head_state.npz"  # per-epoch checkpoint of a head trained on cached features
+FOLDS_DIR = "folds"  # cv: one complete finetune run per fold
+OOF_FILE = "oof.csv"  # cv: every image's out-of-fold prediction
+REPORT_FILE = "report.html"  # the run's self-contained page (run_report.py); audit's too
+RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
+             CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR, FOLDS_DIR, OOF_FILE,
+             REPORT_FILE)
+HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
+                   "learning_rate", "seconds")
+
+
+def versions() -> dict[str, str]:
+    """Library versions to record with a run."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    return {"transferkit": transferkit.__version__, "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
+
+
+def save_record(run_dir: Path, record: RunRecord) -> RunRecord:
+    """Writes run.json atomically, stamped with the time and library versions; returns the
+    record as written."""
+    record = record.replace(versions=versions(),
+                            updated=datetime.now(UTC).isoformat(timespec="seconds"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / RECORD_FILE, record.to_dict())
+    return record
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"Could not read '{path}' ({exc}). The run directory is damaged; "
+                            f"train it again.") from exc
+
+
+def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
+    """run.json, validated. With `finished`, a run still running or interrupted is an error.
+
+    Raises:
+        ArtifactError: the folder is not a run, or run.json is damaged or of another version.
+    """
+    if not run_dir.is_dir():
+        raise ArtifactError(f"Run directory '{run_dir}' does not exist. Pass a folder written "
+                            f"by `transferkit finetune` or `transferkit extract --train-head`.")
+    path = run_dir / RECORD_FILE
+    if not path.is_file():
+        raise ArtifactError(f"'{run_dir}' is not a transferkit run: it has no {RECORD_FILE}. "
+                            f"Pass a folder written by `transferkit finetune`.")
+    values = read_json(path)
+    if not isinstance(values, dict) or values.get("format") != RUN_FORMAT:
+        raise ArtifactError(f"'{path}' is not a transferkit run description.")
+    version = values.get("format_version")
+    if version == 2:
+        raise ArtifactError(
+            f"'{run_dir}' was written by an earlier transferkit (run format 2). Bring its "
+            f"run.json up to date, in place, with: transferkit upgrade {run_dir}")
+    if version == 1:
+        raise ArtifactError(
+            f"'{run_dir}' was written by transferkit 0.1 (run format 1), whose model.keras "
+            f"needs transferkit 0.1's own layer to load. Re-save it as a plain Keras run "
+            f"with: transferkit upgrade {run_dir}")
+    if version != RUN_FORMAT_VERSION:
+        raise ArtifactError(
+            f"'{run_dir}' was written in run format version {version!r}; this transferkit "
+            f"({transferkit.__version__}) reads version {RUN_FORMAT_VERSION}. Use the "
+            f"transferkit version that wrote it, or train the run again.")
+    try:
+        record = RunRecord.from_dict(values)
+    except ConfigError as exc:
+        raise ArtifactError(f"'{path}' is damaged: {exc}. Train the run again.") from exc
+    if finished and record.status == FAILED:
+        raise ArtifactError(f"'{run_dir}' holds a failed run: {record.failure}")
+    if finished and record.status != COMPLETE:
+        raise ArtifactError(
+            f"'{run_dir}' is an unfinished run ({describe_unfinished(record)}). Finish it with "
+            f"`transferkit finetune --resume {run_dir}` first.")
+    return record
+
+
+def describe_unfinished(record: RunRecord) -> str:
+    """'interrupted in stage head after epoch 3', or the bare status."""
+    where = record.stopped
+    return record.status + (f" in stage {where.stage} after epoch {where.epoch}" if where
+                            else "")
+
+
+def check_run_output(path: Path, overwrite: bool) -> None:
+    """Refuses an occupied run directory unless `overwrite`; an unfinished run there gets
+    a pointer to --resume.
+
+    Raises:
+        ArtifactError: `path` is a file, or holds something and `overwrite` is False.
+    """
+    if not overwrite and (path / RECORD_FILE).is_file():
+        try:
+            record = read_record(path, finished=False)
+        except ArtifactError:
+            record = None
+        if record is not None and record.status == FAILED:
+            raise ArtifactError(
+                f"The run directory '{path}' holds a failed run ({record.failure}). Pass "
+                f"--overwrite to start again there.")
+        if record is not None and record.status != COMPLETE:
+            raise ArtifactError(
+                f"The run directory '{path}' holds an unfinished run "
+                f"({describe_unfinished(record)}). Continue it with `transferkit finetune "
+                f"--resume {path}`, or pass --overwrite to start again.")
+    check_new_output(path, overwrite, what="run directory", ignore=(LOCK_FILE,))
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Makes this process the run directory's one writer while inside the block.
+
+    The lock is an exclusive flock on RUN/.transferkit.lock, which the kernel releases when the
+    holder exits, however it exits (kill -9 included): a lock left by a dead process is free
+    to take, with nothing to clean up first. A folder the lock created is removed again if
+    nothing else was written into it.
+
+    Raises:
+        ArtifactError: another process holds the lock; the message names it.
+    """
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ArtifactError(
+                f"'{run_dir}' is being written by another transferkit process ({holder}). "
+                f"Two runs in one folder would mix their files: wait for it to finish, stop "
+                f"it, or choose another -o.") from None
+        try:  # the holder before us may have removed the file after we opened it
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    for folder in (run_dir, run_dir / CHECKPOINTS_DIR):  # left by a writer that was killed
+        remove_stale_temp_files(folder)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if empty: a run that failed before writing anything
+
+
+def clear_run(run_dir: Path) -> None:
+    """Removes what an earlier run wrote into `run_dir` (for --overwrite); nothing else."""
+    for name in RUN_FILES:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def save_history(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    """history.json, and history.csv with one row per epoch."""
+    write_json(run_dir / HISTORY_JSON, list(history))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(run_dir / HISTORY_CSV, buffer.getvalue())
+
+
+def save_splits(run_dir: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+    """splits.csv: which file (relative path) had which label in which split."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("path", "label", "split"))
+    writer.writerows(rows)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / SPLITS_FILE, buffer.getvalue())
+
+
+SPLITS = ("train", "val", "test")
+
+
+def read_splits(run_dir: Path, class_names: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of splits.csv, each checked: a relative path inside the data folder, one of
+    the run's classes, one of the splits.
+
+    Raises:
+        ArtifactError: the file is missing, unreadable, or a row is damaged.
+    """
+    path = run_dir / SPLITS_FILE
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ArtifactError(f"Could not read '{path}' ({exc.strerror}).") from exc
+    except csv.Error as exc:
+        raise ArtifactError(f"'{path}' is damaged ({exc}); it is not the CSV transferkit "
+                            f"wrote. Train the run again.") from exc
+    known = set(class_names)
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        problem = None
+        if set(row) != {"path", "label", "split"} or None in row.values():
+            problem = "does not have the columns path, label, split"
+        elif row["label"] not in known:
+            problem = f"has label {row['label']!r}, which is not one of the run's classes"
+        elif row["split"] not in SPLITS:
+            problem = f"has split {row['split']!r}, not one of {', '.join(SPLITS)}"
+        elif not row["path"] or Path(row["path"]).is_absolute() or ".." in Path(
+                row["path"]).parts:
+            problem = f"has path {row['path']!r}, which is not inside the data folder"
+        if problem:
+            raise ArtifactError(f"'{path}' is damaged: line {number} {problem}. Train the run "
+                                f"again.")
+    return rows
+
+
+def save_model(path: Path, model: Any) -> None:
+    """Writes `model` for inference only: a fresh functional model over the same layers is
+    saved, so no optimizer state goes with it (Keras's .keras format always saves a compiled
+    model's optimizer)."""
+    import keras
+
+    plain = keras.Model(model.input, model.output, name=model.name)
+    with atomic_path(path) as tmp:
+        plain.save(tmp)
+
+
+def save_run(run_dir: Path, model: Any, record: RunRecord,
+             history: Sequence[Mapping[str, Any]]) -> RunRecord:
+    """Writes the finished run: model.keras, the history, and run.json marked complete. The
+    resume checkpoint is no longer needed; the best-of-stage checkpoints stay."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_model(run_dir / MODEL_FILE, model)
+    save_history(run_dir, history)
+    record = save_record(run_dir, record.replace(status=COMPLETE, stopped=None))
+    for name in (LAST_CHECKPOINT, STATE_FILE, HEAD_STATE):
+        (run_dir / CHECKPOINTS_DIR / name).unlink(missing_ok=True)
+    return record
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A finished run directory read back: its record and its model."""
+
+    path: Path
+    record: RunRecord
+    model: Any
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.record.class_names
+
+    @property
+    def image_size(self) -> int:
+        return self.record.image_size
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    """Reads a finished run directory. The model loads in Keras's safe mode.
+
+    Raises:
+        ArtifactError: files are missing, unreadable, or from an incompatible version.
+    """
+    import keras
+
+    record = read_record(run_dir)
+    model_path = run_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise ArtifactError(f"'{run_dir}' has no {MODEL_FILE}; the run did not finish. Train "
+                            f"it again.")
+    try:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"Could not load '{model_path}' ({exc}).") from exc
+    if model.output_shape[-1] != len(record.class_names):
+        raise ArtifactError(f"'{model_path}' predicts {model.output_shape[-1]} classes but "
+                            f"{RECORD_FILE} names {len(record.class_names)}; the run directory "
+                            f"is inconsistent.")
+    if tuple(model.input_shape[1:3]) != (record.image_size, record.image_size):
+        raise ArtifactError(f"'{model_path}' takes {model.input_shape[1]} px images but "
+                            f"{RECORD_FILE} says {record.image_size}; the run directory is "
+                            f"inconsistent.")
+    return LoadedRun(run_dir, record, model)
+
+
+def load_run_splits(run_dir: Path, record: RunRecord, reporter: Reporter) -> DataSplits:
+    """The splits a run was trained on (splits.csv), read again from its data folder: the
+    one reader of them, for resume, evaluate and export.
+
+    Raises:
+        ArtifactError: splits.csv is missing or damaged.
+        DataError: the data folder or the run's images are gone.
+    """
+    from transferkit.data.folders import splits_from_table
+
+    rows = read_splits(run_dir, record.class_names)
+    return splits_from_table(record.data_dir, record.class_names, rows, reporter)
+
