@@ -21,10 +21,12 @@ def _clusters(n: int = 64, dim: int = 4, seed: int = 0, spread: float = 4.0
 
 def test_overfit_check_passes_on_separable_data_and_fails_on_shuffled_labels():
     features, labels = _clusters()
-    passed = fit_tiny_subset(features, labels, 2, 0, "auto", OptimizerConfig(), 0.05)
+    # 40 epochs instead of the check's 100: separable clusters need far fewer
+    passed = fit_tiny_subset(features, labels, 2, 0, "auto", OptimizerConfig(), 0.05, epochs=40)
     assert passed.passed and passed.last_loss < passed.first_loss
     shuffled = np.random.default_rng(1).permutation(labels)
-    failed = fit_tiny_subset(features, shuffled, 2, 0, "auto", OptimizerConfig(), 0.05)
+    failed = fit_tiny_subset(features, shuffled, 2, 0, "auto", OptimizerConfig(), 0.05,
+                             epochs=40)
     assert not failed.passed and failed.train_accuracy < 0.9
 
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_SETUP
 from typer.testing import CliRunner
 
 from transferkit.cli import app
 
 runner = CliRunner()
 LITE0 = ["--weights", "none", "--image-size", "32", "--batch-size", "8"]
-TINY = [*LITE0, "--base", "tiny"]  # tests/tinybase.py; a subprocess knows only LITE0
+TINY = [*LITE0, "--base", "tiny"]  # tests/tinybase.py
 TINY_FT = [*TINY, "--no-adapt"]  # finetune on random weights: the data checks are not the subject
 
 
@@ -402,6 +403,11 @@ def _entry_point() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "transferkit"]
 
 
+def _entry_point_with_tiny() -> list[str]:
+    """The command line in a new process that also knows the tests' tiny base."""
+    return [sys.executable, "-c", TINY_SETUP + "from transferkit.cli import main; main()"]
+
+
 def test_commands_that_load_tensorflow_start_quiet(trained_run: Path, image_folder: Path,
                                                    tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRANSFERKIT_VERBOSE",
@@ -600,8 +606,9 @@ def test_hostile_files_are_skipped_and_reported_never_hang(tmp_path: Path):
                                             for p in f["paths"]}  # a duplicate of squares_1
 
     run_dir = tmp_path / "run"
-    trained = subprocess.run([*_entry_point(), "finetune", str(data), "-o", str(run_dir),
-                              *LITE0, "--epochs", "1", "--finetune-epochs", "0", "--no-augment"],
+    trained = subprocess.run([*_entry_point_with_tiny(), "finetune", str(data), "-o",
+                              str(run_dir), *TINY, "--epochs", "1", "--finetune-epochs", "0",
+                              "--no-augment"],
                              capture_output=True, timeout=300, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     skipped = {Path(s["path"]).name for s in json.loads(
