@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -346,3 +347,32 @@ def test_upgrade_re_saves_a_transferkit_0_1_run_as_plain_keras(trained_run: Path
         "config.json").decode()  # plain Keras now
     again = CliRunner().invoke(app, ["upgrade", str(run_dir)])
     assert again.exit_code == 1 and "nothing to upgrade" in again.stderr
+
+
+def test_upgrade_brings_a_format_2_run_up_to_date(trained_run: Path, tmp_path: Path):
+    """Format 2 kept the resolved values in the config; upgrade takes the image size and
+    the plan from them, and changes nothing else."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from transferkit.cli import app
+
+    run_dir = tmp_path / "v2"
+    shutil.copytree(trained_run, run_dir)
+    current = json.loads((run_dir / "run.json").read_text())
+    plan = current["plan"]
+    old = {k: v for k, v in current.items() if k not in ("plan", "image_size")}
+    old["config"] = {**old["config"], "data": {**old["config"]["data"], "image_size": 32},
+                     "finetune_lr": plan["finetune_lr"], "unfreeze_blocks": 2,
+                     "augment": plan["augment"]}
+    old |= {"format_version": 2, "class_weights": plan["class_weights"]}
+    (run_dir / "run.json").write_text(json.dumps(old))
+    refused = CliRunner().invoke(app, ["predict", str(run_dir), str(tmp_path)])
+    assert refused.exit_code == 1 and "transferkit upgrade" in " ".join(refused.stderr.split())
+    upgraded = CliRunner().invoke(app, ["upgrade", str(run_dir)])
+    assert upgraded.exit_code == 0 and "from run format 2 to 3" in upgraded.stdout
+    record = read_record(run_dir)
+    assert record.image_size == 32 and record.plan is not None
+    assert json.loads(json.dumps(dataclasses.asdict(record.plan))) == plan
+    assert (run_dir / "model.keras").read_bytes() == (trained_run / "model.keras").read_bytes()

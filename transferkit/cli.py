@@ -370,10 +370,10 @@ def export(settings: Settings = None) -> None:  # type: ignore[assignment]
 @app.command()
 def upgrade(
     run: Annotated[Path, typer.Argument(
-        help="Run directory written by transferkit 0.1.", exists=False, file_okay=False,
+        help="Run directory written by an earlier transferkit.", exists=False, file_okay=False,
         show_default=False)],
 ) -> None:
-    """Re-save a run written by transferkit 0.1 as plain Keras (run format 2), in place."""
+    """Bring a run written by an earlier transferkit up to date, in place."""
     with _user_errors():
         from transferkit.runs.directory import RECORD_FILE
 
@@ -384,10 +384,12 @@ def upgrade(
         load_tensorflow()
         from transferkit.console import stdout
         from transferkit.legacy import upgrade_run
+        from transferkit.runs.records import RUN_FORMAT_VERSION
 
-        upgrade_run(run)
-        stdout.print(f"Re-saved '{run}' as run format 2: its model.keras now loads in plain "
-                     f"Keras, and every command reads it.")
+        was = upgrade_run(run)
+        stdout.print(f"Brought '{run}' from run format {was} to {RUN_FORMAT_VERSION}, in "
+                     f"place" + (": its model.keras now loads in plain Keras" if was == 1
+                                 else "") + ". Every command reads it now.")
 
 
 @app.command("bases")

@@ -114,10 +114,10 @@ def record_from_v2(values: dict[str, Any]) -> RunRecord:
     return RunRecord.from_dict(record)
 
 
-def upgrade_run(run_dir: Path) -> RunRecord:
+def upgrade_run(run_dir: Path) -> int:
     """Brings a run of an earlier format up to the current one, in place (format 1: the same
     base and head re-saved behind Keras's own preprocessing layers, checked to give the same
-    probabilities first).
+    probabilities first). Returns the format it had.
 
     Raises:
         ArtifactError: `run_dir` is not a run of an earlier format, or cannot be converted.
@@ -135,10 +135,10 @@ def upgrade_run(run_dir: Path) -> RunRecord:
             record = record_from_v1(values) if version == 1 else record_from_v2(values)
         except ConfigError as exc:
             raise ArtifactError(f"'{run_dir / RECORD_FILE}' is damaged: {exc}.") from exc
-        if version == 2:
-            return save_record(run_dir, record)
-        base_layer = _resave_v1_model(run_dir, record)
-        return save_record(run_dir, record.replace(base_layer=base_layer))
+        if version == 1:
+            record = record.replace(base_layer=_resave_v1_model(run_dir, record))
+        save_record(run_dir, record)
+        return version
 
 
 def _resave_v1_model(run_dir: Path, record: RunRecord) -> str:
