@@ -98,7 +98,8 @@ def test_leaves_import_no_other_transferkit_module():
     graph = _imports()
     assert graph["transferkit.errors"] == set() and graph["transferkit.reporting"] == set()
     assert graph["transferkit.config"] <= {"transferkit.errors"}
-    assert graph["transferkit.cache"] == graph["transferkit.stats"] == set()
+    assert graph["transferkit.cache"] <= {"transferkit.errors"}
+    assert graph["transferkit.stats"] == set()
 
 
 def test_importing_the_cli_loads_no_tensorflow():

@@ -174,9 +174,11 @@ def test_one_writer_per_run_directory_and_a_dead_holder_frees_it(tmp_path: Path)
         with pytest.raises(ArtifactError, match=rf"another transferkit process \(process "
                                                 rf"{holder.pid} on "), run_lock(run_dir):
             pass
-        check_run_output(run_dir, overwrite=False)  # the lock file alone is not a run
+        with pytest.raises(ArtifactError, match="is being written by another"):
+            check_run_output(run_dir, overwrite=True)  # refused at once, before any work
         os.kill(holder.pid, signal.SIGKILL)  # a stale lock: its process is gone
         holder.wait(timeout=30)
+        check_run_output(run_dir, overwrite=False)  # the lock file alone is not a run
         with run_lock(run_dir):
             assert (run_dir / LOCK_FILE).read_text().startswith(f"process {os.getpid()} ")
         assert not run_dir.exists() or not any(run_dir.iterdir())

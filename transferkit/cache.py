@@ -9,19 +9,50 @@ what lives there, under which names, and clearing it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
 
+from transferkit.errors import ArtifactError
+
 FEATURES, CONVERTED, WEIGHTS = "features", "converted", "weights"
 PARTS = (FEATURES, CONVERTED, WEIGHTS)
 INSPECTED = "inspected.json"  # points at converted copies: cleared with them
+LOCK = ".in-use.lock"  # shared by every process using the cache; clearing takes it alone
+_held: list[int] = []  # this process's shared lock, held until it exits
 
 
 def cache_dir() -> Path:
-    """transferkit's cache folder: $TRANSFERKIT_HOME, else ~/.cache/transferkit."""
+    """transferkit's cache folder: $TRANSFERKIT_HOME, else ~/.cache/transferkit.
+
+    Raises:
+        ArtifactError: it, or a folder above it, is a file.
+    """
     root = os.environ.get("TRANSFERKIT_HOME")
-    return Path(root) if root else Path.home() / ".cache" / "transferkit"
+    folder = Path(root) if root else Path.home() / ".cache" / "transferkit"
+    for above in (folder, *folder.parents):
+        if above.exists() and not above.is_dir():
+            where = "TRANSFERKIT_HOME" if root else "transferkit's cache folder"
+            raise ArtifactError(f"{where} is '{folder}', but '{above}' is a file, not a "
+                                f"folder. Point TRANSFERKIT_HOME at a folder (it is created "
+                                f"if missing), or move the file.")
+    return folder
+
+
+def share_cache() -> None:
+    """Marks the cache as in use by this process until it exits (a shared lock), so that
+    `transferkit cache --clear` in another process waits for no one and deletes nothing
+    this process reads."""
+    if _held:
+        return
+    folder = cache_dir()
+    with contextlib.suppress(OSError):  # a read-only home: no cache to protect either
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _held.append(fd)
 
 
 def cache_path(part: str) -> Path:
@@ -42,7 +73,27 @@ def cache_usage() -> dict[str, tuple[int, int]]:
 
 def clear_cache(weights: bool = False) -> None:
     """Removes cached features and converted images (rebuilt when needed), and the converted
-    ImageNet weights too when `weights`."""
-    for part in (FEATURES, CONVERTED, *((WEIGHTS,) if weights else ())):
-        shutil.rmtree(cache_path(part), ignore_errors=True)
-    cache_path(INSPECTED).unlink(missing_ok=True)
+    ImageNet weights too when `weights`.
+
+    Raises:
+        ArtifactError: another transferkit process is using the cache.
+    """
+    folder = cache_dir()
+    if not folder.is_dir():
+        return
+    while _held:  # this process's own use ends here
+        os.close(_held.pop())
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ArtifactError(f"Another transferkit process is using the cache in '{folder}' "
+                            f"(a run may read its converted images and features). Clear it "
+                            f"when that process has ended.") from None
+    try:
+        for part in (FEATURES, CONVERTED, *((WEIGHTS,) if weights else ())):
+            shutil.rmtree(cache_path(part), ignore_errors=True)
+        cache_path(INSPECTED).unlink(missing_ok=True)
+    finally:
+        os.close(fd)

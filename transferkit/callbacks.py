@@ -5,11 +5,12 @@ says whether an epoch is better (`improves`)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -167,6 +168,25 @@ class StopRequested(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+@contextlib.contextmanager
+def raise_on_sigterm() -> Iterator[None]:
+    """While inside, SIGTERM raises StopRequested where the program is, as Ctrl-C raises
+    KeyboardInterrupt, so a run stopped outside its epochs (reading data, fitting the probe)
+    still records that it was stopped. StopOnSignal takes over during the epochs."""
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise StopRequested(signum)
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StopOnSignal:

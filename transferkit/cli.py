@@ -85,6 +85,14 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def _load() -> None:
+    """TensorFlow, once the cheap checks passed; the cache is in use from here on."""
+    from transferkit.cache import share_cache
+
+    share_cache()
+    load_tensorflow()
+
+
 def _check_data(data: DataConfig, base: str, blocks: int | None = None,
                 blocks_option: str = "--unfreeze-blocks") -> None:
     """The checks on a data folder, image size and block count that need no TensorFlow, so
@@ -135,7 +143,7 @@ def finetune(
         if config.output is None and not overfit_check:
             raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
         _check_recipe(config)
-        load_tensorflow()
+        _load()
         from transferkit.console import RichReporter, render_finetune, render_overfit
 
         if not overfit_check:
@@ -159,7 +167,7 @@ def _resume(run_dir: Path, settings: Settings) -> None:
         raise ConfigError(f"--resume continues with the settings the run was started with; "
                           f"got {given} too. Drop them, or start a new run with -o.")
     read_record(run_dir, finished=False)
-    load_tensorflow()
+    _load()
     from transferkit.console import RichReporter, render_finetune
     from transferkit.training.recipe import resume_finetune
 
@@ -179,7 +187,7 @@ def cv(settings: Settings = None) -> None:  # type: ignore[assignment]
     with _user_errors():
         config = settings.build()
         _check_recipe(config.recipe)
-        load_tensorflow()
+        _load()
         from transferkit.console import RichReporter, render_cv
         from transferkit.cv import cross_validate
 
@@ -198,7 +206,7 @@ def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
 
         _check_data(config.data, config.base)
         check_new_output(config.output, config.overwrite, what="audit folder")
-        load_tensorflow()
+        _load()
         from transferkit.audit import audit as run_audit
         from transferkit.console import RichReporter, render_audit
 
@@ -222,7 +230,7 @@ def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
         check_new_output(config.output, config.overwrite, what="feature file")
         if config.head is not None:
             check_run_output(config.head.output, config.overwrite)
-        load_tensorflow()
+        _load()
         from transferkit.console import RichReporter, render_extract
         from transferkit.extract import extract as run_extract
 
@@ -254,7 +262,7 @@ def predict(settings: Settings = None) -> None:  # type: ignore[assignment]
         read_record(config.run_dir)
         if config.output not in (None, Path("-")):
             check_new_output(config.output, config.overwrite)
-        load_tensorflow()
+        _load()
         from transferkit.console import (
             RichReporter,
             render_prediction_summary,
@@ -293,7 +301,7 @@ def evaluate(settings: Settings = None) -> None:  # type: ignore[assignment]
             check_data_root(config.data_dir)
         if config.output is not None:
             check_new_output(config.output, config.overwrite, what="evaluation folder")
-        load_tensorflow()
+        _load()
         from transferkit.console import RichReporter, render_evaluation
         from transferkit.evaluate import evaluate as run_evaluate
 
@@ -310,7 +318,7 @@ def augment_preview(settings: Settings = None) -> None:  # type: ignore[assignme
 
         _check_data(config.data, config.base)
         check_new_output(config.output, config.overwrite)
-        load_tensorflow()
+        _load()
         from transferkit.console import RichReporter, stderr
         from transferkit.training.checks import preview_augmentation
 
@@ -360,7 +368,7 @@ def export(settings: Settings = None) -> None:  # type: ignore[assignment]
 
         check_new_output(config.output, config.overwrite, what="export")
         read_record(config.run_dir)
-        load_tensorflow()
+        _load()
         from transferkit.console import RichReporter, render_export
         from transferkit.export import export as run_export
 
@@ -375,21 +383,14 @@ def upgrade(
 ) -> None:
     """Bring a run written by an earlier transferkit up to date, in place."""
     with _user_errors():
-        from transferkit.runs.directory import RECORD_FILE
+        from transferkit.runs.directory import check_run_dir
 
-        if not (run / RECORD_FILE).is_file():
-            from transferkit.runs.directory import read_record
-
-            read_record(run)  # says what is wrong with the folder
-        load_tensorflow()
-        from transferkit.console import stdout
+        check_run_dir(run)
+        _load()
+        from transferkit.console import render_upgrade
         from transferkit.legacy import upgrade_run
-        from transferkit.runs.records import RUN_FORMAT_VERSION
 
-        was = upgrade_run(run)
-        stdout.print(f"Brought '{run}' from run format {was} to {RUN_FORMAT_VERSION}, in "
-                     f"place" + (": its model.keras now loads in plain Keras" if was == 1
-                                 else "") + ". Every command reads it now.")
+        render_upgrade(run, upgrade_run(run))
 
 
 @app.command("bases")
@@ -416,7 +417,7 @@ def bases_command(
         from transferkit.data.folders import check_data_folder
 
         check_data_folder(data.data_dir)
-        load_tensorflow()
+        _load()
         from transferkit.console import RichReporter, render_ranks
         from transferkit.ranking import rank_bases
 

@@ -165,6 +165,9 @@ PRECISION_HELP = ("auto: mixed float16 on GPUs with tensor cores (the softmax st
                   "float32; mixed.")
 
 
+MAX_PREVIEW = 32  # rows or columns of the augment-preview grid: beyond it, a figure no one reads
+
+
 @dataclass(frozen=True, kw_only=True)
 class PreviewConfig:
     """`transferkit augment-preview`: a grid of training images and augmented draws."""
@@ -181,8 +184,12 @@ class PreviewConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        _check(self.images >= 1, f"--images must be at least 1; got {self.images}.")
-        _check(self.variants >= 1, f"--variants must be at least 1; got {self.variants}.")
+        _check(1 <= self.images <= MAX_PREVIEW,
+               f"--images must be between 1 and {MAX_PREVIEW} (rows of one PNG); got "
+               f"{self.images}.")
+        _check(1 <= self.variants <= MAX_PREVIEW,
+               f"--variants must be between 1 and {MAX_PREVIEW} (columns of one PNG); got "
+               f"{self.variants}.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -413,3 +413,11 @@ def render_cache(folder: Path, usage: Mapping[str, tuple[int, int]]) -> None:
     for part, (files, size) in usage.items():
         table.add_row(part, str(files), f"{size / 1e6:.1f}")
     stdout.print(table)
+
+
+def render_upgrade(run: Path, was: int) -> None:
+    from transferkit.runs.records import RUN_FORMAT_VERSION
+
+    stdout.print(f"Brought '{run}' from run format {was} to {RUN_FORMAT_VERSION}, in place"
+                 + (": its model.keras now loads in plain Keras" if was == 1 else "")
+                 + ". Every command reads it now.")

@@ -272,6 +272,7 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
                   + " ...")
     expected = run.model.predict(check_images, verbose=0)
     tolerance = TOLERANCE[config.quantize]
+    config.output.parent.mkdir(parents=True, exist_ok=True)  # as every command's output
     with tempfile.TemporaryDirectory(dir=config.output.parent) as tmp:
         built = Path(tmp) / config.output.name
         fmt.write(run, built, calibration, config.quantize)

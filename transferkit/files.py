@@ -20,7 +20,10 @@ from transferkit.errors import ArtifactError
 # Why a write failed, for the errors a user can fix; anything else stays a bug's traceback.
 WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}
+                errno.EPERM: "permission denied",
+                errno.ENAMETOOLONG: "the name is too long for the file system",
+                errno.ENOTDIR: "a part of the path is a file, not a folder"}
+TEMP_OVERHEAD = 1 + 1 + 8 + 4  # atomic_path's temp name: "." + name + "." + 8 hex + ".tmp"
 _TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp")  # what atomic_path names its temp files
 
 
@@ -108,6 +111,7 @@ def check_new_output(path: Path, overwrite: bool, what: str = "output file",
     Raises:
         ArtifactError: `path` holds something and `overwrite` is False, or is the wrong kind.
     """
+    check_name_length(path)  # before anything asks the file system about `path`
     is_dir_output = what.endswith(("directory", "folder"))
     if path.exists() and is_dir_output and not path.is_dir():
         raise ArtifactError(f"'{path}' is a file, not a {what}. Choose another -o/--output.")
@@ -150,6 +154,33 @@ def check_writable(path: Path) -> None:
                             f"another output, or change the folder's permissions.")
 
 
+def check_name_length(path: Path) -> None:
+    """Every name in `path` that would be created fits the file system, with room for the
+    temporary name the file is written under first, so a long name is refused before any
+    work rather than after it.
+
+    Raises:
+        ArtifactError: naming the part that is too long and the limit.
+    """
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for i, part in enumerate(path.parts):
+        size = len(os.fsencode(part))
+        if i == len(path.parts) - 1:  # the file itself is first written under a longer name
+            size += TEMP_OVERHEAD + len("".join(Path(part).suffixes))
+        if size > limit:
+            raise ArtifactError(
+                f"The name '{part[:40]}...' is {len(os.fsencode(part))} bytes long; this file "
+                f"system allows {limit} per name, and transferkit needs "
+                f"{size - len(os.fsencode(part))} more for the temporary name it writes "
+                f"under first. Choose a shorter name.")
+
+
 def describe_write_error(exc: OSError) -> str | None:
     """One line for a write that failed for a reason the user can fix, else None."""
     reason = WRITE_ERRORS.get(exc.errno or 0)
@@ -158,7 +189,8 @@ def describe_write_error(exc: OSError) -> str | None:
     where = f" '{exc.filename}'" if exc.filename else ""
     fix = ("Free some space, or write to another disk." if exc.errno in (errno.ENOSPC,
                                                                         errno.EDQUOT)
-           else "Choose another output, or change the folder's permissions.")
+           else "Choose a shorter name." if exc.errno == errno.ENAMETOOLONG
+           else "Choose another output.")
     return f"Could not write{where}: {reason}. Nothing was left half-written. {fix}"
 
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import warnings
 from collections.abc import Iterator, Sequence
@@ -156,7 +157,10 @@ def inspect_image(path: Path) -> ImageInfo:
         return ImageInfo(path, len(data), digest, **found, problem_kind="too_large",
                          problem=f"above the limit of {MAX_PIXELS / 1e6:.0f} megapixels ({exc})")
     except (OSError, SyntaxError, ValueError) as exc:
-        message = str(exc) or type(exc).__name__
+        # Pillow names the in-memory buffer it read ("<_io.BytesIO object at 0x...>"): the
+        # file is named beside the message already
+        message = re.sub(r"\s*<[^<>]* object at 0x[0-9a-f]+>", "", str(exc)) or \
+            type(exc).__name__
         kind = "truncated" if "truncat" in message.lower() else "unreadable"
         return ImageInfo(path, len(data), digest, **found,
                          problem=f"{'truncated' if kind == 'truncated' else 'unreadable'} "

@@ -100,19 +100,24 @@ def read_json(path: Path) -> Any:
                             f"train it again.") from exc
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Raises an ArtifactError unless `run_dir` is a folder with a run.json."""
+    if not run_dir.is_dir():
+        raise ArtifactError(f"Run directory '{run_dir}' does not exist. Pass a folder written "
+                            f"by `transferkit finetune` or `transferkit extract --train-head`.")
+    if not (run_dir / RECORD_FILE).is_file():
+        raise ArtifactError(f"'{run_dir}' is not a transferkit run: it has no {RECORD_FILE}. "
+                            f"Pass a folder written by `transferkit finetune`.")
+
+
 def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
     """run.json, validated. With `finished`, a run still running or interrupted is an error.
 
     Raises:
         ArtifactError: the folder is not a run, or run.json is damaged or of another version.
     """
-    if not run_dir.is_dir():
-        raise ArtifactError(f"Run directory '{run_dir}' does not exist. Pass a folder written "
-                            f"by `transferkit finetune` or `transferkit extract --train-head`.")
+    check_run_dir(run_dir)
     path = run_dir / RECORD_FILE
-    if not path.is_file():
-        raise ArtifactError(f"'{run_dir}' is not a transferkit run: it has no {RECORD_FILE}. "
-                            f"Pass a folder written by `transferkit finetune`.")
     values = read_json(path)
     if not isinstance(values, dict) or values.get("format") != RUN_FORMAT:
         raise ArtifactError(f"'{path}' is not a transferkit run description.")
@@ -138,17 +143,52 @@ def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
     if finished and record.status == FAILED:
         raise ArtifactError(f"'{run_dir}' holds a failed run: {record.failure}")
     if finished and record.status != COMPLETE:
-        raise ArtifactError(
-            f"'{run_dir}' is an unfinished run ({describe_unfinished(record)}). Finish it with "
-            f"`transferkit finetune --resume {run_dir}` first.")
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise ArtifactError(f"'{run_dir}' is still being written by another transferkit "
+                                f"process ({holder}). Wait for it to finish.")
+        raise ArtifactError(f"'{run_dir}' is an unfinished run ({describe_unfinished(record)})."
+                            f" {how_to_continue(run_dir)}")
     return record
+
+
+def how_to_continue(run_dir: Path) -> str:
+    """What to do with an unfinished run no process is writing: resume it from its
+    checkpoint, or, when it stopped before its first one, start it again."""
+    if (run_dir / CHECKPOINTS_DIR / STATE_FILE).is_file():
+        return (f"Continue it with `transferkit finetune --resume {run_dir}` (or start it "
+                f"again with --overwrite).")
+    return ("It stopped before its first checkpoint, so there is nothing to resume: start "
+            "it again with --overwrite.")
+
+
+_HELD: set[Path] = set()  # run directories this process holds the lock of
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who else is writing `run_dir` now ('process N on HOST'), or None when no other
+    process is."""
+    if run_dir.resolve() in _HELD:
+        return None
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return None
 
 
 def describe_unfinished(record: RunRecord) -> str:
     """'interrupted in stage head after epoch 3', or the bare status."""
     where = record.stopped
     return record.status + (f" in stage {where.stage} after epoch {where.epoch}" if where
-                            else "")
+                            else "") + (f" by an error: {record.failure}" if record.failure
+                                        else "")
 
 
 def check_run_output(path: Path, overwrite: bool) -> None:
@@ -158,6 +198,11 @@ def check_run_output(path: Path, overwrite: bool) -> None:
     Raises:
         ArtifactError: `path` is a file, or holds something and `overwrite` is False.
     """
+    holder = lock_holder(path)
+    if holder is not None:
+        raise ArtifactError(f"'{path}' is being written by another transferkit process "
+                            f"({holder}). Two runs in one folder would mix their files: wait "
+                            f"for it to finish, stop it, or choose another -o.")
     if not overwrite and (path / RECORD_FILE).is_file():
         try:
             record = read_record(path, finished=False)
@@ -170,8 +215,7 @@ def check_run_output(path: Path, overwrite: bool) -> None:
         if record is not None and record.status != COMPLETE:
             raise ArtifactError(
                 f"The run directory '{path}' holds an unfinished run "
-                f"({describe_unfinished(record)}). Continue it with `transferkit finetune "
-                f"--resume {path}`, or pass --overwrite to start again.")
+                f"({describe_unfinished(record)}). {how_to_continue(path)}")
     check_new_output(path, overwrite, what="run directory", ignore=(LOCK_FILE,))
 
 
@@ -212,9 +256,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
     for folder in (run_dir, run_dir / CHECKPOINTS_DIR):  # left by a writer that was killed
         remove_stale_temp_files(folder)
+    _HELD.add(run_dir.resolve())
     try:
         yield
     finally:
+        _HELD.discard(run_dir.resolve())
         path.unlink(missing_ok=True)
         os.close(fd)
         if created:
@@ -308,7 +354,7 @@ def save_run(run_dir: Path, model: Any, record: RunRecord,
     run_dir.mkdir(parents=True, exist_ok=True)
     save_model(run_dir / MODEL_FILE, model)
     save_history(run_dir, history)
-    record = save_record(run_dir, record.replace(status=COMPLETE, stopped=None))
+    record = save_record(run_dir, record.replace(status=COMPLETE, stopped=None, failure=None))
     for name in (LAST_CHECKPOINT, STATE_FILE, HEAD_STATE):
         (run_dir / CHECKPOINTS_DIR / name).unlink(missing_ok=True)
     return record

@@ -189,7 +189,7 @@ class Stopped:
 
     stage: str
     epoch: int
-    signal: str
+    signal: str | None = None  # None: stopped by an error, which `failure` names
 
 
 @dataclass(frozen=True, kw_only=True)

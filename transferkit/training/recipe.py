@@ -9,8 +9,10 @@ callbacks.py.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from transferkit.calibration import (
     log_loss,
     scale,
 )
-from transferkit.callbacks import StopOnSignal
+from transferkit.callbacks import StopOnSignal, StopRequested, raise_on_sigterm
 from transferkit.config import AUTO_BASE, FinetuneConfig
 from transferkit.data.folders import DataSplits
 from transferkit.data.pipeline import build_dataset
@@ -51,6 +53,7 @@ from transferkit.runs.directory import (
 )
 from transferkit.runs.records import (
     FAILED,
+    INTERRUPTED,
     RUNNING,
     Calibration,
     Choice,
@@ -59,12 +62,13 @@ from transferkit.runs.records import (
     RunRecord,
     Score,
     StageResult,
+    Stopped,
 )
 from transferkit.training.adaptation import assess
 from transferkit.training.checks import lr_find
 from transferkit.training.choice import choose
 from transferkit.training.choice import describe as describe_choice
-from transferkit.training.loop import Training, resume, train_stages
+from transferkit.training.loop import Training, interrupted, resume, train_stages
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
 from transferkit.training.probe import fit_probe
@@ -96,11 +100,12 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
     reporter = reporter or NullReporter()
     if config.output is None:
         raise ArtifactError("finetune needs a run directory: pass -o RUN.")
-    with run_lock(config.output):
+    with run_lock(config.output), raise_on_sigterm():
         training = _start(config, reporter, splits)  # data, model, lr-find; run.json
-        x_train = _probe(training)  # the first candidate model, and the bar to beat
-        _decide(training, x_train)  # data checks -> the Plan, recorded once
-        return _train_and_keep(training)  # stages, choice, calibration, scores, report
+        with _recording_how_it_ends(training):
+            x_train = _probe(training)  # the first candidate model, and the bar to beat
+            _decide(training, x_train)  # data checks -> the Plan, recorded once
+            return _train_and_keep(training)  # stages, choice, calibration, scores, report
 
 
 def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> FinetuneResult:
@@ -113,8 +118,34 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
 
     reporter = reporter or NullReporter()
     read_record(run_dir, finished=False)  # a missing folder is an error, not a folder to make
-    with run_lock(run_dir):
-        return _train_and_keep(resume(run_dir, reporter))
+    with run_lock(run_dir), raise_on_sigterm():
+        training = resume(run_dir, reporter)
+        with _recording_how_it_ends(training):
+            return _train_and_keep(training)
+
+
+@contextlib.contextmanager
+def _recording_how_it_ends(t: Training) -> Iterator[None]:
+    """Whatever ends a run early (a signal, a full disk, data gone, a bug), run.json says
+    so: interrupted where it stopped, when a checkpoint allows --resume; failed, with the
+    reason, when nothing can be resumed."""
+    try:
+        yield
+    except (KeyboardInterrupt, StopRequested) as exc:
+        if t.record.status != RUNNING:
+            raise
+        signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
+        raise interrupted(t, signum) from None
+    except BaseException as exc:
+        if t.record.status == RUNNING:
+            reason = str(exc) or type(exc).__name__
+            with contextlib.suppress(OSError):  # a full disk may refuse this write too
+                if t.history:
+                    t.save(status=INTERRUPTED, failure=reason, stopped=Stopped(
+                        stage=t.history[-1]["stage"], epoch=t.history[-1]["epoch"]))
+                else:
+                    t.save(status=FAILED, failure=reason)
+        raise
 
 
 def _start(config: FinetuneConfig, reporter: Reporter, splits: DataSplits | None) -> Training:

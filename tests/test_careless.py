@@ -1,0 +1,202 @@
+"""A careless user's mistakes and accidents end in a clear message, a truthful run.json and
+exit 1 or 2, never a traceback: one test per class of fault (issue 26)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SETUP, Recorder
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+from transferkit.config import DataConfig, FinetuneConfig
+from transferkit.errors import ArtifactError, RunInterrupted
+from transferkit.files import check_new_output
+
+runner = CliRunner()
+
+
+def said(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_a_name_too_long_for_the_file_system_is_refused_before_any_work(tmp_path: Path,
+                                                                       trained_run: Path,
+                                                                       image_folder: Path):
+    with pytest.raises(ArtifactError, match="Choose a shorter name"):
+        check_new_output(tmp_path / ("x" * 300 + ".csv"), overwrite=False)
+    # legal on its own, too long once the temporary name's suffix is added
+    with pytest.raises(ArtifactError, match="allows 255 per name"):
+        check_new_output(tmp_path / ("p" * 247 + ".csv"), overwrite=False)
+    check_new_output(tmp_path / ("p" * 200 + ".csv"), overwrite=False)  # fits
+    result = runner.invoke(app, ["predict", str(trained_run), str(image_folder), "-o",
+                                 str(tmp_path / ("y" * 250 + ".csv"))])
+    assert result.exit_code == 1 and "Choose a shorter name" in said(result.stderr)
+    assert "Traceback" not in result.output
+
+
+def test_transferkit_home_that_is_a_file_is_a_clear_error(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    monkeypatch.setenv("TRANSFERKIT_HOME", str(home))
+    result = runner.invoke(app, ["cache"])
+    assert result.exit_code == 1 and "is a file, not a folder" in said(result.stderr)
+    monkeypatch.setenv("TRANSFERKIT_HOME", str(home / "below"))
+    assert runner.invoke(app, ["cache", "--clear"]).exit_code == 1
+
+
+def test_the_cache_is_not_cleared_under_a_running_process(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TRANSFERKIT_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "features").mkdir(parents=True)
+    (tmp_path / "home" / "features" / "f.npz").write_bytes(b"kept")
+    user = subprocess.Popen([sys.executable, "-c", "import sys, time; "
+                             "from transferkit.cache import share_cache; share_cache(); "
+                             "print('ready', flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert user.stdout.readline().strip() == "ready"
+        refused = runner.invoke(app, ["cache", "--clear"])
+        assert refused.exit_code == 1 and "Another transferkit process is using the cache" \
+            in said(refused.stderr)
+        assert (tmp_path / "home" / "features" / "f.npz").exists()
+    finally:
+        user.kill()
+        user.wait()
+    assert runner.invoke(app, ["cache", "--clear"]).exit_code == 0
+    assert not (tmp_path / "home" / "features").exists()
+
+
+def test_export_creates_missing_parent_folders_as_every_command_does(trained_run: Path,
+                                                                    tmp_path: Path):
+    target = tmp_path / "new" / "deeper" / "m.tflite"
+    result = runner.invoke(app, ["export", str(trained_run), "--format", "tflite", "-o",
+                                 str(target), "--check-images", "2"])
+    assert result.exit_code == 0, result.output
+    assert target.is_file() and target.with_suffix(".labels.txt").is_file()
+
+
+def test_unbounded_preview_work_is_refused(image_folder: Path, tmp_path: Path):
+    result = runner.invoke(app, ["augment-preview", str(image_folder), "-o",
+                                 str(tmp_path / "g.png"), "--variants", "100000"])
+    assert result.exit_code == 2 and "--variants must be between 1 and 32" in said(
+        result.stderr)
+
+
+def _signalled_in_the_probe(signum: int):
+    """A reporter that sends `signum` when the probe's features are being computed: outside
+    the epochs, where StopOnSignal is not listening."""
+    class Signaller(Recorder):
+        def info(self, message: str) -> None:
+            super().info(message)
+            if message.startswith("Frozen-base features"):
+                os.kill(os.getpid(), signum)
+    return Signaller()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_before_the_epochs_leaves_a_truthful_record(image_folder: Path, tmp_path: Path,
+                                                            signum: int):
+    from transferkit.training.recipe import finetune
+
+    run_dir = tmp_path / "run"
+    config = FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, image_size=32,
+                                                         batch_size=8),
+                            output=run_dir, weights="none", base="tiny", finetune_epochs=1)
+    with pytest.raises(RunInterrupted, match="no checkpoint to resume"):
+        finetune(config, _signalled_in_the_probe(signum))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    again = runner.invoke(app, ["finetune", str(image_folder), "-o", str(run_dir)])
+    assert again.exit_code == 1
+    assert "nothing to resume: start it again with --overwrite" in said(again.stderr)
+    assert "--resume" not in said(again.stderr)
+
+
+def test_an_error_mid_run_is_recorded_not_left_running(image_folder: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    import errno
+
+    import transferkit.training.recipe as recipe
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "curves.png")
+
+    monkeypatch.setattr(recipe, "plot_curves", disk_full)
+    run_dir = tmp_path / "run"
+    config = FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, image_size=32,
+                                                         batch_size=8),
+                            output=run_dir, weights="none", base="tiny", finetune_epochs=1)
+    with pytest.raises(OSError):
+        recipe.finetune(config)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and "No space left" in record["failure"]
+    assert record["stopped"]["epoch"] == 1  # its checkpoint can be resumed
+    refused = runner.invoke(app, ["predict", str(run_dir), str(image_folder)])
+    assert refused.exit_code == 1 and "--resume" in said(refused.stderr)
+    monkeypatch.undo()
+    result = recipe.resume_finetune(run_dir)
+    assert result.run_dir == run_dir
+    done = json.loads((run_dir / "run.json").read_text())
+    assert done["status"] == "complete" and done["failure"] is None
+
+
+def test_a_run_being_written_is_named_as_such_and_refused_at_once(trained_run: Path,
+                                                                  image_folder: Path,
+                                                                  tmp_path: Path):
+    """While one process writes a run, predict says so (not "finish it with --resume"),
+    and a second finetune into it is refused before any work."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    values = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**values, "status": "running"}))
+    holder = subprocess.Popen([sys.executable, "-c", TINY_SETUP + (
+        "import time; from pathlib import Path; "
+        "from transferkit.runs.directory import run_lock\n"
+        f"with run_lock(Path({str(run_dir)!r})):\n"
+        "    print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        predicted = runner.invoke(app, ["predict", str(run_dir), str(image_folder)])
+        assert predicted.exit_code == 1
+        assert "still being written by another transferkit process" in said(predicted.stderr)
+        second = runner.invoke(app, ["finetune", str(image_folder), "-o", str(run_dir),
+                                     "--overwrite"])
+        assert second.exit_code == 1
+        assert "is being written by another transferkit process" in said(second.stderr)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_unreadable_files_are_described_without_object_reprs(tmp_path: Path):
+    from transferkit.data.inspect import inspect_image
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image at all")
+    info = inspect_image(bad)
+    assert info.problem is not None and "object at 0x" not in info.problem
+    assert "cannot identify image file" in info.problem
+
+
+def test_a_run_json_of_the_wrong_types_is_damaged_not_a_traceback(trained_run: Path,
+                                                                  image_folder: Path,
+                                                                  tmp_path: Path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    values = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**values, "image_size": "big"}))
+    result = runner.invoke(app, ["predict", str(run_dir), str(image_folder)])
+    assert result.exit_code == 1 and "must be a whole number; got 'big'" in said(result.stderr)
