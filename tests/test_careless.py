@@ -80,7 +80,12 @@ def test_export_creates_missing_parent_folders_as_every_command_does(trained_run
     result = runner.invoke(app, ["export", str(trained_run), "--format", "tflite", "-o",
                                  str(target), "--check-images", "2"])
     assert result.exit_code == 0, result.output
-    assert target.is_file() and target.with_suffix(".labels.txt").is_file()
+    assert target.is_file() and (target.parent / "m.tflite.labels.txt").is_file()
+    onnx = runner.invoke(app, ["export", str(trained_run), "--format", "onnx", "-o",
+                               str(target.with_suffix(".onnx")), "--check-images", "2"])
+    assert onnx.exit_code == 0, onnx.output  # beside it, with labels of its own
+    assert (target.parent / "m.onnx.labels.txt").is_file()
+    assert "FutureWarning" not in onnx.output
 
 
 def test_unbounded_preview_work_is_refused(image_folder: Path, tmp_path: Path):
@@ -200,3 +205,16 @@ def test_a_run_json_of_the_wrong_types_is_damaged_not_a_traceback(trained_run: P
     (run_dir / "run.json").write_text(json.dumps({**values, "image_size": "big"}))
     result = runner.invoke(app, ["predict", str(run_dir), str(image_folder)])
     assert result.exit_code == 1 and "must be a whole number; got 'big'" in said(result.stderr)
+
+
+def test_a_damaged_model_file_is_named_damaged_not_missing(trained_run: Path,
+                                                         image_folder: Path, tmp_path: Path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    model = run_dir / "model.keras"
+    model.write_bytes(model.read_bytes()[:1000])  # truncated
+    result = runner.invoke(app, ["predict", str(run_dir), str(image_folder)])
+    assert result.exit_code == 1 and "is damaged: it is not a Keras archive" in said(
+        result.stderr)

@@ -125,9 +125,9 @@ def test_a_calibrated_model_keeps_its_temperature_when_there_is_nothing_to_gain(
     assert fit_temperature(calibrated, labels) == pytest.approx(1.0, abs=0.05)
 
 
-def test_a_perfect_val_split_cannot_sharpen_the_model_without_bound():
+def test_a_perfect_val_split_cannot_inform_a_temperature():
     probabilities = np.array([[0.7, 0.3], [0.2, 0.8]])
-    assert fit_temperature(probabilities, np.array([0, 1])) == pytest.approx(0.5, abs=1e-3)
+    assert fit_temperature(probabilities, np.array([0, 1])) is None  # it would sharpen forever
 
 
 def test_expected_calibration_error_of_known_bins():

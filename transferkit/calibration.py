@@ -55,9 +55,12 @@ def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(picked.astype(np.float64), 1e-12, None)).mean())
 
 
-def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float | None:
     """The temperature in TEMPERATURE_RANGE that minimises the negative log-likelihood of
-    `labels` (the model's softmax outputs give the logits up to a constant per row)."""
+    `labels` (the model's softmax outputs give the logits up to a constant per row); 1.0
+    when none does better; None when the best sits at an end of the range, where the fit
+    only says "further": a val split the model gets all right always asks to sharpen, and
+    says nothing about how much."""
     from scipy.optimize import minimize_scalar
 
     def nll(log_t: float) -> float:
@@ -65,7 +68,10 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
     low, high = (math.log(t) for t in TEMPERATURE_RANGE)
     found = minimize_scalar(nll, bounds=(low, high), method="bounded")
-    return math.exp(float(found.x)) if nll(found.x) < nll(0.0) else 1.0
+    if nll(found.x) >= nll(0.0):
+        return 1.0
+    at_bound = min(abs(found.x - low), abs(found.x - high)) < 1e-3
+    return None if at_bound else math.exp(float(found.x))
 
 
 def fold_temperature(layer: keras.layers.Dense, temperature: float) -> None:

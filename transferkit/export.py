@@ -80,7 +80,9 @@ def _write_onnx(run: LoadedRun, target: Path, calibration: np.ndarray | None,
                 quantize: str) -> None:
     import onnx
 
-    run.model.export(str(target), format="onnx", verbose=False)
+    with warnings.catch_warnings():  # Keras's ONNX bridge trips over numpy's np.object notice
+        warnings.simplefilter("ignore", FutureWarning)
+        run.model.export(str(target), format="onnx", verbose=False)
     model = onnx.load(str(target))
     for key, value in _metadata(run).items():
         entry = model.metadata_props.add()
@@ -184,7 +186,8 @@ class ExportFormat:
 
     def labels_path(self, output: Path) -> Path:
         """Where the class names go: inside a folder export, beside a single file."""
-        return output / "labels.txt" if self.is_folder else output.with_suffix(".labels.txt")
+        return output / "labels.txt" if self.is_folder else output.with_name(
+            output.name + ".labels.txt")  # m.tflite and m.onnx side by side keep their own
 
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (

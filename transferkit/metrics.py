@@ -64,7 +64,7 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     np.add.at(confusion, (labels, predicted), 1)
     ranked = np.argsort(-probabilities, axis=1, kind="stable")
     top = {n: float(np.mean([labels[i] in ranked[i, :n] for i in range(len(labels))]))
-           for n in sorted({1, min(top_k, k)})}
+           for n in sorted({1, top_k}) if n == 1 or n < k}  # top-k of k classes: always 1
     per_class = []
     for c, name in enumerate(class_names):
         tp = confusion[c, c]

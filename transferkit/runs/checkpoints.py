@@ -19,6 +19,7 @@ from transferkit.runs.directory import (
     HEAD_STATE,
     LAST_CHECKPOINT,
     STATE_FILE,
+    load_keras_file,
     read_json,
 )
 
@@ -110,7 +111,6 @@ def load_checkpoint(run_dir: Path, stages: Sequence[str]) -> tuple[Any, dict[str
     Raises:
         ArtifactError: there is no checkpoint yet, or it is damaged.
     """
-    import keras
 
     folder = run_dir / CHECKPOINTS_DIR
     if not (folder / STATE_FILE).is_file() or not (folder / LAST_CHECKPOINT).is_file():
@@ -128,13 +128,9 @@ def load_checkpoint(run_dir: Path, stages: Sequence[str]) -> tuple[Any, dict[str
         raise ArtifactError(f"'{folder / STATE_FILE}' is damaged (it needs the stage, the "
                             f"epoch and the history of every epoch so far). Start the run "
                             f"again with --overwrite.")
-    try:
-        with warnings.catch_warnings():  # a head-only checkpoint's optimizer state is its own
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            model = keras.saving.load_model(folder / LAST_CHECKPOINT, compile=True,
-                                            safe_mode=True)
-    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"Could not read the checkpoint in '{folder}' ({exc}). Start the "
-                            f"run again with --overwrite.") from exc
+    with warnings.catch_warnings():  # a head-only checkpoint's optimizer state is its own
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model = load_keras_file(folder / LAST_CHECKPOINT, "Start the run again with "
+                                "--overwrite.", compile=True)
     return model, state
 

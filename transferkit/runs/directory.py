@@ -360,6 +360,26 @@ def save_run(run_dir: Path, model: Any, record: RunRecord,
     return record
 
 
+def load_keras_file(path: Path, fix: str, compile: bool = False) -> Any:
+    """A .keras file of a run, loaded in Keras's safe mode (nothing in it runs).
+
+    Raises:
+        ArtifactError: it is missing, or damaged (truncated, overwritten, not a Keras
+            archive), with `fix` as what to do.
+    """
+    import keras
+
+    if not path.is_file():
+        raise ArtifactError(f"'{path}' is missing. {fix}")
+    if not zipfile.is_zipfile(path):  # Keras reports such a file as "not found"
+        raise ArtifactError(f"'{path}' is damaged: it is not a Keras archive (truncated, or "
+                            f"overwritten by something else). {fix}")
+    try:
+        return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"'{path}' is damaged and cannot be loaded ({exc}). {fix}") from exc
+
+
 @dataclass(frozen=True)
 class LoadedRun:
     """A finished run directory read back: its record and its model."""
@@ -383,17 +403,13 @@ def load_run(run_dir: Path) -> LoadedRun:
     Raises:
         ArtifactError: files are missing, unreadable, or from an incompatible version.
     """
-    import keras
 
     record = read_record(run_dir)
     model_path = run_dir / MODEL_FILE
     if not model_path.is_file():
         raise ArtifactError(f"'{run_dir}' has no {MODEL_FILE}; the run did not finish. Train "
                             f"it again.")
-    try:
-        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
-    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"Could not load '{model_path}' ({exc}).") from exc
+    model = load_keras_file(model_path, "Train the run again.")
     if model.output_shape[-1] != len(record.class_names):
         raise ArtifactError(f"'{model_path}' predicts {model.output_shape[-1]} classes but "
                             f"{RECORD_FILE} names {len(record.class_names)}; the run directory "

@@ -46,6 +46,7 @@ from transferkit.runs.directory import (
     LR_FIND_FILE,
     REPORT_FILE,
     clear_run,
+    load_keras_file,
     run_lock,
     save_record,
     save_run,
@@ -286,8 +287,8 @@ def _candidate(t: Training, name: str) -> keras.Model:
     the classifier; or, for a head with a hidden layer the probe cannot fill, the probe's
     own saved model."""
     if name == PROBE and t.config.dense_units:
-        return keras.saving.load_model(best_checkpoint(t.run_dir, name), compile=False,
-                                       safe_mode=True)
+        return load_keras_file(best_checkpoint(t.run_dir, name), "Start the run again with "
+                               "--overwrite.")
     restore_best(t.model, t.run_dir, name)
     return t.model
 
@@ -314,6 +315,13 @@ def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: n
     fitted on. Calibration changes no answer, only how sure each one is."""
     labels, test_split = t.splits.val.labels, t.splits.test
     temperature = fit_temperature(val, labels)
+    if temperature is None:
+        right = int((val.argmax(axis=1) == labels).sum())
+        t.reporter.info(f"Calibration skipped: the best temperature on val lies beyond the "
+                        f"range tried, so val ({right} of {len(labels)} right; all right "
+                        f"always asks for more confidence) cannot say how much to change the "
+                        f"probabilities. They stay as the model gives them.")
+        temperature = 1.0
     fold_temperature(model.get_layer("head").get_layer(PREDICTIONS), temperature)
     values: dict[str, Any] = {
         "temperature": round(temperature, 4),
