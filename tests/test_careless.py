@@ -218,3 +218,18 @@ def test_a_damaged_model_file_is_named_damaged_not_missing(trained_run: Path,
     result = runner.invoke(app, ["predict", str(run_dir), str(image_folder)])
     assert result.exit_code == 1 and "is damaged: it is not a Keras archive" in said(
         result.stderr)
+
+
+def test_evaluate_on_the_runs_own_images_does_not_call_them_held_out(trained_run: Path,
+                                                                    image_folder: Path,
+                                                                    tmp_path: Path):
+    import shutil
+
+    copy = tmp_path / "copy"  # the same images under another folder name
+    shutil.copytree(image_folder, copy)
+    result = runner.invoke(app, ["evaluate", str(trained_run), str(copy), "-o",
+                                 str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    text = said(result.stdout + result.stderr)
+    assert "held out: nothing was chosen" not in text
+    assert "18 of the 18 images" in text and "not held out" in text

@@ -85,10 +85,17 @@ def test_evaluate_gives_intervals_and_says_which_split_chose(trained_run: Path,
     low, high = metrics["accuracy_95ci"]
     assert low <= metrics["accuracy"] <= high and metrics["split_chose_the_model"]
     assert all(c["recall_low"] <= c["recall"] <= c["recall_high"] for c in metrics["per_class"])
-    held = runner.invoke(app, ["evaluate", str(trained_run), str(image_folder), "-o",
+    from conftest import write_class_folder
+
+    new = write_class_folder(tmp_path / "new", per_class=2, offset=500)  # never seen
+    held = runner.invoke(app, ["evaluate", str(trained_run), str(new), "-o",
                                str(tmp_path / "h")])
-    assert "held out" in " ".join(held.stdout.split())
+    assert "held out: nothing was chosen" in " ".join(held.stdout.split())
     assert not json.loads((tmp_path / "h" / "metrics.json").read_text())["split_chose_the_model"]
+    own = runner.invoke(app, ["evaluate", str(trained_run), str(image_folder), "-o",
+                              str(tmp_path / "o")])  # the images it trained on
+    assert "not held out" in " ".join(own.stdout.split())
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["split_chose_the_model"]
 
 
 def test_finetune_and_extract_score_the_test_split_once_at_the_end(presplit_folder: Path,

@@ -12,7 +12,7 @@ import numpy as np
 from transferkit.config import EvaluateConfig
 from transferkit.data.folders import ImageSet, load_labelled_folder
 from transferkit.data.pipeline import build_dataset
-from transferkit.errors import DataError
+from transferkit.errors import ArtifactError, DataError
 from transferkit.files import check_new_output, replace_path, save_figure, write_json
 from transferkit.inference import predict_batches
 from transferkit.metrics import Evaluation, classification_metrics
@@ -41,8 +41,16 @@ def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
                         reporter: Reporter) -> tuple[ImageSet, str, str]:
     """The images, what they are in words, and their split's name."""
     if config.data_dir is not None:
-        return (load_labelled_folder(config.data_dir, run.class_names, reporter),
-                f"labelled folder '{config.data_dir}'", config.data_dir.name or "data")
+        images = load_labelled_folder(config.data_dir, run.class_names, reporter)
+        source = f"labelled folder '{config.data_dir}'"
+        seen = _seen_by_run(run, images, reporter)
+        if seen:
+            source += f" ({seen} of {len(images)} of its images trained or chose the model)"
+            reporter.warning(f"{seen} of the {len(images)} images in '{config.data_dir}' have "
+                             f"the same content as images the run trained on or chose its "
+                             f"model with, so this score is not held out and flatters the "
+                             f"model. Evaluate on images the run never saw.")
+        return images, source, "seen" if seen else config.data_dir.name or "data"
     splits = load_run_splits(run.path, run.record, reporter)
     if run.record.command == "cv":  # every train/val image trained some fold
         if splits.test is None or not len(splits.test):
@@ -52,6 +60,21 @@ def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
                             f"a labelled folder to evaluate it on new images.")
         return splits.test, f"the run's test split ({run.record.data_dir})", "test"
     return splits.val, f"the run's validation split ({run.record.data_dir})", "val"
+
+
+def _seen_by_run(run: LoadedRun, images: ImageSet, reporter: Reporter) -> int:
+    """How many of `images` have the content of an image the run trained on or chose its
+    model with (its train and val splits, read again from its data folder)."""
+    try:
+        splits = load_run_splits(run.path, run.record, NullReporter())
+    except (DataError, ArtifactError) as exc:
+        reporter.warning(f"Could not check whether these images were the run's own training "
+                         f"images ({exc}).")
+        return 0
+    known = set(splits.train.hashes) | set(splits.val.hashes)
+    if run.record.command == "cv":  # every image outside test trained some fold
+        known = set(splits.train.hashes)
+    return sum(h in known for h in images.hashes)
 
 
 def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> EvaluationResult:
@@ -83,7 +106,7 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     probabilities = predict_batches(run.model, ds, len(images), config.batch_size, reporter,
                                     "Evaluating")
     evaluation = classification_metrics(images.labels, probabilities, run.class_names,
-                                        config.top_k, split, chose=split == "val")
+                                        config.top_k, split, chose=split in ("val", "seen"))
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
         staged = Path(tmp) / "evaluation"
