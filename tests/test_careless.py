@@ -233,3 +233,25 @@ def test_evaluate_on_the_runs_own_images_does_not_call_them_held_out(trained_run
     text = said(result.stdout + result.stderr)
     assert "held out: nothing was chosen" not in text
     assert "18 of the 18 images" in text and "not held out" in text
+
+
+def test_json_predictions_carry_names_that_are_not_utf8_losslessly(trained_run: Path,
+                                                                   tmp_path: Path):
+    import base64
+
+    from conftest import make_image
+
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    raw = b"caf\xe9 latin-1.png"
+    make_image("circles", 3).save(os.fsdecode(os.fsencode(folder) + b"/" + raw))
+    make_image("squares", 4).save(folder / "plain.png")
+    result = runner.invoke(app, ["predict", str(trained_run), str(folder), "--format", "json",
+                                 "-o", str(tmp_path / "p.json")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "p.json").read_bytes().decode("utf-8")  # strict: valid UTF-8
+    assert "\\udc" not in text  # no lone surrogates, which jq and node cannot map back
+    rows = {Path(r["path"]).name: r for r in json.loads(text)}
+    odd = rows["caf\ufffd latin-1.png"]
+    assert base64.b64decode(odd["path_bytes"]).endswith(raw)
+    assert "path_bytes" not in rows["plain.png"]

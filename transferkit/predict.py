@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,10 +162,25 @@ PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")
 OPTIONAL_PREDICTION_FIELDS = ("best_guess",)  # written only by --threshold
 
 
+def _json_path(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON text must be Unicode, and a file name need not be: a name that is not valid
+    UTF-8 is written readable (its bad bytes as U+FFFD) with its exact bytes beside it in
+    base64 (`path_bytes`), so any JSON reader can map it back to the file."""
+    raw = os.fsencode(row["path"])
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {**row, "path": raw.decode("utf-8", "replace"),
+                "path_bytes": base64.b64encode(raw).decode("ascii")}
+    return row
+
+
 def predictions_text(report: PredictionReport, top_k: int, output_format: str) -> str:
     """The predictions as CSV (top-k as label_N/probability_N columns), JSON, or JSON Lines
     (one object per line)."""
     rows = [p.to_dict() for p in report.predictions]
+    if output_format in ("json", "jsonl"):
+        rows = [_json_path(row) for row in rows]
     if output_format == "json":
         return json_text(rows)
     if output_format == "jsonl":
