@@ -255,3 +255,31 @@ def test_json_predictions_carry_names_that_are_not_utf8_losslessly(trained_run: 
     odd = rows["caf\ufffd latin-1.png"]
     assert base64.b64decode(odd["path_bytes"]).endswith(raw)
     assert "path_bytes" not in rows["plain.png"]
+
+
+def test_a_resume_records_the_files_that_are_gone(image_folder: Path, tmp_path: Path):
+    import shutil
+
+    from transferkit.training.recipe import finetune, resume_finetune
+
+    class StopAfterFirstEpoch(Recorder):
+        def epoch_ended(self, stage, epoch, epochs, metrics):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    run_dir = tmp_path / "run"
+    config = FinetuneConfig(adapt=False, data=DataConfig(data_dir=data, image_size=32,
+                                                         batch_size=8),
+                            output=run_dir, weights="none", base="tiny", finetune_epochs=2)
+    with pytest.raises(RunInterrupted):
+        finetune(config, StopAfterFirstEpoch())
+    before = json.loads((run_dir / "run.json").read_text())["data"]
+    gone = next(row.split(",")[0] for row in (run_dir / "splits.csv").read_text().splitlines()
+                if row.endswith(",train"))
+    (data / gone).unlink()
+    resume_finetune(run_dir)
+    after = json.loads((run_dir / "run.json").read_text())["data"]
+    assert sum(after["counts"]["train"].values()) == sum(before["counts"]["train"].values()) - 1
+    assert [Path(s["path"]).name for s in after["skipped"]] == [Path(gone).name]

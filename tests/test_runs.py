@@ -61,7 +61,7 @@ def test_the_final_model_carries_no_optimizer_but_checkpoints_do(trained_run: Pa
     (lambda d: (d / "run.json").unlink(), "has no run.json"),
     (lambda d: (d / "run.json").write_text("{not json"), "Could not read"),
     (lambda d: (d / "model.keras").unlink(), "has no model.keras"),
-    (lambda d: (d / "model.keras").write_bytes(b"garbage"), "Could not load"),
+    (lambda d: (d / "model.keras").write_bytes(b"garbage"), "damaged: it is not a Keras"),
     (lambda d: _edit(d, format_version=99), "run format version 99"),
     (lambda d: _edit(d, class_names="cats"), "damaged"),
     (lambda d: _edit(d, class_names=["a", "a", "b"]), "damaged: class_names"),

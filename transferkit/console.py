@@ -131,11 +131,21 @@ def render_finetune(result: FinetuneResult) -> None:
     render_choice(result.choice)
     render_scores(result.scores)
     c = result.calibration
-    stdout.print(f"Probabilities calibrated: temperature {c.temperature:.2f}; expected "
-                 f"calibration error on val {c.val_ece_before:.3f} -> {c.val_ece_after:.3f}"
-                 + ("" if c.test_ece_after is None else
-                    f", on test {c.test_ece_before:.3f} -> {c.test_ece_after:.3f}"))
-    stdout.print(f"Saved model: '{result.kept_stage}', in {escape(str(result.run_dir))}")
+    if c.temperature != 1.0:
+        stdout.print(f"Probabilities calibrated: temperature {c.temperature:.2f}; expected "
+                     f"calibration error on val {c.val_ece_before:.3f} -> "
+                     f"{c.val_ece_after:.3f}" + ("" if c.test_ece_after is None else
+                                                 f", on test {c.test_ece_before:.3f} -> "
+                                                 f"{c.test_ece_after:.3f}"))
+    stdout.print(f"Saved model: '{result.kept_stage}'{KEPT.get(result.kept_stage, '')}, in "
+                 f"{escape(str(result.run_dir))}")
+
+
+# What each candidate is, in a line, where the kept one is named.
+KEPT = {"probe": " (the linear probe: a logistic regression on the frozen base's features, "
+                 "fitted first; fine-tuning did not beat it by more than noise on val)",
+        "head": " (the head trained further on the frozen base)",
+        "finetune": " (the top blocks fine-tuned)"}
 
 
 def render_choice(choice: Choice) -> None:

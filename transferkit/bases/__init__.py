@@ -167,8 +167,10 @@ def _keras_application(constructor: str) -> Callable[[tuple[int, int, int]], ker
     def build(input_shape: tuple[int, int, int]) -> keras.Model:
         import keras
 
-        return getattr(keras.applications, constructor)(
-            include_top=False, weights=None, input_shape=input_shape)
+        with warnings.catch_warnings():  # MobileNets warn of ImageNet sizes; weights load later
+            warnings.simplefilter("ignore", UserWarning)
+            return getattr(keras.applications, constructor)(
+                include_top=False, weights=None, input_shape=input_shape)
 
     return build
 

@@ -51,7 +51,7 @@ from transferkit.runs.records import (
     Stopped,
 )
 from transferkit.training.plan import HEAD, plan_stages
-from transferkit.training.prepare import report_data
+from transferkit.training.prepare import data_summary, report_data
 from transferkit.training.stages import StagePlan, compile_model, run_stage, stage_result
 
 
@@ -135,6 +135,7 @@ def resume(run_dir: Path, reporter: Reporter) -> Training:
             config, record.plan, spec)])
     splits = load_run_splits(run_dir, record, reporter)
     report_data(splits, reporter)
+    record = record.replace(data=data_summary(splits))  # files may have gone since
     reporter.info(f"Resuming stage '{state['stage']}' after epoch {state['epoch']}.")
     keras.utils.set_random_seed(config.data.seed + int(state["epoch"]))
     base = model.get_layer("features").get_layer(record.base_layer)
