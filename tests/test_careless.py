@@ -283,3 +283,27 @@ def test_a_resume_records_the_files_that_are_gone(image_folder: Path, tmp_path: 
     after = json.loads((run_dir / "run.json").read_text())["data"]
     assert sum(after["counts"]["train"].values()) == sum(before["counts"]["train"].values()) - 1
     assert [Path(s["path"]).name for s in after["skipped"]] == [Path(gone).name]
+
+
+def test_the_old_name_of_an_option_still_works_and_says_the_new_one(image_folder: Path,
+                                                                    tmp_path: Path):
+    result = runner.invoke(app, ["finetune", str(image_folder), "-o", str(tmp_path / "run"),
+                                 "--weights", "none", "--base", "tiny", "--image-size", "32",
+                                 "--no-adapt", "--epochs", "1", "--finetune-epochs", "0",
+                                 "--no-augment"])
+    assert result.exit_code == 0, result.output
+    assert "--epochs is now --head-epochs" in said(result.stderr)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["config"]["epochs"] == 1 and record["stages"][0]["name"] == "head"
+
+
+def test_finetune_help_shows_the_options_that_matter_and_help_all_the_rest():
+    short = runner.invoke(app, ["finetune", "--help"])
+    full = runner.invoke(app, ["finetune", "--help-all"])
+    assert short.exit_code == full.exit_code == 0
+    assert "--head-epochs" in short.output and "--learning-rate" in short.output
+    assert "--momentum" not in short.output and "--momentum" in full.output
+    def rows(text: str) -> int:  # options listed, one table row each
+        return sum(line.lstrip("│ ").startswith("--") for line in text.splitlines())
+
+    assert rows(short.output) < rows(full.output) / 2

@@ -39,7 +39,7 @@ def test_a_probe_only_run_is_a_complete_calibrated_model(image_folder, tmp_path)
 
 
 def test_a_hidden_layer_needs_head_epochs_before_fine_tuning(image_folder):
-    with pytest.raises(ConfigError, match="--epochs N"):
+    with pytest.raises(ConfigError, match="--head-epochs N"):
         FinetuneConfig(adapt=False,
                        data=DataConfig(data_dir=image_folder), output=None, dense_units=64)
 

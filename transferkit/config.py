@@ -48,7 +48,8 @@ DATA, MODEL, TRAIN, OPTIMISE, AUGMENT, CHECKS, OUTPUT, HARDWARE = (
 def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
            flag: str | None = None, short: str | None = None, panel: str | None = None,
            choices: tuple[str, ...] | str | None = None, argument: bool = False,
-           metavar: str | None = None, factory: Any = dataclasses.MISSING) -> Any:
+           metavar: str | None = None, factory: Any = dataclasses.MISSING,
+           advanced: bool | None = None, alias: str | None = None) -> Any:
     """A config field that is also a command-line option: the CLI (options.py) declares it
     from here, so adding a setting is adding a field.
 
@@ -58,20 +59,24 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
         panel: the --help panel; a nested config's group panel otherwise.
         choices: the allowed values, or the name of a table the CLI knows ("bases").
         argument: a positional argument instead of an option.
+        advanced: listed by --help-all only (None: as its group says).
+        alias: an old spelling, still taken, with a warning that names the new one.
     """
     metadata = {"help": help, "flag": flag, "short": short, "panel": panel,
-                "choices": choices, "argument": argument, "metavar": metavar}
+                "choices": choices, "argument": argument, "metavar": metavar,
+                "advanced": advanced, "alias": alias}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
 def group(factory: Any = dataclasses.MISSING, *, prefix: str = "", panel: str | None = None,
-          enabled_by: str | None = None) -> Any:
+          enabled_by: str | None = None, advanced: bool = False) -> Any:
     """A nested config whose fields are the command's options too, spelled `--{prefix}name`.
     A field marked `named_by_group` takes the group's own name (`--optimizer`). With
     `enabled_by`, the group is optional (None) and built only when that option is given."""
-    metadata = {"group": True, "prefix": prefix, "panel": panel, "enabled_by": enabled_by}
+    metadata = {"group": True, "prefix": prefix, "panel": panel, "enabled_by": enabled_by,
+                "advanced": advanced}
     if enabled_by is not None:
         return field(default=None, metadata=metadata)
     if factory is dataclasses.MISSING:
@@ -84,14 +89,15 @@ def named(default: Any, help: str, choices: tuple[str, ...]) -> Any:  # noqa: A0
     return field(default=default, metadata={"help": help, "flag": None, "short": None,
                                             "panel": None, "choices": choices,
                                             "argument": False, "metavar": None,
-                                            "named_by_group": True})
+                                            "advanced": None, "named_by_group": True})
 
 
 @dataclass(frozen=True, kw_only=True)
 class AugmentConfig:
     """ImageDataGenerator-style augmentation, in its units (degrees and fractions)."""
 
-    enabled: bool = option(True, "Augment training batches.", flag="--augment/--no-augment")
+    enabled: bool = option(True, "Augment training batches.", flag="--augment/--no-augment",
+                           advanced=False)
     rotation_range: float = option(40.0, "Random rotation, degrees.")
     width_shift_range: float = option(0.2, "Random horizontal shift, fraction of the width.")
     height_shift_range: float = option(0.2, "Random vertical shift, fraction of the height.")
@@ -285,9 +291,10 @@ class FinetuneConfig:
     weights: str = option("imagenet", WEIGHTS_HELP, panel=MODEL)
     # The linear probe gives the head its weights; --epochs trains it further on the frozen
     # base (with augmentation) before the top blocks are tuned.
-    epochs: int = option(0, "Most epochs training the head further on the frozen base, with "
-                            "augmentation, after the linear probe gave it its weights "
-                            "(0: skip).", panel=TRAIN)
+    epochs: int = option(0, "Head stage: most epochs training the head further on the frozen "
+                            "base, with augmentation, after the linear probe gave it its "
+                            "weights (0: skip).", flag="--head-epochs", panel=TRAIN,
+                         alias="--epochs")
     learning_rate: float = option(1e-3, "Head stage learning rate.", panel=OPTIMISE)
     finetune_epochs: int = option(10, "Most epochs with the top blocks unfrozen (0: skip).",
                                   panel=TRAIN)
@@ -301,41 +308,45 @@ class FinetuneConfig:
         True, "Decide from the training data, in seconds, whether to fine-tune every block "
               "(raw pixels rival the frozen features) and whether to drop left-right flips "
               "(they change labels). --no-adapt: the top 2 blocks and the flips as given.",
-        panel=TRAIN)
+        panel=TRAIN, advanced=True)
     train_batchnorm: bool = option(
         False, "Let unfrozen BatchNorm layers learn their scale and shift.",
-        flag="--train-batchnorm/--freeze-batchnorm", panel=TRAIN)
-    optimizer: OptimizerConfig = group(OptimizerConfig, panel=OPTIMISE)
+        flag="--train-batchnorm/--freeze-batchnorm", panel=TRAIN, advanced=True)
+    optimizer: OptimizerConfig = group(OptimizerConfig, panel=OPTIMISE, advanced=True)
     # The head stage keeps its rate (a fresh head is far from converged); fine-tuning anneals.
-    schedule: ScheduleConfig = group(lambda: ScheduleConfig(name="constant"), panel=OPTIMISE)
+    schedule: ScheduleConfig = group(lambda: ScheduleConfig(name="constant"), panel=OPTIMISE,
+                                     advanced=True)
     finetune_schedule: ScheduleConfig = group(ScheduleConfig, prefix="finetune_",
-                                              panel=OPTIMISE)
-    dropout: float = option(0.2, "Dropout before the softmax layer.", panel=TRAIN)
-    l2: float = option(0.0, "L2 penalty on the head's weights (0: none).", panel=TRAIN)
+                                              panel=OPTIMISE, advanced=True)
+    dropout: float = option(0.2, "Dropout before the softmax layer.", panel=TRAIN, advanced=True)
+    l2: float = option(0.0, "L2 penalty on the head's weights (0: none).", panel=TRAIN,
+                       advanced=True)
     dense_units: int = option(0, "Hidden ReLU units in the head (0: linear softmax head).",
-                              panel=TRAIN)
+                              panel=TRAIN, advanced=True)
     init: str = option("auto", "Head weight init: he, glorot, or auto (He for ReLU, Glorot "
-                               "for softmax).", choices=INITS, panel=TRAIN)
+                               "for softmax).", choices=INITS, panel=TRAIN, advanced=True)
     class_weight: str = option("auto", "balanced, none, or auto (balanced beyond 1.5:1 "
-                                       "imbalance).", choices=CLASS_WEIGHTS, panel=TRAIN)
+                                       "imbalance).", choices=CLASS_WEIGHTS, panel=TRAIN,
+                               advanced=True)
     monitor: str = option("val_accuracy", "Validation metric for early stopping, best epoch "
                                           "and rollback (val_accuracy ties go to the lower "
-                                          "val_loss).", choices=MONITORS, panel=TRAIN)
+                                          "val_loss).", choices=MONITORS, panel=TRAIN,
+                          advanced=True)
     patience: int = option(5, "Stop a stage after this many epochs without improvement "
-                              "(0: never).", panel=TRAIN)
-    augment: AugmentConfig = group(AugmentConfig, panel=AUGMENT)
+                              "(0: never).", panel=TRAIN, advanced=True)
+    augment: AugmentConfig = group(AugmentConfig, panel=AUGMENT, advanced=True)
     tensorboard: bool = option(False, "Also write TensorBoard logs to RUN/tensorboard.",
-                               flag="--tensorboard", panel=OUTPUT)
+                               flag="--tensorboard", panel=OUTPUT, advanced=True)
     lr_find: bool = option(False, "Run a learning-rate range test first, save lr_find.png, "
                                   "and train the head stage at its suggestion.",
-                           flag="--lr-find", panel=CHECKS)
-    cache: bool = option(True, CACHE_HELP, panel=DATA)
-    compute: ComputeConfig = group(ComputeConfig, panel=HARDWARE)
+                           flag="--lr-find", panel=CHECKS, advanced=True)
+    cache: bool = option(True, CACHE_HELP, panel=DATA, advanced=True)
+    compute: ComputeConfig = group(ComputeConfig, panel=HARDWARE, advanced=True)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        _check(self.epochs >= 0, f"--epochs must be 0 or more; got {self.epochs}.")
+        _check(self.epochs >= 0, f"--head-epochs must be 0 or more; got {self.epochs}.")
         _check(self.finetune_epochs >= 0,
                f"--finetune-epochs must be 0 or more; got {self.finetune_epochs}.")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
@@ -350,8 +361,8 @@ class FinetuneConfig:
         _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
         _check(not (self.dense_units and self.finetune_epochs and not self.epochs),
                f"--dense-units {self.dense_units} adds a hidden layer that the linear probe "
-               f"cannot initialise, so it must be trained before fine-tuning: pass --epochs N "
-               f"(e.g. --epochs 20).")
+               f"cannot initialise, so it must be trained before fine-tuning: pass "
+               f"--head-epochs N (e.g. --head-epochs 20).")
         _check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
         _check(self.class_weight in CLASS_WEIGHTS, f"--class-weight must be one of "
                                                    f"{', '.join(CLASS_WEIGHTS)}; got "

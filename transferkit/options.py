@@ -23,18 +23,10 @@ from typing import Annotated, Any
 
 import typer
 
-from transferkit.config import AUTO_BASE, OUTPUT, from_dict
+from transferkit.config import OUTPUT, from_dict
 from transferkit.errors import ConfigError
 
 _FILE_SETTINGS = "transferkit.config_file"  # click context meta key
-
-
-def _choice_table(name: str) -> tuple[str, ...]:
-    """Choices that live in a table outside config.py (config imports no other module)."""
-    from transferkit.bases import BASES
-
-    tables = {"bases": tuple(BASES), "bases+auto": (AUTO_BASE, *BASES)}
-    return tables[name]
 
 
 @dataclass(frozen=True)
@@ -50,6 +42,7 @@ class Leaf:
     panel: str | None
     optional_group: tuple[str, ...] | None  # the `enabled_by` group it belongs to
     enables: bool = False  # it is that group's `enabled_by` option
+    advanced: bool = False  # listed by --help-all only
 
     @property
     def flag(self) -> str:
@@ -72,7 +65,7 @@ def _unwrap(hint: Any) -> Any:
 
 def _walk(cls: type, path: tuple[str, ...], prefix: str, panel: str | None, defaults: Any,
           optional: tuple[str, ...] | None, group_name: str,
-          enabled_by: str | None = None) -> Iterator[Leaf]:
+          enabled_by: str | None = None, advanced: bool = False) -> Iterator[Leaf]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -83,14 +76,17 @@ def _walk(cls: type, path: tuple[str, ...], prefix: str, panel: str | None, defa
             yield from _walk(inner, (*path, f.name), prefix + meta["prefix"],
                              meta["panel"] or panel, instance,
                              (*path, f.name) if meta["enabled_by"] else optional,
-                             prefix + f.name, meta["enabled_by"])
+                             prefix + f.name, meta["enabled_by"],
+                             advanced or meta["advanced"])
         elif "help" in meta:
             param = (group_name if meta.get("named_by_group") else
                      meta["flag"].split("/")[0].removeprefix("--").replace("-", "_")
                      if meta.get("flag") else prefix + f.name)
             default = getattr(defaults, f.name) if defaults is not None else f.default
+            own = meta.get("advanced")
             yield Leaf(param, ((*path, f.name),), hints[f.name], default, meta,
-                       meta["panel"] or panel, optional, f.name == enabled_by)
+                       meta["panel"] or panel, optional, f.name == enabled_by,
+                       advanced if own is None else own)
 
 
 def leaves(cls: type) -> list[Leaf]:
@@ -111,10 +107,14 @@ def _declare(leaf: Leaf, optional: bool) -> inspect.Parameter:
     if typing.get_origin(hint) is tuple and typing.get_args(hint)[-1] is Ellipsis:
         hint = list[typing.get_args(hint)[0]]  # a variadic argument
     choices = meta.get("choices")
-    if isinstance(choices, str):
-        choices = _choice_table(choices)
     extra: dict[str, Any] = {"help": meta["help"], "show_default": leaf.default not in (
         None, dataclasses.MISSING)}
+    if isinstance(choices, str):  # a long table: checked by its owner, listed by a command
+        extra["help"] += f" Choices: `transferkit {choices.split('+')[0]}`."
+        extra["metavar"] = "NAME"
+        choices = None
+    if _unwrap(hint) is bool and not meta.get("argument"):
+        extra["metavar"] = ""  # a flag takes no value
     if choices:  # a str Enum, which Typer lists in --help and checks
         hint = Enum(leaf.param, {c.replace("-", "_"): c for c in choices}, type=str)
         hint = hint | None if leaf.default is None else hint
@@ -127,10 +127,19 @@ def _declare(leaf: Leaf, optional: bool) -> inspect.Parameter:
         declared = typer.Argument(**extra)
     else:
         names = [leaf.flag, *([meta["short"]] if meta.get("short") else [])]
-        declared = typer.Option(*names, rich_help_panel=leaf.panel, **extra)
+        declared = typer.Option(*names, rich_help_panel=leaf.panel, hidden=leaf.advanced,
+                                **extra)
     return inspect.Parameter(
         leaf.param, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[hint, declared],
         default=inspect.Parameter.empty if default is dataclasses.MISSING else default)
+
+
+def _alias(leaf: Leaf) -> inspect.Parameter:
+    """The old spelling of an option: hidden, taken, and warned about."""
+    return inspect.Parameter(
+        f"{leaf.param}__alias", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[leaf.hint | None, typer.Option(
+            leaf.meta["alias"], hidden=True, show_default=False)])
 
 
 def _read_config_file(ctx: typer.Context, param: typer.CallbackParam,
@@ -143,6 +152,21 @@ def _read_config_file(ctx: typer.Context, param: typer.CallbackParam,
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise typer.BadParameter(f"cannot read '{path}': {exc}") from exc
 
+
+def _show_all(ctx: typer.Context, param: typer.CallbackParam, value: bool) -> None:
+    """--help-all: the help with every option, the advanced ones included."""
+    if value:
+        for option in ctx.command.params:
+            option.hidden = False
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
+
+
+HELP_ALL = inspect.Parameter(
+    "help_all", inspect.Parameter.KEYWORD_ONLY, default=False,
+    annotation=Annotated[bool, typer.Option(
+        "--help-all", help="Show every option, the advanced ones too, and exit.",
+        callback=_show_all, is_eager=True, expose_value=False)])
 
 CONFIG_OPTION = inspect.Parameter(
     "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
@@ -243,7 +267,7 @@ def configured(cls: type, optional: tuple[str, ...] = ()) -> Callable[[Callable]
 
         @functools.wraps(command)
         def wrapper(ctx: typer.Context, **kwargs: Any) -> Any:
-            from transferkit.console import print_error
+            from transferkit.console import print_error, print_warning
 
             try:
                 from_file = _file_values(ctx.meta.get(_FILE_SETTINGS, {}), list(known))
@@ -251,7 +275,16 @@ def configured(cls: type, optional: tuple[str, ...] = ()) -> Callable[[Callable]
                 print_error(str(exc))
                 raise typer.Exit(2) from None
             kwargs.pop("config_file")
+            kwargs.pop("help_all", None)
             values = {leaf.param: _plain(kwargs.pop(leaf.param)) for leaf in known}
+            for leaf in known:
+                old = kwargs.pop(f"{leaf.param}__alias", None)
+                if old is not None and ctx.get_parameter_source(leaf.param).name == "DEFAULT":
+                    print_warning(f"{leaf.meta['alias']} is now {leaf.flag.split('/')[0]}; "
+                                  f"the old name still works for now.")
+                    values[leaf.param] = old
+                    ctx.set_parameter_source(leaf.param, ctx.get_parameter_source(
+                        f"{leaf.param}__alias"))
             typed = {p for p in values if getattr(ctx.get_parameter_source(p), "name",
                                                   "DEFAULT") != "DEFAULT"}
             values = {**values, **from_file, **{p: values[p] for p in typed}}
@@ -261,9 +294,11 @@ def configured(cls: type, optional: tuple[str, ...] = ()) -> Callable[[Callable]
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
                for p in signature.parameters.values() if p.name != "settings"]
         generated = [_declare(leaf, leaf.param in optional) for leaf in known]
+        generated += [_alias(leaf) for leaf in known if leaf.meta.get("alias")]
         arguments = [p for p in generated if _is_argument(p)]
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
             parameters=[CONTEXT, *arguments, *own, CONFIG_OPTION,
+                        *([HELP_ALL] if any(leaf.advanced for leaf in known) else []),
                         *(p for p in generated if not _is_argument(p))])
         return wrapper
 
