@@ -104,8 +104,9 @@ class RichReporter:
 def render_stages(stages: Sequence[StageResult], kept: str | None = None) -> None:
     """The stages side by side: what trained, and the epoch each kept."""
     table = Table(title="Training summary", box=box.SIMPLE_HEAD, collapse_padding=True,
-                  caption="metrics of each stage's kept (best) epoch; params: trainable")
-    for name in ("stage", "epochs", "kept", "lr", "params", *_METRICS.values()):
+                  caption="epochs are counted across stages, as in the epoch lines; metrics "
+                          "of each stage's best epoch; params: trainable")
+    for name in ("stage", "epochs run", "best epoch", "lr", "params", *_METRICS.values()):
         table.add_column(name, justify="left" if name == "stage" else "right")
     for s in stages:
         name = f"{s.name} *" if s.name == kept else s.name

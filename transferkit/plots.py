@@ -51,10 +51,14 @@ def plot_curves(history: Sequence[dict[str, Any]], kept: tuple[str, int | None] 
                         color="crimson", linestyle="none",
                         label=f"kept: epoch {row['epoch']} ({kept[0]})")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if metric == "accuracy":  # the whole scale: one image of 20 is not a cliff
+            ax.set_ylim(-0.02, 1.02)
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    if kept is not None and kept[1] is None:
+        figure.suptitle(f"kept: the {kept[0]} model, fitted before these epochs", fontsize=10)
     return figure
 
 

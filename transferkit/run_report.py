@@ -41,8 +41,11 @@ def write_run_report(run_dir: Path, record: RunRecord, evaluated: Sequence[Evalu
     """Writes RUN/report.html; `features` (of any images, with their labels) draw the map."""
     sections = [_summary(record), _scores(record)]
     sections += [report.section(f"On {e.name}", *_evaluation(e)) for e in evaluated]
-    curves = report.png(run_dir / CURVES_FILE, "Training and validation loss and accuracy per "
-                                               "epoch; the star marks the kept epoch.")
+    kept = ("the star marks the kept epoch" if record.kept_stage not in (None, "probe") else
+            "the kept model is the linear probe, fitted before these epochs, so no epoch is "
+            "marked")
+    curves = report.png(run_dir / CURVES_FILE, f"Training and validation loss and accuracy per "
+                                               f"epoch; {kept}.")
     if curves:
         sections.append(report.section("Curves", curves))
     if features is not None and len(features[0]) > 2:

@@ -266,7 +266,8 @@ def _train_and_keep(t: Training) -> FinetuneResult:
         final = next((r for r in results if r.name == choice.kept), None)
         if t.history:
             save_figure(t.run_dir / CURVES_FILE, plot_curves(
-                t.history, kept=None if final is None else (final.name, final.best_epoch)))
+                t.history, kept=(choice.kept, None) if final is None else (final.name,
+                                                                            final.best_epoch)))
         calibrated = scale(val, calibration.temperature)
         metrics = {"val_accuracy": scores[0].accuracy,
                    "val_loss": log_loss(calibrated, t.splits.val.labels)}
