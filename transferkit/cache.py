@@ -22,6 +22,7 @@ PARTS = (FEATURES, CONVERTED, WEIGHTS)
 INSPECTED = "inspected.json"  # points at converted copies: cleared with them
 LOCK = ".in-use.lock"  # shared by every process using the cache; clearing takes it alone
 _held: list[int] = []  # this process's shared lock, held until it exits
+_checked: set[Path] = set()  # cache folders found usable (cache_path runs once per image)
 
 
 def cache_dir() -> Path:
@@ -32,12 +33,15 @@ def cache_dir() -> Path:
     """
     root = os.environ.get("TRANSFERKIT_HOME")
     folder = Path(root) if root else Path.home() / ".cache" / "transferkit"
+    if folder in _checked:
+        return folder
     for above in (folder, *folder.parents):
         if above.exists() and not above.is_dir():
             where = "TRANSFERKIT_HOME" if root else "transferkit's cache folder"
             raise ArtifactError(f"{where} is '{folder}', but '{above}' is a file, not a "
                                 f"folder. Point TRANSFERKIT_HOME at a folder (it is created "
                                 f"if missing), or move the file.")
+    _checked.add(folder)
     return folder
 
 

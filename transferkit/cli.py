@@ -17,6 +17,7 @@ import typer
 from transferkit import __version__
 from transferkit.config import (
     AUTO_BASE,
+    STDOUT,
     AuditConfig,
     CVConfig,
     DataConfig,
@@ -163,9 +164,9 @@ def _resume(run_dir: Path, settings: Settings) -> None:
     from transferkit.runs.directory import read_record
 
     if settings.given:
-        given = ", ".join(sorted(f"--{p.replace('_', '-')}" for p in settings.given))
         raise ConfigError(f"--resume continues with the settings the run was started with; "
-                          f"got {given} too. Drop them, or start a new run with -o.")
+                          f"got {', '.join(settings.given_options())} too. Drop them, or "
+                          f"start a new run with -o.")
     read_record(run_dir, finished=False)
     _load()
     from transferkit.console import RichReporter, render_finetune
@@ -260,7 +261,7 @@ def predict(settings: Settings = None) -> None:  # type: ignore[assignment]
         from transferkit.runs.directory import read_record
 
         read_record(config.run_dir)
-        if config.output not in (None, Path("-")):
+        if config.output not in (None, STDOUT):
             check_new_output(config.output, config.overwrite)
         _load()
         from transferkit.console import (

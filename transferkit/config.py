@@ -48,8 +48,8 @@ DATA, MODEL, TRAIN, OPTIMISE, AUGMENT, CHECKS, OUTPUT, HARDWARE = (
 def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
            flag: str | None = None, short: str | None = None, panel: str | None = None,
            choices: tuple[str, ...] | str | None = None, argument: bool = False,
-           metavar: str | None = None, factory: Any = dataclasses.MISSING,
-           advanced: bool | None = None, alias: str | None = None) -> Any:
+           metavar: str | None = None, advanced: bool | None = None,
+           alias: str | None = None, named_by_group: bool = False) -> Any:
     """A config field that is also a command-line option: the CLI (options.py) declares it
     from here, so adding a setting is adding a field.
 
@@ -61,19 +61,18 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
         argument: a positional argument instead of an option.
         advanced: listed by --help-all only (None: as its group says).
         alias: an old spelling, still taken, with a warning that names the new one.
+        named_by_group: the option takes its group's name (`--optimizer NAME`).
     """
-    metadata = {"help": help, "flag": flag, "short": short, "panel": panel,
-                "choices": choices, "argument": argument, "metavar": metavar,
-                "advanced": advanced, "alias": alias}
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata={
+        "help": help, "flag": flag, "short": short, "panel": panel, "choices": choices,
+        "argument": argument, "metavar": metavar, "advanced": advanced, "alias": alias,
+        "named_by_group": named_by_group})
 
 
 def group(factory: Any = dataclasses.MISSING, *, prefix: str = "", panel: str | None = None,
           enabled_by: str | None = None, advanced: bool = False) -> Any:
     """A nested config whose fields are the command's options too, spelled `--{prefix}name`.
-    A field marked `named_by_group` takes the group's own name (`--optimizer`). With
+    A field declared `named_by_group` takes the group's own name (`--optimizer`). With
     `enabled_by`, the group is optional (None) and built only when that option is given."""
     metadata = {"group": True, "prefix": prefix, "panel": panel, "enabled_by": enabled_by,
                 "advanced": advanced}
@@ -82,14 +81,6 @@ def group(factory: Any = dataclasses.MISSING, *, prefix: str = "", panel: str | 
     if factory is dataclasses.MISSING:
         return field(metadata=metadata)
     return field(default_factory=factory, metadata=metadata)
-
-
-def named(default: Any, help: str, choices: tuple[str, ...]) -> Any:  # noqa: A002
-    """The field that a group's option is named after (`--optimizer NAME`)."""
-    return field(default=default, metadata={"help": help, "flag": None, "short": None,
-                                            "panel": None, "choices": choices,
-                                            "argument": False, "metavar": None,
-                                            "advanced": None, "named_by_group": True})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,8 +225,8 @@ MONITORS = ("val_loss", "val_accuracy")
 class ScheduleConfig:
     """A learning-rate schedule over one stage, stepped once per epoch."""
 
-    name: str = named("cosine", "Learning-rate schedule of the stage, stepped per epoch.",
-                      SCHEDULES)
+    name: str = option("cosine", "Learning-rate schedule of the stage, stepped per epoch.",
+                       choices=SCHEDULES, named_by_group=True)
     warmup_epochs: int = option(0, "Epochs of linear warm-up.")
     decay_rate: float | None = option(
         None, "step: factor per step (0.5); exponential: factor per epoch (0.9); "
@@ -265,7 +256,8 @@ class ScheduleConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    name: str = named("adam", "Optimizer for every stage.", OPTIMIZERS)
+    name: str = option("adam", "Optimizer for every stage.", choices=OPTIMIZERS,
+                       named_by_group=True)
     momentum: float = option(0.9, "Momentum (sgd, rmsprop).")
     nesterov: bool = option(True, "Nesterov momentum (sgd).")
 

@@ -43,10 +43,6 @@ def print_error(message: str) -> None:
     stderr.print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
 
 
-def print_warning(message: str) -> None:
-    stderr.print(f"[yellow]Warning:[/] {escape(message)}", soft_wrap=True)
-
-
 def format_metrics(metrics: Mapping[str, float]) -> str:
     parts = [f"{short} {metrics[k]:.3f}" for k, short in _METRICS.items() if k in metrics]
     if "learning_rate" in metrics:

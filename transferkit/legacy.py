@@ -10,7 +10,6 @@ Nothing else reads formats 1 and 2; `runs.directory.read_record` points here.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import zipfile
 from collections.abc import Sequence
@@ -21,11 +20,13 @@ import keras
 import numpy as np
 from keras import ops
 
-from transferkit.config import TOP_BLOCKS, FinetuneConfig, from_dict, to_dict
+from transferkit.bases import get_base
+from transferkit.config import FinetuneConfig, from_dict, to_dict
 from transferkit.errors import ArtifactError, ConfigError
 from transferkit.model import build_classifier, build_feature_extractor, find_base
 from transferkit.runs.directory import MODEL_FILE, RECORD_FILE, run_lock, save_model, save_record
-from transferkit.runs.records import COMMANDS, Plan, RunRecord
+from transferkit.runs.records import COMMANDS, RunRecord
+from transferkit.training.plan import build_plan
 
 
 @keras.saving.register_keras_serializable(package="transferkit", name="ImagePreprocessing")
@@ -55,22 +56,16 @@ class LegacyImagePreprocessing(keras.layers.Layer):
                 "mean": list(self.mean), "std": list(self.std)}
 
 
-def _plan_of(command: Any, config: Any, class_weights: Any) -> dict[str, Any] | None:
-    """The Plan a run of an earlier format trained with: its resolved config's values."""
+def _plan_of(values: dict[str, Any], config: Any, class_weights: Any) -> dict[str, Any] | None:
+    """The Plan a run of an earlier format trained with: its resolved config, read as if the
+    user had given those values (so the plan decides nothing more)."""
+    command = values.get("command")
     if command not in ("finetune", "cv") or not isinstance(config, dict):
         return None
     resolved = from_dict(COMMANDS[command], config, prefix="config.")
     assert isinstance(resolved, FinetuneConfig)  # the command says so
-    augment, rate = resolved.augment, resolved.learning_rate
-    plan = Plan(
-        learning_rate=rate,
-        unfreeze_blocks=(resolved.unfreeze_blocks or TOP_BLOCKS) if resolved.finetune_epochs
-        else 0, finetune_lr=resolved.finetune_lr or rate / 10, schedule=resolved.schedule,
-        finetune_schedule=resolved.finetune_schedule,
-        augment=augment if augment.horizontal_flip is not None else dataclasses.replace(
-            augment, horizontal_flip=True),
-        class_weights=class_weights)
-    return to_dict(plan)
+    return to_dict(build_plan(resolved, get_base(str(values.get("base"))),
+                              class_weights=class_weights))
 
 
 def record_from_v1(values: dict[str, Any]) -> RunRecord:
@@ -85,8 +80,7 @@ def record_from_v1(values: dict[str, Any]) -> RunRecord:
     config = dict(values.get("config") or {})
     config["data"] = {**dict(config.get("data") or {}), "image_size": values.get("image_size")}
     record: dict[str, Any] = {k: v for k, v in values.items() if k in known}
-    record |= {"config": config,
-               "plan": _plan_of(values.get("command"), config, values.get("class_weight"))}
+    record |= {"config": config, "plan": _plan_of(values, config, values.get("class_weight"))}
     if values.get("command") == "extract":  # 0.1 kept these beside the config
         record |= {"compute": {"precision": values.get("precision", "float32")},
                    "base_layer": values.get("base_layer", ""), "kept_stage": "head"}
@@ -110,7 +104,7 @@ def record_from_v2(values: dict[str, Any]) -> RunRecord:
     config = record.get("config")
     data = config.get("data") if isinstance(config, dict) else None
     record["image_size"] = data.get("image_size") if isinstance(data, dict) else None
-    record["plan"] = _plan_of(record.get("command"), config, record.pop("class_weights", None))
+    record["plan"] = _plan_of(record, config, record.pop("class_weights", None))
     return RunRecord.from_dict(record)
 
 

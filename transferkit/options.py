@@ -52,6 +52,12 @@ class Leaf:
         return f"--{dashed}/--no-{dashed}" if _unwrap(self.hint) is bool else f"--{dashed}"
 
     @property
+    def option(self) -> str:
+        """How messages name it: DATA for an argument, else its first spelling."""
+        first = self.flag.split("/")[0]
+        return (self.meta.get("metavar") or first) if self.meta.get("argument") else first
+
+    @property
     def required(self) -> bool:
         return self.default is dataclasses.MISSING
 
@@ -238,16 +244,19 @@ class Settings:
             if leaf.optional_group in off:
                 if leaf.param in self.given:
                     raise ConfigError(
-                        f"{leaf.flag.split('/')[0]} applies only with "
-                        f"{enablers[leaf.optional_group].flag}; got it without.")
+                        f"{leaf.option} applies only with "
+                        f"{enablers[leaf.optional_group].option}; got it without.")
                 continue
             if value is None and leaf.required and _unwrap(leaf.hint) is leaf.hint:
-                what = leaf.meta.get("metavar") or leaf.flag.split("/")[0]
-                raise ConfigError(f"Missing {what}: {leaf.meta['help']}")
+                raise ConfigError(f"Missing {leaf.option}: {leaf.meta['help']}")
             for path in leaf.paths:
                 if not any(path[:len(group)] == group for group in off):
                     _put(tree, path, value)
         return from_dict(self.cls, tree)
+
+    def given_options(self) -> list[str]:
+        """The options the user set, as they are spelled on the command line."""
+        return sorted(leaf.option for leaf in self.known if leaf.param in self.given)
 
 
 def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -267,7 +276,7 @@ def configured(cls: type, optional: tuple[str, ...] = ()) -> Callable[[Callable]
 
         @functools.wraps(command)
         def wrapper(ctx: typer.Context, **kwargs: Any) -> Any:
-            from transferkit.console import print_error, print_warning
+            from transferkit.console import RichReporter, print_error
 
             try:
                 from_file = _file_values(ctx.meta.get(_FILE_SETTINGS, {}), list(known))
@@ -279,14 +288,13 @@ def configured(cls: type, optional: tuple[str, ...] = ()) -> Callable[[Callable]
             values = {leaf.param: _plain(kwargs.pop(leaf.param)) for leaf in known}
             for leaf in known:
                 old = kwargs.pop(f"{leaf.param}__alias", None)
-                if old is not None and ctx.get_parameter_source(leaf.param).name == "DEFAULT":
-                    print_warning(f"{leaf.meta['alias']} is now {leaf.flag.split('/')[0]}; "
-                                  f"the old name still works for now.")
+                if old is not None and not _set_by_user(ctx, leaf.param):
+                    RichReporter().warning(f"{leaf.meta['alias']} is now {leaf.option}; the "
+                                           f"old name still works for now.")
                     values[leaf.param] = old
                     ctx.set_parameter_source(leaf.param, ctx.get_parameter_source(
                         f"{leaf.param}__alias"))
-            typed = {p for p in values if getattr(ctx.get_parameter_source(p), "name",
-                                                  "DEFAULT") != "DEFAULT"}
+            typed = {p for p in values if _set_by_user(ctx, p)}
             values = {**values, **from_file, **{p: values[p] for p in typed}}
             settings = Settings(cls, known, values, frozenset(typed | set(from_file)))
             return command(**kwargs, settings=settings)
@@ -306,6 +314,11 @@ def configured(cls: type, optional: tuple[str, ...] = ()) -> Callable[[Callable]
 
 
 CONTEXT = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+
+
+def _set_by_user(ctx: typer.Context, param: str) -> bool:
+    """Whether `param` came from the command line or the environment, not its default."""
+    return getattr(ctx.get_parameter_source(param), "name", "DEFAULT") != "DEFAULT"
 
 
 def _plain(value: Any) -> Any:

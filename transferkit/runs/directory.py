@@ -165,6 +165,17 @@ def how_to_continue(run_dir: Path) -> str:
 _HELD: set[Path] = set()  # run directories this process holds the lock of
 
 
+def _holder(fd: int) -> str:
+    """What the lock's holder wrote into it: 'process N on HOST'."""
+    return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+
+
+def _taken(run_dir: Path, holder: str) -> ArtifactError:
+    return ArtifactError(f"'{run_dir}' is being written by another transferkit process "
+                         f"({holder}). Two runs in one folder would mix their files: wait "
+                         f"for it to finish, stop it, or choose another -o.")
+
+
 def lock_holder(run_dir: Path) -> str | None:
     """Who else is writing `run_dir` now ('process N on HOST'), or None when no other
     process is."""
@@ -177,7 +188,7 @@ def lock_holder(run_dir: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+        return _holder(fd)
     finally:
         os.close(fd)  # closing releases a lock taken here
     return None
@@ -200,9 +211,7 @@ def check_run_output(path: Path, overwrite: bool) -> None:
     """
     holder = lock_holder(path)
     if holder is not None:
-        raise ArtifactError(f"'{path}' is being written by another transferkit process "
-                            f"({holder}). Two runs in one folder would mix their files: wait "
-                            f"for it to finish, stop it, or choose another -o.")
+        raise _taken(path, holder)
     if not overwrite and (path / RECORD_FILE).is_file():
         try:
             record = read_record(path, finished=False)
@@ -239,12 +248,9 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            holder = _holder(fd)
             os.close(fd)
-            raise ArtifactError(
-                f"'{run_dir}' is being written by another transferkit process ({holder}). "
-                f"Two runs in one folder would mix their files: wait for it to finish, stop "
-                f"it, or choose another -o.") from None
+            raise _taken(run_dir, holder) from None
         try:  # the holder before us may have removed the file after we opened it
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

@@ -196,8 +196,7 @@ def _probe(t: Training) -> np.ndarray:
                    f"trained on them: its weights ('{t.config.weights}') are damaged, or were "
                    f"saved from a model whose training diverged. Use other weights (e.g. "
                    f"--weights imagenet).")
-        t.save(status=FAILED, failure=failure)
-        raise TrainingDiverged(failure)
+        raise TrainingDiverged(failure)  # recorded as failed by _recording_how_it_ends
     probe = fit_probe(x_train, y_train, len(t.splits.class_names),
                       balanced=t.class_weights is not None, seed=t.config.data.seed)
     correct = int((probe.probabilities(x_val).argmax(axis=1) == y_val).sum())
