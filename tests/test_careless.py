@@ -307,3 +307,23 @@ def test_finetune_help_shows_the_options_that_matter_and_help_all_the_rest():
         return sum(line.lstrip("│ ").startswith("--") for line in text.splitlines())
 
     assert rows(short.output) < rows(full.output) / 2
+
+
+def test_calibration_that_val_cannot_inform_is_recorded_and_shown_as_skipped(
+        image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import transferkit.training.recipe as recipe
+    from transferkit.runs.directory import read_record
+
+    monkeypatch.setattr(recipe, "fit_temperature", lambda probabilities, labels: None)
+    reporter = Recorder()
+    recipe.finetune(FinetuneConfig(
+        adapt=False, data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
+        output=tmp_path / "run", weights="none", base="tiny", finetune_epochs=0), reporter)
+    calibration = read_record(tmp_path / "run").calibration
+    assert calibration is not None and calibration.skipped and calibration.temperature == 1.0
+    assert calibration.val_ece_before == calibration.val_ece_after
+    assert any("Calibration skipped" in m for m in reporter.messages)
+    assert not any(m.startswith("Calibration: temperature") for m in reporter.messages)
+    page = said((tmp_path / "run" / "report.html").read_text())
+    assert "skipped: val could not inform a temperature" in page
+    assert "temperature 1.00" not in page

@@ -98,8 +98,19 @@ def test_the_record_has_each_fold_and_the_out_of_fold_score(cv_run):
         assert fold["status"] == "complete" and fold["scores"][-1]["split"] == "test"
 
 
+def test_splits_and_counts_say_how_cv_used_each_image(cv_run):
+    with open(cv_run / "splits.csv", newline="") as f:
+        splits = {r["path"]: r["fold"] for r in csv.DictReader(f)}
+    with open(cv_run / "oof.csv", newline="") as f:
+        assert splits == {r["path"]: r["fold"] for r in csv.DictReader(f)}
+    record = json.loads((cv_run / "run.json").read_text())
+    assert {k: sum(v.values()) for k, v in record["data"]["counts"].items()} == {
+        "cross-validated": 18}
+
+
 def test_the_cv_report_shows_folds_and_out_of_fold_predictions(cv_run):
     page = (cv_run / "report.html").read_text()
+    assert "18 cross-validated" in page and " train, " not in page
     assert "<h2>On out-of-fold predictions" in page and "fold 2" in page
     assert "Mean fold accuracy" in page
 

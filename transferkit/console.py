@@ -131,13 +131,8 @@ def render_finetune(result: FinetuneResult) -> None:
         render_stages(result.stages, result.kept_stage)
     render_choice(result.choice)
     render_scores(result.scores)
-    c = result.calibration
-    if c.temperature != 1.0:
-        stdout.print(f"Probabilities calibrated: temperature {c.temperature:.2f}; expected "
-                     f"calibration error on val {c.val_ece_before:.3f} -> "
-                     f"{c.val_ece_after:.3f}" + ("" if c.test_ece_after is None else
-                                                 f", on test {c.test_ece_before:.3f} -> "
-                                                 f"{c.test_ece_after:.3f}"))
+    if not result.calibration.skipped:
+        stdout.print(f"Probabilities calibrated: {result.calibration.describe()}")
     stdout.print(f"Saved model: '{result.kept_stage}'{KEPT.get(result.kept_stage, '')}, in "
                  f"{escape(str(result.run_dir))}")
 

@@ -40,7 +40,7 @@ from transferkit.runs.directory import (
     save_run,
     save_splits,
 )
-from transferkit.runs.records import RUNNING, CrossValidation, RunRecord, Score
+from transferkit.runs.records import RUNNING, CrossValidation, DataSummary, RunRecord, Score
 from transferkit.training.prepare import data_summary
 from transferkit.training.recipe import finetune
 
@@ -87,16 +87,15 @@ def _cross_validate(config: CVConfig, output: Path, reporter: Reporter) -> CVRes
                         f"have fewer: {small}. Use fewer folds or add images.")
     if recipe.overwrite:
         clear_run(output)
-    save_splits(output, [(p.as_posix(), names[label], split) for split, images in
-                         (("train", pooled), ("test", splits.test)) if images is not None
-                         for p, label in zip(images.paths, images.labels, strict=True)])
     folds = StratifiedKFold(config.folds, shuffle=True, random_state=recipe.data.seed)
-    oof = np.zeros((len(pooled), len(names)), np.float32)
     fold_of = np.zeros(len(pooled), int)
-    scores = []
     for k, (_, held_idx) in enumerate(folds.split(np.zeros(len(pooled)), pooled.labels), 1):
-        held = np.zeros(len(pooled), bool)
-        held[held_idx] = True
+        fold_of[held_idx] = k
+    save_splits(output, _split_rows(pooled, splits.test, fold_of))
+    oof = np.zeros((len(pooled), len(names)), np.float32)
+    scores = []
+    for k in range(1, config.folds + 1):
+        held = fold_of == k
         inner_train, inner_val = split_validation(pooled.subset(~held), recipe.data.val_split,
                                                   recipe.data.seed)
         reporter.info(f"Fold {k}/{config.folds}: {len(inner_train)} train, {len(inner_val)} "
@@ -107,12 +106,24 @@ def _cross_validate(config: CVConfig, output: Path, reporter: Reporter) -> CVRes
                        splits.skipped))
         assert result.test_probabilities is not None
         oof[held] = result.test_probabilities
-        fold_of[held] = k
         held_out = next(s for s in result.scores if s.split == "test")
         scores.append(dataclasses.replace(held_out, split=f"fold {k}"))
         reporter.info(scores[-1].describe())
     return _save_ensemble(config, output, splits, pooled, oof, fold_of, tuple(scores),
                           reporter)
+
+
+def _split_rows(pooled: ImageSet, test: ImageSet | None, fold_of: np.ndarray
+                ) -> list[tuple[str, ...]]:
+    """splits.csv of a cv run: every pooled image trained the ensemble (each of its models
+    but the one whose fold held it out), so its split is train and its fold is named."""
+    names = pooled.class_names
+    rows = [(p.as_posix(), names[label], "train", str(k))
+            for p, label, k in zip(pooled.paths, pooled.labels, fold_of, strict=True)]
+    if test is not None:
+        rows += [(p.as_posix(), names[label], "test", "")
+                 for p, label in zip(test.paths, test.labels, strict=True)]
+    return rows
 
 
 def _save_ensemble(config: CVConfig, output: Path, splits: DataSplits, pooled: ImageSet,
@@ -138,7 +149,7 @@ def _save_ensemble(config: CVConfig, output: Path, splits: DataSplits, pooled: I
     record = RunRecord(
         command="cv", config=config.recipe, base=first.base, base_layer=first.base_layer,
         preprocessing=first.preprocessing, class_names=names, image_size=first.image_size,
-        compute=first.compute, data=data_summary(splits), status=RUNNING,
+        compute=first.compute, data=_pooled_summary(splits), status=RUNNING,
         scores=tuple(summary),
         cross_validation=CrossValidation(
             folds=config.folds, fold_scores=scores, mean=round(statistics.mean(accuracies), 4),
@@ -155,6 +166,15 @@ def _save_ensemble(config: CVConfig, output: Path, splits: DataSplits, pooled: I
     write_run_report(output, record, evaluated)
     reporter.info(f"Saved the {config.folds}-fold ensemble to '{output}'.")
     return CVResult(output, record)
+
+
+def _pooled_summary(splits: DataSplits) -> DataSummary:
+    """The data as cv used it: train and val pooled into folds, and test."""
+    summary = data_summary(splits)
+    counts = {"cross-validated": {c: summary.counts["train"][c] + summary.counts["val"][c]
+                                  for c in splits.class_names}}
+    return dataclasses.replace(summary, counts=counts | {
+        k: v for k, v in summary.counts.items() if k == "test"})
 
 
 def average_models(models: list) -> object:

@@ -80,12 +80,7 @@ def _summary(record: RunRecord) -> str:
     if record.kept_stage:
         rows.append(["kept model", f"<b>{report.esc(record.kept_stage)}</b>"])
     if record.calibration is not None:
-        c = record.calibration
-        after = "" if c.test_ece_after is None else \
-            f"; on test {c.test_ece_before:.3f} -> {c.test_ece_after:.3f}"
-        rows.append(["calibration", report.esc(
-            f"temperature {c.temperature:.2f}; expected calibration error on val "
-            f"{c.val_ece_before:.3f} -> {c.val_ece_after:.3f}{after}")])
+        rows.append(["calibration", report.esc(record.calibration.describe())])
     return report.section("Run", report.table(["", ""], rows))
 
 

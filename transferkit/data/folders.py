@@ -217,22 +217,20 @@ def split_position(seed: int, path: Path) -> float:
 
 
 def split_validation(images: ImageSet, val_split: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """Each file goes to validation when its hash position is below `val_split`; adding files
-    never moves existing ones. A class with no file below the threshold lends its lowest one
-    to validation, a class entirely below keeps its highest one for training, and a class of
-    a single image keeps it for training (these only matter for classes of a handful of
-    images)."""
+    """Each class lends exactly round(`val_split` x its size) images to validation: those
+    whose hash positions are lowest. A position never depends on which other files exist, so
+    adding images moves an existing one only at the margin of its class (an added image that
+    ranks below it, or a quota grown by one), never anywhere else. A class of two or more
+    images lends at least one and keeps at least one for training; a class of a single image
+    keeps it for training."""
     positions = np.array([split_position(seed, p) for p in images.paths])
-    is_val = positions < val_split
+    is_val = np.zeros(len(images), bool)
     for label in range(len(images.class_names)):
         idx = np.flatnonzero(images.labels == label)
         if len(idx) < 2:
-            is_val[idx] = False
             continue
-        if not is_val[idx].any():
-            is_val[idx[np.argmin(positions[idx])]] = True
-        if is_val[idx].all():
-            is_val[idx[np.argmax(positions[idx])]] = False
+        quota = min(max(int(np.floor(val_split * len(idx) + 0.5)), 1), len(idx) - 1)
+        is_val[idx[np.argsort(positions[idx], kind="stable")[:quota]]] = True
     return images.subset(~is_val), images.subset(is_val)
 
 

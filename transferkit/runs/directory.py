@@ -295,16 +295,18 @@ def save_history(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> None:
     write_text(run_dir / HISTORY_CSV, buffer.getvalue())
 
 
-def save_splits(run_dir: Path, rows: Sequence[tuple[str, str, str]]) -> None:
-    """splits.csv: which file (relative path) had which label in which split."""
+def save_splits(run_dir: Path, rows: Sequence[tuple[str, ...]]) -> None:
+    """splits.csv: which file (relative path) had which label in which split; a cv run's rows
+    add the fold that held each image out (empty for test)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("path", "label", "split"))
+    writer.writerow(SPLITS_COLUMNS[:len(rows[0])] if rows else SPLITS_COLUMNS[:3])
     writer.writerows(rows)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / SPLITS_FILE, buffer.getvalue())
 
 
+SPLITS_COLUMNS = ("path", "label", "split", "fold")
 SPLITS = ("train", "val", "test")
 
 
@@ -327,12 +329,14 @@ def read_splits(run_dir: Path, class_names: Sequence[str]) -> list[dict[str, str
     known = set(class_names)
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         problem = None
-        if set(row) != {"path", "label", "split"} or None in row.values():
-            problem = "does not have the columns path, label, split"
+        if tuple(row) not in (SPLITS_COLUMNS[:3], SPLITS_COLUMNS) or None in row.values():
+            problem = "does not have the columns path, label, split (and a cv run's fold)"
         elif row["label"] not in known:
             problem = f"has label {row['label']!r}, which is not one of the run's classes"
         elif row["split"] not in SPLITS:
             problem = f"has split {row['split']!r}, not one of {', '.join(SPLITS)}"
+        elif not row.get("fold", "1").isdigit() and row.get("fold") != "":
+            problem = f"has fold {row['fold']!r}, not a fold number"
         elif not row["path"] or Path(row["path"]).is_absolute() or ".." in Path(
                 row["path"]).parts:
             problem = f"has path {row['path']!r}, which is not inside the data folder"

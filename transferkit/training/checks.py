@@ -134,7 +134,7 @@ def lr_range_test(features: np.ndarray, labels: np.ndarray, num_classes: int,
 def lr_find(config: FinetuneConfig, prepared: Prepared,
             reporter: Reporter | None = None) -> LRFind:
     """`finetune --lr-find`: the range test on the frozen-base features of augmented
-    training images, as stage 1 will see them."""
+    training images, as the head stage will see them."""
     reporter = reporter or NullReporter()
     train = prepared.splits.train
     features = predict_features(prepared.extractor, train.sources, prepared.image_size,
@@ -142,7 +142,7 @@ def lr_find(config: FinetuneConfig, prepared: Prepared,
                                 augment=build_augmentation(config.augment, config.data.seed))
     result = lr_range_test(features, train.labels, len(train.class_names), config,
                            seed=config.data.seed)
-    reporter.info(f"Learning-rate range test: {result.suggestion:.2g} for stage 1 (valley "
+    reporter.info(f"Learning-rate range test: {result.suggestion:.2g} for the head stage (valley "
                   f"rule: half way down the longest fall of the loss).")
     if result.at_edge:
         reporter.warning(

@@ -321,7 +321,8 @@ def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: n
                         f"range tried, so val ({right} of {len(labels)} right; all right "
                         f"always asks for more confidence) cannot say how much to change the "
                         f"probabilities. They stay as the model gives them.")
-        temperature = 1.0
+    skipped = temperature is None
+    temperature = temperature or 1.0
     fold_temperature(model.get_layer("head").get_layer(PREDICTIONS), temperature)
     values: dict[str, Any] = {
         "temperature": round(temperature, 4),
@@ -338,13 +339,9 @@ def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: n
         values["test_ece_before"] = expected_calibration_error(scale(test, 1 / temperature),
                                                                test_split.labels)
         values["test_ece_after"] = expected_calibration_error(test, test_split.labels)
-    calibration = Calibration(**{k: round(v, 4) for k, v in values.items()})
-    t.reporter.info(f"Calibration: temperature {calibration.temperature:.2f}, expected "
-                    f"calibration error on val {calibration.val_ece_before:.3f} -> "
-                    f"{calibration.val_ece_after:.3f}"
-                    + ("" if calibration.test_ece_after is None else
-                       f", on test {calibration.test_ece_before:.3f} -> "
-                       f"{calibration.test_ece_after:.3f}") + ".")
+    calibration = Calibration(**{k: round(v, 4) for k, v in values.items()}, skipped=skipped)
+    if not skipped:
+        t.reporter.info(f"Calibration: {calibration.describe()}.")
     return calibration, tuple(scores), test
 
 
