@@ -91,11 +91,16 @@ def test_evaluate_gives_intervals_and_says_which_split_chose(trained_run: Path,
     held = runner.invoke(app, ["evaluate", str(trained_run), str(new), "-o",
                                str(tmp_path / "h")])
     assert "held out: nothing was chosen" in " ".join(held.stdout.split())
-    assert not json.loads((tmp_path / "h" / "metrics.json").read_text())["split_chose_the_model"]
+    held_metrics = json.loads((tmp_path / "h" / "metrics.json").read_text())
+    assert not held_metrics["split_chose_the_model"]
+    assert held_metrics["images_the_run_trained_or_chose_on"] == 0
     own = runner.invoke(app, ["evaluate", str(trained_run), str(image_folder), "-o",
                               str(tmp_path / "o")])  # the images it trained on
-    assert "not held out" in " ".join(own.stdout.split())
-    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["split_chose_the_model"]
+    assert "18 of its images trained the run or chose its model: not held out" in " ".join(
+        own.stdout.split())
+    own_metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert own_metrics["images_the_run_trained_or_chose_on"] == 18
+    assert own_metrics["split"] == image_folder.name
 
 
 def test_finetune_and_extract_score_the_test_split_once_at_the_end(presplit_folder: Path,

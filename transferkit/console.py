@@ -209,8 +209,8 @@ def render_cv(result: CVResult) -> None:
 def render_scores(scores: Sequence[Score]) -> None:
     """Each accuracy with its split, n and 95 % interval, and whether the split chose."""
     for score in scores:
-        note = (" (images the run trained on or chose with: not held out, it flatters the "
-                "model)" if score.split == "seen" else
+        note = (f" ({score.seen} of its images trained the run or chose its model: not held "
+                f"out, it flatters the model)" if score.seen else
                 " (this split chose the epochs and stages, so it flatters the model)"
                 if score.chose else " (held out: nothing was chosen on it)")
         stdout.print(escape(score.describe() + note))

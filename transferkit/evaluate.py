@@ -38,8 +38,9 @@ class EvaluationResult:
 
 
 def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
-                        reporter: Reporter) -> tuple[ImageSet, str, str]:
-    """The images, what they are in words, and their split's name."""
+                        reporter: Reporter) -> tuple[ImageSet, str, str, int]:
+    """The images, what they are in words, their split's name, and how many of them the run
+    trained on or chose with."""
     if config.data_dir is not None:
         images = load_labelled_folder(config.data_dir, run.class_names, reporter)
         source = f"labelled folder '{config.data_dir}'"
@@ -50,7 +51,7 @@ def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
                              f"the same content as images the run trained on or chose its "
                              f"model with, so this score is not held out and flatters the "
                              f"model. Evaluate on images the run never saw.")
-        return images, source, "seen" if seen else config.data_dir.name or "data"
+        return images, source, config.data_dir.name or "data", seen
     splits = load_run_splits(run.path, run.record, reporter)
     if run.record.command == "cv":  # every train/val image trained some fold
         if splits.test is None or not len(splits.test):
@@ -58,8 +59,8 @@ def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
                             f"trained some of its folds, so it has no held-out split of its "
                             f"own. Its out-of-fold accuracy is in run.json and oof.csv; pass "
                             f"a labelled folder to evaluate it on new images.")
-        return splits.test, f"the run's test split ({run.record.data_dir})", "test"
-    return splits.val, f"the run's validation split ({run.record.data_dir})", "val"
+        return splits.test, f"the run's test split ({run.record.data_dir})", "test", 0
+    return splits.val, f"the run's validation split ({run.record.data_dir})", "val", 0
 
 
 def _seen_by_run(run: LoadedRun, images: ImageSet, reporter: Reporter) -> int:
@@ -99,14 +100,15 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     output = config.output or config.run_dir / EVALUATION_DIR
     if config.output is not None:
         check_new_output(output, config.overwrite, what="evaluation folder")
-    images, source, split = _images_to_evaluate(config, run, reporter)
+    images, source, split, seen = _images_to_evaluate(config, run, reporter)
     if len(images) == 0:
         raise DataError(f"No usable labelled images in {source}.")
     ds = build_dataset(images.sources, None, run.image_size, config.batch_size)
     probabilities = predict_batches(run.model, ds, len(images), config.batch_size, reporter,
                                     "Evaluating")
     evaluation = classification_metrics(images.labels, probabilities, run.class_names,
-                                        config.top_k, split, chose=split in ("val", "seen"))
+                                        config.top_k, split, chose=config.data_dir is None and
+                                        split == "val", seen=seen)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
         staged = Path(tmp) / "evaluation"

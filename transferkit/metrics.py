@@ -42,6 +42,7 @@ class Evaluation:
             "images": self.images, "accuracy": self.accuracy,
             "accuracy_95ci": [self.score.low, self.score.high], "split": self.score.split,
             "split_chose_the_model": self.score.chose,
+            "images_the_run_trained_or_chose_on": self.score.seen,
             "top_k_accuracy": {str(k): v for k, v in self.top_k_accuracy.items()},
             "macro_f1": self.macro_f1, "expected_calibration_error": self.calibration_error,
             "per_class": [vars(c) for c in self.per_class],
@@ -51,10 +52,11 @@ class Evaluation:
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
                            class_names: tuple[str, ...], top_k: int = 3, split: str = "data",
-                           chose: bool = False) -> Evaluation:
+                           chose: bool = False, seen: int = 0) -> Evaluation:
     """Metrics from true labels and predicted probabilities (pure numpy), the accuracy and
-    each class's recall with a 95 % Wilson interval. `split` names what was evaluated and
-    `chose` says whether it chose the model's epochs or stages.
+    each class's recall with a 95 % Wilson interval. `split` names what was evaluated,
+    `chose` says whether it chose the model's epochs or stages and `seen` how many of its
+    images the run trained on or chose with.
 
     Precision, recall and F1 are 0 where undefined (no predictions or no support).
     """
@@ -77,5 +79,5 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
     correct = int((predicted == labels).sum())
     return Evaluation(class_names, correct / max(len(labels), 1), top, tuple(per_class),
                       confusion, float(np.mean([c.f1 for c in per_class])), len(labels),
-                      Score.of(split, correct, len(labels), chose),
+                      Score.of(split, correct, len(labels), chose, seen),
                       expected_calibration_error(probabilities, labels))

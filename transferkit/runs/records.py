@@ -50,7 +50,8 @@ class StageResult:
 @dataclass(frozen=True, kw_only=True)
 class Score:
     """An accuracy with its split, its n and its 95 % Wilson interval; `chose` says the split
-    chose epochs or stages, which makes its accuracy an optimistic estimate."""
+    chose epochs or stages, and `seen` counts its images the run trained on or chose with:
+    either makes the accuracy an optimistic estimate."""
 
     split: str
     n: int
@@ -59,12 +60,17 @@ class Score:
     low: float
     high: float
     chose: bool
+    seen: int = 0
 
     @classmethod
-    def of(cls, split: str, correct: int, n: int, chose: bool) -> Score:
+    def of(cls, split: str, correct: int, n: int, chose: bool, seen: int = 0) -> Score:
         low, high = wilson_interval(correct, n)
         return cls(split=split, n=n, correct=correct, accuracy=correct / n if n else 0.0,
-                   low=low, high=high, chose=chose)
+                   low=low, high=high, chose=chose, seen=seen)
+
+    @property
+    def held_out(self) -> bool:
+        return not self.chose and not self.seen
 
     def describe(self) -> str:
         """'val accuracy 0.895 (95 % CI 0.759-0.958, n=38)'."""
