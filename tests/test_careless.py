@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY_SETUP, Recorder
 from typer.testing import CliRunner
@@ -325,5 +326,19 @@ def test_calibration_that_val_cannot_inform_is_recorded_and_shown_as_skipped(
     assert any("Calibration skipped" in m for m in reporter.messages)
     assert not any(m.startswith("Calibration: temperature") for m in reporter.messages)
     page = said((tmp_path / "run" / "report.html").read_text())
-    assert "skipped: val could not inform a temperature" in page
+    assert "skipped (the best temperature on val lies beyond the range tried" in page
     assert "temperature 1.00" not in page
+
+
+def test_a_temperature_that_would_worsen_calibration_on_val_is_not_applied():
+    from transferkit.training.recipe import _temperature
+
+    probabilities = np.array([[0.32, 0.68], [0.34, 0.66], [0.95, 0.05], [0.69, 0.31]])
+    reporter = Recorder()
+    temperature, why = _temperature(probabilities, np.zeros(4, int), reporter)
+    assert temperature == 1.0 and "would raise its expected calibration error" in why
+    assert any("Calibration skipped" in m for m in reporter.messages)
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 0])  # over-confident and often wrong: it helps
+    sure = np.array([[0.99, 0.01], [0.02, 0.98]] * 4)
+    temperature, why = _temperature(sure, labels, reporter)
+    assert temperature > 1.0 and why == ""

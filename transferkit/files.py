@@ -67,6 +67,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
             break
         except FileExistsError:
             continue
+        except OSError as exc:  # a folder that takes no new files: the user's to fix
+            raise _cannot_create(target.parent, exc) from exc
     try:
         yield tmp
         _fsync_file(tmp)
@@ -152,6 +154,17 @@ def check_writable(path: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ArtifactError(f"Cannot write into '{folder}' (read-only or not yours). Choose "
                             f"another output, or change the folder's permissions.")
+    try:  # what the folder really accepts (root passes os.access; /proc or a full disk do not)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".transferkit-probe."):
+            pass
+    except OSError as exc:
+        raise _cannot_create(folder, exc) from exc
+
+
+def _cannot_create(folder: Path, exc: OSError) -> ArtifactError:
+    return ArtifactError(describe_write_error(exc) or (
+        f"Could not create a file in '{folder}' ({exc.strerror or exc}). Choose another "
+        f"output."))
 
 
 def check_name_length(path: Path) -> None:

@@ -149,7 +149,7 @@ class Calibration:
     val_ece_after: float
     test_ece_before: float | None = None
     test_ece_after: float | None = None
-    skipped: bool = False  # val could not inform a temperature: the probabilities stay as given
+    skipped: str = ""  # why val could not set a temperature; the probabilities stay as given
 
     def describe(self) -> str:
         """One line for the console and the report."""
@@ -157,9 +157,9 @@ class Calibration:
                    f", on test {self.test_ece_before:.3f} -> {self.test_ece_after:.3f}")
         if self.skipped:
             on_test = "" if self.test_ece_after is None else f", on test {self.test_ece_after:.3f}"
-            return (f"skipped: val could not inform a temperature, so the probabilities stay "
-                    f"as the model gives them (expected calibration error on val "
-                    f"{self.val_ece_after:.3f}{on_test})")
+            return (f"skipped ({self.skipped}), so the probabilities stay as the model gives "
+                    f"them (expected calibration error on val {self.val_ece_before:.3f}"
+                    f"{on_test})")
         return (f"temperature {self.temperature:.2f}; expected calibration error on val "
                 f"{self.val_ece_before:.3f} -> {self.val_ece_after:.3f}{on_test}")
 

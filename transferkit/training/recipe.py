@@ -314,15 +314,7 @@ def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: n
     on val (which chose it) and on DATA/test when there is one, which nothing was chosen or
     fitted on. Calibration changes no answer, only how sure each one is."""
     labels, test_split = t.splits.val.labels, t.splits.test
-    temperature = fit_temperature(val, labels)
-    if temperature is None:
-        right = int((val.argmax(axis=1) == labels).sum())
-        t.reporter.info(f"Calibration skipped: the best temperature on val lies beyond the "
-                        f"range tried, so val ({right} of {len(labels)} right; all right "
-                        f"always asks for more confidence) cannot say how much to change the "
-                        f"probabilities. They stay as the model gives them.")
-    skipped = temperature is None
-    temperature = temperature or 1.0
+    temperature, skipped = _temperature(val, labels, t.reporter)
     fold_temperature(model.get_layer("head").get_layer(PREDICTIONS), temperature)
     values: dict[str, Any] = {
         "temperature": round(temperature, 4),
@@ -343,6 +335,27 @@ def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: n
     if not skipped:
         t.reporter.info(f"Calibration: {calibration.describe()}.")
     return calibration, tuple(scores), test
+
+
+def _temperature(val: np.ndarray, labels: np.ndarray, reporter: Reporter) -> tuple[float, str]:
+    """The temperature to fold into the kept model, or 1 and why val could not set one: a
+    fit at the bound of its range (all of val right asks for ever more confidence), or one
+    that would make the calibration error on val worse (a fit to a handful of images)."""
+    temperature = fit_temperature(val, labels)
+    right = int((val.argmax(axis=1) == labels).sum())
+    if temperature is None:
+        why = (f"the best temperature on val lies beyond the range tried: val ({right} of "
+               f"{len(labels)} right) cannot say how much to change the probabilities")
+    else:
+        before = expected_calibration_error(val, labels)
+        after = expected_calibration_error(scale(val, temperature), labels)
+        if after <= before:
+            return temperature, ""
+        why = (f"the temperature fitted on val's {len(labels)} images ({temperature:.2f}) "
+               f"would raise its expected calibration error ({before:.3f} -> {after:.3f})")
+    reporter.info(f"Calibration skipped: {why}. The probabilities stay as the model gives "
+                  f"them.")
+    return 1.0, why
 
 
 def _report(t: Training, model: keras.Model, val: np.ndarray, test: np.ndarray | None) -> None:
