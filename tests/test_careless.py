@@ -342,3 +342,31 @@ def test_a_temperature_that_would_worsen_calibration_on_val_is_not_applied():
     sure = np.array([[0.99, 0.01], [0.02, 0.98]] * 4)
     temperature, why = _temperature(sure, labels, reporter)
     assert temperature > 1.0 and why == ""
+
+
+def test_no_output_is_written_inside_the_data_folder(image_folder: Path, tmp_path: Path):
+    before = sorted(p for p in image_folder.rglob("*"))
+    first_class = next(p for p in image_folder.iterdir() if p.is_dir())
+    for args in (["finetune", str(image_folder), "-o", str(image_folder), "--overwrite"],
+                 ["cv", str(image_folder), "-o", str(first_class / "run")],
+                 ["audit", str(image_folder), "-o", str(image_folder / "audit")],
+                 ["augment-preview", str(image_folder), "-o", str(first_class / "a.png")]):
+        result = runner.invoke(app, [*args, "--base", "tiny"])
+        assert result.exit_code == 1, result.output
+        assert "inside the data folder" in said(result.stderr), args
+    assert sorted(p for p in image_folder.rglob("*")) == before
+    linked = tmp_path / "link"
+    linked.symlink_to(image_folder)  # the same folder by another name
+    result = runner.invoke(app, ["finetune", str(linked), "-o", str(image_folder / "r"),
+                                 "--base", "tiny"])
+    assert result.exit_code == 1 and "inside the data folder" in said(result.stderr)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_takes_no_files_is_refused_before_any_work(tmp_path: Path):
+    from transferkit.files import write_text
+
+    with pytest.raises(ArtifactError, match="Could not create a file in '/proc'"):
+        check_new_output(Path("/proc/predictions.csv"), overwrite=False)
+    with pytest.raises(ArtifactError, match="Choose another output"):
+        write_text(Path("/proc/predictions.csv"), "path\n")

@@ -175,10 +175,10 @@ def test_one_writer_per_run_directory_and_a_dead_holder_frees_it(tmp_path: Path)
                                                 rf"{holder.pid} on "), run_lock(run_dir):
             pass
         with pytest.raises(ArtifactError, match="is being written by another"):
-            check_run_output(run_dir, overwrite=True)  # refused at once, before any work
+            check_run_output(run_dir, True, tmp_path / "data")  # refused at once, before any work
         os.kill(holder.pid, signal.SIGKILL)  # a stale lock: its process is gone
         holder.wait(timeout=30)
-        check_run_output(run_dir, overwrite=False)  # the lock file alone is not a run
+        check_run_output(run_dir, False, tmp_path / "data")  # the lock file alone is not a run
         with run_lock(run_dir):
             assert (run_dir / LOCK_FILE).read_text().startswith(f"process {os.getpid()} ")
         assert not run_dir.exists() or not any(run_dir.iterdir())

@@ -89,7 +89,8 @@ def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
     """
     reporter = reporter or NullReporter()
     started = time.perf_counter()
-    check_new_output(config.output, config.overwrite, what="audit folder")
+    check_new_output(config.output, config.overwrite, what="audit folder",
+                     data=config.data.data_dir)
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                          reporter, use_cache=config.cache)
     named = splits.items()

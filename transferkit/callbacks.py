@@ -60,6 +60,26 @@ class EpochReporter(keras.callbacks.Callback):
         self.reporter.epoch_ended(self.stage, epoch + 1, self.last_epoch, metrics)
 
 
+class ValidateByPredicting(keras.callbacks.Callback):
+    """val_loss and val_accuracy from `predict`, for a model trained on several replicas.
+    Keras 3's evaluate under tf.distribute fails on a batch that does not split evenly across
+    the replicas (a val split of 3 images on 2 GPUs), and padding to an even count skews the
+    metrics (zero sample weights still count in them); predict has neither problem. It runs
+    before every callback that reads the epoch's logs."""
+
+    def __init__(self, images: Any, labels: np.ndarray) -> None:
+        super().__init__()
+        self.images, self.labels = images, labels
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is None:
+            return
+        probabilities = self.model.predict(self.images, verbose=0)
+        picked = probabilities[np.arange(len(self.labels)), self.labels]
+        logs["val_loss"] = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+        logs["val_accuracy"] = float(np.mean(probabilities.argmax(axis=1) == self.labels))
+
+
 class StopOnNonFinite(keras.callbacks.Callback):
     """Ends training at the end of an epoch whose training or validation loss is NaN or
     infinite, before any other callback sees that epoch (so it is never checkpointed)."""

@@ -115,7 +115,7 @@ def _check_recipe(config: FinetuneConfig) -> None:
     _check_data(config.data, config.base,
                 config.unfreeze_blocks if config.finetune_epochs else None)
     if config.output is not None:
-        check_run_output(config.output, config.overwrite)
+        check_run_output(config.output, config.overwrite, config.data.data_dir)
 
 
 @app.command()
@@ -206,7 +206,7 @@ def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
         from transferkit.files import check_new_output
 
         _check_data(config.data, config.base)
-        check_new_output(config.output, config.overwrite, what="audit folder")
+        check_new_output(config.output, config.overwrite, "audit folder", data=config.data.data_dir)
         _load()
         from transferkit.audit import audit as run_audit
         from transferkit.console import RichReporter, render_audit
@@ -228,9 +228,9 @@ def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
         from transferkit.runs.directory import check_run_output
 
         _check_data(config.data, config.base, config.blocks, "--blocks")
-        check_new_output(config.output, config.overwrite, what="feature file")
+        check_new_output(config.output, config.overwrite, "feature file", data=config.data.data_dir)
         if config.head is not None:
-            check_run_output(config.head.output, config.overwrite)
+            check_run_output(config.head.output, config.overwrite, config.data.data_dir)
         _load()
         from transferkit.console import RichReporter, render_extract
         from transferkit.extract import extract as run_extract
@@ -301,7 +301,7 @@ def evaluate(settings: Settings = None) -> None:  # type: ignore[assignment]
         if config.data_dir is not None:
             check_data_root(config.data_dir)
         if config.output is not None:
-            check_new_output(config.output, config.overwrite, what="evaluation folder")
+            check_new_output(config.output, config.overwrite, "evaluation folder", config.data_dir)
         _load()
         from transferkit.console import RichReporter, render_evaluation
         from transferkit.evaluate import evaluate as run_evaluate
@@ -318,7 +318,7 @@ def augment_preview(settings: Settings = None) -> None:  # type: ignore[assignme
         from transferkit.files import check_new_output
 
         _check_data(config.data, config.base)
-        check_new_output(config.output, config.overwrite)
+        check_new_output(config.output, config.overwrite, data=config.data.data_dir)
         _load()
         from transferkit.console import RichReporter, stderr
         from transferkit.training.checks import preview_augmentation

@@ -74,7 +74,7 @@ def _cross_validate(config: CVConfig, output: Path, reporter: Reporter) -> CVRes
     from sklearn.model_selection import StratifiedKFold
 
     recipe = config.recipe
-    check_run_output(output, recipe.overwrite)
+    check_run_output(output, recipe.overwrite, recipe.data.data_dir)
     splits = load_splits(recipe.data.data_dir, recipe.data.val_split, recipe.data.seed, reporter)
     pooled = splits.train.join(splits.val)
     names = splits.class_names

@@ -99,7 +99,8 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     run = load_run(config.run_dir)
     output = config.output or config.run_dir / EVALUATION_DIR
     if config.output is not None:
-        check_new_output(output, config.overwrite, what="evaluation folder")
+        check_new_output(output, config.overwrite, what="evaluation folder",
+                         data=config.data_dir)
     images, source, split, seen = _images_to_evaluate(config, run, reporter)
     if len(images) == 0:
         raise DataError(f"No usable labelled images in {source}.")

@@ -103,9 +103,10 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     image_size = resolve_image_size(spec, config.data.image_size)
     blocks = config.blocks or len(spec.blocks)
     spec.check_block_count(blocks, "--blocks")
-    check_new_output(config.output, config.overwrite, what="feature file")
+    check_new_output(config.output, config.overwrite, what="feature file",
+                     data=config.data.data_dir)
     if config.head is not None:
-        check_run_output(config.head.output, config.head.overwrite)
+        check_run_output(config.head.output, config.head.overwrite, config.data.data_dir)
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter,
                          use_cache=config.cache)
     report_data(splits, reporter)

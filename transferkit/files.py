@@ -106,14 +106,20 @@ def save_figure(path: Path, figure: Any) -> None:
 
 
 def check_new_output(path: Path, overwrite: bool, what: str = "output file",
-                     ignore: tuple[str, ...] = ()) -> None:
-    """Refuses to replace existing results unless asked to; a folder holding only the names
-    in `ignore` counts as empty.
+                     data: Path | None = None, ignore: tuple[str, ...] = ()) -> None:
+    """Refuses to replace existing results unless asked to, and to write inside the data
+    folder `data`; a folder holding only the names in `ignore` counts as empty.
 
     Raises:
-        ArtifactError: `path` holds something and `overwrite` is False, or is the wrong kind.
+        ArtifactError: `path` holds something and `overwrite` is False, is the wrong kind,
+            or lies inside `data`.
     """
     check_name_length(path)  # before anything asks the file system about `path`
+    if data is not None and _inside(path, data):
+        raise ArtifactError(
+            f"The {what} '{path}' is inside the data folder '{data}', where it would mix with "
+            f"the data: the next command reads a folder there as a class and an image as a "
+            f"training image. Choose an -o/--output outside '{data}'.")
     is_dir_output = what.endswith(("directory", "folder"))
     if path.exists() and is_dir_output and not path.is_dir():
         raise ArtifactError(f"'{path}' is a file, not a {what}. Choose another -o/--output.")
@@ -139,6 +145,12 @@ def replace_path(source: Path, target: Path) -> None:
     os.replace(source, target)
     if aside is not None:
         shutil.rmtree(aside)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or lies below it, links resolved."""
+    inner, outer = path.resolve(), folder.resolve()
+    return inner == outer or outer in inner.parents
 
 
 def check_writable(path: Path) -> None:

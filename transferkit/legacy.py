@@ -128,7 +128,8 @@ def upgrade_run(run_dir: Path) -> int:
         try:
             record = record_from_v1(values) if version == 1 else record_from_v2(values)
         except ConfigError as exc:
-            raise ArtifactError(f"'{run_dir / RECORD_FILE}' is damaged: {exc}.") from exc
+            raise ArtifactError(f"'{run_dir / RECORD_FILE}' is damaged: "
+                                f"{str(exc).rstrip('.')}.") from exc
         if version == 1:
             record = record.replace(base_layer=_resave_v1_model(run_dir, record))
         save_record(run_dir, record)

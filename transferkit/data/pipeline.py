@@ -59,9 +59,12 @@ def _parallel_calls() -> int:
 
 def build_dataset(sources: Sequence[str], labels: np.ndarray | None, image_size: int,
                   batch_size: int, shuffle_seed: int | None = None,
-                  augment: Callable[[tf.Tensor], tf.Tensor] | None = None) -> tf.data.Dataset:
+                  augment: Callable[[tf.Tensor], tf.Tensor] | None = None,
+                  replicas: int = 1) -> tf.data.Dataset:
     """Batched (image, label) pairs, or images alone when `labels` is None; `augment` maps
-    each batch of images.
+    each batch of images. A shuffled dataset for `replicas` > 1 replicas keeps a multiple of
+    them per pass (dropping fewer than `replicas` images, different ones each pass), since a
+    distributed step fails on a last batch that does not split evenly across them.
 
     Decoding runs in parallel ahead of the model. Parallelism is set explicitly with autotune
     off: on small CPU machines autotune can stall for seconds at the end of every pass.
@@ -75,6 +78,7 @@ def build_dataset(sources: Sequence[str], labels: np.ndarray | None, image_size:
     ds = tf.data.Dataset.from_tensor_slices(items)
     if shuffle_seed is not None:
         ds = ds.shuffle(len(sources), seed=shuffle_seed, reshuffle_each_iteration=True)
+        ds = ds.take(len(sources) - len(sources) % replicas)
     if labels is None:
         ds = ds.map(lambda p: load_image(p, image_size), num_parallel_calls=parallel)
     else:

@@ -139,7 +139,8 @@ def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
     try:
         record = RunRecord.from_dict(values)
     except ConfigError as exc:
-        raise ArtifactError(f"'{path}' is damaged: {exc}. Train the run again.") from exc
+        raise ArtifactError(f"'{path}' is damaged: {str(exc).rstrip('.')}. Train the run "
+                            f"again.") from exc
     if finished and record.status == FAILED:
         raise ArtifactError(f"'{run_dir}' holds a failed run: {record.failure}")
     if finished and record.status != COMPLETE:
@@ -202,12 +203,13 @@ def describe_unfinished(record: RunRecord) -> str:
                                         else "")
 
 
-def check_run_output(path: Path, overwrite: bool) -> None:
-    """Refuses an occupied run directory unless `overwrite`; an unfinished run there gets
-    a pointer to --resume.
+def check_run_output(path: Path, overwrite: bool, data: Path) -> None:
+    """Refuses an occupied run directory unless `overwrite`, and one inside the data folder
+    `data`; an unfinished run there gets a pointer to --resume.
 
     Raises:
-        ArtifactError: `path` is a file, or holds something and `overwrite` is False.
+        ArtifactError: `path` is a file, holds something and `overwrite` is False, or lies
+            inside `data`.
     """
     holder = lock_holder(path)
     if holder is not None:
@@ -225,7 +227,7 @@ def check_run_output(path: Path, overwrite: bool) -> None:
             raise ArtifactError(
                 f"The run directory '{path}' holds an unfinished run "
                 f"({describe_unfinished(record)}). {how_to_continue(path)}")
-    check_new_output(path, overwrite, what="run directory", ignore=(LOCK_FILE,))
+    check_new_output(path, overwrite, what="run directory", ignore=(LOCK_FILE,), data=data)
 
 
 @contextlib.contextmanager

@@ -158,7 +158,7 @@ def preview_augmentation(config: PreviewConfig, reporter: Reporter | None = None
     its original first and then augmented draws, at the size the base sees them, written as a
     PNG. Returns the number of rows."""
     reporter = reporter or NullReporter()
-    check_new_output(config.output, config.overwrite)
+    check_new_output(config.output, config.overwrite, data=config.data.data_dir)
     size = resolve_image_size(get_base(config.base), config.data.image_size)
     train = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                         reporter).train

@@ -209,7 +209,7 @@ def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal) -> StageResu
             fitted, stage, train, val, t.reporter, math.ceil(len(t.splits.train) / t.batch),
             t.history, optimizer=None if resuming or fitted is not t.model else config.optimizer,
             first_epoch=t.done if resuming else None, class_weight=weights,
-            batch_size=batch_size, jit=config.compute.jit,
+            batch_size=batch_size, jit=config.compute.jit, val_labels=t.splits.val.labels,
             callbacks=[monitor, stop.callback(), *extra])
     except StopRequested as stopped:  # every completed epoch is checkpointed already
         raise interrupted(t, stopped.signum) from None
@@ -229,7 +229,8 @@ def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
     if stage.name != HEAD or plan.augment.enabled:
         train = build_dataset(t.splits.train.sources, t.splits.train.labels,
                               t.record.image_size, t.batch, shuffle_seed=config.data.seed + t.done,
-                              augment=build_augmentation(plan.augment, config.data.seed))
+                              augment=build_augmentation(plan.augment, config.data.seed),
+                              replicas=t.strategy.num_replicas_in_sync)
         val = build_dataset(t.splits.val.sources, t.splits.val.labels, t.record.image_size,
                             t.batch)
         return t.model, train, val, None

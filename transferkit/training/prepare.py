@@ -76,7 +76,7 @@ def prepare(config: FinetuneConfig, spec: BaseSpec, reporter: Reporter,
             "--tensorboard needs the tensorboard package, which is not installed. "
             "Run: pip install 'transferkit[tensorboard]' (or drop --tensorboard).")
     if config.output is not None:
-        check_run_output(config.output, config.overwrite)
+        check_run_output(config.output, config.overwrite, config.data.data_dir)
     if splits is None:
         splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                              reporter)

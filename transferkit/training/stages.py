@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.callbacks import EpochReporter, StopOnNonFinite, best_row
+from transferkit.callbacks import EpochReporter, StopOnNonFinite, ValidateByPredicting, best_row
 from transferkit.config import OptimizerConfig, ScheduleConfig
 from transferkit.freezing import count_params
 from transferkit.reporting import Reporter, StageInfo
@@ -115,13 +115,14 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
               optimizer: OptimizerConfig | None = None, first_epoch: int | None = None,
               callbacks: Sequence[keras.callbacks.Callback] = (),
               class_weight: dict[int, float] | None = None,
-              batch_size: int | None = None, jit: bool = False) -> int:
+              batch_size: int | None = None, jit: bool = False,
+              val_labels: np.ndarray | None = None) -> int:
     """Trains `model` through `plan`, appending one row per epoch to `history`.
 
     With `optimizer`, the model is compiled for its current `trainable` state first; without,
     it keeps the optimizer it has (a resumed stage, from `first_epoch`). `train` and
-    `validation` are datasets, or (x, y) arrays with `batch_size`. Returns the trainable
-    parameter count.
+    `validation` are datasets (then `val_labels` are validation's labels), or (x, y) arrays
+    with `batch_size`. Returns the trainable parameter count.
     """
     if optimizer is not None:
         compile_model(model, optimizer, plan.learning_rate, jit)
@@ -134,11 +135,35 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
         epoch))
     recorder = EpochReporter(reporter, plan.name, plan.last_epoch, steps, history)
     diverged = StopOnNonFinite(plan.name, plan.rate_option)
+    train, validation, first = _for_replicas(train, validation, val_labels, batch_size)
     # A dataset arrives shuffled already; arrays are shuffled by fit.
     fit_args: dict[str, Any] = {"x": train, "validation_data": validation, "shuffle": False}
     if isinstance(train, tuple):
         fit_args = {"x": train[0], "y": train[1], "validation_data": validation,
                     "batch_size": batch_size}
     model.fit(**fit_args, epochs=plan.last_epoch, initial_epoch=start, verbose=0,
-              class_weight=class_weight, callbacks=[schedule, diverged, recorder, *callbacks])
+              class_weight=class_weight,
+              callbacks=[*first, schedule, diverged, recorder, *callbacks])
     return counts.trainable
+
+
+def _for_replicas(train: Any, validation: Any, val_labels: np.ndarray | None,
+                  batch_size: int | None) -> tuple[Any, Any, list[keras.callbacks.Callback]]:
+    """Under a strategy of several replicas, training arrays become a dataset that keeps a
+    multiple of the replicas per pass (as build_dataset does), and val is scored by
+    ValidateByPredicting instead of fit's evaluate; one replica changes nothing."""
+    import tensorflow as tf
+
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if replicas == 1:
+        return train, validation, []
+    if isinstance(train, tuple):
+        n = len(train[0])
+        train = tf.data.Dataset.from_tensor_slices(train).shuffle(n).take(
+            n - n % replicas).batch(batch_size)
+    if isinstance(validation, tuple):
+        images, labels = validation
+    else:
+        images, labels = validation.map(lambda x, y: x), val_labels
+    return train, None, [ValidateByPredicting(images, np.asarray(labels))]
+
