@@ -370,3 +370,19 @@ def test_an_output_folder_that_takes_no_files_is_refused_before_any_work(tmp_pat
         check_new_output(Path("/proc/predictions.csv"), overwrite=False)
     with pytest.raises(ArtifactError, match="Choose another output"):
         write_text(Path("/proc/predictions.csv"), "path\n")
+
+
+def test_an_accuracy_on_the_runs_own_images_says_it_is_not_held_out(trained_run: Path,
+                                                                    image_folder: Path,
+                                                                    tmp_path: Path):
+    own = runner.invoke(app, ["predict", str(trained_run), str(image_folder), "-o",
+                              str(tmp_path / "own.csv")])
+    assert own.exit_code == 0, own.output
+    assert "18 of them trained the run or chose its model: not held out" in said(own.stderr)
+    from conftest import write_class_folder
+
+    new = write_class_folder(tmp_path / "new", per_class=2, offset=700)
+    fresh = runner.invoke(app, ["predict", str(trained_run), str(new), "-o",
+                                str(tmp_path / "new.csv")])
+    assert fresh.exit_code == 0 and "Accuracy" in fresh.stderr
+    assert "not held out" not in said(fresh.stderr)

@@ -317,7 +317,9 @@ def render_prediction_summary(report: PredictionReport) -> None:
                      f"and are labelled unknown.")
     if report.accuracy is not None:
         stderr.print(f"Accuracy {report.accuracy:.4f} on {report.labelled} images whose folder "
-                     f"names a class" + (" (unknown counts as wrong)." if report.unknown else "."))
+                     f"names a class" + (" (unknown counts as wrong)." if report.unknown else ".")
+                     + (f" {report.seen} of them trained the run or chose its model: not held "
+                        f"out, it flatters the model." if report.seen else ""))
 
 
 def render_doctor(report: DoctorReport) -> None:

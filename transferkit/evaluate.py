@@ -12,7 +12,7 @@ import numpy as np
 from transferkit.config import EvaluateConfig
 from transferkit.data.folders import ImageSet, load_labelled_folder
 from transferkit.data.pipeline import build_dataset
-from transferkit.errors import ArtifactError, DataError
+from transferkit.errors import DataError
 from transferkit.files import check_new_output, replace_path, save_figure, write_json
 from transferkit.inference import predict_batches
 from transferkit.metrics import Evaluation, classification_metrics
@@ -26,6 +26,7 @@ from transferkit.runs.directory import (
     load_run_splits,
     read_record,
     run_lock,
+    seen_by_run,
 )
 
 
@@ -44,7 +45,7 @@ def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
     if config.data_dir is not None:
         images = load_labelled_folder(config.data_dir, run.class_names, reporter)
         source = f"labelled folder '{config.data_dir}'"
-        seen = _seen_by_run(run, images, reporter)
+        seen = seen_by_run(run.path, run.record, images.hashes, reporter)
         if seen:
             source += f" ({seen} of {len(images)} of its images trained or chose the model)"
             reporter.warning(f"{seen} of the {len(images)} images in '{config.data_dir}' have "
@@ -61,21 +62,6 @@ def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
                             f"a labelled folder to evaluate it on new images.")
         return splits.test, f"the run's test split ({run.record.data_dir})", "test", 0
     return splits.val, f"the run's validation split ({run.record.data_dir})", "val", 0
-
-
-def _seen_by_run(run: LoadedRun, images: ImageSet, reporter: Reporter) -> int:
-    """How many of `images` have the content of an image the run trained on or chose its
-    model with (its train and val splits, read again from its data folder)."""
-    try:
-        splits = load_run_splits(run.path, run.record, NullReporter())
-    except (DataError, ArtifactError) as exc:
-        reporter.warning(f"Could not check whether these images were the run's own training "
-                         f"images ({exc}).")
-        return 0
-    known = set(splits.train.hashes) | set(splits.val.hashes)
-    if run.record.command == "cv":  # every image outside test trained some fold
-        known = set(splits.train.hashes)
-    return sum(h in known for h in images.hashes)
 
 
 def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> EvaluationResult:

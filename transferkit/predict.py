@@ -22,7 +22,7 @@ from transferkit.errors import DataError
 from transferkit.files import check_new_output, json_text, write_text
 from transferkit.inference import predict_batches
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs.directory import load_run
+from transferkit.runs.directory import load_run, seen_by_run
 
 if TYPE_CHECKING:
     import keras
@@ -81,6 +81,7 @@ class PredictionReport:
     unknown: int = 0  # predictions below the threshold
     threshold: float | None = None
     tta: TTAEffect | None = None
+    seen: int = 0  # labelled images the run trained on or chose with: not held out
 
     @property
     def predicted(self) -> int:
@@ -153,9 +154,12 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
             unknown=unknown))
     scored = [p for p in predictions if p.true_label is not None and p.error is None]
     accuracy = (float(np.mean([p.label == p.true_label for p in scored])) if scored else None)
+    hashes = {i.path: i.sha256 for i in readable}
+    seen = seen_by_run(run.path, run.record, [hashes[p.path] for p in scored],
+                       reporter) if scored else 0
     return PredictionReport(tuple(predictions), run.class_names, accuracy, len(scored),
                             len(ignored), sum(p.unknown for p in predictions), config.threshold,
-                            effect)
+                            effect, seen)
 
 
 PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")

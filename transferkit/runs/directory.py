@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import transferkit
-from transferkit.errors import ArtifactError, ConfigError
+from transferkit.errors import ArtifactError, ConfigError, DataError
 from transferkit.files import (
     atomic_path,
     check_new_output,
@@ -445,4 +445,22 @@ def load_run_splits(run_dir: Path, record: RunRecord, reporter: Reporter) -> Dat
 
     rows = read_splits(run_dir, record.class_names)
     return splits_from_table(record.data_dir, record.class_names, rows, reporter)
+
+
+def seen_by_run(run_dir: Path, record: RunRecord, hashes: Sequence[str],
+                reporter: Reporter) -> int:
+    """How many of the content hashes `hashes` belong to an image the run trained on or
+    chose its model with (its train and val splits, read again from its data folder; every
+    image of a cv run outside test). A run whose splits cannot be read counts none, and
+    says so."""
+    from transferkit.reporting import NullReporter
+
+    try:
+        splits = load_run_splits(run_dir, record, NullReporter())
+    except (DataError, ArtifactError) as exc:
+        reporter.warning(f"Could not check whether these images were the run's own training "
+                         f"images ({exc}).")
+        return 0
+    known = set(splits.train.hashes) | set(splits.val.hashes)
+    return sum(h in known for h in hashes)
 
