@@ -51,13 +51,18 @@ def write_class_folder(root: Path, per_class: int = 6, offset: int = 0) -> Path:
 
 
 class Recorder(NullReporter):
-    """A reporter that keeps its info lines, for tests that read what a run said."""
+    """A reporter that keeps its info and warning lines, for tests that read what a run
+    said."""
 
     def __init__(self) -> None:
         self.messages: list[str] = []
+        self.warnings: list[str] = []
 
     def info(self, message: str) -> None:
         self.messages.append(message)
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
 
 
 @pytest.fixture(autouse=True)

@@ -386,3 +386,18 @@ def test_an_accuracy_on_the_runs_own_images_says_it_is_not_held_out(trained_run:
                                 str(tmp_path / "new.csv")])
     assert fresh.exit_code == 0 and "Accuracy" in fresh.stderr
     assert "not held out" not in said(fresh.stderr)
+
+
+def test_an_image_beside_the_class_folders_is_reported_not_dropped_silently(tmp_path: Path):
+    from conftest import make_image, write_class_folder
+
+    from transferkit.data.folders import load_splits
+
+    root = write_class_folder(tmp_path / "data", per_class=4)
+    make_image("circles", 1).save(root / "loose.png")
+    (root / "notes.txt").write_text("notes beside the classes are fine")
+    reporter = Recorder()
+    splits = load_splits(root, 0.2, 0, reporter)
+    assert len(splits.train) + len(splits.val) == 12
+    assert any("Ignored 1 image(s) outside any class folder" in m and "loose.png" in m
+               for m in reporter.warnings)

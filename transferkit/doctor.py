@@ -11,9 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferkit.data.folders import check_data_root, class_dirs, files_under, find_split_dirs
+from transferkit.data.folders import (
+    check_data_root,
+    class_dirs,
+    files_under,
+    find_split_dirs,
+    stray_images,
+)
 from transferkit.data.inspect import (
-    IMAGE_EXTENSIONS,
     ImageInfo,
     inspect_images,
     open_inspection_cache,
@@ -142,10 +147,6 @@ def diagnose(data_dir: Path, min_size: int, reporter: Reporter | None = None,
     split_dirs = find_split_dirs(root) or {"all": root}
     findings: list[Finding] = []
     layout: list[tuple[str, str, Path]] = []  # split, class, file
-    stray: list[Path] = []  # notes and scripts beside class folders are fine; images are not
-    for folder in {root, *split_dirs.values()}:
-        stray += [f for f in folder.iterdir()
-                  if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
     for split, folder in split_dirs.items():
         for d in class_dirs(folder):
             layout += [(split, d.name, f) for f in files_under(d)]
@@ -166,7 +167,7 @@ def diagnose(data_dir: Path, min_size: int, reporter: Reporter | None = None,
             unusable[(split, name)] += 1
     findings += _duplicate_findings(entries)
     findings += [Finding("stray_image", "not inside a class folder", (f.relative_to(root),))
-                 for f in sorted(stray)]
+                 for f in stray_images(root, split_dirs)]
 
     classes = tuple(ClassStats(s, c, sum(m.values()), unusable[(s, c)], dict(sorted(m.items())))
                     for (s, c), m in stats.items())

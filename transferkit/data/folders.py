@@ -158,6 +158,13 @@ def find_split_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
+def stray_images(root: Path, split_dirs: dict[str, Path]) -> list[Path]:
+    """Images lying beside the class folders, which training cannot label (notes and
+    scripts there are fine)."""
+    return sorted(f for folder in {root, *split_dirs.values()} for f in folder.iterdir()
+                  if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def _scan_classes(folder: Path, data_root: Path, class_names: Sequence[str] | None,
                   reporter: Reporter, skipped: list[SkippedFile],
                   cache: InspectionCache | None) -> ImageSet:
@@ -280,6 +287,12 @@ def load_splits(data_dir: Path, val_split: float, seed: int, reporter: Reporter 
                         f"a single image. Add images, or provide a '{root}/val' folder.")
     splits = DataSplits(train.class_names, train, val, test, "val" in split_dirs,
                         tuple(skipped))
+    stray = stray_images(root, split_dirs)
+    if stray:
+        reporter.warning(f"Ignored {len(stray)} image(s) outside any class folder, which name "
+                         f"no class: " + ", ".join(str(f) for f in stray[:10])
+                         + (" ..." if len(stray) > 10 else "") + ". Move each into its class's "
+                         "folder to train on it.")
     _warn_unvalidated(splits, reporter)
     return splits
 
