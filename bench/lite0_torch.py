@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (PyTorch's own convention)
 from torch import nn
 
-from transferkit.bases import get_base, lite0_checkpoint
+from transferkit.bases import get_base, lite_checkpoint
 from transferkit.bases.efficientnet_lite import HEAD_CHANNELS, STAGES, STEM_CHANNELS
 from transferkit.bases.torch_legacy import read_state_dict
 
@@ -101,8 +101,9 @@ class Lite0Body(nn.Module):
 def lite0_imagenet() -> Lite0Body:
     """The body with the bundled ImageNet weights (the classifier's `_fc` is left out)."""
     model = Lite0Body()
+    checkpoint = read_state_dict(lite_checkpoint("efficientnet_lite0"))
     state = {k: torch.from_numpy(np.ascontiguousarray(v))
-             for k, v in read_state_dict(lite0_checkpoint()).items() if not k.startswith("_fc")}
+             for k, v in checkpoint.items() if not k.startswith("_fc")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:

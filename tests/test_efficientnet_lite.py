@@ -1,4 +1,4 @@
-"""The torch-free checkpoint reader and the Keras port of EfficientNet-Lite0."""
+"""The torch-free checkpoint reader and the Keras port of EfficientNet-Lite0, 1 and 2."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferkit.bases import BASES, build_base, lite0_checkpoint
-from transferkit.bases.efficientnet_lite import build_efficientnet_lite0, load_state_dict
+from transferkit.bases import BASES, build_base, lite_checkpoint
+from transferkit.bases.efficientnet_lite import (
+    LITE_VARIANTS,
+    build_efficientnet_lite,
+    load_state_dict,
+)
 from transferkit.bases.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION, read_state_dict
 from transferkit.errors import WeightsError
 
@@ -144,28 +148,45 @@ def test_reader_rejects_other_files(tmp_path: Path):
         read_state_dict(path)
 
 
-@pytest.fixture(scope="module")
-def lite0_state() -> dict[str, np.ndarray]:
-    return read_state_dict(lite0_checkpoint())
+LITES = tuple(LITE_VARIANTS)
 
 
-def test_real_lite0_checkpoint_reads_every_parameter(lite0_state):
-    params = sum(v.size for k, v in lite0_state.items() if not k.endswith("num_batches_tracked")
+@pytest.fixture(scope="module", params=LITES)
+def lite_state(request: pytest.FixtureRequest) -> tuple[str, dict[str, np.ndarray]]:
+    return request.param, read_state_dict(lite_checkpoint(request.param))
+
+
+def test_real_checkpoints_read_every_parameter_into_the_scaled_architecture(lite_state):
+    name, state = lite_state
+    params = sum(v.size for k, v in state.items() if not k.endswith("num_batches_tracked")
                  and not k.endswith(("running_mean", "running_var")))
-    assert params == 4_652_008  # 4,694,024 with BatchNorm statistics
-    assert lite0_state["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    # published counts with the 1000-class top, BatchNorm statistics left out
+    assert params == {"efficientnet_lite0": 4_652_008, "efficientnet_lite1": 5_416_680,
+                      "efficientnet_lite2": 6_092_072}[name]
+    model = build_efficientnet_lite(LITE_VARIANTS[name], (64, 64, 3))
+    load_state_dict(model, state, LITE_VARIANTS[name])  # every layer set, every shape checked
+    assert model.count_params() == BASES[name].params
 
 
-def test_lite0_port_calls_coffee_espresso(lite0_state):
+def test_each_port_calls_coffee_espresso(lite_state):
     skimage_data = pytest.importorskip("skimage.data")
     import tensorflow as tf
 
-    model = build_efficientnet_lite0((224, 224, 3), include_top=True)
-    load_state_dict(model, lite0_state)
-    image = tf.image.resize(skimage_data.coffee()[None].astype("float32"), (224, 224),
-                            antialias=True)
+    name, state = lite_state
+    variant = LITE_VARIANTS[name]
+    model = build_efficientnet_lite(variant, (variant.size, variant.size, 3), include_top=True)
+    load_state_dict(model, state, variant)
+    image = tf.image.resize(skimage_data.coffee()[None].astype("float32"),
+                            (variant.size, variant.size), antialias=True)
     probabilities = model.predict((image - 127.0) / 128.0, verbose=0)[0]
     assert int(np.argmax(probabilities)) == ESPRESSO
+
+
+def test_a_checkpoint_of_another_variant_is_refused(lite_state):
+    name, state = lite_state
+    other = LITE_VARIANTS[LITES[(LITES.index(name) + 1) % len(LITES)]]
+    with pytest.raises(WeightsError):
+        load_state_dict(build_efficientnet_lite(other, (64, 64, 3)), state, other)
 
 
 def test_imagenet_weights_convert_once_then_load_from_cache():
@@ -175,4 +196,4 @@ def test_imagenet_weights_convert_once_then_load_from_cache():
     assert spec.imagenet.path() == first and first.stat().st_mtime_ns == stamp
     base = build_base(spec, 32, "imagenet")
     np.testing.assert_allclose(base.get_layer("stem_bn").get_weights()[2],
-                               read_state_dict(lite0_checkpoint())["_bn0.running_mean"])
+                               read_state_dict(lite_checkpoint("efficientnet_lite0"))["_bn0.running_mean"])

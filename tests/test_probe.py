@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import Recorder
 
 from transferkit.calibration import (
     expected_calibration_error,
@@ -147,23 +148,70 @@ def test_folding_the_temperature_into_the_softmax_layer_equals_scaling():
     np.testing.assert_allclose(after, scale(before, 2.5), atol=1e-5)
 
 
+def _fake_features(wrong: dict[str, int]):
+    """Features that separate the classes, except for the first `wrong[base]` images, whose
+    signal points at the next class; a base not in `wrong` gets noise alone."""
+
+    def features(base, weights, data, images, reporter, use_cache):
+        values = np.random.default_rng(0).normal(size=(len(images), 8))
+        if base in wrong:
+            target = images.labels.copy()
+            target[:wrong[base]] = (target[:wrong[base]] + 1) % 3
+            values[np.arange(len(images)), target] += 8
+        return values
+
+    return features
+
+
 def test_bases_rank_by_cross_validated_probe_accuracy(monkeypatch, image_folder):
-    """Two bases, one whose features separate the classes and one of noise: the first ranks
-    first, each with its interval over every train and val image."""
+    """A base whose features separate the classes and one of misleading signal: the first
+    ranks first, each with its interval over every train and val image."""
     from transferkit import ranking
     from transferkit.config import DataConfig
 
-    def fake_features(base, weights, data, images, reporter, use_cache):
-        rng = np.random.default_rng(0)
-        noise = rng.normal(size=(len(images), 8))
-        if base == "good":
-            noise[np.arange(len(images)), images.labels] += 6
-        return noise
-
-    monkeypatch.setattr(ranking, "available_bases", lambda: ["noisy", "good"])
-    monkeypatch.setattr(ranking, "base_features", fake_features)
-    ranks = ranking.rank_bases(DataConfig(data_dir=image_folder))
-    assert [r.base for r in ranks] == ["good", "noisy"]
+    monkeypatch.setattr(ranking, "available_bases",
+                        lambda: ["efficientnet_lite0", "efficientnet_lite2"])
+    monkeypatch.setattr(ranking, "base_features", _fake_features({"efficientnet_lite2": 0}))
+    ranked = ranking.rank_bases(DataConfig(data_dir=image_folder))
+    ranks = ranked.ranks
+    assert [r.base for r in ranks] == ["efficientnet_lite2", "efficientnet_lite0"]
+    assert ranked.best == "efficientnet_lite2"
     assert ranks[0].score.accuracy > 0.9 and ranks[0].score.n == 18
     assert ranks[0].score.low < ranks[0].score.accuracy <= ranks[0].score.high
     assert ranks[1].score.accuracy < ranks[0].score.accuracy
+    assert ranks[1].cost == 1.0 and ranks[0].cost > 1.4  # Lite2: more parameters, 260 px
+
+
+def test_a_costlier_base_within_noise_of_a_cheaper_one_is_not_chosen(monkeypatch, image_folder):
+    from transferkit import ranking
+    from transferkit.config import DataConfig
+
+    monkeypatch.setattr(ranking, "available_bases",
+                        lambda: ["efficientnet_lite2", "efficientnet_lite0"])
+    monkeypatch.setattr(ranking, "base_features", _fake_features(
+        {"efficientnet_lite0": 1, "efficientnet_lite2": 0}))  # one image more right: noise
+    ranked = ranking.rank_bases(DataConfig(data_dir=image_folder))
+    assert ranked.best == "efficientnet_lite0"
+    assert [r.base for r in ranked.ranks] == ["efficientnet_lite0", "efficientnet_lite2"]
+    assert ranked.ranks[1].score.correct == ranked.ranks[0].score.correct + 1
+
+
+def test_finetune_auto_trains_the_chosen_base(monkeypatch, image_folder, tmp_path):
+    import tinybase
+
+    from transferkit import ranking
+    from transferkit.config import DataConfig, FinetuneConfig
+    from transferkit.runs.directory import read_record
+    from transferkit.training.recipe import finetune
+
+    weights = tmp_path / "tiny.weights.h5"
+    tinybase.SPEC.build((32, 32, 3)).save_weights(weights)
+    monkeypatch.setattr(tinybase.SPEC.imagenet, "available", lambda: True)
+    monkeypatch.setattr(tinybase.SPEC.imagenet, "path", lambda: weights)
+    monkeypatch.setattr(ranking, "available_bases", lambda: ["tiny"])
+    reporter = Recorder()
+    finetune(FinetuneConfig(
+        adapt=False, data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
+        output=tmp_path / "run", base="auto", finetune_epochs=0), reporter)
+    assert read_record(tmp_path / "run").base == "tiny"
+    assert any(m.startswith("Bases ranked on the data: tiny ") for m in reporter.messages)

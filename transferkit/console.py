@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from transferkit.export import ExportResult
     from transferkit.extract import ExtractResult
     from transferkit.predict import PredictionReport
-    from transferkit.ranking import BaseRank
+    from transferkit.ranking import Ranking
     from transferkit.runs.records import Choice, Score, StageResult
     from transferkit.training.checks import OverfitResult
     from transferkit.training.recipe import FinetuneResult
@@ -390,15 +390,17 @@ def render_bases(specs: Sequence[BaseSpec]) -> None:
                  "~/.keras/models. `transferkit bases NAME` lists a base's blocks.")
 
 
-def render_ranks(ranks: Sequence[BaseRank]) -> None:
+def render_ranks(ranking: Ranking) -> None:
     table = Table(title="Bases ranked on this data", box=box.SIMPLE_HEAD, collapse_padding=True,
                   caption="a linear probe on each base's frozen features, cross-validated over "
-                          "train and val (test is never used)")
-    for name in ("rank", "base", "accuracy", "95 % CI", "n", "seconds"):
-        table.add_column(name, justify="left" if name == "base" else "right")
-    for i, r in enumerate(ranks, 1):
+                          "train and val (test is never used); from the cheapest up, a costlier "
+                          "base is chosen only when it wins by more than noise")
+    for name in ("rank", "base", "accuracy", "95 % CI", "n", "compute", "seconds", ""):
+        table.add_column(name, justify="left" if name in ("base", "") else "right")
+    for i, r in enumerate(ranking.ranks, 1):
         table.add_row(str(i), r.base, f"{r.score.accuracy:.3f}",
-                      f"{r.score.low:.3f}-{r.score.high:.3f}", str(r.score.n), f"{r.seconds:.1f}")
+                      f"{r.score.low:.3f}-{r.score.high:.3f}", str(r.score.n), f"{r.cost:g}x",
+                      f"{r.seconds:.1f}", "chosen" if r.base == ranking.best else "")
     stdout.print(table)
     stderr.print("Only bases whose ImageNet weights are on this machine are ranked; the others "
                  "are downloaded by Keras on first use (`transferkit bases` marks them).")

