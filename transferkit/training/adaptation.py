@@ -24,7 +24,6 @@ applied in training/plan.py.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,7 +31,7 @@ import numpy as np
 from transferkit.data.inspect import small_image
 from transferkit.runs.records import Adaptation
 from transferkit.stats import paired_margin
-from transferkit.training.probe import MAX_FOLDS, probe_estimator
+from transferkit.training.probe import MAX_FOLDS, probe_estimator, sklearn_fits
 
 PIXELS_PX = 32  # thumbnail side: enough for a pixel model, milliseconds per image
 MAX_IMAGES = 2000  # a stratified sample beyond this keeps the SVM to seconds
@@ -87,8 +86,7 @@ def assess(sources: Sequence[str], labels: np.ndarray, features: np.ndarray, c: 
     flat, mirrored = x.reshape(len(x), -1), x[:, :, ::-1].reshape(len(x), -1)
     right = {k: np.zeros(len(y), bool) for k in ("pixels", "probe", "mirrored")}
     weight = "balanced" if balanced else None
-    with warnings.catch_warnings():  # sklearn's notices of future default changes
-        warnings.simplefilter("ignore", FutureWarning)
+    with sklearn_fits():
         for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(
                 flat, y):
             svm = make_pipeline(StandardScaler(), SVC(class_weight=weight))

@@ -10,6 +10,7 @@ log-loss criterion picks a steadier C than accuracy on a few hundred images.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,6 +41,20 @@ class LinearProbe:
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def sklearn_fits() -> Any:
+    """A context for scikit-learn fits: one BLAS thread, and no notices of future default
+    changes. On problems of this size OpenBLAS's threads cost more than they give, and
+    change the result's last digits: fit_probe on 1,079 x 1,280 features took 21 s with two
+    threads and 3.5 s with one on 2 cores (bench/README.md)."""
+    from threadpoolctl import threadpool_limits
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore", FutureWarning)
+    return stack
+
+
 def probe_estimator(c: float, balanced: bool = False) -> Any:
     """The probe's scikit-learn model at a given C, for fits where C is already known."""
     from sklearn.linear_model import LogisticRegression
@@ -61,8 +76,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
     counts = np.bincount(labels, minlength=num_classes)
     weight = "balanced" if balanced else None
     folds = int(min(MAX_FOLDS, counts.min()))
-    with warnings.catch_warnings():  # sklearn's notices of future default changes
-        warnings.simplefilter("ignore", FutureWarning)
+    with sklearn_fits():
         if folds >= 2:
             model = LogisticRegressionCV(
                 Cs=list(PROBE_CS), cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
@@ -94,9 +108,8 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_clas
     counts = np.bincount(labels, minlength=num_classes)
     folds = int(max(2, min(MAX_FOLDS, counts[counts > 0].min())))
     c = fit_probe(features, labels, num_classes, seed=seed).c
-    with warnings.catch_warnings():  # few members in a class; future default changes
+    with sklearn_fits():  # and no notices of few members in a class
         warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         found = cross_val_predict(
             probe_estimator(c), features, labels,
