@@ -169,3 +169,26 @@ def test_an_ensemble_has_no_single_feature_map(cv_run):
     from transferkit.runs.directory import load_run
 
     assert not has_feature_map(load_run(cv_run).model)
+
+
+def test_a_kept_probe_is_refitted_on_train_and_val_and_val_is_then_not_held_out(
+        image_folder, tmp_path):
+    from transferkit.runs.directory import load_run, read_record
+    from transferkit.training.recipe import finetune
+
+    runs = {}
+    for refit in (False, True):
+        runs[refit] = tmp_path / f"refit-{refit}"
+        finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, **TINY),
+                                output=runs[refit], weights="none", base="tiny",
+                                finetune_epochs=0, refit=refit))
+    record = read_record(runs[True])
+    assert read_record(runs[False]).refit is None
+    assert record.refit is not None and record.refit.images == 18
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    before, after = (load_run(runs[r]).model.predict(images, verbose=0) for r in (False, True))
+    assert not np.allclose(before, after, atol=1e-4)  # the saved model learnt from val too
+    assert "fitted again on train + val (18 images)" in (runs[True] / "report.html").read_text()
+    result = CliRunner().invoke(app, ["evaluate", str(runs[True]), "-o", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert "not held out" in " ".join(result.stdout.split())

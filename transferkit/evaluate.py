@@ -61,7 +61,9 @@ def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
                             f"own. Its out-of-fold accuracy is in run.json and oof.csv; pass "
                             f"a labelled folder to evaluate it on new images.")
         return splits.test, f"the run's test split ({run.record.data_dir})", "test", 0
-    return splits.val, f"the run's validation split ({run.record.data_dir})", "val", 0
+    refitted = run.record.refit is not None  # val trained the saved model too
+    return (splits.val, f"the run's validation split ({run.record.data_dir})", "val",
+            len(splits.val) if refitted else 0)
 
 
 def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> EvaluationResult:

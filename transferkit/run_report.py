@@ -79,6 +79,10 @@ def _summary(record: RunRecord) -> str:
             f"{stage.best_epoch}, {stage.trainable_params:,} trainable parameters")])
     if record.kept_stage:
         rows.append(["kept model", f"<b>{report.esc(record.kept_stage)}</b>"])
+    if record.refit is not None:
+        rows.append(["refit", report.esc(
+            f"the {record.refit.model} was fitted again on train + val ({record.refit.images} "
+            f"images) once chosen; val scores are of the model before the refit")])
     if record.calibration is not None:
         rows.append(["calibration", report.esc(record.calibration.describe())])
     return report.section("Run", report.table(["", ""], rows))

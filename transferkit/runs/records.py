@@ -165,6 +165,17 @@ class Calibration:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Refit:
+    """The kept model fitted again on train and val together, once chosen: the saved model
+    learnt from val, so val scores are of the model before the refit (which val chose), and
+    only test is held out from the saved model."""
+
+    model: str  # the kept candidate that was refitted
+    images: int  # train + val
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class CrossValidation:
     """A cv run: stratified K-fold cross-validation of the recipe. Each fold chose its
     epochs and candidates on an inner val split of its training folds, so every fold's
@@ -263,6 +274,7 @@ class RunRecord:
     adaptation: Adaptation | None = None
     choice: Choice | None = None
     calibration: Calibration | None = None
+    refit: Refit | None = None
     cross_validation: CrossValidation | None = None
     stopped: Stopped | None = None
     failure: str | None = None  # why a failed run stopped

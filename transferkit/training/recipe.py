@@ -60,6 +60,7 @@ from transferkit.runs.records import (
     Choice,
     Compute,
     ProbeRecord,
+    Refit,
     RunRecord,
     Score,
     StageResult,
@@ -72,7 +73,7 @@ from transferkit.training.choice import describe as describe_choice
 from transferkit.training.loop import Training, interrupted, resume, train_stages
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
-from transferkit.training.probe import fit_probe
+from transferkit.training.probe import fit_probe, refit_probe
 from transferkit.training.stages import class_weights
 
 
@@ -262,6 +263,7 @@ def _train_and_keep(t: Training) -> FinetuneResult:
     with t.strategy.scope(), StopOnSignal(t.reporter) as stop:
         results = train_stages(t, stop)
         model, choice, val = _choose_model(t, results)
+        refit = _refit(t, model, choice.kept) if t.config.refit else None
         calibration, scores, test = _calibrate_and_score(t, model, choice, val)
         final = next((r for r in results if r.name == choice.kept), None)
         if t.history:
@@ -273,7 +275,7 @@ def _train_and_keep(t: Training) -> FinetuneResult:
                    "val_loss": log_loss(calibrated, t.splits.val.labels)}
         t.record = save_run(t.run_dir, model, t.record.replace(
             stages=tuple(results), kept_stage=choice.kept, metrics=metrics, scores=scores,
-            choice=choice, calibration=calibration), t.history)
+            choice=choice, calibration=calibration, refit=refit), t.history)
     _report(t, model, calibrated, test)
     t.reporter.info(f"Saved the run to '{t.run_dir}'.")
     if stop.signum is not None:
@@ -307,6 +309,25 @@ def _choose_model(t: Training, results: list[StageResult]
     if choice.comparisons:
         t.reporter.info(describe_choice(choice))
     return _candidate(t, choice.kept), choice, probabilities[choice.kept]
+
+
+def _refit(t: Training, model: keras.Model, kept: str) -> Refit | None:
+    """Fits the kept probe again on train and val together, with the C it chose: every label
+    then trains the saved model. A fine-tuned model is not refitted (that would train its
+    stages again on train + val) and stays as trained on train."""
+    if kept != PROBE:
+        t.reporter.info(f"Not refitted on train + val: the kept '{kept}' model stays as "
+                        f"trained on train (only the probe is refitted, in seconds).")
+        return None
+    (x_train, y_train), (x_val, y_val) = t.frozen_features(NullReporter())
+    assert t.record.probe is not None  # the probe ran first
+    probe = refit_probe(t.record.probe.c, np.vstack([x_train, x_val]), np.r_[y_train, y_val],
+                        len(t.splits.class_names), balanced=t.class_weights is not None)
+    model.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
+    t.reporter.info(f"Refitted the probe on train + val ({len(x_train) + len(x_val)} images, "
+                    f"C={probe.c:g}; {probe.seconds:.1f} s). Val chose it before the refit, "
+                    f"so its val score below is of that model; test stays held out.")
+    return Refit(model=PROBE, images=len(x_train) + len(x_val), seconds=round(probe.seconds, 3))
 
 
 def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: np.ndarray
