@@ -106,7 +106,7 @@ def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
     run_dir = tmp_path_factory.mktemp("runs") / "run"
     # adapt=False here and wherever the data checks are not the subject: on random weights
     # they find the features useless and tune every block, which only slows such tests
-    finetune(FinetuneConfig(adapt=False,
+    finetune(FinetuneConfig(adapt=False, patience=0, refit=False,
                             data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", base="tiny", epochs=1,
                             finetune_epochs=1))

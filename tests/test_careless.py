@@ -113,8 +113,8 @@ def test_a_signal_before_the_epochs_leaves_a_truthful_record(image_folder: Path,
     from transferkit.training.recipe import finetune
 
     run_dir = tmp_path / "run"
-    config = FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, image_size=32,
-                                                         batch_size=8),
+    config = FinetuneConfig(adapt=False, patience=0,
+                            data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", base="tiny", finetune_epochs=1)
     with pytest.raises(RunInterrupted, match="no checkpoint to resume"):
         finetune(config, _signalled_in_the_probe(signum))
@@ -137,8 +137,8 @@ def test_an_error_mid_run_is_recorded_not_left_running(image_folder: Path, tmp_p
 
     monkeypatch.setattr(recipe, "plot_curves", disk_full)
     run_dir = tmp_path / "run"
-    config = FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, image_size=32,
-                                                         batch_size=8),
+    config = FinetuneConfig(adapt=False, patience=0,
+                            data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", base="tiny", finetune_epochs=1)
     with pytest.raises(OSError):
         recipe.finetune(config)
@@ -271,7 +271,7 @@ def test_a_resume_records_the_files_that_are_gone(image_folder: Path, tmp_path: 
     data = tmp_path / "data"
     shutil.copytree(image_folder, data)
     run_dir = tmp_path / "run"
-    config = FinetuneConfig(adapt=False, data=DataConfig(data_dir=data, image_size=32,
+    config = FinetuneConfig(adapt=False, patience=0, data=DataConfig(data_dir=data, image_size=32,
                                                          batch_size=8),
                             output=run_dir, weights="none", base="tiny", finetune_epochs=2)
     with pytest.raises(RunInterrupted):
@@ -291,7 +291,7 @@ def test_the_old_name_of_an_option_still_works_and_says_the_new_one(image_folder
     result = runner.invoke(app, ["finetune", str(image_folder), "-o", str(tmp_path / "run"),
                                  "--weights", "none", "--base", "tiny", "--image-size", "32",
                                  "--no-adapt", "--epochs", "1", "--finetune-epochs", "0",
-                                 "--no-augment"])
+                                 "--no-augment", "--patience", "0"])
     assert result.exit_code == 0, result.output
     assert "--epochs is now --head-epochs" in said(result.stderr)
     record = json.loads((tmp_path / "run" / "run.json").read_text())

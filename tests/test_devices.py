@@ -55,7 +55,7 @@ from pathlib import Path
 from transferkit.config import AugmentConfig, ComputeConfig, DataConfig, FinetuneConfig
 from transferkit.training.recipe import finetune
 for name, augment in (("run", True), ("features", False)):  # the head on images, on features
-    finetune(FinetuneConfig(adapt=False, augment=AugmentConfig(enabled=augment),
+    finetune(FinetuneConfig(adapt=False, patience=0, augment=AugmentConfig(enabled=augment),
                             data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32,
                                             batch_size=4),
                             output=Path(sys.argv[2]) / name, weights="none", base="tiny",

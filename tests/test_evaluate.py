@@ -117,7 +117,7 @@ def test_finetune_and_extract_score_the_test_split_once_at_the_end(presplit_fold
     from transferkit.training.recipe import finetune
 
     data = DataConfig(data_dir=presplit_folder, image_size=32, batch_size=8)
-    result = finetune(FinetuneConfig(adapt=False,
+    result = finetune(FinetuneConfig(adapt=False, patience=0,
                                      data=data, output=tmp_path / "run", weights="none",
                                      base="tiny", epochs=1, finetune_epochs=0,
                                      augment=AugmentConfig(enabled=False)))

@@ -193,9 +193,10 @@ def test_two_finetune_runs_into_one_folder_one_is_refused(image_folder: Path, tm
         "from pathlib import Path; "
         "from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig; "
         "from transferkit.training.recipe import finetune; "
-        "finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=Path(sys.argv[1]), "
-        "image_size=32, batch_size=8), output=Path(sys.argv[2]), weights='none', base='tiny', "
-        "epochs=2, finetune_epochs=0, augment=AugmentConfig(enabled=False)))")
+        "finetune(FinetuneConfig(adapt=False, patience=0, "
+        "data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=8), "
+        "output=Path(sys.argv[2]), weights='none', base='tiny', epochs=2, finetune_epochs=0, "
+        "augment=AugmentConfig(enabled=False)))")
     run_dir = tmp_path / "run"
     both = [subprocess.Popen([sys.executable, "-c", script, str(image_folder), str(run_dir)],
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -289,7 +290,7 @@ def test_a_signal_during_the_final_save_waits_for_it(image_folder: Path, tmp_pat
     monkeypatch.setattr(runs, "save_model", save_then_terminated)
     run_dir = tmp_path / "run"
     reporter = Warnings()
-    finetune(FinetuneConfig(adapt=False,
+    finetune(FinetuneConfig(adapt=False, patience=0,
                             data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", base="tiny", epochs=1,
                             finetune_epochs=0, augment=AugmentConfig(enabled=False)), reporter)

@@ -33,7 +33,7 @@ class SignalAt(NullReporter):
 
 
 def _config(data: Path, out: Path) -> FinetuneConfig:
-    return FinetuneConfig(adapt=False,
+    return FinetuneConfig(adapt=False, patience=0,
                           data=DataConfig(data_dir=data, image_size=32, batch_size=8), output=out,
                           weights="none", base="tiny", epochs=3, finetune_epochs=2,
                           unfreeze_blocks=2)
@@ -131,13 +131,14 @@ def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
     from transferkit.runs.directory import read_record
 
     run_dir = tmp_path / "run"
-    config = FinetuneConfig(adapt=False,
+    config = FinetuneConfig(adapt=False, patience=0,
                             data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", base="tiny", epochs=2,
                             finetune_epochs=2,
                             finetune_lr=1e3, unfreeze_blocks=3,  # a rate that wrecks the base
                             monitor="val_loss",
-                            dense_units=16)  # a hidden layer: the probe is a model of its own
+                            dense_units=16,  # a hidden layer: the probe is a model of its own
+                            refit=False)  # so the saved model is the kept checkpoint's
     result = finetune(config)
     assert result.kept_stage in ("probe", "head")
     record = read_record(run_dir)
@@ -157,7 +158,7 @@ def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):
 
 def test_same_seed_same_run(image_folder, tmp_path):
     def history(name: str) -> list[dict]:
-        config = FinetuneConfig(adapt=False,
+        config = FinetuneConfig(adapt=False, patience=0,
                                 data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8,
                                                 seed=7),
                                 output=tmp_path / name, weights="none", base="tiny", epochs=2,
@@ -225,7 +226,8 @@ def test_a_loss_that_turns_nan_stops_the_run_and_saves_no_model(image_folder, tm
     result = CliRunner().invoke(app, ["finetune", str(image_folder), "-o", str(run_dir),
                                       "--weights", "none", "--base", "tiny", "--image-size", "32",
                                       "--batch-size", "8", "--epochs", "2", "--l2", "1e38",
-                                      "--finetune-epochs", "0", "--no-augment"])
+                                      "--finetune-epochs", "0", "--no-augment",
+                                      "--patience", "0"])
     assert result.exit_code == 1, result.output
     said = " ".join(result.stderr.split())
     assert "in epoch 1 (stage 'head'" in said and "Lower --learning-rate" in said, said
@@ -280,10 +282,9 @@ import sys
 from pathlib import Path
 from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
 from transferkit.training.recipe import finetune
-finetune(FinetuneConfig(adapt=False,
+finetune(FinetuneConfig(adapt=False, patience=0,
                         data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
                         output=Path(sys.argv[2]), weights="none", base="tiny", epochs=400,
-                        patience=0,
                         finetune_epochs=2, augment=AugmentConfig(enabled=sys.argv[3] == "1")))
 """
 
@@ -332,3 +333,49 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(image_folder, tmp_path, augm
     assert [r["epoch"] for r in history][:saved] == list(range(1, saved + 1))
     assert [r["epoch"] for r in history if r["stage"] == "head"] == list(range(1, saved + 3))
     assert [s.name for s in result.stages] == ["head", "finetune"]
+
+
+def test_stages_no_candidate_could_be_kept_by_are_skipped(image_folder, tmp_path):
+    """With 3 val images, a probe right on 2 or 3 could only be beaten by 4 or 5 right: no
+    stage can be kept, so none runs (--patience 0 runs them anyway, as the other tests do)."""
+    from conftest import Recorder
+
+    from transferkit.runs.directory import read_record
+
+    reporter = Recorder()
+    config = FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, image_size=32,
+                                                         batch_size=8),
+                            output=tmp_path / "run", weights="none", base="tiny", epochs=1,
+                            finetune_epochs=2)
+    finetune(config, reporter)
+    record = read_record(tmp_path / "run")
+    assert record.stages == () and record.kept_stage == "probe"
+    assert any("and any after it skipped" in m and "at least 2 more" in m
+               for m in reporter.messages)
+
+
+def test_a_stage_not_on_course_to_be_kept_stops_after_patience_epochs(
+        tmp_path, monkeypatch: pytest.MonkeyPatch):
+    import keras
+
+    import transferkit.callbacks as callbacks
+
+    monkeypatch.setattr(callbacks, "save_checkpoint", lambda *a: None)
+    monkeypatch.setattr(callbacks, "keep_last_as_best", lambda *a: None)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    history: list[dict] = []
+    monitor = callbacks.StageMonitor(tmp_path, "finetune", "val_accuracy", 3, model, history,
+                                     needed=8, val_images=10)
+    monitor.set_model(model)
+    for epoch, accuracy in enumerate((0.5, 0.6, 0.7, 0.9), start=1):
+        history.append({"stage": "finetune", "epoch": epoch, "val_accuracy": accuracy,
+                        "val_loss": 1.0})
+        model.stop_training = False
+        monitor.on_epoch_end(epoch - 1)
+        if epoch < 3:
+            assert not model.stop_training  # improving, and not yet `patience` epochs in
+    assert not model.stop_training  # 9 of 10 right by epoch 4: on course after all
+    history[:] = [{"stage": "finetune", "epoch": e, "val_accuracy": 0.7, "val_loss": 1.0 - e / 10}
+                  for e in (1, 2, 3)]
+    monitor.on_epoch_end(2)
+    assert model.stop_training  # 7 of 10 after 3 epochs, 8 needed: stopped

@@ -114,6 +114,12 @@ def improves(monitor: str, row: dict[str, Any], best: dict[str, Any] | None) -> 
     return row.get("val_loss", float("inf")) < best.get("val_loss", float("inf"))
 
 
+def best_correct(rows: Sequence[dict[str, Any]], val_images: int) -> int:
+    """The most val images any of these epochs got right."""
+    return max((round(r["val_accuracy"] * val_images) for r in rows if "val_accuracy" in r),
+               default=0)
+
+
 def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
     """The epoch row that is best on `monitor` (the earliest of equals)."""
     best = None
@@ -135,16 +141,23 @@ class StageMonitor(keras.callbacks.Callback):
     weights, the best ones so far and the optimizer state (4 ms, 0.2 MB), beside the
     classifier saved once when the stage started; `finish` writes the full checkpoints once
     at the stage's end.
+
+    With `needed` (val images a stage must get right to be kept: the best candidate before it
+    plus 2, the least a win by more than noise takes, see training.choice), a stage whose best
+    epoch has not reached it after `patience` epochs is stopped too: it is not on course to
+    be kept, and the minutes would buy nothing.
     """
 
     def __init__(self, run_dir: Path, stage: str, monitor: str, patience: int,
                  classifier: keras.Model, history: list[dict[str, Any]],
-                 best: list[np.ndarray] | None = None) -> None:
+                 best: list[np.ndarray] | None = None, needed: int = 0,
+                 val_images: int = 0) -> None:
         super().__init__()
         self.run_dir, self.stage, self.monitor, self.patience = run_dir, stage, monitor, patience
         self.classifier, self.history = classifier, history
         self.best = best  # head-only: the best epoch's head weights so far
         self.state: dict[str, Any] | None = None  # of the last completed epoch
+        self.needed, self.val_images = needed, val_images
 
     @property
     def head_only(self) -> bool:
@@ -169,6 +182,9 @@ class StageMonitor(keras.callbacks.Callback):
         if self.patience and best is not None and \
                 rows[-1]["epoch"] - best["epoch"] >= self.patience:
             self.model.stop_training = True  # the model being fitted: classifier or head
+        if self.patience and len(rows) >= self.patience and \
+                best_correct(rows, self.val_images) < self.needed:
+            self.model.stop_training = True
 
     def finish(self) -> None:
         """At the stage's end, head-only: the best model and the last epoch's, in full."""

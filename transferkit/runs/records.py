@@ -87,6 +87,7 @@ class ProbeRecord:
     folds: int  # of the cross-validation that chose c; 0: not cross-validated
     fit_seconds: float
     ready_after: float
+    val_correct: int | None = None  # val images it got right: the bar the stages must clear
 
 
 @dataclass(frozen=True, kw_only=True)

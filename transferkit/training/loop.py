@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from transferkit.augment import build_augmentation
 from transferkit.bases import BaseSpec, get_base
-from transferkit.callbacks import StageMonitor, StopOnSignal, StopRequested
+from transferkit.callbacks import StageMonitor, StopOnSignal, StopRequested, best_correct
 from transferkit.config import FinetuneConfig
 from transferkit.data.folders import DataSplits
 from transferkit.data.pipeline import build_dataset
@@ -50,7 +51,7 @@ from transferkit.runs.records import (
     StageResult,
     Stopped,
 )
-from transferkit.training.plan import HEAD, plan_stages
+from transferkit.training.plan import HEAD, PROBE, plan_stages
 from transferkit.training.prepare import data_summary, report_data
 from transferkit.training.stages import StagePlan, compile_model, run_stage, stage_result
 
@@ -167,15 +168,28 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
     """Runs the Plan's stages not finished yet (inside the strategy's scope); each ends on
     its best epoch."""
     t = training
-    results = []
+    results: list[StageResult] = []
+    n = len(t.splits.val)
     for stage in plan_stages(t.config, t.plan, t.spec):
         if t.done >= stage.last_epoch:  # finished before an interruption
             results.append(stage_result(stage, t.history, t.config.monitor,
                                         t.record.trainable_params[stage.name]))
             continue
-        result = _train_stage(t, stage, stop)
+        bar, needed = _bar(t, results)
+        if t.config.patience and needed > n:  # --patience 0: no stage ends early, or is skipped
+            t.reporter.info(f"Stage '{stage.name}' and any after it skipped: {bar[0]} got "
+                            f"{bar[1]} of {n} val images right, and a later candidate is kept "
+                            f"only by more than noise, which takes at least 2 more.")
+            break
+        result = _train_stage(t, stage, stop, needed)
         restore_best(t.model, t.run_dir, stage.name)  # the stage ends on its best epoch
-        if result.stopped_early:
+        rows = [r for r in t.history if r["stage"] == stage.name]
+        if result.stopped_early and best_correct(rows, n) < needed:
+            t.reporter.info(f"Stage '{stage.name}' stopped after {result.epochs} epochs: not "
+                            f"on course to be kept. Its best epoch got {best_correct(rows, n)} "
+                            f"of {n} val images right; beating {bar[0]}'s {bar[1]} by more "
+                            f"than noise takes at least {needed}.")
+        elif result.stopped_early:
             t.reporter.info(f"Stage '{stage.name}' stopped early: no {t.config.monitor} "
                             f"improvement for {t.config.patience} epochs.")
         t.reporter.info(f"Stage '{stage.name}' keeps its best epoch, {result.best_epoch} "
@@ -185,7 +199,21 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
     return results
 
 
-def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal) -> StageResult:
+def _bar(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
+    """The best candidate so far with its val images right, and how many a next stage must
+    get right to be kept: 2 more (a margin above the noise of sqrt(disagreements) needs at
+    least 2). 0 for a run recorded before probes counted theirs."""
+    n = len(t.splits.val)
+    probe = t.record.probe
+    if probe is None or probe.val_correct is None:
+        return (PROBE, 0), 0
+    best = max([(PROBE, probe.val_correct)] + [
+        (r.name, round((r.best_val_accuracy or 0) * n)) for r in results], key=lambda b: b[1])
+    return best, best[1] + 2
+
+
+def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal,
+                 needed: int = 0) -> StageResult:
     """One stage: freeze or unfreeze, compile, fit with the callbacks; checkpointed each
     epoch. A signal leaves it as an interrupted run, a diverged loss as a failed one."""
     config, plan = t.config, t.plan
@@ -199,7 +227,8 @@ def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal) -> StageResu
                                  stage.name: count_params(t.model).trainable})
     fitted, train, val, batch_size = _stage_inputs(t, stage, resuming)
     monitor = StageMonitor(t.run_dir, stage.name, config.monitor, config.patience, t.model,
-                           t.history, best=t.resumed_best if resuming else None)
+                           t.history, best=t.resumed_best if resuming else None,
+                           needed=needed, val_images=len(t.splits.val))
     extra = [keras.callbacks.TensorBoard(log_dir=str(t.run_dir / TENSORBOARD_DIR))
              ] if config.tensorboard else []
     weights = None if plan.class_weights is None else {

@@ -218,7 +218,7 @@ def _probe(t: Training) -> np.ndarray:
     ready = time.perf_counter() - t.started
     t.reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
     t.save(probe=ProbeRecord(c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
-                             ready_after=round(ready, 3)))
+                             ready_after=round(ready, 3), val_correct=correct))
     return x_train
 
 
