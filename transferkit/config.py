@@ -297,10 +297,11 @@ class FinetuneConfig:
         None, "How many blocks to fine-tune, from the top. Default: 2, or every block when "
               "the data checks find the data unlike the base's pretraining.", panel=TRAIN)
     refit: bool = option(
-        True, "Once the kept model is chosen, fit it again on train and val together, so it "
-              "learns from every label: done for the linear probe (seconds); a fine-tuned "
-              "model stays as trained on train.", flag="--refit/--no-refit", panel=TRAIN,
-        advanced=True)
+        False, "Once the kept model is chosen, fit it again on train and val together, so it "
+               "learns from every label: done for the linear probe (C chosen again, in "
+               "seconds); a fine-tuned model stays as trained on train. Off by default: it "
+               "gained nothing on the bench sets' test splits (bench/README.md).",
+        flag="--refit/--no-refit", panel=TRAIN, advanced=True)
     adapt: bool = option(
         True, "Decide from the training data, in seconds, whether to fine-tune every block "
               "(raw pixels rival the frozen features) and whether to drop left-right flips "

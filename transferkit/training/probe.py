@@ -90,16 +90,6 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return _as_probe(model, features.shape[1], num_classes, c, folds, start)
 
 
-def refit_probe(c: float, features: np.ndarray, labels: np.ndarray, num_classes: int,
-                balanced: bool = False) -> LinearProbe:
-    """The probe fitted again with the C it chose, on more labelled features (train and val
-    together, once the probe is the kept model); C is not chosen again (folds 0)."""
-    start = time.perf_counter()
-    with sklearn_fits():
-        model = probe_estimator(c, balanced).fit(features, labels)
-    return _as_probe(model, features.shape[1], num_classes, c, 0, start)
-
-
 def _as_probe(model: Any, dims: int, num_classes: int, c: float, folds: int,
               start: float) -> LinearProbe:
     """A fitted LogisticRegression as a softmax layer's weights over every class."""

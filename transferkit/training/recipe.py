@@ -73,7 +73,7 @@ from transferkit.training.choice import describe as describe_choice
 from transferkit.training.loop import Training, interrupted, resume, train_stages
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
-from transferkit.training.probe import fit_probe, refit_probe
+from transferkit.training.probe import fit_probe
 from transferkit.training.stages import class_weights
 
 
@@ -312,17 +312,18 @@ def _choose_model(t: Training, results: list[StageResult]
 
 
 def _refit(t: Training, model: keras.Model, kept: str) -> Refit | None:
-    """Fits the kept probe again on train and val together, with the C it chose: every label
-    then trains the saved model. A fine-tuned model is not refitted (that would train its
-    stages again on train + val) and stays as trained on train."""
+    """Fits the kept probe again on train and val together, its C chosen again by
+    cross-validation there: every label then trains the saved model. A fine-tuned model is
+    not refitted (that would train its stages again on train + val) and stays as trained on
+    train."""
     if kept != PROBE:
         t.reporter.info(f"Not refitted on train + val: the kept '{kept}' model stays as "
                         f"trained on train (only the probe is refitted, in seconds).")
         return None
     (x_train, y_train), (x_val, y_val) = t.frozen_features(NullReporter())
-    assert t.record.probe is not None  # the probe ran first
-    probe = refit_probe(t.record.probe.c, np.vstack([x_train, x_val]), np.r_[y_train, y_val],
-                        len(t.splits.class_names), balanced=t.class_weights is not None)
+    probe = fit_probe(np.vstack([x_train, x_val]), np.r_[y_train, y_val],
+                      len(t.splits.class_names), balanced=t.class_weights is not None,
+                      seed=t.config.data.seed)
     model.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
     t.reporter.info(f"Refitted the probe on train + val ({len(x_train) + len(x_val)} images, "
                     f"C={probe.c:g}; {probe.seconds:.1f} s). Val chose it before the refit, "
