@@ -215,3 +215,65 @@ def test_finetune_auto_trains_the_chosen_base(monkeypatch, image_folder, tmp_pat
         output=tmp_path / "run", base="auto", finetune_epochs=0), reporter)
     assert read_record(tmp_path / "run").base == "tiny"
     assert any(m.startswith("Bases ranked on the data: tiny ") for m in reporter.messages)
+
+
+def test_the_combined_candidate_is_one_plain_model_of_the_bases_side_by_side(
+        monkeypatch, image_folder, tmp_path):
+    """Two small bases with weights files the test writes stand in for the offline Lites."""
+    import dataclasses
+
+    import tinybase
+
+    from transferkit.bases import BASES
+    from transferkit.config import DataConfig, FinetuneConfig
+    from transferkit.data.pipeline import build_dataset
+    from transferkit.runs.checkpoints import best_checkpoint
+    from transferkit.runs.directory import load_keras_file, read_record
+    from transferkit.training import combined
+    from transferkit.training.recipe import finetune
+
+    class Weights:
+        def __init__(self, path):
+            self.path_ = path
+
+        def available(self):
+            return True
+
+        def path(self):
+            return self.path_
+
+    import keras
+
+    specs = {}
+    for name, seed in (("tiny", 1), ("tiny2", 2)):
+        keras.utils.set_random_seed(seed)
+        weights = tmp_path / f"{name}.weights.h5"
+        tinybase.SPEC.build((32, 32, 3)).save_weights(weights)
+        specs[name] = dataclasses.replace(tinybase.SPEC, name=name, imagenet=Weights(weights))
+        monkeypatch.setitem(BASES, name, specs[name])
+    monkeypatch.setattr(combined, "COMBINABLE", ("tiny", "tiny2"))
+    reporter = Recorder()
+    finetune(FinetuneConfig(
+        adapt=False, data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
+        output=tmp_path / "run", base="tiny", finetune_epochs=0), reporter)
+    record = read_record(tmp_path / "run")
+    assert record.combined is not None and record.combined.bases == ("tiny", "tiny2")
+    assert "combined" in record.choice.val_correct
+    assert any(m.startswith("Combined probe on tiny, tiny2 side by side") for m in
+               reporter.messages)
+    model = load_keras_file(best_checkpoint(tmp_path / "run", "combined"), "")  # safe mode
+    assert model.get_layer("combined_features").output.shape[-1] == 2 * tinybase.WIDTHS[-1]
+    val = [r for r in csv_rows(tmp_path / "run" / "splits.csv") if r["split"] == "val"]
+    names = record.class_names
+    probabilities = model.predict(build_dataset([str(image_folder / r["path"]) for r in val],
+                                                None, 32, 8), verbose=0)
+    right = sum(names[p] == r["label"]
+                for p, r in zip(probabilities.argmax(axis=1), val, strict=True))
+    assert right == record.combined.val_correct == record.choice.val_correct["combined"]
+
+
+def csv_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

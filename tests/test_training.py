@@ -365,17 +365,18 @@ def test_a_stage_not_on_course_to_be_kept_stops_after_patience_epochs(
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     history: list[dict] = []
     monitor = callbacks.StageMonitor(tmp_path, "finetune", "val_accuracy", 3, model, history,
-                                     needed=8, val_images=10)
+                                     needed=8, val_images=10, last_epoch=10)
     monitor.set_model(model)
-    for epoch, accuracy in enumerate((0.5, 0.6, 0.7, 0.9), start=1):
-        history.append({"stage": "finetune", "epoch": epoch, "val_accuracy": accuracy,
-                        "val_loss": 1.0})
+
+    def after(accuracies: tuple[float, ...]) -> bool:
+        history[:] = [{"stage": "finetune", "epoch": e, "val_accuracy": a, "val_loss": 1 - a}
+                      for e, a in enumerate(accuracies, start=1)]
         model.stop_training = False
-        monitor.on_epoch_end(epoch - 1)
-        if epoch < 3:
-            assert not model.stop_training  # improving, and not yet `patience` epochs in
-    assert not model.stop_training  # 9 of 10 right by epoch 4: on course after all
-    history[:] = [{"stage": "finetune", "epoch": e, "val_accuracy": 0.7, "val_loss": 1.0 - e / 10}
-                  for e in (1, 2, 3)]
-    monitor.on_epoch_end(2)
-    assert model.stop_training  # 7 of 10 after 3 epochs, 8 needed: stopped
+        monitor.on_epoch_end(len(accuracies) - 1)
+        return model.stop_training
+
+    assert not after((0.5, 0.6))  # not yet `patience` epochs in
+    assert not after((0.3, 0.5, 0.7))  # 7 of 10, 8 needed, but gaining 2 an epoch
+    assert not after((0.6, 0.7, 0.7))  # +1 in 2 epochs: 10.5 by epoch 10, so on course
+    assert after((0.7, 0.7, 0.7))  # flat at 7 of 10, 8 needed: stopped
+    assert not after((0.7, 0.7, 0.8))  # 8 of 10 reached: kept going

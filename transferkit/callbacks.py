@@ -120,6 +120,18 @@ def best_correct(rows: Sequence[dict[str, Any]], val_images: int) -> int:
                default=0)
 
 
+def projected_correct(rows: Sequence[dict[str, Any]], val_images: int, last_epoch: int
+                      ) -> float:
+    """Where a stage's best would be by its last epoch at the pace it has gained so far
+    (its best over its first epoch's, per epoch since): a stage still climbing fast is on
+    course even below the bar; one that has flattened out below it is not."""
+    right = [round(r["val_accuracy"] * val_images) for r in rows if "val_accuracy" in r]
+    if len(right) < 2:
+        return float("inf")
+    pace = (max(right) - right[0]) / (len(right) - 1)
+    return max(right) + pace * max(last_epoch - rows[-1]["epoch"], 0)
+
+
 def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
     """The epoch row that is best on `monitor` (the earliest of equals)."""
     best = None
@@ -143,21 +155,22 @@ class StageMonitor(keras.callbacks.Callback):
     at the stage's end.
 
     With `needed` (val images a stage must get right to be kept: the best candidate before it
-    plus 2, the least a win by more than noise takes, see training.choice), a stage whose best
-    epoch has not reached it after `patience` epochs is stopped too: it is not on course to
-    be kept, and the minutes would buy nothing.
+    plus 2, the least a win by more than noise takes, see training.choice), a stage that after
+    `patience` epochs is below it and would still be below it at its last epoch
+    (`last_epoch`) at the pace it has gained so far is stopped too: it is not on course to be
+    kept, and the minutes would buy nothing.
     """
 
     def __init__(self, run_dir: Path, stage: str, monitor: str, patience: int,
                  classifier: keras.Model, history: list[dict[str, Any]],
                  best: list[np.ndarray] | None = None, needed: int = 0,
-                 val_images: int = 0) -> None:
+                 val_images: int = 0, last_epoch: int = 0) -> None:
         super().__init__()
         self.run_dir, self.stage, self.monitor, self.patience = run_dir, stage, monitor, patience
         self.classifier, self.history = classifier, history
         self.best = best  # head-only: the best epoch's head weights so far
         self.state: dict[str, Any] | None = None  # of the last completed epoch
-        self.needed, self.val_images = needed, val_images
+        self.needed, self.val_images, self.last_epoch = needed, val_images, last_epoch
 
     @property
     def head_only(self) -> bool:
@@ -182,8 +195,8 @@ class StageMonitor(keras.callbacks.Callback):
         if self.patience and best is not None and \
                 rows[-1]["epoch"] - best["epoch"] >= self.patience:
             self.model.stop_training = True  # the model being fitted: classifier or head
-        if self.patience and len(rows) >= self.patience and \
-                best_correct(rows, self.val_images) < self.needed:
+        if self.patience and len(rows) >= self.patience and projected_correct(
+                rows, self.val_images, self.last_epoch) < self.needed:
             self.model.stop_training = True
 
     def finish(self) -> None:

@@ -296,6 +296,11 @@ class FinetuneConfig:
     unfreeze_blocks: int | None = option(
         None, "How many blocks to fine-tune, from the top. Default: 2, or every block when "
               "the data checks find the data unlike the base's pretraining.", panel=TRAIN)
+    combine: bool = option(
+        True, "Also try one linear probe on the features of every offline EfficientNet-Lite "
+              "side by side (a candidate like the others, kept only when it wins on val by "
+              "more than noise; its model runs every base).", flag="--combine/--no-combine",
+        panel=TRAIN, advanced=True)
     refit: bool = option(
         False, "Once the kept model is chosen, fit it again on train and val together, so it "
                "learns from every label: done for the linear probe (C chosen again, in "

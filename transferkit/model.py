@@ -40,7 +40,7 @@ def build_preprocessing(preprocessing: Preprocessing, x: keras.KerasTensor) -> k
 
 
 def build_feature_extractor(base: keras.Model, preprocessing: Preprocessing,
-                            pooling: str = "avg") -> keras.Model:
+                            pooling: str = "avg", name: str = "features") -> keras.Model:
     """Raw RGB images -> pooled base features. The base always runs in inference mode, so
     its BatchNorm statistics stay those it was pretrained with, even when unfrozen."""
     inputs = keras.Input(base.input_shape[1:], name="image")
@@ -49,7 +49,7 @@ def build_feature_extractor(base: keras.Model, preprocessing: Preprocessing,
     pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else \
         keras.layers.GlobalMaxPooling2D
     outputs = pool(name="pooling")(x)
-    return keras.Model(inputs, outputs, name="features")
+    return keras.Model(inputs, outputs, name=name)
 
 
 def find_base(extractor: keras.Model) -> keras.Model:

@@ -166,6 +166,16 @@ class Calibration:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CombinedRecord:
+    """The combined candidate: one probe on several bases' frozen features side by side."""
+
+    bases: tuple[str, ...]
+    c: float
+    val_correct: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Refit:
     """The kept model fitted again on train and val together, once chosen: the saved model
     learnt from val, so val scores are of the model before the refit (which val chose), and
@@ -272,6 +282,7 @@ class RunRecord:
     scores: tuple[Score, ...] = ()  # the kept model's accuracy per split, with intervals
     lr_find: LRFind | None = None
     probe: ProbeRecord | None = None
+    combined: CombinedRecord | None = None
     adaptation: Adaptation | None = None
     choice: Choice | None = None
     calibration: Calibration | None = None

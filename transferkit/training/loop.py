@@ -21,7 +21,13 @@ import numpy as np
 
 from transferkit.augment import build_augmentation
 from transferkit.bases import BaseSpec, get_base
-from transferkit.callbacks import StageMonitor, StopOnSignal, StopRequested, best_correct
+from transferkit.callbacks import (
+    StageMonitor,
+    StopOnSignal,
+    StopRequested,
+    best_correct,
+    projected_correct,
+)
 from transferkit.config import FinetuneConfig
 from transferkit.data.folders import DataSplits
 from transferkit.data.pipeline import build_dataset
@@ -51,6 +57,7 @@ from transferkit.runs.records import (
     StageResult,
     Stopped,
 )
+from transferkit.training.combined import COMBINED
 from transferkit.training.plan import HEAD, PROBE, plan_stages
 from transferkit.training.prepare import data_summary, report_data
 from transferkit.training.stages import StagePlan, compile_model, run_stage, stage_result
@@ -187,8 +194,10 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
         if result.stopped_early and best_correct(rows, n) < needed:
             t.reporter.info(f"Stage '{stage.name}' stopped after {result.epochs} epochs: not "
                             f"on course to be kept. Its best epoch got {best_correct(rows, n)} "
-                            f"of {n} val images right; beating {bar[0]}'s {bar[1]} by more "
-                            f"than noise takes at least {needed}.")
+                            f"of {n} val images right and at its pace would reach about "
+                            f"{projected_correct(rows, n, stage.last_epoch):.0f} by its last "
+                            f"epoch; beating {bar[0]}'s {bar[1]} by more than noise takes "
+                            f"at least {needed}.")
         elif result.stopped_early:
             t.reporter.info(f"Stage '{stage.name}' stopped early: no {t.config.monitor} "
                             f"improvement for {t.config.patience} epochs.")
@@ -207,8 +216,11 @@ def _bar(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], 
     probe = t.record.probe
     if probe is None or probe.val_correct is None:
         return (PROBE, 0), 0
-    best = max([(PROBE, probe.val_correct)] + [
-        (r.name, round((r.best_val_accuracy or 0) * n)) for r in results], key=lambda b: b[1])
+    candidates = [(PROBE, probe.val_correct)]
+    if t.record.combined is not None:
+        candidates.append((COMBINED, t.record.combined.val_correct))
+    candidates += [(r.name, round((r.best_val_accuracy or 0) * n)) for r in results]
+    best = max(candidates, key=lambda b: b[1])
     return best, best[1] + 2
 
 
@@ -228,7 +240,8 @@ def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal,
     fitted, train, val, batch_size = _stage_inputs(t, stage, resuming)
     monitor = StageMonitor(t.run_dir, stage.name, config.monitor, config.patience, t.model,
                            t.history, best=t.resumed_best if resuming else None,
-                           needed=needed, val_images=len(t.splits.val))
+                           needed=needed, val_images=len(t.splits.val),
+                           last_epoch=stage.last_epoch)
     extra = [keras.callbacks.TensorBoard(log_dir=str(t.run_dir / TENSORBOARD_DIR))
              ] if config.tensorboard else []
     weights = None if plan.class_weights is None else {

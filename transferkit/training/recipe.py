@@ -58,6 +58,7 @@ from transferkit.runs.records import (
     RUNNING,
     Calibration,
     Choice,
+    CombinedRecord,
     Compute,
     ProbeRecord,
     Refit,
@@ -70,6 +71,13 @@ from transferkit.training.adaptation import assess
 from transferkit.training.checks import lr_find
 from transferkit.training.choice import choose
 from transferkit.training.choice import describe as describe_choice
+from transferkit.training.combined import (
+    COMBINED,
+    at_run_size,
+    build_combined,
+    combinable,
+    fit_combined,
+)
 from transferkit.training.loop import Training, interrupted, resume, train_stages
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
@@ -106,6 +114,7 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
         training = _start(config, reporter, splits)  # data, model, lr-find; run.json
         with _recording_how_it_ends(training):
             x_train = _probe(training)  # the first candidate model, and the bar to beat
+            _combine(training)  # the bases side by side, when more than one is at hand
             _decide(training, x_train)  # data checks -> the Plan, recorded once
             return _train_and_keep(training)  # stages, choice, calibration, scores, report
 
@@ -222,6 +231,28 @@ def _probe(t: Training) -> np.ndarray:
     return x_train
 
 
+def _combine(t: Training) -> None:
+    """The combined candidate (training.combined), saved beside the probe when the run's
+    base has offline siblings and --combine is on."""
+    bases = combinable(t.record.base, t.config.weights) if t.config.combine else ()
+    if not bases:
+        return
+    (x_train, _), (x_val, _) = t.frozen_features(NullReporter())
+    combined = fit_combined(bases, at_run_size(t.config.data, t.record.image_size), t.splits,
+                            (x_train, x_val), t.class_weights is not None, t.reporter,
+                            t.config.cache)
+    n = len(t.splits.val)
+    t.reporter.info(f"Combined probe on {', '.join(bases)} side by side (C={combined.c:g}; "
+                    f"{combined.seconds:.1f} s): {combined.val_correct} of {n} val images "
+                    f"right, against the probe's {t.record.probe.val_correct}.")
+    with t.strategy.scope():
+        save_best(t.run_dir, build_combined(combined, t.record.image_size,
+                                            t.record.compute.precision), COMBINED)
+    t.save(combined=CombinedRecord(bases=combined.bases, c=combined.c,
+                                   val_correct=combined.val_correct,
+                                   seconds=round(combined.seconds, 3)))
+
+
 def _class_weights(config: FinetuneConfig, splits: DataSplits,
                    reporter: Reporter) -> dict[str, float] | None:
     """Balanced class weights by name when --class-weight asks or the classes differ."""
@@ -287,9 +318,9 @@ def _train_and_keep(t: Training) -> FinetuneResult:
 
 def _candidate(t: Training, name: str) -> keras.Model:
     """The candidate model `name` (the probe or a stage's best): its weights restored into
-    the classifier; or, for a head with a hidden layer the probe cannot fill, the probe's
-    own saved model."""
-    if name == PROBE and t.config.dense_units:
+    the classifier; or the saved model of the combined candidate, or of the probe for a head
+    with a hidden layer the probe cannot fill."""
+    if name == COMBINED or (name == PROBE and t.config.dense_units):
         return load_keras_file(best_checkpoint(t.run_dir, name), "Start the run again with "
                                "--overwrite.")
     restore_best(t.model, t.run_dir, name)
@@ -304,7 +335,8 @@ def _choose_model(t: Training, results: list[StageResult]
     ds = build_dataset(val.sources, None, t.record.image_size, t.batch)
     probabilities = {name: predict_batches(_candidate(t, name), ds, len(val), t.batch,
                                            t.reporter, f"Scoring the '{name}' model on val")
-                     for name in (PROBE, *(r.name for r in results))}
+                     for name in (PROBE, *([COMBINED] if t.record.combined else []),
+                                  *(r.name for r in results))}
     choice = choose({name: p.argmax(axis=1) == val.labels for name, p in probabilities.items()})
     if choice.comparisons:
         t.reporter.info(describe_choice(choice))

@@ -1,0 +1,96 @@
+"""The combined candidate: one linear probe on the frozen features of several offline bases
+side by side (the run's base first, then the other EfficientNet-Lites whose ImageNet weights
+are on this machine), all at the run's image size. On every bench set it scored at least as
+well on held-out images as the best single base's probe (bench/README.md, issue 22: digits
+0.950 against Lite0's 0.900), since the bases, trained at different widths, depths and
+resolutions, miss different things. It is judged by the same paired rule as every other
+candidate, right after the run's own probe, and kept only when it wins beyond noise. Its
+model is plain Keras: the image goes through each base's feature extractor, the pooled
+features are concatenated, and one softmax layer reads them."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from transferkit.bases import BASES, build_base, get_base
+from transferkit.bases.efficientnet_lite import LITE_VARIANTS
+from transferkit.config import DataConfig
+from transferkit.data.folders import DataSplits
+from transferkit.devices import precision_policy
+from transferkit.features import base_features
+from transferkit.model import PREDICTIONS, build_feature_extractor, build_head
+from transferkit.reporting import Reporter
+from transferkit.training.probe import fit_probe
+
+if TYPE_CHECKING:
+    import keras
+
+COMBINED = "combined"  # the candidate's name, after the run's own probe
+COMBINABLE = tuple(LITE_VARIANTS)  # same input scaling; offline ImageNet weights
+
+
+@dataclass(frozen=True)
+class CombinedProbe:
+    bases: tuple[str, ...]
+    kernel: np.ndarray
+    bias: np.ndarray
+    c: float
+    val_correct: int
+    seconds: float
+
+
+def combinable(base: str, weights: str) -> tuple[str, ...]:
+    """The bases a combined candidate would join, the run's first; empty when fewer than
+    two are at hand (another base family, other weights, or no second set of weights)."""
+    if weights != "imagenet" or base not in COMBINABLE:
+        return ()
+    others = tuple(name for name in COMBINABLE
+                   if name != base and BASES[name].imagenet.available())
+    return (base, *others) if others else ()
+
+
+def fit_combined(bases: Sequence[str], data: DataConfig, splits: DataSplits, own: tuple[
+                 np.ndarray, np.ndarray], balanced: bool, reporter: Reporter,
+                 use_cache: bool) -> CombinedProbe:
+    """The probe on the bases' features side by side, C by cross-validation on train; `own`
+    are the run's base's train and val features, already at hand."""
+    start = time.perf_counter()
+    train, val = [own[0]], [own[1]]
+    for name in bases[1:]:
+        train.append(base_features(name, "imagenet", data, splits.train, reporter, use_cache))
+        val.append(base_features(name, "imagenet", data, splits.val, reporter, use_cache))
+    probe = fit_probe(np.hstack(train), splits.train.labels, len(splits.class_names),
+                      balanced=balanced, seed=data.seed)
+    correct = int((probe.probabilities(np.hstack(val)).argmax(axis=1) ==
+                   splits.val.labels).sum())
+    return CombinedProbe(tuple(bases), probe.kernel, probe.bias, probe.c, correct,
+                         time.perf_counter() - start)
+
+
+def build_combined(combined: CombinedProbe, image_size: int, precision: str) -> keras.Model:
+    """The combined candidate as one plain Keras classifier with the probe's weights."""
+    import keras
+
+    with precision_policy(precision):
+        inputs = keras.Input((image_size, image_size, 3), name="image")
+        branches = []
+        for name in combined.bases:
+            spec = get_base(name)
+            extractor = build_feature_extractor(build_base(spec, image_size, "imagenet"),
+                                                spec.preprocessing, name=f"features_{name}")
+            branches.append(extractor(inputs))
+        features = keras.layers.Concatenate(name="combined_features")(branches)
+        head = build_head(combined.kernel.shape[0], combined.kernel.shape[1])
+        head.get_layer(PREDICTIONS).set_weights([combined.kernel, combined.bias])
+        return keras.Model(inputs, head(features), name="classifier")
+
+
+def at_run_size(data: DataConfig, image_size: int) -> DataConfig:
+    """The data settings with the run's image size, which every branch sees."""
+    return dataclasses.replace(data, image_size=image_size)
