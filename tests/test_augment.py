@@ -69,9 +69,23 @@ def test_augmentation_keeps_shape_and_range():
     assert not np.allclose(out, images)
 
 
+def test_randaugment_runs_its_operations_after_the_geometric_ones_in_a_dataset():
+    import tensorflow as tf
+
+    augmentation = build_augmentation(AugmentConfig(randaugment=2, rotation_range=0), seed=4)
+    assert [layer.name for layer in augmentation.layers.layers][-1] == "randaugment"
+    assert augmentation.layers.layers[-1].get_config()["num_ops"] == 2
+    images = np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(2).map(augmentation)
+    out = np.concatenate([np.asarray(b) for b in ds])  # as the training pipeline maps it
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 255
+    assert not np.allclose(out, images)
+    assert "randaugment" not in _layers(AugmentConfig())  # off unless asked
+
+
 @pytest.mark.parametrize("kwargs", [{"rotation_range": 400}, {"width_shift_range": 1.5},
                                     {"shear_range": 60}, {"zoom_range": -0.1},
-                                    {"brightness_range": (1.2, 0.8)}])
+                                    {"brightness_range": (1.2, 0.8)}, {"randaugment": 9}])
 def test_out_of_range_values_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         AugmentConfig(**kwargs)

@@ -24,7 +24,8 @@ FILL_MODE = "reflect"
 
 
 def build_augmentation_layers(config: AugmentConfig, seed: int | None = None) -> keras.Sequential:
-    """The geometric part, in ImageDataGenerator's order: rotate, shift, shear, zoom, flip."""
+    """The geometric part, in ImageDataGenerator's order: rotate, shift, shear, zoom, flip;
+    then RandAugment's operations when asked."""
     layers: list[keras.layers.Layer] = []
     if config.rotation_range:
         layers.append(keras.layers.RandomRotation(
@@ -46,6 +47,9 @@ def build_augmentation_layers(config: AugmentConfig, seed: int | None = None) ->
         (config.horizontal_flip is not False, config.vertical_flip))
     if flip:
         layers.append(keras.layers.RandomFlip(flip, seed=seed, name="flip"))
+    if config.randaugment:
+        layers.append(keras.layers.RandAugment(value_range=(0, 255), num_ops=config.randaugment,
+                                               seed=seed, name="randaugment"))
     return keras.Sequential(layers, name="augmentation")
 
 

@@ -101,6 +101,10 @@ class AugmentConfig:
     vertical_flip: bool = option(False, "Random up-down flips.")
     brightness_range: tuple[float, float] | None = option(
         None, "Random brightness factor between LOW and HIGH, e.g. 0.8 1.2.")
+    randaugment: int = option(
+        0, "RandAugment (Cubuk et al. 2020, Keras's layer): this many random operations "
+           "(colour, contrast, posterize, solarize, shear, translate, ...) per image, after "
+           "the geometric ones; 0: off, 2 is the paper's.", metavar="OPS")
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -115,6 +119,8 @@ class AugmentConfig:
         _check(0 <= self.zoom_range < 1,
                f"--zoom-range must be in [0, 1) (0.2 zooms between 0.8x and 1.2x); "
                f"got {self.zoom_range}.")
+        _check(0 <= self.randaugment <= 5, f"--randaugment is a number of operations per "
+                                           f"image, 0 to 5; got {self.randaugment}.")
         if self.brightness_range is not None:
             low, high = self.brightness_range
             _check(0 < low <= high,
