@@ -102,9 +102,8 @@ class AugmentConfig:
     brightness_range: tuple[float, float] | None = option(
         None, "Random brightness factor between LOW and HIGH, e.g. 0.8 1.2.")
     randaugment: int = option(
-        0, "RandAugment (Cubuk et al. 2020, Keras's layer): this many random operations "
-           "(colour, contrast, posterize, solarize, shear, translate, ...) per image, after "
-           "the geometric ones; 0: off, 2 is the paper's.", metavar="OPS")
+        0, "RandAugment: this many random colour and shape operations per image, after the "
+           "others (0: off; the paper uses 2).", metavar="OPS")
 
     def __post_init__(self) -> None:
         _check_finite(self)
