@@ -139,7 +139,7 @@ def render_finetune(result: FinetuneResult) -> None:
 
 # What each candidate is, in a line, where the kept one is named.
 KEPT = {"probe": " (the linear probe: a logistic regression on the frozen base's features, "
-                 "fitted first; fine-tuning did not beat it by more than noise on val)",
+                 "fitted first; no later candidate beat it by more than noise on val)",
         "combined": " (one linear probe on several bases' frozen features side by side; it "
                     "beat the single probe by more than noise on val, and nothing after it did)",
         "head": " (the head trained further on the frozen base)",

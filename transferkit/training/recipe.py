@@ -235,8 +235,9 @@ def _combine(t: Training) -> None:
     """The combined candidate (training.combined), saved beside the probe when the run's
     base has offline siblings and --combine is on."""
     bases = combinable(t.record.base, t.config.weights) if t.config.combine else ()
-    if not bases:
-        return
+    assert t.record.probe is not None and t.record.probe.val_correct is not None
+    if not bases or (t.config.patience and t.record.probe.val_correct + 2 > len(t.splits.val)):
+        return  # nothing to combine, or a probe no candidate could be kept over
     (x_train, _), (x_val, _) = t.frozen_features(NullReporter())
     combined = fit_combined(bases, at_run_size(t.config.data, t.record.image_size), t.splits,
                             (x_train, x_val), t.class_weights is not None, t.reporter,
