@@ -172,6 +172,7 @@ class CombinedRecord:
     bases: tuple[str, ...]
     c: float
     val_correct: int
+    won: bool  # beat the probe on val by more than noise
     seconds: float
 
 

@@ -41,7 +41,7 @@ class CombinedProbe:
     kernel: np.ndarray
     bias: np.ndarray
     c: float
-    val_correct: int
+    right: np.ndarray  # which val images it got right
     seconds: float
 
 
@@ -67,9 +67,8 @@ def fit_combined(bases: Sequence[str], data: DataConfig, splits: DataSplits, own
         val.append(base_features(name, "imagenet", data, splits.val, reporter, use_cache))
     probe = fit_probe(np.hstack(train), splits.train.labels, len(splits.class_names),
                       balanced=balanced, seed=data.seed)
-    correct = int((probe.probabilities(np.hstack(val)).argmax(axis=1) ==
-                   splits.val.labels).sum())
-    return CombinedProbe(tuple(bases), probe.kernel, probe.bias, probe.c, correct,
+    right = probe.probabilities(np.hstack(val)).argmax(axis=1) == splits.val.labels
+    return CombinedProbe(tuple(bases), probe.kernel, probe.bias, probe.c, right,
                          time.perf_counter() - start)
 
 

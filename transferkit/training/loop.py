@@ -82,6 +82,7 @@ class Training:
     done: int = 0  # epochs completed, counted across stages
     resumed_stage: str | None = None
     resumed_best: list[np.ndarray] | None = None  # a resumed head-only stage's best weights
+    probe_right: np.ndarray | None = None  # which val images the probe got right
 
     @property
     def plan(self) -> Plan:
@@ -209,15 +210,16 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
 
 
 def _bar(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
-    """The best candidate so far with its val images right, and how many a next stage must
-    get right to be kept: 2 more (a margin above the noise of sqrt(disagreements) needs at
-    least 2). 0 for a run recorded before probes counted theirs."""
+    """The best candidate kept so far (the combined one only if it beat the probe) with its
+    val images right, and how many a next stage must get right to be kept: 2 more (a margin
+    above the noise of sqrt(disagreements) needs at least 2). 0 for a run recorded before
+    probes counted theirs."""
     n = len(t.splits.val)
     probe = t.record.probe
     if probe is None or probe.val_correct is None:
         return (PROBE, 0), 0
     candidates = [(PROBE, probe.val_correct)]
-    if t.record.combined is not None:
+    if t.record.combined is not None and t.record.combined.won:
         candidates.append((COMBINED, t.record.combined.val_correct))
     candidates += [(r.name, round((r.best_val_accuracy or 0) * n)) for r in results]
     best = max(candidates, key=lambda b: b[1])

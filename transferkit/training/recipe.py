@@ -210,7 +210,8 @@ def _probe(t: Training) -> np.ndarray:
         raise TrainingDiverged(failure)  # recorded as failed by _recording_how_it_ends
     probe = fit_probe(x_train, y_train, len(t.splits.class_names),
                       balanced=t.class_weights is not None, seed=t.config.data.seed)
-    correct = int((probe.probabilities(x_val).argmax(axis=1) == y_val).sum())
+    t.probe_right = probe.probabilities(x_val).argmax(axis=1) == y_val
+    correct = int(t.probe_right.sum())
     how = (f"C={probe.c:g} by {probe.folds}-fold cross-validation on train" if probe.folds
            else f"C={probe.c:g}: a class has one training image, too few to cross-validate")
     t.reporter.info(f"Linear probe ({how}; {probe.seconds:.1f} s): "
@@ -242,16 +243,18 @@ def _combine(t: Training) -> None:
     combined = fit_combined(bases, at_run_size(t.config.data, t.record.image_size), t.splits,
                             (x_train, x_val), t.class_weights is not None, t.reporter,
                             t.config.cache)
-    n = len(t.splits.val)
+    n, correct = len(t.splits.val), int(combined.right.sum())
+    assert t.probe_right is not None  # _probe ran first
+    won = choose({PROBE: t.probe_right, COMBINED: combined.right}).kept == COMBINED
     t.reporter.info(f"Combined probe on {', '.join(bases)} side by side (C={combined.c:g}; "
-                    f"{combined.seconds:.1f} s): {combined.val_correct} of {n} val images "
-                    f"right, against the probe's {t.record.probe.val_correct}.")
+                    f"{combined.seconds:.1f} s): {correct} of {n} val images right, against "
+                    f"the probe's {t.record.probe.val_correct}" + (
+                        ", beyond noise." if won else ", within noise."))
     with t.strategy.scope():
         save_best(t.run_dir, build_combined(combined, t.record.image_size,
                                             t.record.compute.precision), COMBINED)
-    t.save(combined=CombinedRecord(bases=combined.bases, c=combined.c,
-                                   val_correct=combined.val_correct,
-                                   seconds=round(combined.seconds, 3)))
+    t.save(combined=CombinedRecord(bases=combined.bases, c=combined.c, val_correct=correct,
+                                   won=won, seconds=round(combined.seconds, 3)))
 
 
 def _class_weights(config: FinetuneConfig, splits: DataSplits,
