@@ -101,3 +101,20 @@ def test_ten_crops_are_the_corners_centre_and_their_mirrors():
     for i, crop in enumerate(expected):
         np.testing.assert_array_equal(views[i], crop)
         np.testing.assert_array_equal(views[i + 5], crop[:, ::-1])
+
+
+def test_mixup_and_cutmix_mix_images_and_their_one_hot_labels():
+    import tensorflow as tf
+
+    from transferkit.augment import build_mixing
+
+    assert build_mixing(AugmentConfig()) is None  # off unless asked
+    assert build_mixing(AugmentConfig(mixup=0.2, enabled=False)) is None
+    mix = build_mixing(AugmentConfig(mixup=0.4, cutmix=1.0), seed=2)
+    images = np.random.default_rng(2).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    labels = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1, 2, 3]]
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8).map(mix)
+    out_images, out_labels = (np.asarray(t) for t in next(iter(ds)))
+    assert out_images.shape == images.shape
+    np.testing.assert_allclose(out_labels.sum(axis=1), 1.0, atol=1e-5)
+    assert (out_labels.max(axis=1) < 1.0 - 1e-3).any()  # some labels are mixtures now

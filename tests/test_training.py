@@ -380,3 +380,21 @@ def test_a_stage_not_on_course_to_be_kept_stops_after_patience_epochs(
     assert not after((0.6, 0.7, 0.7))  # +1 in 2 epochs: 10.5 by epoch 10, so on course
     assert after((0.7, 0.7, 0.7))  # flat at 7 of 10, 8 needed: stopped
     assert not after((0.7, 0.7, 0.8))  # 8 of 10 reached: kept going
+
+
+def test_label_smoothing_mixup_and_cutmix_train_on_one_hot_rows(image_folder, tmp_path):
+    """On images (head and fine-tuning) and on cached features (a head without augmentation)."""
+    from transferkit.config import AugmentConfig
+    from transferkit.runs.directory import load_run
+
+    for name, augment in (("images", AugmentConfig(mixup=0.2, cutmix=1.0)),
+                          ("features", AugmentConfig(enabled=False))):
+        config = FinetuneConfig(adapt=False, patience=0, label_smoothing=0.1, augment=augment,
+                                data=DataConfig(data_dir=image_folder, image_size=32,
+                                                batch_size=8),
+                                output=tmp_path / name, weights="none", base="tiny", epochs=1,
+                                finetune_epochs=1 if name == "images" else 0)
+        result = finetune(config)
+        assert result.history and all(np.isfinite(r["loss"]) and 0 <= r["val_accuracy"] <= 1
+                                      for r in result.history)
+        assert load_run(tmp_path / name).model.output_shape == (None, 3)

@@ -11,7 +11,8 @@ ImageDataGenerator's 'nearest' smears the border pixels into streaks at every ed
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import keras
 
@@ -70,6 +71,27 @@ class Augmentation:
             factor = tf.random.uniform([tf.shape(x)[0], 1, 1, 1], low, high, seed=self.seed)
             x = tf.clip_by_value(x * factor, 0.0, 255.0)
         return x
+
+
+def build_mixing(config: AugmentConfig, seed: int | None = None
+                 ) -> Callable[[Any, Any], tuple[Any, Any]] | None:
+    """MixUp, then CutMix, as asked, on a batch of images and its one-hot labels (Keras's
+    layers); None when neither is on."""
+    layers: list[keras.layers.Layer] = []
+    if config.enabled and config.mixup:
+        layers.append(keras.layers.MixUp(alpha=config.mixup, seed=seed))
+    if config.enabled and config.cutmix:
+        layers.append(keras.layers.CutMix(factor=config.cutmix, seed=seed))
+    if not layers:
+        return None
+
+    def mix(images: Any, labels: Any) -> tuple[Any, Any]:
+        batch = {"images": images, "labels": labels}
+        for layer in layers:
+            batch = layer(batch, training=True)
+        return batch["images"], batch["labels"]
+
+    return mix
 
 
 def build_augmentation(config: AugmentConfig, seed: int | None = None) -> Augmentation | None:

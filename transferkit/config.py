@@ -101,6 +101,13 @@ class AugmentConfig:
     vertical_flip: bool = option(False, "Random up-down flips.")
     brightness_range: tuple[float, float] | None = option(
         None, "Random brightness factor between LOW and HIGH, e.g. 0.8 1.2.")
+    mixup: float = option(
+        0.0, "MixUp: blend pairs of training images and their labels, the weights drawn from "
+             "Beta(A, A) (0.2 is common; 0: off).", metavar="A")
+    cutmix: float = option(
+        0.0, "CutMix: paste a patch of one training image into another, the labels mixed by "
+             "area, the patch size drawn from Beta(A, A) (1.0 is common; 0: off).",
+        metavar="A")
     randaugment: int = option(
         0, "RandAugment: this many random colour and shape operations per image, after the "
            "others (0: off; the paper uses 2).", metavar="OPS")
@@ -118,6 +125,9 @@ class AugmentConfig:
         _check(0 <= self.zoom_range < 1,
                f"--zoom-range must be in [0, 1) (0.2 zooms between 0.8x and 1.2x); "
                f"got {self.zoom_range}.")
+        for name in ("mixup", "cutmix"):
+            value = getattr(self, name)
+            _check(0 <= value <= 1, f"--{name} is a Beta distribution's A, 0 to 1; got {value}.")
         _check(0 <= self.randaugment <= 5, f"--randaugment is a number of operations per "
                                            f"image, 0 to 5; got {self.randaugment}.")
         if self.brightness_range is not None:
@@ -306,6 +316,9 @@ class FinetuneConfig:
               "side by side (a candidate like the others, kept only when it wins on val by "
               "more than noise; its model runs every base).", flag="--combine/--no-combine",
         panel=TRAIN, advanced=True)
+    label_smoothing: float = option(
+        0.0, "Train toward 1 - E on the true class and E spread over all classes (Szegedy et "
+             "al. 2016; 0.1 is common; 0: off).", metavar="E", panel=TRAIN, advanced=True)
     refit: bool = option(
         False, "Once the kept model is chosen, fit it again on train and val together, so it "
                "learns from every label: done for the linear probe (C chosen again, in "
@@ -379,6 +392,8 @@ class FinetuneConfig:
                                                    f"{self.class_weight}.")
         _check(self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}; got "
                                          f"{self.monitor}.")
+        _check(0 <= self.label_smoothing < 0.5,
+               f"--label-smoothing must be in [0, 0.5); got {self.label_smoothing}.")
         _check(self.patience >= 0, f"--patience must be 0 or more; got {self.patience}.")
         _check(self.base != AUTO_BASE or self.weights == "imagenet",
                f"--base auto ranks the bases by their ImageNet weights; got --weights "

@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.augment import build_augmentation
+from transferkit.augment import build_augmentation, build_mixing
 from transferkit.bases import BaseSpec, get_base
 from transferkit.callbacks import (
     StageMonitor,
@@ -90,6 +90,14 @@ class Training:
             raise ArtifactError(f"'{self.run_dir}/run.json' has no plan: the run stopped "
                                 f"before its stages began. Start it again with --overwrite.")
         return self.record.plan
+
+    @property
+    def smoothing(self) -> float | None:
+        """The label smoothing the stages train with, 0 included, when labels are one-hot
+        rows (label smoothing, MixUp or CutMix); None for class indices."""
+        augment = self.plan.augment
+        mixed = augment.enabled and (augment.mixup or augment.cutmix)
+        return self.config.label_smoothing if self.config.label_smoothing or mixed else None
 
     @property
     def batch(self) -> int:
@@ -254,6 +262,7 @@ def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal,
             t.history, optimizer=None if resuming or fitted is not t.model else config.optimizer,
             first_epoch=t.done if resuming else None, class_weight=weights,
             batch_size=batch_size, jit=config.compute.jit, val_labels=t.splits.val.labels,
+            label_smoothing=t.smoothing,
             callbacks=[monitor, stop.callback(), *extra])
     except StopRequested as stopped:  # every completed epoch is checkpointed already
         raise interrupted(t, stopped.signum) from None
@@ -270,6 +279,7 @@ def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
     (augmented) image datasets, or, for a head stage without augmentation, the head alone on
     cached frozen-base features (then with the batch size to use)."""
     config, plan = t.config, t.plan
+    k = len(t.splits.class_names)
     if stage.name != HEAD or plan.augment.enabled:
         train = build_dataset(t.splits.train.sources, t.splits.train.labels,
                               t.record.image_size, t.batch, shuffle_seed=config.data.seed + t.done,
@@ -277,11 +287,20 @@ def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
                               replicas=t.strategy.num_replicas_in_sync)
         val = build_dataset(t.splits.val.sources, t.splits.val.labels, t.record.image_size,
                             t.batch)
+        if t.smoothing is not None:  # one-hot rows, then mixed as asked
+            import tensorflow as tf
+
+            train, val = (ds.map(lambda x, y: (x, tf.one_hot(y, k))) for ds in (train, val))
+            mixing = build_mixing(plan.augment, config.data.seed)
+            train = train if mixing is None else train.map(mixing)
         return t.model, train, val, None
     train, val = t.frozen_features()
+    if t.smoothing is not None:
+        train, val = ((x, np.eye(k, dtype=np.float32)[y]) for x, y in (train, val))
     t.reporter.info("Stage 'head' trains on the frozen-base features (no augmentation).")
     if not resuming:  # checkpoints save the classifier, optimizer state included
-        compile_model(t.model, config.optimizer, stage.learning_rate, config.compute.jit)
+        compile_model(t.model, config.optimizer, stage.learning_rate, config.compute.jit,
+                      t.smoothing)
         save_checkpoint(t.run_dir, t.model)  # the frozen base, once per stage
     # A stand-alone model over the head's layers trains with the classifier's optimizer (in
     # the head stage their trainable variables are the same), so checkpoints of the
@@ -289,7 +308,8 @@ def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
     # optimizer under the head, where loading misses it.
     head = t.model.get_layer("head")
     fitted = keras.Model(head.inputs, head.outputs)
-    compile_model(fitted, t.model.optimizer, stage.learning_rate, config.compute.jit)
+    compile_model(fitted, t.model.optimizer, stage.learning_rate, config.compute.jit,
+                  t.smoothing)
     return fitted, train, val, t.batch
 
 

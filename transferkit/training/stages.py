@@ -54,13 +54,16 @@ OPTIMIZERS: dict[str, Callable[[OptimizerConfig, float], keras.optimizers.Optimi
 
 
 def compile_model(model: keras.Model, optimizer: OptimizerConfig | keras.optimizers.Optimizer,
-                  learning_rate: float, jit: bool = False) -> None:
+                  learning_rate: float, jit: bool = False,
+                  label_smoothing: float | None = None) -> None:
     """Compiles for the current `trainable` state (needed after every change of it); an
-    optimizer instance is reused as is."""
+    optimizer instance is reused as is. With `label_smoothing` (0 included) the labels are
+    one-hot rows (smoothed, or mixed by MixUp/CutMix); without, class indices."""
     if isinstance(optimizer, OptimizerConfig):
         optimizer = OPTIMIZERS[optimizer.name](optimizer, learning_rate)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], jit_compile=jit)
+    loss = ("sparse_categorical_crossentropy" if label_smoothing is None else
+            keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing))
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
@@ -116,16 +119,18 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
               callbacks: Sequence[keras.callbacks.Callback] = (),
               class_weight: dict[int, float] | None = None,
               batch_size: int | None = None, jit: bool = False,
-              val_labels: np.ndarray | None = None) -> int:
+              val_labels: np.ndarray | None = None,
+              label_smoothing: float | None = None) -> int:
     """Trains `model` through `plan`, appending one row per epoch to `history`.
 
     With `optimizer`, the model is compiled for its current `trainable` state first; without,
     it keeps the optimizer it has (a resumed stage, from `first_epoch`). `train` and
     `validation` are datasets (then `val_labels` are validation's labels), or (x, y) arrays
-    with `batch_size`. Returns the trainable parameter count.
+    with `batch_size`; `label_smoothing` as compile_model takes it. Returns the trainable
+    parameter count.
     """
     if optimizer is not None:
-        compile_model(model, optimizer, plan.learning_rate, jit)
+        compile_model(model, optimizer, plan.learning_rate, jit, label_smoothing)
     counts = count_params(model)
     start = plan.first_epoch if first_epoch is None else first_epoch
     reporter.stage_started(StageInfo(plan.name, plan.description, plan.last_epoch - start,
@@ -165,5 +170,8 @@ def _for_replicas(train: Any, validation: Any, val_labels: np.ndarray | None,
         images, labels = validation
     else:
         images, labels = validation.map(lambda x, y: x), val_labels
-    return train, None, [ValidateByPredicting(images, np.asarray(labels))]
+    labels = np.asarray(labels)
+    if labels.ndim == 2:  # one-hot rows
+        labels = labels.argmax(axis=1)
+    return train, None, [ValidateByPredicting(images, labels)]
 
