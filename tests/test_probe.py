@@ -278,3 +278,25 @@ def csv_rows(path):
 
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_bases_rank_shows_every_base_by_its_whole_name_and_the_chosen_one(monkeypatch,
+                                                                         image_folder):
+    from typer.testing import CliRunner
+
+    from transferkit import ranking
+    from transferkit.cli import app
+
+    monkeypatch.setattr(ranking, "available_bases", lambda: list(combined_names()))
+    monkeypatch.setattr(ranking, "base_features", _fake_features(
+        dict.fromkeys(combined_names(), 0)))
+    monkeypatch.setenv("COLUMNS", "80")
+    result = CliRunner().invoke(app, ["bases", "--rank", str(image_folder)])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if "efficientnet_lite" in line]
+    assert [line.split()[1] for line in rows] == list(combined_names())  # a tie: cheapest first
+    assert rows[0].rstrip().endswith("chosen") and "chosen" not in "".join(rows[1:])
+
+
+def combined_names():
+    return ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")

@@ -397,8 +397,9 @@ def render_ranks(ranking: Ranking) -> None:
                   caption="a linear probe on each base's frozen features, cross-validated over "
                           "train and val (test is never used); from the cheapest up, a costlier "
                           "base is chosen only when it wins by more than noise")
-    for name in ("rank", "base", "accuracy", "95 % CI", "n", "compute", "seconds", ""):
-        table.add_column(name, justify="left" if name in ("base", "") else "right")
+    for name in ("rank", "base", "accuracy", "95 % CI", "n", "compute", "s", ""):
+        table.add_column(name, justify="left" if name in ("base", "") else "right",
+                         no_wrap=bool(name))  # base names differ only at their ends
     for i, r in enumerate(ranking.ranks, 1):
         table.add_row(str(i), r.base, f"{r.score.accuracy:.3f}",
                       f"{r.score.low:.3f}-{r.score.high:.3f}", str(r.score.n), f"{r.cost:g}x",
