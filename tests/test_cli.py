@@ -29,8 +29,8 @@ def invoke(*args: str):
 
 
 def said(text: str) -> str:
-    """Output with Rich's line wrapping undone."""
-    return " ".join(text.split())
+    """Output with Rich's line wrapping undone, panel borders included."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", text).split())
 
 
 def test_finetune_writes_a_self_describing_run(image_folder: Path, tmp_path: Path):
