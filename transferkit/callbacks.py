@@ -155,7 +155,7 @@ class StageMonitor(keras.callbacks.Callback):
     at the stage's end.
 
     With `needed` (val images a stage must get right to be kept: the best candidate before it
-    plus 2, the least a win by more than noise takes, see training.choice), a stage that after
+    plus training.choice's LEAST_WIN, the least a win by more than noise takes), a stage that after
     `patience` epochs is below it and would still be below it at its last epoch
     (`last_epoch`) at the pace it has gained so far is stopped too: it is not on course to be
     kept, and the minutes would buy nothing.

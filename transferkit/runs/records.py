@@ -68,10 +68,6 @@ class Score:
         return cls(split=split, n=n, correct=correct, accuracy=correct / n if n else 0.0,
                    low=low, high=high, chose=chose, seen=seen)
 
-    @property
-    def held_out(self) -> bool:
-        return not self.chose and not self.seen
-
     def describe(self) -> str:
         """'val accuracy 0.895 (95 % CI 0.759-0.958, n=38)'."""
         return (f"{self.split} accuracy {self.accuracy:.3f} (95 % CI {self.low:.3f}-"

@@ -16,6 +16,11 @@ import numpy as np
 from transferkit.runs.records import Choice, Comparison
 from transferkit.stats import paired_margin
 
+# The fewest more right answers a later candidate can win by: a margin m > sqrt(d) with d >= m
+# disagreements needs m > sqrt(m), so m >= 2. A candidate that cannot reach the kept one's
+# count plus this could only be thrown away (training.loop stops or skips it).
+LEAST_WIN = 2
+
 
 def choose(correct: Mapping[str, np.ndarray]) -> Choice:
     """The kept candidate, from each candidate's boolean array of right answers on val

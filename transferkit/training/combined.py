@@ -26,7 +26,7 @@ from transferkit.devices import precision_policy
 from transferkit.features import base_features
 from transferkit.model import PREDICTIONS, build_feature_extractor, build_head
 from transferkit.reporting import Reporter
-from transferkit.training.probe import fit_probe
+from transferkit.training.probe import LinearProbe, fit_probe
 
 if TYPE_CHECKING:
     import keras
@@ -38,11 +38,9 @@ COMBINABLE = tuple(LITE_VARIANTS)  # same input scaling; offline ImageNet weight
 @dataclass(frozen=True)
 class CombinedProbe:
     bases: tuple[str, ...]
-    kernel: np.ndarray
-    bias: np.ndarray
-    c: float
+    probe: LinearProbe  # over the bases' features side by side, in `bases`' order
     right: np.ndarray  # which val images it got right
-    seconds: float
+    seconds: float  # features of the other bases included
 
 
 def combinable(base: str, weights: str) -> tuple[str, ...]:
@@ -55,21 +53,23 @@ def combinable(base: str, weights: str) -> tuple[str, ...]:
     return (base, *others) if others else ()
 
 
-def fit_combined(bases: Sequence[str], data: DataConfig, splits: DataSplits, own: tuple[
-                 np.ndarray, np.ndarray], balanced: bool, reporter: Reporter,
+def fit_combined(bases: Sequence[str], data: DataConfig, image_size: int, splits: DataSplits,
+                 own: tuple[np.ndarray, np.ndarray], balanced: bool, reporter: Reporter,
                  use_cache: bool) -> CombinedProbe:
-    """The probe on the bases' features side by side, C by cross-validation on train; `own`
-    are the run's base's train and val features, already at hand."""
+    """The probe on the bases' features side by side, all at the run's `image_size`, C by
+    cross-validation on train; `own` are the run's base's train and val features, already
+    at hand."""
     start = time.perf_counter()
-    train, val = [own[0]], [own[1]]
-    for name in bases[1:]:
-        train.append(base_features(name, "imagenet", data, splits.train, reporter, use_cache))
-        val.append(base_features(name, "imagenet", data, splits.val, reporter, use_cache))
-    probe = fit_probe(np.hstack(train), splits.train.labels, len(splits.class_names),
-                      balanced=balanced, seed=data.seed)
-    right = probe.probabilities(np.hstack(val)).argmax(axis=1) == splits.val.labels
-    return CombinedProbe(tuple(bases), probe.kernel, probe.bias, probe.c, right,
-                         time.perf_counter() - start)
+    at_size = dataclasses.replace(data, image_size=image_size)
+    both, n = splits.train.join(splits.val), len(splits.train)
+    others = [base_features(name, "imagenet", at_size, both, reporter, use_cache)
+              for name in bases[1:]]
+    train = np.hstack([own[0], *(f[:n] for f in others)])
+    val = np.hstack([own[1], *(f[n:] for f in others)])
+    probe = fit_probe(train, splits.train.labels, len(splits.class_names), balanced=balanced,
+                      seed=data.seed)
+    right = probe.probabilities(val).argmax(axis=1) == splits.val.labels
+    return CombinedProbe(tuple(bases), probe, right, time.perf_counter() - start)
 
 
 def build_combined(combined: CombinedProbe, image_size: int, precision: str) -> keras.Model:
@@ -85,11 +85,8 @@ def build_combined(combined: CombinedProbe, image_size: int, precision: str) -> 
                                                 spec.preprocessing, name=f"features_{name}")
             branches.append(extractor(inputs))
         features = keras.layers.Concatenate(name="combined_features")(branches)
-        head = build_head(combined.kernel.shape[0], combined.kernel.shape[1])
-        head.get_layer(PREDICTIONS).set_weights([combined.kernel, combined.bias])
+        kernel, bias = combined.probe.kernel, combined.probe.bias
+        head = build_head(*kernel.shape)
+        head.get_layer(PREDICTIONS).set_weights([kernel, bias])
         return keras.Model(inputs, head(features), name="classifier")
 
-
-def at_run_size(data: DataConfig, image_size: int) -> DataConfig:
-    """The data settings with the run's image size, which every branch sees."""
-    return dataclasses.replace(data, image_size=image_size)

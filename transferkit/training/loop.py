@@ -57,6 +57,7 @@ from transferkit.runs.records import (
     StageResult,
     Stopped,
 )
+from transferkit.training.choice import LEAST_WIN
 from transferkit.training.combined import COMBINED
 from transferkit.training.plan import HEAD, PROBE, plan_stages
 from transferkit.training.prepare import data_summary, report_data
@@ -82,7 +83,8 @@ class Training:
     done: int = 0  # epochs completed, counted across stages
     resumed_stage: str | None = None
     resumed_best: list[np.ndarray] | None = None  # a resumed head-only stage's best weights
-    probe_right: np.ndarray | None = None  # which val images the probe got right
+    frozen: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = \
+        field(default=None, repr=False)  # frozen_features, once computed
 
     @property
     def plan(self) -> Plan:
@@ -108,23 +110,26 @@ class Training:
         """Writes run.json with `changes`."""
         self.record = save_record(self.run_dir, self.record.replace(**changes))
 
-    def frozen_features(self, reporter: Reporter | None = None
+    def frozen_features(self
                         ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-        """Training and validation features of the frozen base, for the probe and for a head
-        stage without augmentation: the frozen base gives every image the same features each
-        epoch, so they are computed once (or taken from the feature cache)."""
-        reporter = reporter or self.reporter
-        config = self.config
-        features = FeatureExtractor.of_base(
-            lambda: self.model.get_layer("features"), self.spec, config.weights,
-            config.data.seed, self.record.image_size, self.record.compute.precision,
-            config.data.batch_size, reporter, config.cache)
-        train, val = features.features([self.splits.train, self.splits.val],
-                                       "training and validation")
-        features.save()
-        reporter.info(f"Frozen-base features: {features.computed} images computed, "
-                      f"{features.reused} from the cache.")
-        return (train, self.splits.train.labels), (val, self.splits.val.labels)
+        """Training and validation features of the frozen base, for the probe, the combined
+        candidate, a head stage without augmentation, refit and the report's map: the frozen
+        base gives every image the same features, so they are computed (or read from the
+        feature cache) once per process, the first time, while the base is the pretrained
+        one."""
+        if self.frozen is None:
+            config = self.config
+            features = FeatureExtractor.of_base(
+                lambda: self.model.get_layer("features"), self.spec, config.weights,
+                config.data.seed, self.record.image_size, self.record.compute.precision,
+                config.data.batch_size, self.reporter, config.cache)
+            train, val = features.features([self.splits.train, self.splits.val],
+                                           "training and validation")
+            features.save()
+            self.reporter.info(f"Frozen-base features: {features.computed} images computed, "
+                               f"{features.reused} from the cache.")
+            self.frozen = (train, self.splits.train.labels), (val, self.splits.val.labels)
+        return self.frozen
 
 
 def resume(run_dir: Path, reporter: Reporter) -> Training:
@@ -191,11 +196,11 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
             results.append(stage_result(stage, t.history, t.config.monitor,
                                         t.record.trainable_params[stage.name]))
             continue
-        bar, needed = _bar(t, results)
+        bar, needed = bar_to_clear(t, results)
         if t.config.patience and needed > n:  # --patience 0: no stage ends early, or is skipped
             t.reporter.info(f"Stage '{stage.name}' and any after it skipped: {bar[0]} got "
                             f"{bar[1]} of {n} val images right, and a later candidate is kept "
-                            f"only by more than noise, which takes at least 2 more.")
+                            f"only by more than noise, which takes at least {LEAST_WIN} more.")
             break
         result = _train_stage(t, stage, stop, needed)
         restore_best(t.model, t.run_dir, stage.name)  # the stage ends on its best epoch
@@ -217,11 +222,10 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
     return results
 
 
-def _bar(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
+def bar_to_clear(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
     """The best candidate kept so far (the combined one only if it beat the probe) with its
-    val images right, and how many a next stage must get right to be kept: 2 more (a margin
-    above the noise of sqrt(disagreements) needs at least 2). 0 for a run recorded before
-    probes counted theirs."""
+    val images right, and how many a next candidate must get right to be kept (LEAST_WIN
+    more); 0 for a run recorded before probes counted theirs."""
     n = len(t.splits.val)
     probe = t.record.probe
     if probe is None or probe.val_correct is None:
@@ -231,7 +235,7 @@ def _bar(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], 
         candidates.append((COMBINED, t.record.combined.val_correct))
     candidates += [(r.name, round((r.best_val_accuracy or 0) * n)) for r in results]
     best = max(candidates, key=lambda b: b[1])
-    return best, best[1] + 2
+    return best, best[1] + LEAST_WIN
 
 
 def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal,

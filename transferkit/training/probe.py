@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,18 +42,17 @@ class LinearProbe:
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def sklearn_fits() -> Any:
+@contextlib.contextmanager
+def sklearn_fits() -> Iterator[None]:
     """A context for scikit-learn fits: one BLAS thread, and no notices of future default
     changes. On problems of this size OpenBLAS's threads cost more than they give, and
     change the result's last digits: fit_probe on 1,079 x 1,280 features took 21 s with two
     threads and 3.5 s with one on 2 cores (bench/README.md)."""
     from threadpoolctl import threadpool_limits
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore", FutureWarning)
-    return stack
+    with threadpool_limits(limits=1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def probe_estimator(c: float, balanced: bool = False) -> Any:
@@ -87,13 +87,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
             folds, c = 0, FALLBACK_C
             model = probe_estimator(c, balanced)
             model.fit(features, labels)
-    return _as_probe(model, features.shape[1], num_classes, c, folds, start)
-
-
-def _as_probe(model: Any, dims: int, num_classes: int, c: float, folds: int,
-              start: float) -> LinearProbe:
-    """A fitted LogisticRegression as a softmax layer's weights over every class."""
-    kernel = np.zeros((dims, num_classes), np.float32)
+    kernel = np.zeros((features.shape[1], num_classes), np.float32)
     bias = np.zeros(num_classes, np.float32)
     coef, intercept = model.coef_, model.intercept_
     if coef.shape[0] == 1:  # two classes: one logit, for the second class

@@ -71,14 +71,8 @@ from transferkit.training.adaptation import assess
 from transferkit.training.checks import lr_find
 from transferkit.training.choice import choose
 from transferkit.training.choice import describe as describe_choice
-from transferkit.training.combined import (
-    COMBINED,
-    at_run_size,
-    build_combined,
-    combinable,
-    fit_combined,
-)
-from transferkit.training.loop import Training, interrupted, resume, train_stages
+from transferkit.training.combined import COMBINED, build_combined, combinable, fit_combined
+from transferkit.training.loop import Training, bar_to_clear, interrupted, resume, train_stages
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
 from transferkit.training.probe import fit_probe
@@ -113,9 +107,9 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
     with run_lock(config.output), raise_on_sigterm():
         training = _start(config, reporter, splits)  # data, model, lr-find; run.json
         with _recording_how_it_ends(training):
-            x_train = _probe(training)  # the first candidate model, and the bar to beat
-            _combine(training)  # the bases side by side, when more than one is at hand
-            _decide(training, x_train)  # data checks -> the Plan, recorded once
+            probe_right = _probe(training)  # the first candidate model, and the bar to beat
+            _combine(training, probe_right)  # the bases side by side, when several are at hand
+            _decide(training)  # data checks -> the Plan, recorded once
             return _train_and_keep(training)  # stages, choice, calibration, scores, report
 
 
@@ -197,7 +191,7 @@ def _probe(t: Training) -> np.ndarray:
     """Fits the linear probe on frozen features of train, says its val score (the bar to
     beat) and saves it as the first candidate model, the first usable one. A linear head
     starts from its weights (LP-FT); a head with a hidden layer gets a probe model of its
-    own. Returns the training features."""
+    own. Returns which val images it got right."""
     (x_train, y_train), (x_val, y_val) = t.frozen_features()
     broken = int((~np.isfinite(x_train)).any(axis=1).sum() + (~np.isfinite(x_val)).any(
         axis=1).sum())
@@ -210,8 +204,8 @@ def _probe(t: Training) -> np.ndarray:
         raise TrainingDiverged(failure)  # recorded as failed by _recording_how_it_ends
     probe = fit_probe(x_train, y_train, len(t.splits.class_names),
                       balanced=t.class_weights is not None, seed=t.config.data.seed)
-    t.probe_right = probe.probabilities(x_val).argmax(axis=1) == y_val
-    correct = int(t.probe_right.sum())
+    right = probe.probabilities(x_val).argmax(axis=1) == y_val
+    correct = int(right.sum())
     how = (f"C={probe.c:g} by {probe.folds}-fold cross-validation on train" if probe.folds
            else f"C={probe.c:g}: a class has one training image, too few to cross-validate")
     t.reporter.info(f"Linear probe ({how}; {probe.seconds:.1f} s): "
@@ -229,32 +223,32 @@ def _probe(t: Training) -> np.ndarray:
     t.reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
     t.save(probe=ProbeRecord(c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
                              ready_after=round(ready, 3), val_correct=correct))
-    return x_train
+    return right
 
 
-def _combine(t: Training) -> None:
+def _combine(t: Training, probe_right: np.ndarray) -> None:
     """The combined candidate (training.combined), saved beside the probe when the run's
-    base has offline siblings and --combine is on."""
+    base has offline siblings and --combine is on; `probe_right`: the val images the probe
+    got right."""
     bases = combinable(t.record.base, t.config.weights) if t.config.combine else ()
-    assert t.record.probe is not None and t.record.probe.val_correct is not None
-    if not bases or (t.config.patience and t.record.probe.val_correct + 2 > len(t.splits.val)):
+    if not bases or (t.config.patience and bar_to_clear(t, [])[1] > len(t.splits.val)):
         return  # nothing to combine, or a probe no candidate could be kept over
-    (x_train, _), (x_val, _) = t.frozen_features(NullReporter())
-    combined = fit_combined(bases, at_run_size(t.config.data, t.record.image_size), t.splits,
+    (x_train, _), (x_val, _) = t.frozen_features()
+    combined = fit_combined(bases, t.config.data, t.record.image_size, t.splits,
                             (x_train, x_val), t.class_weights is not None, t.reporter,
                             t.config.cache)
     n, correct = len(t.splits.val), int(combined.right.sum())
-    assert t.probe_right is not None  # _probe ran first
-    won = choose({PROBE: t.probe_right, COMBINED: combined.right}).kept == COMBINED
-    t.reporter.info(f"Combined probe on {', '.join(bases)} side by side (C={combined.c:g}; "
+    won = choose({PROBE: probe_right, COMBINED: combined.right}).kept == COMBINED
+    t.reporter.info(f"Combined probe on {', '.join(bases)} side by side (C={combined.probe.c:g}; "
                     f"{combined.seconds:.1f} s): {correct} of {n} val images right, against "
                     f"the probe's {t.record.probe.val_correct}" + (
                         ", beyond noise." if won else ", within noise."))
     with t.strategy.scope():
         save_best(t.run_dir, build_combined(combined, t.record.image_size,
                                             t.record.compute.precision), COMBINED)
-    t.save(combined=CombinedRecord(bases=combined.bases, c=combined.c, val_correct=correct,
-                                   won=won, seconds=round(combined.seconds, 3)))
+    t.save(combined=CombinedRecord(bases=combined.bases, c=combined.probe.c,
+                                   val_correct=correct, won=won,
+                                   seconds=round(combined.seconds, 3)))
 
 
 def _class_weights(config: FinetuneConfig, splits: DataSplits,
@@ -270,7 +264,7 @@ def _class_weights(config: FinetuneConfig, splits: DataSplits,
     return by_name
 
 
-def _decide(t: Training, x_train: np.ndarray) -> None:
+def _decide(t: Training) -> None:
     """Runs the data checks (when a stage needs them), resolves the Plan and records it: the
     one place what transferkit decides is written."""
     config, found = t.config, None
@@ -278,6 +272,7 @@ def _decide(t: Training, x_train: np.ndarray) -> None:
     # run of the probe alone needs neither
     if config.adapt and (config.finetune_epochs or (config.epochs and config.augment.enabled)):
         train = t.splits.train
+        (x_train, _), _ = t.frozen_features()
         found = assess(train.sources, train.labels, x_train, t.record.probe.c,
                        balanced=t.class_weights is not None, seed=config.data.seed)
         if found is None:
@@ -356,7 +351,7 @@ def _refit(t: Training, model: keras.Model, kept: str) -> Refit | None:
         t.reporter.info(f"Not refitted on train + val: the kept '{kept}' model stays as "
                         f"trained on train (only the probe is refitted, in seconds).")
         return None
-    (x_train, y_train), (x_val, y_val) = t.frozen_features(NullReporter())
+    (x_train, y_train), (x_val, y_val) = t.frozen_features()
     probe = fit_probe(np.vstack([x_train, x_val]), np.r_[y_train, y_val],
                       len(t.splits.class_names), balanced=t.class_weights is not None,
                       seed=t.config.data.seed)
@@ -428,8 +423,8 @@ def _report(t: Training, model: keras.Model, val: np.ndarray, test: np.ndarray |
                                    classification_metrics(t.splits.test.labels, test, names,
                                                           split="test"), model, size))
     features = None
-    if t.config.cache:  # the probe's features, from the cache; never a second pass for a map
-        (x_train, _), (x_val, _) = t.frozen_features(NullReporter())
+    if t.frozen is not None or t.config.cache:  # the probe's features; never a pass for a map
+        (x_train, _), (x_val, _) = t.frozen_features()
         features = np.concatenate([x_train, x_val]), t.splits.train.join(t.splits.val)
     write_run_report(t.run_dir, t.record, evaluated, features)
     t.reporter.info(f"Wrote {t.run_dir / REPORT_FILE}.")
