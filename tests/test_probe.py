@@ -218,11 +218,15 @@ def test_finetune_auto_trains_the_chosen_base(monkeypatch, image_folder, tmp_pat
 
 
 def test_the_combined_candidate_is_one_plain_model_of_the_bases_side_by_side(
-        monkeypatch, image_folder, tmp_path):
-    """Two small bases with weights files the test writes stand in for the offline Lites."""
+        monkeypatch, tmp_path):
+    """Two small bases with weights files the test writes stand in for the offline Lites:
+    the run's own gives every image the same features (all its weights zero), so its probe
+    names one class; the second separates the shapes, so the combined probe wins beyond
+    noise and becomes a model of its own."""
     import dataclasses
 
     import tinybase
+    from conftest import write_class_folder
 
     from transferkit.bases import BASES
     from transferkit.config import DataConfig, FinetuneConfig
@@ -244,19 +248,22 @@ def test_the_combined_candidate_is_one_plain_model_of_the_bases_side_by_side(
 
     import keras
 
+    image_folder = write_class_folder(tmp_path / "data", per_class=15)  # 9 val images
     specs = {}
     for name, seed in (("tiny", 1), ("tiny2", 2)):
         keras.utils.set_random_seed(seed)
         weights = tmp_path / f"{name}.weights.h5"
-        tinybase.SPEC.build((32, 32, 3)).save_weights(weights)
+        base = tinybase.SPEC.build((32, 32, 3))
+        if name == "tiny":
+            base.set_weights([np.zeros_like(w) for w in base.get_weights()])
+        base.save_weights(weights)
         specs[name] = dataclasses.replace(tinybase.SPEC, name=name, imagenet=Weights(weights))
         monkeypatch.setitem(BASES, name, specs[name])
     monkeypatch.setattr(combined, "COMBINABLE", ("tiny", "tiny2"))
     reporter = Recorder()
     finetune(FinetuneConfig(
         adapt=False, data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
-        output=tmp_path / "run", base="tiny", finetune_epochs=0,
-        patience=0), reporter)  # 3 val images leave a candidate no room: combine anyway
+        output=tmp_path / "run", base="tiny", finetune_epochs=0), reporter)
     record = read_record(tmp_path / "run")
     assert record.combined is not None and record.combined.bases == ("tiny", "tiny2")
     assert "combined" in record.choice.val_correct

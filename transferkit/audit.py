@@ -308,12 +308,8 @@ def _outlier_section(result: AuditResult, source: dict[str, str]) -> str:
 
 def _map_section(result: AuditResult, images: ImageSet, features: np.ndarray,
                  split_of: np.ndarray) -> str:
-    from sklearn.decomposition import PCA
-
     index = {p.as_posix(): i for i, p in enumerate(images.paths)}
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    points = PCA(2, random_state=0).fit_transform(unit) if len(unit) > 2 else np.zeros(
-        (len(unit), 2))
+    points = report.projected(features)
     marked = [index[i.path] for i in result.label_issues[:SHOWN]]
     titles = [f"{p.as_posix()} ({images.class_names[label]}, {s})"
               for p, label, s in zip(images.paths, images.labels, split_of, strict=True)]

@@ -113,6 +113,18 @@ def png(path: Path, caption: str) -> str:
             f"</figure>")
 
 
+def projected(features: np.ndarray) -> np.ndarray:
+    """Feature vectors as points for `scatter`: their directions (cosine geometry, as the
+    audit compares images) on their first two principal components; all at the origin when
+    there are too few images, or the features do not vary, to have components."""
+    from sklearn.decomposition import PCA
+
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    if len(unit) <= 2 or not np.ptp(unit, axis=0).any():
+        return np.zeros((len(unit), 2))
+    return PCA(2, random_state=0).fit_transform(unit)
+
+
 def scatter(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
             titles: Sequence[str], marked: Sequence[int] = (), size: int = 560) -> str:
     """An inline SVG scatter of 2D points coloured by class, with a legend; each point's

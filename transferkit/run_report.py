@@ -158,10 +158,7 @@ def _evaluation(e: Evaluated) -> list[str]:
 
 
 def _map(features: np.ndarray, images: ImageSet) -> str:
-    from sklearn.decomposition import PCA
-
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
-    points = PCA(2, random_state=0).fit_transform(unit)
+    points = report.projected(features)
     titles = [f"{p.as_posix()} ({images.class_names[label]})"
               for p, label in zip(images.paths, images.labels, strict=True)]
     return report.section("Embedding map", report.scatter(points, images.labels,

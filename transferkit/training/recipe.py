@@ -243,9 +243,10 @@ def _combine(t: Training, probe_right: np.ndarray) -> None:
                     f"{combined.seconds:.1f} s): {correct} of {n} val images right, against "
                     f"the probe's {t.record.probe.val_correct}" + (
                         ", beyond noise." if won else ", within noise."))
-    with t.strategy.scope():
-        save_best(t.run_dir, build_combined(combined, t.record.image_size,
-                                            t.record.compute.precision), COMBINED)
+    if won:  # else the choice could never keep it: no model to build, save and score
+        with t.strategy.scope():
+            save_best(t.run_dir, build_combined(combined, t.record.image_size,
+                                                t.record.compute.precision), COMBINED)
     t.save(combined=CombinedRecord(bases=combined.bases, c=combined.probe.c,
                                    val_correct=correct, won=won,
                                    seconds=round(combined.seconds, 3)))
@@ -334,7 +335,8 @@ def _choose_model(t: Training, results: list[StageResult]
     ds = build_dataset(val.sources, None, t.record.image_size, t.batch)
     probabilities = {name: predict_batches(_candidate(t, name), ds, len(val), t.batch,
                                            t.reporter, f"Scoring the '{name}' model on val")
-                     for name in (PROBE, *([COMBINED] if t.record.combined else []),
+                     for name in (PROBE, *([COMBINED] if t.record.combined and
+                                           t.record.combined.won else []),
                                   *(r.name for r in results))}
     choice = choose({name: p.argmax(axis=1) == val.labels for name, p in probabilities.items()})
     if choice.comparisons:
