@@ -398,3 +398,14 @@ def test_label_smoothing_mixup_and_cutmix_train_on_one_hot_rows(image_folder, tm
         assert result.history and all(np.isfinite(r["loss"]) and 0 <= r["val_accuracy"] <= 1
                                       for r in result.history)
         assert load_run(tmp_path / name).model.output_shape == (None, 3)
+
+
+def test_a_run_whose_stages_are_skipped_runs_no_data_checks(image_folder, tmp_path):
+    from transferkit.runs.directory import read_record
+
+    config = FinetuneConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
+                            output=tmp_path / "run", weights="none", base="tiny",
+                            finetune_epochs=2)  # 3 val images: no room beside the probe
+    finetune(config)
+    record = read_record(tmp_path / "run")
+    assert record.stages == () and record.adaptation is None and record.plan is not None

@@ -231,7 +231,7 @@ def _combine(t: Training, probe_right: np.ndarray) -> None:
     base has offline siblings and --combine is on; `probe_right`: the val images the probe
     got right."""
     bases = combinable(t.record.base, t.config.weights) if t.config.combine else ()
-    if not bases or (t.config.patience and bar_to_clear(t, [])[1] > len(t.splits.val)):
+    if not bases or _no_room(t):
         return  # nothing to combine, or a probe no candidate could be kept over
     (x_train, _), (x_val, _) = t.frozen_features()
     combined = fit_combined(bases, t.config.data, t.record.image_size, t.splits,
@@ -252,6 +252,13 @@ def _combine(t: Training, probe_right: np.ndarray) -> None:
                                    seconds=round(combined.seconds, 3)))
 
 
+def _no_room(t: Training) -> bool:
+    """Whether the candidates so far leave no later one room to be kept (val all right, or
+    one short): then the stages are skipped, and nothing is prepared for them. --patience 0
+    turns this off, as it turns off every early end."""
+    return bool(t.config.patience) and bar_to_clear(t, [])[1] > len(t.splits.val)
+
+
 def _class_weights(config: FinetuneConfig, splits: DataSplits,
                    reporter: Reporter) -> dict[str, float] | None:
     """Balanced class weights by name when --class-weight asks or the classes differ."""
@@ -270,8 +277,9 @@ def _decide(t: Training) -> None:
     one place what transferkit decides is written."""
     config, found = t.config, None
     # the checks decide the fine-tuning depth and the flips of any stage that augments; a
-    # run of the probe alone needs neither
-    if config.adapt and (config.finetune_epochs or (config.epochs and config.augment.enabled)):
+    # run of the probe alone needs neither, nor a run whose stages will be skipped
+    if config.adapt and (config.finetune_epochs or (config.epochs and config.augment.enabled)
+                         ) and not _no_room(t):
         train = t.splits.train
         (x_train, _), _ = t.frozen_features()
         found = assess(train.sources, train.labels, x_train, t.record.probe.c,
