@@ -198,9 +198,10 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
             continue
         bar, needed = bar_to_clear(t, results)
         if t.config.patience and needed > n:  # --patience 0: no stage ends early, or is skipped
-            t.reporter.info(f"Stage '{stage.name}' and any after it skipped: {bar[0]} got "
-                            f"{bar[1]} of {n} val images right, and a later candidate is kept "
-                            f"only by more than noise, which takes at least {LEAST_WIN} more.")
+            t.reporter.info(f"Stage '{stage.name}' and any after it skipped: the '{bar[0]}' "
+                            f"model got {bar[1]} of {n} val images right, and a later "
+                            f"candidate is kept only by more than noise, which takes at least "
+                            f"{LEAST_WIN} more.")
             break
         result = _train_stage(t, stage, stop, needed)
         restore_best(t.model, t.run_dir, stage.name)  # the stage ends on its best epoch
@@ -210,8 +211,8 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
                             f"on course to be kept. Its best epoch got {best_correct(rows, n)} "
                             f"of {n} val images right and at its pace would reach about "
                             f"{projected_correct(rows, n, stage.last_epoch):.0f} by its last "
-                            f"epoch; beating {bar[0]}'s {bar[1]} by more than noise takes "
-                            f"at least {needed}.")
+                            f"epoch; beating the '{bar[0]}' model's {bar[1]} by more than "
+                            f"noise takes at least {needed}.")
         elif result.stopped_early:
             t.reporter.info(f"Stage '{stage.name}' stopped early: no {t.config.monitor} "
                             f"improvement for {t.config.patience} epochs.")
