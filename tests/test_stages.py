@@ -79,3 +79,29 @@ def test_every_optimizer_and_schedule_named_in_config_has_a_row():
     from transferkit.training.stages import SCHEDULES as RULES
 
     assert set(BUILDERS) == set(OPTIMIZERS) and set(RULES) == set(SCHEDULES)
+
+
+def test_an_ema_stage_validates_and_keeps_the_averaged_weights():
+    import keras
+
+    from transferkit.config import OptimizerConfig
+    from transferkit.reporting import NullReporter
+    from transferkit.training.stages import StagePlan, run_stage
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    plan = StagePlan("head", "a head", 0, 3, 0.5, ScheduleConfig(name="constant"))
+    history: list[dict] = []
+    run_stage(model, plan, (x, y), (x, y), NullReporter(), steps=4, history=history,
+              optimizer=OptimizerConfig(name="sgd", ema=0.9), batch_size=16)
+    averages = [v.numpy() for v in model.optimizer._model_variables_moving_average]
+    for weight, average in zip(model.get_weights(), averages, strict=True):
+        np.testing.assert_allclose(weight, average, rtol=1e-6)
+    # The last epoch's val loss was measured on these (averaged) weights, not the raw ones.
+    loss = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    assert history[-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
+    with pytest.raises(ConfigError, match="--ema"):
+        OptimizerConfig(ema=1.0)

@@ -275,12 +275,17 @@ class OptimizerConfig:
                        named_by_group=True)
     momentum: float = option(0.9, "Momentum (sgd, rmsprop).")
     nesterov: bool = option(True, "Nesterov momentum (sgd).")
+    ema: float = option(
+        0.0, "Keep an exponential moving average of the weights, each step M x average + "
+             "(1 - M) x weights, and validate and keep the average (Polyak averaging; about "
+             "0.9 for a few hundred steps, 0.99 for thousands; 0: off).", metavar="M")
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.name in OPTIMIZERS, f"Unknown optimizer '{self.name}'. Choose one of: "
                                         f"{', '.join(OPTIMIZERS)}.")
         _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1); got {self.momentum}.")
+        _check(0 <= self.ema < 1, f"--ema must be in [0, 1); got {self.ema}.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -46,10 +46,11 @@ def learning_rate_at(schedule: ScheduleConfig, base_lr: float, epoch: int, epoch
     return rule(base_lr, epoch - warmup, max(epochs - warmup, 1), rate, schedule.decay_epochs)
 
 
-OPTIMIZERS: dict[str, Callable[[OptimizerConfig, float], keras.optimizers.Optimizer]] = {
-    "adam": lambda c, lr: keras.optimizers.Adam(lr),
-    "sgd": lambda c, lr: keras.optimizers.SGD(lr, momentum=c.momentum, nesterov=c.nesterov),
-    "rmsprop": lambda c, lr: keras.optimizers.RMSprop(lr, momentum=c.momentum),
+OPTIMIZERS: dict[str, Callable[..., keras.optimizers.Optimizer]] = {
+    "adam": lambda c, lr, **ema: keras.optimizers.Adam(lr, **ema),
+    "sgd": lambda c, lr, **ema: keras.optimizers.SGD(lr, momentum=c.momentum,
+                                                     nesterov=c.nesterov, **ema),
+    "rmsprop": lambda c, lr, **ema: keras.optimizers.RMSprop(lr, momentum=c.momentum, **ema),
 }
 
 
@@ -60,7 +61,8 @@ def compile_model(model: keras.Model, optimizer: OptimizerConfig | keras.optimiz
     optimizer instance is reused as is. With `label_smoothing` (0 included) the labels are
     one-hot rows (smoothed, or mixed by MixUp/CutMix); without, class indices."""
     if isinstance(optimizer, OptimizerConfig):
-        optimizer = OPTIMIZERS[optimizer.name](optimizer, learning_rate)
+        ema = {"use_ema": True, "ema_momentum": optimizer.ema} if optimizer.ema else {}
+        optimizer = OPTIMIZERS[optimizer.name](optimizer, learning_rate, **ema)
     loss = ("sparse_categorical_crossentropy" if label_smoothing is None else
             keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing))
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit)
@@ -141,6 +143,10 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
     recorder = EpochReporter(reporter, plan.name, plan.last_epoch, steps, history)
     diverged = StopOnNonFinite(plan.name, plan.rate_option)
     train, validation, first = _for_replicas(train, validation, val_labels, batch_size)
+    if model.optimizer.use_ema:
+        # First, so that validation, the best-epoch bookkeeping and the checkpoints all see
+        # the averaged weights; fit leaves the average in the model at its end.
+        first.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     # A dataset arrives shuffled already; arrays are shuffled by fit.
     fit_args: dict[str, Any] = {"x": train, "validation_data": validation, "shuffle": False}
     if isinstance(train, tuple):
