@@ -75,7 +75,7 @@ LAYERS = [
     {"training.prepare", "training.stages", "training.probe", "training.adaptation",
      "training.combined",
      "training.choice", "training.plan", "training.loop", "callbacks", "model", "freezing",
-     "augment", "features", "inference", "plots", "devices", "calibration", "metrics",
+     "augment", "features", "inference", "plots", "devices", "calibration", "metrics", "novelty",
      "gradcam", "report"},
     {"data", "data.inspect", "data.folders", "data.pipeline", "runs", "runs.records",
      "runs.directory", "runs.checkpoints", "bases", "bases.efficientnet_lite",

@@ -608,6 +608,10 @@ class PredictConfig:
     threshold: float | None = option(
         None, "Label images whose top probability is below P 'unknown' (the best guess is "
               "kept in the output file).", metavar="P", panel=MODEL)
+    reject_unknown: bool = option(
+        False, "Label images whose novelty score is above the run's threshold 'unknown': "
+               "unlike every class it was trained on (val set the threshold so that 95 % of "
+               "known images pass).", flag="--reject-unknown", panel=MODEL)
 
     def __post_init__(self) -> None:
         _check_finite(self)

@@ -314,9 +314,13 @@ def render_prediction_summary(report: PredictionReport) -> None:
         stderr.print(f"Test-time augmentation ({report.tta.views} views per image) changed "
                      f"the top label of {report.tta.changed} of {read} image(s); "
                      f"probabilities moved by {report.tta.mean_shift:.3f} on average.")
-    if report.threshold is not None:
-        stderr.print(f"{report.unknown} image(s) scored below --threshold {report.threshold:g} "
-                     f"and are labelled unknown.")
+    if report.threshold is not None or report.novelty_threshold is not None:
+        why = " or ".join(
+            ([f"scored below --threshold {report.threshold:g}"] if report.threshold else [])
+            + ([f"had a novelty score above the run's threshold "
+                f"{report.novelty_threshold:.2f}"] if report.novelty_threshold is not None
+               else []))
+        stderr.print(f"{report.unknown} image(s) {why} and are labelled unknown.")
     if report.accuracy is not None:
         stderr.print(f"Accuracy {report.accuracy:.4f} on {report.labelled} images whose folder "
                      f"names a class" + (" (unknown counts as wrong)." if report.unknown else ".")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,16 +30,21 @@ def inference_step(model: keras.Model, input_spec: tf.TensorSpec) -> Callable:
 
 
 def predict_batches(model: keras.Model, ds: tf.data.Dataset, count: int, batch_size: int,
-                    reporter: Reporter, description: str) -> np.ndarray:
+                    reporter: Reporter, description: str) -> Any:
     """`model`'s float32 outputs for every batch of `ds` (`count` inputs in batches of
-    `batch_size`, for the progress bar), in order."""
+    `batch_size`, for the progress bar), in order: an array, or a list of arrays for a model
+    with several outputs."""
     step = inference_step(model, ds.element_spec)
+    several = isinstance(model.output, (list, tuple))
+    shapes = model.output_shape if several else [model.output_shape]
     reporter.start_progress(description, math.ceil(count / batch_size))
-    rows = []
+    rows: list[list[np.ndarray]] = [[] for _ in shapes]
     for batch in ds:
-        rows.append(np.asarray(step(batch), dtype=np.float32))
+        outputs = step(batch)
+        for row, output in zip(rows, outputs if several else [outputs], strict=True):
+            row.append(np.asarray(output, dtype=np.float32))
         reporter.advance()
     reporter.stop_progress()
-    if not rows:
-        return np.zeros((0, *model.output_shape[1:]), np.float32)
-    return np.concatenate(rows)
+    arrays = [np.concatenate(row) if row else np.zeros((0, *shape[1:]), np.float32)
+              for row, shape in zip(rows, shapes, strict=True)]
+    return arrays if several else arrays[0]

@@ -57,6 +57,19 @@ def find_base(extractor: keras.Model) -> keras.Model:
     return next(layer for layer in extractor.layers if isinstance(layer, keras.Model))
 
 
+def with_features(model: keras.Model) -> keras.Model:
+    """`model` (a classifier transferkit built) with two outputs: the pooled features its
+    head reads, and its probabilities; the same layers and weights, one pass."""
+    head = model.get_layer("head")
+    names = {layer.name for layer in model.layers}
+    if "features" in names:  # one base: re-call its features model on the input
+        features = model.get_layer("features")(model.inputs[0])
+    else:  # several bases side by side (training.combined): their concatenation
+        features = model.get_layer(COMBINED_FEATURES).output
+    return keras.Model(model.inputs, [features, head(features)], name="with_features")
+
+
+COMBINED_FEATURES = "combined_features"  # the layer joining several bases' features
 INITIALIZERS = {"he": "he_normal", "glorot": "glorot_uniform"}
 PREDICTIONS = "predictions"  # the head's softmax layer
 

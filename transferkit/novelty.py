@@ -18,6 +18,7 @@ MAX_BANK rows (a seeded subsample beyond), saved beside the model as novelty.npz
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +100,9 @@ def fit_novelty(train_features: np.ndarray, val_features: np.ndarray,
     return Novelty(probe.bank, k, centre, spread, threshold, accept, scores.astype(np.float32))
 
 
-def load_novelty(path: Path, feature_dim: int) -> Novelty | None:
-    """The run's novelty score, or None when the run has none (older runs, tiny val).
+def load_novelty(path: Path, feature_dim: int | None = None) -> Novelty | None:
+    """The run's novelty score, or None when the run has none (older runs, tiny val);
+    `feature_dim`, when given, is the width the model's features must have.
 
     Raises:
         ArtifactError: the file is damaged or does not fit the model.
@@ -111,11 +113,12 @@ def load_novelty(path: Path, feature_dim: int) -> Novelty | None:
         with np.load(path, allow_pickle=False) as f:
             values = {name: f[name] for name in ("bank", "k", "centre", "spread", "threshold",
                                                  "accept", "val_scores")}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
         raise ArtifactError(f"{path} is damaged ({e}). Train the run again, or delete the "
                             f"file to predict without novelty scores.") from e
     bank = values["bank"]
-    shapes_fit = (bank.ndim == 2 and bank.shape[1] == feature_dim and len(bank) >= 1
+    shapes_fit = (bank.ndim == 2 and bank.shape[1] == (feature_dim or bank.shape[1])
+                  and len(bank) >= 1
                   and values["centre"].shape == (2,) and values["spread"].shape == (2,)
                   and values["threshold"].shape == () and values["k"].shape == ()
                   and 1 <= int(values["k"]) <= 1000 and values["val_scores"].ndim == 1)

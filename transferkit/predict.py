@@ -18,11 +18,12 @@ from transferkit.config import STDOUT, PredictConfig
 from transferkit.data.folders import collect_images
 from transferkit.data.inspect import decode_source, inspect_images, open_inspection_cache
 from transferkit.data.pipeline import build_dataset
-from transferkit.errors import DataError
+from transferkit.errors import ConfigError, DataError
 from transferkit.files import check_new_output, json_text, write_text
 from transferkit.inference import predict_batches
+from transferkit.novelty import Novelty, load_novelty
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs.directory import load_run, seen_by_run
+from transferkit.runs.directory import NOVELTY_FILE, load_run, seen_by_run
 
 if TYPE_CHECKING:
     import keras
@@ -41,7 +42,8 @@ class Prediction:
     top_k: tuple[tuple[str, float], ...] = ()
     true_label: str | None = None  # the class named by the file's folder, if any
     error: str | None = None
-    unknown: bool = False  # the top probability is below the --threshold asked for
+    unknown: bool = False  # below --threshold, or (--reject-unknown) above the novelty threshold
+    novelty: float | None = None  # higher = less like any training class (runs that have it)
 
     @property
     def label(self) -> str | None:
@@ -59,6 +61,8 @@ class Prediction:
                "top_k": [{"label": n, "probability": p} for n, p in self.top_k]}
         if self.unknown:
             row["best_guess"] = self.top_k[0][0]
+        if self.novelty is not None:
+            row["novelty"] = self.novelty
         return row
 
 
@@ -78,10 +82,11 @@ class PredictionReport:
     accuracy: float | None  # over files whose folder names a class (unknown counts as wrong)
     labelled: int
     ignored: int  # non-image files found in folders
-    unknown: int = 0  # predictions below the threshold
+    unknown: int = 0  # predictions below the threshold, or too novel with --reject-unknown
     threshold: float | None = None
     tta: TTAEffect | None = None
     seen: int = 0  # labelled images the run trained on or chose with: not held out
+    novelty_threshold: float | None = None  # the run's, when --reject-unknown
 
     @property
     def predicted(self) -> int:
@@ -90,8 +95,9 @@ class PredictionReport:
 
 
 def _predict_views(model: keras.Model, sources: list[str], image_size: int, batch_size: int,
-                   reporter: Reporter, tta: bool) -> np.ndarray:
-    """Class probabilities per image: of the plain view, or averaged over the ten crops."""
+                   reporter: Reporter, tta: bool) -> Any:
+    """Class probabilities per image, of the plain view or averaged over the ten crops; for
+    a model with features as well (model.with_features), [features, probabilities]."""
     if tta:
         batch_size = max(1, batch_size // TTA_VIEWS)  # each image becomes TTA_VIEWS inputs
         ds = build_dataset(sources, None, tta_load_size(image_size), batch_size,
@@ -99,10 +105,52 @@ def _predict_views(model: keras.Model, sources: list[str], image_size: int, batc
     else:
         ds = build_dataset(sources, None, image_size, batch_size)
     label = f"Predicting ({TTA_VIEWS} views each)" if tta else "Predicting"
-    probabilities = predict_batches(model, ds, len(sources), batch_size, reporter, label)
-    if tta:
-        probabilities = probabilities.reshape(len(sources), TTA_VIEWS, -1).mean(axis=1)
-    return probabilities
+    outputs = predict_batches(model, ds, len(sources), batch_size, reporter, label)
+    if not tta:
+        return outputs
+    views = [a.reshape(len(sources), TTA_VIEWS, -1).mean(axis=1)
+             for a in (outputs if isinstance(outputs, list) else [outputs])]
+    return views if isinstance(outputs, list) else views[0]
+
+
+def _novelty(run: Any, reject: bool) -> tuple[keras.Model, Novelty | None]:
+    """The model to run (with its features too, when the run has a novelty score) and the
+    score; --reject-unknown on a run without one is an error."""
+    from transferkit.model import with_features
+
+    path = run.path / NOVELTY_FILE
+    if not path.exists():
+        if reject:
+            raise ConfigError(
+                f"--reject-unknown needs the run's novelty score, and {run.path} has none "
+                f"({NOVELTY_FILE}: finetune writes it when val holds 2 images or more; cv, "
+                f"extract and runs from before it do not). Train the run again with "
+                f"finetune, or use --threshold P for a cut on the top probability.")
+        return run.model, None
+    both = with_features(run.model)
+    return both, load_novelty(path, both.output_shape[0][-1])
+
+
+def _answers(model: keras.Model, novelty: Novelty | None, sources: list[str], run: Any,
+             config: PredictConfig, reporter: Reporter
+             ) -> tuple[np.ndarray, np.ndarray, TTAEffect | None]:
+    """Probabilities (of the plain view, or averaged with --tta), novelty scores (none
+    without a score) and what --tta changed, for every source."""
+    if not sources:
+        return np.zeros((0, len(run.class_names)), np.float32), np.zeros(0), None
+    views = [_predict_views(model, sources, run.image_size, config.batch_size, reporter, tta)
+             for tta in ((False, True) if config.tta else (False,))]
+    scores = np.zeros(0)
+    if novelty is not None:
+        features, probabilities = views[-1]
+        scores = novelty.score(features, probabilities)
+        views = [probs for _, probs in views]
+    probabilities, effect = views[-1], None
+    if config.tta:
+        plain = views[0]
+        effect = TTAEffect(TTA_VIEWS, int((plain.argmax(1) != probabilities.argmax(1)).sum()),
+                           float(np.abs(plain - probabilities).mean()))
+    return probabilities, scores, effect
 
 
 def predict(config: PredictConfig, reporter: Reporter | None = None) -> PredictionReport:
@@ -122,20 +170,12 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
     with open_inspection_cache() as cache:
         infos = inspect_images(files, reporter, cache)
     readable = [info for info in infos if info.usable]
-    probabilities = np.zeros((0, len(run.class_names)), np.float32)
-    effect = None
-    if readable:
-        sources = [decode_source(i) for i in readable]
-        probabilities = _predict_views(run.model, sources, run.image_size, config.batch_size,
-                                       reporter, tta=False)
-        if config.tta:
-            plain = probabilities
-            probabilities = _predict_views(run.model, sources, run.image_size,
-                                           config.batch_size, reporter, tta=True)
-            effect = TTAEffect(TTA_VIEWS, int((plain.argmax(1) != probabilities.argmax(1)).sum()),
-                               float(np.abs(plain - probabilities).mean()))
+    model, novelty = _novelty(run, config.reject_unknown)
+    probabilities, scores, effect = _answers(model, novelty, [decode_source(i) for i in readable],
+                                             run, config, reporter)
     k = min(config.top_k, len(run.class_names))
     by_file = dict(zip((i.path for i in readable), probabilities, strict=True))
+    novel = dict(zip((i.path for i in readable), scores, strict=False))
     predictions = []
     for info in infos:
         f = info.path
@@ -148,10 +188,12 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
             predictions.append(Prediction(f, true_label=true_label, error=NON_FINITE))
             continue
         order = np.argsort(-p, kind="stable")[:k]
-        unknown = config.threshold is not None and float(p[order[0]]) < config.threshold
+        score = float(novel[f]) if f in novel else None
+        unknown = (config.threshold is not None and float(p[order[0]]) < config.threshold) or \
+            (config.reject_unknown and score is not None and score > novelty.threshold)
         predictions.append(Prediction(
             f, tuple((run.class_names[i], float(p[i])) for i in order), true_label,
-            unknown=unknown))
+            unknown=unknown, novelty=score))
     scored = [p for p in predictions if p.true_label is not None and p.error is None]
     accuracy = (float(np.mean([p.label == p.true_label for p in scored])) if scored else None)
     hashes = {i.path: i.sha256 for i in readable}
@@ -159,11 +201,12 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
                        reporter) if scored else 0
     return PredictionReport(tuple(predictions), run.class_names, accuracy, len(scored),
                             len(ignored), sum(p.unknown for p in predictions), config.threshold,
-                            effect, seen)
+                            effect, seen, novelty_threshold=novelty.threshold
+                            if config.reject_unknown and novelty else None)
 
 
 PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")
-OPTIONAL_PREDICTION_FIELDS = ("best_guess",)  # written only by --threshold
+OPTIONAL_PREDICTION_FIELDS = ("best_guess", "novelty")  # --threshold; a run's novelty score
 
 
 def _json_path(row: dict[str, Any]) -> dict[str, Any]:

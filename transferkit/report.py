@@ -125,6 +125,32 @@ def projected(features: np.ndarray) -> np.ndarray:
     return PCA(2, random_state=0).fit_transform(unit)
 
 
+def histogram(values: np.ndarray, marker: float, marker_label: str, bins: int = 30,
+              width: int = 560, height: int = 160) -> str:
+    """An inline SVG histogram of `values` with a vertical line at `marker`."""
+    low = float(min(values.min(), marker))
+    high = float(max(values.max(), marker))
+    counts, edges = np.histogram(values, bins=bins, range=(low, high if high > low else low + 1))
+    pad, top = 12, max(int(counts.max()), 1)
+
+    def x(v: float) -> float:
+        return pad + (v - edges[0]) / (edges[-1] - edges[0]) * (width - 2 * pad)
+
+    bars = "".join(
+        f"<rect x=\"{x(a):.1f}\" y=\"{height - pad - c / top * (height - 2 * pad):.1f}\" "
+        f"width=\"{max(x(b) - x(a) - 1, 1):.1f}\" height=\"{c / top * (height - 2 * pad):.1f}\" "
+        f"fill=\"{PALETTE[0]}\"><title>{a:.2f} to {b:.2f}: {c}</title></rect>"
+        for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True))
+    line = (f"<line x1=\"{x(marker):.1f}\" x2=\"{x(marker):.1f}\" y1=\"{pad}\" "
+            f"y2=\"{height - pad}\" stroke=\"#b00020\" stroke-width=\"2\">"
+            f"<title>{esc(marker_label)}</title></line>")
+    return (f"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" "
+            f"viewBox=\"0 0 {width} {height}\" role=\"img\" aria-label=\"histogram\" "
+            f"style=\"border:1px solid #ddd;background:#fff\">{bars}{line}</svg>"
+            f"<div style=\"font-size:.85rem\">{edges[0]:.2f} to {edges[-1]:.2f}; red line: "
+            f"{esc(marker_label)}</div>")
+
+
 def scatter(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
             titles: Sequence[str], marked: Sequence[int] = (), size: int = 560) -> str:
     """An inline SVG scatter of 2D points coloured by class, with a legend; each point's

@@ -14,7 +14,8 @@ import numpy as np
 from transferkit import report
 from transferkit.files import write_text
 from transferkit.gradcam import gradcam, has_feature_map
-from transferkit.runs.directory import CURVES_FILE, REPORT_FILE
+from transferkit.novelty import load_novelty
+from transferkit.runs.directory import CURVES_FILE, NOVELTY_FILE, REPORT_FILE
 from transferkit.runs.records import RunRecord
 
 if TYPE_CHECKING:
@@ -50,6 +51,16 @@ def write_run_report(run_dir: Path, record: RunRecord, evaluated: Sequence[Evalu
         sections.append(report.section("Curves", curves))
     if features is not None and len(features[0]) > 2:
         sections.append(_map(*features))
+    novelty = load_novelty(run_dir / NOVELTY_FILE) if record.novelty is not None else None
+    if novelty is not None:
+        sections.append(report.section(
+            "Novelty", report.histogram(novelty.val_scores, novelty.threshold,
+                                        f"threshold {novelty.threshold:.2f}"),
+            note=f"Novelty scores of the {len(novelty.val_scores)} val images (known classes, "
+                 f"not in the bank of {len(novelty.bank)} train images it compares with). "
+                 f"`predict` gives every image this score; above the threshold, where val "
+                 f"set it so that {novelty.accept:.0%} of known images fall below, "
+                 f"`predict --reject-unknown` labels it unknown."))
     page = report.page(f"transferkit run: {run_dir.name}",
                        f"{record.command} of {record.data_dir}, {record.base} at "
                        f"{record.image_size} px; status {record.status}; updated "

@@ -65,9 +65,10 @@ HEAD_STATE = "head_state.npz"  # per-epoch checkpoint of a head trained on cache
 FOLDS_DIR = "folds"  # cv: one complete finetune run per fold
 OOF_FILE = "oof.csv"  # cv: every image's out-of-fold prediction
 REPORT_FILE = "report.html"  # the run's self-contained page (run_report.py); audit's too
+NOVELTY_FILE = "novelty.npz"  # the kept model's "none of these" score (novelty.py)
 RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
              CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR, FOLDS_DIR, OOF_FILE,
-             REPORT_FILE)
+             REPORT_FILE, NOVELTY_FILE)
 HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
                    "learning_rate", "seconds")
 

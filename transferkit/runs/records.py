@@ -184,6 +184,20 @@ class Refit:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NoveltyRecord:
+    """The "none of these" score fitted for the kept model (novelty.py; RUN/novelty.npz):
+    `predict` gives every image a novelty score, and above `threshold` calls it unknown with
+    --reject-unknown; val set the threshold so that `accept` of its images fall below it."""
+
+    k: int
+    threshold: float
+    accept: float
+    bank: int  # training images whose features the score compares with
+    val_images: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class CrossValidation:
     """A cv run: stratified K-fold cross-validation of the recipe. Each fold chose its
     epochs and candidates on an inner val split of its training folds, so every fold's
@@ -284,6 +298,7 @@ class RunRecord:
     choice: Choice | None = None
     calibration: Calibration | None = None
     refit: Refit | None = None
+    novelty: NoveltyRecord | None = None
     cross_validation: CrossValidation | None = None
     stopped: Stopped | None = None
     failure: str | None = None  # why a failed run stopped

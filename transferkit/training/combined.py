@@ -24,7 +24,7 @@ from transferkit.config import DataConfig
 from transferkit.data.folders import DataSplits
 from transferkit.devices import precision_policy
 from transferkit.features import base_features
-from transferkit.model import PREDICTIONS, build_feature_extractor, build_head
+from transferkit.model import COMBINED_FEATURES, PREDICTIONS, build_feature_extractor, build_head
 from transferkit.reporting import Reporter
 from transferkit.training.probe import LinearProbe, fit_probe
 
@@ -84,7 +84,7 @@ def build_combined(combined: CombinedProbe, image_size: int, precision: str) -> 
             extractor = build_feature_extractor(build_base(spec, image_size, "imagenet"),
                                                 spec.preprocessing, name=f"features_{name}")
             branches.append(extractor(inputs))
-        features = keras.layers.Concatenate(name="combined_features")(branches)
+        features = keras.layers.Concatenate(name=COMBINED_FEATURES)(branches)
         kernel, bias = combined.probe.kernel, combined.probe.bias
         head = build_head(*kernel.shape)
         head.get_layer(PREDICTIONS).set_weights([kernel, bias])

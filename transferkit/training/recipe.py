@@ -36,7 +36,8 @@ from transferkit.errors import ArtifactError, TrainingDiverged
 from transferkit.files import save_figure
 from transferkit.inference import predict_batches
 from transferkit.metrics import classification_metrics
-from transferkit.model import PREDICTIONS, build_classifier, build_head
+from transferkit.model import PREDICTIONS, build_classifier, build_head, with_features
+from transferkit.novelty import fit_novelty
 from transferkit.plots import plot_curves, plot_lr_find
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
@@ -44,6 +45,7 @@ from transferkit.runs.checkpoints import best_checkpoint, restore_best, save_bes
 from transferkit.runs.directory import (
     CURVES_FILE,
     LR_FIND_FILE,
+    NOVELTY_FILE,
     REPORT_FILE,
     clear_run,
     load_keras_file,
@@ -60,6 +62,7 @@ from transferkit.runs.records import (
     Choice,
     CombinedRecord,
     Compute,
+    NoveltyRecord,
     ProbeRecord,
     Refit,
     RunRecord,
@@ -304,6 +307,7 @@ def _train_and_keep(t: Training) -> FinetuneResult:
         model, choice, val = _choose_model(t, results)
         refit = _refit(t, model, choice.kept) if t.config.refit else None
         calibration, scores, test = _calibrate_and_score(t, model, choice, val)
+        novelty = _novelty(t, model, choice.kept, scale(val, calibration.temperature))
         final = next((r for r in results if r.name == choice.kept), None)
         if t.history:
             save_figure(t.run_dir / CURVES_FILE, plot_curves(
@@ -314,7 +318,7 @@ def _train_and_keep(t: Training) -> FinetuneResult:
                    "val_loss": log_loss(calibrated, t.splits.val.labels)}
         t.record = save_run(t.run_dir, model, t.record.replace(
             stages=tuple(results), kept_stage=choice.kept, metrics=metrics, scores=scores,
-            choice=choice, calibration=calibration, refit=refit), t.history)
+            choice=choice, calibration=calibration, refit=refit, novelty=novelty), t.history)
     _report(t, model, calibrated, test)
     t.reporter.info(f"Saved the run to '{t.run_dir}'.")
     if stop.signum is not None:
@@ -399,6 +403,31 @@ def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: n
     if not skipped:
         t.reporter.info(f"Calibration: {calibration.describe()}.")
     return calibration, tuple(scores), test
+
+
+def _novelty(t: Training, model: keras.Model, kept: str, val: np.ndarray
+             ) -> NoveltyRecord | None:
+    """Fits the kept model's "none of these" score (novelty.py) on train's features and
+    val's, and writes RUN/novelty.npz. The probe's features are the cached frozen ones; any
+    other model's come from one pass of it over train and val."""
+    started = time.perf_counter()
+    if kept == PROBE:  # the frozen base: its head reads the cached features
+        (x_train, _), (x_val, _) = t.frozen_features()
+    else:
+        both = with_features(model)
+        x_train, x_val = (predict_batches(both, build_dataset(
+            images.sources, None, t.record.image_size, t.batch), len(images), t.batch,
+            t.reporter, f"Features of {name} for the novelty score")[0]
+            for name, images in (("train", t.splits.train), ("val", t.splits.val)))
+    novelty = fit_novelty(x_train, x_val, val, seed=t.config.data.seed)
+    if novelty is None:
+        t.reporter.info("No novelty score: val has too few images to set its threshold.")
+        return None
+    novelty.save(t.run_dir / NOVELTY_FILE)
+    return NoveltyRecord(k=novelty.k, threshold=round(novelty.threshold, 4),
+                         accept=novelty.accept, bank=len(novelty.bank),
+                         val_images=len(x_val),
+                         seconds=round(time.perf_counter() - started, 3))
 
 
 def _temperature(val: np.ndarray, labels: np.ndarray, reporter: Reporter) -> tuple[float, str]:
