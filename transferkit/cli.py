@@ -28,6 +28,7 @@ from transferkit.config import (
     FinetuneConfig,
     PredictConfig,
     PreviewConfig,
+    SelectConfig,
 )
 from transferkit.errors import ConfigError, TransferkitError
 from transferkit.options import Settings, configured
@@ -212,6 +213,21 @@ def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
         from transferkit.console import RichReporter, render_audit
 
         render_audit(run_audit(config, RichReporter()))
+
+
+@app.command()
+@configured(SelectConfig)
+def select(settings: Settings = None) -> None:  # type: ignore[assignment]
+    """Pick which images of an unlabelled --pool folder to label next (uncertain to a probe
+    on the labelled data, and spread over the pool); write them to picks.csv, best first."""
+    with _user_errors():
+        config = settings.build()
+        _check_data(config.data, config.base)
+        _load()
+        from transferkit.console import RichReporter, render_selection
+        from transferkit.selection import select as run_select
+
+        render_selection(run_select(config, RichReporter()))
 
 
 @app.command()

@@ -445,6 +445,30 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SelectConfig:
+    """`transferkit select`: which images of an unlabelled pool to label next."""
+
+    data: DataConfig = group(panel=DATA)
+    pool: Path = option(help="Folder of unlabelled images (any depth of sub-folders).",
+                        panel=DATA)
+    n: int = option(20, "How many images to pick.", short="-n", panel=OUTPUT)
+    output: Path = option(Path("picks.csv"), "CSV file of the picks: path,score,reason, best "
+                                             "first.", short="-o", panel=OUTPUT)
+    html: bool = option(False, "Also write the picks with thumbnails and reasons as an HTML "
+                               "page beside the CSV (same name, .html).", flag="--html",
+                        panel=OUTPUT)
+    base: str = option(DEFAULT_BASE, "Pretrained convolutional base.", choices="bases",
+                       panel=MODEL)
+    weights: str = option("imagenet", WEIGHTS_HELP, panel=MODEL)
+    cache: bool = option(True, CACHE_HELP, panel=DATA)
+    overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(self.n >= 1, f"-n must be at least 1; got {self.n}.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DoctorConfig:
     """`transferkit doctor`: decode every file of a data folder, as training would."""
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from transferkit.predict import PredictionReport
     from transferkit.ranking import Ranking
     from transferkit.runs.records import Choice, Score, StageResult
+    from transferkit.selection import Selection
     from transferkit.training.checks import OverfitResult
     from transferkit.training.recipe import FinetuneResult
 
@@ -186,6 +187,23 @@ def render_audit(result: AuditResult) -> None:
         stdout.print(escape(f"  leak: {pair.paths[0]} ({pair.splits[0]}) ~ {pair.paths[1]} "
                             f"({pair.splits[1]}), similarity {pair.similarity:.3f}"))
     stdout.print(f"Wrote audit.json and report.html to {escape(str(result.output))}")
+
+
+def render_selection(result: Selection) -> None:
+    """The picks, best first, and what was left out of the pool and why."""
+    table = Table(title=f"Label these {len(result.picks)} next (best first)",
+                  box=box.SIMPLE_HEAD, collapse_padding=True)
+    for name in ("path", "uncertainty", "why"):
+        table.add_column(name, justify="right" if name == "uncertainty" else "left",
+                         overflow="fold")
+    for pick in result.picks[:20]:
+        table.add_row(escape(str(pick.path)), f"{pick.score:.3f}", escape(pick.reason))
+    stdout.print(table)
+    stdout.print(f"From {result.pool} pool images in {result.seconds:.1f} s; left out "
+                 f"{result.labelled_copies} already labelled (same content or near-copies) "
+                 f"and {result.outliers} far from every class (likely junk).")
+    written = str(result.output) + (f" and {result.html}" if result.html else "")
+    stdout.print(f"Wrote {escape(written)}")
 
 
 def render_cv(result: CVResult) -> None:
