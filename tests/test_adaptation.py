@@ -125,6 +125,23 @@ def test_going_deep_tunes_every_block_faster_after_a_warm_up_unless_told_otherwi
     assert config.augment.horizontal_flip is None  # nothing written back
 
 
+def test_going_deep_learns_for_longer_unless_the_epochs_were_given():
+    from transferkit.training.plan import DEEP_FINETUNE_EPOCHS, FINETUNE_EPOCHS, plan_stages
+
+    config = FinetuneConfig(data=DataConfig(data_dir=Path("d")), output=None)
+    deep = build_plan(config, LITE0, found=_found(deep=True, mirror=False))
+    shallow = build_plan(config, LITE0, found=_found(deep=False, mirror=False))
+    assert (deep.finetune_epochs, shallow.finetune_epochs) == (DEEP_FINETUNE_EPOCHS,
+                                                               FINETUNE_EPOCHS)
+    assert plan_stages(config, deep, LITE0)[-1].epochs == DEEP_FINETUNE_EPOCHS
+    given = dataclasses.replace(config, finetune_epochs=7)
+    assert build_plan(given, LITE0, found=_found(True, False)).finetune_epochs == 7
+    none = build_plan(dataclasses.replace(config, finetune_epochs=0), LITE0,
+                      found=_found(True, False))
+    assert none.unfreeze_blocks == 0 and plan_stages(config, none, LITE0) == []
+    assert config.finetune_epochs is None  # nothing written back
+
+
 def test_flip_flags_the_user_gave_stand_over_the_mirror_check():
     config = FinetuneConfig(data=DataConfig(data_dir=Path("d")), output=None)
     flips = dataclasses.replace(config, augment=AugmentConfig(horizontal_flip=True))

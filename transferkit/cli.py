@@ -114,7 +114,7 @@ def _check_recipe(config: FinetuneConfig) -> None:
     from transferkit.runs.directory import check_run_output
 
     _check_data(config.data, config.base,
-                config.unfreeze_blocks if config.finetune_epochs else None)
+                config.unfreeze_blocks if config.tunes else None)
     if config.output is not None:
         check_run_output(config.output, config.overwrite, config.data.data_dir)
 

@@ -308,8 +308,10 @@ class FinetuneConfig:
                             "weights (0: skip).", flag="--head-epochs", panel=TRAIN,
                          alias="--epochs")
     learning_rate: float = option(1e-3, "Head stage learning rate.", panel=OPTIMISE)
-    finetune_epochs: int = option(10, "Most epochs with the top blocks unfrozen (0: skip).",
-                                  panel=TRAIN)
+    finetune_epochs: int | None = option(
+        None, "Most epochs with the top blocks unfrozen (0: skip). Default: 10, or 20 when the "
+              "data checks find the data unlike the base's pretraining (every block is then "
+              "tuned, and learns for longer).", panel=TRAIN)
     finetune_lr: float | None = option(
         None, "Fine-tuning learning rate. Default: a tenth of --learning-rate, so pretrained "
               "features survive.", panel=OPTIMISE)
@@ -372,10 +374,15 @@ class FinetuneConfig:
     compute: ComputeConfig = group(ComputeConfig, panel=HARDWARE, advanced=True)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
+    @property
+    def tunes(self) -> bool:
+        """Whether the recipe has a fine-tuning stage (--finetune-epochs not 0)."""
+        return self.finetune_epochs != 0
+
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.epochs >= 0, f"--head-epochs must be 0 or more; got {self.epochs}.")
-        _check(self.finetune_epochs >= 0,
+        _check(self.finetune_epochs is None or self.finetune_epochs >= 0,
                f"--finetune-epochs must be 0 or more; got {self.finetune_epochs}.")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
         _check(self.finetune_lr is None or self.finetune_lr > 0,
@@ -387,7 +394,7 @@ class FinetuneConfig:
         _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
         _check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
         _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
-        _check(not (self.dense_units and self.finetune_epochs and not self.epochs),
+        _check(not (self.dense_units and self.tunes and not self.epochs),
                f"--dense-units {self.dense_units} adds a hidden layer that the linear probe "
                f"cannot initialise, so it must be trained before fine-tuning: pass "
                f"--head-epochs N (e.g. --head-epochs 20).")

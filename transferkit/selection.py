@@ -11,7 +11,7 @@ From the frozen-base features (cached) of the labelled data and of the pool:
    most uncertain image is picked, skipping near-copies of earlier picks: uncertain, but
    spread over the pool (Citovsky et al. 2021's cluster-margin, with one cluster per label).
 
-bench/select.py measured it against random picks, the margin alone and Typiclust, in rounds
+bench/selection.py measured it against random picks, the margin alone and Typiclust, in rounds
 of labelling on digits_full and tuxpaint10 (bench/README.md). Nothing in DATA or POOL is ever
 moved or written.
 """

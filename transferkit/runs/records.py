@@ -262,6 +262,7 @@ class Plan:
 
     learning_rate: float  # the head stage's (lr-find's suggestion with --lr-find)
     unfreeze_blocks: int  # fine-tuned from the top (0: no fine-tuning stage)
+    finetune_epochs: int | None = None  # the most (None in runs before it: the config's)
     finetune_lr: float
     schedule: ScheduleConfig
     finetune_schedule: ScheduleConfig

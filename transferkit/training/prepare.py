@@ -69,7 +69,7 @@ def prepare(config: FinetuneConfig, spec: BaseSpec, reporter: Reporter,
     and builds the classifier (seeded) under the precision policy and inside the
     distribution strategy."""
     image_size = resolve_image_size(spec, config.data.image_size)
-    if config.finetune_epochs:
+    if config.tunes:
         spec.check_block_count(config.unfreeze_blocks, "--unfreeze-blocks")
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise MissingPackageError(

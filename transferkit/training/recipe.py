@@ -281,7 +281,7 @@ def _decide(t: Training) -> None:
     config, found = t.config, None
     # the checks decide the fine-tuning depth and the flips of any stage that augments; a
     # run of the probe alone needs neither, nor a run whose stages will be skipped
-    if config.adapt and (config.finetune_epochs or (config.epochs and config.augment.enabled)
+    if config.adapt and (config.tunes or (config.epochs and config.augment.enabled)
                          ) and not _no_room(t):
         train = t.splits.train
         (x_train, _), _ = t.frozen_features()

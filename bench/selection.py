@@ -9,7 +9,7 @@ on the set's test split. Reported: the test accuracy after each round (mean over
 the labels each side needed to reach 95 % of the accuracy with every label.
 
     python ../shared/bench/make_datasets.py --out /tmp/tk-data tuxpaint10 digits_full
-    python bench/select.py --sets digits_full tuxpaint10 --seeds 0 1 2 3 4
+    python bench/selection.py --sets digits_full tuxpaint10 --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
