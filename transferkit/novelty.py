@@ -8,8 +8,8 @@ neighbors"), next to the calibrated top probability. Each part is put on the sca
 images (standardised by its mean and spread on val, whose images the bank does not hold), and
 the score is their weighted mean, the distance counting twice: about 0 for a typical known
 image, growing with strangeness. (bench/novelty.py: with classes held out as unknown, the
-distance alone beat the top probability on every set, and the 2:1 mean beat both but on
-photos, where the distance alone was best; an equal mean lost to the distance alone there.)
+2:1 mean beat the top probability on all four sets and the distance alone on three; on
+photos the distance alone was best, and an equal mean lost more to it there.)
 
 The threshold is set on val for a stated acceptance rate (0.95: 95 % of known images score
 below it). The bank is the train split's features, L2-normalised, float16, at most
