@@ -4,9 +4,10 @@ simulated rounds of labelling (the sets' true labels stand in for a person).
 For each set and seed: start from a few labelled images per class (drawn from train + val),
 put every other train + val image in the pool, and run rounds: pick N pool images (select's
 `choose` on the cached Lite0 features, or uniformly at random), label them, and score a
-logistic-regression probe on everything labelled so far (C = 1, on L2-normalised features)
-on the set's test split. Reported: the test accuracy after each round (mean over seeds), and
-the labels each side needed to reach 95 % of the accuracy with every label.
+logistic-regression probe on everything labelled so far (C = 1 on the pooled features, one
+C for every round so that only the labels differ) on the set's test split. Reported: the
+test accuracy after each round (mean over seeds), and the labels each side needed to reach
+95 % of the accuracy with every label.
 
     python ../shared/bench/make_datasets.py --out /tmp/tk-data tuxpaint10 digits_full
     python bench/selection.py --sets digits_full tuxpaint10 --seeds 0 1 2 3 4
@@ -37,9 +38,8 @@ def simulate(data: Path, seeds: list[int], start: int, n: int, rounds: int) -> d
     config = DataConfig(data_dir=data)
     splits = load_splits(data, config.val_split, config.seed)
     labelled_set = splits.train.join(splits.val)
-    unit = (lambda a: a / np.linalg.norm(a, axis=1, keepdims=True))  # noqa: E731
-    x = unit(base_features(BASE, "imagenet", config, labelled_set, NullReporter()))
-    x_test = unit(base_features(BASE, "imagenet", config, splits.test, NullReporter()))
+    x = base_features(BASE, "imagenet", config, labelled_set, NullReporter())
+    x_test = base_features(BASE, "imagenet", config, splits.test, NullReporter())
     y, y_test, k = labelled_set.labels, splits.test.labels, len(splits.class_names)
 
     def accuracy(rows: np.ndarray) -> float:

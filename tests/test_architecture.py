@@ -73,7 +73,7 @@ LAYERS = [
     {"training.recipe", "cv", "audit", "ranking", "extract", "predict", "evaluate", "export",
      "doctor", "legacy", "training.checks", "run_report", "selection"},
     {"training.prepare", "training.stages", "training.probe", "training.adaptation",
-     "training.combined",
+     "training.combined", "training.pseudo",
      "training.choice", "training.plan", "training.loop", "callbacks", "model", "freezing",
      "augment", "features", "inference", "plots", "devices", "calibration", "metrics", "novelty",
      "gradcam", "report"},

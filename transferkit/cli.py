@@ -115,6 +115,8 @@ def _check_recipe(config: FinetuneConfig) -> None:
 
     _check_data(config.data, config.base,
                 config.unfreeze_blocks if config.tunes else None)
+    if config.unlabeled is not None and not config.unlabeled.is_dir():
+        raise ConfigError(f"--unlabeled '{config.unlabeled}' is not a folder of images.")
     if config.output is not None:
         check_run_output(config.output, config.overwrite, config.data.data_dir)
 

@@ -318,6 +318,11 @@ class FinetuneConfig:
     unfreeze_blocks: int | None = option(
         None, "How many blocks to fine-tune, from the top. Default: 2, or every block when "
               "the data checks find the data unlike the base's pretraining.", panel=TRAIN)
+    unlabeled: Path | None = option(
+        None, "Folder of unlabelled images (any depth of sub-folders). The probe also learns "
+              "from the ones it is surest of, class by class (self-training; images unlike "
+              "every class are left out): a candidate kept only when it beats the probe on "
+              "val by more than noise.", metavar="POOL", panel=DATA)
     combine: bool = option(
         True, "Also try one linear probe on the features of every offline EfficientNet-Lite "
               "side by side (a candidate like the others, kept only when it wins on val by "

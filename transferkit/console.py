@@ -143,6 +143,8 @@ KEPT = {"probe": " (the linear probe: a logistic regression on the frozen base's
                  "fitted first; no later candidate beat it by more than noise on val)",
         "combined": " (one linear probe on several bases' frozen features side by side; it "
                     "beat the single probe by more than noise on val, and nothing after it did)",
+        "self-trained": " (the linear probe fitted again with the unlabelled pool's surest "
+                        "answers; it beat the probe by more than noise on val)",
         "head": " (the head trained further on the frozen base)",
         "finetune": " (the top blocks fine-tuned)"}
 

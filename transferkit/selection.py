@@ -29,9 +29,8 @@ import numpy as np
 
 from transferkit import report
 from transferkit.config import SelectConfig
-from transferkit.data.folders import ImageSet, collect_images, load_splits
-from transferkit.data.inspect import decode_source, inspect_images, open_inspection_cache
-from transferkit.errors import ConfigError, DataError
+from transferkit.data.folders import ImageSet, load_splits, read_pool
+from transferkit.errors import DataError
 from transferkit.features import base_features
 from transferkit.files import check_new_output, write_text
 from transferkit.reporting import NullReporter, Reporter
@@ -129,34 +128,6 @@ def choose(labelled: np.ndarray, labels: np.ndarray, num_classes: int, pool: np.
     return order, uncertainty[order], probabilities[order], sizes, left_out
 
 
-def _pool_images(config: SelectConfig, class_names: tuple[str, ...], reporter: Reporter
-                 ) -> tuple[ImageSet, list[tuple[Path, str]]]:
-    """The pool's readable images (any depth of folders), and the unreadable ones with why."""
-    if not config.pool.is_dir():
-        raise DataError(f"The pool '{config.pool}' is not a folder. Pass the folder of "
-                        f"unlabelled images (sub-folders are searched too).")
-    pool, data = config.pool.resolve(), config.data.data_dir.resolve()
-    if pool == data or data in pool.parents or pool in data.parents:
-        raise ConfigError(f"The pool '{config.pool}' and the data folder '{config.data.data_dir}' "
-                          f"overlap: images would be both labelled and unlabelled. Pass a pool "
-                          f"folder outside the data folder, and the data folder outside it.")
-    files, _ = collect_images([config.pool])
-    with open_inspection_cache() as cache:
-        infos = inspect_images(files, reporter, cache)
-    readable = [i for i in infos if i.usable]
-    unreadable = [(i.path, i.problem or "") for i in infos if not i.usable]
-    if unreadable:
-        reporter.warning(f"Skipped {len(unreadable)} unreadable file(s) in the pool, e.g. "
-                         f"{unreadable[0][0]}: {unreadable[0][1]}.")
-    if not readable:
-        raise DataError(f"The pool '{config.pool}' holds no readable images (found "
-                        f"{len(files)} image file(s)). Pass a folder of .jpg/.png images.")
-    return ImageSet(config.pool, tuple(i.path.relative_to(config.pool) for i in readable),
-                    np.zeros(len(readable), np.int64), class_names,
-                    tuple(decode_source(i) for i in readable),
-                    tuple(i.sha256 for i in readable)), unreadable
-
-
 def _reason(p: np.ndarray, cluster: int, class_names: tuple[str, ...]) -> str:
     first, second = np.argsort(-p, kind="stable")[:2]
     return (f"the probe says '{class_names[first]}' {p[first]:.2f}, "
@@ -179,11 +150,12 @@ def select(config: SelectConfig, reporter: Reporter | None = None) -> Selection:
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                          reporter, use_cache=config.cache)
     labelled = splits.train.join(splits.val)
-    pool, unreadable = _pool_images(config, splits.class_names, reporter)
-    known = set(labelled.hashes)
-    fresh = np.array([h not in known for h in pool.hashes])
-    same_content = int((~fresh).sum())
-    pool = pool.subset(fresh & ~_repeats(pool.hashes))
+    found = read_pool(config.pool, config.data.data_dir, labelled, reporter)
+    pool, unreadable, same_content = found.images, found.unreadable, found.labelled_copies
+    if not len(pool):
+        raise DataError(f"Every image of the pool '{config.pool}' is already in the labelled "
+                        f"data ({same_content} file(s) with the same content): nothing is left "
+                        f"to pick.")
     if config.n > len(pool):
         reporter.warning(f"-n {config.n} is more than the pool's {len(pool)} new images: "
                          f"picking from all of them.")
@@ -202,16 +174,6 @@ def select(config: SelectConfig, reporter: Reporter | None = None) -> Selection:
     return Selection(picks, len(pool) + same_content, tuple(unreadable),
                      same_content + left_out["copies"], left_out["outliers"], config.output,
                      html, time.perf_counter() - started)
-
-
-def _repeats(hashes: tuple[str, ...]) -> np.ndarray:
-    """True for every file whose content an earlier file of the pool already has."""
-    seen: set[str] = set()
-    out = np.zeros(len(hashes), bool)
-    for i, h in enumerate(hashes):
-        out[i] = h in seen
-        seen.add(h)
-    return out
 
 
 def _write_csv(path: Path, picks: tuple[Pick, ...]) -> None:

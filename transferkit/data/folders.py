@@ -22,7 +22,7 @@ from transferkit.data.inspect import (
     inspect_images,
     open_inspection_cache,
 )
-from transferkit.errors import DataError
+from transferkit.errors import ConfigError, DataError
 from transferkit.reporting import NullReporter, Reporter, fits_one_line
 
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "valid"), "test": ("test",)}
@@ -365,3 +365,54 @@ def collect_images(paths: Iterable[Path]) -> tuple[list[Path], list[SkippedFile]
             raise DataError(f"'{path}' does not exist. Pass image files, folders of images, "
                             f"or glob patterns.")
     return files, ignored
+
+
+@dataclass(frozen=True)
+class Pool:
+    """An unlabelled folder's readable images that the labelled data does not hold already
+    (labels all 0: unknown), the files that could not be read, with why, and how many files
+    repeated a labelled image's content or an earlier pool file's."""
+
+    images: ImageSet
+    unreadable: tuple[tuple[Path, str], ...]
+    labelled_copies: int
+
+
+def read_pool(pool: Path, data_dir: Path, labelled: ImageSet, reporter: Reporter) -> Pool:
+    """The images of `pool`, any depth of sub-folders, for select and finetune --unlabeled.
+
+    Raises:
+        DataError: `pool` is not a folder, or holds no readable image.
+        ConfigError: `pool` and `data_dir` overlap.
+    """
+    if not pool.is_dir():
+        raise DataError(f"The pool '{pool}' is not a folder. Pass the folder of unlabelled "
+                        f"images (sub-folders are searched too).")
+    inside, data = pool.resolve(), data_dir.resolve()
+    if inside == data or data in inside.parents or inside in data.parents:
+        raise ConfigError(f"The pool '{pool}' and the data folder '{data_dir}' overlap: images "
+                          f"would be both labelled and unlabelled. Pass a pool folder outside "
+                          f"the data folder, and the data folder outside it.")
+    files, _ = collect_images([pool])
+    with open_inspection_cache() as cache:
+        infos = inspect_images(files, reporter, cache)
+    unreadable = tuple((i.path, i.problem or "") for i in infos if not i.usable)
+    if unreadable:
+        reporter.warning(f"Skipped {len(unreadable)} unreadable file(s) in the pool, e.g. "
+                         f"{unreadable[0][0]}: {unreadable[0][1]}.")
+    seen = set(labelled.hashes)
+    readable, copies = [], 0
+    for info in infos:
+        if info.usable and info.sha256 in seen:
+            copies += 1
+        elif info.usable:
+            readable.append(info)
+            seen.add(info.sha256)
+    if not readable and not copies:
+        raise DataError(f"The pool '{pool}' holds no readable images (found {len(files)} image "
+                        f"file(s)). Pass a folder of .jpg/.png images.")
+    images = ImageSet(pool, tuple(i.path.relative_to(pool) for i in readable),
+                      np.zeros(len(readable), np.int64), labelled.class_names,
+                      tuple(decode_source(i) for i in readable),
+                      tuple(i.sha256 for i in readable))
+    return Pool(images, unreadable, copies)

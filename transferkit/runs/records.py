@@ -173,6 +173,21 @@ class CombinedRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SelfTrainedRecord:
+    """The probe self-trained on an unlabelled pool (finetune --unlabeled, training.pseudo)."""
+
+    pool: str
+    images: int  # readable pool images not already in the labelled data
+    unreadable: int
+    pseudo_labelled: int  # pool images that trained it
+    unlike: int  # pool images the novelty score kept out
+    c: float
+    val_correct: int
+    won: bool  # beat the probe on val by more than noise
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Refit:
     """The kept model fitted again on train and val together, once chosen: the saved model
     learnt from val, so val scores are of the model before the refit (which val chose), and
@@ -295,6 +310,7 @@ class RunRecord:
     lr_find: LRFind | None = None
     probe: ProbeRecord | None = None
     combined: CombinedRecord | None = None
+    self_trained: SelfTrainedRecord | None = None
     adaptation: Adaptation | None = None
     choice: Choice | None = None
     calibration: Calibration | None = None

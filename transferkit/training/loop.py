@@ -29,7 +29,7 @@ from transferkit.callbacks import (
     projected_correct,
 )
 from transferkit.config import FinetuneConfig
-from transferkit.data.folders import DataSplits
+from transferkit.data.folders import DataSplits, ImageSet
 from transferkit.data.pipeline import build_dataset
 from transferkit.devices import build_strategy
 from transferkit.errors import ArtifactError, RunInterrupted, TrainingDiverged
@@ -61,6 +61,7 @@ from transferkit.training.choice import LEAST_WIN
 from transferkit.training.combined import COMBINED
 from transferkit.training.plan import HEAD, PROBE, plan_stages
 from transferkit.training.prepare import data_summary, report_data
+from transferkit.training.pseudo import SELF_TRAINED
 from transferkit.training.stages import StagePlan, compile_model, run_stage, stage_result
 
 
@@ -118,18 +119,24 @@ class Training:
         feature cache) once per process, the first time, while the base is the pretrained
         one."""
         if self.frozen is None:
-            config = self.config
-            features = FeatureExtractor.of_base(
-                lambda: self.model.get_layer("features"), self.spec, config.weights,
-                config.data.seed, self.record.image_size, self.record.compute.precision,
-                config.data.batch_size, self.reporter, config.cache)
-            train, val = features.features([self.splits.train, self.splits.val],
-                                           "training and validation")
-            features.save()
-            self.reporter.info(f"Frozen-base features: {features.computed} images computed, "
-                               f"{features.reused} from the cache.")
+            train, val = self.frozen_features_of([self.splits.train, self.splits.val],
+                                                 "training and validation")
             self.frozen = (train, self.splits.train.labels), (val, self.splits.val.labels)
         return self.frozen
+
+    def frozen_features_of(self, images: list[ImageSet], what: str) -> list[np.ndarray]:
+        """The frozen base's features of each of `images`, through the feature cache (while
+        the base is the pretrained one)."""
+        config = self.config
+        features = FeatureExtractor.of_base(
+            lambda: self.model.get_layer("features"), self.spec, config.weights,
+            config.data.seed, self.record.image_size, self.record.compute.precision,
+            config.data.batch_size, self.reporter, config.cache)
+        found = features.features(images, what)
+        features.save()
+        self.reporter.info(f"Frozen-base features of {what}: {features.computed} images "
+                           f"computed, {features.reused} from the cache.")
+        return list(found)
 
 
 def resume(run_dir: Path, reporter: Reporter) -> Training:
@@ -224,7 +231,8 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
 
 
 def bar_to_clear(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
-    """The best candidate kept so far (the combined one only if it beat the probe) with its
+    """The best candidate kept so far (the combined and self-trained ones only if they beat
+    the probe) with its
     val images right, and how many a next candidate must get right to be kept (LEAST_WIN
     more); 0 for a run recorded before probes counted theirs."""
     n = len(t.splits.val)
@@ -232,8 +240,9 @@ def bar_to_clear(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str
     if probe is None or probe.val_correct is None:
         return (PROBE, 0), 0
     candidates = [(PROBE, probe.val_correct)]
-    if t.record.combined is not None and t.record.combined.won:
-        candidates.append((COMBINED, t.record.combined.val_correct))
+    for name, record in ((COMBINED, t.record.combined), (SELF_TRAINED, t.record.self_trained)):
+        if record is not None and record.won:
+            candidates.append((name, record.val_correct))
     candidates += [(r.name, round((r.best_val_accuracy or 0) * n)) for r in results]
     best = max(candidates, key=lambda b: b[1])
     return best, best[1] + LEAST_WIN

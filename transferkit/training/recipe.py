@@ -30,7 +30,7 @@ from transferkit.calibration import (
 )
 from transferkit.callbacks import StopOnSignal, StopRequested, raise_on_sigterm
 from transferkit.config import AUTO_BASE, FinetuneConfig
-from transferkit.data.folders import DataSplits
+from transferkit.data.folders import DataSplits, read_pool
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ArtifactError, TrainingDiverged
 from transferkit.files import save_figure
@@ -67,6 +67,7 @@ from transferkit.runs.records import (
     Refit,
     RunRecord,
     Score,
+    SelfTrainedRecord,
     StageResult,
     Stopped,
 )
@@ -78,7 +79,8 @@ from transferkit.training.combined import COMBINED, build_combined, combinable, 
 from transferkit.training.loop import Training, bar_to_clear, interrupted, resume, train_stages
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
-from transferkit.training.probe import fit_probe
+from transferkit.training.probe import LinearProbe, fit_probe
+from transferkit.training.pseudo import SELF_TRAINED, self_train
 from transferkit.training.stages import class_weights
 
 
@@ -112,6 +114,7 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
         with _recording_how_it_ends(training):
             probe_right = _probe(training)  # the first candidate model, and the bar to beat
             _combine(training, probe_right)  # the bases side by side, when several are at hand
+            _self_train(training, probe_right)  # with an unlabelled pool (--unlabeled)
             _decide(training)  # data checks -> the Plan, recorded once
             return _train_and_keep(training)  # stages, choice, calibration, scores, report
 
@@ -214,19 +217,57 @@ def _probe(t: Training) -> np.ndarray:
     t.reporter.info(f"Linear probe ({how}; {probe.seconds:.1f} s): "
                     f"{Score.of('val', correct, len(y_val), chose=False).describe()}. "
                     f"The kept model must beat it by more than noise.")
-    with t.strategy.scope():
-        candidate = t.model
-        if t.config.dense_units:
-            candidate = build_classifier(t.model.get_layer("features"), build_head(
-                x_train.shape[1], len(t.splits.class_names)))
-        candidate.get_layer("head").get_layer(PREDICTIONS).set_weights(
-            [probe.kernel, probe.bias])
-    save_best(t.run_dir, candidate, PROBE)
+    _save_probe_model(t, probe, PROBE)
     ready = time.perf_counter() - t.started
     t.reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
     t.save(probe=ProbeRecord(c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
                              ready_after=round(ready, 3), val_correct=correct))
     return right
+
+
+def _save_probe_model(t: Training, probe: LinearProbe, name: str) -> None:
+    """Saves the classifier with `probe`'s weights as candidate `name`: the run's model (a
+    linear head starts from them, LP-FT), or a model of its own for a head with a hidden
+    layer."""
+    with t.strategy.scope():
+        candidate = t.model
+        if t.config.dense_units:
+            candidate = build_classifier(t.model.get_layer("features"), build_head(
+                probe.kernel.shape[0], len(t.splits.class_names)))
+        candidate.get_layer("head").get_layer(PREDICTIONS).set_weights(
+            [probe.kernel, probe.bias])
+    save_best(t.run_dir, candidate, name)
+
+
+def _self_train(t: Training, probe_right: np.ndarray) -> None:
+    """The probe self-trained on --unlabeled's pool (training.pseudo), saved as a candidate
+    when it beat the probe on val by more than noise (and the stages then start from its
+    head); recorded either way. Pool images that are also labelled (by content) are left
+    out of the pool."""
+    if t.config.unlabeled is None or _no_room(t):
+        return
+    labelled = t.splits.train.join(t.splits.val)
+    if t.splits.test is not None:
+        labelled = labelled.join(t.splits.test)
+    pool = read_pool(t.config.unlabeled, t.config.data.data_dir, labelled, t.reporter)
+    (x_train, y_train), (x_val, y_val) = t.frozen_features()
+    (x_pool,) = t.frozen_features_of([pool.images], "the unlabelled pool")
+    trained = self_train(x_train, y_train, x_val, x_pool, len(t.splits.class_names),
+                         balanced=t.class_weights is not None, seed=t.config.data.seed)
+    right = trained.probe.probabilities(x_val).argmax(axis=1) == y_val
+    won = choose({PROBE: probe_right, SELF_TRAINED: right}).kept == SELF_TRAINED
+    t.reporter.info(
+        f"Self-trained probe ({trained.pseudo_labelled} of {len(pool.images)} pool images "
+        f"pseudo-labelled, {trained.unlike} left out as unlike every class; "
+        f"{trained.seconds:.1f} s): {int(right.sum())} of {len(y_val)} val images right, "
+        f"against the probe's {t.record.probe.val_correct}"
+        + (", beyond noise." if won else ", within noise."))
+    if won:  # into the run's model too: then the stages start from its head
+        _save_probe_model(t, trained.probe, SELF_TRAINED)
+    t.save(self_trained=SelfTrainedRecord(
+        pool=str(t.config.unlabeled), images=len(pool.images), unreadable=len(pool.unreadable),
+        pseudo_labelled=trained.pseudo_labelled, unlike=trained.unlike, c=trained.probe.c,
+        val_correct=int(right.sum()), won=won, seconds=round(trained.seconds, 3)))
 
 
 def _combine(t: Training, probe_right: np.ndarray) -> None:
@@ -330,9 +371,9 @@ def _train_and_keep(t: Training) -> FinetuneResult:
 
 def _candidate(t: Training, name: str) -> keras.Model:
     """The candidate model `name` (the probe or a stage's best): its weights restored into
-    the classifier; or the saved model of the combined candidate, or of the probe for a head
-    with a hidden layer the probe cannot fill."""
-    if name == COMBINED or (name == PROBE and t.config.dense_units):
+    the classifier; or the saved model of the combined or self-trained candidate, or of the
+    probe for a head with a hidden layer the probe cannot fill."""
+    if name in (COMBINED, SELF_TRAINED) or (name == PROBE and t.config.dense_units):
         return load_keras_file(best_checkpoint(t.run_dir, name), "Start the run again with "
                                "--overwrite.")
     restore_best(t.model, t.run_dir, name)
@@ -347,9 +388,9 @@ def _choose_model(t: Training, results: list[StageResult]
     ds = build_dataset(val.sources, None, t.record.image_size, t.batch)
     probabilities = {name: predict_batches(_candidate(t, name), ds, len(val), t.batch,
                                            t.reporter, f"Scoring the '{name}' model on val")
-                     for name in (PROBE, *([COMBINED] if t.record.combined and
-                                           t.record.combined.won else []),
-                                  *(r.name for r in results))}
+                     for name in (PROBE, *(name for name, record in (
+                         (COMBINED, t.record.combined), (SELF_TRAINED, t.record.self_trained))
+                         if record is not None and record.won), *(r.name for r in results))}
     choice = choose({name: p.argmax(axis=1) == val.labels for name, p in probabilities.items()})
     if choice.comparisons:
         t.reporter.info(describe_choice(choice))
@@ -411,7 +452,7 @@ def _novelty(t: Training, model: keras.Model, kept: str, val: np.ndarray
     val's, and writes RUN/novelty.npz. The probe's features are the cached frozen ones; any
     other model's come from one pass of it over train and val."""
     started = time.perf_counter()
-    if kept == PROBE:  # the frozen base: its head reads the cached features
+    if kept in (PROBE, SELF_TRAINED):  # the frozen base: its head reads the cached features
         (x_train, _), (x_val, _) = t.frozen_features()
     else:
         both = with_features(model)
