@@ -116,14 +116,48 @@ def test_a_signal_before_the_epochs_leaves_a_truthful_record(image_folder: Path,
     config = FinetuneConfig(adapt=False, patience=0,
                             data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
                             output=run_dir, weights="none", base="tiny", finetune_epochs=1)
-    with pytest.raises(RunInterrupted, match="no checkpoint to resume"):
+    with pytest.raises(RunInterrupted, match="before its first checkpoint") as stopped:
         finetune(config, _signalled_in_the_probe(signum))
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted"
     again = runner.invoke(app, ["finetune", str(image_folder), "-o", str(run_dir)])
     assert again.exit_code == 1
-    assert "nothing to resume: start it again with --overwrite" in said(again.stderr)
-    assert "--resume" not in said(again.stderr)
+    # the interrupted run and a second start say the same: --resume starts it again
+    advice = f"transferkit finetune --resume {run_dir}"
+    assert advice in said(again.stderr) and advice in said(str(stopped.value))
+    resumed = runner.invoke(app, ["finetune", "--resume", str(run_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_sigterm_inside_a_keras_layer_call_is_recorded_not_a_traceback(
+        image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Keras re-raises an exception from a layer call as a new one with its own message, so
+    a SIGTERM while a base is being built once reached the user as a traceback and left
+    run.json 'running'."""
+    import keras
+
+    from transferkit.training import recipe
+
+    real = recipe.fit_probe
+
+    class Signalling(keras.layers.Layer):
+        def call(self, x):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return x
+
+    def probe_then_signal(*args, **kwargs):
+        probe = real(*args, **kwargs)
+        Signalling()(keras.Input((2,)))  # the signal arrives inside a Keras call
+        return probe
+
+    monkeypatch.setattr(recipe, "fit_probe", probe_then_signal)
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, ["finetune", str(image_folder), "-o", str(run_dir),
+                                 "--base", "tiny", "--weights", "none", "--image-size", "32"])
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert "SIGTERM" in said(result.stderr) and "Traceback" not in result.output
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
 
 
 def test_an_error_mid_run_is_recorded_not_left_running(image_folder: Path, tmp_path: Path,

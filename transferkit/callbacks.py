@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.errors import TrainingDiverged
+from transferkit.errors import StopRequested, TrainingDiverged
 from transferkit.reporting import Reporter
 from transferkit.runs.checkpoints import (
     keep_last_as_best,
@@ -209,14 +209,6 @@ class StageMonitor(keras.callbacks.Callback):
             save_best(self.run_dir, self.classifier, self.stage)
             self.model.set_weights(last)
         save_checkpoint(self.run_dir, self.classifier, self.state)
-
-
-class StopRequested(Exception):
-    """Raised inside fit() to leave it at a batch boundary."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 @contextlib.contextmanager

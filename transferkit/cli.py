@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from transferkit.config import (
     PreviewConfig,
     SelectConfig,
 )
-from transferkit.errors import ConfigError, TransferkitError
+from transferkit.errors import ConfigError, StopRequested, TransferkitError
 from transferkit.options import Settings, configured
 from transferkit.quiet import load_tensorflow, set_verbose
 
@@ -85,6 +86,9 @@ def _user_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         print_error("Interrupted.")
         raise typer.Exit(130) from None
+    except StopRequested as exc:  # SIGTERM before a run had a record to say so in
+        print_error(f"Stopped by {signal.Signals(exc.signum).name} before the run began.")
+        raise typer.Exit(128 + exc.signum) from None
 
 
 def _load() -> None:

@@ -43,3 +43,19 @@ class RunInterrupted(TransferkitError):
         super().__init__(message)
         self.exit_code = 128 + signum  # the shell's convention for death by signal
         self.signal_name = signal.Signals(signum).name
+
+
+class StopRequested(Exception):
+    """Raised inside fit() to leave it at a batch boundary, or by SIGTERM anywhere in a run.
+
+    Keras re-raises an exception from inside a layer call as a new one of the same class
+    with its own message instead of the signal number (SIGTERM while a base is being built),
+    so the class also keeps the last signal number it was raised with."""
+
+    last: int = signal.SIGTERM
+
+    def __init__(self, signum: int | str = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        if isinstance(signum, int):
+            StopRequested.last = signum
+        self.signum = signum if isinstance(signum, int) else StopRequested.last

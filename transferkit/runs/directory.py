@@ -156,12 +156,13 @@ def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
 
 def how_to_continue(run_dir: Path) -> str:
     """What to do with an unfinished run no process is writing: resume it from its
-    checkpoint, or, when it stopped before its first one, start it again."""
+    checkpoint, or, when it stopped before its first one, resume it from the start."""
     if (run_dir / CHECKPOINTS_DIR / STATE_FILE).is_file():
         return (f"Continue it with `transferkit finetune --resume {run_dir}` (or start it "
                 f"again with --overwrite).")
-    return ("It stopped before its first checkpoint, so there is nothing to resume: start "
-            "it again with --overwrite.")
+    return (f"It stopped before its first checkpoint: `transferkit finetune --resume {run_dir}` "
+            f"starts it again with its saved settings (as --overwrite does with the options "
+            f"given).")
 
 
 _HELD: set[Path] = set()  # run directories this process holds the lock of

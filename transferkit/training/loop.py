@@ -24,7 +24,6 @@ from transferkit.bases import BaseSpec, get_base
 from transferkit.callbacks import (
     StageMonitor,
     StopOnSignal,
-    StopRequested,
     best_correct,
     projected_correct,
 )
@@ -32,7 +31,7 @@ from transferkit.config import FinetuneConfig
 from transferkit.data.folders import DataSplits, ImageSet
 from transferkit.data.pipeline import build_dataset
 from transferkit.devices import build_strategy
-from transferkit.errors import ArtifactError, RunInterrupted, TrainingDiverged
+from transferkit.errors import ArtifactError, RunInterrupted, StopRequested, TrainingDiverged
 from transferkit.features import FeatureExtractor
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.reporting import Reporter
@@ -44,6 +43,7 @@ from transferkit.runs.checkpoints import (
 )
 from transferkit.runs.directory import (
     TENSORBOARD_DIR,
+    how_to_continue,
     load_run_splits,
     read_record,
     save_record,
@@ -155,9 +155,9 @@ def resume(run_dir: Path, reporter: Reporter) -> Training:
     config = record.config
     assert isinstance(config, FinetuneConfig)  # the record's command says so
     spec = get_base(record.base)
-    if record.plan is None:
-        raise ArtifactError(f"'{run_dir}' stopped before its stages began; there is no "
-                            f"checkpoint to resume. Start it again with --overwrite.")
+    if record.plan is None:  # recipe.resume_finetune starts such a run again
+        raise ArtifactError(f"'{run_dir}' stopped before its stages began. "
+                            f"{how_to_continue(run_dir)}")
     strategy = build_strategy(config.compute.strategy)
     with strategy.scope():  # layers keep the dtype policies they were saved with
         model, state = load_checkpoint(run_dir, [s.name for s in plan_stages(
@@ -332,8 +332,8 @@ def interrupted(t: Training, signum: int) -> RunInterrupted:
     name = signal.Signals(signum).name
     if not t.history:
         t.save(status=INTERRUPTED)
-        return RunInterrupted(f"Stopped by {name} before the first epoch ended; there is no "
-                              f"checkpoint to resume. Start again with --overwrite.", signum)
+        return RunInterrupted(f"Stopped by {name} before the first epoch ended. "
+                              f"{how_to_continue(t.run_dir)}", signum)
     where = Stopped(stage=t.history[-1]["stage"], epoch=t.history[-1]["epoch"], signal=name)
     t.save(status=INTERRUPTED, stopped=where)
     return RunInterrupted(

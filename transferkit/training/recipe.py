@@ -10,6 +10,7 @@ callbacks.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import time
 from collections.abc import Iterator
@@ -28,11 +29,11 @@ from transferkit.calibration import (
     log_loss,
     scale,
 )
-from transferkit.callbacks import StopOnSignal, StopRequested, raise_on_sigterm
+from transferkit.callbacks import StopOnSignal, raise_on_sigterm
 from transferkit.config import AUTO_BASE, FinetuneConfig
 from transferkit.data.folders import DataSplits, read_pool
 from transferkit.data.pipeline import build_dataset
-from transferkit.errors import ArtifactError, TrainingDiverged
+from transferkit.errors import ArtifactError, StopRequested, TrainingDiverged
 from transferkit.files import save_figure
 from transferkit.inference import predict_batches
 from transferkit.metrics import classification_metrics
@@ -43,10 +44,12 @@ from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
 from transferkit.runs.checkpoints import best_checkpoint, restore_best, save_best
 from transferkit.runs.directory import (
+    CHECKPOINTS_DIR,
     CURVES_FILE,
     LR_FIND_FILE,
     NOVELTY_FILE,
     REPORT_FILE,
+    STATE_FILE,
     clear_run,
     load_keras_file,
     run_lock,
@@ -120,7 +123,9 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
 
 
 def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> FinetuneResult:
-    """Continues an interrupted `finetune` from its last completed epoch.
+    """Continues an interrupted `finetune` from its last completed epoch; one stopped before
+    its first checkpoint (reading data, the probe, the data checks) starts again with its
+    saved settings.
 
     Raises:
         ArtifactError: `run_dir` is not an unfinished run, or has no checkpoint yet.
@@ -128,7 +133,14 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
     from transferkit.runs.directory import read_record
 
     reporter = reporter or NullReporter()
-    read_record(run_dir, finished=False)  # a missing folder is an error, not a folder to make
+    record = read_record(run_dir, finished=False)  # a missing folder: an error, not a folder
+    if record.command == "finetune" and record.status == INTERRUPTED and \
+            not (run_dir / CHECKPOINTS_DIR / STATE_FILE).is_file():
+        reporter.info(f"'{run_dir}' stopped before its first checkpoint: starting it again "
+                      f"with its saved settings.")
+        assert isinstance(record.config, FinetuneConfig)  # the record's command says so
+        return finetune(dataclasses.replace(record.config, output=run_dir, overwrite=True),
+                        reporter)
     with run_lock(run_dir), raise_on_sigterm():
         training = resume(run_dir, reporter)
         with _recording_how_it_ends(training):
