@@ -116,12 +116,14 @@ class SignalAtFirstBatch(NullReporter):
 
 
 def test_run_stopped_before_its_first_checkpoint(image_folder, tmp_path):
+    from transferkit.runs.directory import read_record
+
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted, match="before the first epoch ended"):
         finetune(_config(image_folder, run_dir), SignalAtFirstBatch())
     assert not (run_dir / "checkpoints" / "last.keras").exists()
-    with pytest.raises(ArtifactError, match="no checkpoint to resume from"):
-        resume_finetune(run_dir)
+    result = resume_finetune(run_dir)  # starts it again, with its saved settings
+    assert result.run_dir == run_dir and read_record(run_dir).status == "complete"
 
 
 def test_rollback_when_finetuning_does_worse(image_folder, tmp_path):

@@ -224,8 +224,7 @@ def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
 @app.command()
 @configured(SelectConfig)
 def select(settings: Settings = None) -> None:  # type: ignore[assignment]
-    """Pick which images of an unlabelled --pool folder to label next (uncertain to a probe
-    on the labelled data, and spread over the pool); write them to picks.csv, best first."""
+    """Pick which images of an unlabelled --pool folder to label next, into picks.csv."""
     with _user_errors():
         config = settings.build()
         _check_data(config.data, config.base)
