@@ -30,6 +30,7 @@ from transferkit.config import (
     PredictConfig,
     PreviewConfig,
     SelectConfig,
+    ServeConfig,
 )
 from transferkit.errors import ConfigError, StopRequested, TransferkitError
 from transferkit.options import Settings, configured
@@ -233,6 +234,20 @@ def select(settings: Settings = None) -> None:  # type: ignore[assignment]
         from transferkit.selection import select as run_select
 
         render_selection(run_select(config, RichReporter()))
+
+
+@app.command()
+@configured(ServeConfig)
+def serve(settings: Settings = None) -> None:  # type: ignore[assignment]
+    """Answer predictions over HTTP: POST /predict with images; GET /health, /ready, /metadata.
+    Needs the serve extra: pip install "transferkit\\[serve]"."""
+    with _user_errors():
+        config = settings.build()
+        _load()
+        from transferkit.console import RichReporter
+        from transferkit.serve import serve as run_serve
+
+        run_serve(config, RichReporter())
 
 
 @app.command()

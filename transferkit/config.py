@@ -619,6 +619,42 @@ class ExportConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """`transferkit serve`: a run's model answering over HTTP."""
+
+    run_dir: Path = option(help="Run directory written by finetune (or cv, extract "
+                                "--train-head).", argument=True, metavar="RUN")
+    host: str = option("127.0.0.1", "Address to listen on (0.0.0.0: every interface; put a "
+                                    "reverse proxy with TLS in front).", panel=OUTPUT)
+    port: int = option(8000, "Port to listen on.", panel=OUTPUT)
+    max_batch: int = option(32, "Most images run through the model at once (1: no batching).",
+                            panel=HARDWARE)
+    max_wait_ms: float = option(5.0, "How long the first image of a batch waits for others "
+                                     "to join it, in milliseconds.", panel=HARDWARE)
+    max_queue: int = option(256, "Most images waiting for the model; beyond, requests get 503 "
+                                 "with Retry-After.", panel=HARDWARE)
+    max_body_mb: float = option(20.0, "Largest request body, in MB.", panel=DATA)
+    api_key: str | None = option(None, "Key every request must carry (Authorization: Bearer "
+                                       "KEY, or X-API-Key). Default: TRANSFERKIT_API_KEY, if "
+                                       "set; else none.", panel=OUTPUT)
+    reload: bool = option(False, "Load a newer model.keras of the run when it appears, without "
+                                 "dropping requests.", flag="--reload", panel=MODEL)
+    top_k: int = option(1, "How many labels to list per image.", panel=OUTPUT)
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(1 <= self.port <= 65535, f"--port must be 1 to 65535; got {self.port}.")
+        _check(1 <= self.max_batch <= 1024, f"--max-batch must be 1 to 1024; got "
+                                            f"{self.max_batch}.")
+        _check(0 <= self.max_wait_ms <= 1000, f"--max-wait-ms must be 0 to 1000; got "
+                                              f"{self.max_wait_ms}.")
+        _check(self.max_queue >= 1, f"--max-queue must be at least 1; got {self.max_queue}.")
+        _check(0 < self.max_body_mb <= 1024, f"--max-body-mb must be in (0, 1024]; got "
+                                             f"{self.max_body_mb}.")
+        _check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class PredictConfig:
     """`transferkit predict`: a run directory applied to files and folders."""
 

@@ -209,7 +209,7 @@ PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")
 OPTIONAL_PREDICTION_FIELDS = ("best_guess", "novelty")  # --threshold; a run's novelty score
 
 
-def _json_path(row: dict[str, Any]) -> dict[str, Any]:
+def json_row(row: dict[str, Any]) -> dict[str, Any]:
     """JSON text must be Unicode, and a file name need not be: a name that is not valid
     UTF-8 is written readable (its bad bytes as U+FFFD) with its exact bytes beside it in
     base64 (`path_bytes`), so any JSON reader can map it back to the file."""
@@ -227,7 +227,7 @@ def predictions_text(report: PredictionReport, top_k: int, output_format: str) -
     (one object per line)."""
     rows = [p.to_dict() for p in report.predictions]
     if output_format in ("json", "jsonl"):
-        rows = [_json_path(row) for row in rows]
+        rows = [json_row(row) for row in rows]
     if output_format == "json":
         return json_text(rows)
     if output_format == "jsonl":

@@ -132,10 +132,16 @@ def inspect_image(path: Path) -> ImageInfo:
         data = read_regular_file(path)
     except UnusableFile as unusable:
         return ImageInfo(path, 0, "", problem=str(unusable), problem_kind=unusable.kind)
+    return inspect_bytes(path, data)
+
+
+def inspect_bytes(path: Path, data: bytes, check_extension: bool = True) -> ImageInfo:
+    """inspect_image for bytes already read (`path` names them); `check_extension` False
+    for bytes that came without a file name (serve's request bodies)."""
     digest = hashlib.sha256(data).hexdigest()
     if not data:
         return ImageInfo(path, 0, digest, problem="empty file (0 bytes)", problem_kind="empty")
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+    if check_extension and path.suffix.lower() not in IMAGE_EXTENSIONS:
         return ImageInfo(path, len(data), digest,
                          problem=f"not an image file (extension '{path.suffix}')",
                          problem_kind="not_image")
@@ -181,6 +187,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
         im = Image.alpha_composite(background, rgba)
     return im.convert("RGB")
+
+
+def rgb_png(data: bytes) -> bytes:
+    """The image in `data` as upright 8-bit RGB PNG bytes: what converted_path holds, made
+    in memory (for images that arrive over the network and are never written to disk)."""
+    buffer = io.BytesIO()
+    with Image.open(io.BytesIO(data)) as im:
+        _to_rgb(im).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def converted_path(info: ImageInfo) -> Path:

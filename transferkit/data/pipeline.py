@@ -27,7 +27,13 @@ def load_image(path: tf.Tensor, image_size: int) -> tf.Tensor:
     """
     import tensorflow as tf
 
-    encoded = tf.io.read_file(path)
+    return decode_image(tf.io.read_file(path), image_size)
+
+
+def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """load_image for bytes already read (a scalar string tensor)."""
+    import tensorflow as tf
+
     image = tf.cond(tf.io.is_jpeg(encoded), lambda: _decode_jpeg_scaled(encoded, image_size),
                     lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
     image.set_shape([None, None, 3])

@@ -1,0 +1,362 @@
+"""`transferkit serve RUN`: the run's model answering over HTTP, on Starlette and uvicorn.
+
+- POST /predict: images as multipart form files, or one image as the raw body with an
+  image/* content type. The answer is what `predict --format json` writes for the same
+  images (the same decoding, model, novelty score; query parameters top_k, threshold and
+  reject_unknown as its options). GET /health (alive), /ready (model loaded and warmed up),
+  /metadata (classes, size, base, the run's held-out score, versions).
+- Dynamic batching: each image joins a bounded queue; one task takes up to --max-batch of
+  them, waiting at most --max-wait-ms after the first, and runs them through the model as one
+  batch on a thread of its own. Decoding runs on other threads, off the event loop.
+- Bounded: a body larger than --max-body-mb gets 413, an image above the pixel limit every
+  transferkit command has gets 413, a full queue gets 503 with Retry-After; bad input gets a
+  4xx with a JSON error naming the problem. Request bodies are parsed in memory (the stdlib's
+  email parser for multipart, since Starlette's form parser spools large files to disk) and
+  never written anywhere.
+- SIGTERM or SIGINT: uvicorn stops accepting, the requests in flight are answered, and the
+  process exits 0. --reload loads a newer model.keras of a complete run and swaps it in
+  between batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.parser
+import email.policy
+import hmac
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.config import ServeConfig
+from transferkit.data.inspect import inspect_bytes, rgb_png
+from transferkit.errors import MissingPackageError
+from transferkit.predict import UNKNOWN, Prediction, json_row
+from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs.directory import MODEL_FILE, NOVELTY_FILE, RECORD_FILE, load_run
+
+API_KEY_ENV = "TRANSFERKIT_API_KEY"
+RETRY_AFTER_S = 1
+RELOAD_EVERY_S = 2.0
+log = logging.getLogger("transferkit.serve")
+
+
+class BadRequest(Exception):
+    """A request the server refuses, with its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Served:
+    """One loaded model: the run's, with its features too when it has a novelty score."""
+
+    run: Any  # LoadedRun
+    step: Callable[[np.ndarray], Any]
+    decode: Callable[[bytes], np.ndarray]
+    novelty: Any  # Novelty | None
+    stamp: int  # model.keras's modification time, ns
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.step(images)
+        if self.novelty is None:
+            return np.asarray(out, np.float32), None
+        features, probabilities = (np.asarray(o, np.float32) for o in out)
+        return probabilities, self.novelty.score(features, probabilities)
+
+
+def load_served(run_dir: Path) -> Served:
+    """Loads the run (safe mode), traces the model and the decoder, and warms both up.
+
+    Raises:
+        ArtifactError: the run cannot be served (unfinished, damaged).
+    """
+    import tensorflow as tf
+
+    from transferkit.data.pipeline import decode_image
+    from transferkit.inference import inference_step
+    from transferkit.model import with_features
+    from transferkit.novelty import load_novelty
+
+    run = load_run(run_dir)
+    stamp = (run_dir / MODEL_FILE).stat().st_mtime_ns
+    size, model, novelty = run.image_size, run.model, None
+    if (run_dir / NOVELTY_FILE).exists():
+        model = with_features(run.model)
+        novelty = load_novelty(run_dir / NOVELTY_FILE, model.output_shape[0][-1])
+    step = inference_step(model, tf.TensorSpec([None, size, size, 3], tf.float32))
+    decoder = tf.function(lambda e: decode_image(e, size),
+                          input_signature=[tf.TensorSpec([], tf.string)])
+    served = Served(run, step, lambda data: decoder(tf.constant(data)).numpy(), novelty, stamp)
+    served.predict(np.zeros((1, size, size, 3), np.float32))  # trace and warm up
+    return served
+
+
+def decode(served: Served, data: bytes, name: str) -> np.ndarray:
+    """One image's bytes -> float32 RGB at the model's size, exactly as predict reads a file
+    (raises BadRequest naming what is wrong with it)."""
+    info = inspect_bytes(Path(name), data, check_extension=False)
+    if not info.usable:
+        status = 413 if info.problem_kind == "too_large" else 422
+        raise BadRequest(status, f"{name}: {info.problem}")
+    return served.decode(rgb_png(data) if info.needs_conversion else data)
+
+
+@dataclass
+class Batcher:
+    """Runs queued images through the current model in batches (see the module doc)."""
+
+    current: Callable[[], Served]
+    max_batch: int
+    max_wait_s: float
+    max_queue: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    model_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model"))
+
+    async def submit(self, images: list[np.ndarray]
+                     ) -> list[tuple[np.ndarray, float | None, int]]:
+        """Each image's probabilities, novelty score and the size of the batch it ran in;
+        QueueFull when they do not fit."""
+        if self.queue.qsize() + len(images) > self.max_queue:
+            raise asyncio.QueueFull
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in images]
+        for image, future in zip(images, futures, strict=True):
+            self.queue.put_nowait((image, future))
+        return list(await asyncio.gather(*futures))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(await asyncio.wait_for(
+                        self.queue.get(), max(deadline - loop.time(), 0)))
+                except TimeoutError:
+                    break
+            served = self.current()
+            try:
+                probabilities, novelty = await loop.run_in_executor(
+                    self.model_thread, served.predict, np.stack([image for image, _ in batch]))
+            except Exception as exc:  # the model failed: every waiting request hears it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for i, (_, future) in enumerate(batch):
+                if not future.done():  # a client that went away
+                    future.set_result((probabilities[i], None if novelty is None
+                                       else float(novelty[i]), len(batch)))
+
+
+def _answer(served: Served, name: str, probabilities: np.ndarray, novelty: float | None,
+            top_k: int, threshold: float | None, reject_unknown: bool) -> dict[str, Any]:
+    """predict's JSON row for one image."""
+    names = served.run.class_names
+    order = np.argsort(-probabilities, kind="stable")[:min(top_k, len(names))]
+    top = tuple((names[i], float(probabilities[i])) for i in order)
+    unknown = (threshold is not None and top[0][1] < threshold) or (
+        reject_unknown and novelty is not None and novelty > served.novelty.threshold)
+    return json_row(Prediction(Path(name), top, unknown=unknown, novelty=novelty).to_dict())
+
+
+async def _read_body(request: Any, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"the body is {int(declared)} bytes, above the limit of {limit} "
+                              f"(--max-body-mb)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"the body is above the limit of {limit} bytes (--max-body-mb)")
+    return bytes(body)
+
+
+def _images(content_type: str, body: bytes, name: str) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each image in a request body."""
+    if not body:
+        raise BadRequest(400, "the request body is empty: send an image (raw bytes with an "
+                              "image/* content type) or multipart form files")
+    kind = content_type.split(";")[0].strip().lower()
+    if kind.startswith("image/"):
+        return [(name, body)]
+    if kind != "multipart/form-data":
+        raise BadRequest(415, f"content type {kind or 'none'!r} is not an image: send image/* "
+                              f"bytes or multipart/form-data files")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    parts = [(part.get_filename() or part.get_param("name", header="content-disposition")
+              or f"file{i}", part.get_payload(decode=True) or b"")
+             for i, part in enumerate(message.iter_parts())] if message.is_multipart() else []
+    if not parts:
+        raise BadRequest(400, "the multipart body holds no files")
+    return [(str(n), data) for n, data in parts]
+
+
+def build_app(config: ServeConfig, served: Served) -> Any:
+    """The Starlette application serving `served` (swapped in place by --reload)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    state = {"served": served, "ready": False}
+    key = config.api_key or os.environ.get(API_KEY_ENV) or None
+    batcher = Batcher(lambda: state["served"], config.max_batch, config.max_wait_ms / 1000,
+                      config.max_queue)
+    limit = int(config.max_body_mb * 2**20)
+
+    def error(status: int, message: str, **headers: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    def allowed(request: Any) -> bool:
+        given = request.headers.get("x-api-key") or request.headers.get(
+            "authorization", "").removeprefix("Bearer ").strip()
+        return key is None or hmac.compare_digest(given.encode(), key.encode())
+
+    async def predict(request: Any) -> JSONResponse:
+        started = time.perf_counter()
+        if not allowed(request):
+            return error(401, "missing or wrong API key (Authorization: Bearer KEY, or "
+                              "X-API-Key)")
+        try:
+            query = request.query_params
+            top_k = int(query.get("top_k", config.top_k))
+            threshold = float(query["threshold"]) if "threshold" in query else None
+            reject = query.get("reject_unknown", "0").lower() in ("1", "true", "yes")
+            if top_k < 1 or (threshold is not None and not 0 < threshold <= 1):
+                raise ValueError
+        except ValueError:
+            return error(400, "top_k must be an integer of 1 or more and threshold a "
+                              "probability in (0, 1]")
+        current = state["served"]
+        if reject and current.novelty is None:
+            return error(400, "reject_unknown needs the run's novelty score, and this run "
+                              "has none")
+        try:
+            files = _images(request.headers.get("content-type", ""),
+                            await _read_body(request, limit),
+                            request.headers.get("x-filename", "upload"))
+            images = [await asyncio.to_thread(decode, current, data, name)
+                      for name, data in files]
+            results = await batcher.submit(images)
+        except BadRequest as bad:
+            log.info("POST /predict %d %.1f ms: %s", bad.status,
+                     1000 * (time.perf_counter() - started), bad)
+            return error(bad.status, str(bad))
+        except asyncio.QueueFull:
+            log.info("POST /predict 503: the queue is full")
+            return error(503, f"the queue is full ({config.max_queue} images waiting); retry "
+                              f"shortly", **{"Retry-After": str(RETRY_AFTER_S)})
+        rows = [_answer(current, name, p, n, top_k, threshold, reject)
+                for (name, _), (p, n, _) in zip(files, results, strict=True)]
+        log.info("POST /predict 200 %d image(s) %.1f ms, batch of %s", len(rows),
+                 1000 * (time.perf_counter() - started), "/".join(str(b) for *_, b in results))
+        return JSONResponse(rows)
+
+    async def health(request: Any) -> JSONResponse:
+        return JSONResponse({"status": "alive"})
+
+    async def ready(request: Any) -> JSONResponse:
+        if not allowed(request):
+            return error(401, "missing or wrong API key")
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    async def metadata(request: Any) -> JSONResponse:
+        if not allowed(request):
+            return error(401, "missing or wrong API key")
+        return JSONResponse(describe(state["served"]))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(batcher.run())]
+        if config.reload:
+            tasks.append(asyncio.create_task(_watch(config.run_dir, state)))
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        for task in tasks:
+            task.cancel()
+        batcher.model_thread.shutdown(wait=True)
+
+    return Starlette(routes=[Route("/predict", predict, methods=["POST"]),
+                             Route("/health", health), Route("/ready", ready),
+                             Route("/metadata", metadata)],
+                     lifespan=lifespan)
+
+
+def describe(served: Served) -> dict[str, Any]:
+    """GET /metadata: what the model is and how good the run measured it."""
+    import keras
+
+    from transferkit import __version__
+
+    record = served.run.record
+    # the held-out score (test) when the run has one, else val's, which chose the model
+    held = next((s for s in record.scores if not s.chose), None) or next(
+        iter(record.scores), None)
+    score = None if held is None else {"split": held.split, "accuracy": held.accuracy,
+                                       "interval_95": [held.low, held.high], "n": held.n,
+                                       "chose_the_model": held.chose, "seen_by_run": held.seen}
+    return {"classes": list(record.class_names), "image_size": record.image_size,
+            "base": record.base, "score": score,
+            "novelty_threshold": None if served.novelty is None else served.novelty.threshold,
+            "unknown_label": UNKNOWN, "transferkit": __version__, "keras": keras.__version__}
+
+
+async def _watch(run_dir: Path, state: dict[str, Any]) -> None:
+    """--reload: a newer model.keras of a complete run replaces the served one."""
+    while True:
+        await asyncio.sleep(RELOAD_EVERY_S)
+        try:
+            stamp = (run_dir / MODEL_FILE).stat().st_mtime_ns
+            if stamp == state["served"].stamp:
+                continue
+            state["served"] = await asyncio.to_thread(load_served, run_dir)
+            log.info("reloaded %s", run_dir / MODEL_FILE)
+        except Exception as exc:  # a run being written, a damaged file: keep serving
+            log.warning("not reloaded: %s (still serving the model loaded before)", exc)
+
+
+def serve(config: ServeConfig, reporter: Reporter | None = None) -> None:
+    """Loads the run and serves it until SIGTERM or SIGINT, then exits after answering the
+    requests in flight.
+
+    Raises:
+        TransferkitError: the run cannot be served, or the port is taken.
+    """
+    import importlib.util
+
+    missing = [m for m in ("uvicorn", "starlette") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingPackageError(f"transferkit serve needs {' and '.join(missing)}, which "
+                                  f"are not installed: pip install \"transferkit[serve]\"")
+    import uvicorn
+
+    reporter = reporter or NullReporter()
+    served = load_served(config.run_dir)
+    reporter.info(f"Serving {config.run_dir / RECORD_FILE} ({len(served.run.class_names)} "
+                  f"classes, {served.run.image_size} px) on http://{config.host}:{config.port}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    server = uvicorn.Server(uvicorn.Config(build_app(config, served), host=config.host,
+                                           port=config.port, access_log=False,
+                                           log_level="warning", timeout_graceful_shutdown=30))
+    # uvicorn drains on SIGTERM/SIGINT, then raises the signal again through the handlers it
+    # found: these make that a normal exit (0) after the drain, not a death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    server.run()
