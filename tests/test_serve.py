@@ -181,3 +181,39 @@ def test_an_unfinished_run_is_refused_before_serving(tmp_path):
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "run"), "--port",
                                       str(_free_port())])
     assert result.exit_code == 1 and "run.json" in result.output
+
+
+def test_reload_swaps_in_a_newer_model_without_dropping_requests(trained_run, image_folder,
+                                                                  tmp_path):
+    import shutil
+
+    import keras
+    import numpy as np
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    image = next(p for p in image_folder.rglob("*.png")).read_bytes()
+    server = Server(run, "--reload")
+    try:
+        before = server.request("POST", "/predict?top_k=3", image, {"Content-Type": "image/png"})
+        model = keras.models.load_model(run / "model.keras")
+        dense = model.get_layer("head").get_layer("predictions")
+        kernel, bias = dense.get_weights()
+        dense.set_weights([kernel[:, ::-1], bias[::-1]])  # the classes' answers reversed
+        model.save(tmp_path / "newer.keras")
+        os.replace(tmp_path / "newer.keras", run / "model.keras")
+        answers = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            answers.append(server.request("POST", "/predict?top_k=3", image,
+                                          {"Content-Type": "image/png"}))
+            if answers[-1][1] != before[1]:
+                break
+            time.sleep(0.2)
+        assert all(status == 200 for status, *_ in answers)  # none dropped while swapping
+        old = {r["label"]: r["probability"] for r in before[1][0]["top_k"]}
+        new = {r["label"]: r["probability"] for r in answers[-1][1][0]["top_k"]}
+        names = sorted(old)
+        assert np.allclose([new[n] for n in names], [old[n] for n in names[::-1]], atol=1e-5)
+    finally:
+        assert server.stop() == 0

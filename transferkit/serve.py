@@ -208,95 +208,119 @@ def _images(content_type: str, body: bytes, name: str) -> list[tuple[str, bytes]
     return [(str(n), data) for n, data in parts]
 
 
-def build_app(config: ServeConfig, served: Served) -> Any:
-    """The Starlette application serving `served` (swapped in place by --reload)."""
-    from starlette.applications import Starlette
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+class Service:
+    """The server's state and its endpoints: the served model (swapped in place by
+    --reload), readiness, the API key, the batcher."""
 
-    state = {"served": served, "ready": False}
-    key = config.api_key or os.environ.get(API_KEY_ENV) or None
-    batcher = Batcher(lambda: state["served"], config.max_batch, config.max_wait_ms / 1000,
-                      config.max_queue)
-    limit = int(config.max_body_mb * 2**20)
+    def __init__(self, config: ServeConfig, served: Served) -> None:
+        self.config, self.served, self.ready = config, served, False
+        self.key = config.api_key or os.environ.get(API_KEY_ENV) or None
+        self.batcher = Batcher(lambda: self.served, config.max_batch,
+                               config.max_wait_ms / 1000, config.max_queue)
+        self.limit = int(config.max_body_mb * 2**20)
 
-    def error(status: int, message: str, **headers: str) -> JSONResponse:
+    @staticmethod
+    def error(status: int, message: str, **headers: str) -> Any:
+        from starlette.responses import JSONResponse
+
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    def allowed(request: Any) -> bool:
+    def allowed(self, request: Any) -> bool:
         given = request.headers.get("x-api-key") or request.headers.get(
             "authorization", "").removeprefix("Bearer ").strip()
-        return key is None or hmac.compare_digest(given.encode(), key.encode())
+        return self.key is None or hmac.compare_digest(given.encode(), self.key.encode())
 
-    async def predict(request: Any) -> JSONResponse:
-        started = time.perf_counter()
-        if not allowed(request):
-            return error(401, "missing or wrong API key (Authorization: Bearer KEY, or "
-                              "X-API-Key)")
+    def options(self, request: Any) -> tuple[int, float | None, bool]:
+        """top_k, threshold and reject_unknown from the query (BadRequest when invalid)."""
+        query = request.query_params
         try:
-            query = request.query_params
-            top_k = int(query.get("top_k", config.top_k))
+            top_k = int(query.get("top_k", self.config.top_k))
             threshold = float(query["threshold"]) if "threshold" in query else None
-            reject = query.get("reject_unknown", "0").lower() in ("1", "true", "yes")
-            if top_k < 1 or (threshold is not None and not 0 < threshold <= 1):
-                raise ValueError
         except ValueError:
-            return error(400, "top_k must be an integer of 1 or more and threshold a "
-                              "probability in (0, 1]")
-        current = state["served"]
-        if reject and current.novelty is None:
-            return error(400, "reject_unknown needs the run's novelty score, and this run "
-                              "has none")
+            top_k, threshold = 0, None
+        if top_k < 1 or (threshold is not None and not 0 < threshold <= 1):
+            raise BadRequest(400, "top_k must be an integer of 1 or more and threshold a "
+                                  "probability in (0, 1]")
+        reject = query.get("reject_unknown", "0").lower() in ("1", "true", "yes")
+        if reject and self.served.novelty is None:
+            raise BadRequest(400, "reject_unknown needs the run's novelty score, and this run "
+                                  "has none")
+        return top_k, threshold, reject
+
+    async def predict(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        started = time.perf_counter()
+        if not self.allowed(request):
+            return self.error(401, "missing or wrong API key (Authorization: Bearer KEY, or "
+                                   "X-API-Key)")
+        current = self.served
         try:
+            top_k, threshold, reject = self.options(request)
             files = _images(request.headers.get("content-type", ""),
-                            await _read_body(request, limit),
+                            await _read_body(request, self.limit),
                             request.headers.get("x-filename", "upload"))
             images = [await asyncio.to_thread(decode, current, data, name)
                       for name, data in files]
-            results = await batcher.submit(images)
+            results = await self.batcher.submit(images)
         except BadRequest as bad:
             log.info("POST /predict %d %.1f ms: %s", bad.status,
                      1000 * (time.perf_counter() - started), bad)
-            return error(bad.status, str(bad))
+            return self.error(bad.status, str(bad))
         except asyncio.QueueFull:
             log.info("POST /predict 503: the queue is full")
-            return error(503, f"the queue is full ({config.max_queue} images waiting); retry "
-                              f"shortly", **{"Retry-After": str(RETRY_AFTER_S)})
+            return self.error(503, f"the queue is full ({self.config.max_queue} images "
+                                   f"waiting); retry shortly",
+                              **{"Retry-After": str(RETRY_AFTER_S)})
         rows = [_answer(current, name, p, n, top_k, threshold, reject)
                 for (name, _), (p, n, _) in zip(files, results, strict=True)]
         log.info("POST /predict 200 %d image(s) %.1f ms, batch of %s", len(rows),
                  1000 * (time.perf_counter() - started), "/".join(str(b) for *_, b in results))
         return JSONResponse(rows)
 
-    async def health(request: Any) -> JSONResponse:
+    async def health(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
         return JSONResponse({"status": "alive"})
 
-    async def ready(request: Any) -> JSONResponse:
-        if not allowed(request):
-            return error(401, "missing or wrong API key")
-        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+    async def is_ready(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
 
-    async def metadata(request: Any) -> JSONResponse:
-        if not allowed(request):
-            return error(401, "missing or wrong API key")
-        return JSONResponse(describe(state["served"]))
+        if not self.allowed(request):
+            return self.error(401, "missing or wrong API key")
+        return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
+
+    async def metadata(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        if not self.allowed(request):
+            return self.error(401, "missing or wrong API key")
+        return JSONResponse(describe(self.served))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(batcher.run())]
-        if config.reload:
-            tasks.append(asyncio.create_task(_watch(config.run_dir, state)))
-        state["ready"] = True
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(self.batcher.run())]
+        if self.config.reload:
+            tasks.append(asyncio.create_task(_watch(self)))
+        self.ready = True
         yield
-        state["ready"] = False
+        self.ready = False
         for task in tasks:
             task.cancel()
-        batcher.model_thread.shutdown(wait=True)
+        self.batcher.model_thread.shutdown(wait=True)
 
-    return Starlette(routes=[Route("/predict", predict, methods=["POST"]),
-                             Route("/health", health), Route("/ready", ready),
-                             Route("/metadata", metadata)],
-                     lifespan=lifespan)
+
+def build_app(config: ServeConfig, served: Served) -> Any:
+    """The Starlette application serving `served`."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    service = Service(config, served)
+    return Starlette(routes=[Route("/predict", service.predict, methods=["POST"]),
+                             Route("/health", service.health),
+                             Route("/ready", service.is_ready),
+                             Route("/metadata", service.metadata)],
+                     lifespan=service.lifespan)
 
 
 def describe(served: Served) -> dict[str, Any]:
@@ -318,15 +342,15 @@ def describe(served: Served) -> dict[str, Any]:
             "unknown_label": UNKNOWN, "transferkit": __version__, "keras": keras.__version__}
 
 
-async def _watch(run_dir: Path, state: dict[str, Any]) -> None:
+async def _watch(service: Service) -> None:
     """--reload: a newer model.keras of a complete run replaces the served one."""
+    run_dir = service.config.run_dir
     while True:
         await asyncio.sleep(RELOAD_EVERY_S)
         try:
-            stamp = (run_dir / MODEL_FILE).stat().st_mtime_ns
-            if stamp == state["served"].stamp:
+            if (run_dir / MODEL_FILE).stat().st_mtime_ns == service.served.stamp:
                 continue
-            state["served"] = await asyncio.to_thread(load_served, run_dir)
+            service.served = await asyncio.to_thread(load_served, run_dir)
             log.info("reloaded %s", run_dir / MODEL_FILE)
         except Exception as exc:  # a run being written, a damaged file: keep serving
             log.warning("not reloaded: %s (still serving the model loaded before)", exc)
