@@ -120,7 +120,10 @@ def test_a_signal_before_the_epochs_leaves_a_truthful_record(image_folder: Path,
         finetune(config, _signalled_in_the_probe(signum))
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted"
+    assert record["stopped"]["phase"] == "the probe"
+    assert record["stopped"]["signal"] == signal.Signals(signum).name
     again = runner.invoke(app, ["finetune", str(image_folder), "-o", str(run_dir)])
+    assert "interrupted during the probe" in said(again.stderr)
     assert again.exit_code == 1
     # the interrupted run and a second start say the same: --resume starts it again
     advice = f"transferkit finetune --resume {run_dir}"

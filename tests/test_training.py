@@ -51,7 +51,7 @@ def test_interrupted_run_resumes_to_the_same_kind_of_run(image_folder, tmp_path,
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted"
-    assert record["stopped"] == {"stage": stage, "epoch": epoch,
+    assert record["stopped"] == {"stage": stage, "epoch": epoch, "phase": "training",
                                  "signal": signal.Signals(signum).name}
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert (state["stage"], state["epoch"]) == (stage, epoch)

@@ -198,11 +198,13 @@ def lock_holder(run_dir: Path) -> str | None:
 
 
 def describe_unfinished(record: RunRecord) -> str:
-    """'interrupted in stage head after epoch 3', or the bare status."""
-    where = record.stopped
-    return record.status + (f" in stage {where.stage} after epoch {where.epoch}" if where
-                            else "") + (f" by an error: {record.failure}" if record.failure
-                                        else "")
+    """'interrupted in stage head after epoch 3', 'interrupted during the probe', or the
+    bare status."""
+    where, at = record.stopped, ""
+    if where is not None:
+        at = (f" in stage {where.stage} after epoch {where.epoch}" if where.stage
+              else f" during {where.phase}")
+    return record.status + at + (f" by an error: {record.failure}" if record.failure else "")
 
 
 def check_run_output(path: Path, overwrite: bool, data: Path) -> None:

@@ -252,11 +252,14 @@ class DataSummary:
 
 @dataclass(frozen=True, kw_only=True)
 class Stopped:
-    """Where an interrupted run stopped."""
+    """Where an interrupted run stopped: in a stage after an epoch, or in a phase before the
+    stages (reading the data, the probe, the combined or self-trained candidate, the data
+    checks)."""
 
-    stage: str
-    epoch: int
+    stage: str | None = None
+    epoch: int | None = None
     signal: str | None = None  # None: stopped by an error, which `failure` names
+    phase: str = "training"
 
 
 @dataclass(frozen=True, kw_only=True)

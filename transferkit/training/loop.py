@@ -84,6 +84,7 @@ class Training:
     done: int = 0  # epochs completed, counted across stages
     resumed_stage: str | None = None
     resumed_best: list[np.ndarray] | None = None  # a resumed head-only stage's best weights
+    phase: str = "training"  # what the run is doing, for a record of where a signal stopped it
     frozen: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = \
         field(default=None, repr=False)  # frozen_features, once computed
 
@@ -331,9 +332,9 @@ def interrupted(t: Training, signum: int) -> RunInterrupted:
     """Records where training stopped and says how to continue."""
     name = signal.Signals(signum).name
     if not t.history:
-        t.save(status=INTERRUPTED)
-        return RunInterrupted(f"Stopped by {name} before the first epoch ended. "
-                              f"{how_to_continue(t.run_dir)}", signum)
+        t.save(status=INTERRUPTED, stopped=Stopped(phase=t.phase, signal=name))
+        return RunInterrupted(f"Stopped by {name} during {t.phase}, before the first epoch "
+                              f"ended. {how_to_continue(t.run_dir)}", signum)
     where = Stopped(stage=t.history[-1]["stage"], epoch=t.history[-1]["epoch"], signal=name)
     t.save(status=INTERRUPTED, stopped=where)
     return RunInterrupted(

@@ -115,10 +115,15 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
     with run_lock(config.output), raise_on_sigterm():
         training = _start(config, reporter, splits)  # data, model, lr-find; run.json
         with _recording_how_it_ends(training):
+            training.phase = "the probe"
             probe_right = _probe(training)  # the first candidate model, and the bar to beat
+            training.phase = "the combined candidate"
             _combine(training, probe_right)  # the bases side by side, when several are at hand
+            training.phase = "self-training on the unlabelled pool"
             _self_train(training, probe_right)  # with an unlabelled pool (--unlabeled)
+            training.phase = "the data checks"
             _decide(training)  # data checks -> the Plan, recorded once
+            training.phase = "training"
             return _train_and_keep(training)  # stages, choice, calibration, scores, report
 
 
