@@ -58,9 +58,9 @@ def write_run_report(run_dir: Path, record: RunRecord, evaluated: Sequence[Evalu
                                         f"threshold {novelty.threshold:.2f}"),
             note=f"Novelty scores of the {len(novelty.val_scores)} val images (known classes, "
                  f"not in the bank of {len(novelty.bank)} train images it compares with). "
-                 f"`predict` gives every image this score; above the threshold, where val "
+                 f"predict gives every image this score; above the threshold, where val "
                  f"set it so that {novelty.accept:.0%} of known images fall below, "
-                 f"`predict --reject-unknown` labels it unknown."))
+                 f"predict --reject-unknown labels it unknown."))
     page = report.page(f"transferkit run: {run_dir.name}",
                        f"{record.command} of {record.data_dir}, {record.base} at "
                        f"{record.image_size} px; status {record.status}; updated "
