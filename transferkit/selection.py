@@ -3,13 +3,13 @@
 From the frozen-base features (cached) of the labelled data and of the pool:
 1. a linear probe on every labelled image (train and val) gives each pool image class
    probabilities; its uncertainty is 1 - (top probability - the second), the margin;
-2. pool images that copy a labelled image (identical content, or features at cosine
+2. pool images that copy a labelled image (identical content, or centred features at cosine
    similarity DUPLICATE or more) would teach nothing, and images far from every class (beyond
    Tukey's far-out fence on the pool's distances to the nearest class centre) are likely
    junk: both are left out, and counted;
-3. the rest is clustered into N groups (k-means on the normalised features) and each group's
-   most uncertain image is picked, skipping near-copies of earlier picks: uncertain, but
-   spread over the pool (Citovsky et al. 2021's cluster-margin, with one cluster per label).
+3. the rest is clustered into N groups (k-means on the centred, normalised features) and each
+   group's most uncertain image is picked, skipping near-copies of earlier picks: uncertain,
+   but spread over the pool (Citovsky et al. 2021's cluster-margin, one cluster per label).
 
 bench/selection.py measured it against random picks, the margin alone and Typiclust, in rounds
 of labelling on digits_full and tuxpaint10 (bench/README.md). Nothing in DATA or POOL is ever
@@ -33,6 +33,7 @@ from transferkit.data.folders import ImageSet, load_splits, read_pool
 from transferkit.errors import DataError
 from transferkit.features import base_features
 from transferkit.files import check_new_output, write_text
+from transferkit.novelty import normalise
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.training.probe import fit_probe
 
@@ -60,17 +61,13 @@ class Selection:
     seconds: float
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def far_from_every_class(labelled: np.ndarray, labels: np.ndarray, pool: np.ndarray
                          ) -> np.ndarray:
     """Which pool rows stand out from the pool by their (cosine) distance to the nearest
     class centre: beyond Q3 + 3 IQR of the pool's own distances. Judged against the pool, not
     the labelled images, whose spread a few labels per class cannot estimate."""
     classes = np.unique(labels)
-    centres = _unit(np.stack([labelled[labels == c].mean(axis=0) for c in classes]))
+    centres = normalise(np.stack([labelled[labels == c].mean(axis=0) for c in classes]))
     nearest = 1 - (pool @ centres.T).max(axis=1)
     q1, q3 = np.percentile(nearest, [25, 75])
     return nearest > q3 + FENCE * (q3 - q1)
@@ -87,13 +84,13 @@ def choose(labelled: np.ndarray, labels: np.ndarray, num_classes: int, pool: np.
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
-    probabilities = fit_probe(_unit(labelled), labels, num_classes, seed=seed).probabilities(
-        _unit(pool))
-    far = far_from_every_class(_unit(labelled), labels, _unit(pool))
+    probabilities = fit_probe(normalise(labelled), labels, num_classes, seed=seed).probabilities(
+        normalise(pool))
+    far = far_from_every_class(normalise(labelled), labels, normalise(pool))
     # Similarities and clusters on centred features: pooled ReLU features share a large
     # positive component that makes any two images look alike.
     centre = np.vstack([labelled, pool]).mean(axis=0)
-    labelled, pool = _unit(labelled - centre), _unit(pool - centre)
+    labelled, pool = normalise(labelled - centre), normalise(pool - centre)
     top2 = np.sort(probabilities, axis=1)[:, -2:]
     uncertainty = 1 - (top2[:, 1] - top2[:, 0])
     copies = np.zeros(len(pool), bool)
