@@ -482,6 +482,9 @@ def _novelty(t: Training, model: keras.Model, kept: str, val: np.ndarray
         t.reporter.info("No novelty score: val has too few images to set its threshold.")
         return None
     novelty.save(t.run_dir / NOVELTY_FILE)
+    t.reporter.info(f"Novelty score fitted on {len(novelty.bank)} train images; its threshold "
+                    f"passes {novelty.accept:.0%} of val: predict scores every image, and "
+                    f"--reject-unknown labels those above it unknown.")
     return NoveltyRecord(k=novelty.k, threshold=round(novelty.threshold, 4),
                          accept=novelty.accept, bank=len(novelty.bank),
                          val_images=len(x_val),
