@@ -122,6 +122,9 @@ def test_run_stopped_before_its_first_checkpoint(image_folder, tmp_path):
     with pytest.raises(RunInterrupted, match="before the first epoch ended"):
         finetune(_config(image_folder, run_dir), SignalAtFirstBatch())
     assert not (run_dir / "checkpoints" / "last.keras").exists()
+    # as a kill -9 leaves it: still 'running', no process holding it, no checkpoint
+    record = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**record, "status": "running"}))
     result = resume_finetune(run_dir)  # starts it again, with its saved settings
     assert result.run_dir == run_dir and read_record(run_dir).status == "complete"
 

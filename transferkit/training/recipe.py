@@ -139,8 +139,8 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
 
     reporter = reporter or NullReporter()
     record = read_record(run_dir, finished=False)  # a missing folder: an error, not a folder
-    if record.command == "finetune" and record.status == INTERRUPTED and \
-            not (run_dir / CHECKPOINTS_DIR / STATE_FILE).is_file():
+    if record.command == "finetune" and record.status in (INTERRUPTED, RUNNING) and \
+            not (run_dir / CHECKPOINTS_DIR / STATE_FILE).is_file():  # RUNNING: killed -9
         reporter.info(f"'{run_dir}' stopped before its first checkpoint: starting it again "
                       f"with its saved settings.")
         assert isinstance(record.config, FinetuneConfig)  # the record's command says so
@@ -258,8 +258,8 @@ def _save_probe_model(t: Training, probe: LinearProbe, name: str) -> None:
 
 def _self_train(t: Training, probe_right: np.ndarray) -> None:
     """The probe self-trained on --unlabeled's pool (training.pseudo), saved as a candidate
-    when it beat the probe on val by more than noise (and the stages then start from its
-    head); recorded either way. Pool images that are also labelled (by content) are left
+    when it beat the probe on val by more than noise (a linear head then starts the stages
+    from it); recorded either way. Pool images that are also labelled (by content) are left
     out of the pool."""
     if t.config.unlabeled is None or _no_room(t):
         return
