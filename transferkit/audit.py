@@ -26,7 +26,7 @@ from transferkit import report
 from transferkit.config import AuditConfig
 from transferkit.data.folders import ImageSet, load_splits
 from transferkit.data.inspect import small_image
-from transferkit.features import base_features
+from transferkit.features import base_features, normalise
 from transferkit.files import check_new_output, replace_path, write_json, write_text
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs.directory import REPORT_FILE
@@ -175,7 +175,7 @@ def near_duplicates(images: ImageSet, features: np.ndarray, split_of: np.ndarray
     one image with any crop of the other."""
     prints = np.stack([thumbnails(s) for s in images.sources])  # (n, crops, pixels)
     whole = prints[:, 0]
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    unit = normalise(features)
     embedding = unit @ unit.T
     candidates = set()
     for scores, k in ((whole @ whole.T, CANDIDATES), (embedding, CANDIDATES // 2)):
@@ -203,7 +203,7 @@ def outliers(images: ImageSet, features: np.ndarray,
     """Images beyond the Tukey fence of distances to their own class's centre that are no
     nearer to any other class's centre: far from everything, not merely mislabelled."""
     names = images.class_names
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    unit = normalise(features)
     present = np.unique(images.labels)
     centres = np.zeros((len(names), unit.shape[1]))
     for c in present:

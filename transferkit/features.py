@@ -35,6 +35,13 @@ FEATURES_FORMAT_VERSION = 1
 FEATURE_PIPELINE_VERSION = 2  # bump when decoding or resizing changes what features are
 
 
+def normalise(features: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (float32 at least), so dot products are cosine
+    similarities."""
+    x = np.asarray(features, np.result_type(features, np.float32))
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def weights_fingerprint(spec: BaseSpec, weights: str, seed: int) -> str:
     """What identifies the base's weights: the weights file's content hash, or the seed that
     drew random ones."""

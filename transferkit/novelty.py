@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.errors import ArtifactError
+from transferkit.features import normalise
 from transferkit.files import atomic_path
 
 K = 1  # the nearest neighbour; 5 and 10 did no better in bench/novelty.py
@@ -32,11 +33,6 @@ WEIGHTS = np.array([2.0, 1.0]) / 3  # of the k-NN distance and of 1 - the top pr
 ACCEPT = 0.95  # the share of known (val) images below the threshold
 MAX_BANK = 10_000  # rows kept: 10,000 x 1,280 float16 is 26 MB
 _CHUNK = 1024  # query rows per distance block: bounded memory for any pool
-
-
-def normalise(features: np.ndarray) -> np.ndarray:
-    x = np.asarray(features, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def knn_distance(bank: np.ndarray, queries: np.ndarray, k: int = K) -> np.ndarray:

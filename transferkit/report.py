@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.data.inspect import small_image
+from transferkit.features import normalise
 
 THUMBNAIL_PX = 96
 # Ten colours that stay apart for the usual colour blindnesses (Okabe-Ito, then Tol's).
@@ -119,7 +120,7 @@ def projected(features: np.ndarray) -> np.ndarray:
     there are too few images, or the features do not vary, to have components."""
     from sklearn.decomposition import PCA
 
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    unit = normalise(features)
     if len(unit) <= 2 or not np.ptp(unit, axis=0).any():
         return np.zeros((len(unit), 2))
     return PCA(2, random_state=0).fit_transform(unit)

@@ -31,9 +31,8 @@ from transferkit import report
 from transferkit.config import SelectConfig
 from transferkit.data.folders import ImageSet, load_splits, read_pool
 from transferkit.errors import DataError
-from transferkit.features import base_features
+from transferkit.features import base_features, normalise
 from transferkit.files import check_new_output, write_text
-from transferkit.novelty import normalise
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.training.probe import fit_probe
 
