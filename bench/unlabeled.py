@@ -60,7 +60,7 @@ def one(x, y, x_test, y_test, k, per, seed, unrelated) -> dict:
             n = len(pool) // 4  # a fifth of the polluted pool
             x_pool = np.vstack([pool, extra[rng.choice(len(extra), n, replace=n > len(extra))]])
         probe = fit_probe(x[train], y[train], k, seed=seed)
-        trained = self_train(x[train], y[train], x[val], x_pool, k, seed=seed)
+        trained = self_train(probe, x[train], y[train], x[val], x_pool, k, seed=seed)
         right = {m: p.probabilities(x[val]).argmax(1) == y[val]
                  for m, p in (("probe", probe), ("self-trained", trained.probe))}
         kept = choose(right).kept

@@ -11,6 +11,7 @@ from conftest import write_class_folder
 
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ConfigError
+from transferkit.training.probe import fit_probe
 from transferkit.training.pseudo import ROUNDS, SELF_TRAINED, SHARE, self_train
 
 
@@ -24,7 +25,7 @@ def test_self_training_takes_every_class_evenly_and_leaves_out_unrelated_images(
     # a pool where class 0 is five times as common, and 20 images of no class at all
     unrelated = -np.ones((20, 6)) * 4 + rng.normal(0, .3, (20, 6))
     x_pool = np.vstack([blob(0, 100), blob(1, 20), blob(2, 20), unrelated])
-    trained = self_train(x_train, y_train, x_val, x_pool, 3)
+    trained = self_train(fit_probe(x_train, y_train, 3), x_train, y_train, x_val, x_pool, 3)
     assert trained.unlike >= 20  # the unrelated ones, at least, are kept out
     answers = trained.probe.probabilities(x_pool[:140]).argmax(axis=1)
     assert (answers == np.repeat([0, 1, 2], [100, 20, 20])).mean() > 0.95

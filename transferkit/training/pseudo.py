@@ -39,13 +39,12 @@ class SelfTrained:
     seconds: float
 
 
-def self_train(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
-               x_pool: np.ndarray, num_classes: int, balanced: bool = False,
-               seed: int = 0) -> SelfTrained:
-    """The probe fitted on train's labels and, round by round, the pool's surest answers of
-    every class."""
+def self_train(probe: LinearProbe, x_train: np.ndarray, y_train: np.ndarray,
+               x_val: np.ndarray, x_pool: np.ndarray, num_classes: int,
+               balanced: bool = False, seed: int = 0) -> SelfTrained:
+    """`probe` (fitted on train's labels) fitted again, round by round, with the pool's
+    surest answers of every class."""
     started = time.perf_counter()
-    probe = fit_probe(x_train, y_train, num_classes, balanced, seed)
     novelty = fit_novelty(x_train, x_val, probe.probabilities(x_val), seed=seed)
     usable = np.ones(len(x_pool), bool)
     if novelty is not None and len(x_pool):

@@ -116,11 +116,11 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
         training = _start(config, reporter, splits)  # data, model, lr-find; run.json
         with _recording_how_it_ends(training):
             training.phase = "the probe"
-            probe_right = _probe(training)  # the first candidate model, and the bar to beat
+            probe, probe_right = _probe(training)  # the first candidate, and the bar to beat
             training.phase = "the combined candidate"
             _combine(training, probe_right)  # the bases side by side, when several are at hand
             training.phase = "self-training on the unlabelled pool"
-            _self_train(training, probe_right)  # with an unlabelled pool (--unlabeled)
+            _self_train(training, probe, probe_right)  # with a pool (--unlabeled)
             training.phase = "the data checks"
             _decide(training)  # data checks -> the Plan, recorded once
             training.phase = "training"
@@ -210,11 +210,11 @@ def _start(config: FinetuneConfig, reporter: Reporter, splits: DataSplits | None
                     reporter, _class_weights(config, prepared.splits, reporter), started)
 
 
-def _probe(t: Training) -> np.ndarray:
+def _probe(t: Training) -> tuple[LinearProbe, np.ndarray]:
     """Fits the linear probe on frozen features of train, says its val score (the bar to
     beat) and saves it as the first candidate model, the first usable one. A linear head
     starts from its weights (LP-FT); a head with a hidden layer gets a probe model of its
-    own. Returns which val images it got right."""
+    own. Returns it, and which val images it got right."""
     (x_train, y_train), (x_val, y_val) = t.frozen_features()
     broken = int((~np.isfinite(x_train)).any(axis=1).sum() + (~np.isfinite(x_val)).any(
         axis=1).sum())
@@ -239,7 +239,7 @@ def _probe(t: Training) -> np.ndarray:
     t.reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
     t.save(probe=ProbeRecord(c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
                              ready_after=round(ready, 3), val_correct=correct))
-    return right
+    return probe, right
 
 
 def _save_probe_model(t: Training, probe: LinearProbe, name: str) -> None:
@@ -256,7 +256,7 @@ def _save_probe_model(t: Training, probe: LinearProbe, name: str) -> None:
     save_best(t.run_dir, candidate, name)
 
 
-def _self_train(t: Training, probe_right: np.ndarray) -> None:
+def _self_train(t: Training, probe: LinearProbe, probe_right: np.ndarray) -> None:
     """The probe self-trained on --unlabeled's pool (training.pseudo), saved as a candidate
     when it beat the probe on val by more than noise (a linear head then starts the stages
     from it); recorded either way. Pool images that are also labelled (by content) are left
@@ -269,7 +269,7 @@ def _self_train(t: Training, probe_right: np.ndarray) -> None:
     pool = read_pool(t.config.unlabeled, t.config.data.data_dir, labelled, t.reporter)
     (x_train, y_train), (x_val, y_val) = t.frozen_features()
     (x_pool,) = t.frozen_features_of([pool.images], "the unlabelled pool")
-    trained = self_train(x_train, y_train, x_val, x_pool, len(t.splits.class_names),
+    trained = self_train(probe, x_train, y_train, x_val, x_pool, len(t.splits.class_names),
                          balanced=t.class_weights is not None, seed=t.config.data.seed)
     right = trained.probe.probabilities(x_val).argmax(axis=1) == y_val
     won = choose({PROBE: probe_right, SELF_TRAINED: right}).kept == SELF_TRAINED
