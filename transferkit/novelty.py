@@ -18,6 +18,7 @@ MAX_BANK rows (a seeded subsample beyond), saved beside the model as novelty.npz
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,18 @@ _CHUNK = 1024  # query rows per distance block: bounded memory for any pool
 def knn_distance(bank: np.ndarray, queries: np.ndarray, k: int = K) -> np.ndarray:
     """Cosine distance of each (normalised) query to its k-th nearest row of `bank`."""
     k = min(k, len(bank))
-    bank32 = bank.astype(np.float32)
     out = np.empty(len(queries), np.float32)
     for start in range(0, len(queries), _CHUNK):
-        similarity = queries[start:start + _CHUNK] @ bank32.T
+        similarity = queries[start:start + _CHUNK] @ bank.T
         kth = np.partition(-similarity, k - 1, axis=1)[:, k - 1]
         out[start:start + _CHUNK] = 1.0 + kth  # 1 - (k-th largest similarity)
     return out
+
+
+def _parts(bank: np.ndarray, k: int, features: np.ndarray, probabilities: np.ndarray
+           ) -> np.ndarray:
+    distance = knn_distance(bank, normalise(features), k)
+    return np.stack([distance, 1.0 - np.asarray(probabilities).max(axis=1)], axis=1)
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,12 @@ class Novelty:
 
     def parts(self, features: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """(n, 2): k-NN distance and 1 - the top probability, each per image."""
-        distance = knn_distance(self.bank, normalise(features), self.k)
-        return np.stack([distance, 1.0 - np.asarray(probabilities).max(axis=1)], axis=1)
+        return _parts(self.bank32, self.k, features, probabilities)
+
+    @functools.cached_property
+    def bank32(self) -> np.ndarray:
+        """The bank as float32, once: the matrix product every batch of queries needs."""
+        return self.bank.astype(np.float32)
 
     def score(self, features: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """Higher = less like any training class; about 0 for a typical known image."""
@@ -86,14 +96,13 @@ def fit_novelty(train_features: np.ndarray, val_features: np.ndarray,
     bank = normalise(train_features)
     if len(bank) > MAX_BANK:
         bank = bank[np.random.default_rng(seed).choice(len(bank), MAX_BANK, replace=False)]
-    probe = Novelty(bank.astype(np.float16), k, np.zeros(2), np.ones(2), 0.0, accept,
-                    np.zeros(0, np.float32))
-    parts = probe.parts(val_features, val_probabilities)
+    bank = bank.astype(np.float16)
+    parts = _parts(bank.astype(np.float32), k, val_features, val_probabilities)
     centre = parts.mean(axis=0)
     spread = np.maximum(parts.std(axis=0), 1e-6)
     scores = ((parts - centre) / spread) @ WEIGHTS
     threshold = float(np.quantile(scores, accept, method="higher"))
-    return Novelty(probe.bank, k, centre, spread, threshold, accept, scores.astype(np.float32))
+    return Novelty(bank, k, centre, spread, threshold, accept, scores.astype(np.float32))
 
 
 def load_novelty(path: Path, feature_dim: int | None = None) -> Novelty | None:
