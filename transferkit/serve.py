@@ -260,8 +260,8 @@ class Service:
             files = _images(request.headers.get("content-type", ""),
                             await _read_body(request, self.limit),
                             request.headers.get("x-filename", "upload"))
-            images = [await asyncio.to_thread(decode, current, data, name)
-                      for name, data in files]
+            images = list(await asyncio.gather(*(asyncio.to_thread(decode, current, data, name)
+                                                 for name, data in files)))
             results = await self.batcher.submit(images)
         except BadRequest as bad:
             log.info("POST /predict %d %.1f ms: %s", bad.status,
