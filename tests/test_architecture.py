@@ -79,7 +79,7 @@ LAYERS = [
      "gradcam", "report"},
     {"data", "data.inspect", "data.folders", "data.pipeline", "runs", "runs.records",
      "runs.directory", "runs.checkpoints", "bases", "bases.efficientnet_lite",
-     "bases.torch_legacy", "files", "cache"},
+     "bases.torch_legacy", "files", "cache", "workers"},
     {"", "config", "errors", "reporting", "quiet", "stats", "training"},
 ]
 

@@ -38,11 +38,11 @@ def test_auto_precision_is_float32_without_a_gpu():
     assert resolve_precision("mixed") == "mixed"
 
 
-def test_multiworker_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch):
-    from transferkit.config import ComputeConfig
-
-    with pytest.raises(ConfigError, match=r"keras-team/keras#20585.*--strategy mirrored"):
-        ComputeConfig(strategy="multiworker")
+def test_multiworker_checks_tf_config_before_making_the_strategy(
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1"]}}')  # no task
+    with pytest.raises(ConfigError, match="TF_CONFIG does not describe this worker"):
+        build_strategy("multiworker")
     assert build_strategy("none").num_replicas_in_sync == 1
 
 

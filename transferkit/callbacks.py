@@ -74,10 +74,28 @@ class ValidateByPredicting(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is None:
             return
-        probabilities = self.model.predict(self.images, verbose=0)
-        picked = probabilities[np.arange(len(self.labels)), self.labels]
-        logs["val_loss"] = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
-        logs["val_accuracy"] = float(np.mean(probabilities.argmax(axis=1) == self.labels))
+        logs["val_loss"], logs["val_accuracy"] = _scores(
+            self.model.predict(self.images, verbose=0), self.labels)
+
+
+def val_scores(model: keras.Model, images: Any, labels: np.ndarray,
+               batch_size: int | None) -> tuple[float, float]:
+    """val_loss and val_accuracy from this process alone (`model` called batch by batch, no
+    collective), as a worker of a multi-worker run scores val; `images` a dataset of batches,
+    or an array split into `batch_size` rows."""
+    import tensorflow as tf
+
+    if not isinstance(images, tf.data.Dataset):
+        images = tf.data.Dataset.from_tensor_slices(images).batch(batch_size or 32)
+    step = tf.function(lambda x: model(x, training=False))
+    probabilities = np.concatenate([np.asarray(step(x), np.float32) for x in images])
+    return _scores(probabilities, labels)
+
+
+def _scores(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    picked = probabilities[np.arange(len(labels)), labels]
+    return (float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0)))),
+            float(np.mean(probabilities.argmax(axis=1) == labels)))
 
 
 class StopOnNonFinite(keras.callbacks.Callback):

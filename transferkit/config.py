@@ -211,21 +211,15 @@ class ComputeConfig:
     precision: str = option(DEFAULT_PRECISION, PRECISION_HELP, choices=PRECISIONS)
     jit: bool = option(False, "XLA-compile the training steps.")
     strategy: str = option(
-        "auto", "none; mirrored (all local GPUs); auto: mirrored with several GPUs. "
-                "--batch-size is per device. (multiworker: not available with Keras 3; the "
-                "error says why.)", choices=STRATEGIES)
+        "auto", "none; mirrored (all local GPUs); multiworker (finetune across machines, each "
+                "process told its place by TF_CONFIG; see the README); auto: mirrored with "
+                "several GPUs. --batch-size is per device.", choices=STRATEGIES)
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check_precision(self.precision)
         _check(self.strategy in STRATEGIES, f"--strategy must be one of "
                                             f"{', '.join(STRATEGIES)}; got {self.strategy}.")
-        _check(self.strategy != "multiworker",
-               "--strategy multiworker is not available: Keras 3's fit fails under "
-               "TensorFlow's MultiWorkerMirroredStrategy (keras-team/keras#20585: first while "
-               "building the model from a distributed batch, then while averaging each step's "
-               "losses across workers). Train on one machine: --strategy mirrored uses all of "
-               "its GPUs.")
 
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -415,6 +409,15 @@ class FinetuneConfig:
         _check(self.base != AUTO_BASE or self.weights == "imagenet",
                f"--base auto ranks the bases by their ImageNet weights; got --weights "
                f"{self.weights}. Name the base that fits those weights.")
+        if self.compute.strategy == "multiworker":
+            alone = [name for name, given in (
+                ("--lr-find", self.lr_find), ("--tensorboard", self.tensorboard),
+                ("--ema", self.optimizer.ema), ("--base auto", self.base == AUTO_BASE))
+                if given]
+            _check(not alone, f"--strategy multiworker trains the stages across workers; "
+                              f"{', '.join(alone)} works on one machine only. Drop it, or "
+                              f"run it on one machine first (e.g. `transferkit bases --rank` "
+                              f"to choose the base).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -427,6 +430,8 @@ class CVConfig:
 
     def __post_init__(self) -> None:
         _check(self.folds >= 2, f"--folds must be at least 2; got {self.folds}.")
+        _check(self.recipe.compute.strategy != "multiworker",
+               "cv runs its folds on one machine; --strategy multiworker is finetune's.")
         _check(self.recipe.base != AUTO_BASE,
                "cv cross-validates one recipe on one base; --base auto is finetune's. Name a "
                "base, e.g. the first of `transferkit bases --rank DATA`.")

@@ -126,7 +126,9 @@ def render_epochs(history: Sequence[Mapping[str, object]]) -> None:
     stdout.print(table)
 
 
-def render_finetune(result: FinetuneResult) -> None:
+def render_finetune(result: FinetuneResult | None) -> None:
+    if result is None:  # a worker that is not the chief: its lines said what it did
+        return
     if result.history:
         render_epochs(result.history)
         render_stages(result.stages, result.kept_stage)

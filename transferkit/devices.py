@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from transferkit.errors import ConfigError
+from transferkit.workers import MULTIWORKER, read_cluster
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -52,7 +53,8 @@ def precision_policy(precision: str) -> Iterator[str]:
 
 def build_strategy(name: str) -> tf.distribute.Strategy:
     """none: the default (one device); mirrored: all local GPUs (or CPU); auto: mirrored when
-    there is more than one GPU, else none. (multiworker is refused by ComputeConfig.)"""
+    there is more than one GPU, else none; multiworker: every worker TF_CONFIG lists (read,
+    and checked first, when the strategy is made)."""
     import tensorflow as tf
 
     if name == "auto":
@@ -61,4 +63,7 @@ def build_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
+    if name == MULTIWORKER:
+        read_cluster()
+        return tf.distribute.MultiWorkerMirroredStrategy()
     raise ConfigError(f"Unknown strategy '{name}'.")

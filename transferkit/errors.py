@@ -36,6 +36,11 @@ class TrainingDiverged(TransferkitError):
     """The loss became NaN or infinite: the run stops, and no model is saved as complete."""
 
 
+class WorkerLost(TransferkitError):
+    """Another worker of a multi-worker run stopped answering (it died, or its machine or
+    network went away): this one stops too; the chief's run can be resumed."""
+
+
 class RunInterrupted(TransferkitError):
     """Training stopped on a signal; the run directory can be resumed."""
 

@@ -104,6 +104,20 @@ def save_best(run_dir: Path, model: Any, stage: str) -> None:
         model.save(tmp)
 
 
+def checkpointed(run_dir: Path) -> tuple[str, int] | None:
+    """The stage and epoch of the last checkpoint (what --resume continues after), None
+    without a readable one. Training's history may be an epoch ahead of it when the run
+    ended while that epoch was being saved."""
+    try:
+        state = read_json(run_dir / CHECKPOINTS_DIR / STATE_FILE)
+    except ArtifactError:
+        return None
+    if isinstance(state, dict) and isinstance(state.get("stage"), str) and \
+            isinstance(state.get("epoch"), int):
+        return state["stage"], state["epoch"]
+    return None
+
+
 def load_checkpoint(run_dir: Path, stages: Sequence[str]) -> tuple[Any, dict[str, Any]]:
     """The last completed epoch's model (compiled, optimizer state restored) and the state
     to resume from (its stage, one of `stages`; its epoch; the history so far), checked.

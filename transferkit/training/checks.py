@@ -3,7 +3,6 @@ overfitting a tiny subset (can the pipeline learn at all?) and a learning-rate r
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from transferkit.config import (
 )
 from transferkit.data.folders import load_splits
 from transferkit.data.pipeline import build_dataset
+from transferkit.errors import ConfigError
 from transferkit.features import predict_features
 from transferkit.files import check_new_output, save_figure
 from transferkit.model import build_head
@@ -29,6 +29,7 @@ from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs.records import LRFind
 from transferkit.training.prepare import Prepared, prepare
 from transferkit.training.stages import compile_model
+from transferkit.workers import MULTIWORKER
 
 OVERFIT_BATCHES = 2
 OVERFIT_EPOCHS = 100
@@ -66,8 +67,10 @@ def fit_tiny_subset(features: np.ndarray, labels: np.ndarray, num_classes: int,
 def overfit_check(config: FinetuneConfig, reporter: Reporter | None = None) -> OverfitResult:
     """`finetune --overfit-check`: can the head memorise two batches of training images?"""
     reporter = reporter or NullReporter()
+    if config.compute.strategy == MULTIWORKER:
+        raise ConfigError("--overfit-check runs on one machine; drop --strategy multiworker.")
     base = DEFAULT_BASE if config.base == AUTO_BASE else config.base  # the pipeline's check
-    prepared = prepare(dataclasses.replace(config, output=None), get_base(base), reporter)
+    prepared = prepare(config, get_base(base), reporter)
     train = prepared.splits.train
     n = min(len(train), OVERFIT_BATCHES * config.data.batch_size)
     chosen = np.sort(np.random.default_rng(config.data.seed).permutation(len(train))[:n])

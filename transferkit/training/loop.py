@@ -63,6 +63,7 @@ from transferkit.training.plan import HEAD, PROBE, plan_stages
 from transferkit.training.prepare import data_summary, report_data
 from transferkit.training.pseudo import SELF_TRAINED
 from transferkit.training.stages import StagePlan, compile_model, run_stage, stage_result
+from transferkit.workers import Cluster, shard
 
 
 @dataclass
@@ -87,6 +88,12 @@ class Training:
     phase: str = "training"  # what the run is doing, for a record of where a signal stopped it
     frozen: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = \
         field(default=None, repr=False)  # frozen_features, once computed
+    cluster: Cluster | None = None  # --strategy multiworker: this worker's place
+
+    @property
+    def chief(self) -> bool:
+        """Whether this process writes the run (always, on one machine)."""
+        return self.cluster is None or self.cluster.chief
 
     @property
     def plan(self) -> Plan:
@@ -140,8 +147,9 @@ class Training:
         return list(found)
 
 
-def resume(run_dir: Path, reporter: Reporter) -> Training:
-    """The Training of an interrupted run, from its last checkpoint.
+def resume(run_dir: Path, reporter: Reporter, cluster: Cluster | None = None) -> Training:
+    """The Training of an interrupted run, from its last checkpoint (for a worker that is
+    not the chief, `run_dir` is its copy of the chief's run).
 
     Raises:
         ArtifactError: `run_dir` is not an unfinished finetune run, or has no checkpoint.
@@ -171,7 +179,7 @@ def resume(run_dir: Path, reporter: Reporter) -> Training:
     base = model.get_layer("features").get_layer(record.base_layer)
     training = Training(config, run_dir, record, spec, splits, model, base, strategy, reporter,
                         record.plan.class_weights, history=list(state["history"]),
-                        done=int(state["epoch"]), resumed_stage=state["stage"])
+                        done=int(state["epoch"]), resumed_stage=state["stage"], cluster=cluster)
     if state.get("head_only"):
         training.resumed_best = _restore_head_state(model, run_dir)
     return training
@@ -277,7 +285,7 @@ def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal,
             t.history, optimizer=None if resuming or fitted is not t.model else config.optimizer,
             first_epoch=t.done if resuming else None, class_weight=weights,
             batch_size=batch_size, jit=config.compute.jit, val_labels=t.splits.val.labels,
-            label_smoothing=t.smoothing,
+            label_smoothing=t.smoothing, cluster=t.cluster,
             callbacks=[monitor, stop.callback(), *extra])
     except StopRequested as stopped:  # every completed epoch is checkpointed already
         raise interrupted(t, stopped.signum) from None
@@ -295,11 +303,16 @@ def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
     cached frozen-base features (then with the batch size to use)."""
     config, plan = t.config, t.plan
     k = len(t.splits.class_names)
+    # across workers, each reads its own share of the files, in batches per replica
+    sources, labels, batch = t.splits.train.sources, t.splits.train.labels, t.batch
+    if t.cluster is not None:
+        sources, labels = shard(sources, t.cluster), shard(labels, t.cluster)
+        batch = config.data.batch_size
     if stage.name != HEAD or plan.augment.enabled:
-        train = build_dataset(t.splits.train.sources, t.splits.train.labels,
-                              t.record.image_size, t.batch, shuffle_seed=config.data.seed + t.done,
+        train = build_dataset(sources, labels, t.record.image_size, batch,
+                              shuffle_seed=config.data.seed + t.done,
                               augment=build_augmentation(plan.augment, config.data.seed),
-                              replicas=t.strategy.num_replicas_in_sync)
+                              replicas=1 if t.cluster else t.strategy.num_replicas_in_sync)
         val = build_dataset(t.splits.val.sources, t.splits.val.labels, t.record.image_size,
                             t.batch)
         if t.smoothing is not None:  # one-hot rows, then mixed as asked
@@ -310,6 +323,8 @@ def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
             train = train if mixing is None else train.map(mixing)
         return t.model, train, val, None
     train, val = t.frozen_features()
+    if t.cluster is not None:
+        train = (shard(train[0], t.cluster), shard(train[1], t.cluster))
     if t.smoothing is not None:
         train, val = ((x, np.eye(k, dtype=np.float32)[y]) for x, y in (train, val))
     t.reporter.info("Stage 'head' trains on the frozen-base features (no augmentation).")
@@ -325,7 +340,7 @@ def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
     fitted = keras.Model(head.inputs, head.outputs)
     compile_model(fitted, t.model.optimizer, stage.learning_rate, config.compute.jit,
                   t.smoothing)
-    return fitted, train, val, t.batch
+    return fitted, train, val, batch
 
 
 def interrupted(t: Training, signum: int) -> RunInterrupted:
@@ -337,6 +352,11 @@ def interrupted(t: Training, signum: int) -> RunInterrupted:
                               f"ended. {how_to_continue(t.run_dir)}", signum)
     where = Stopped(stage=t.history[-1]["stage"], epoch=t.history[-1]["epoch"], signal=name)
     t.save(status=INTERRUPTED, stopped=where)
+    if not t.chief:
+        return RunInterrupted(f"Stopped by {name} after epoch {where.epoch}, with the other "
+                              f"workers. The chief's run keeps its checkpoint: continue with "
+                              f"transferkit finetune --resume {t.config.output} on every "
+                              f"worker.", signum)
     return RunInterrupted(
         f"Stopped by {name}. '{t.run_dir}' keeps its checkpoint from epoch {where.epoch} "
         f"(stage {where.stage}). Continue with: transferkit finetune --resume {t.run_dir}",

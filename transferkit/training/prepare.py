@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import keras
@@ -64,10 +65,10 @@ class Prepared:
 
 
 def prepare(config: FinetuneConfig, spec: BaseSpec, reporter: Reporter,
-            splits: DataSplits | None = None) -> Prepared:
-    """Checks the options against base `spec`, reads the data (unless given its `splits`)
-    and builds the classifier (seeded) under the precision policy and inside the
-    distribution strategy."""
+            splits: DataSplits | None = None, output: Path | None = None) -> Prepared:
+    """Checks the options against base `spec` and the run directory `output` (when one is
+    written), reads the data (unless given its `splits`) and builds the classifier (seeded)
+    under the precision policy and inside the distribution strategy."""
     image_size = resolve_image_size(spec, config.data.image_size)
     if config.tunes:
         spec.check_block_count(config.unfreeze_blocks, "--unfreeze-blocks")
@@ -75,8 +76,8 @@ def prepare(config: FinetuneConfig, spec: BaseSpec, reporter: Reporter,
         raise MissingPackageError(
             "--tensorboard needs the tensorboard package, which is not installed. "
             "Run: pip install 'transferkit[tensorboard]' (or drop --tensorboard).")
-    if config.output is not None:
-        check_run_output(config.output, config.overwrite, config.data.data_dir)
+    if output is not None:
+        check_run_output(output, config.overwrite, config.data.data_dir)
     if splits is None:
         splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                              reporter)

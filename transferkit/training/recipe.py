@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -33,7 +36,7 @@ from transferkit.callbacks import StopOnSignal, raise_on_sigterm
 from transferkit.config import AUTO_BASE, FinetuneConfig
 from transferkit.data.folders import DataSplits, read_pool
 from transferkit.data.pipeline import build_dataset
-from transferkit.errors import ArtifactError, StopRequested, TrainingDiverged
+from transferkit.errors import ArtifactError, DataError, StopRequested, TrainingDiverged
 from transferkit.files import save_figure
 from transferkit.inference import predict_batches
 from transferkit.metrics import classification_metrics
@@ -42,7 +45,7 @@ from transferkit.novelty import fit_novelty
 from transferkit.plots import plot_curves, plot_lr_find
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
-from transferkit.runs.checkpoints import best_checkpoint, restore_best, save_best
+from transferkit.runs.checkpoints import best_checkpoint, checkpointed, restore_best, save_best
 from transferkit.runs.directory import (
     CHECKPOINTS_DIR,
     CURVES_FILE,
@@ -85,6 +88,7 @@ from transferkit.training.prepare import data_summary, prepare
 from transferkit.training.probe import LinearProbe, fit_probe
 from transferkit.training.pseudo import SELF_TRAINED, self_train
 from transferkit.training.stages import class_weights
+from transferkit.workers import Cluster, cluster_of, scratch_copy, share_text, weights_digest
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,10 @@ class FinetuneResult:
 
 
 def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
-             splits: DataSplits | None = None) -> FinetuneResult:
+             splits: DataSplits | None = None) -> FinetuneResult | None:
     """Trains a classifier on `config.data` (split as `splits` when given: cv's folds) and
-    writes the run directory.
+    writes the run directory. Across workers (--strategy multiworker) the chief does all of
+    that; the others train the stages with it, in a scratch folder, and return None.
 
     Raises:
         TransferkitError: bad data, options, weights, or an existing output (all checked
@@ -112,25 +117,27 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
     reporter = reporter or NullReporter()
     if config.output is None:
         raise ArtifactError("finetune needs a run directory: pass -o RUN.")
-    with run_lock(config.output), raise_on_sigterm():
-        training = _start(config, reporter, splits)  # data, model, lr-find; run.json
+    cluster = cluster_of(config.compute.strategy)
+    with _run_folder(config.output, cluster, copy=False) as run_dir, raise_on_sigterm():
+        training = _start(config, run_dir, reporter, splits, cluster)  # data, model; run.json
         with _recording_how_it_ends(training):
-            training.phase = "the probe"
-            probe, probe_right = _probe(training)  # the first candidate, and the bar to beat
-            training.phase = "the combined candidate"
-            _combine(training, probe_right)  # the bases side by side, when several are at hand
-            training.phase = "self-training on the unlabelled pool"
-            _self_train(training, probe, probe_right)  # with a pool (--unlabeled)
-            training.phase = "the data checks"
-            _decide(training)  # data checks -> the Plan, recorded once
+            if training.chief:
+                training.phase = "the probe"
+                probe, probe_right = _probe(training)  # the first candidate, the bar to beat
+                training.phase = "the combined candidate"
+                _combine(training, probe_right)  # the bases side by side, when at hand
+                training.phase = "self-training on the unlabelled pool"
+                _self_train(training, probe, probe_right)  # with a pool (--unlabeled)
+                training.phase = "the data checks"
+                _decide(training)  # data checks -> the Plan, recorded once
             training.phase = "training"
             return _train_and_keep(training)  # stages, choice, calibration, scores, report
 
 
-def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> FinetuneResult:
+def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> FinetuneResult | None:
     """Continues an interrupted `finetune` from its last completed epoch; one stopped before
     its first checkpoint (reading data, the probe, the data checks) starts again with its
-    saved settings.
+    saved settings. Across workers, every worker reads the chief's run (a shared folder).
 
     Raises:
         ArtifactError: `run_dir` is not an unfinished run, or has no checkpoint yet.
@@ -146,10 +153,27 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
         assert isinstance(record.config, FinetuneConfig)  # the record's command says so
         return finetune(dataclasses.replace(record.config, output=run_dir, overwrite=True),
                         reporter)
-    with run_lock(run_dir), raise_on_sigterm():
-        training = resume(run_dir, reporter)
+    assert isinstance(record.config, FinetuneConfig)  # read_record checked the command
+    cluster = cluster_of(record.config.compute.strategy)
+    with _run_folder(run_dir, cluster, copy=True) as folder, raise_on_sigterm():
+        training = resume(folder, reporter, cluster)
         with _recording_how_it_ends(training):
             return _train_and_keep(training)
+
+
+@contextlib.contextmanager
+def _run_folder(run_dir: Path, cluster: Cluster | None, copy: bool) -> Iterator[Path]:
+    """The folder this process writes, locked: the run's, or, for a worker that is not the
+    chief, a scratch folder (a copy of the run, to resume) removed at the end."""
+    if cluster is None or cluster.chief:
+        with run_lock(run_dir):
+            yield run_dir
+        return
+    scratch = scratch_copy(run_dir if copy else None)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -167,19 +191,20 @@ def _recording_how_it_ends(t: Training) -> Iterator[None]:
     except BaseException as exc:
         if t.record.status == RUNNING:
             reason = str(exc) or type(exc).__name__
+            where = checkpointed(t.run_dir)
             with contextlib.suppress(OSError):  # a full disk may refuse this write too
-                if t.history:
-                    t.save(status=INTERRUPTED, failure=reason, stopped=Stopped(
-                        stage=t.history[-1]["stage"], epoch=t.history[-1]["epoch"]))
+                if where is not None:
+                    t.save(status=INTERRUPTED, failure=reason,
+                           stopped=Stopped(stage=where[0], epoch=where[1]))
                 else:
                     t.save(status=FAILED, failure=reason)
         raise
 
 
-def _start(config: FinetuneConfig, reporter: Reporter, splits: DataSplits | None) -> Training:
+def _start(config: FinetuneConfig, run_dir: Path, reporter: Reporter,
+           splits: DataSplits | None, cluster: Cluster | None) -> Training:
     """Reads the data, builds the model (the best-ranked base for --base auto), runs the
-    learning-rate range test when asked, and writes run.json as running."""
-    assert config.output is not None  # finetune checked it
+    learning-rate range test when asked, and writes run.json as running in `run_dir`."""
     started = time.perf_counter()
     base = config.base
     if base == AUTO_BASE:
@@ -190,7 +215,10 @@ def _start(config: FinetuneConfig, reporter: Reporter, splits: DataSplits | None
         reporter.info("Bases ranked on the data: " + ", ".join(
             f"{r.base} {r.score.accuracy:.3f}" for r in ranking.ranks) + f"; fine-tuning "
             f"{base} (a costlier base must win by more than noise).")
-    prepared = prepare(config, get_base(base), reporter, splits)
+    if cluster is not None:
+        reporter.info(f"Training across workers: this is {cluster.describe()}.")
+    prepared = prepare(config, get_base(base), reporter, splits,
+                       output=config.output if cluster is None or cluster.chief else None)
     found = lr_find(config, prepared, reporter) if config.lr_find else None
     record = RunRecord(
         command="finetune", config=config, base=prepared.spec.name,
@@ -201,13 +229,14 @@ def _start(config: FinetuneConfig, reporter: Reporter, splits: DataSplits | None
                         replicas=prepared.strategy.num_replicas_in_sync),
         data=data_summary(prepared.splits), lr_find=found, status=RUNNING)
     if config.overwrite:
-        clear_run(config.output)
-    save_splits(config.output, prepared.splits.rows())
+        clear_run(run_dir)
+    save_splits(run_dir, prepared.splits.rows())
     if found is not None:
-        save_figure(config.output / LR_FIND_FILE, plot_lr_find(found))
-    return Training(config, config.output, save_record(config.output, record), prepared.spec,
+        save_figure(run_dir / LR_FIND_FILE, plot_lr_find(found))
+    return Training(config, run_dir, save_record(run_dir, record), prepared.spec,
                     prepared.splits, prepared.model, prepared.base, prepared.strategy,
-                    reporter, _class_weights(config, prepared.splits, reporter), started)
+                    reporter, _class_weights(config, prepared.splits, reporter), started,
+                    cluster=cluster)
 
 
 def _probe(t: Training) -> tuple[LinearProbe, np.ndarray]:
@@ -246,13 +275,11 @@ def _save_probe_model(t: Training, probe: LinearProbe, name: str) -> None:
     """Saves the classifier with `probe`'s weights as candidate `name`: the run's model (a
     linear head starts from them, LP-FT), or a model of its own for a head with a hidden
     layer."""
-    with t.strategy.scope():
-        candidate = t.model
-        if t.config.dense_units:
-            candidate = build_classifier(t.model.get_layer("features"), build_head(
-                probe.kernel.shape[0], len(t.splits.class_names)))
-        candidate.get_layer("head").get_layer(PREDICTIONS).set_weights(
-            [probe.kernel, probe.bias])
+    candidate = t.model
+    if t.config.dense_units:  # built for saving only, so outside the strategy
+        candidate = build_classifier(t.model.get_layer("features"), build_head(
+            probe.kernel.shape[0], len(t.splits.class_names)))
+    candidate.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
     save_best(t.run_dir, candidate, name)
 
 
@@ -305,9 +332,8 @@ def _combine(t: Training, probe_right: np.ndarray) -> None:
                     f"the probe's {t.record.probe.val_correct}" + (
                         ", beyond noise." if won else ", within noise."))
     if won:  # else the choice could never keep it: no model to build, save and score
-        with t.strategy.scope():
-            save_best(t.run_dir, build_combined(combined, t.record.image_size,
-                                                t.record.compute.precision), COMBINED)
+        save_best(t.run_dir, build_combined(combined, t.record.image_size,
+                                            t.record.compute.precision), COMBINED)
     t.save(combined=CombinedRecord(bases=combined.bases, c=combined.probe.c,
                                    val_correct=correct, won=won,
                                    seconds=round(combined.seconds, 3)))
@@ -356,12 +382,22 @@ def _decide(t: Training) -> None:
     t.save(adaptation=found, plan=plan)
 
 
-def _train_and_keep(t: Training) -> FinetuneResult:
+def _train_and_keep(t: Training) -> FinetuneResult | None:
     """The stages, then the choice among the candidates, calibration and scores; writes the
     run. A signal during the final save waits for it (about a second), so the run ends
     complete instead of as a half-written model."""
-    with t.strategy.scope(), StopOnSignal(t.reporter) as stop:
-        results = train_stages(t, stop)
+    _share_record(t)
+    with StopOnSignal(t.reporter) as stop:
+        with t.strategy.scope():
+            results = train_stages(t, stop)
+        if t.cluster is not None:
+            t.reporter.info(f"Stages done on {t.cluster.size} workers; the weights of "
+                            f"{t.cluster.describe()}: {weights_digest(t.model)}.")
+            if not t.chief:
+                t.reporter.info(f"The chief writes the run to '{t.config.output}'.")
+                return None
+        # the rest runs on this process alone, outside the strategy (a model made inside a
+        # multi-worker one would wait for the other workers)
         model, choice, val = _choose_model(t, results)
         refit = _refit(t, model, choice.kept) if t.config.refit else None
         calibration, scores, test = _calibrate_and_score(t, model, choice, val)
@@ -384,6 +420,23 @@ def _train_and_keep(t: Training) -> FinetuneResult:
                            f"being saved; it was saved complete first.")
     return FinetuneResult(t.run_dir, t.splits.class_names, tuple(results), choice.kept,
                           tuple(t.history), scores, choice, calibration, test)
+
+
+def _share_record(t: Training) -> None:
+    """Across workers: every worker takes the chief's record (its probe, checks and Plan),
+    so all of them run the same stages, once each has checked that it reads the same
+    images as the chief."""
+    if t.cluster is None:
+        return
+    digest = hashlib.sha256(json.dumps(t.splits.rows()).encode()).hexdigest()
+    chiefs = json.loads(share_text(t.strategy, json.dumps(
+        {"record": t.record.to_dict(), "splits": digest}), t.cluster))
+    if chiefs["splits"] != digest:
+        raise DataError(f"This worker ({t.cluster.describe()}) reads other images or splits "
+                        f"than the chief from '{t.config.data.data_dir}'. Every worker needs "
+                        f"the same DATA folder (a shared or identical copy) and settings.")
+    if not t.chief:
+        t.record = save_record(t.run_dir, RunRecord.from_dict(chiefs["record"]))
 
 
 def _candidate(t: Training, name: str) -> keras.Model:

@@ -11,11 +11,18 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.callbacks import EpochReporter, StopOnNonFinite, ValidateByPredicting, best_row
+from transferkit.callbacks import (
+    EpochReporter,
+    StopOnNonFinite,
+    ValidateByPredicting,
+    best_row,
+    val_scores,
+)
 from transferkit.config import OptimizerConfig, ScheduleConfig
 from transferkit.freezing import count_params
 from transferkit.reporting import Reporter, StageInfo
 from transferkit.runs.records import StageResult
+from transferkit.workers import Cluster, fit_across_workers
 
 
 def _step(base_lr: float, t: int, span: int, rate: float, every: int | None) -> float:
@@ -63,9 +70,16 @@ def compile_model(model: keras.Model, optimizer: OptimizerConfig | keras.optimiz
     if isinstance(optimizer, OptimizerConfig):
         ema = {"use_ema": True, "ema_momentum": optimizer.ema} if optimizer.ema else {}
         optimizer = OPTIMIZERS[optimizer.name](optimizer, learning_rate, **ema)
-    loss = ("sparse_categorical_crossentropy" if label_smoothing is None else
-            keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing))
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit)
+    model.compile(optimizer=optimizer, loss=training_loss(label_smoothing), metrics=["accuracy"],
+                  jit_compile=jit)
+
+
+def training_loss(label_smoothing: float | None) -> keras.losses.Loss:
+    """Cross-entropy on class indices, or on one-hot rows with `label_smoothing` (0
+    included)."""
+    if label_smoothing is None:
+        return keras.losses.SparseCategoricalCrossentropy()
+    return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> dict[int, float] | None:
@@ -122,14 +136,15 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
               class_weight: dict[int, float] | None = None,
               batch_size: int | None = None, jit: bool = False,
               val_labels: np.ndarray | None = None,
-              label_smoothing: float | None = None) -> int:
+              label_smoothing: float | None = None, cluster: Cluster | None = None) -> int:
     """Trains `model` through `plan`, appending one row per epoch to `history`.
 
     With `optimizer`, the model is compiled for its current `trainable` state first; without,
     it keeps the optimizer it has (a resumed stage, from `first_epoch`). `train` and
     `validation` are datasets (then `val_labels` are validation's labels), or (x, y) arrays
-    with `batch_size`; `label_smoothing` as compile_model takes it. Returns the trainable
-    parameter count.
+    with `batch_size`; `label_smoothing` as compile_model takes it. With a `cluster`, `train`
+    is this worker's share, trained on across the workers (workers.fit_across_workers).
+    Returns the trainable parameter count.
     """
     if optimizer is not None:
         compile_model(model, optimizer, plan.learning_rate, jit, label_smoothing)
@@ -142,6 +157,13 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
         epoch))
     recorder = EpochReporter(reporter, plan.name, plan.last_epoch, steps, history)
     diverged = StopOnNonFinite(plan.name, plan.rate_option)
+    if cluster is not None:
+        images, labels = _val_inputs(validation, val_labels)
+        fit_across_workers(
+            model, training_loss(label_smoothing), train, steps, batch_size,
+            (start, plan.last_epoch), lambda: val_scores(model, images, labels, batch_size),
+            [schedule, diverged, recorder, *callbacks], cluster, class_weight, seed=start)
+        return counts.trainable
     train, validation, first = _for_replicas(train, validation, val_labels, batch_size)
     if model.optimizer.use_ema:
         # First, so that validation, the best-epoch bookkeeping and the checkpoints all see
@@ -172,12 +194,15 @@ def _for_replicas(train: Any, validation: Any, val_labels: np.ndarray | None,
         n = len(train[0])
         train = tf.data.Dataset.from_tensor_slices(train).shuffle(n).take(
             n - n % replicas).batch(batch_size)
+    return train, None, [ValidateByPredicting(*_val_inputs(validation, val_labels))]
+
+
+def _val_inputs(validation: Any, val_labels: np.ndarray | None) -> tuple[Any, np.ndarray]:
+    """Validation's inputs (a dataset of images, or an array) and its class indices."""
     if isinstance(validation, tuple):
         images, labels = validation
     else:
         images, labels = validation.map(lambda x, y: x), val_labels
     labels = np.asarray(labels)
-    if labels.ndim == 2:  # one-hot rows
-        labels = labels.argmax(axis=1)
-    return train, None, [ValidateByPredicting(images, labels)]
+    return images, labels.argmax(axis=1) if labels.ndim == 2 else labels  # one-hot rows
 
