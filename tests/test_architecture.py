@@ -76,7 +76,7 @@ LAYERS = [
      "training.combined", "training.pseudo",
      "training.choice", "training.plan", "training.loop", "callbacks", "model", "freezing",
      "augment", "features", "inference", "plots", "devices", "calibration", "metrics", "novelty",
-     "gradcam", "report"},
+     "gradcam", "report", "raybatch"},
     {"data", "data.inspect", "data.folders", "data.pipeline", "runs", "runs.records",
      "runs.directory", "runs.checkpoints", "bases", "bases.efficientnet_lite",
      "bases.torch_legacy", "files", "cache", "workers"},

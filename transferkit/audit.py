@@ -99,7 +99,7 @@ def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
         images = images.join(more)
     split_of = np.array([name for name, s in named for _ in range(len(s))])
     features = base_features(config.base, config.weights, config.data, images, reporter,
-                             config.cache)
+                             config.cache, config.engine)
     reporter.info(f"Auditing {len(images)} images in {len(images.class_names)} classes.")
     probabilities = out_of_fold_probabilities(features, images.labels,
                                               len(images.class_names), config.data.seed)

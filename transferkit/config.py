@@ -222,6 +222,29 @@ class ComputeConfig:
                                             f"{', '.join(STRATEGIES)}; got {self.strategy}.")
 
 
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Where images go through a model for batch work (extract, predict, and the features
+    of audit and select)."""
+
+    engine: str = option("local", "local: this process; ray: the workers of a Ray cluster "
+                                  "(--ray-address, else RAY_ADDRESS, else one started on "
+                                  "this machine), each loading the model once. Needs "
+                                  "transferkit[ray].", choices=ENGINES)
+    ray_address: str | None = option(None, "The Ray cluster for --engine ray, e.g. "
+                                           "ray://head:10001 or head:6379.")
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}; got "
+                                       f"{self.engine}.")
+        _check(self.ray_address is None or self.engine == "ray",
+               f"--ray-address {self.ray_address} is for --engine ray; add it, or drop "
+               f"--ray-address.")
+
+
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 SCHEDULES = ("constant", "step", "exponential", "inverse-time", "cosine")
 DECAYING = ("step", "exponential", "inverse-time")  # the schedules a decay rate applies to
@@ -452,6 +475,7 @@ class AuditConfig:
     duplicate_similarity: float = option(
         0.975, "Perceptual similarity (correlation of thumbnails, aligned over small crops) "
                "from which two images count as near-duplicates.", panel=CHECKS)
+    engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
     cache: bool = option(True, CACHE_HELP, panel=DATA)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
@@ -477,6 +501,7 @@ class SelectConfig:
     base: str = option(DEFAULT_BASE, "Pretrained convolutional base.", choices="bases",
                        panel=MODEL)
     weights: str = option("imagenet", WEIGHTS_HELP, panel=MODEL)
+    engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
     cache: bool = option(True, CACHE_HELP, panel=DATA)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
@@ -547,6 +572,7 @@ class ExtractConfig:
                           panel=MODEL)
     precision: str = option(DEFAULT_PRECISION, PRECISION_HELP, choices=PRECISIONS,
                             panel=HARDWARE)
+    engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
     cache: bool = option(True, CACHE_HELP, panel=DATA)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
     head: HeadConfig | None = group(panel=TRAIN, enabled_by="output")
@@ -689,6 +715,7 @@ class PredictConfig:
         False, "Label images whose novelty score is above the run's threshold 'unknown': "
                "unlike every class it was trained on (val set the threshold so that 95 % of "
                "known images pass).", flag="--reject-unknown", panel=MODEL)
+    engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
 
     def __post_init__(self) -> None:
         _check_finite(self)

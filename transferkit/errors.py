@@ -36,7 +36,12 @@ class TrainingDiverged(TransferkitError):
     """The loss became NaN or infinite: the run stops, and no model is saved as complete."""
 
 
-class WorkerLost(TransferkitError):
+class ClusterError(TransferkitError):
+    """A cluster (Ray's, or the workers of a multi-worker run) cannot be reached, or lost a
+    worker."""
+
+
+class WorkerLost(ClusterError):
     """Another worker of a multi-worker run stopped answering (it died, or its machine or
     network went away): this one stops too; the chief's run can be resumed."""
 

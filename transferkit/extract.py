@@ -10,23 +10,17 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transferkit.bases import build_base, get_base, resolve_image_size
+from transferkit.bases import get_base, resolve_image_size
 from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, ScheduleConfig
 from transferkit.data.folders import DataSplits, load_splits
-from transferkit.devices import precision_policy, resolve_precision
+from transferkit.devices import resolve_precision
 from transferkit.errors import DataError
-from transferkit.features import (
-    FeatureExtractor,
-    FeatureSet,
-    save_features,
-)
+from transferkit.features import FeatureExtractor, FeatureModel, FeatureSet, save_features
 from transferkit.files import check_new_output
 from transferkit.metrics import classification_metrics
 from transferkit.model import (
     build_classifier,
-    build_feature_extractor,
     build_head,
-    cut_base,
     find_base,
 )
 from transferkit.reporting import NullReporter, Reporter
@@ -110,18 +104,10 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter,
                          use_cache=config.cache)
     report_data(splits, reporter)
-    seed = config.data.seed
     precision = resolve_precision(config.precision)
-
-    def build() -> keras.Model:
-        keras.utils.set_random_seed(seed)
-        with precision_policy(precision):
-            base = cut_base(build_base(spec, image_size, config.weights), spec, blocks)
-            return build_feature_extractor(base, spec.preprocessing, config.pooling)
-
-    extractor = FeatureExtractor.of_base(build, spec, config.weights, seed, image_size,
-                                         precision, config.data.batch_size, reporter,
-                                         config.cache, blocks, config.pooling)
+    job = FeatureModel(spec.name, config.weights, config.data.seed, image_size, precision,
+                       blocks, config.pooling, config.data.batch_size)
+    extractor = FeatureExtractor.of_model(job, reporter, config.cache, config.engine)
     named = splits.items()
     arrays = extractor.features([s for _, s in named], "/".join(name for name, _ in named))
     parts = [(name, s, f) for (name, s), f in zip(named, arrays, strict=True)]

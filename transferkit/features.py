@@ -23,12 +23,13 @@ from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ArtifactError
 from transferkit.files import atomic_path
 from transferkit.inference import predict_batches
-from transferkit.reporting import Reporter
+from transferkit.raybatch import run_on_ray
+from transferkit.reporting import NullReporter, Reporter
 
 if TYPE_CHECKING:
     import keras
 
-    from transferkit.config import DataConfig
+    from transferkit.config import DataConfig, EngineConfig
 
 FEATURES_FORMAT = "transferkit-features"
 FEATURES_FORMAT_VERSION = 1
@@ -83,8 +84,41 @@ def predict_features(model: keras.Model, sources: Sequence[str], image_size: int
                            f"Extracting {label} features")
 
 
+@dataclass(frozen=True)
+class FeatureModel:
+    """A base's features model, up to `blocks` of its blocks and pooled, as a recipe that
+    this process or a Ray worker (raybatch.BatchJob) builds and runs the same way."""
+
+    base: str
+    weights: str  # as given: imagenet, none, or a weights file
+    seed: int  # draws random weights, when they are
+    image_size: int
+    precision: str  # resolved
+    blocks: int
+    pooling: str = "avg"
+    batch_size: int = 32
+
+    def build(self) -> keras.Model:
+        import keras
+
+        from transferkit.bases import build_base, get_base
+        from transferkit.devices import precision_policy
+        from transferkit.model import build_feature_extractor, cut_base
+
+        spec = get_base(self.base)
+        keras.utils.set_random_seed(self.seed)
+        with precision_policy(self.precision):
+            base = cut_base(build_base(spec, self.image_size, self.weights), spec, self.blocks)
+            return build_feature_extractor(base, spec.preprocessing, self.pooling)
+
+    def run(self, model: keras.Model, sources: list[str]) -> np.ndarray:
+        return predict_features(model, sources, self.image_size, self.batch_size,
+                                NullReporter(), self.base)
+
+
 class FeatureExtractor:
-    """Features for image sets, through the cache; builds the model only when needed."""
+    """Features for image sets, through the cache; builds the model only when needed, or
+    sends the images the cache lacks to a Ray cluster (`engine`, with a FeatureModel)."""
 
     def __init__(self, build: Callable[[], keras.Model], spec: FeatureSpec, batch_size: int,
                  reporter: Reporter, use_cache: bool = True) -> None:
@@ -96,6 +130,7 @@ class FeatureExtractor:
         self.cache = FeatureCache(spec.key()) if use_cache else None
         self.computed = 0  # images pushed through the base
         self.reused = 0  # images answered from the cache (or by an identical file)
+        self.remote: tuple[FeatureModel, EngineConfig] | None = None  # of_model with ray
 
     @classmethod
     def of_base(cls, build: Callable[[], keras.Model], spec: BaseSpec, weights: str, seed: int,
@@ -108,6 +143,19 @@ class FeatureExtractor:
                                    image_size, blocks or len(spec.blocks), pooling,
                                    spec.preprocessing.to_dict(), precision)
         return cls(build, feature_spec, batch_size, reporter, use_cache)
+
+    @classmethod
+    def of_model(cls, job: FeatureModel, reporter: Reporter, use_cache: bool = True,
+                 engine: EngineConfig | None = None) -> FeatureExtractor:
+        """The extractor of `job`'s features, computed here or on Ray (--engine ray)."""
+        from transferkit.bases import get_base
+
+        extractor = cls.of_base(job.build, get_base(job.base), job.weights, job.seed,
+                                job.image_size, job.precision, job.batch_size, reporter,
+                                use_cache, job.blocks, job.pooling)
+        if engine is not None and engine.engine == "ray":
+            extractor.remote = (job, engine)
+        return extractor
 
     @property
     def model(self) -> keras.Model:
@@ -130,8 +178,11 @@ class FeatureExtractor:
                 else:
                     rows[content] = known
         if todo:
-            fresh = predict_features(self.model, list(todo.values()), self.spec.image_size,
-                                     self.batch_size, self.reporter, label)
+            fresh = run_on_ray(self.remote[0], list(todo.values()), self.remote[1],
+                               self.reporter, f"Extracting {label} features") \
+                if self.remote is not None else \
+                predict_features(self.model, list(todo.values()), self.spec.image_size,
+                                 self.batch_size, self.reporter, label)
             rows.update(zip(todo, fresh, strict=True))
             if self.cache is not None:
                 self.cache.put(list(todo), fresh)
@@ -148,28 +199,18 @@ class FeatureExtractor:
 
 
 def base_features(base: str, weights: str, data: DataConfig, images: ImageSet,
-                  reporter: Reporter, use_cache: bool = True) -> np.ndarray:
+                  reporter: Reporter, use_cache: bool = True,
+                  engine: EngineConfig | None = None) -> np.ndarray:
     """The pooled features of the whole `base` (at the data's image size, or the base's own)
-    for `images`, through the feature cache: what audit and base ranking compare images by."""
-    from transferkit.bases import build_base, get_base, resolve_image_size
-    from transferkit.devices import precision_policy, resolve_precision
+    for `images`, through the feature cache (on Ray with `engine` ray): what audit, select
+    and base ranking compare images by."""
+    from transferkit.bases import get_base, resolve_image_size
+    from transferkit.devices import resolve_precision
 
     spec = get_base(base)
-    image_size = resolve_image_size(spec, data.image_size)
-    precision = resolve_precision("auto")
-
-    def build() -> keras.Model:
-        import keras
-
-        from transferkit.model import build_feature_extractor
-
-        keras.utils.set_random_seed(data.seed)
-        with precision_policy(precision):
-            return build_feature_extractor(build_base(spec, image_size, weights),
-                                           spec.preprocessing)
-
-    extractor = FeatureExtractor.of_base(build, spec, weights, data.seed, image_size, precision,
-                                         data.batch_size, reporter, use_cache)
+    job = FeatureModel(base, weights, data.seed, resolve_image_size(spec, data.image_size),
+                       resolve_precision("auto"), len(spec.blocks), batch_size=data.batch_size)
+    extractor = FeatureExtractor.of_model(job, reporter, use_cache, engine)
     (features,) = extractor.features([images], f"{spec.name}")
     extractor.save()
     reporter.info(f"{spec.name} features: {extractor.computed} images computed, "

@@ -22,6 +22,7 @@ from transferkit.errors import ConfigError, DataError
 from transferkit.files import check_new_output, json_text, write_text
 from transferkit.inference import predict_batches
 from transferkit.novelty import Novelty, load_novelty
+from transferkit.raybatch import run_on_ray
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs.directory import NOVELTY_FILE, load_run, seen_by_run
 
@@ -113,6 +114,28 @@ def _predict_views(model: keras.Model, sources: list[str], image_size: int, batc
     return views if isinstance(outputs, list) else views[0]
 
 
+@dataclass(frozen=True)
+class RunModel:
+    """A run's model (with its features too, for a novelty score) run on image files, plain
+    or with --tta: the recipe this process and a Ray worker (raybatch.BatchJob) share."""
+
+    run_dir: str
+    features: bool
+    image_size: int
+    batch_size: int
+    tta: bool = False
+
+    def build(self) -> keras.Model:
+        from transferkit.model import with_features
+
+        model = load_run(Path(self.run_dir)).model
+        return with_features(model) if self.features else model
+
+    def run(self, model: keras.Model, sources: list[str]) -> Any:
+        return _predict_views(model, sources, self.image_size, self.batch_size, NullReporter(),
+                              self.tta)
+
+
 def _novelty(run: Any, reject: bool) -> tuple[keras.Model, Novelty | None]:
     """The model to run (with its features too, when the run has a novelty score) and the
     score; --reject-unknown on a run without one is an error."""
@@ -135,11 +158,18 @@ def _answers(model: keras.Model, novelty: Novelty | None, sources: list[str], ru
              config: PredictConfig, reporter: Reporter
              ) -> tuple[np.ndarray, np.ndarray, TTAEffect | None]:
     """Probabilities (of the plain view, or averaged with --tta), novelty scores (none
-    without a score) and what --tta changed, for every source."""
+    without a score) and what --tta changed, for every source; computed here, or on Ray's
+    workers with --engine ray."""
     if not sources:
         return np.zeros((0, len(run.class_names)), np.float32), np.zeros(0), None
-    views = [_predict_views(model, sources, run.image_size, config.batch_size, reporter, tta)
-             for tta in ((False, True) if config.tta else (False,))]
+    views = []
+    for tta in (False, True) if config.tta else (False,):
+        job = RunModel(str(run.path.resolve()), novelty is not None, run.image_size,
+                       config.batch_size, tta)
+        views.append(run_on_ray(job, sources, config.engine, reporter, "Predicting")
+                     if config.engine.engine == "ray" else
+                     _predict_views(model, sources, run.image_size, config.batch_size, reporter,
+                                    tta))
     scores = np.zeros(0)
     if novelty is not None:
         features, probabilities = views[-1]

@@ -157,8 +157,8 @@ def select(config: SelectConfig, reporter: Reporter | None = None) -> Selection:
         reporter.warning(f"-n {config.n} is more than the pool's {len(pool)} new images: "
                          f"picking from all of them.")
     x = {name: base_features(config.base, config.weights, config.data, images, reporter,
-                             config.cache) for name, images in (("labelled", labelled),
-                                                                ("pool", pool))}
+                             config.cache, config.engine)
+         for name, images in (("labelled", labelled), ("pool", pool))}
     rows, scores, probabilities, sizes, left_out = choose(
         x["labelled"], labelled.labels, len(splits.class_names), x["pool"], config.n,
         config.data.seed)

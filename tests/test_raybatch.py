@@ -1,0 +1,93 @@
+"""--engine ray: extract and predict on a local Ray cluster (2 CPUs) give what the local
+run gives, a repeated run sends nothing the cache holds, and the rows come back in order,
+each exactly once."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+from transferkit.errors import ClusterError
+from transferkit.raybatch import _in_order
+
+ray = pytest.importorskip("ray")
+runner = CliRunner()
+
+
+def said(text: str) -> str:
+    return " ".join(text.split())
+
+# Lite0, since a Ray worker builds the base from transferkit's own table (the tests' tiny
+# base is registered in this process only)
+LITE0 = ["--base", "efficientnet_lite0", "--weights", "none", "--image-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 2 CPUs for this module, shut down after it."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_extract_on_ray_equals_the_local_run_and_reuses_the_cache(cluster, image_folder,
+                                                                   tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_HOME", str(tmp_path / "home"))  # an empty cache
+    local = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "local.npz"),
+                                *LITE0, "--no-cache"])
+    assert local.exit_code == 0, local.output
+    remote = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "ray.npz"),
+                                 *LITE0, "--engine", "ray"])
+    assert remote.exit_code == 0, remote.output
+    assert "on Ray: 18 images" in said(remote.output)
+    a, b = np.load(tmp_path / "local.npz"), np.load(tmp_path / "ray.npz")
+    assert (a["paths"] == b["paths"]).all() and (a["splits"] == b["splits"]).all()
+    assert np.abs(a["features"] - b["features"]).max() < 1e-5
+    again = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "again.npz"),
+                                *LITE0, "--engine", "ray"])
+    assert again.exit_code == 0, again.output
+    assert "0 computed, 18 reused" in said(again.output)
+    assert "on Ray" not in again.output  # nothing was sent
+
+
+def test_predict_on_ray_equals_the_local_run(cluster, trained_run, image_folder, tmp_path):
+    rows = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.csv"
+        done = runner.invoke(app, ["predict", str(trained_run), str(image_folder), "-o",
+                                   str(out), "--engine", engine])
+        assert done.exit_code == 0, done.output
+        rows[engine] = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows["local"]] == [r["path"] for r in rows["ray"]]
+    assert [r["label"] for r in rows["local"]] == [r["label"] for r in rows["ray"]]
+    for field in ("probability", "novelty"):
+        assert max(abs(float(a[field]) - float(b[field]))
+                   for a, b in zip(rows["local"], rows["ray"], strict=True)) < 1e-5
+
+
+def test_rows_come_back_in_order_and_each_once():
+    parts = [{"index": np.array([2, 0]), "several": np.array([False, False]),
+              "output0": np.array([[2.0], [0.0]])},
+             {"index": np.array([1]), "several": np.array([False]),
+              "output0": np.array([[1.0]])}]
+    assert _in_order(parts, 3).ravel().tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(ClusterError, match="returned 4 rows for 3 images"):
+        _in_order([*parts, parts[1]], 3)
+
+
+def test_ray_options_are_checked(image_folder, tmp_path, monkeypatch):
+    given = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "f.npz"),
+                                "--ray-address", "head:6379"])
+    assert given.exit_code == 2 and "is for --engine ray" in said(given.output)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    missing = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "f.npz"),
+                                  *LITE0, "--no-cache", "--engine", "ray"])
+    assert missing.exit_code == 1 and "pip install 'transferkit[ray]'" in said(missing.output)
