@@ -56,13 +56,13 @@ def test_second_extract_computes_nothing_and_edits_recompute_only_themselves(
     first = _extract(data, tmp_path / "a.npz")
     assert (first.computed, first.reused) == (18, 0)
 
-    import transferkit.extract as extract_module
+    from transferkit.features import FeatureModel
 
     def must_not_build(*args, **kwargs):
         raise AssertionError("the base was built although every feature was cached")
 
     with monkeypatch.context() as m:
-        m.setattr(extract_module, "build_base", must_not_build)
+        m.setattr(FeatureModel, "build", must_not_build)
         second = _extract(data, tmp_path / "b.npz")
     assert (second.computed, second.reused) == (0, 18)
     np.testing.assert_allclose(second.features.features, first.features.features, rtol=1e-6)

@@ -1,14 +1,16 @@
 """A model run over a stream of image batches, for extract, predict and evaluate.
 
-One `tf.function` with a batch dimension of None is traced once per call. Keras's `predict`
-traces again for the last, smaller batch, and each new trace of a base pays for tracing and
-TensorFlow's graph optimisation again: about 2 s for Lite0 on 2 CPU cores (bench/README.md).
-Memory holds the outputs only, never the images.
+One `tf.function` with a batch dimension of None is traced once per model and input spec,
+and kept with the model for later calls (a Ray worker runs one model over many tasks).
+Keras's `predict` traces again for the last, smaller batch, and each new trace of a base pays
+for tracing and TensorFlow's graph optimisation again: about 2 s for Lite0 on 2 CPU cores
+(bench/README.md). Memory holds the outputs only, never the images.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +23,20 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 
+_steps: weakref.WeakKeyDictionary[Any, dict[Any, Callable]] = weakref.WeakKeyDictionary()
+
+
 def inference_step(model: keras.Model, input_spec: tf.TensorSpec) -> Callable:
     """`model` in inference mode as one `tf.function` over batches of `input_spec`, traced
-    on its first call and then reused for every batch size."""
+    on its first call and then reused for every batch size and every later call."""
     import tensorflow as tf
 
-    return tf.function(lambda x: model(x, training=False), input_signature=[input_spec])
+    steps = _steps.setdefault(model, {})
+    if input_spec not in steps:
+        held = weakref.ref(model)  # the step must not keep its model (the table's key) alive
+        steps[input_spec] = tf.function(lambda x: held()(x, training=False),
+                                        input_signature=[input_spec])
+    return steps[input_spec]
 
 
 def predict_batches(model: keras.Model, ds: tf.data.Dataset, count: int, batch_size: int,

@@ -82,9 +82,13 @@ def connect(address: str | None) -> Any:
                          logging_level=logging.ERROR, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
-            raise ClusterError(f"Could not reach the Ray cluster at {where} ({exc}). Check "
-                               f"the address (ray://head:10001 or head:6379), or start one "
-                               f"with `ray start --head`.") from exc
+            token = "Authentication" in f"{exc} {exc.__cause__}"
+            raise ClusterError(
+                f"Could not reach the Ray cluster at {where} ({exc}). " + (
+                    "It asks for a token: set RAY_AUTH_MODE=token, with the cluster's token "
+                    "in ~/.ray/auth_token or RAY_AUTH_TOKEN." if token else
+                    "Check the address (ray://head:10001, head:6379, or auto for the one "
+                    "`ray start --head` started here).")) from exc
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
