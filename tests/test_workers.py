@@ -170,5 +170,5 @@ def test_a_signal_to_one_worker_stops_all_of_them_at_the_same_step(data, tmp_pat
     assert record["status"] == "interrupted" and record["stopped"]["signal"] == "SIGTERM"
     assert record["stopped"]["epoch"] == state["epoch"]
     other = (tmp_path / "worker1.log").read_text()
-    assert f"continue with transferkit finetune --resume {run} on every worker" in " ".join(
-        other.split())
+    assert f"The chief keeps the run: continue with transferkit finetune --resume {run} on " \
+           f"every worker" in " ".join(other.split())

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from transferkit.errors import ConfigError
-from transferkit.workers import MULTIWORKER, read_cluster
+from transferkit.workers import MULTIWORKER, multiworker_strategy
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -64,6 +64,5 @@ def build_strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == MULTIWORKER:
-        read_cluster()
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return multiworker_strategy()
     raise ConfigError(f"Unknown strategy '{name}'.")

@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 MULTIWORKER = "multiworker"
 TF_CONFIG = "TF_CONFIG"
+JOIN_LIMIT_S = 900  # seconds a worker waits for every other one to start
 SCRATCH_PREFIX = "transferkit-worker-"
 
 
@@ -96,6 +98,32 @@ def read_cluster(environ: dict[str, str] | None = None) -> Cluster:
                           f"{text[:300]!r}. Each worker needs the same cluster and its own "
                           f"task, e.g. {example}.")
     return Cluster(tuple(workers), index + (len(chiefs) if kind == "worker" else 0))
+
+
+def multiworker_strategy() -> Any:
+    """TensorFlow's MultiWorkerMirroredStrategy for TF_CONFIG's cluster (checked first).
+
+    Making it waits until every worker has started, inside TensorFlow and holding the GIL,
+    so Python's signal handlers cannot run there: while it waits, SIGINT keeps its default
+    action (the process ends at once; nothing of the run is written yet), and an alarm ends
+    the wait after JOIN_LIMIT_S. TensorFlow's own preemption notifier takes SIGTERM there (a
+    scheduler's SIGKILL after its grace period still ends the wait); the handler from before
+    is put back after, so that a signal stops the run as on one machine.
+    """
+    import tensorflow as tf
+
+    read_cluster()
+    if threading.current_thread() is not threading.main_thread():
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    previous = {signal.SIGTERM: signal.getsignal(signal.SIGTERM), **{
+        s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGALRM)}}
+    signal.alarm(int(JOIN_LIMIT_S))
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    finally:
+        signal.alarm(0)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cluster_of(strategy_name: str) -> Cluster | None:

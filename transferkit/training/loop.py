@@ -344,19 +344,20 @@ def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
 
 
 def interrupted(t: Training, signum: int) -> RunInterrupted:
-    """Records where training stopped and says how to continue."""
+    """Records where training stopped and says how to continue (a worker that is not the
+    chief points at the chief's run, which every worker resumes)."""
     name = signal.Signals(signum).name
+    if not t.chief:
+        t.save(status=INTERRUPTED, stopped=Stopped(phase=t.phase, signal=name))
+        return RunInterrupted(f"Stopped by {name} during {t.phase}, with the other workers. "
+                              f"The chief keeps the run: continue with transferkit finetune "
+                              f"--resume {t.config.output} on every worker.", signum)
     if not t.history:
         t.save(status=INTERRUPTED, stopped=Stopped(phase=t.phase, signal=name))
         return RunInterrupted(f"Stopped by {name} during {t.phase}, before the first epoch "
                               f"ended. {how_to_continue(t.run_dir)}", signum)
     where = Stopped(stage=t.history[-1]["stage"], epoch=t.history[-1]["epoch"], signal=name)
     t.save(status=INTERRUPTED, stopped=where)
-    if not t.chief:
-        return RunInterrupted(f"Stopped by {name} after epoch {where.epoch}, with the other "
-                              f"workers. The chief's run keeps its checkpoint: continue with "
-                              f"transferkit finetune --resume {t.config.output} on every "
-                              f"worker.", signum)
     return RunInterrupted(
         f"Stopped by {name}. '{t.run_dir}' keeps its checkpoint from epoch {where.epoch} "
         f"(stage {where.stage}). Continue with: transferkit finetune --resume {t.run_dir}",

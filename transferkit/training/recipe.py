@@ -88,7 +88,14 @@ from transferkit.training.prepare import data_summary, prepare
 from transferkit.training.probe import LinearProbe, fit_probe
 from transferkit.training.pseudo import SELF_TRAINED, self_train
 from transferkit.training.stages import class_weights
-from transferkit.workers import Cluster, cluster_of, scratch_copy, share_text, weights_digest
+from transferkit.workers import (
+    JOIN_LIMIT_S,
+    Cluster,
+    cluster_of,
+    scratch_copy,
+    share_text,
+    weights_digest,
+)
 
 
 @dataclass(frozen=True)
@@ -216,7 +223,9 @@ def _start(config: FinetuneConfig, run_dir: Path, reporter: Reporter,
             f"{r.base} {r.score.accuracy:.3f}" for r in ranking.ranks) + f"; fine-tuning "
             f"{base} (a costlier base must win by more than noise).")
     if cluster is not None:
-        reporter.info(f"Training across workers: this is {cluster.describe()}.")
+        reporter.info(f"Training across workers: this is {cluster.describe()}. Waiting for "
+                      f"every worker to start (at most {JOIN_LIMIT_S // 60} minutes; Ctrl-C "
+                      f"ends the wait).")
     prepared = prepare(config, get_base(base), reporter, splits,
                        output=config.output if cluster is None or cluster.chief else None)
     found = lr_find(config, prepared, reporter) if config.lr_find else None
