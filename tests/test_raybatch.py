@@ -91,3 +91,8 @@ def test_ray_options_are_checked(image_folder, tmp_path, monkeypatch):
     missing = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "f.npz"),
                                   *LITE0, "--no-cache", "--engine", "ray"])
     assert missing.exit_code == 1 and "pip install 'transferkit[ray]'" in said(missing.output)
+
+
+def test_help_names_the_extra_to_install():
+    shown = runner.invoke(app, ["extract", "--help-all"], env={"COLUMNS": "200"})
+    assert "Needs transferkit[ray]." in said(shown.output)  # not eaten as Rich markup

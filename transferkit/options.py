@@ -113,8 +113,9 @@ def _declare(leaf: Leaf, optional: bool) -> inspect.Parameter:
     if typing.get_origin(hint) is tuple and typing.get_args(hint)[-1] is Ellipsis:
         hint = list[typing.get_args(hint)[0]]  # a variadic argument
     choices = meta.get("choices")
-    extra: dict[str, Any] = {"help": meta["help"], "show_default": leaf.default not in (
-        None, dataclasses.MISSING)}
+    # help is shown with Rich markup on: "transferkit[onnx]" must not read as a style tag
+    extra: dict[str, Any] = {"help": meta["help"].replace("[", "\\["),
+                             "show_default": leaf.default not in (None, dataclasses.MISSING)}
     if isinstance(choices, str):  # a long table: checked by its owner, listed by a command
         extra["help"] += f" Choices: `transferkit {choices.split('+')[0]}`."
         extra["metavar"] = "NAME"
