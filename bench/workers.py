@@ -18,22 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+from serve import free_port  # bench/serve.py, beside this script
 
 
 def finetune(data: Path, run: Path, workers: int, options: list[str]) -> float:
@@ -44,7 +35,7 @@ def finetune(data: Path, run: Path, workers: int, options: list[str]) -> float:
     if workers == 1:
         subprocess.run([*args, "--strategy", "none"], check=True, capture_output=True)
         return time.perf_counter() - started
-    ports = free_ports(workers)
+    ports = [free_port() for _ in range(workers)]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = [subprocess.Popen(
         [*args, "--strategy", "multiworker"], stdout=subprocess.DEVNULL,
