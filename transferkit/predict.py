@@ -67,6 +67,22 @@ class Prediction:
         return row
 
 
+def answer(path: Path, probabilities: np.ndarray, class_names: tuple[str, ...], top_k: int,
+           threshold: float | None = None, novelty: float | None = None,
+           novelty_threshold: float | None = None, true_label: str | None = None
+           ) -> Prediction:
+    """One image's answer from its probabilities (predict's and serve's): the top k labels,
+    'unknown' below `threshold` or, given `novelty_threshold` (--reject-unknown), above it;
+    NaN or infinite probabilities are an error, not an answer."""
+    if not np.isfinite(probabilities).all():
+        return Prediction(path, true_label=true_label, error=NON_FINITE)
+    order = np.argsort(-probabilities, kind="stable")[:min(top_k, len(class_names))]
+    top = tuple((class_names[i], float(probabilities[i])) for i in order)
+    unknown = (threshold is not None and top[0][1] < threshold) or (
+        novelty_threshold is not None and novelty is not None and novelty > novelty_threshold)
+    return Prediction(path, top, true_label, unknown=unknown, novelty=novelty)
+
+
 @dataclass(frozen=True)
 class TTAEffect:
     """How much test-time augmentation changed the answers, against one plain view."""
@@ -203,7 +219,7 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
     model, novelty = _novelty(run, config.reject_unknown)
     probabilities, scores, effect = _answers(model, novelty, [decode_source(i) for i in readable],
                                              run, config, reporter)
-    k = min(config.top_k, len(run.class_names))
+    rejecting = novelty.threshold if config.reject_unknown and novelty else None
     by_file = dict(zip((i.path for i in readable), probabilities, strict=True))
     novel = dict(zip((i.path for i in readable), scores, strict=False))
     predictions = []
@@ -213,17 +229,9 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
         if not info.usable:
             predictions.append(Prediction(f, true_label=true_label, error=info.problem))
             continue
-        p = by_file[f]
-        if not np.isfinite(p).all():
-            predictions.append(Prediction(f, true_label=true_label, error=NON_FINITE))
-            continue
-        order = np.argsort(-p, kind="stable")[:k]
-        score = float(novel[f]) if f in novel else None
-        unknown = (config.threshold is not None and float(p[order[0]]) < config.threshold) or \
-            (config.reject_unknown and score is not None and score > novelty.threshold)
-        predictions.append(Prediction(
-            f, tuple((run.class_names[i], float(p[i])) for i in order), true_label,
-            unknown=unknown, novelty=score))
+        predictions.append(answer(
+            f, by_file[f], run.class_names, config.top_k, config.threshold,
+            float(novel[f]) if f in novel else None, rejecting, true_label))
     scored = [p for p in predictions if p.true_label is not None and p.error is None]
     accuracy = (float(np.mean([p.label == p.true_label for p in scored])) if scored else None)
     hashes = {i.path: i.sha256 for i in readable}
@@ -231,8 +239,7 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
                        reporter) if scored else 0
     return PredictionReport(tuple(predictions), run.class_names, accuracy, len(scored),
                             len(ignored), sum(p.unknown for p in predictions), config.threshold,
-                            effect, seen, novelty_threshold=novelty.threshold
-                            if config.reject_unknown and novelty else None)
+                            effect, seen, novelty_threshold=rejecting)
 
 
 PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")

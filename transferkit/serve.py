@@ -40,7 +40,7 @@ import numpy as np
 from transferkit.config import ServeConfig
 from transferkit.data.inspect import inspect_bytes, rgb_png
 from transferkit.errors import MissingPackageError
-from transferkit.predict import UNKNOWN, Prediction, json_row
+from transferkit.predict import UNKNOWN, answer, json_row
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs.directory import MODEL_FILE, NOVELTY_FILE, RECORD_FILE, load_run
 
@@ -163,17 +163,6 @@ class Batcher:
                                        else float(novelty[i]), len(batch)))
 
 
-def _answer(served: Served, name: str, probabilities: np.ndarray, novelty: float | None,
-            top_k: int, threshold: float | None, reject_unknown: bool) -> dict[str, Any]:
-    """predict's JSON row for one image."""
-    names = served.run.class_names
-    order = np.argsort(-probabilities, kind="stable")[:min(top_k, len(names))]
-    top = tuple((names[i], float(probabilities[i])) for i in order)
-    unknown = (threshold is not None and top[0][1] < threshold) or (
-        reject_unknown and novelty is not None and novelty > served.novelty.threshold)
-    return json_row(Prediction(Path(name), top, unknown=unknown, novelty=novelty).to_dict())
-
-
 async def _read_body(request: Any, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -272,7 +261,9 @@ class Service:
             return self.error(503, f"the queue is full ({self.config.max_queue} images "
                                    f"waiting); retry shortly",
                               **{"Retry-After": str(RETRY_AFTER_S)})
-        rows = [_answer(current, name, p, n, top_k, threshold, reject)
+        rejecting = current.novelty.threshold if reject else None
+        rows = [json_row(answer(Path(name), p, current.run.class_names, top_k, threshold, n,
+                                rejecting).to_dict())
                 for (name, _), (p, n, _) in zip(files, results, strict=True)]
         log.info("POST /predict 200 %d image(s) %.1f ms, batch of %s", len(rows),
                  1000 * (time.perf_counter() - started), "/".join(str(b) for *_, b in results))
