@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from transferkit.errors import StopRequested, TrainingDiverged
+from transferkit.inference import inference_step
 from transferkit.reporting import Reporter
 from transferkit.runs.checkpoints import (
     keep_last_as_best,
@@ -61,33 +62,33 @@ class EpochReporter(keras.callbacks.Callback):
 
 
 class ValidateByPredicting(keras.callbacks.Callback):
-    """val_loss and val_accuracy from `predict`, for a model trained on several replicas.
-    Keras 3's evaluate under tf.distribute fails on a batch that does not split evenly across
-    the replicas (a val split of 3 images on 2 GPUs), and padding to an even count skews the
-    metrics (zero sample weights still count in them); predict has neither problem. It runs
-    before every callback that reads the epoch's logs."""
+    """val_loss and val_accuracy from this process's own pass over val (`val_scores`), for a
+    model trained on several replicas. Keras 3's evaluate under tf.distribute fails on a batch
+    that does not split evenly across the replicas (a val split of 3 images on 2 GPUs), and
+    padding to an even count skews the metrics (zero sample weights still count in them); a
+    plain pass has neither problem. It runs before every callback that reads the epoch's
+    logs."""
 
-    def __init__(self, images: Any, labels: np.ndarray) -> None:
+    def __init__(self, images: Any, labels: np.ndarray, batch_size: int | None) -> None:
         super().__init__()
-        self.images, self.labels = images, labels
+        self.images, self.labels, self.batch_size = images, labels, batch_size
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if logs is None:
-            return
-        logs["val_loss"], logs["val_accuracy"] = _scores(
-            self.model.predict(self.images, verbose=0), self.labels)
+        if logs is not None:
+            logs["val_loss"], logs["val_accuracy"] = val_scores(
+                self.model, self.images, self.labels, self.batch_size)
 
 
 def val_scores(model: keras.Model, images: Any, labels: np.ndarray,
                batch_size: int | None) -> tuple[float, float]:
     """val_loss and val_accuracy from this process alone (`model` called batch by batch, no
-    collective), as a worker of a multi-worker run scores val; `images` a dataset of batches,
-    or an array split into `batch_size` rows."""
+    collective: as the chief of a multi-worker run scores val too); `images` a dataset of
+    batches, or an array split into `batch_size` rows."""
     import tensorflow as tf
 
     if not isinstance(images, tf.data.Dataset):
         images = tf.data.Dataset.from_tensor_slices(images).batch(batch_size or 32)
-    step = tf.function(lambda x: model(x, training=False))
+    step = inference_step(model, images.element_spec)
     probabilities = np.concatenate([np.asarray(step(x), np.float32) for x in images])
     return _scores(probabilities, labels)
 

@@ -194,7 +194,7 @@ def _for_replicas(train: Any, validation: Any, val_labels: np.ndarray | None,
         n = len(train[0])
         train = tf.data.Dataset.from_tensor_slices(train).shuffle(n).take(
             n - n % replicas).batch(batch_size)
-    return train, None, [ValidateByPredicting(*_val_inputs(validation, val_labels))]
+    return train, None, [ValidateByPredicting(*_val_inputs(validation, val_labels), batch_size)]
 
 
 def _val_inputs(validation: Any, val_labels: np.ndarray | None) -> tuple[Any, np.ndarray]:
