@@ -94,9 +94,7 @@ def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                          reporter, use_cache=config.cache)
     named = splits.items()
-    images = named[0][1]
-    for _, more in named[1:]:
-        images = images.join(more)
+    images = splits.every_image()
     split_of = np.array([name for name, s in named for _ in range(len(s))])
     features = base_features(config.base, config.weights, config.data, images, reporter,
                              config.cache, config.engine)

@@ -154,8 +154,7 @@ def _train_head_run(config: ExtractConfig, features: FeatureSet, splits: DataSpl
         evaluated.append(Evaluated(name, images, probabilities, classification_metrics(
             y, probabilities, splits.class_names, split=name, chose=name == "val")))
     write_run_report(config.head.output, record, evaluated,
-                     (features.features, splits.train.join(splits.val) if splits.test is None
-                      else splits.train.join(splits.val).join(splits.test)))
+                     (features.features, splits.every_image()))
     return record
 
 

@@ -146,8 +146,7 @@ def select(config: SelectConfig, reporter: Reporter | None = None) -> Selection:
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                          reporter, use_cache=config.cache)
     labelled = splits.train.join(splits.val)
-    every_label = labelled.join(splits.test) if splits.test is not None else labelled
-    found = read_pool(config.pool, config.data.data_dir, every_label, reporter)
+    found = read_pool(config.pool, config.data.data_dir, splits.every_image(), reporter)
     pool, unreadable, same_content = found.images, found.unreadable, found.labelled_copies
     if not len(pool):
         raise DataError(f"Every image of the pool '{config.pool}' is already in the labelled "

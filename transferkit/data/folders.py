@@ -86,6 +86,14 @@ class DataSplits:
         named = [("train", self.train), ("val", self.val), ("test", self.test)]
         return [(name, s) for name, s in named if s is not None]
 
+    def every_image(self) -> ImageSet:
+        """Train, val and test (when there is one) as one set, in that order."""
+        sets = [s for _, s in self.items()]
+        joined = sets[0]
+        for more in sets[1:]:
+            joined = joined.join(more)
+        return joined
+
     def rows(self) -> list[tuple[str, str, str]]:
         """splits.csv rows: relative path (posix), class name, split."""
         return [(p.as_posix(), s.class_names[label], name) for name, s in self.items()

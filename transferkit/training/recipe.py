@@ -299,10 +299,8 @@ def _self_train(t: Training, probe: LinearProbe, probe_right: np.ndarray) -> Non
     out of the pool."""
     if t.config.unlabeled is None or _no_room(t):
         return
-    labelled = t.splits.train.join(t.splits.val)
-    if t.splits.test is not None:
-        labelled = labelled.join(t.splits.test)
-    pool = read_pool(t.config.unlabeled, t.config.data.data_dir, labelled, t.reporter)
+    pool = read_pool(t.config.unlabeled, t.config.data.data_dir, t.splits.every_image(),
+                     t.reporter)
     (x_train, y_train), (x_val, y_val) = t.frozen_features()
     (x_pool,) = t.frozen_features_of([pool.images], "the unlabelled pool")
     trained = self_train(probe, x_train, y_train, x_val, x_pool, len(t.splits.class_names),
