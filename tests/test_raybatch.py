@@ -70,10 +70,8 @@ def test_predict_on_ray_equals_the_local_run(cluster, trained_run, image_folder,
 
 
 def test_rows_come_back_in_order_and_each_once():
-    parts = [{"index": np.array([2, 0]), "several": np.array([False, False]),
-              "output0": np.array([[2.0], [0.0]])},
-             {"index": np.array([1]), "several": np.array([False]),
-              "output0": np.array([[1.0]])}]
+    parts = [{"index": np.array([2, 0]), "output0": np.array([[2.0], [0.0]])},
+             {"index": np.array([1]), "output0": np.array([[1.0]])}]
     assert _in_order(parts, 3).ravel().tolist() == [0.0, 1.0, 2.0]
     with pytest.raises(ClusterError, match="returned 4 rows for 3 images"):
         _in_order([*parts, parts[1]], 3)

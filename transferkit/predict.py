@@ -178,14 +178,11 @@ def _answers(model: keras.Model, novelty: Novelty | None, sources: list[str], ru
     workers with --engine ray."""
     if not sources:
         return np.zeros((0, len(run.class_names)), np.float32), np.zeros(0), None
-    views = []
-    for tta in (False, True) if config.tta else (False,):
-        job = RunModel(str(run.path.resolve()), novelty is not None, run.image_size,
-                       config.batch_size, tta)
-        views.append(run_on_ray(job, sources, config.engine, reporter, "Predicting")
-                     if config.engine.engine == "ray" else
-                     _predict_views(model, sources, run.image_size, config.batch_size, reporter,
-                                    tta))
+    views = [run_on_ray(RunModel(str(run.path.resolve()), novelty is not None, run.image_size,
+                                 config.batch_size, tta), sources, config.engine, reporter,
+                        "Predicting") if config.engine.engine == "ray" else
+             _predict_views(model, sources, run.image_size, config.batch_size, reporter, tta)
+             for tta in ((False, True) if config.tta else (False,))]
     scores = np.zeros(0)
     if novelty is not None:
         features, probabilities = views[-1]

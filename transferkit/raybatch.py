@@ -57,7 +57,7 @@ class _Worker:
         sources = [os.fsdecode(bytes(s)) for s in batch["source"]]
         outputs = self.job.run(self.model, sources)
         listed = outputs if isinstance(outputs, list) else [outputs]
-        return {"index": batch["index"], "several": np.full(len(sources), len(listed) > 1),
+        return {"index": batch["index"],
                 **{f"output{k}": np.asarray(o, np.float32) for k, o in enumerate(listed)}}
 
 
@@ -122,7 +122,8 @@ def run_on_ray(job: BatchJob, sources: Sequence[str], engine: EngineConfig,
 
 def _in_order(parts: list[dict[str, np.ndarray]], count: int) -> np.ndarray | list[np.ndarray]:
     """The outputs of every batch, one row per input in the input's order, each exactly once
-    (a retried task's rows are not counted twice)."""
+    (a retried task's rows are not counted twice); an array for a job with one output, a list
+    for one with several."""
     index = np.concatenate([p["index"] for p in parts]) if parts else np.zeros(0, int)
     if sorted(index.tolist()) != list(range(count)):
         raise ClusterError(f"The Ray job returned {len(index)} rows for {count} images "
@@ -130,4 +131,4 @@ def _in_order(parts: list[dict[str, np.ndarray]], count: int) -> np.ndarray | li
     order = np.argsort(index, kind="stable")
     names = sorted((k for k in parts[0] if k.startswith("output")), key=lambda k: int(k[6:]))
     outputs = [np.concatenate([p[name] for p in parts])[order] for name in names]
-    return outputs if bool(parts[0]["several"][0]) else outputs[0]
+    return outputs if len(outputs) > 1 else outputs[0]
