@@ -24,6 +24,7 @@ which ends them with an error saying so.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -154,17 +155,25 @@ def _sum_over_workers(strategy: Any, values: np.ndarray, cluster: Cluster,
 
     values = np.asarray(values, np.float32)
     own = values if cluster.chief or not chief_only else np.zeros_like(values)
-    local = max(strategy.num_replicas_in_sync // cluster.size, 1)
+    with _collective():
+        result = _all_reduce(strategy, max(strategy.num_replicas_in_sync // cluster.size, 1))(
+            tf.constant(own))
+        return np.asarray(strategy.experimental_local_results(result)[0])
+
+
+@functools.cache
+def _all_reduce(strategy: Any, local: int) -> Any:
+    """The sum over the workers of what each worker's first replica gives (of `local`
+    replicas per worker): one tf.function per strategy, traced once per shape, not per call
+    (the workers exchange values at every epoch)."""
+    import tensorflow as tf
 
     def replica(given: Any) -> Any:
         context = tf.distribute.get_replica_context()
         first = context.replica_id_in_sync_group % local == 0
         return context.all_reduce("sum", tf.where(first, given, tf.zeros_like(given)))
 
-    with _collective():
-        result = tf.function(lambda given: strategy.run(replica, args=(given,)))(
-            tf.constant(own))
-        return np.asarray(strategy.experimental_local_results(result)[0])
+    return tf.function(lambda given: strategy.run(replica, args=(given,)))
 
 
 @contextlib.contextmanager
@@ -282,10 +291,9 @@ def _stop_flags(pending: StopRequested | None) -> np.ndarray:
 
 
 def _batches(strategy: Any, dataset: Any) -> Iterator[Any]:
-    import tensorflow as tf
-
-    options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
-    return iter(strategy.distribute_datasets_from_function(lambda context: dataset, options))
+    """This worker's dataset as the strategy's input (each worker brings its own shard, so
+    nothing is sharded again)."""
+    return iter(strategy.distribute_datasets_from_function(lambda context: dataset))
 
 
 def fit_across_workers(model: keras.Model, loss: keras.losses.Loss, train: Any, steps: int,
