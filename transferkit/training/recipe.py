@@ -47,12 +47,10 @@ from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
 from transferkit.runs.checkpoints import best_checkpoint, checkpointed, restore_best, save_best
 from transferkit.runs.directory import (
-    CHECKPOINTS_DIR,
     CURVES_FILE,
     LR_FIND_FILE,
     NOVELTY_FILE,
     REPORT_FILE,
-    STATE_FILE,
     clear_run,
     load_keras_file,
     run_lock,
@@ -154,7 +152,7 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
     reporter = reporter or NullReporter()
     record = read_record(run_dir, finished=False)  # a missing folder: an error, not a folder
     if record.command == "finetune" and record.status in (INTERRUPTED, RUNNING) and \
-            not (run_dir / CHECKPOINTS_DIR / STATE_FILE).is_file():  # RUNNING: killed -9
+            checkpointed(run_dir) is None:  # RUNNING: killed -9
         reporter.info(f"'{run_dir}' stopped before its first checkpoint: starting it again "
                       f"with its saved settings.")
         assert isinstance(record.config, FinetuneConfig)  # the record's command says so
