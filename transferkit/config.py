@@ -212,7 +212,7 @@ class ComputeConfig:
     jit: bool = option(False, "XLA-compile the training steps.")
     strategy: str = option(
         "auto", "none; mirrored (all local GPUs); multiworker (finetune across machines, each "
-                "process told its place by TF_CONFIG; see the README); auto: mirrored with "
+                "process told its place by TF_CONFIG: docs/bases.md); auto: mirrored with "
                 "several GPUs. --batch-size is per device.", choices=STRATEGIES)
 
     def __post_init__(self) -> None:
