@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from conftest import make_image
 from transferkit.bases import get_base
 from transferkit.config import DataConfig, ExtractConfig
 from transferkit.extract import extract
+from transferkit.feature_files import load_features
 from transferkit.features import FeatureSpec, weights_fingerprint
 
 SPEC = FeatureSpec("vgg16", "abc", 32, 5, "avg", {"channel_order": "bgr"}, "float32")
@@ -42,10 +44,13 @@ def test_weights_fingerprint_follows_file_content(tmp_path: Path):
     assert weights_fingerprint(spec, "none", 0) != weights_fingerprint(spec, "none", 1)
 
 
-def _extract(data: Path, out: Path, **kwargs):
+def _extract(data: Path, out: Path, **kwargs) -> SimpleNamespace:
+    """extract's counts, and the features it wrote, read back."""
     config = ExtractConfig(data=DataConfig(data_dir=data, image_size=32, batch_size=8), output=out,
                            base="vgg16", weights="none", blocks=2, overwrite=True, **kwargs)
-    return extract(config)
+    result = extract(config)
+    return SimpleNamespace(computed=result.computed, reused=result.reused,
+                           features=load_features(out))
 
 
 def test_second_extract_computes_nothing_and_edits_recompute_only_themselves(

@@ -1,6 +1,6 @@
 """--engine ray: extract and predict on a local Ray cluster (2 CPUs) give what the local
-run gives, a repeated run sends nothing the cache holds, and the rows come back in order,
-each exactly once."""
+run gives (a sharded output included), a repeated run sends nothing the cache holds, and the
+rows come back in order, each exactly once."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from transferkit.cli import app
 from transferkit.errors import ClusterError
+from transferkit.feature_files import load_features
 from transferkit.raybatch import _in_order
 
 ray = pytest.importorskip("ray")
@@ -40,13 +41,14 @@ def test_extract_on_ray_equals_the_local_run_and_reuses_the_cache(cluster, image
     local = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "local.npz"),
                                 *LITE0, "--no-cache"])
     assert local.exit_code == 0, local.output
-    remote = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "ray.npz"),
-                                 *LITE0, "--engine", "ray"])
+    remote = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "ray"),
+                                 *LITE0, "--engine", "ray", "--shard-rows", "10"])
     assert remote.exit_code == 0, remote.output
-    assert "on Ray: 18 images" in said(remote.output)
-    a, b = np.load(tmp_path / "local.npz"), np.load(tmp_path / "ray.npz")
-    assert (a["paths"] == b["paths"]).all() and (a["splits"] == b["splits"]).all()
-    assert np.abs(a["features"] - b["features"]).max() < 1e-5
+    assert "on Ray: 10 images" in said(remote.output)  # a Ray job per shard
+    assert "on Ray: 8 images" in said(remote.output)
+    a, b = load_features(tmp_path / "local.npz"), load_features(tmp_path / "ray")
+    assert (a.paths == b.paths).all() and (a.splits == b.splits).all()
+    assert np.abs(a.features - b.features).max() < 1e-5
     again = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "again.npz"),
                                 *LITE0, "--engine", "ray"])
     assert again.exit_code == 0, again.output

@@ -264,7 +264,8 @@ def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
         from transferkit.runs.directory import check_run_output
 
         _check_data(config.data, config.base, config.blocks, "--blocks")
-        check_new_output(config.output, config.overwrite, "feature file", data=config.data.data_dir)
+        check_new_output(config.output, config.overwrite, config.output_kind,
+                         data=config.data.data_dir)
         if config.head is not None:
             check_run_output(config.head.output, config.overwrite, config.data.data_dir)
         _load()

@@ -561,7 +561,11 @@ class ExtractConfig:
     """`transferkit extract`: frozen-base features to a file, optionally a head on them."""
 
     data: DataConfig = group(panel=DATA)
-    output: Path = option(help="Feature file to write (.npz).", short="-o", panel=OUTPUT)
+    output: Path = option(help="Feature file to write (.npz), or with --shard-rows a folder "
+                               "of shards.", short="-o", panel=OUTPUT)
+    shard_rows: int = option(0, "Write a folder of .npz shards of this many images each, "
+                                "with an index (for millions of images). Default: one file.",
+                             panel=OUTPUT, advanced=True)
     base: str = option(DEFAULT_BASE, "Pretrained convolutional base.", choices="bases",
                        panel=MODEL)
     weights: str = option("imagenet", WEIGHTS_HELP, panel=MODEL)
@@ -582,7 +586,13 @@ class ExtractConfig:
         _check(self.blocks is None or self.blocks >= 1,
                f"--blocks must be at least 1; got {self.blocks}.")
         _check(self.pooling in POOLINGS, f"--pooling must be avg or max; got {self.pooling}.")
+        _check(self.shard_rows >= 0, f"--shard-rows must be 0 (one file) or a number of "
+                                     f"images per shard; got {self.shard_rows}.")
         _check_precision(self.precision)
+
+    @property
+    def output_kind(self) -> str:
+        return "feature folder" if self.shard_rows else "feature file"
 
 
 @dataclass(frozen=True, kw_only=True)

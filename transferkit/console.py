@@ -282,15 +282,14 @@ def render_evaluation(result: EvaluationResult) -> None:
 
 
 def render_extract(result: ExtractResult) -> None:
-    counts = {name: int((result.features.splits == name).sum())
-              for name in ("train", "val", "test")}
-    table = Table(title=f"Features: {escape(str(result.features_path))}")
+    shards = f" ({result.shards} shards)" if result.shards > 1 else ""
+    table = Table(title=f"Features: {escape(str(result.features_path))}{shards}")
     table.add_column("split")
     table.add_column("images", justify="right")
     table.add_column("feature width", justify="right")
-    for name, n in counts.items():
+    for name, n in result.counts.items():
         if n:
-            table.add_row(name, str(n), str(result.features.features.shape[1]))
+            table.add_row(name, str(n), str(result.width))
     stdout.print(table)
     if result.record is not None:
         render_stages(result.record.stages)

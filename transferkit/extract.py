@@ -4,8 +4,9 @@ and the fast path of training a dense classifier on the saved features."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -15,7 +16,8 @@ from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, Sched
 from transferkit.data.folders import DataSplits, load_splits
 from transferkit.devices import resolve_precision
 from transferkit.errors import DataError
-from transferkit.features import FeatureExtractor, FeatureModel, FeatureSet, save_features
+from transferkit.feature_files import FeatureSet, ShardWriter, load_features, save_features
+from transferkit.features import FeatureExtractor, FeatureModel
 from transferkit.files import check_new_output
 from transferkit.metrics import classification_metrics
 from transferkit.model import (
@@ -35,7 +37,9 @@ from transferkit.training.stages import StagePlan, run_stage, stage_result
 @dataclass(frozen=True)
 class ExtractResult:
     features_path: Path
-    features: FeatureSet
+    counts: dict[str, int]  # images per split
+    width: int  # features per image
+    shards: int = 1  # files written (a sharded folder has more)
     run_dir: Path | None = None
     record: RunRecord | None = None  # of the --train-head run
     computed: int = 0  # images that went through the base
@@ -97,7 +101,7 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     image_size = resolve_image_size(spec, config.data.image_size)
     blocks = config.blocks or len(spec.blocks)
     spec.check_block_count(blocks, "--blocks")
-    check_new_output(config.output, config.overwrite, what="feature file",
+    check_new_output(config.output, config.overwrite, config.output_kind,
                      data=config.data.data_dir)
     if config.head is not None:
         check_run_output(config.head.output, config.head.overwrite, config.data.data_dir)
@@ -108,34 +112,60 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     job = FeatureModel(spec.name, config.weights, config.data.seed, image_size, precision,
                        blocks, config.pooling, config.data.batch_size)
     extractor = FeatureExtractor.of_model(job, reporter, config.cache, config.engine)
-    named = splits.items()
-    arrays = extractor.features([s for _, s in named], "/".join(name for name, _ in named))
-    parts = [(name, s, f) for (name, s), f in zip(named, arrays, strict=True)]
+    meta = {"base": spec.name, "weights": config.weights, "image_size": image_size,
+            "blocks": blocks, "pooling": config.pooling, "precision": precision,
+            "preprocessing": spec.preprocessing.to_dict(),
+            "data_dir": str(config.data.data_dir),
+            "skipped": [{"path": str(f.path), "reason": f.reason} for f in splits.skipped]}
+    width, shards = _write_features(config, splits, extractor, meta, reporter)
     extractor.save()
     reporter.info(f"{spec.name} up to block '{spec.blocks[blocks - 1]}' ({blocks} of "
-                  f"{len(spec.blocks)}), {config.pooling} pooling: {parts[0][2].shape[1]} "
-                  f"features per image; {extractor.computed} computed, {extractor.reused} "
-                  f"reused from the cache.")
-    features = FeatureSet(
-        features=np.concatenate([f for _, _, f in parts]),
-        labels=np.concatenate([s.labels for _, s, _ in parts]),
-        splits=np.array([name for name, s, _ in parts for _ in range(len(s))]),
-        paths=np.array([p.as_posix() for _, s, _ in parts for p in s.paths]),
-        class_names=splits.class_names,
-        meta={"base": spec.name, "weights": config.weights, "image_size": image_size,
-              "blocks": blocks, "pooling": config.pooling, "precision": precision,
-              "preprocessing": spec.preprocessing.to_dict(),
-              "data_dir": str(config.data.data_dir),
-              "skipped": [{"path": str(f.path), "reason": f.reason} for f in splits.skipped]})
-    save_features(config.output, features)
-    reporter.info(f"Saved {len(features.labels)} feature vectors to '{config.output}'.")
+                  f"{len(spec.blocks)}), {config.pooling} pooling: {width} features per image; "
+                  f"{extractor.computed} computed, {extractor.reused} reused from the cache.")
+    counts = {name: len(images) for name, images in splits.items()}
+    reporter.info(f"Saved {sum(counts.values())} feature vectors to '{config.output}'"
+                  + (f" in {shards} shards." if config.shard_rows else "."))
+    result = ExtractResult(config.output, counts, width, shards, computed=extractor.computed,
+                           reused=extractor.reused)
     if config.head is None:
-        return ExtractResult(config.output, features, computed=extractor.computed,
-                             reused=extractor.reused)
-    record = _train_head_run(config, features, splits, extractor.model, image_size, precision,
-                             reporter)
-    return ExtractResult(config.output, features, config.head.output, record,
-                         extractor.computed, extractor.reused)
+        return result
+    record = _train_head_run(config, load_features(config.output), splits, extractor.model,
+                             image_size, precision, reporter)
+    return replace(result, run_dir=config.head.output, record=record)
+
+
+def _write_features(config: ExtractConfig, splits: DataSplits, extractor: FeatureExtractor,
+                    meta: dict[str, Any], reporter: Reporter) -> tuple[int, int]:
+    """Every image's features, train then val then test, to config.output: one file, or
+    --shard-rows images at a time to a shard folder. Returns the feature width and the number
+    of files."""
+    every = splits.every_image()
+    names = np.array([name for name, images in splits.items() for _ in range(len(images))])
+    step = config.shard_rows or max(len(every), 1)
+    writer = ShardWriter(config.output, extractor.spec.key()) if config.shard_rows else None
+    width, index = 0, np.arange(len(every))
+    for start in range(0, len(every), step):
+        part = every.subset((index >= start) & (index < start + step))
+        where = names[start:start + step]
+        digest = writer.digest(part.hashes, where) if writer else ""
+        found = writer.done(digest) if writer else None
+        if found is None:
+            label = (f"shard {start // step + 1} of {-(-len(every) // step)}" if writer
+                     else "/".join(name for name, _ in splits.items()))
+            (rows,) = extractor.features([part], label)
+            found = FeatureSet(rows, part.labels, where,
+                               np.array([p.as_posix() for p in part.paths]),
+                               splits.class_names, meta)
+            if writer:
+                writer.write(found, digest)
+            else:
+                save_features(config.output, found)
+        else:
+            reporter.info(f"Shard {start // step + 1}: kept from the stopped run.")
+        width = found.features.shape[1]
+    if writer:
+        writer.finish(meta, splits.class_names)
+    return width, len(writer.shards) if writer else 1
 
 
 def _train_head_run(config: ExtractConfig, features: FeatureSet, splits: DataSplits,

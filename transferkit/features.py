@@ -1,8 +1,8 @@
-"""Frozen-base features of image sets, computed once, and the files that hold them: feature
-files (`extract -o`) and the feature cache. The cache is keyed by everything that determines a
-feature vector (base, weights, image size, cut point, pooling, preprocessing, precision, and
-the file's content), so no unchanged image goes through the base twice and the model is not
-even built when nothing is missing."""
+"""Frozen-base features of image sets, computed once, and the feature cache. The cache is
+keyed by everything that determines a feature vector (base, weights, image size, cut point,
+pooling, preprocessing, precision, and the file's content), so no unchanged image goes
+through the base twice and the model is not even built when nothing is missing. Feature files
+(`extract -o`) are feature_files.py's."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import json
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +19,6 @@ from transferkit.bases import BaseSpec, resolve_weights
 from transferkit.cache import FEATURES, cache_path
 from transferkit.data.folders import ImageSet
 from transferkit.data.pipeline import build_dataset
-from transferkit.errors import ArtifactError
 from transferkit.files import atomic_path
 from transferkit.inference import predict_batches
 from transferkit.raybatch import run_on_ray
@@ -31,8 +29,6 @@ if TYPE_CHECKING:
 
     from transferkit.config import DataConfig, EngineConfig
 
-FEATURES_FORMAT = "transferkit-features"
-FEATURES_FORMAT_VERSION = 1
 FEATURE_PIPELINE_VERSION = 2  # bump when decoding or resizing changes what features are
 
 
@@ -216,47 +212,6 @@ def base_features(base: str, weights: str, data: DataConfig, images: ImageSet,
     reporter.info(f"{spec.name} features: {extractor.computed} images computed, "
                   f"{extractor.reused} from the cache.")
     return features
-
-
-@dataclass(frozen=True)
-class FeatureSet:
-    """Features of every image of a data folder, with labels, splits and relative paths."""
-
-    features: np.ndarray  # (n, feature_dim) float32
-    labels: np.ndarray  # (n,) int32 into class_names
-    splits: np.ndarray  # (n,) str: train | val | test
-    paths: np.ndarray  # (n,) str, relative to the data folder
-    class_names: tuple[str, ...]
-    meta: dict[str, Any]
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        mask = self.splits == name
-        return self.features[mask], self.labels[mask]
-
-
-def save_features(path: Path, features: FeatureSet) -> None:
-    """Writes a FeatureSet as .npz: plain arrays and a JSON string, no pickles."""
-    meta = {"format": FEATURES_FORMAT, "format_version": FEATURES_FORMAT_VERSION,
-            **features.meta, "class_names": list(features.class_names)}
-    with atomic_path(path) as tmp:
-        np.savez(tmp, features=features.features.astype(np.float32),
-                 labels=features.labels.astype(np.int32),
-                 splits=features.splits.astype(str), paths=features.paths.astype(str),
-                 meta=np.array(json.dumps(meta)))
-
-
-def load_features(path: Path) -> FeatureSet:
-    """Reads a feature file written by save_features (allow_pickle stays off)."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            arrays = {k: npz[k] for k in ("features", "labels", "splits", "paths")}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"Could not read feature file '{path}' ({exc}). Run `transferkit "
-                            f"extract` again.") from exc
-    if meta.get("format") != FEATURES_FORMAT:
-        raise ArtifactError(f"'{path}' is not a transferkit feature file.")
-    return FeatureSet(class_names=tuple(meta.pop("class_names")), meta=meta, **arrays)
 
 
 class FeatureCache:
