@@ -5,6 +5,8 @@ rows come back in order, each exactly once."""
 from __future__ import annotations
 
 import csv
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from transferkit.cli import app
 from transferkit.errors import ClusterError
 from transferkit.feature_files import load_features
 from transferkit.raybatch import _in_order
+from transferkit.reporting import NullReporter
 
 ray = pytest.importorskip("ray")
 runner = CliRunner()
@@ -69,6 +72,56 @@ def test_predict_on_ray_equals_the_local_run(cluster, trained_run, image_folder,
     for field in ("probability", "novelty"):
         assert max(abs(float(a[field]) - float(b[field]))
                    for a, b in zip(rows["local"], rows["ray"], strict=True)) < 1e-5
+
+
+def test_base_features_on_ray_equal_the_local_ones_and_bases_rank_sends_them(
+        cluster, image_folder, tmp_path, monkeypatch):
+    """What audit, select and `bases --rank` compare images by, computed on Ray."""
+    from transferkit import ranking
+    from transferkit.config import DataConfig, EngineConfig
+    from transferkit.data.folders import load_splits
+    from transferkit.features import base_features
+
+    data = DataConfig(data_dir=image_folder, image_size=32)
+    images = load_splits(image_folder, data.val_split, data.seed).every_image()
+    local, remote = (base_features("efficientnet_lite0", "none", data, images, NullReporter(),
+                                   use_cache=False, engine=EngineConfig(engine=engine))
+                     for engine in ("local", "ray"))
+    assert np.abs(local - remote).max() < 1e-5
+    engines = []
+    monkeypatch.setattr(ranking, "available_bases", lambda: ["efficientnet_lite0"])
+    monkeypatch.setattr(ranking, "base_features", lambda *args: engines.append(args[-1]) or
+                        remote[:len(args[3])])
+    ranked = runner.invoke(app, ["bases", "--rank", str(image_folder), "--engine", "ray"])
+    assert ranked.exit_code == 0, ranked.output
+    assert [e.engine for e in engines] == ["ray"]
+
+
+def test_a_worker_that_dies_mid_task_is_replaced_and_no_row_is_lost_or_doubled(cluster,
+                                                                                tmp_path):
+    """The first actor to take a task kills its own process (as kill -9 would) before it
+    answers; Ray restarts it and runs the task again."""
+    from transferkit.config import EngineConfig
+    from transferkit.raybatch import ROWS_PER_TASK, run_on_ray
+
+    marker = tmp_path / "died"
+
+    class DiesOnce:
+        batch_size = 8
+
+        def build(self):
+            return None
+
+        def run(self, model, sources):
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return np.array([[float(Path(s).stem)] for s in sources])
+
+    sources = [str(tmp_path / f"{i}.png") for i in range(3 * ROWS_PER_TASK + 5)]
+    rows = run_on_ray(DiesOnce(), sources, EngineConfig(engine="ray"), NullReporter(), "test")
+    assert marker.exists()  # a worker did die
+    assert rows.ravel().tolist() == list(range(len(sources)))
 
 
 def test_rows_come_back_in_order_and_each_once():

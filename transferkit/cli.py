@@ -20,6 +20,7 @@ from transferkit.config import (
     AUTO_BASE,
     STDOUT,
     AuditConfig,
+    BasesConfig,
     CVConfig,
     DataConfig,
     DoctorConfig,
@@ -432,26 +433,18 @@ def upgrade(
 
 
 @app.command("bases")
-def bases_command(
-    name: Annotated[str | None, typer.Argument(
-        help="Show this base's blocks.", show_default=False)] = None,
-    rank: Annotated[Path | None, typer.Option(
-        "--rank", help="Rank the bases whose ImageNet weights are on this machine by the "
-                       "cross-validated accuracy of a linear probe on DATA.", metavar="DATA",
-        file_okay=False, show_default=False)] = None,
-    image_size: Annotated[int | None, typer.Option(
-        "--image-size", help="Square input size in pixels. Default: each base's.",
-        show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the folds.")] = 1337,
-) -> None:
+@configured(BasesConfig)
+def bases_command(settings: Settings = None) -> None:  # type: ignore[assignment]
     """List the pretrained bases: size, blocks, input scaling, offline ImageNet weights."""
     from transferkit.bases import BASES, get_base
     from transferkit.console import render_base, render_bases
 
     with _user_errors():
-        if rank is None:
-            return render_base(get_base(name)) if name else render_bases(list(BASES.values()))
-        data = DataConfig(data_dir=rank, image_size=image_size, seed=seed)
+        config = settings.build()
+        if config.rank is None:
+            return render_base(get_base(config.name)) if config.name else render_bases(
+                list(BASES.values()))
+        data = DataConfig(data_dir=config.rank, image_size=config.image_size, seed=config.seed)
         from transferkit.data.folders import check_data_folder
 
         check_data_folder(data.data_dir)
@@ -459,7 +452,7 @@ def bases_command(
         from transferkit.console import RichReporter, render_ranks
         from transferkit.ranking import rank_bases
 
-        render_ranks(rank_bases(data, RichReporter()))
+        render_ranks(rank_bases(data, RichReporter(), engine=config.engine))
 
 
 @app.command("cache")

@@ -228,7 +228,7 @@ ENGINES = ("local", "ray")
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     """Where images go through a model for batch work (extract, predict, and the features
-    of audit and select)."""
+    of audit, select and bases --rank)."""
 
     engine: str = option("local", "local: this process; ray: the workers of a Ray cluster "
                                   "(--ray-address, else RAY_ADDRESS, else one started on "
@@ -508,6 +508,24 @@ class SelectConfig:
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.n >= 1, f"-n must be at least 1; got {self.n}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BasesConfig:
+    """`transferkit bases`: the pretrained bases, one base's blocks, or a ranking on DATA."""
+
+    name: str | None = option(None, "Show this base's blocks.", argument=True, metavar="NAME")
+    rank: Path | None = option(None, "Rank the bases whose ImageNet weights are on this "
+                                     "machine by the cross-validated accuracy of a linear "
+                                     "probe on DATA.", metavar="DATA")
+    image_size: int | None = option(None, "Square input size in pixels. Default: each base's.")
+    seed: int = option(1337, "Seed for the folds.")
+    engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
+
+    def __post_init__(self) -> None:
+        _check(self.rank is not None or self.engine.engine == "local",
+               "--engine ray computes the features of --rank DATA; add --rank DATA, or drop "
+               "--engine.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from transferkit.bases import BASES, resolve_image_size
-from transferkit.config import DataConfig
+from transferkit.config import DataConfig, EngineConfig
 from transferkit.data.folders import load_splits
 from transferkit.errors import WeightsError
 from transferkit.features import base_features
@@ -48,9 +48,10 @@ def available_bases() -> list[str]:
     return [name for name, spec in BASES.items() if spec.imagenet.available()]
 
 
-def rank_bases(data: DataConfig, reporter: Reporter | None = None,
-               use_cache: bool = True) -> Ranking:
-    """The available bases, the chosen one first.
+def rank_bases(data: DataConfig, reporter: Reporter | None = None, use_cache: bool = True,
+               engine: EngineConfig | None = None) -> Ranking:
+    """The available bases, the chosen one first (their features computed on Ray with
+    `engine` ray).
 
     Raises:
         WeightsError: no base has its ImageNet weights on this machine.
@@ -69,7 +70,7 @@ def rank_bases(data: DataConfig, reporter: Reporter | None = None,
     ranks, correct = [], {}
     for name in names:
         started = time.perf_counter()
-        features = base_features(name, "imagenet", data, images, reporter, use_cache)
+        features = base_features(name, "imagenet", data, images, reporter, use_cache, engine)
         probabilities = out_of_fold_probabilities(features, images.labels,
                                                   len(images.class_names), data.seed)
         correct[name] = probabilities.argmax(axis=1) == images.labels

@@ -1,5 +1,5 @@
-"""Batch work on a Ray cluster (--engine ray): the images of extract, predict, audit and
-select go through the model on Ray's workers, by Ray Data's `map_batches` over a pool of
+"""Batch work on a Ray cluster (--engine ray): the images of extract, predict, audit, select
+and bases --rank go through the model on Ray's workers, by Ray Data's `map_batches` over a pool of
 actors that each build the model once (Ray's documented pattern for batch inference).
 
 What the workers run is a `BatchJob`: a small picklable recipe that builds the model and runs
