@@ -1,6 +1,6 @@
 """Batch work on a Ray cluster (--engine ray): the images of extract, predict, audit, select
-and bases --rank go through the model on Ray's workers, by Ray Data's `map_batches` over a pool of
-actors that each build the model once (Ray's documented pattern for batch inference).
+and bases --rank go through the model on Ray's workers, by Ray Data's `map_batches` over a
+pool of actors that each build the model once (Ray's documented pattern for batch inference).
 
 What the workers run is a `BatchJob`: a small picklable recipe that builds the model and runs
 it on a list of image files, the same code the local path runs, so both give the same
