@@ -116,12 +116,18 @@ class SignalAtFirstBatch(NullReporter):
 
 
 def test_run_stopped_before_its_first_checkpoint(image_folder, tmp_path):
+    import keras
+
     from transferkit.runs.directory import read_record
 
     run_dir = tmp_path / "run"
-    with pytest.raises(RunInterrupted, match="before the first epoch ended"):
+    with pytest.raises(RunInterrupted, match="before the first epoch ended") as stopped:
         finetune(_config(image_folder, run_dir), SignalAtFirstBatch())
     assert not (run_dir / "checkpoints" / "last.keras").exists()
+    probe = run_dir / "checkpoints" / "best-probe.keras"  # what it already had is kept
+    assert f"is a usable plain Keras model: {probe}" in str(stopped.value)
+    assert keras.saving.load_model(probe, safe_mode=True).predict(
+        np.zeros((1, 32, 32, 3)), verbose=0).shape == (1, 3)
     # as a kill -9 leaves it: still 'running', no process holding it, no checkpoint
     record = json.loads((run_dir / "run.json").read_text())
     (run_dir / "run.json").write_text(json.dumps({**record, "status": "running"}))

@@ -36,6 +36,7 @@ from transferkit.features import FeatureExtractor
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.reporting import Reporter
 from transferkit.runs.checkpoints import (
+    best_checkpoint,
     load_checkpoint,
     load_head_state,
     restore_best,
@@ -354,8 +355,12 @@ def interrupted(t: Training, signum: int) -> RunInterrupted:
                               f"--resume {t.config.output} on every worker.", signum)
     if not t.history:
         t.save(status=INTERRUPTED, stopped=Stopped(phase=t.phase, signal=name))
+        probe, saved = t.record.probe, best_checkpoint(t.run_dir, PROBE)
+        usable = (f" The probe it fitted ({probe.val_correct} of {len(t.splits.val)} val "
+                  f"images right) is a usable plain Keras model: {saved}."
+                  if probe is not None and saved.is_file() else "")
         return RunInterrupted(f"Stopped by {name} during {t.phase}, before the first epoch "
-                              f"ended. {how_to_continue(t.run_dir)}", signum)
+                              f"ended.{usable} {how_to_continue(t.run_dir)}", signum)
     where = Stopped(stage=t.history[-1]["stage"], epoch=t.history[-1]["epoch"], signal=name)
     t.save(status=INTERRUPTED, stopped=where)
     return RunInterrupted(
