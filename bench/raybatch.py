@@ -4,8 +4,9 @@ in one run, and the cost of a worker killed mid-run.
 Each Ray run starts its own cluster (`ray start --head --num-cpus N`), extracts every image
 of DATA with --no-cache (so everything is computed), and stops it. The killed run kills one
 actor process (kill -9) once a third of the 2-worker time has passed; its features must equal
-the local run's, with every row once. Ray's start-up is outside the timed command; the
-workers' own start (TensorFlow, building the base) is inside it.
+the local run's, with every row once. The sharded run writes three shards (`--shard-rows`),
+each its own Ray job. Ray's start-up is outside the timed command; the workers' own start
+(TensorFlow, building the base) is inside it.
 
     python bench/raybatch.py /tmp/tk-data/digits_full
 """
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from serve import free_port  # bench/serve.py, beside this script
+
+from transferkit.feature_files import load_features
 
 
 def extract(data: Path, out: Path, *engine: str) -> float:
@@ -47,8 +50,8 @@ def kill_one_worker(after: float, killed: list[int]) -> None:
             return
 
 
-def on_cluster(data: Path, out: Path, cpus: int, kill_after: float | None = None
-               ) -> tuple[float, list[int]]:
+def on_cluster(data: Path, out: Path, cpus: int, *options: str,
+               kill_after: float | None = None) -> tuple[float, list[int]]:
     port = free_port()
     subprocess.run(["ray", "start", "--head", f"--num-cpus={cpus}", f"--port={port}",
                     "--include-dashboard=false"], check=True, capture_output=True)
@@ -57,7 +60,7 @@ def on_cluster(data: Path, out: Path, cpus: int, kill_after: float | None = None
         if kill_after is not None:
             threading.Thread(target=kill_one_worker, args=(kill_after, killed),
                              daemon=True).start()
-        seconds = extract(data, out, "--engine", "ray", "--ray-address", "auto")
+        seconds = extract(data, out, "--engine", "ray", "--ray-address", "auto", *options)
     finally:
         subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
     return seconds, killed
@@ -87,7 +90,14 @@ def main() -> None:
         diff = np.abs(found["features"] - reference["features"]).max()
         print(f"ray, 2 workers, one killed (pids {killed}): {seconds:.1f} s "
               f"(+{seconds - two:.1f} s), rows {len(found['paths'])} of {n}, in order: {same}, "
-              f"max |diff| {diff:.2e}")
+              f"max |diff| {diff:.2e}", flush=True)
+        rows = -(-n // 3)
+        seconds, _ = on_cluster(args.data, out / "sharded", 2, "--shard-rows", str(rows))
+        sharded = load_features(out / "sharded")
+        same = (sharded.paths == reference["paths"]).all()
+        diff = np.abs(sharded.features - reference["features"]).max()
+        print(f"ray, 2 workers, --shard-rows {rows} (3 shards, a Ray job each): {seconds:.1f} "
+              f"s (+{seconds - two:.1f} s), same rows in order: {same}, max |diff| {diff:.2e}")
 
 
 if __name__ == "__main__":
