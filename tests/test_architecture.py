@@ -73,7 +73,7 @@ LAYERS = [
     {"training.recipe", "cv", "audit", "ranking", "extract", "predict", "evaluate", "export",
      "doctor", "legacy", "training.checks", "run_report", "selection", "serve"},
     {"training.prepare", "training.stages", "training.probe", "training.adaptation",
-     "training.combined", "training.pseudo",
+     "training.combined", "training.pseudo", "training.variants",
      "training.choice", "training.plan", "training.loop", "callbacks", "model", "freezing",
      "augment", "features", "feature_files", "inference", "plots", "devices", "calibration",
      "metrics", "novelty", "gradcam", "report", "raybatch"},

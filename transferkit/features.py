@@ -63,10 +63,13 @@ class FeatureSpec:
     pooling: str
     preprocessing: dict[str, Any]
     precision: str  # resolved: float32 | mixed (float16 activations give other values)
+    upsample_to: int = 0  # the base reads the image resized to this inside the model (0: no)
 
     def key(self) -> str:
-        payload = json.dumps({**asdict(self), "version": FEATURE_PIPELINE_VERSION},
-                             sort_keys=True)
+        fields = asdict(self)
+        if not self.upsample_to:  # so the keys of features cached before it stay valid
+            del fields["upsample_to"]
+        payload = json.dumps({**fields, "version": FEATURE_PIPELINE_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -83,7 +86,9 @@ def predict_features(model: keras.Model, sources: Sequence[str], image_size: int
 @dataclass(frozen=True)
 class FeatureModel:
     """A base's features model, up to `blocks` of its blocks and pooled, as a recipe that
-    this process or a Ray worker (raybatch.BatchJob) builds and runs the same way."""
+    this process or a Ray worker (raybatch.BatchJob) builds and runs the same way. With
+    `upsample_to`, the model reads images of `image_size` and resizes them to that for the
+    base (a Keras Resizing layer inside it)."""
 
     base: str
     weights: str  # as given: imagenet, none, or a weights file
@@ -93,6 +98,7 @@ class FeatureModel:
     blocks: int
     pooling: str = "avg"
     batch_size: int = 32
+    upsample_to: int = 0
 
     def build(self) -> keras.Model:
         import keras
@@ -104,8 +110,10 @@ class FeatureModel:
         spec = get_base(self.base)
         keras.utils.set_random_seed(self.seed)
         with precision_policy(self.precision):
-            base = cut_base(build_base(spec, self.image_size, self.weights), spec, self.blocks)
-            return build_feature_extractor(base, spec.preprocessing, self.pooling)
+            size = self.upsample_to or self.image_size
+            base = cut_base(build_base(spec, size, self.weights), spec, self.blocks)
+            return build_feature_extractor(base, spec.preprocessing, self.pooling,
+                                           input_size=self.image_size)
 
     def run(self, model: keras.Model, sources: list[str]) -> np.ndarray:
         return predict_features(model, sources, self.image_size, self.batch_size,
@@ -131,13 +139,13 @@ class FeatureExtractor:
     @classmethod
     def of_base(cls, build: Callable[[], keras.Model], spec: BaseSpec, weights: str, seed: int,
                 image_size: int, precision: str, batch_size: int, reporter: Reporter,
-                use_cache: bool = True, blocks: int | None = None, pooling: str = "avg"
-                ) -> FeatureExtractor:
+                use_cache: bool = True, blocks: int | None = None, pooling: str = "avg",
+                upsample_to: int = 0) -> FeatureExtractor:
         """The extractor of `spec`'s features with `weights` (drawn from `seed` when random),
         pooled after `blocks` of its blocks (all by default)."""
         feature_spec = FeatureSpec(spec.name, weights_fingerprint(spec, weights, seed),
                                    image_size, blocks or len(spec.blocks), pooling,
-                                   spec.preprocessing.to_dict(), precision)
+                                   spec.preprocessing.to_dict(), precision, upsample_to)
         return cls(build, feature_spec, batch_size, reporter, use_cache)
 
     @classmethod
@@ -148,7 +156,7 @@ class FeatureExtractor:
 
         extractor = cls.of_base(job.build, get_base(job.base), job.weights, job.seed,
                                 job.image_size, job.precision, job.batch_size, reporter,
-                                use_cache, job.blocks, job.pooling)
+                                use_cache, job.blocks, job.pooling, job.upsample_to)
         if engine is not None and engine.engine == "ray":
             extractor.remote = (job, engine)
         return extractor

@@ -40,11 +40,19 @@ def build_preprocessing(preprocessing: Preprocessing, x: keras.KerasTensor) -> k
 
 
 def build_feature_extractor(base: keras.Model, preprocessing: Preprocessing,
-                            pooling: str = "avg", name: str = "features") -> keras.Model:
+                            pooling: str = "avg", name: str = "features",
+                            input_size: int | None = None) -> keras.Model:
     """Raw RGB images -> pooled base features. The base always runs in inference mode, so
-    its BatchNorm statistics stay those it was pretrained with, even when unfrozen."""
-    inputs = keras.Input(base.input_shape[1:], name="image")
-    x = build_preprocessing(preprocessing, inputs)
+    its BatchNorm statistics stay those it was pretrained with, even when unfrozen. With an
+    `input_size` other than the base's, the images are resized to the base's size inside
+    the model (Keras's Resizing, bilinear)."""
+    height, width, channels = base.input_shape[1:]
+    if input_size in (None, height):
+        inputs = x = keras.Input(base.input_shape[1:], name="image")
+    else:
+        inputs = keras.Input((input_size, input_size, channels), name="image")
+        x = keras.layers.Resizing(height, width, name="resize_for_base")(inputs)
+    x = build_preprocessing(preprocessing, x)
     x = base(x, training=False)
     pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else \
         keras.layers.GlobalMaxPooling2D

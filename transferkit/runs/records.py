@@ -173,6 +173,20 @@ class CombinedRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VariantRecord:
+    """The probe variant the data checks picked (training.variants): the probe on features
+    after an earlier block, or of the image upsampled inside the model."""
+
+    name: str  # earlier-block | upsampled
+    blocks: int  # of the base's blocks, the features' cut point
+    base_size: int  # the size the base reads (the run's image size, or upsampled to)
+    c: float
+    val_correct: int
+    won: bool  # beat the probe on val by more than noise
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class SelfTrainedRecord:
     """The probe self-trained on an unlabelled pool (finetune --unlabeled, training.pseudo)."""
 
@@ -313,6 +327,7 @@ class RunRecord:
     lr_find: LRFind | None = None
     probe: ProbeRecord | None = None
     combined: CombinedRecord | None = None
+    variant: VariantRecord | None = None
     self_trained: SelfTrainedRecord | None = None
     adaptation: Adaptation | None = None
     choice: Choice | None = None

@@ -240,19 +240,24 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
     return results
 
 
+def won_candidates(record: RunRecord) -> dict[str, int]:
+    """The candidates fitted before the stages that beat the probe on val, simplest first
+    (the probe variant, the combined and the self-trained probes), with their val images
+    right."""
+    found = ((record.variant.name if record.variant else "", record.variant),
+             (COMBINED, record.combined), (SELF_TRAINED, record.self_trained))
+    return {name: r.val_correct for name, r in found if r is not None and r.won}
+
+
 def bar_to_clear(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
-    """The best candidate kept so far (the combined and self-trained ones only if they beat
-    the probe) with its
-    val images right, and how many a next candidate must get right to be kept (LEAST_WIN
-    more); 0 for a run recorded before probes counted theirs."""
+    """The best candidate kept so far (those fitted before the stages only if they beat the
+    probe) with its val images right, and how many a next candidate must get right to be
+    kept (LEAST_WIN more); 0 for a run recorded before probes counted theirs."""
     n = len(t.splits.val)
     probe = t.record.probe
     if probe is None or probe.val_correct is None:
         return (PROBE, 0), 0
-    candidates = [(PROBE, probe.val_correct)]
-    for name, record in ((COMBINED, t.record.combined), (SELF_TRAINED, t.record.self_trained)):
-        if record is not None and record.won:
-            candidates.append((name, record.val_correct))
+    candidates = [(PROBE, probe.val_correct), *won_candidates(t.record).items()]
     candidates += [(r.name, round((r.best_val_accuracy or 0) * n)) for r in results]
     best = max(candidates, key=lambda b: b[1])
     return best, best[1] + LEAST_WIN

@@ -37,6 +37,7 @@ from transferkit.config import AUTO_BASE, FinetuneConfig
 from transferkit.data.folders import DataSplits, read_pool
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ArtifactError, DataError, StopRequested, TrainingDiverged
+from transferkit.features import FeatureModel
 from transferkit.files import save_figure
 from transferkit.inference import predict_batches
 from transferkit.metrics import classification_metrics
@@ -74,18 +75,33 @@ from transferkit.runs.records import (
     SelfTrainedRecord,
     StageResult,
     Stopped,
+    VariantRecord,
 )
 from transferkit.training.adaptation import assess
 from transferkit.training.checks import lr_find
 from transferkit.training.choice import choose
 from transferkit.training.choice import describe as describe_choice
 from transferkit.training.combined import COMBINED, build_combined, combinable, fit_combined
-from transferkit.training.loop import Training, bar_to_clear, interrupted, resume, train_stages
+from transferkit.training.loop import (
+    Training,
+    bar_to_clear,
+    interrupted,
+    resume,
+    train_stages,
+    won_candidates,
+)
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
 from transferkit.training.probe import LinearProbe, fit_probe
 from transferkit.training.pseudo import SELF_TRAINED, self_train
 from transferkit.training.stages import class_weights
+from transferkit.training.variants import (
+    EARLIER,
+    VARIANTS,
+    build_variant,
+    fit_variant,
+    pick_variant,
+)
 from transferkit.workers import (
     JOIN_LIMIT_S,
     Cluster,
@@ -135,6 +151,8 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
                 _self_train(training, probe, probe_right)  # with a pool (--unlabeled)
                 training.phase = "the data checks"
                 _decide(training)  # data checks -> the Plan, recorded once
+                training.phase = "the probe variant"
+                _variant(training, probe_right)  # the one the checks pick
             training.phase = "training"
             return _train_and_keep(training)  # stages, choice, calibration, scores, report
 
@@ -344,6 +362,36 @@ def _combine(t: Training, probe_right: np.ndarray) -> None:
                                    seconds=round(combined.seconds, 3)))
 
 
+def _variant(t: Training, probe_right: np.ndarray) -> None:
+    """The probe variant the data checks pick (training.variants), saved as a candidate when
+    it beat the probe on val by more than noise; recorded either way."""
+    found = t.record.adaptation
+    picked = None if found is None or _no_room(t) else pick_variant(
+        found.deep, t.spec, t.record.image_size)
+    if picked is None:
+        return
+    config = t.config
+    job = FeatureModel(t.spec.name, config.weights, config.data.seed, t.record.image_size,
+                       t.record.compute.precision, len(t.spec.blocks),
+                       batch_size=config.data.batch_size)
+    variant = fit_variant(picked, job, t.splits, t.class_weights is not None, t.reporter,
+                          config.cache)
+    n, correct = len(t.splits.val), int(variant.right.sum())
+    won = choose({PROBE: probe_right, variant.name: variant.right}).kept == variant.name
+    what = (f"after block {variant.job.blocks} of {len(t.spec.blocks)}" if variant.name == EARLIER
+            else f"at {variant.job.upsample_to} px")
+    t.reporter.info(f"Probe on the features {what} (the data checks' pick; "
+                    f"C={variant.probe.c:g}; {variant.seconds:.1f} s): {correct} of {n} val "
+                    f"images right, against the probe's {t.record.probe.val_correct}" + (
+                        ", beyond noise." if won else ", within noise."))
+    if won:
+        save_best(t.run_dir, build_variant(variant), variant.name)
+    t.save(variant=VariantRecord(
+        name=variant.name, blocks=variant.job.blocks,
+        base_size=variant.job.upsample_to or variant.job.image_size, c=variant.probe.c,
+        val_correct=correct, won=won, seconds=round(variant.seconds, 3)))
+
+
 def _no_room(t: Training) -> bool:
     """Whether the candidates so far leave no later one room to be kept (val all right, or
     one short): then the stages are skipped, and nothing is prepared for them. --patience 0
@@ -448,7 +496,7 @@ def _candidate(t: Training, name: str) -> keras.Model:
     """The candidate model `name` (the probe or a stage's best): its weights restored into
     the classifier; or the saved model of the combined or self-trained candidate, or of the
     probe for a head with a hidden layer the probe cannot fill."""
-    if name in (COMBINED, SELF_TRAINED) or (name == PROBE and t.config.dense_units):
+    if name in (COMBINED, SELF_TRAINED, *VARIANTS) or (name == PROBE and t.config.dense_units):
         return load_keras_file(best_checkpoint(t.run_dir, name), "Start the run again with "
                                "--overwrite.")
     restore_best(t.model, t.run_dir, name)
@@ -463,9 +511,7 @@ def _choose_model(t: Training, results: list[StageResult]
     ds = build_dataset(val.sources, None, t.record.image_size, t.batch)
     probabilities = {name: predict_batches(_candidate(t, name), ds, len(val), t.batch,
                                            t.reporter, f"Scoring the '{name}' model on val")
-                     for name in (PROBE, *(name for name, record in (
-                         (COMBINED, t.record.combined), (SELF_TRAINED, t.record.self_trained))
-                         if record is not None and record.won), *(r.name for r in results))}
+                     for name in (PROBE, *won_candidates(t.record), *(r.name for r in results))}
     choice = choose({name: p.argmax(axis=1) == val.labels for name, p in probabilities.items()})
     if choice.comparisons:
         t.reporter.info(describe_choice(choice))
