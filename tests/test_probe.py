@@ -152,7 +152,7 @@ def _fake_features(wrong: dict[str, int]):
     """Features that separate the classes, except for the first `wrong[base]` images, whose
     signal points at the next class; a base not in `wrong` gets noise alone."""
 
-    def features(base, weights, data, images, reporter, use_cache):
+    def features(base, weights, data, images, reporter, use_cache, engine=None):
         values = np.random.default_rng(0).normal(size=(len(images), 8))
         if base in wrong:
             target = images.labels.copy()
