@@ -73,12 +73,13 @@ def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, An
 def probe_side(data: Path, seed: int, workdir: Path) -> dict[str, Any]:
     from transferkit.config import DataConfig, ExtractConfig
     from transferkit.extract import extract
+    from transferkit.feature_files import load_features
     from transferkit.training.probe import fit_probe
 
     start = time.perf_counter()
     result = extract(ExtractConfig(data=DataConfig(data_dir=data, seed=seed), cache=False,
                                    output=workdir / f"probe-{data.name}-{seed}.npz"))
-    features = result.features
+    features = load_features(result.features_path)
     x, y = features.split("train")
     probe = fit_probe(x, y, len(features.class_names), seed=seed)
     x_eval, y_eval = features.split(scored_split(data))
