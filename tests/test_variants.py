@@ -82,3 +82,5 @@ def test_a_run_keeps_the_winning_variant_as_a_candidate(tmp_path, monkeypatch):
     assert record.variant.won and UPSAMPLED in record.choice.val_correct
     assert (tmp_path / "run" / "checkpoints" / f"best-{UPSAMPLED}.keras").is_file()
     assert any(m.startswith("Probe on the features at 64 px") for m in reporter.messages)
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "upsampled: a probe on the features of the image upsampled to 64 px" in page

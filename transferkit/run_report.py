@@ -84,6 +84,13 @@ def _summary(record: RunRecord) -> str:
             f"model after {record.probe.ready_after:.0f} s")])
     if record.adaptation is not None:
         rows.append(["data checks", report.esc(record.adaptation.describe())])
+    if record.variant is not None:
+        rows.append(["probe variant", report.esc(record.variant.describe())])
+    if record.combined is not None:
+        rows.append(["combined probe", report.esc(
+            f"{', '.join(record.combined.bases)} side by side, {record.combined.val_correct} "
+            f"right on val: " + ("beat the probe beyond noise" if record.combined.won
+                                 else "within noise of the probe"))])
     for stage in record.stages:
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
             f"{stage.epochs} epochs at {stage.learning_rate:.2g}, best epoch "

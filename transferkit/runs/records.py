@@ -185,6 +185,13 @@ class VariantRecord:
     won: bool  # beat the probe on val by more than noise
     seconds: float
 
+    def describe(self) -> str:
+        where = (f"after block {self.blocks}" if self.name == "earlier-block" else
+                 f"of the image upsampled to {self.base_size} px")
+        return (f"{self.name}: a probe on the features {where} (the data checks' pick), "
+                f"{self.val_correct} right on val: "
+                + ("beat the probe beyond noise" if self.won else "within noise of the probe"))
+
 
 @dataclass(frozen=True, kw_only=True)
 class SelfTrainedRecord:
