@@ -114,15 +114,21 @@ def _read_index(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"'{folder}' is not a transferkit feature file or shard folder: "
                             f"{folder / INDEX} could not be read ({exc}).") from exc
-    shards = index.get("shards") if isinstance(index, dict) else None
-    if (index.get("format") != SHARDS_FORMAT if isinstance(index, dict) else True) or \
-            not isinstance(shards, list) or not all(
-                isinstance(s, dict) and _SHARD_NAME.fullmatch(str(s.get("file")))
-                and isinstance(s.get("rows"), int) and isinstance(s.get("digest"), str)
-                for s in shards) or sum(s["rows"] for s in shards) != index.get("rows"):
+    if not (isinstance(index, dict) and index.get("format") == SHARDS_FORMAT
+            and isinstance(index.get("shards"), list)
+            and all(_valid_entry(entry) for entry in index["shards"])
+            and sum(entry["rows"] for entry in index["shards"]) == index.get("rows")):
         raise ArtifactError(f"The index '{folder / INDEX}' is not a valid transferkit shard "
                             f"index. Run `transferkit extract` again.")
     return index
+
+
+def _valid_entry(entry: Any) -> bool:
+    """A shard entry names a shard file of this folder (no path), its rows and its digest."""
+    return (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+            and _SHARD_NAME.fullmatch(entry["file"]) is not None
+            and isinstance(entry.get("rows"), int) and entry["rows"] >= 0
+            and isinstance(entry.get("digest"), str))
 
 
 class ShardWriter:
