@@ -140,6 +140,10 @@ class ShardWriter:
         self.partial = target.with_name(target.name + ".partial")
         self.spec_key = spec_key
         self.shards: list[dict[str, Any]] = []
+        if self.partial.exists() and not self.partial.is_dir():
+            raise ArtifactError(f"'{self.partial}' is a file, where extract builds the shard "
+                                f"folder before renaming it to '{target}'. Move that file, or "
+                                f"choose another -o.")
         self.partial.mkdir(parents=True, exist_ok=True)
 
     def digest(self, hashes: tuple[str, ...], splits: np.ndarray) -> str:
@@ -176,8 +180,6 @@ class ShardWriter:
                  "class_names": list(class_names), **meta}
         with atomic_path(self.partial / INDEX) as tmp:
             tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-        if self.target.exists() and not self.target.is_dir():
-            self.target.unlink()
         replace_path(self.partial, self.target)
 
     def _name(self) -> str:
