@@ -365,7 +365,7 @@ def test_stages_no_candidate_could_be_kept_by_are_skipped(image_folder, tmp_path
                for m in reporter.messages)
 
 
-def test_a_stage_not_on_course_to_be_kept_stops_after_patience_epochs(
+def test_a_stage_not_on_course_to_be_kept_stops_once_judged(
         tmp_path, monkeypatch: pytest.MonkeyPatch):
     import keras
 
@@ -375,8 +375,8 @@ def test_a_stage_not_on_course_to_be_kept_stops_after_patience_epochs(
     monkeypatch.setattr(callbacks, "keep_last_as_best", lambda *a: None)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     history: list[dict] = []
-    monitor = callbacks.StageMonitor(tmp_path, "finetune", "val_accuracy", 3, model, history,
-                                     needed=8, val_images=10, last_epoch=10)
+    monitor = callbacks.StageMonitor(tmp_path, "finetune", "val_accuracy", 5, model, history,
+                                     needed=8, val_images=10, last_epoch=10, judge_after=3)
     monitor.set_model(model)
 
     def after(accuracies: tuple[float, ...]) -> bool:
@@ -386,11 +386,13 @@ def test_a_stage_not_on_course_to_be_kept_stops_after_patience_epochs(
         monitor.on_epoch_end(len(accuracies) - 1)
         return model.stop_training
 
-    assert not after((0.5, 0.6))  # not yet `patience` epochs in
+    assert not after((0.5, 0.6))  # not yet judged: 3 epochs in
     assert not after((0.3, 0.5, 0.7))  # 7 of 10, 8 needed, but gaining 2 an epoch
     assert not after((0.6, 0.7, 0.7))  # +1 in 2 epochs: 10.5 by epoch 10, so on course
     assert after((0.7, 0.7, 0.7))  # flat at 7 of 10, 8 needed: stopped
     assert not after((0.7, 0.7, 0.8))  # 8 of 10 reached: kept going
+    monitor.judge_after = 0  # --patience 0: never judged
+    assert not after((0.7, 0.7, 0.7))
 
 
 def test_label_smoothing_mixup_and_cutmix_train_on_one_hot_rows(image_folder, tmp_path):

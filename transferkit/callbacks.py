@@ -174,8 +174,8 @@ class StageMonitor(keras.callbacks.Callback):
     at the stage's end.
 
     With `needed` (val images a stage must get right to be kept: the best candidate before it
-    plus training.choice's LEAST_WIN, the least a win by more than noise takes), a stage that after
-    `patience` epochs is below it and would still be below it at its last epoch
+    plus training.choice's LEAST_WIN, the least a win by more than noise takes), a stage that
+    after `judge_after` epochs is below it and would still be below it at its last epoch
     (`last_epoch`) at the pace it has gained so far is stopped too: it is not on course to be
     kept, and the minutes would buy nothing.
     """
@@ -183,13 +183,14 @@ class StageMonitor(keras.callbacks.Callback):
     def __init__(self, run_dir: Path, stage: str, monitor: str, patience: int,
                  classifier: keras.Model, history: list[dict[str, Any]],
                  best: list[np.ndarray] | None = None, needed: int = 0,
-                 val_images: int = 0, last_epoch: int = 0) -> None:
+                 val_images: int = 0, last_epoch: int = 0, judge_after: int = 0) -> None:
         super().__init__()
         self.run_dir, self.stage, self.monitor, self.patience = run_dir, stage, monitor, patience
         self.classifier, self.history = classifier, history
         self.best = best  # head-only: the best epoch's head weights so far
         self.state: dict[str, Any] | None = None  # of the last completed epoch
         self.needed, self.val_images, self.last_epoch = needed, val_images, last_epoch
+        self.judge_after = judge_after  # 0: never judged on course
 
     @property
     def head_only(self) -> bool:
@@ -214,7 +215,7 @@ class StageMonitor(keras.callbacks.Callback):
         if self.patience and best is not None and \
                 rows[-1]["epoch"] - best["epoch"] >= self.patience:
             self.model.stop_training = True  # the model being fitted: classifier or head
-        if self.patience and len(rows) >= self.patience and projected_correct(
+        if self.judge_after and len(rows) >= self.judge_after and projected_correct(
                 rows, self.val_images, self.last_epoch) < self.needed:
             self.model.stop_training = True
 

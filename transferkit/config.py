@@ -383,9 +383,10 @@ class FinetuneConfig:
                                           "val_loss).", choices=MONITORS, panel=TRAIN,
                           advanced=True)
     patience: int = option(5, "Stop a stage after this many epochs without improvement, or "
-                              "as many epochs in when it is not on course to beat the model "
-                              "kept before it by more than noise; skip the stages when none "
-                              "could (0: never stop or skip).", panel=TRAIN, advanced=True)
+                              "3 epochs past its warm-up (at most this many) when it is not "
+                              "on course to beat the model kept before it by more than noise; "
+                              "skip the stages when none could (0: never stop or skip).",
+                           panel=TRAIN, advanced=True)
     augment: AugmentConfig = group(AugmentConfig, panel=AUGMENT, advanced=True)
     tensorboard: bool = option(False, "Also write TensorBoard logs to RUN/tensorboard.",
                                flag="--tensorboard", panel=OUTPUT, advanced=True)
