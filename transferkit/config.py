@@ -383,7 +383,7 @@ class FinetuneConfig:
                                           "val_loss).", choices=MONITORS, panel=TRAIN,
                           advanced=True)
     patience: int = option(5, "Stop a stage after this many epochs without improvement, or "
-                              "3 epochs past its warm-up (at most this many) when it is not "
+                              "2 epochs past its warm-up (at most this many) when it is not "
                               "on course to beat the model kept before it by more than noise; "
                               "skip the stages when none could (0: never stop or skip).",
                            panel=TRAIN, advanced=True)

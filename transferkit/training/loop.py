@@ -240,11 +240,12 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
     return results
 
 
-# Epochs past a stage's warm-up whose pace decides whether it is on course to be kept: three
-# give a first pace over two steps. On photos, fine-tuning flat at 114 of 120 val images (the
-# probe had 118) ran 5 epochs, 35 s, under the old rule (--patience epochs in): the default
-# run cost 3.5x a probe-only one, where the issue allows 3x (bench/README.md).
-ON_COURSE_EPOCHS = 3
+# Epochs past a stage's warm-up after which its pace decides whether it is on course to be
+# kept (two give the first pace). On photos, fine-tuning flat at 114 of 120 val images (the
+# probe had 118) ran 5 epochs under the old rule (--patience epochs in), and the default run
+# cost 3.5x a probe-only one; judged after 3 epochs, 2.9-3.2x; the issue allows 3x
+# (bench/README.md).
+ON_COURSE_EPOCHS = 2
 
 
 def won_candidates(record: RunRecord) -> dict[str, int]:
