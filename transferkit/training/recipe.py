@@ -494,8 +494,9 @@ def _share_record(t: Training) -> None:
 
 def _candidate(t: Training, name: str) -> keras.Model:
     """The candidate model `name` (the probe or a stage's best): its weights restored into
-    the classifier; or the saved model of the combined or self-trained candidate, or of the
-    probe for a head with a hidden layer the probe cannot fill."""
+    the classifier; or the saved model of the probe variant, the combined or the
+    self-trained candidate, or of the probe for a head with a hidden layer the probe cannot
+    fill."""
     if name in (COMBINED, SELF_TRAINED, *VARIANTS) or (name == PROBE and t.config.dense_units):
         return load_keras_file(best_checkpoint(t.run_dir, name), "Start the run again with "
                                "--overwrite.")
