@@ -47,19 +47,17 @@ class FeatureSet:
         return self.features[mask], self.labels[mask]
 
 
-def _write_npz(path: Path, features: FeatureSet, **extra: np.ndarray) -> None:
+def save_features(path: Path, features: FeatureSet, digest: str | None = None) -> None:
+    """Writes a FeatureSet as one .npz: plain arrays and a JSON string, no pickles; a shard
+    also carries the digest its index lists."""
     meta = {"format": FEATURES_FORMAT, "format_version": FEATURES_FORMAT_VERSION,
             **features.meta, "class_names": list(features.class_names)}
+    extra = {} if digest is None else {"digest": np.array(digest)}
     with atomic_path(path) as tmp:
         np.savez(tmp, features=features.features.astype(np.float32),
                  labels=features.labels.astype(np.int32),
                  splits=features.splits.astype(str), paths=features.paths.astype(str),
                  meta=np.array(json.dumps(meta)), **extra)
-
-
-def save_features(path: Path, features: FeatureSet) -> None:
-    """Writes a FeatureSet as one .npz: plain arrays and a JSON string, no pickles."""
-    _write_npz(path, features)
 
 
 def _read_npz(path: Path, digest: str | None = None) -> FeatureSet:
@@ -165,7 +163,7 @@ class ShardWriter:
 
     def write(self, features: FeatureSet, digest: str) -> None:
         name = self._name()
-        _write_npz(self.partial / name, features, digest=np.array(digest))
+        save_features(self.partial / name, features, digest)
         self.shards.append({"file": name, "rows": len(features.labels), "digest": digest})
 
     def finish(self, meta: dict[str, Any], class_names: tuple[str, ...]) -> None:
