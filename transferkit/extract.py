@@ -13,7 +13,7 @@ import numpy as np
 
 from transferkit.bases import get_base, resolve_image_size
 from transferkit.config import ExtractConfig, HeadConfig, OptimizerConfig, ScheduleConfig
-from transferkit.data.folders import DataSplits, load_splits
+from transferkit.data.folders import DataSplits, ImageSet, load_splits
 from transferkit.devices import resolve_precision
 from transferkit.errors import DataError
 from transferkit.feature_files import FeatureSet, ShardWriter, load_features, save_features
@@ -141,31 +141,33 @@ def _write_features(config: ExtractConfig, splits: DataSplits, extractor: Featur
     of files."""
     every = splits.every_image()
     names = np.array([name for name, images in splits.items() for _ in range(len(images))])
-    step = config.shard_rows or max(len(every), 1)
-    writer = ShardWriter(config.output, extractor.spec.key()) if config.shard_rows else None
-    width, index = 0, np.arange(len(every))
-    for start in range(0, len(every), step):
-        part = every.subset((index >= start) & (index < start + step))
-        where = names[start:start + step]
-        digest = writer.digest(part.hashes, where) if writer else ""
-        found = writer.done(digest) if writer else None
+
+    def computed(images: ImageSet, where: np.ndarray, label: str) -> FeatureSet:
+        (rows,) = extractor.features([images], label)
+        return FeatureSet(rows, images.labels, where,
+                          np.array([p.as_posix() for p in images.paths]), splits.class_names,
+                          meta)
+
+    if not config.shard_rows:
+        found = computed(every, names, "/".join(name for name, _ in splits.items()))
+        save_features(config.output, found)
+        return found.features.shape[1], 1
+    writer = ShardWriter(config.output, extractor.spec.key())
+    step, index, width = config.shard_rows, np.arange(len(every)), 0
+    starts = range(0, len(every), step)
+    for number, start in enumerate(starts, start=1):
+        part, where = every.subset((index >= start) & (index < start + step)), \
+            names[start:start + step]
+        digest = writer.digest(part.hashes, where)
+        found = writer.done(digest)
         if found is None:
-            label = (f"shard {start // step + 1} of {-(-len(every) // step)}" if writer
-                     else "/".join(name for name, _ in splits.items()))
-            (rows,) = extractor.features([part], label)
-            found = FeatureSet(rows, part.labels, where,
-                               np.array([p.as_posix() for p in part.paths]),
-                               splits.class_names, meta)
-            if writer:
-                writer.write(found, digest)
-            else:
-                save_features(config.output, found)
+            found = computed(part, where, f"shard {number} of {len(starts)}")
+            writer.write(found, digest)
         else:
-            reporter.info(f"Shard {start // step + 1}: kept from the stopped run.")
+            reporter.info(f"Shard {number} of {len(starts)}: kept from the stopped run.")
         width = found.features.shape[1]
-    if writer:
-        writer.finish(meta, splits.class_names)
-    return width, len(writer.shards) if writer else 1
+    writer.finish(meta, splits.class_names)
+    return width, len(writer.shards)
 
 
 def _train_head_run(config: ExtractConfig, features: FeatureSet, splits: DataSplits,
