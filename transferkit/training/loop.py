@@ -252,8 +252,9 @@ def won_candidates(record: RunRecord) -> dict[str, int]:
     """The candidates fitted before the stages that beat the probe on val, simplest first
     (the probe variant, the combined and the self-trained probes), with their val images
     right."""
-    found = ((record.variant.name if record.variant else "", record.variant),
-             (COMBINED, record.combined), (SELF_TRAINED, record.self_trained))
+    found = [(COMBINED, record.combined), (SELF_TRAINED, record.self_trained)]
+    if record.variant is not None:  # named by its kind: earlier-block or upsampled
+        found.insert(0, (record.variant.name, record.variant))
     return {name: r.val_correct for name, r in found if r is not None and r.won}
 
 
