@@ -45,6 +45,7 @@ UPSAMPLE = 10 / 7  # 224 -> 320
 class VariantProbe:
     name: str
     job: FeatureModel  # what the features come from
+    extractor: FeatureExtractor  # computed them; holds the model once it was built
     probe: LinearProbe
     right: np.ndarray  # which val images it got right
     seconds: float  # features included
@@ -72,11 +73,12 @@ def fit_variant(picked: tuple[str, int, int], job: FeatureModel, splits: DataSpl
     probe = fit_probe(train, splits.train.labels, len(splits.class_names), balanced=balanced,
                       seed=job.seed)
     right = probe.probabilities(val).argmax(axis=1) == splits.val.labels
-    return VariantProbe(name, job, probe, right, time.perf_counter() - start)
+    return VariantProbe(name, job, extractor, probe, right, time.perf_counter() - start)
 
 
 def build_variant(variant: VariantProbe) -> keras.Model:
-    """The variant as one plain Keras classifier with its probe's weights."""
+    """The variant as one plain Keras classifier with its probe's weights (around the
+    features model that computed its features, when it was built: not built twice)."""
     head = build_head(*variant.probe.kernel.shape)
     head.get_layer(PREDICTIONS).set_weights([variant.probe.kernel, variant.probe.bias])
-    return build_classifier(variant.job.build(), head)
+    return build_classifier(variant.extractor.model, head)
