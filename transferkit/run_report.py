@@ -87,10 +87,7 @@ def _summary(record: RunRecord) -> str:
     if record.variant is not None:
         rows.append(["probe variant", report.esc(record.variant.describe())])
     if record.combined is not None:
-        rows.append(["combined probe", report.esc(
-            f"{', '.join(record.combined.bases)} side by side, {record.combined.val_correct} "
-            f"right on val: " + ("beat the probe beyond noise" if record.combined.won
-                                 else "within noise of the probe"))])
+        rows.append(["combined probe", report.esc(record.combined.describe())])
     for stage in record.stages:
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
             f"{stage.epochs} epochs at {stage.learning_rate:.2g}, best epoch "

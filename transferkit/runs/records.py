@@ -161,6 +161,10 @@ class Calibration:
                 f"{self.val_ece_before:.3f} -> {self.val_ece_after:.3f}{on_test}")
 
 
+def _against_probe(won: bool) -> str:
+    return "beat the probe beyond noise" if won else "within noise of the probe"
+
+
 @dataclass(frozen=True, kw_only=True)
 class CombinedRecord:
     """The combined candidate: one probe on several bases' frozen features side by side."""
@@ -170,6 +174,10 @@ class CombinedRecord:
     val_correct: int
     won: bool  # beat the probe on val by more than noise
     seconds: float
+
+    def describe(self) -> str:
+        return (f"{', '.join(self.bases)} side by side, {self.val_correct} right on val: "
+                f"{_against_probe(self.won)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,8 +197,7 @@ class VariantRecord:
         where = (f"after block {self.blocks}" if self.name == "earlier-block" else
                  f"of the image upsampled to {self.base_size} px")
         return (f"{self.name}: a probe on the features {where} (the data checks' pick), "
-                f"{self.val_correct} right on val: "
-                + ("beat the probe beyond noise" if self.won else "within noise of the probe"))
+                f"{self.val_correct} right on val: {_against_probe(self.won)}")
 
 
 @dataclass(frozen=True, kw_only=True)
