@@ -161,7 +161,7 @@ def _write_features(config: ExtractConfig, splits: DataSplits, extractor: Featur
         digest = writer.digest(part.hashes, where)
         found = writer.done(digest)
         if found is None:
-            found = computed(part, where, f"shard {number} of {len(starts)}")
+            found = computed(part, where, f"shard {number} of {len(starts)}'s")
             writer.write(found, digest)
         else:
             reporter.info(f"Shard {number} of {len(starts)}: kept from the stopped run.")
