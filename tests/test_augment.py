@@ -109,7 +109,8 @@ def test_mixup_and_cutmix_mix_images_and_their_one_hot_labels():
     from transferkit.augment import build_mixing
 
     assert build_mixing(AugmentConfig()) is None  # off unless asked
-    assert build_mixing(AugmentConfig(mixup=0.2, enabled=False)) is None
+    with pytest.raises(ConfigError, match="--no-augment turns augmentation off"):
+        AugmentConfig(mixup=0.2, enabled=False)  # a contradiction, refused
     mix = build_mixing(AugmentConfig(mixup=0.4, cutmix=1.0), seed=2)
     images = np.random.default_rng(2).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
     labels = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 0, 1, 2, 3]]

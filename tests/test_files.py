@@ -20,7 +20,9 @@ def test_existing_outputs_are_never_replaced_silently(tmp_path: Path):
     (empty / "x").write_text("keep me")
     with pytest.raises(ArtifactError, match="already exists and is not empty.*--overwrite"):
         check_new_output(empty, overwrite=False, what="run directory")
-    check_new_output(empty, overwrite=True, what="run directory")
+    with pytest.raises(ArtifactError, match="did not write .x.*Nothing was deleted"):
+        check_new_output(empty, overwrite=True, what="run directory")
+    check_new_output(empty, overwrite=True, what="run directory", writes=("x",))
     with pytest.raises(ArtifactError, match="is a file"):
         check_new_output(empty / "x", overwrite=True, what="run directory")
 

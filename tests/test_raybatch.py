@@ -143,7 +143,8 @@ def test_ray_options_are_checked(image_folder, tmp_path, monkeypatch):
                         lambda name, *a: None if name == "ray" else real(name, *a))
     missing = runner.invoke(app, ["extract", str(image_folder), "-o", str(tmp_path / "f.npz"),
                                   *LITE0, "--no-cache", "--engine", "ray"])
-    assert missing.exit_code == 1 and "pip install 'transferkit[ray]'" in said(missing.output)
+    assert missing.exit_code == 1 and "[ray]\"" in said(missing.output)
+    assert "-e \"" in said(missing.output)  # installed from a clone: the hint says so
 
 
 def test_help_names_the_extra_to_install():

@@ -60,7 +60,7 @@ def test_the_final_model_carries_no_optimizer_but_checkpoints_do(trained_run: Pa
 @pytest.mark.parametrize(("damage", "message"), [
     (lambda d: (d / "run.json").unlink(), "has no run.json"),
     (lambda d: (d / "run.json").write_text("{not json"), "Could not read"),
-    (lambda d: (d / "model.keras").unlink(), "has no model.keras"),
+    (lambda d: (d / "model.keras").unlink(), "its model.keras is gone"),
     (lambda d: (d / "model.keras").write_bytes(b"garbage"), "damaged: it is not a Keras"),
     (lambda d: _edit(d, format_version=99), "run format version 99"),
     (lambda d: _edit(d, class_names="cats"), "damaged"),
@@ -175,10 +175,12 @@ def test_one_writer_per_run_directory_and_a_dead_holder_frees_it(tmp_path: Path)
                                                 rf"{holder.pid} on "), run_lock(run_dir):
             pass
         with pytest.raises(ArtifactError, match="is being written by another"):
-            check_run_output(run_dir, True, tmp_path / "data")  # refused at once, before any work
+            # refused at once, before any work
+            check_run_output(run_dir, True, tmp_path / "data", "finetune")
         os.kill(holder.pid, signal.SIGKILL)  # a stale lock: its process is gone
         holder.wait(timeout=30)
-        check_run_output(run_dir, False, tmp_path / "data")  # the lock file alone is not a run
+        # the lock file alone is not a run
+        check_run_output(run_dir, False, tmp_path / "data", "finetune")
         with run_lock(run_dir):
             assert (run_dir / LOCK_FILE).read_text().startswith(f"process {os.getpid()} ")
         assert not run_dir.exists() or not any(run_dir.iterdir())

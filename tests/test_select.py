@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from transferkit.cli import app
 from transferkit.config import DataConfig, SelectConfig
-from transferkit.errors import ConfigError, DataError
+from transferkit.errors import ArtifactError, ConfigError, DataError
 from transferkit.selection import choose, select
 
 
@@ -74,7 +74,7 @@ def test_select_refuses_what_cannot_work(image_folder, tmp_path):
         select(_config(image_folder, tmp_path / "empty", tmp_path))
     with pytest.raises(ConfigError, match="overlap"):
         select(_config(image_folder, image_folder / "circles", tmp_path))
-    with pytest.raises(ConfigError, match="overlap"):
+    with pytest.raises(ArtifactError, match="inside the pool folder"):  # so is the output
         select(_config(image_folder, image_folder.parent, tmp_path))
     with pytest.raises(ConfigError, match="-n must be at least 1"):
         _config(image_folder, tmp_path, tmp_path, n=0)

@@ -53,6 +53,9 @@ def test_tf_config_is_read_as_json_and_checked():
             json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "ps", "index": 0}})):
         with pytest.raises(ConfigError, match="TF_CONFIG does not describe"):
             read_cluster({"TF_CONFIG": bad})
+    for blank in ("", "  \n"):  # set but empty: TensorFlow's own reader fails on it
+        with pytest.raises(ConfigError, match="set but empty"):
+            read_cluster({"TF_CONFIG": blank})
     assert shard(list(range(7)), two) == [1, 3, 5]
 
 

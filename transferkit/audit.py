@@ -29,10 +29,9 @@ from transferkit.data.inspect import small_image
 from transferkit.features import base_features, normalise
 from transferkit.files import check_new_output, replace_path, write_json, write_text
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs.directory import REPORT_FILE
+from transferkit.runs.directory import AUDIT_FILE, AUDIT_FILES, REPORT_FILE
 from transferkit.training.probe import out_of_fold_probabilities
 
-AUDIT_FILE = "audit.json"
 THUMB_PX = 32
 BLUR = 1.5  # Gaussian sigma, pixels of the thumbnail: forgives the half-pixel shifts of a crop
 CANDIDATES = 10  # per image: nearest by whole-image fingerprint (and half as many by embedding)
@@ -90,7 +89,7 @@ def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
     reporter = reporter or NullReporter()
     started = time.perf_counter()
     check_new_output(config.output, config.overwrite, what="audit folder",
-                     data=config.data.data_dir)
+                     data=config.data.data_dir, writes=AUDIT_FILES)
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                          reporter, use_cache=config.cache)
     named = splits.items()

@@ -9,10 +9,11 @@ what lives there, under which names, and clearing it.
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import fcntl
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from transferkit.errors import ArtifactError
@@ -23,6 +24,7 @@ INSPECTED = "inspected.json"  # points at converted copies: cleared with them
 LOCK = ".in-use.lock"  # shared by every process using the cache; clearing takes it alone
 _held: list[int] = []  # this process's shared lock, held until it exits
 _checked: set[Path] = set()  # cache folders found usable (cache_path runs once per image)
+_stand_in: list[Path] = []  # this process's temporary cache, when the real one is read-only
 
 
 def cache_dir() -> Path:
@@ -45,25 +47,40 @@ def cache_dir() -> Path:
     return folder
 
 
-def share_cache() -> None:
+def share_cache() -> str | None:
     """Marks the cache as in use by this process until it exits (a shared lock), so that
     `transferkit cache --clear` in another process waits for no one and deletes nothing
-    this process reads."""
-    if _held:
-        return
+    this process reads.
+
+    A cache folder that cannot be written (a read-only home, a full disk) is no reason to
+    stop: this process then caches in a temporary folder, removed when it exits. Returns a
+    note saying so, else None.
+    """
+    if _held or _stand_in:
+        return None
     folder = cache_dir()
-    with contextlib.suppress(OSError):  # a read-only home: no cache to protect either
+    try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_SH)
         _held.append(fd)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".transferkit-probe."):
+            pass  # what the folder really accepts (root passes permission checks)
+    except OSError as exc:
+        stand_in = Path(tempfile.mkdtemp(prefix="transferkit-cache-"))
+        atexit.register(shutil.rmtree, stand_in, ignore_errors=True)
+        _stand_in.append(stand_in)
+        return (f"The cache folder '{folder}' cannot be written ({exc.strerror or exc}), so "
+                f"features and converted weights are cached only while this command runs. "
+                f"Point TRANSFERKIT_HOME at a writable folder to keep them between commands.")
+    return None
 
 
 def cache_path(part: str) -> Path:
     """A part of the cache folder (one of PARTS, or INSPECTED)."""
     if part not in (*PARTS, INSPECTED):
         raise ValueError(f"unknown cache part {part!r}")
-    return cache_dir() / part
+    return (_stand_in[0] if _stand_in else cache_dir()) / part
 
 
 def cache_usage() -> dict[str, tuple[int, int]]:

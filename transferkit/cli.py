@@ -17,7 +17,7 @@ import typer
 
 from transferkit import __version__
 from transferkit.config import (
-    AUTO_BASE,
+    SAVEDMODEL_FILES,
     STDOUT,
     AuditConfig,
     BasesConfig,
@@ -35,6 +35,7 @@ from transferkit.config import (
 )
 from transferkit.errors import ConfigError, StopRequested, TransferkitError
 from transferkit.options import Settings, configured
+from transferkit.prechecks import check_data, check_recipe, check_resume, with_stdin
 from transferkit.quiet import load_tensorflow, set_verbose
 
 app = typer.Typer(
@@ -97,34 +98,12 @@ def _load() -> None:
     """TensorFlow, once the cheap checks passed; the cache is in use from here on."""
     from transferkit.cache import share_cache
 
-    share_cache()
+    note = share_cache()
+    if note is not None:
+        from transferkit.console import RichReporter
+
+        RichReporter().warning(note)
     load_tensorflow()
-
-
-def _check_data(data: DataConfig, base: str, blocks: int | None = None,
-                blocks_option: str = "--unfreeze-blocks") -> None:
-    """The checks on a data folder, image size and block count that need no TensorFlow, so
-    mistakes are reported at once. `base` auto is checked against each base when ranked."""
-    from transferkit.bases import get_base, resolve_image_size
-    from transferkit.data.folders import check_data_folder
-
-    if base != AUTO_BASE:
-        spec = get_base(base)
-        resolve_image_size(spec, data.image_size)
-        spec.check_block_count(blocks, blocks_option)
-    check_data_folder(data.data_dir)
-
-
-def _check_recipe(config: FinetuneConfig) -> None:
-    """finetune's and cv's cheap checks: the data, the base's bounds, the run directory."""
-    from transferkit.runs.directory import check_run_output
-
-    _check_data(config.data, config.base,
-                config.unfreeze_blocks if config.tunes else None)
-    if config.unlabeled is not None and not config.unlabeled.is_dir():
-        raise ConfigError(f"--unlabeled '{config.unlabeled}' is not a folder of images.")
-    if config.output is not None:
-        check_run_output(config.output, config.overwrite, config.data.data_dir)
 
 
 @app.command()
@@ -152,7 +131,7 @@ def finetune(
         config = settings.build()
         if config.output is None and not overfit_check:
             raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
-        _check_recipe(config)
+        check_recipe(config)
         _load()
         from transferkit.console import RichReporter, render_finetune, render_overfit
 
@@ -169,14 +148,8 @@ def finetune(
 
 
 def _resume(run_dir: Path, settings: Settings) -> None:
-    """finetune --resume RUN: the run directory is read (and refused) before TensorFlow."""
-    from transferkit.runs.directory import read_record
-
-    if settings.given:
-        raise ConfigError(f"--resume continues with the settings the run was started with; "
-                          f"got {', '.join(settings.given_options())} too. Drop them, or "
-                          f"start a new run with -o.")
-    read_record(run_dir, finished=False)
+    """finetune --resume RUN."""
+    check_resume(run_dir, settings, "finetune")
     _load()
     from transferkit.console import RichReporter, render_finetune
     from transferkit.training.recipe import resume_finetune
@@ -185,8 +158,14 @@ def _resume(run_dir: Path, settings: Settings) -> None:
 
 
 @app.command()
-@configured(CVConfig)
-def cv(settings: Settings = None) -> None:  # type: ignore[assignment]
+@configured(CVConfig, optional=("data_dir", "output"))
+def cv(
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue an interrupted cv run directory: finished folds are kept, "
+                         "an interrupted one continues from its checkpoint.",
+        rich_help_panel="Output", file_okay=False, show_default=False)] = None,
+    settings: Settings = None,  # type: ignore[assignment]  # from configured
+) -> None:
     """Cross-validate the finetune recipe: K stratified folds, an out-of-fold prediction for
     every image (oof.csv), each fold's held-out accuracy with its interval, and the K fold
     models saved as one averaged model that predict, evaluate and export take.
@@ -195,10 +174,19 @@ def cv(settings: Settings = None) -> None:  # type: ignore[assignment]
     finetune setting applies to each fold's run.
     """
     with _user_errors():
-        config = settings.build()
-        _check_recipe(config.recipe)
-        _load()
         from transferkit.console import RichReporter, render_cv
+
+        if resume is not None:
+            check_resume(resume, settings, "cv")
+            _load()
+            from transferkit.cv import resume_cv
+
+            return render_cv(resume_cv(resume, RichReporter()))
+        config = settings.build()
+        if config.recipe.output is None:
+            raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
+        check_recipe(config.recipe, "cv")
+        _load()
         from transferkit.cv import cross_validate
 
         render_cv(cross_validate(config, RichReporter()))
@@ -214,8 +202,11 @@ def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
         config = settings.build()
         from transferkit.files import check_new_output
 
-        _check_data(config.data, config.base)
-        check_new_output(config.output, config.overwrite, "audit folder", data=config.data.data_dir)
+        check_data(config.data, config.base)
+        from transferkit.runs.directory import AUDIT_FILES
+
+        check_new_output(config.output, config.overwrite, "audit folder",
+                         data=config.data.data_dir, writes=AUDIT_FILES)
         _load()
         from transferkit.audit import audit as run_audit
         from transferkit.console import RichReporter, render_audit
@@ -229,7 +220,7 @@ def select(settings: Settings = None) -> None:  # type: ignore[assignment]
     """Pick which images of an unlabelled --pool folder to label next, into picks.csv."""
     with _user_errors():
         config = settings.build()
-        _check_data(config.data, config.base)
+        check_data(config.data, config.base)
         _load()
         from transferkit.console import RichReporter, render_selection
         from transferkit.selection import select as run_select
@@ -241,7 +232,7 @@ def select(settings: Settings = None) -> None:  # type: ignore[assignment]
 @configured(ServeConfig)
 def serve(settings: Settings = None) -> None:  # type: ignore[assignment]
     """Answer predictions over HTTP: POST /predict with images; GET /health, /ready, /metadata.
-    Needs the serve extra: pip install "transferkit\\[serve]"."""
+    Needs the serve extra (the error says how to install it)."""
     with _user_errors():
         config = settings.build()
         _load()
@@ -264,11 +255,12 @@ def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
         from transferkit.files import check_new_output
         from transferkit.runs.directory import check_run_output
 
-        _check_data(config.data, config.base, config.blocks, "--blocks")
+        check_data(config.data, config.base, config.blocks, "--blocks")
         check_new_output(config.output, config.overwrite, config.output_kind,
                          data=config.data.data_dir)
         if config.head is not None:
-            check_run_output(config.head.output, config.overwrite, config.data.data_dir)
+            check_run_output(config.head.output, config.overwrite, config.data.data_dir,
+                             "extract")
         _load()
         from transferkit.console import RichReporter, render_extract
         from transferkit.extract import extract as run_extract
@@ -276,25 +268,12 @@ def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
         render_extract(run_extract(config, RichReporter()))
 
 
-def _paths_with_stdin(paths: list[Path]) -> tuple[Path, ...]:
-    """The paths given, with `-` replaced by the non-empty lines of stdin (only the line end
-    is removed: a file name may begin or end with a space)."""
-    expanded: list[Path] = []
-    for path in paths:
-        if str(path) == "-":
-            names = (line.rstrip("\r\n") for line in sys.stdin)
-            expanded += [Path(name) for name in names if name.strip()]
-        else:
-            expanded.append(path)
-    return tuple(expanded)
-
-
 @app.command()
 @configured(PredictConfig)
 def predict(settings: Settings = None) -> None:  # type: ignore[assignment]
     """Predict labels for image files and folders."""
     with _user_errors():
-        config = settings.build(paths=_paths_with_stdin(settings.values["paths"]))
+        config = settings.build(**with_stdin(settings.values["paths"]))
         from transferkit.files import check_new_output
         from transferkit.runs.directory import read_record
 
@@ -333,13 +312,14 @@ def evaluate(settings: Settings = None) -> None:  # type: ignore[assignment]
         config = settings.build()
         from transferkit.data.folders import check_data_root
         from transferkit.files import check_new_output
-        from transferkit.runs.directory import read_record
+        from transferkit.runs.directory import EVALUATION_FILES, read_record
 
         read_record(config.run_dir)
         if config.data_dir is not None:
             check_data_root(config.data_dir)
         if config.output is not None:
-            check_new_output(config.output, config.overwrite, "evaluation folder", config.data_dir)
+            check_new_output(config.output, config.overwrite, "evaluation folder",
+                             config.data_dir, writes=EVALUATION_FILES)
         _load()
         from transferkit.console import RichReporter, render_evaluation
         from transferkit.evaluate import evaluate as run_evaluate
@@ -355,7 +335,7 @@ def augment_preview(settings: Settings = None) -> None:  # type: ignore[assignme
         config = settings.build()
         from transferkit.files import check_new_output
 
-        _check_data(config.data, config.base)
+        check_data(config.data, config.base)
         check_new_output(config.output, config.overwrite, data=config.data.data_dir)
         _load()
         from transferkit.console import RichReporter, stderr
@@ -405,7 +385,8 @@ def export(settings: Settings = None) -> None:  # type: ignore[assignment]
         from transferkit.files import check_new_output
         from transferkit.runs.directory import read_record
 
-        check_new_output(config.output, config.overwrite, what="export")
+        check_new_output(config.output, config.overwrite, what=config.output_kind,
+                         writes=SAVEDMODEL_FILES)
         read_record(config.run_dir)
         _load()
         from transferkit.console import RichReporter, render_export
@@ -422,9 +403,12 @@ def upgrade(
 ) -> None:
     """Bring a run written by an earlier transferkit up to date, in place."""
     with _user_errors():
+        from transferkit.files import check_writable
         from transferkit.runs.directory import check_run_dir
 
         check_run_dir(run)
+        check_writable(run, fix=f"upgrade rewrites the run in place: copy it to a folder you "
+                                f"can write (cp -r {run} COPY) and upgrade the copy.")
         _load()
         from transferkit.console import render_upgrade
         from transferkit.legacy import upgrade_run

@@ -34,6 +34,21 @@ def _check_finite(config: Any) -> None:
                                   f"got {value}.")
 
 
+def _check_suffix(path: Path | None, option: str, suffix: str, what: str) -> None:
+    """An output file is named for what is written into it, so that no tool (or user) reads
+    one format under another's name; checked before any work."""
+    _check(path is None or path.suffix.lower() == suffix,
+           f"{option} writes {what}; name it with {suffix} (got '{path}').")
+
+
+MAX_SEED = 2**32 - 1  # numpy's and TensorFlow's seeds are unsigned 32-bit
+
+
+def _check_seed(seed: int) -> None:
+    _check(0 <= seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}; got "
+                                  f"{seed}.")
+
+
 def _check_precision(precision: str) -> None:
     _check(precision in PRECISIONS,
            f"--precision must be one of {', '.join(PRECISIONS)}; got {precision}.")
@@ -114,6 +129,14 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self)
+        # (horizontal_flip is left out: a run's plan records the flips it decided)
+        asked = [name for name, on in (
+            ("--mixup", self.mixup), ("--cutmix", self.cutmix),
+            ("--randaugment", self.randaugment), ("--vertical-flip", self.vertical_flip),
+            ("--brightness-range", self.brightness_range)) if on]
+        _check(self.enabled or not asked,
+               f"--no-augment turns augmentation off, but {', '.join(asked)} asks for some. "
+               f"Drop --no-augment, or drop {', '.join(asked)}.")
         _check(0 <= self.rotation_range <= 180, f"--rotation-range is in degrees and must be in "
                                                 f"[0, 180]; got {self.rotation_range}.")
         for name in ("width_shift_range", "height_shift_range"):
@@ -148,7 +171,8 @@ class DataConfig:
     val_split: float = option(
         0.2, "Fraction of each class held out for validation when DATA has no val/.")
     batch_size: int = option(32, "Images per batch.")
-    seed: int = option(1337, "Seed for the split, shuffling, augmentation and initial weights.")
+    seed: int = option(1337, "Seed for every random choice: the val split, and when training, "
+                             "the shuffling, augmentation and initial weights.")
 
     def __post_init__(self) -> None:
         _check_finite(self)
@@ -157,6 +181,7 @@ class DataConfig:
         _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
         _check(self.image_size is None or self.image_size >= 1,
                f"--image-size must be a positive number of pixels; got {self.image_size}.")
+        _check_seed(self.seed)
 
 
 AUTO_BASE = "auto"  # finetune: the best base of `bases --rank` on the data
@@ -169,6 +194,9 @@ POOLINGS = ("avg", "max")
 # export format -> the suffix of the file it writes ("" for a folder); export.FORMATS has a
 # row for each
 EXPORT_FORMATS = {"savedmodel": "", "tflite": ".tflite", "onnx": ".onnx"}
+# what a savedmodel export folder holds (TensorFlow's files, the labels, transferkit.json)
+SAVEDMODEL_FILES = ("saved_model.pb", "fingerprint.pb", "variables", "assets", "labels.txt",
+                    "transferkit.json")
 CACHE_HELP = ("Reuse features (and image checks) computed before for unchanged images; "
               "--no-cache recomputes everything.")
 OVERWRITE_HELP = "Replace an existing output instead of refusing."
@@ -202,6 +230,7 @@ class PreviewConfig:
         _check(1 <= self.variants <= MAX_PREVIEW,
                f"--variants must be between 1 and {MAX_PREVIEW} (columns of one PNG); got "
                f"{self.variants}.")
+        _check_suffix(self.output, "-o/--output", ".png", "a PNG image")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -509,6 +538,7 @@ class SelectConfig:
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self.n >= 1, f"-n must be at least 1; got {self.n}.")
+        _check_suffix(self.output, "-o/--output", ".csv", "the picks as CSV")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -524,6 +554,7 @@ class BasesConfig:
     engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
 
     def __post_init__(self) -> None:
+        _check_seed(self.seed)
         _check(self.rank is not None or self.engine.engine == "local",
                "--engine ray computes the features of --rank DATA; add --rank DATA, or drop "
                "--engine.")
@@ -544,6 +575,9 @@ class DoctorConfig:
               "paths.", panel=OUTPUT)
     cache: bool = option(True, CACHE_HELP, panel=DATA)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
+
+    def __post_init__(self) -> None:
+        _check_suffix(self.output, "-o/--output", ".json", "the report as JSON")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -607,6 +641,10 @@ class ExtractConfig:
         _check(self.pooling in POOLINGS, f"--pooling must be avg or max; got {self.pooling}.")
         _check(self.shard_rows >= 0, f"--shard-rows must be 0 (one file) or a number of "
                                      f"images per shard; got {self.shard_rows}.")
+        if not self.shard_rows:
+            _check_suffix(self.output, "-o/--output", ".npz", "the features as NumPy's .npz "
+                                                              "(or pass --shard-rows N for a "
+                                                              "folder of shards)")
         _check_precision(self.precision)
 
     @property
@@ -621,7 +659,8 @@ class EvaluateConfig:
     run_dir: Path = option(help="Run directory to evaluate.", argument=True, metavar="RUN")
     data_dir: Path | None = option(
         None, "A labelled folder (class sub-folders named like the run's classes). Default: "
-              "the run's validation split.", argument=True, metavar="DATA")
+              "the run's test split when it has one, else its validation split.",
+        argument=True, metavar="DATA")
     output: Path | None = option(None, "Folder for metrics.json, confusion.png and "
                                        "mistakes.png. Default: RUN/evaluation.", short="-o",
                                  panel=OUTPUT)
@@ -676,6 +715,10 @@ class ExportConfig:
                f"--quantize {self.quantize}.")
         _check(self.check_images >= 1,
                f"--check-images must be at least 1; got {self.check_images}.")
+
+    @property
+    def output_kind(self) -> str:
+        return "export folder" if not EXPORT_FORMATS[self.format] else "export file"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -745,6 +788,9 @@ class PredictConfig:
                "unlike every class it was trained on (val set the threshold so that 95 % of "
                "known images pass).", flag="--reject-unknown", panel=MODEL)
     engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
+    # the paths of `paths` read from a list on stdin (not an option): one that is gone by
+    # now gets an error row, as a file gone from a folder would
+    listed: frozenset[Path] = field(default=frozenset())
 
     def __post_init__(self) -> None:
         _check_finite(self)

@@ -132,7 +132,7 @@ def render_finetune(result: FinetuneResult | None) -> None:
     if result.history:
         render_epochs(result.history)
         render_stages(result.stages, result.kept_stage)
-    render_choice(result.choice)
+    render_choice(result.choice, result.dropped)
     render_scores(result.scores)
     if not result.calibration.skipped:
         stdout.print(f"Probabilities calibrated: {result.calibration.describe()}")
@@ -147,12 +147,20 @@ KEPT = {"probe": " (the linear probe: a logistic regression on the frozen base's
                     "beat the single probe by more than noise on val, and nothing after it did)",
         "self-trained": " (the linear probe fitted again with the unlabelled pool's surest "
                         "answers; it beat the probe by more than noise on val)",
+        "earlier-block": " (a linear probe on an earlier block's features, which the data "
+                         "checks found further from ImageNet; it beat the probe by more than "
+                         "noise on val)",
+        "upsampled": " (a linear probe on the features of the image upsampled inside the "
+                     "model, so small details reach the base; it beat the probe by more than "
+                     "noise on val)",
         "head": " (the head trained further on the frozen base)",
         "finetune": " (the top blocks fine-tuned)"}
 
 
-def render_choice(choice: Choice) -> None:
-    """The candidate models on val, simplest first, and why the kept one was kept."""
+def render_choice(choice: Choice, dropped: Mapping[str, int] | None = None) -> None:
+    """Every candidate model tried, on val, simplest first, and why the kept one was kept;
+    `dropped`: those fitted before the stages that did not beat the probe by more than
+    noise (left out of the choice)."""
     table = Table(title="Candidates on val (simplest first)", box=box.SIMPLE_HEAD,
                   collapse_padding=True,
                   caption="a candidate replaces the one before only by more right answers "
@@ -166,6 +174,9 @@ def render_choice(choice: Choice) -> None:
                       "-" if step is None else f"{step.margin:+d} vs {step.simpler}",
                       "-" if step is None else f"{step.noise:.1f}",
                       "kept" if name == choice.kept else "")
+    for name, correct in (dropped or {}).items():
+        table.add_row(name, f"{correct}/{choice.n}", f"{correct / choice.n:.3f}", "-", "-",
+                      "not beyond the probe")
     stdout.print(table)
 
 
@@ -343,7 +354,10 @@ def render_prediction_summary(report: PredictionReport) -> None:
                else []))
         stderr.print(f"{report.unknown} image(s) {why} and are labelled unknown.")
     if report.accuracy is not None:
-        stderr.print(f"Accuracy {report.accuracy:.4f} on {report.labelled} images whose folder "
+        right = round(report.accuracy * report.labelled)
+        stderr.print(f"{right} of {report.labelled} right"
+                     + (f" (accuracy {report.accuracy:.3f})" if report.labelled >= 10 else "")
+                     + f" among the image{'s' if report.labelled > 1 else ''} whose folder "
                      f"names a class" + (" (unknown counts as wrong)." if report.unknown else ".")
                      + (f" {report.seen} of them trained the run or chose its model: not held "
                         f"out, it flatters the model." if report.seen else ""))

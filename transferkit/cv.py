@@ -11,38 +11,59 @@ probabilities: predict, evaluate and export take RUN like any run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
+import signal
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.config import CVConfig
+from transferkit.bases import get_base, resolve_image_size
+from transferkit.callbacks import raise_on_sigterm
+from transferkit.config import CVConfig, FinetuneConfig
 from transferkit.data.folders import DataSplits, ImageSet, load_splits, split_validation
 from transferkit.data.pipeline import build_dataset
-from transferkit.errors import ArtifactError, DataError
+from transferkit.errors import ArtifactError, DataError, RunInterrupted, StopRequested
 from transferkit.files import write_text
 from transferkit.inference import predict_batches
 from transferkit.metrics import classification_metrics
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
+from transferkit.runs.checkpoints import checkpointed
 from transferkit.runs.directory import (
     FOLDS_DIR,
+    MODEL_FILE,
     OOF_FILE,
+    RECORD_FILE,
+    check_resumable,
     check_run_output,
     clear_run,
+    fixable,
+    how_to_continue,
     load_run,
+    read_record,
     run_lock,
     save_record,
     save_run,
     save_splits,
 )
-from transferkit.runs.records import RUNNING, CrossValidation, DataSummary, RunRecord, Score
+from transferkit.runs.records import (
+    COMPLETE,
+    FAILED,
+    INTERRUPTED,
+    RUNNING,
+    CrossValidation,
+    DataSummary,
+    RunRecord,
+    Score,
+    Stopped,
+)
 from transferkit.training.prepare import data_summary
-from transferkit.training.recipe import finetune
+from transferkit.training.recipe import finetune, resume_finetune
 
 
 @dataclass(frozen=True)
@@ -60,21 +81,43 @@ def cross_validate(config: CVConfig, reporter: Reporter | None = None) -> CVResu
 
     Raises:
         TransferkitError: bad data or options (a class with fewer images than folds), or an
-            existing output.
+            existing output; RunInterrupted when stopped by a signal (then run.json says
+            where, and `cv --resume` continues).
     """
     reporter = reporter or NullReporter()
     output = config.recipe.output
     if output is None:
         raise ArtifactError("cv needs a run directory for its ensemble: pass -o RUN.")
-    with run_lock(output):
-        return _cross_validate(config, output, reporter)
+    with run_lock(output), raise_on_sigterm():
+        check_run_output(output, config.recipe.overwrite, config.recipe.data.data_dir, "cv")
+        return _cross_validate(config, output, reporter, resuming=False)
 
 
-def _cross_validate(config: CVConfig, output: Path, reporter: Reporter) -> CVResult:
+def resume_cv(run_dir: Path, reporter: Reporter | None = None) -> CVResult:
+    """Continues an interrupted cv run with its saved settings: finished folds are kept,
+    an interrupted fold continues from its checkpoint, the others run.
+
+    Raises:
+        ArtifactError: `run_dir` is not an unfinished cv run.
+    """
+    reporter = reporter or NullReporter()
+    record = read_record(run_dir, finished=False)
+    check_resumable(run_dir, record, "cv")
+    assert isinstance(record.config, FinetuneConfig)  # check_resumable checked the command
+    if record.cross_validation is None:
+        raise ArtifactError(f"'{run_dir}' does not say how many folds it has; start it again "
+                            f"with `transferkit cv ... -o {run_dir} --overwrite`.")
+    config = CVConfig(recipe=dataclasses.replace(record.config, output=run_dir),
+                      folds=record.cross_validation.folds)
+    with run_lock(run_dir), raise_on_sigterm():
+        return _cross_validate(config, run_dir, reporter, resuming=True)
+
+
+def _cross_validate(config: CVConfig, output: Path, reporter: Reporter,
+                    resuming: bool) -> CVResult:
     from sklearn.model_selection import StratifiedKFold
 
     recipe = config.recipe
-    check_run_output(output, recipe.overwrite, recipe.data.data_dir)
     splits = load_splits(recipe.data.data_dir, recipe.data.val_split, recipe.data.seed, reporter)
     pooled = splits.train.join(splits.val)
     names = splits.class_names
@@ -85,32 +128,86 @@ def _cross_validate(config: CVConfig, output: Path, reporter: Reporter) -> CVRes
         raise DataError(f"--folds {config.folds} needs at least {config.folds} images per "
                         f"class outside test/, so that every fold holds out each class; these "
                         f"have fewer: {small}. Use fewer folds or add images.")
-    if recipe.overwrite:
+    if recipe.overwrite and not resuming:
         clear_run(output)
     folds = StratifiedKFold(config.folds, shuffle=True, random_state=recipe.data.seed)
     fold_of = np.zeros(len(pooled), int)
     for k, (_, held_idx) in enumerate(folds.split(np.zeros(len(pooled)), pooled.labels), 1):
         fold_of[held_idx] = k
     save_splits(output, _split_rows(pooled, splits.test, fold_of))
+    record = _running_record(config, splits)
+    save_record(output, record)
     oof = np.zeros((len(pooled), len(names)), np.float32)
-    scores = []
-    for k in range(1, config.folds + 1):
-        held = fold_of == k
-        inner_train, inner_val = split_validation(pooled.subset(~held), recipe.data.val_split,
-                                                  recipe.data.seed)
-        reporter.info(f"Fold {k}/{config.folds}: {len(inner_train)} train, {len(inner_val)} "
-                      f"val (choosing epochs and models), {held.sum()} held out.")
-        result = finetune(
-            dataclasses.replace(recipe, output=fold_dir(output, k), overwrite=False), reporter,
-            DataSplits(names, inner_train, inner_val, pooled.subset(held), False,
-                       splits.skipped))
-        assert result.test_probabilities is not None
-        oof[held] = result.test_probabilities
-        held_out = next(s for s in result.scores if s.split == "test")
-        scores.append(dataclasses.replace(held_out, split=f"fold {k}"))
-        reporter.info(scores[-1].describe())
-    return _save_ensemble(config, output, splits, pooled, oof, fold_of, tuple(scores),
-                          reporter)
+    scores: list[Score] = []
+    try:
+        for k in range(1, config.folds + 1):
+            held = fold_of == k
+            inner_train, inner_val = split_validation(pooled.subset(~held),
+                                                      recipe.data.val_split, recipe.data.seed)
+            reporter.info(f"Fold {k}/{config.folds}: {len(inner_train)} train, "
+                          f"{len(inner_val)} val (choosing epochs and models), {held.sum()} "
+                          f"held out.")
+            oof[held], held_out = _run_fold(config, output, k, reporter, DataSplits(
+                names, inner_train, inner_val, pooled.subset(held), False, splits.skipped))
+            scores.append(dataclasses.replace(held_out, split=f"fold {k}"))
+            reporter.info(scores[-1].describe())
+            record = save_record(output, record.replace(cross_validation=CrossValidation(
+                folds=config.folds, fold_scores=tuple(scores))))
+        return _save_ensemble(config, output, splits, pooled, oof, fold_of, tuple(scores),
+                              reporter)
+    except (KeyboardInterrupt, StopRequested, RunInterrupted) as exc:
+        signum = (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else exc.signum
+                  if isinstance(exc, StopRequested) else signal.Signals[exc.signal_name])
+        name = signal.Signals(signum).name
+        save_record(output, record.replace(status=INTERRUPTED, stopped=Stopped(
+            phase=f"fold {len(scores) + 1} of {config.folds}", signal=name)))
+        raise RunInterrupted(f"Stopped by {name} during fold {len(scores) + 1} of "
+                             f"{config.folds}; {len(scores)} fold(s) are done. "
+                             f"{how_to_continue(output, 'cv')}", signum) from None
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # a full disk may refuse this write too
+            reason = str(exc) or type(exc).__name__
+            save_record(output, record.replace(
+                status=INTERRUPTED if fixable(exc) else FAILED, failure=reason,
+                stopped=Stopped(phase=f"fold {len(scores) + 1} of {config.folds}")
+                if fixable(exc) else None))
+        raise
+
+
+def _running_record(config: CVConfig, splits: DataSplits) -> RunRecord:
+    """run.json while the folds run: the settings, the data, how many folds."""
+    spec = get_base(config.recipe.base)
+    return RunRecord(
+        command="cv", config=config.recipe, base=spec.name, base_layer="",
+        preprocessing=spec.preprocessing, class_names=splits.class_names,
+        image_size=resolve_image_size(spec, config.recipe.data.image_size),
+        data=_pooled_summary(splits), status=RUNNING,
+        cross_validation=CrossValidation(folds=config.folds, fold_scores=()))
+
+
+def _run_fold(config: CVConfig, output: Path, k: int, reporter: Reporter,
+              splits: DataSplits) -> tuple[np.ndarray, Score]:
+    """Fold k's probabilities on the images it held out, and its score there: from its run
+    when that finished before (a resumed cv), else by finishing or running it."""
+    folder = fold_dir(output, k)
+    record = read_record(folder, finished=False) if (folder / RECORD_FILE).is_file() else None
+    if record is not None and record.status == COMPLETE and folder.joinpath(MODEL_FILE).is_file():
+        reporter.info(f"Fold {k} finished before: its model is kept.")
+        batch = config.recipe.data.batch_size
+        assert splits.test is not None
+        probabilities = predict_batches(
+            load_run(folder).model, build_dataset(splits.test.sources, None, record.image_size,
+                                                  batch), len(splits.test), batch, reporter,
+            f"Fold {k}'s held-out images")
+        return probabilities, next(s for s in record.scores if s.split == "test")
+    if record is not None and record.status in (INTERRUPTED, RUNNING) and \
+            checkpointed(folder) is not None:
+        result = resume_finetune(folder, reporter)
+    else:  # not begun, or stopped before its first checkpoint: run it (again)
+        result = finetune(dataclasses.replace(config.recipe, output=folder,
+                                              overwrite=record is not None), reporter, splits)
+    assert result is not None and result.test_probabilities is not None
+    return result.test_probabilities, next(s for s in result.scores if s.split == "test")
 
 
 def _split_rows(pooled: ImageSet, test: ImageSet | None, fold_of: np.ndarray

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,9 @@ KINDS = {
     "conflict": "same image in two classes (contradictory labels)",
     "duplicate": "same image twice in one class",
 }
-# What --quarantine moves; special files stay (moving a FIFO across disks would read it).
-UNUSABLE = ("empty", "truncated", "unreadable", "not_image", "too_large")
+# What --quarantine moves. A special file (a FIFO, a link to a device) is moved as itself,
+# never read: renamed, or across disks made again there (_move).
+UNUSABLE = ("empty", "truncated", "unreadable", "not_image", "special", "too_large")
 
 
 @dataclass(frozen=True)
@@ -242,14 +244,30 @@ def quarantine(report: DoctorReport, destination: Path,
 
 
 def _move(source: Path, target: Path) -> None:
-    """A rename on one file system; across two, a copy under a temporary name that becomes
-    `target` only when whole, then the source's removal."""
+    """A rename on one file system (a link or a FIFO moves as itself); across two, a copy
+    under a temporary name that becomes `target` only when whole, then the source's removal.
+    A link is made again there, pointing where it pointed, and a FIFO made anew: reading
+    either could block or never end.
+
+    Raises:
+        OSError: the move failed (EXDEV for a device or socket across disks, which only
+            its creator can make again); the source stays.
+    """
     try:
         os.rename(source, target)
         return
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    with atomic_path(target) as tmp:
-        shutil.copy2(source, tmp)
+    mode = os.lstat(source).st_mode
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(source), target)
+    elif stat.S_ISFIFO(mode):
+        os.mkfifo(target, stat.S_IMODE(mode))
+    elif stat.S_ISREG(mode):
+        with atomic_path(target) as tmp:
+            shutil.copy2(source, tmp)
+    else:
+        raise OSError(errno.EXDEV, "a device or socket cannot be moved to another disk",
+                      str(source))
     os.unlink(source)

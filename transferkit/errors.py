@@ -1,6 +1,10 @@
 """Typed user-facing errors. The core raises them; the CLI renders them once."""
 
+import json
 import signal
+from collections.abc import Sequence
+from importlib import metadata
+from urllib.parse import unquote, urlparse
 
 
 class TransferkitError(Exception):
@@ -22,6 +26,32 @@ class ConfigError(TransferkitError):
 
 class MissingPackageError(TransferkitError):
     """An option needs an optional package that is not installed."""
+
+    @classmethod
+    def needs(cls, what: str, missing: Sequence[str], extra: str,
+              instead: str = "") -> "MissingPackageError":
+        """'`what` needs X and Y, which are not installed. Run: <the command that installs
+        the extra for how transferkit was installed>`instead`'."""
+        names = " and ".join(missing)
+        return cls(f"{what} needs {names}, which {'is' if len(missing) == 1 else 'are'} not "
+                   f"installed. Run: {install_command(extra)}{instead}")
+
+
+def install_command(extra: str) -> str:
+    """The pip command that adds an extra to this transferkit: from its clone (editable or
+    not) or wheel file when it was installed from one, else from the package index."""
+    # pip's record of where it installed from (a clone's own egg-info, found first from
+    # inside the clone, has none)
+    texts = [d.read_text("direct_url.json") for d in metadata.distributions(name="transferkit")]
+    try:
+        origin = next((json.loads(t) for t in texts if t), {})
+    except ValueError:
+        origin = {}
+    url = urlparse(origin.get("url", ""))
+    if url.scheme != "file":
+        return f'pip install "transferkit[{extra}]"'
+    editable = origin.get("dir_info", {}).get("editable", False)
+    return f'pip install {"-e " if editable else ""}"{unquote(url.path)}[{extra}]"'
 
 
 class WeightsError(TransferkitError):

@@ -21,6 +21,7 @@ from transferkit.reporting import NullReporter, Reporter, printable
 from transferkit.run_report import Evaluated, write_run_report
 from transferkit.runs.directory import (
     EVALUATION_DIR,
+    EVALUATION_FILES,
     LoadedRun,
     load_run,
     load_run_splits,
@@ -54,14 +55,17 @@ def _images_to_evaluate(config: EvaluateConfig, run: LoadedRun,
                              f"model. Evaluate on images the run never saw.")
         return images, source, config.data_dir.name or "data", seen
     splits = load_run_splits(run.path, run.record, reporter)
-    if run.record.command == "cv":  # every train/val image trained some fold
-        if splits.test is None or not len(splits.test):
-            raise DataError(f"'{run.path}' is a cross-validation ensemble: each of its images "
-                            f"trained some of its folds, so it has no held-out split of its "
-                            f"own. Its out-of-fold accuracy is in run.json and oof.csv; pass "
-                            f"a labelled folder to evaluate it on new images.")
+    if splits.test is not None and len(splits.test):  # held out: the score that means most
+        reporter.info(f"Scoring the run's test split ({len(splits.test)} images, held out).")
         return splits.test, f"the run's test split ({run.record.data_dir})", "test", 0
+    if run.record.command == "cv":  # every train/val image trained some fold
+        raise DataError(f"'{run.path}' is a cross-validation ensemble: each of its images "
+                        f"trained some of its folds, so it has no held-out split of its own. "
+                        f"Its out-of-fold accuracy is in run.json and oof.csv; pass a labelled "
+                        f"folder to evaluate it on new images.")
     refitted = run.record.refit is not None  # val trained the saved model too
+    reporter.info(f"Scoring the run's validation split ({len(splits.val)} images): the run has "
+                  f"no test split, and val chose its model, so the score flatters it.")
     return (splits.val, f"the run's validation split ({run.record.data_dir})", "val",
             len(splits.val) if refitted else 0)
 
@@ -88,7 +92,7 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     output = config.output or config.run_dir / EVALUATION_DIR
     if config.output is not None:
         check_new_output(output, config.overwrite, what="evaluation folder",
-                         data=config.data_dir)
+                         data=config.data_dir, writes=EVALUATION_FILES)
     images, source, split, seen = _images_to_evaluate(config, run, reporter)
     if len(images) == 0:
         raise DataError(f"No usable labelled images in {source}.")
@@ -102,10 +106,11 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
         staged = Path(tmp) / "evaluation"
         staged.mkdir()
-        write_json(staged / "metrics.json", {"source": source, **evaluation.to_dict()})
-        save_figure(staged / "confusion.png",
+        metrics_file, confusion_file, mistakes_file = EVALUATION_FILES
+        write_json(staged / metrics_file, {"source": source, **evaluation.to_dict()})
+        save_figure(staged / confusion_file,
                     plot_confusion(evaluation.confusion, run.class_names))
-        wrong = _save_mistakes(staged / "mistakes.png", images, probabilities, run,
+        wrong = _save_mistakes(staged / mistakes_file, images, probabilities, run,
                                config.gallery, config.batch_size)
         replace_path(staged, output)
     if config.output is None:  # the run's own evaluation: its report shows it

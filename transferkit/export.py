@@ -9,7 +9,7 @@ probabilities: the preprocessing lives inside. The class names travel with it.
 from __future__ import annotations
 
 import importlib.util
-import json
+import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.config import EXPORT_FORMATS, ExportConfig
+from transferkit.config import EXPORT_FORMATS, SAVEDMODEL_FILES, ExportConfig
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ArtifactError, DataError, MissingPackageError
-from transferkit.files import check_new_output, replace_path
+from transferkit.files import check_new_output, json_text, replace_path
 from transferkit.quiet import quiet_native_output
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs.directory import LoadedRun, load_run, load_run_splits
@@ -117,7 +117,7 @@ def _write_tflite(run: LoadedRun, target: Path, calibration: np.ndarray | None,
 
 
 def _metadata(run: LoadedRun) -> dict[str, str]:
-    return {"class_names": json.dumps(list(run.class_names)),
+    return {"class_names": json_text(list(run.class_names), indent=None).strip(),
             "image_size": str(run.image_size),
             "input": "RGB pixels 0-255, NHWC, resized to image_size; preprocessing included",
             "output": "class probabilities in class_names order",
@@ -213,9 +213,7 @@ def get_format(name: str) -> ExportFormat:
     fmt = FORMATS[name]
     missing = [m for m in fmt.packages if importlib.util.find_spec(m) is None]
     if missing:
-        raise MissingPackageError(
-            f"--format {name} needs {', '.join(missing)}, which is not installed. "
-            f"Run: pip install 'transferkit[{fmt.extra}]'")
+        raise MissingPackageError.needs(f"--format {name}", missing, fmt.extra)
     return fmt
 
 
@@ -264,8 +262,8 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
     reporter = reporter or NullReporter()
     fmt = get_format(config.format)
     labels = fmt.labels_path(config.output)
-    check_new_output(config.output, config.overwrite,
-                     what="export folder" if fmt.is_folder else "export file")
+    check_new_output(config.output, config.overwrite, what=config.output_kind,
+                     writes=SAVEDMODEL_FILES)
     if not fmt.is_folder:
         check_new_output(labels, config.overwrite, what="labels file")
     run = load_run(config.run_dir)
@@ -288,10 +286,10 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
                 f"(tolerance {tolerance:g}), top-1 agreement {agreement:.0%}. Nothing was "
                 f"written. Try another --quantize, or report this as a bug.")
         staged_labels = built / labels.name if fmt.is_folder else Path(tmp, labels.name)
-        staged_labels.write_text("\n".join(run.class_names) + "\n", encoding="utf-8")
+        # a name's own bytes, one a line, as a folder listing holds them
+        staged_labels.write_bytes(b"".join(os.fsencode(n) + b"\n" for n in run.class_names))
         if fmt.is_folder:
-            (built / "transferkit.json").write_text(json.dumps(_metadata(run), indent=2) + "\n",
-                                                    encoding="utf-8")
+            (built / "transferkit.json").write_text(json_text(_metadata(run)), encoding="utf-8")
         replace_path(built, config.output)
         if not fmt.is_folder:
             replace_path(staged_labels, labels)

@@ -104,7 +104,8 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     check_new_output(config.output, config.overwrite, config.output_kind,
                      data=config.data.data_dir)
     if config.head is not None:
-        check_run_output(config.head.output, config.head.overwrite, config.data.data_dir)
+        check_run_output(config.head.output, config.head.overwrite, config.data.data_dir,
+                         "extract")
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed, reporter,
                          use_cache=config.cache)
     report_data(splits, reporter)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.errors import ArtifactError
-from transferkit.files import atomic_path, replace_path
+from transferkit.files import atomic_path, npz_problem, replace_path
 
 FEATURES_FORMAT = "transferkit-features"
 SHARDS_FORMAT = "transferkit-feature-shards"
@@ -53,8 +53,9 @@ def save_features(path: Path, features: FeatureSet, digest: str | None = None) -
     meta = {"format": FEATURES_FORMAT, "format_version": FEATURES_FORMAT_VERSION,
             **features.meta, "class_names": list(features.class_names)}
     extra = {} if digest is None else {"digest": np.array(digest)}
-    with atomic_path(path) as tmp:
-        np.savez(tmp, features=features.features.astype(np.float32),
+    # written through an open file: numpy appends .npz to a path not ending in it (f.NPZ)
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        np.savez(handle, features=features.features.astype(np.float32),
                  labels=features.labels.astype(np.int32),
                  splits=features.splits.astype(str), paths=features.paths.astype(str),
                  meta=np.array(json.dumps(meta)), **extra)
@@ -67,8 +68,10 @@ def _read_npz(path: Path, digest: str | None = None) -> FeatureSet:
             arrays = {k: npz[k] for k in _ARRAYS}
             found = str(npz["digest"]) if "digest" in npz.files else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"Could not read feature file '{path}' ({exc}). Run `transferkit "
-                            f"extract` again.") from exc
+        reason = npz_problem(exc) if not isinstance(exc, json.JSONDecodeError) else \
+            "its metadata is not JSON"
+        raise ArtifactError(f"Could not read feature file '{path}' ({reason}). Run "
+                            f"`transferkit extract` again.") from exc
     if not isinstance(meta, dict) or meta.get("format") != FEATURES_FORMAT:
         raise ArtifactError(f"'{path}' is not a transferkit feature file.")
     rows = {len(a) for a in arrays.values()}

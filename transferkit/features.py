@@ -39,12 +39,15 @@ def normalise(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+RANDOM_INIT_VERSION = 2  # bump when a builder draws fresh weights differently (2: Lite's He)
+
+
 def weights_fingerprint(spec: BaseSpec, weights: str, seed: int) -> str:
     """What identifies the base's weights: the weights file's content hash, or the seed that
-    drew random ones."""
+    drew random ones (and how they were drawn)."""
     path = resolve_weights(spec, weights)
     if path is None:
-        return f"random:{seed}"
+        return f"random:{seed}:v{RANDOM_INIT_VERSION}"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

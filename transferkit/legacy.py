@@ -23,6 +23,7 @@ from keras import ops
 from transferkit.bases import get_base
 from transferkit.config import FinetuneConfig, from_dict, to_dict
 from transferkit.errors import ArtifactError, ConfigError
+from transferkit.files import restore_names
 from transferkit.model import build_classifier, build_feature_extractor, find_base
 from transferkit.runs.directory import MODEL_FILE, RECORD_FILE, run_lock, save_model, save_record
 from transferkit.runs.records import COMMANDS, RunRecord
@@ -118,7 +119,8 @@ def upgrade_run(run_dir: Path) -> int:
     """
     with run_lock(run_dir):
         try:
-            values = json.loads((run_dir / RECORD_FILE).read_text(encoding="utf-8"))
+            values = restore_names(json.loads((run_dir / RECORD_FILE).read_text(
+                encoding="utf-8")))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"Could not read '{run_dir / RECORD_FILE}' ({exc}).") from exc
         version = values.get("format_version") if isinstance(values, dict) else None

@@ -27,7 +27,7 @@ import numpy as np
 
 from transferkit.errors import ArtifactError
 from transferkit.features import normalise
-from transferkit.files import atomic_path
+from transferkit.files import atomic_path, npz_problem
 
 K = 1  # the nearest neighbour; 5 and 10 did no better in bench/novelty.py
 WEIGHTS = np.array([2.0, 1.0]) / 3  # of the k-NN distance and of 1 - the top probability
@@ -119,8 +119,8 @@ def load_novelty(path: Path, feature_dim: int | None = None) -> Novelty | None:
             values = {name: f[name] for name in ("bank", "k", "centre", "spread", "threshold",
                                                  "accept", "val_scores")}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-        raise ArtifactError(f"{path} is damaged ({e}). Train the run again, or delete the "
-                            f"file to predict without novelty scores.") from e
+        raise ArtifactError(f"{path} is damaged ({npz_problem(e)}). Train the run again, or "
+                            f"delete the file to predict without novelty scores.") from e
     bank = values["bank"]
     shapes_fit = (bank.ndim == 2 and bank.shape[1] == (feature_dim or bank.shape[1])
                   and len(bank) >= 1

@@ -200,19 +200,22 @@ def _file_values(settings: Mapping[str, Any], known: list[Leaf]) -> dict[str, An
 
     def flatten(table: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
         for key, value in table.items():
-            name = prefix + key.replace("-", "_")
+            name = prefix + key.replace("-", "_")  # two spellings of one key meet in values
             if isinstance(value, Mapping):  # a table: no option takes one as its value
                 yield from flatten(value, name + ".")
             else:
                 yield name, value
 
-    values, unknown = {}, []
+    values, unknown, spelled = {}, [], {}
     for name, value in flatten(settings, ""):
         param = by_path.get(name) or (name if name in by_param else None)
         if param is None:
             unknown.append(name)
+        elif param in values:  # e.g. learning_rate and learning-rate, or a key and its table
+            raise ConfigError(f"The --config file sets {param} twice, as {spelled[param]} = "
+                              f"{values[param]!r} and as {name} = {value!r}. Keep one.")
         else:
-            values[param] = value
+            values[param], spelled[param] = value, name
     if unknown:
         raise ConfigError(f"The --config file has unknown setting(s) {', '.join(unknown)}; "
                           f"valid ones are this command's options: "
@@ -231,7 +234,8 @@ class Settings:
     given: frozenset[str]
 
     def build(self, **overrides: Any) -> Any:
-        """The config, validated.
+        """The config, validated; `overrides` replace options' values, or set top-level
+        fields that are no option (predict's `listed`).
 
         Raises:
             ConfigError: a missing or invalid value (a usage error).
@@ -239,7 +243,8 @@ class Settings:
         values = {**self.values, **overrides}
         enablers = {leaf.optional_group: leaf for leaf in self.known if leaf.enables}
         off = {group for group, leaf in enablers.items() if values[leaf.param] is None}
-        tree: dict[str, Any] = {}
+        tree: dict[str, Any] = {k: v for k, v in overrides.items()
+                                if k not in {leaf.param for leaf in self.known}}
         for leaf in self.known:
             value = values[leaf.param]
             if leaf.optional_group in off:
@@ -289,7 +294,12 @@ def configured(cls: type, optional: tuple[str, ...] = ()) -> Callable[[Callable]
             values = {leaf.param: _plain(kwargs.pop(leaf.param)) for leaf in known}
             for leaf in known:
                 old = kwargs.pop(f"{leaf.param}__alias", None)
-                if old is not None and not _set_by_user(ctx, leaf.param):
+                if old is not None and _set_by_user(ctx, leaf.param):
+                    print_error(f"{leaf.meta['alias']} is the old name of {leaf.option}; got "
+                                f"both ({old} and {values[leaf.param]}). Give {leaf.option} "
+                                f"alone.")
+                    raise typer.Exit(2)
+                if old is not None:
                     RichReporter().warning(f"{leaf.meta['alias']} is now {leaf.option}; the "
                                            f"old name still works for now.")
                     values[leaf.param] = old

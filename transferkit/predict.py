@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,7 +204,7 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
     if config.output is not None and config.output != STDOUT:
         check_new_output(config.output, config.overwrite)
     run = load_run(config.run_dir)
-    files, ignored = collect_images(config.paths)
+    files, ignored = collect_images(config.paths, config.listed)
     if not files:
         raise DataError(f"No image files found in {', '.join(map(str, config.paths))}. "
                         f"Pass .jpg/.png files or folders that contain them.")
@@ -243,29 +241,15 @@ PREDICTION_FIELDS = ("path", "label", "probability", "true_label", "error")
 OPTIONAL_PREDICTION_FIELDS = ("best_guess", "novelty")  # --threshold; a run's novelty score
 
 
-def json_row(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON text must be Unicode, and a file name need not be: a name that is not valid
-    UTF-8 is written readable (its bad bytes as U+FFFD) with its exact bytes beside it in
-    base64 (`path_bytes`), so any JSON reader can map it back to the file."""
-    raw = os.fsencode(row["path"])
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return {**row, "path": raw.decode("utf-8", "replace"),
-                "path_bytes": base64.b64encode(raw).decode("ascii")}
-    return row
-
-
 def predictions_text(report: PredictionReport, top_k: int, output_format: str) -> str:
     """The predictions as CSV (top-k as label_N/probability_N columns), JSON, or JSON Lines
     (one object per line)."""
     rows = [p.to_dict() for p in report.predictions]
-    if output_format in ("json", "jsonl"):
-        rows = [json_row(row) for row in rows]
     if output_format == "json":
         return json_text(rows)
     if output_format == "jsonl":
         return "".join(json_text(row, indent=None) for row in rows)
+    top_k = min(top_k, len(report.class_names))  # no empty columns past the classes
     extra = [f"{kind}_{k}" for k in range(2, top_k + 1) for kind in ("label", "probability")]
     extra += [f for f in OPTIONAL_PREDICTION_FIELDS if any(f in row for row in rows)]
     buffer = io.StringIO()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from transferkit.config import EngineConfig
 
 ROWS_PER_TASK = 64  # images per Ray task: small enough to spread, large enough to batch
+CONNECT_TIMEOUT_S = 10  # how long a named cluster's address may take to answer
 
 
 class BatchJob(Protocol):
@@ -61,21 +63,47 @@ class _Worker:
                 **{f"output{k}": np.asarray(o, np.float32) for k, o in enumerate(listed)}}
 
 
-def connect(address: str | None) -> Any:
+def _check_reachable(address: str) -> None:
+    """A cluster named by host:port (or ray://host:port) answers on that port within
+    CONNECT_TIMEOUT_S; Ray itself would retry a silent address for minutes.
+
+    Raises:
+        ClusterError: nothing accepts a connection there.
+    """
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not port.isdigit() or not host:
+        return  # auto, local, or a form Ray parses (and refuses) itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"Nothing answers at the Ray cluster address {address} ({exc.strerror or exc}, "
+            f"within {CONNECT_TIMEOUT_S} s). Check the address (ray://head:10001, head:6379) "
+            f"and that `ray start --head` runs there, or use --engine local.") from exc
+
+
+def connect(address: str | None, reporter: Reporter) -> Any:
     """Ray, connected to the cluster at `address` (else RAY_ADDRESS, else a new local one),
-    quiet: no dashboard, no progress bars, workers' logs kept off the terminal.
+    quiet: no dashboard, no progress bars, workers' logs kept off the terminal. A named
+    address must answer within CONNECT_TIMEOUT_S first.
 
     Raises:
         MissingPackageError: Ray is not installed.
         ClusterError: the cluster cannot be reached.
     """
     if importlib.util.find_spec("ray") is None:
-        raise MissingPackageError("--engine ray needs Ray, which is not installed. Run: "
-                                  "pip install 'transferkit[ray]' (or use --engine local).")
+        raise MissingPackageError.needs("--engine ray", ["Ray"], "ray",
+                                        " (or use --engine local).")
     import ray
     import ray.data
 
     if not ray.is_initialized():
+        named = address or os.environ.get("RAY_ADDRESS")
+        reporter.info(f"Connecting to the Ray cluster at {named} ..." if named else
+                      "Starting a Ray cluster on this machine ...")
+        if named:
+            _check_reachable(named)
         try:
             with quiet_native_output():
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -100,7 +128,7 @@ def run_on_ray(job: BatchJob, sources: Sequence[str], engine: EngineConfig,
                reporter: Reporter, description: str) -> np.ndarray | list[np.ndarray]:
     """`job`'s outputs for every source, in order, computed by a pool of Ray actors (one per
     CPU the cluster offers, at most one per task)."""
-    ray = connect(engine.ray_address)
+    ray = connect(engine.ray_address, reporter)
     # absolute paths: a worker's working folder is Ray's own
     rows = [{"index": i, "source": os.fsencode(os.path.abspath(s))}
             for i, s in enumerate(sources)]

@@ -30,9 +30,8 @@ import numpy as np
 from transferkit import report
 from transferkit.config import SelectConfig
 from transferkit.data.folders import ImageSet, load_splits, read_pool
-from transferkit.errors import DataError
 from transferkit.features import base_features, normalise
-from transferkit.files import check_new_output, write_text
+from transferkit.files import check_new_output, check_outside, write_text
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.training.probe import fit_probe
 
@@ -143,15 +142,13 @@ def select(config: SelectConfig, reporter: Reporter | None = None) -> Selection:
     html = config.output.with_suffix(".html") if config.html else None
     for target in (config.output, *([html] if html else [])):
         check_new_output(target, config.overwrite, data=config.data.data_dir)
+        check_outside(target, config.pool, "output file", "pool folder",
+                      "the next select would read it as a pool image")
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                          reporter, use_cache=config.cache)
     labelled = splits.train.join(splits.val)
     found = read_pool(config.pool, config.data.data_dir, splits.every_image(), reporter)
     pool, unreadable, same_content = found.images, found.unreadable, found.labelled_copies
-    if not len(pool):
-        raise DataError(f"Every image of the pool '{config.pool}' is already in the labelled "
-                        f"data ({same_content} file(s) with the same content): nothing is left "
-                        f"to pick.")
     if config.n > len(pool):
         reporter.warning(f"-n {config.n} is more than the pool's {len(pool)} new images: "
                          f"picking from all of them.")

@@ -24,10 +24,12 @@ import asyncio
 import contextlib
 import email.parser
 import email.policy
+import errno
 import hmac
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,15 +41,26 @@ import numpy as np
 
 from transferkit.config import ServeConfig
 from transferkit.data.inspect import inspect_bytes, rgb_png
-from transferkit.errors import MissingPackageError
-from transferkit.predict import UNKNOWN, answer, json_row
+from transferkit.errors import ConfigError, MissingPackageError, TransferkitError
+from transferkit.files import json_text
+from transferkit.predict import UNKNOWN, answer
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs.directory import MODEL_FILE, NOVELTY_FILE, RECORD_FILE, load_run
+from transferkit.runs.directory import MODEL_FILE, NOVELTY_FILE, load_run
 
 API_KEY_ENV = "TRANSFERKIT_API_KEY"
 RETRY_AFTER_S = 1
 RELOAD_EVERY_S = 2.0
 log = logging.getLogger("transferkit.serve")
+
+
+def _respond(content: Any, status_code: int = 200, headers: dict[str, str] | None = None
+             ) -> Any:
+    """A JSON response whose names follow files.lossless_json (Starlette's own JSONResponse
+    fails on a class or file name that is not UTF-8)."""
+    from starlette.responses import Response
+
+    return Response(json_text(content, indent=None), status_code, headers,
+                    media_type="application/json")
 
 
 class BadRequest(Exception):
@@ -210,9 +223,7 @@ class Service:
 
     @staticmethod
     def error(status: int, message: str, **headers: str) -> Any:
-        from starlette.responses import JSONResponse
-
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+        return _respond({"error": message}, status_code=status, headers=headers)
 
     def allowed(self, request: Any) -> bool:
         given = request.headers.get("x-api-key") or request.headers.get(
@@ -237,8 +248,6 @@ class Service:
         return top_k, threshold, reject
 
     async def predict(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
         started = time.perf_counter()
         if not self.allowed(request):
             return self.error(401, "missing or wrong API key (Authorization: Bearer KEY, or "
@@ -249,6 +258,10 @@ class Service:
             files = _images(request.headers.get("content-type", ""),
                             await _read_body(request, self.limit),
                             request.headers.get("x-filename", "upload"))
+            if len(files) > self.config.max_queue:
+                raise BadRequest(413, f"this request holds {len(files)} images and the server "
+                                      f"takes at most {self.config.max_queue} at once "
+                                      f"(--max-queue): send them in smaller requests")
             images = list(await asyncio.gather(*(asyncio.to_thread(decode, current, data, name)
                                                  for name, data in files)))
             results = await self.batcher.submit(images)
@@ -262,31 +275,25 @@ class Service:
                                    f"waiting); retry shortly",
                               **{"Retry-After": str(RETRY_AFTER_S)})
         rejecting = current.novelty.threshold if reject else None
-        rows = [json_row(answer(Path(name), p, current.run.class_names, top_k, threshold, n,
-                                rejecting).to_dict())
+        rows = [answer(Path(name), p, current.run.class_names, top_k, threshold, n,
+                       rejecting).to_dict()
                 for (name, _), (p, n, _) in zip(files, results, strict=True)]
         log.info("POST /predict 200 %d image(s) %.1f ms, batch of %s", len(rows),
                  1000 * (time.perf_counter() - started), "/".join(str(b) for *_, b in results))
-        return JSONResponse(rows)
+        return _respond(rows)
 
     async def health(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
-        return JSONResponse({"status": "alive"})
+        return _respond({"status": "alive"})
 
     async def is_ready(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
         if not self.allowed(request):
             return self.error(401, "missing or wrong API key")
-        return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
+        return _respond({"ready": self.ready}, status_code=200 if self.ready else 503)
 
     async def metadata(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
-
         if not self.allowed(request):
             return self.error(401, "missing or wrong API key")
-        return JSONResponse(describe(self.served))
+        return _respond(describe(self.served))
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any) -> AsyncIterator[None]:
@@ -358,13 +365,13 @@ def serve(config: ServeConfig, reporter: Reporter | None = None) -> None:
 
     missing = [m for m in ("uvicorn", "starlette") if importlib.util.find_spec(m) is None]
     if missing:
-        raise MissingPackageError(f"transferkit serve needs {' and '.join(missing)}, which "
-                                  f"are not installed: pip install \"transferkit[serve]\"")
+        raise MissingPackageError.needs("transferkit serve", missing, "serve")
     import uvicorn
 
     reporter = reporter or NullReporter()
     served = load_served(config.run_dir)
-    reporter.info(f"Serving {config.run_dir / RECORD_FILE} ({len(served.run.class_names)} "
+    listening = _listen(config.host, config.port)  # refused here, before saying "Serving"
+    reporter.info(f"Serving the run '{config.run_dir}' ({len(served.run.class_names)} "
                   f"classes, {served.run.image_size} px) on http://{config.host}:{config.port}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     server = uvicorn.Server(uvicorn.Config(build_app(config, served), host=config.host,
@@ -374,4 +381,35 @@ def serve(config: ServeConfig, reporter: Reporter | None = None) -> None:
     # found: these make that a normal exit (0) after the drain, not a death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
-    server.run()
+    server.run(sockets=[listening])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, for uvicorn to serve on.
+
+    Raises:
+        ConfigError: the host is no address of this machine (a usage error).
+        TransferkitError: the port is taken, or needs root.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host} is not an address this machine can listen on "
+                          f"({exc.strerror}). Use 127.0.0.1 (this machine only) or 0.0.0.0 "
+                          f"(every interface).") from exc
+    listening = socket.socket(family, kind, proto)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind(address)
+    except OSError as exc:
+        listening.close()
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+            raise ConfigError(f"Cannot listen on {host}:{port} ({exc.strerror}): it is not an "
+                              f"address of this machine. Use 127.0.0.1 or 0.0.0.0.") from exc
+        why = ("another program listens on that port: choose another --port, or stop it"
+               if exc.errno == errno.EADDRINUSE else "that port needs root: choose one above "
+                                                     "1023")
+        raise TransferkitError(f"Cannot listen on {host}:{port} ({exc.strerror}); {why}."
+                               ) from exc
+    return listening

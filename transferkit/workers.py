@@ -78,11 +78,15 @@ def read_cluster(environ: dict[str, str] | None = None) -> Cluster:
     Raises:
         ConfigError: TF_CONFIG is not such a description.
     """
-    text = (os.environ if environ is None else environ).get(TF_CONFIG, "").strip()
-    if not text:
-        return Cluster(("localhost",), 0)
+    environ = os.environ if environ is None else environ
+    text = environ.get(TF_CONFIG, "").strip()
     example = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                '"task": {"type": "worker", "index": 0}}')
+    if TF_CONFIG not in environ:
+        return Cluster(("localhost",), 0)
+    if not text:  # TensorFlow itself fails on it with a JSON traceback
+        raise ConfigError(f"TF_CONFIG is set but empty. Unset it (unset TF_CONFIG) to train "
+                          f"on this machine alone, or describe the cluster, e.g. {example}.")
     try:
         spec = json.loads(text)
         cluster, task = spec["cluster"], spec["task"]

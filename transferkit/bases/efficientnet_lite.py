@@ -35,6 +35,11 @@ STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 NUM_IMAGENET_CLASSES = 1000
 _BN_EPSILON = 1e-3
+# EfficientNet's own initialisation of its convolutions (He-style, by fan-out): Keras's
+# default (Glorot) shrinks activations at every block, and a base trained from scratch
+# (--weights none) then gives every image features of about 1e-12 and cannot learn
+_CONV_INIT = {"class_name": "VarianceScaling",
+              "config": {"scale": 2.0, "mode": "fan_out", "distribution": "truncated_normal"}}
 
 
 Stage = tuple[int, int, int, int, int]
@@ -87,7 +92,8 @@ def _block_names(stages: tuple[Stage, ...]) -> list[str]:
 def _conv_bn_relu(x: Any, filters: int, name: str, activation: bool = True) -> Any:
     import keras
 
-    x = keras.layers.Conv2D(filters, 1, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = keras.layers.Conv2D(filters, 1, padding="same", use_bias=False,
+                            kernel_initializer=_CONV_INIT, name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_bn")(x)
     if activation:
         x = keras.layers.ReLU(max_value=6.0, name=f"{name}_relu")(x)
@@ -102,7 +108,7 @@ def _mbconv(x: Any, name: str, kernel: int, stride: int, expand: int, filters: i
     if expand != 1:
         x = _conv_bn_relu(x, channels_in * expand, f"{name}_expand")
     x = keras.layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                                     name=f"{name}_dwconv")(x)
+                                     depthwise_initializer=_CONV_INIT, name=f"{name}_dwconv")(x)
     x = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_dw_bn")(x)
     x = keras.layers.ReLU(max_value=6.0, name=f"{name}_dw_relu")(x)
     x = _conv_bn_relu(x, filters, f"{name}_project", activation=False)
@@ -119,7 +125,7 @@ def build_efficientnet_lite(variant: LiteVariant, input_shape: tuple[int, int, i
 
     inputs = keras.Input(input_shape, name="input")
     x = keras.layers.Conv2D(STEM_CHANNELS, 3, strides=2, padding="same", use_bias=False,
-                            name="stem_conv")(inputs)
+                            kernel_initializer=_CONV_INIT, name="stem_conv")(inputs)
     x = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, name="stem_bn")(x)
     x = keras.layers.ReLU(max_value=6.0, name="stem_relu")(x)
     for s, (repeats, kernel, stride, expand, filters) in enumerate(variant.stages(), start=1):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,9 +256,12 @@ def _warn_unvalidated(splits: DataSplits, reporter: Reporter) -> None:
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if
                                            len(missing) > 10 else "")
+        why = ("The val/ folder has no usable image of them: add some under val/CLASS/ to "
+               "validate them." if splits.presplit else
+               "A class of a single image keeps it for training; add images (or a val/ "
+               "folder) to validate them.")
         reporter.warning(f"{len(missing)} class(es) have no validation image, so their "
-                         f"accuracy is not measured: {shown}. A class of a single image keeps "
-                         f"it for training; add images (or a val/ folder) to validate them.")
+                         f"accuracy is not measured: {shown}. {why}")
 
 
 def load_splits(data_dir: Path, val_split: float, seed: int, reporter: Reporter | None = None,
@@ -337,15 +340,18 @@ def splits_from_table(root: Path, class_names: Sequence[str], rows: Sequence[dic
 GLOB_CHARACTERS = frozenset("*?[")
 
 
-def collect_images(paths: Iterable[Path]) -> tuple[list[Path], list[SkippedFile]]:
+def collect_images(paths: Iterable[Path], listed: Collection[Path] = ()
+                   ) -> tuple[list[Path], list[SkippedFile]]:
     """Image files named directly, found (recursively) under folders, or matched by glob
     patterns (`**` included), in a stable order.
 
-    Files named directly are always kept, so a bad one gets a row with its error; files in
-    folders or matched by a pattern are kept when their extension is an image extension.
+    Files named directly are always kept, so a bad one gets a row with its error, as a bad
+    file in a folder does: a broken or looping link, a FIFO. Files in folders or matched by
+    a pattern are kept when their extension is an image extension. A path of a `listed`
+    one (read from a list, e.g. `find ... |`) that does not exist gets a row too.
 
     Raises:
-        DataError: a path does not exist, or a pattern matches nothing.
+        DataError: a path given (not listed) does not exist, or a pattern matches nothing.
     """
     files: list[Path] = []
     ignored: list[SkippedFile] = []
@@ -360,7 +366,7 @@ def collect_images(paths: Iterable[Path]) -> tuple[list[Path], list[SkippedFile]
     for path in paths:
         if path.is_dir():
             add_found(files_under(path))
-        elif path.is_file():
+        elif path.is_file() or os.path.lexists(path) or path in listed:
             files.append(path)
         elif GLOB_CHARACTERS & set(str(path)):
             matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
@@ -390,7 +396,7 @@ def read_pool(pool: Path, data_dir: Path, labelled: ImageSet, reporter: Reporter
     """The images of `pool`, any depth of sub-folders, for select and finetune --unlabeled.
 
     Raises:
-        DataError: `pool` is not a folder, or holds no readable image.
+        DataError: `pool` is not a folder, or holds no readable image that is not labelled.
         ConfigError: `pool` and `data_dir` overlap.
     """
     if not pool.is_dir():
@@ -419,6 +425,10 @@ def read_pool(pool: Path, data_dir: Path, labelled: ImageSet, reporter: Reporter
     if not readable and not copies:
         raise DataError(f"The pool '{pool}' holds no readable images (found {len(files)} image "
                         f"file(s)). Pass a folder of .jpg/.png images.")
+    if not readable:
+        raise DataError(f"Every image of the pool '{pool}' is already in the labelled data "
+                        f"({copies} file(s) with the same content): it adds nothing to learn "
+                        f"from or to pick. Pass a folder of images that are not labelled yet.")
     images = ImageSet(pool, tuple(i.path.relative_to(pool) for i in readable),
                       np.zeros(len(readable), np.int64), labelled.class_names,
                       tuple(decode_source(i) for i in readable),

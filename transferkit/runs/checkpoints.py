@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.errors import ArtifactError
-from transferkit.files import atomic_path, json_text, write_text
+from transferkit.files import atomic_path, json_text, npz_problem, write_text
 from transferkit.runs.directory import (
     CHECKPOINTS_DIR,
     HEAD_STATE,
@@ -89,8 +89,8 @@ def load_head_state(run_dir: Path) -> tuple[list[Any], list[Any] | None, list[An
 
             last, best, optimizer = group("last_"), group("best_"), group("optimizer_")
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ArtifactError(f"Could not read '{path}' ({exc}). Start the run again with "
-                            f"--overwrite.") from exc
+        raise ArtifactError(f"Could not read '{path}' ({npz_problem(exc)}). Start the run "
+                            f"again with --overwrite.") from exc
     if not last:
         raise ArtifactError(f"'{path}' holds no head weights. Start the run again with "
                             f"--overwrite.")

@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import transferkit
-from transferkit.errors import ArtifactError, ConfigError, DataError
+from transferkit.errors import ArtifactError, ConfigError, DataError, MissingPackageError
 from transferkit.files import (
     atomic_path,
     check_new_output,
+    describe_write_error,
     remove_stale_temp_files,
+    restore_names,
     write_json,
     write_text,
 )
@@ -69,6 +71,10 @@ NOVELTY_FILE = "novelty.npz"  # the kept model's "none of these" score (novelty.
 RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
              CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR, FOLDS_DIR, OOF_FILE,
              REPORT_FILE, NOVELTY_FILE)
+# What audit's and evaluate's folders hold: --overwrite replaces a folder of these alone
+AUDIT_FILE = "audit.json"
+AUDIT_FILES = (AUDIT_FILE, REPORT_FILE)
+EVALUATION_FILES = ("metrics.json", "confusion.png", "mistakes.png")
 HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
                    "learning_rate", "seconds")
 
@@ -95,7 +101,7 @@ def save_record(run_dir: Path, record: RunRecord) -> RunRecord:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return restore_names(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"Could not read '{path}' ({exc}). The run directory is damaged; "
                             f"train it again.") from exc
@@ -150,13 +156,16 @@ def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
             raise ArtifactError(f"'{run_dir}' is still being written by another transferkit "
                                 f"process ({holder}). Wait for it to finish.")
         raise ArtifactError(f"'{run_dir}' is an unfinished run ({describe_unfinished(record)})."
-                            f" {how_to_continue(run_dir)}")
+                            f" {how_to_continue(run_dir, record.command)}")
     return record
 
 
-def how_to_continue(run_dir: Path) -> str:
+def how_to_continue(run_dir: Path, command: str = "finetune") -> str:
     """What to do with an unfinished run no process is writing: resume it from its
     checkpoint, or, when it stopped before its first one, resume it from the start."""
+    if command == "cv":
+        return (f"Continue it with `transferkit cv --resume {run_dir}`: finished folds are "
+                f"kept, an interrupted one continues from its checkpoint.")
     if (run_dir / CHECKPOINTS_DIR / STATE_FILE).is_file():
         return (f"Continue it with `transferkit finetune --resume {run_dir}` (or start it "
                 f"again with --overwrite).")
@@ -197,6 +206,36 @@ def lock_holder(run_dir: Path) -> str | None:
     return None
 
 
+def fixable(exc: BaseException) -> bool:
+    """Whether a run that `exc` ended can be continued with its settings once the user has
+    fixed the cause (a full disk, data gone or unreadable, a package missing), as opposed to
+    a bug or a setting that would end it again (damaged weights, a diverged training)."""
+    return isinstance(exc, (DataError, MissingPackageError)) or (
+        isinstance(exc, OSError) and describe_write_error(exc) is not None)
+
+
+def check_resumable(run_dir: Path, record: RunRecord, command: str) -> None:
+    """`command --resume run_dir` can continue this run.
+
+    Raises:
+        ArtifactError: the run is another command's, complete, or failed for good; the
+            message says what to do instead.
+    """
+    if record.command != command:
+        instead = {"extract": "its classifier trains in seconds: run `transferkit extract "
+                              "... --train-head` again, with --overwrite",
+                   "cv": f"continue it with `transferkit cv --resume {run_dir}`",
+                   "finetune": f"continue it with `transferkit finetune --resume {run_dir}`"}
+        raise ArtifactError(f"'{run_dir}' was written by `transferkit {record.command}`, not "
+                            f"`transferkit {command}`; {instead[record.command]}.")
+    if record.status == COMPLETE:
+        raise ArtifactError(f"'{run_dir}' is a complete run; there is nothing to resume. "
+                            f"Start a new one with -o, or this one again with --overwrite.")
+    if record.status == FAILED:
+        raise ArtifactError(f"'{run_dir}' holds a run that failed ({record.failure}). Start it "
+                            f"again with -o {run_dir} --overwrite.")
+
+
 def describe_unfinished(record: RunRecord) -> str:
     """'interrupted in stage head after epoch 3', 'interrupted during the probe', or the
     bare status."""
@@ -207,17 +246,28 @@ def describe_unfinished(record: RunRecord) -> str:
     return record.status + at + (f" by an error: {record.failure}" if record.failure else "")
 
 
-def check_run_output(path: Path, overwrite: bool, data: Path) -> None:
+def check_run_output(path: Path, overwrite: bool, data: Path, command: str) -> None:
     """Refuses an occupied run directory unless `overwrite`, and one inside the data folder
-    `data`; an unfinished run there gets a pointer to --resume.
+    `data`; an unfinished run there gets a pointer to --resume. --overwrite replaces only a
+    run of the same `command`.
 
     Raises:
-        ArtifactError: `path` is a file, holds something and `overwrite` is False, or lies
-            inside `data`.
+        ArtifactError: `path` is a file, holds something and `overwrite` is False, holds
+            another command's run or files no run writes, or lies inside `data`.
     """
     holder = lock_holder(path)
     if holder is not None:
         raise _taken(path, holder)
+    if overwrite and (path / RECORD_FILE).is_file():
+        try:
+            other = read_json(path / RECORD_FILE).get("command", command)
+        except (ArtifactError, AttributeError):
+            other = command  # a damaged record: the run's own files are still all it holds
+        if other != command:
+            raise ArtifactError(
+                f"'{path}' holds a `transferkit {other}` run, which `transferkit {command}` "
+                f"did not write: --overwrite replaces only a {command} run. Nothing was "
+                f"deleted. Choose another -o.")
     if not overwrite and (path / RECORD_FILE).is_file():
         try:
             record = read_record(path, finished=False)
@@ -230,8 +280,9 @@ def check_run_output(path: Path, overwrite: bool, data: Path) -> None:
         if record is not None and record.status != COMPLETE:
             raise ArtifactError(
                 f"The run directory '{path}' holds an unfinished run "
-                f"({describe_unfinished(record)}). {how_to_continue(path)}")
-    check_new_output(path, overwrite, what="run directory", ignore=(LOCK_FILE,), data=data)
+                f"({describe_unfinished(record)}). {how_to_continue(path, record.command)}")
+    check_new_output(path, overwrite, what="run directory", ignore=(LOCK_FILE,), data=data,
+                     writes=RUN_FILES)
 
 
 @contextlib.contextmanager
@@ -423,8 +474,8 @@ def load_run(run_dir: Path) -> LoadedRun:
     record = read_record(run_dir)
     model_path = run_dir / MODEL_FILE
     if not model_path.is_file():
-        raise ArtifactError(f"'{run_dir}' has no {MODEL_FILE}; the run did not finish. Train "
-                            f"it again.")
+        raise ArtifactError(f"'{run_dir}' is a complete run, but its {MODEL_FILE} is gone "
+                            f"(deleted or moved since). Put it back, or train the run again.")
     model = load_keras_file(model_path, "Train the run again.")
     if model.output_shape[-1] != len(record.class_names):
         raise ArtifactError(f"'{model_path}' predicts {model.output_shape[-1]} classes but "

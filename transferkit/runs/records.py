@@ -247,9 +247,9 @@ class CrossValidation:
     score (on the fold it never saw) is held out."""
 
     folds: int
-    fold_scores: tuple[Score, ...]
-    mean: float  # of the fold accuracies
-    sd: float
+    fold_scores: tuple[Score, ...]  # of the folds done so far, while it runs
+    mean: float | None = None  # of the fold accuracies, once every fold is done
+    sd: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,6 +9,7 @@ settings as given, the record (with its Plan), the data, the model and the histo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 from collections.abc import Sequence
@@ -28,7 +29,7 @@ from transferkit.callbacks import (
     projected_correct,
 )
 from transferkit.config import FinetuneConfig
-from transferkit.data.folders import DataSplits, ImageSet
+from transferkit.data.folders import DataSplits, ImageSet, Pool
 from transferkit.data.pipeline import build_dataset
 from transferkit.devices import build_strategy
 from transferkit.errors import ArtifactError, RunInterrupted, StopRequested, TrainingDiverged
@@ -44,13 +45,13 @@ from transferkit.runs.checkpoints import (
 )
 from transferkit.runs.directory import (
     TENSORBOARD_DIR,
+    check_resumable,
     how_to_continue,
     load_run_splits,
     read_record,
     save_record,
 )
 from transferkit.runs.records import (
-    COMPLETE,
     FAILED,
     INTERRUPTED,
     Plan,
@@ -90,6 +91,7 @@ class Training:
     frozen: tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = \
         field(default=None, repr=False)  # frozen_features, once computed
     cluster: Cluster | None = None  # --strategy multiworker: this worker's place
+    pool: Pool | None = None  # --unlabeled's images, read (and checked) at the start
 
     @property
     def chief(self) -> bool:
@@ -156,14 +158,9 @@ def resume(run_dir: Path, reporter: Reporter, cluster: Cluster | None = None) ->
         ArtifactError: `run_dir` is not an unfinished finetune run, or has no checkpoint.
     """
     record = read_record(run_dir, finished=False)
-    if record.status == FAILED:
-        raise ArtifactError(f"'{run_dir}' holds a failed run, which would fail again the same "
-                            f"way: {record.failure}")
-    if record.command != "finetune" or record.status == COMPLETE:
-        raise ArtifactError(f"'{run_dir}' is not an unfinished finetune run (status "
-                            f"{record.status!r}); there is nothing to resume.")
+    check_resumable(run_dir, record, "finetune")
     config = record.config
-    assert isinstance(config, FinetuneConfig)  # the record's command says so
+    assert isinstance(config, FinetuneConfig)  # check_resumable checked the command
     spec = get_base(record.base)
     if record.plan is None:  # recipe.resume_finetune starts such a run again
         raise ArtifactError(f"'{run_dir}' stopped before its stages began. "
@@ -174,7 +171,10 @@ def resume(run_dir: Path, reporter: Reporter, cluster: Cluster | None = None) ->
             config, record.plan, spec)])
     splits = load_run_splits(run_dir, record, reporter)
     report_data(splits, reporter)
-    record = record.replace(data=data_summary(splits))  # files may have gone since
+    # files may have gone since, and it may run on fewer (or more) devices and workers now
+    record = record.replace(data=data_summary(splits), compute=dataclasses.replace(
+        record.compute, strategy=type(strategy).__name__,
+        replicas=strategy.num_replicas_in_sync))
     reporter.info(f"Resuming stage '{state['stage']}' after epoch {state['epoch']}.")
     keras.utils.set_random_seed(config.data.seed + int(state["epoch"]))
     base = model.get_layer("features").get_layer(record.base_layer)
@@ -248,14 +248,14 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
 ON_COURSE_EPOCHS = 2
 
 
-def won_candidates(record: RunRecord) -> dict[str, int]:
-    """The candidates fitted before the stages that beat the probe on val, simplest first
-    (the probe variant, the combined and the self-trained probes), with their val images
-    right."""
+def early_candidates(record: RunRecord, won: bool) -> dict[str, int]:
+    """The candidates fitted before the stages that beat the probe on val (`won`), or that
+    did not, simplest first (the probe variant, the combined and the self-trained probes),
+    with their val images right."""
     found = [(COMBINED, record.combined), (SELF_TRAINED, record.self_trained)]
     if record.variant is not None:  # named by its kind: earlier-block or upsampled
         found.insert(0, (record.variant.name, record.variant))
-    return {name: r.val_correct for name, r in found if r is not None and r.won}
+    return {name: r.val_correct for name, r in found if r is not None and r.won == won}
 
 
 def bar_to_clear(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
@@ -266,7 +266,7 @@ def bar_to_clear(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str
     probe = t.record.probe
     if probe is None or probe.val_correct is None:
         return (PROBE, 0), 0
-    candidates = [(PROBE, probe.val_correct), *won_candidates(t.record).items()]
+    candidates = [(PROBE, probe.val_correct), *early_candidates(t.record, won=True).items()]
     candidates += [(r.name, round((r.best_val_accuracy or 0) * n)) for r in results]
     best = max(candidates, key=lambda b: b[1])
     return best, best[1] + LEAST_WIN

@@ -73,11 +73,10 @@ def prepare(config: FinetuneConfig, spec: BaseSpec, reporter: Reporter,
     if config.tunes:
         spec.check_block_count(config.unfreeze_blocks, "--unfreeze-blocks")
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise MissingPackageError(
-            "--tensorboard needs the tensorboard package, which is not installed. "
-            "Run: pip install 'transferkit[tensorboard]' (or drop --tensorboard).")
+        raise MissingPackageError.needs("--tensorboard", ["tensorboard"], "tensorboard",
+                                        " (or drop --tensorboard).")
     if output is not None:
-        check_run_output(output, config.overwrite, config.data.data_dir)
+        check_run_output(output, config.overwrite, config.data.data_dir, "finetune")
     if splits is None:
         splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                              reporter)

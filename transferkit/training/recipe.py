@@ -17,7 +17,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,9 @@ from transferkit.runs.directory import (
     LR_FIND_FILE,
     NOVELTY_FILE,
     REPORT_FILE,
+    check_resumable,
     clear_run,
+    fixable,
     load_keras_file,
     run_lock,
     save_record,
@@ -85,10 +87,10 @@ from transferkit.training.combined import COMBINED, build_combined, combinable, 
 from transferkit.training.loop import (
     Training,
     bar_to_clear,
+    early_candidates,
     interrupted,
     resume,
     train_stages,
-    won_candidates,
 )
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
@@ -123,6 +125,8 @@ class FinetuneResult:
     choice: Choice
     calibration: Calibration
     test_probabilities: np.ndarray | None  # the kept model's, calibrated, on DATA/test
+    # candidates fitted before the stages that did not beat the probe, with val images right
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
@@ -169,14 +173,14 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
 
     reporter = reporter or NullReporter()
     record = read_record(run_dir, finished=False)  # a missing folder: an error, not a folder
-    if record.command == "finetune" and record.status in (INTERRUPTED, RUNNING) and \
+    check_resumable(run_dir, record, "finetune")
+    assert isinstance(record.config, FinetuneConfig)  # check_resumable checked the command
+    if record.status in (INTERRUPTED, RUNNING) and \
             checkpointed(run_dir) is None:  # RUNNING: killed -9
         reporter.info(f"'{run_dir}' stopped before its first checkpoint: starting it again "
                       f"with its saved settings.")
-        assert isinstance(record.config, FinetuneConfig)  # the record's command says so
         return finetune(dataclasses.replace(record.config, output=run_dir, overwrite=True),
                         reporter)
-    assert isinstance(record.config, FinetuneConfig)  # read_record checked the command
     cluster = cluster_of(record.config.compute.strategy)
     with _run_folder(run_dir, cluster, copy=True) as folder, raise_on_sigterm():
         training = resume(folder, reporter, cluster)
@@ -219,6 +223,8 @@ def _recording_how_it_ends(t: Training) -> Iterator[None]:
                 if where is not None:
                     t.save(status=INTERRUPTED, failure=reason,
                            stopped=Stopped(stage=where[0], epoch=where[1]))
+                elif fixable(exc):  # once fixed, --resume starts it again
+                    t.save(status=INTERRUPTED, failure=reason, stopped=Stopped(phase=t.phase))
                 else:
                     t.save(status=FAILED, failure=reason)
         raise
@@ -253,6 +259,8 @@ def _start(config: FinetuneConfig, run_dir: Path, reporter: Reporter,
                         strategy=type(prepared.strategy).__name__,
                         replicas=prepared.strategy.num_replicas_in_sync),
         data=data_summary(prepared.splits), lr_find=found, status=RUNNING)
+    pool = None if config.unlabeled is None else read_pool(  # refused before any work
+        config.unlabeled, config.data.data_dir, prepared.splits.every_image(), reporter)
     if config.overwrite:
         clear_run(run_dir)
     save_splits(run_dir, prepared.splits.rows())
@@ -261,7 +269,7 @@ def _start(config: FinetuneConfig, run_dir: Path, reporter: Reporter,
     return Training(config, run_dir, save_record(run_dir, record), prepared.spec,
                     prepared.splits, prepared.model, prepared.base, prepared.strategy,
                     reporter, _class_weights(config, prepared.splits, reporter), started,
-                    cluster=cluster)
+                    cluster=cluster, pool=pool)
 
 
 def _probe(t: Training) -> tuple[LinearProbe, np.ndarray]:
@@ -313,11 +321,10 @@ def _self_train(t: Training, probe: LinearProbe, probe_right: np.ndarray) -> Non
     when it beat the probe on val by more than noise (a linear head then starts the stages
     from it); recorded either way. Pool images that are also labelled (by content) are left
     out of the pool."""
-    if t.config.unlabeled is None or _no_room(t):
+    if t.pool is None or _no_room(t):
         return
-    pool = read_pool(t.config.unlabeled, t.config.data.data_dir, t.splits.every_image(),
-                     t.reporter)
     (x_train, y_train), (x_val, y_val) = t.frozen_features()
+    pool = t.pool
     (x_pool,) = t.frozen_features_of([pool.images], "the unlabelled pool")
     trained = self_train(probe, x_train, y_train, x_val, x_pool, len(t.splits.class_names),
                          balanced=t.class_weights is not None, seed=t.config.data.seed)
@@ -435,6 +442,18 @@ def _decide(t: Training) -> None:
     t.save(adaptation=found, plan=plan)
 
 
+def _warn_if_one_answer(t: Training, val: np.ndarray) -> None:
+    """Names a kept model that gives one class for every val image of several classes: it
+    tells nothing apart (a base that gives every image the same features does this)."""
+    answers = np.unique(val.argmax(axis=1))
+    if len(answers) == 1 and len(np.unique(t.splits.val.labels)) > 1:
+        t.reporter.warning(
+            f"The kept model answers '{t.splits.class_names[answers[0]]}' for every one of "
+            f"the {len(val)} val images: it learned nothing that tells the classes apart. "
+            f"Check the data (doctor, audit) and --weights ('{t.config.weights}'; imagenet "
+            f"is the usual choice).")
+
+
 def _train_and_keep(t: Training) -> FinetuneResult | None:
     """The stages, then the choice among the candidates, calibration and scores; writes the
     run. A signal during the final save waits for it (about a second), so the run ends
@@ -468,11 +487,13 @@ def _train_and_keep(t: Training) -> FinetuneResult | None:
             choice=choice, calibration=calibration, refit=refit, novelty=novelty), t.history)
     _report(t, model, calibrated, test)
     t.reporter.info(f"Saved the run to '{t.run_dir}'.")
+    _warn_if_one_answer(t, val)
     if stop.signum is not None:
         t.reporter.warning(f"{signal.Signals(stop.signum).name} arrived while the run was "
                            f"being saved; it was saved complete first.")
     return FinetuneResult(t.run_dir, t.splits.class_names, tuple(results), choice.kept,
-                          tuple(t.history), scores, choice, calibration, test)
+                          tuple(t.history), scores, choice, calibration, test,
+                          early_candidates(t.record, won=False))
 
 
 def _share_record(t: Training) -> None:
@@ -512,7 +533,8 @@ def _choose_model(t: Training, results: list[StageResult]
     ds = build_dataset(val.sources, None, t.record.image_size, t.batch)
     probabilities = {name: predict_batches(_candidate(t, name), ds, len(val), t.batch,
                                            t.reporter, f"Scoring the '{name}' model on val")
-                     for name in (PROBE, *won_candidates(t.record), *(r.name for r in results))}
+                     for name in (PROBE, *early_candidates(t.record, won=True),
+                                  *(r.name for r in results))}
     choice = choose({name: p.argmax(axis=1) == val.labels for name, p in probabilities.items()})
     if choice.comparisons:
         t.reporter.info(describe_choice(choice))
