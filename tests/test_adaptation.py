@@ -158,15 +158,19 @@ def test_finetune_records_and_applies_the_decisions(tmp_path):
     config = FinetuneConfig(data=DataConfig(data_dir=_handed_folder(tmp_path / "data"),
                                             image_size=32, batch_size=8),
                             output=tmp_path / "run", weights="none", finetune_epochs=1,
-                            unfreeze_blocks=1)
+                            unfreeze_blocks=1, patience=0)  # the checks run, whatever the probe
     reporter = Recorder()
     finetune(config, reporter)
     record = read_record(tmp_path / "run")
     found = record.adaptation
-    assert found is not None and found.mirror_changes_labels and found.deep
+    # (a Lite0 from scratch once gave every image the same features, so the pixels always
+    # looked "deep"; since it starts from EfficientNet's init, the unit tests above cover
+    # going deep, and this one what the run records and applies)
+    assert found is not None and found.mirror_changes_labels
+    assert any(m.startswith("Data checks: ") for m in reporter.messages)
     assert record.config == config  # as given
     assert record.plan is not None and record.plan.unfreeze_blocks == 1  # the user's depth
-    assert any("Given and kept over that: --unfreeze-blocks 1." in m for m in reporter.messages)
+    assert record.plan.augment.horizontal_flip is False  # the check's finding, applied
     assert record.plan == build_plan(config, LITE0, found=found)
 
 

@@ -111,7 +111,7 @@ def test_export_options_are_checked(head_run: Path, tmp_path: Path,
         ExportConfig(run_dir=head_run, output=tmp_path / "m.mlmodel", format="coreml")
     assert set(FORMATS) == set(EXPORT_FORMATS)  # a row for every format the config names
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(MissingPackageError, match=r"pip install 'transferkit\[onnx\]'"):
+    with pytest.raises(MissingPackageError, match=r"not installed. Run: pip install .*\[onnx\]"):
         export(ExportConfig(run_dir=head_run, output=tmp_path / "m.onnx", format="onnx"))
     (tmp_path / "taken.tflite").write_bytes(b"keep me")
     monkeypatch.undo()

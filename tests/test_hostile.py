@@ -225,6 +225,24 @@ def test_a_cluster_that_does_not_answer_is_refused_at_once(trained_run: Path,
                                      "--engine", "ray", *args])
         assert result.exit_code == 1, result.output
         assert "Nothing answers at the Ray cluster address" in said(result.stderr)
+    import threading
+
+    with socket.socket() as foreign:  # a web server, say: it answers, but not as Ray
+        foreign.bind(("127.0.0.1", 0))
+        foreign.listen()
+
+        def answer_as_http() -> None:
+            client, _ = foreign.accept()
+            with client:
+                client.recv(64)
+                client.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer_as_http, daemon=True).start()
+        address = f"127.0.0.1:{foreign.getsockname()[1]}"
+        result = runner.invoke(app, ["predict", str(trained_run), str(image_folder),
+                                     "--engine", "ray", "--ray-address", address])
+    assert result.exit_code == 1, result.output
+    assert "but not a Ray cluster" in said(result.stderr)
 
 
 def test_a_disk_full_before_any_checkpoint_can_be_resumed_once_freed(
@@ -502,3 +520,47 @@ def test_a_model_that_answers_one_class_for_all_of_val_is_named():
     assert "answers 'b' for every one of the 3 val images" in " ".join(reporter.warnings)
     _warn_if_one_answer(t, np.array([[0.4, 0.6], [0.7, 0.3], [0.1, 0.9]]))
     assert len(reporter.warnings) == 1
+
+
+COMMANDS = ("finetune", "cv", "audit", "select", "serve", "extract", "predict", "evaluate",
+            "augment-preview", "doctor", "export", "upgrade", "bases", "cache")
+
+
+def test_help_at_80_columns_cuts_nothing_and_flags_take_no_type():
+    for command in ("", *COMMANDS):
+        for flag in ("--help", "--help-all"):
+            result = runner.invoke(app, [*command.split(), flag], env={"COLUMNS": "80"})
+            if flag == "--help-all" and result.exit_code != 0:
+                continue  # a command without advanced options
+            assert result.exit_code == 0, (command, result.output)
+            assert "…" not in result.output, (command, flag)
+            assert "<bool>" not in result.output, (command, flag)
+            assert result.output.count("--help-all") <= 1, command
+    listing = runner.invoke(app, ["--help"], env={"COLUMNS": "80"}).output
+    # a command's summary is one paragraph, wrapped at the width, not broken where the
+    # source broke it: no line of the commands panel ends mid-sentence after a short line
+    assert "and keep\n" not in listing and "keep the simplest model" in " ".join(
+        line.strip("│ ") for line in listing.splitlines())
+
+
+def test_tables_at_80_columns_wrap_instead_of_cutting(trained_run: Path, image_folder: Path,
+                                                     tmp_path: Path):
+    result = runner.invoke(app, ["evaluate", str(trained_run), "-o", str(tmp_path / "ev")],
+                           env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and "1 circles" in result.output
+    from rich.console import Console
+
+    from transferkit import console
+    from transferkit.runs.records import Choice
+
+    wide = Console(width=60, record=True)
+    original, console.stdout = console.stdout, wide
+    try:
+        console.render_choice(Choice(kept="probe", n=40, val_correct={"probe": 37},
+                                     comparisons=()), {"combined": 35, "upsampled": 36})
+    finally:
+        console.stdout = original
+    shown = wide.export_text()
+    assert "combined" in shown and "35/40" in shown and "upsampled" in shown
+    assert "…" not in shown

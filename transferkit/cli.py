@@ -34,7 +34,7 @@ from transferkit.config import (
     ServeConfig,
 )
 from transferkit.errors import ConfigError, StopRequested, TransferkitError
-from transferkit.options import Settings, configured
+from transferkit.options import Group, Settings, configured, polish_help
 from transferkit.prechecks import check_data, check_recipe, check_resume, with_stdin
 from transferkit.quiet import load_tensorflow, set_verbose
 
@@ -42,6 +42,8 @@ app = typer.Typer(
     name="transferkit",
     help="Transfer learning on image folders: the Keras recipe, done right, in three commands.",
     no_args_is_help=True,
+    add_completion=False,
+    cls=Group,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -56,10 +58,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(version: Annotated[bool, typer.Option(
         "--version", help="Show the version and exit.", callback=_version,
-        is_eager=True)] = False,
+        is_eager=True, metavar="")] = False,
           verbose: Annotated[bool, typer.Option(
         "--verbose", help="Also show TensorFlow's own log lines (also: TRANSFERKIT_VERBOSE=1).",
-    )] = False) -> None:
+        metavar="")] = False) -> None:
     """Transfer learning on image folders: doctor, finetune, extract, predict, evaluate."""
     set_verbose(verbose)
     # A file name that is not valid UTF-8 is printed as its own bytes, as `ls` does, instead
@@ -116,7 +118,7 @@ def finetune(
     overfit_check: Annotated[bool, typer.Option(
         "--overfit-check", help="Only check that the head can memorise two batches (~100 % "
                                 "training accuracy), then exit 0 (passed) or 1.",
-        rich_help_panel="Sanity checks")] = False,
+        rich_help_panel="Sanity checks", hidden=True, metavar="")] = False,
     settings: Settings = None,  # type: ignore[assignment]  # from configured
 ) -> None:
     """Fit a linear probe on a frozen pretrained base, then fine-tune its top blocks, and keep
@@ -349,7 +351,8 @@ def augment_preview(settings: Settings = None) -> None:  # type: ignore[assignme
 @app.command()
 @configured(DoctorConfig)
 def doctor(settings: Settings = None) -> None:  # type: ignore[assignment]
-    """Check a data folder: decode every file, find bad, mislabelled and duplicate images.
+    """Check a data folder: decode every file, find bad files and exact duplicates (audit finds
+    likely wrong labels).
 
     Exits 0 when the folder is clean and 1 when problems were found.
     """
@@ -443,10 +446,10 @@ def bases_command(settings: Settings = None) -> None:  # type: ignore[assignment
 def cache_command(
     clear: Annotated[bool, typer.Option(
         "--clear", help="Delete cached features and converted images (rebuilt when needed).",
-        rich_help_panel="Output")] = False,
+        rich_help_panel="Output", metavar="")] = False,
     weights: Annotated[bool, typer.Option(
         "--weights", help="With --clear, also delete the converted ImageNet weights.",
-        rich_help_panel="Output")] = False,
+        rich_help_panel="Output", metavar="")] = False,
 ) -> None:
     """Show what transferkit caches (features, converted images, weights), or clear it."""
     with _user_errors():
@@ -456,6 +459,9 @@ def cache_command(
         if clear:
             clear_cache(weights=weights)
         render_cache(cache_dir(), cache_usage())
+
+
+polish_help(app)
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def _check_precision(precision: str) -> None:
 
 # Help panels: where an option is listed in --help.
 DATA, MODEL, TRAIN, OPTIMISE, AUGMENT, CHECKS, OUTPUT, HARDWARE = (
-    "Data", "Base model", "Training", "Optimisation", "Augmentation (ImageDataGenerator units)",
+    "Data", "Base model", "Training", "Optimisation", "Augmentation",
     "Sanity checks", "Output", "Hardware")
 
 

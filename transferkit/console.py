@@ -12,7 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Table as RichTable
 
 from transferkit.reporting import StageInfo
 
@@ -35,6 +35,15 @@ if TYPE_CHECKING:
 
 stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)  # a path in a message never breaks
+
+
+class Table(RichTable):
+    """Every table here: a cell too wide for the terminal wraps onto more lines instead of
+    ending in '…', so no number or name is ever cut short."""
+
+    def add_column(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("overflow", "fold")
+        super().add_column(*args, **kwargs)  # type: ignore[arg-type]
 
 # Keras metric name -> short label for terminal lines and tables.
 _METRICS = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accuracy": "val_acc"}
@@ -136,25 +145,10 @@ def render_finetune(result: FinetuneResult | None) -> None:
     render_scores(result.scores)
     if not result.calibration.skipped:
         stdout.print(f"Probabilities calibrated: {result.calibration.describe()}")
-    stdout.print(f"Saved model: '{result.kept_stage}'{KEPT.get(result.kept_stage, '')}, in "
+    from transferkit.training.choice import why_kept
+
+    stdout.print(f"Saved model: '{result.kept_stage}' ({why_kept(result.kept_stage)}), in "
                  f"{escape(str(result.run_dir))}")
-
-
-# What each candidate is, in a line, where the kept one is named.
-KEPT = {"probe": " (the linear probe: a logistic regression on the frozen base's features, "
-                 "fitted first; no later candidate beat it by more than noise on val)",
-        "combined": " (one linear probe on several bases' frozen features side by side; it "
-                    "beat the single probe by more than noise on val, and nothing after it did)",
-        "self-trained": " (the linear probe fitted again with the unlabelled pool's surest "
-                        "answers; it beat the probe by more than noise on val)",
-        "earlier-block": " (a linear probe on an earlier block's features, which the data "
-                         "checks found further from ImageNet; it beat the probe by more than "
-                         "noise on val)",
-        "upsampled": " (a linear probe on the features of the image upsampled inside the "
-                     "model, so small details reach the base; it beat the probe by more than "
-                     "noise on val)",
-        "head": " (the head trained further on the frozen base)",
-        "finetune": " (the top blocks fine-tuned)"}
 
 
 def render_choice(choice: Choice, dropped: Mapping[str, int] | None = None) -> None:
@@ -279,14 +273,16 @@ def render_evaluation(result: EvaluationResult) -> None:
                           f"{c.recall_low:.2f}-{c.recall_high:.2f}", f"{c.f1:.3f}",
                           str(c.support))
     stdout.print(per_class)
-    confusion = Table(title="Confusion matrix (rows: true, columns: predicted)",
+    # columns headed by the class's number, rows by number and name: a matrix of many
+    # classes fits a terminal without cutting a name
+    confusion = Table(title="Confusion matrix (rows: true, columns: predicted, by number)",
                       box=box.SIMPLE_HEAD, collapse_padding=True)
     confusion.add_column("")
-    for name in e.class_names:
-        confusion.add_column(escape(name), justify="right")
+    for k in range(1, len(e.class_names) + 1):
+        confusion.add_column(str(k), justify="right")
     for i, (name, row) in enumerate(zip(e.class_names, e.confusion, strict=True)):
-        confusion.add_row(escape(name), *(f"[bold]{n}[/]" if i == j else str(n)
-                                          for j, n in enumerate(row)))
+        confusion.add_row(f"{i + 1} {escape(name)}", *(f"[bold]{n}[/]" if i == j else str(n)
+                                                        for j, n in enumerate(row)))
     stdout.print(confusion)
     stderr.print(f"Wrote metrics.json, confusion.png"
                  f"{' and mistakes.png' if result.mistakes else ''} to '{result.output}'.")

@@ -173,16 +173,74 @@ HELP_ALL = inspect.Parameter(
     "help_all", inspect.Parameter.KEYWORD_ONLY, default=False,
     annotation=Annotated[bool, typer.Option(
         "--help-all", help="Show every option, the advanced ones too, and exit.",
-        callback=_show_all, is_eager=True, expose_value=False)])
+        callback=_show_all, is_eager=True, expose_value=False, metavar="")])
 
 CONFIG_OPTION = inspect.Parameter(
     "config_file", inspect.Parameter.KEYWORD_ONLY, default=None,
     annotation=Annotated[Path | None, typer.Option(
-        "--config", help="TOML file of settings: option names as keys (learning_rate = 3e-4), "
-                         "or tables as in run.json's config (an optimizer table with "
-                         "name = 'sgd'). Options on the command line override it.",
+        "--config", help="TOML file of this command's settings: its option names as keys "
+                         "(with _ or -), or tables as in a run's run.json. Options on the "
+                         "command line override it.",
         callback=_read_config_file, is_eager=True, exists=True, dir_okay=False,
         rich_help_panel=OUTPUT, show_default=False)])
+
+
+class _FlagHelp:
+    """--help takes no value: shown without a type, like every other flag. Typer's option
+    table is built inside Typer; the names in it are made to wrap, not be cut short."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
+class Group(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
+def reflow(text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line, so help wraps them at the terminal's width
+    instead of breaking them where the source did."""
+    if text is None:
+        return None
+    return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines())
+                        for paragraph in inspect.cleandoc(text).split("\n\n"))
+
+
+class _Folding:
+    """Typer's highlighter of option names, whose text wraps at a narrow terminal instead of
+    ending in '…' (Typer builds that table itself and offers no setting for it)."""
+
+    def __init__(self, highlight: Any) -> None:
+        self.highlight = highlight
+
+    def __call__(self, text: Any) -> Any:
+        highlighted = self.highlight(text)
+        highlighted.overflow = "fold"
+        return highlighted
+
+
+def polish_help(app: typer.Typer) -> None:
+    """Every command of `app` with reflowed help, a --help without a type, and option names
+    that are never cut short."""
+    from typer import rich_utils
+
+    for name in ("highlighter", "negative_highlighter"):
+        found = getattr(rich_utils, name, None)
+        if found is not None and not isinstance(found, _Folding):
+            setattr(rich_utils, name, _Folding(found))
+    for info in app.registered_commands:
+        info.cls = Command
+        info.callback.__doc__ = reflow(info.callback.__doc__)  # type: ignore[union-attr]
+    if app.registered_callback is not None and app.registered_callback.callback is not None:
+        callback = app.registered_callback.callback
+        callback.__doc__ = reflow(callback.__doc__)
 
 
 def _file_values(settings: Mapping[str, Any], known: list[Leaf]) -> dict[str, Any]:

@@ -63,24 +63,38 @@ class _Worker:
                 **{f"output{k}": np.asarray(o, np.float32) for k, o in enumerate(listed)}}
 
 
+# The start of an HTTP/2 connection (its preface and an empty SETTINGS frame): a gRPC server,
+# as Ray's GCS and its client server are, answers with a SETTINGS frame of its own
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS = 4  # the frame type, in a frame header's fourth byte
+
+
 def _check_reachable(address: str) -> None:
-    """A cluster named by host:port (or ray://host:port) answers on that port within
-    CONNECT_TIMEOUT_S; Ray itself would retry a silent address for minutes.
+    """A cluster named by host:port (or ray://host:port) answers there as a gRPC server
+    within CONNECT_TIMEOUT_S. Ray itself would retry a silent or foreign address for
+    minutes, inside C++ code that no signal interrupts.
 
     Raises:
-        ClusterError: nothing accepts a connection there.
+        ClusterError: nothing accepts a connection there, or what does is not Ray's.
     """
     target = address.removeprefix("ray://")
     host, _, port = target.rpartition(":")
     if not port.isdigit() or not host:
         return  # auto, local, or a form Ray parses (and refuses) itself
+    fix = ("Check the address (ray://head:10001, head:6379) and that `ray start --head` runs "
+           "there, or use --engine local.")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S).close()
+        with socket.create_connection((host.strip("[]"), int(port)), CONNECT_TIMEOUT_S) as s:
+            s.settimeout(CONNECT_TIMEOUT_S)
+            s.sendall(_HTTP2_HELLO)
+            answer = s.recv(9)
     except OSError as exc:
-        raise ClusterError(
-            f"Nothing answers at the Ray cluster address {address} ({exc.strerror or exc}, "
-            f"within {CONNECT_TIMEOUT_S} s). Check the address (ray://head:10001, head:6379) "
-            f"and that `ray start --head` runs there, or use --engine local.") from exc
+        raise ClusterError(f"Nothing answers at the Ray cluster address {address} "
+                           f"({exc.strerror or exc}, within {CONNECT_TIMEOUT_S} s). {fix}"
+                           ) from exc
+    if len(answer) < 4 or answer[3] != _SETTINGS:
+        raise ClusterError(f"Something answers at {address}, but not a Ray cluster (it does "
+                           f"not speak gRPC). {fix}")
 
 
 def connect(address: str | None, reporter: Reporter) -> Any:

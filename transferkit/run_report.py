@@ -17,6 +17,7 @@ from transferkit.gradcam import gradcam, has_feature_map
 from transferkit.novelty import load_novelty
 from transferkit.runs.directory import CURVES_FILE, NOVELTY_FILE, REPORT_FILE
 from transferkit.runs.records import RunRecord
+from transferkit.training.choice import why_kept
 
 if TYPE_CHECKING:
     from transferkit.data.folders import ImageSet
@@ -88,12 +89,15 @@ def _summary(record: RunRecord) -> str:
         rows.append(["probe variant", report.esc(record.variant.describe())])
     if record.combined is not None:
         rows.append(["combined probe", report.esc(record.combined.describe())])
+    if record.self_trained is not None:
+        rows.append(["self-trained probe", report.esc(record.self_trained.describe())])
     for stage in record.stages:
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
             f"{stage.epochs} epochs at {stage.learning_rate:.2g}, best epoch "
             f"{stage.best_epoch}, {stage.trainable_params:,} trainable parameters")])
     if record.kept_stage:
-        rows.append(["kept model", f"<b>{report.esc(record.kept_stage)}</b>"])
+        rows.append(["kept model", f"<b>{report.esc(record.kept_stage)}</b>: "
+                                   f"{report.esc(why_kept(record.kept_stage))}"])
     if record.refit is not None:
         rows.append(["refit", report.esc(
             f"the {record.refit.model} was fitted again on train + val ({record.refit.images} "

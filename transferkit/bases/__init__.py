@@ -217,8 +217,11 @@ class KerasImagenet:
             return found
         import keras
 
-        try:  # Keras's own download, hash check and cache
-            getattr(keras.applications, self.constructor)(include_top=False, weights="imagenet")
+        try:  # Keras's own download, hash check and cache; its warning that no input shape
+            with warnings.catch_warnings():  # was given is about this throwaway model only
+                warnings.simplefilter("ignore", UserWarning)
+                getattr(keras.applications, self.constructor)(include_top=False,
+                                                              weights="imagenet")
         except Exception as exc:  # Keras re-raises every download failure as a plain Exception
             raise WeightsError(
                 f"Could not download the ImageNet weights for {self.constructor} ({exc}). This "

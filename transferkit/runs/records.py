@@ -214,6 +214,11 @@ class SelfTrainedRecord:
     won: bool  # beat the probe on val by more than noise
     seconds: float
 
+    def describe(self) -> str:
+        return (f"the probe fitted again with {self.pseudo_labelled} of {self.images} pool "
+                f"images' surest answers, {self.val_correct} right on val: "
+                f"{_against_probe(self.won)}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Refit:

@@ -51,3 +51,27 @@ def describe(choice: Choice) -> str:
         return f"Kept '{choice.kept}': {how} over '{deciding.simpler}'."
     return (f"Kept '{choice.kept}': '{deciding.other}' got {how}, within noise, so the "
             f"simpler model stays.")
+
+
+# What each candidate is, and why it was kept when it is the run's model (reports say it)
+_KEPT_BECAUSE = {
+    "probe": "the linear probe: a logistic regression on the frozen base's features, fitted "
+             "first; no later candidate beat it by more than noise on val",
+    "combined": "one linear probe on several bases' frozen features side by side; it beat "
+                "the single probe by more than noise on val, and nothing after it did",
+    "self-trained": "the linear probe fitted again with the unlabelled pool's surest answers; "
+                    "it beat the probe by more than noise on val",
+    "earlier-block": "a linear probe on an earlier block's features, which the data checks "
+                     "found further from ImageNet; it beat the probe by more than noise on val",
+    "upsampled": "a linear probe on the features of the image upsampled inside the model, so "
+                 "small details reach the base; it beat the probe by more than noise on val",
+    "head": "the head trained further on the frozen base; it beat the candidates before it "
+            "by more than noise on val",
+    "finetune": "the top blocks of the base fine-tuned; it beat the candidates before it by "
+                "more than noise on val"}
+
+
+def why_kept(name: str) -> str:
+    """What the kept candidate `name` is and why it was kept, in a line."""
+    return _KEPT_BECAUSE.get(name, "it beat the candidates before it by more than noise on "
+                                   "val")
