@@ -564,3 +564,25 @@ def test_tables_at_80_columns_wrap_instead_of_cutting(trained_run: Path, image_f
     shown = wide.export_text()
     assert "combined" in shown and "35/40" in shown and "upsampled" in shown
     assert "…" not in shown
+
+
+def test_overwrite_never_replaces_a_file_of_another_commands_folder(
+        trained_run: Path, image_folder: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = _tree(run)
+    for command in (["predict", str(run), str(image_folder), "-o", str(run / "run.json")],
+                    ["doctor", str(image_folder), "-o", str(run / "run.json")],
+                    ["augment-preview", str(image_folder), "-o", str(run / "curves.png")],
+                    ["extract", str(image_folder), "-o", str(run / "novelty.npz"), *TINY]):
+        if command[0] == "augment-preview" and not (run / "curves.png").exists():
+            (run / "curves.png").write_bytes(b"a run's curves")
+            before = _tree(run)
+        result = runner.invoke(app, [*command, "--overwrite"])
+        assert result.exit_code == 1, (command, result.output)
+        assert "is part of a transferkit run" in said(result.stderr), command
+        assert _tree(run) == before
+    for _ in range(2):  # its own file beside the run's is replaced as asked
+        result = runner.invoke(app, ["predict", str(run), str(image_folder), "-o",
+                                     str(run / "preds.csv"), "--overwrite"])
+        assert result.exit_code == 0, result.output

@@ -27,9 +27,9 @@ from transferkit.config import AuditConfig
 from transferkit.data.folders import ImageSet, load_splits
 from transferkit.data.inspect import small_image
 from transferkit.features import base_features, normalise
-from transferkit.files import check_new_output, replace_path, write_json, write_text
+from transferkit.files import replace_path, write_json, write_text
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs.directory import AUDIT_FILE, AUDIT_FILES, REPORT_FILE
+from transferkit.runs.directory import AUDIT_FILE, AUDIT_FILES, REPORT_FILE, check_output
 from transferkit.training.probe import out_of_fold_probabilities
 
 THUMB_PX = 32
@@ -88,7 +88,7 @@ def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
     """
     reporter = reporter or NullReporter()
     started = time.perf_counter()
-    check_new_output(config.output, config.overwrite, what="audit folder",
+    check_output(config.output, config.overwrite, what="audit folder",
                      data=config.data.data_dir, writes=AUDIT_FILES)
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                          reporter, use_cache=config.cache)

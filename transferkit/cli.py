@@ -202,12 +202,12 @@ def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
     or edits the data."""
     with _user_errors():
         config = settings.build()
-        from transferkit.files import check_new_output
+        from transferkit.runs.directory import check_output
 
         check_data(config.data, config.base)
         from transferkit.runs.directory import AUDIT_FILES
 
-        check_new_output(config.output, config.overwrite, "audit folder",
+        check_output(config.output, config.overwrite, "audit folder",
                          data=config.data.data_dir, writes=AUDIT_FILES)
         _load()
         from transferkit.audit import audit as run_audit
@@ -254,11 +254,10 @@ def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
     """
     with _user_errors():
         config = settings.build()
-        from transferkit.files import check_new_output
-        from transferkit.runs.directory import check_run_output
+        from transferkit.runs.directory import check_output, check_run_output
 
         check_data(config.data, config.base, config.blocks, "--blocks")
-        check_new_output(config.output, config.overwrite, config.output_kind,
+        check_output(config.output, config.overwrite, config.output_kind,
                          data=config.data.data_dir)
         if config.head is not None:
             check_run_output(config.head.output, config.overwrite, config.data.data_dir,
@@ -276,12 +275,11 @@ def predict(settings: Settings = None) -> None:  # type: ignore[assignment]
     """Predict labels for image files and folders."""
     with _user_errors():
         config = settings.build(**with_stdin(settings.values["paths"]))
-        from transferkit.files import check_new_output
-        from transferkit.runs.directory import read_record
+        from transferkit.runs.directory import check_output, read_record
 
         read_record(config.run_dir)
         if config.output not in (None, STDOUT):
-            check_new_output(config.output, config.overwrite)
+            check_output(config.output, config.overwrite)
         _load()
         from transferkit.console import (
             RichReporter,
@@ -313,14 +311,13 @@ def evaluate(settings: Settings = None) -> None:  # type: ignore[assignment]
     with _user_errors():
         config = settings.build()
         from transferkit.data.folders import check_data_root
-        from transferkit.files import check_new_output
-        from transferkit.runs.directory import EVALUATION_FILES, read_record
+        from transferkit.runs.directory import EVALUATION_FILES, check_output, read_record
 
         read_record(config.run_dir)
         if config.data_dir is not None:
             check_data_root(config.data_dir)
         if config.output is not None:
-            check_new_output(config.output, config.overwrite, "evaluation folder",
+            check_output(config.output, config.overwrite, "evaluation folder",
                              config.data_dir, writes=EVALUATION_FILES)
         _load()
         from transferkit.console import RichReporter, render_evaluation
@@ -335,10 +332,10 @@ def augment_preview(settings: Settings = None) -> None:  # type: ignore[assignme
     """Save a grid of augmented versions of a few training images, to judge the augmentation."""
     with _user_errors():
         config = settings.build()
-        from transferkit.files import check_new_output
+        from transferkit.runs.directory import check_output
 
         check_data(config.data, config.base)
-        check_new_output(config.output, config.overwrite, data=config.data.data_dir)
+        check_output(config.output, config.overwrite, data=config.data.data_dir)
         _load()
         from transferkit.console import RichReporter, stderr
         from transferkit.training.checks import preview_augmentation
@@ -361,10 +358,11 @@ def doctor(settings: Settings = None) -> None:  # type: ignore[assignment]
         from transferkit.bases import get_base
         from transferkit.console import RichReporter, render_doctor, render_quarantine
         from transferkit.doctor import check_quarantine, diagnose, quarantine
-        from transferkit.files import check_new_output, write_json
+        from transferkit.files import write_json
+        from transferkit.runs.directory import check_output
 
         if config.output is not None:
-            check_new_output(config.output, config.overwrite)
+            check_output(config.output, config.overwrite)
         if config.quarantine is not None:  # refused before anything is inspected or written
             check_quarantine(config.data_dir, config.quarantine)
         report = diagnose(config.data_dir, get_base(config.base).min_size, RichReporter(),
@@ -385,10 +383,9 @@ def export(settings: Settings = None) -> None:  # type: ignore[assignment]
     """Export a run's model (preprocessing included) and check it against Keras."""
     with _user_errors():
         config = settings.build()
-        from transferkit.files import check_new_output
-        from transferkit.runs.directory import read_record
+        from transferkit.runs.directory import check_output, read_record
 
-        check_new_output(config.output, config.overwrite, what=config.output_kind,
+        check_output(config.output, config.overwrite, what=config.output_kind,
                          writes=SAVEDMODEL_FILES)
         read_record(config.run_dir)
         _load()

@@ -13,7 +13,7 @@ from transferkit.config import EvaluateConfig
 from transferkit.data.folders import ImageSet, load_labelled_folder
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import DataError
-from transferkit.files import check_new_output, replace_path, save_figure, write_json
+from transferkit.files import replace_path, save_figure, write_json
 from transferkit.inference import predict_batches
 from transferkit.metrics import Evaluation, classification_metrics
 from transferkit.plots import plot_confusion, plot_gallery
@@ -23,6 +23,7 @@ from transferkit.runs.directory import (
     EVALUATION_DIR,
     EVALUATION_FILES,
     LoadedRun,
+    check_output,
     load_run,
     load_run_splits,
     read_record,
@@ -91,7 +92,7 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     run = load_run(config.run_dir)
     output = config.output or config.run_dir / EVALUATION_DIR
     if config.output is not None:
-        check_new_output(output, config.overwrite, what="evaluation folder",
+        check_output(output, config.overwrite, what="evaluation folder",
                          data=config.data_dir, writes=EVALUATION_FILES)
     images, source, split, seen = _images_to_evaluate(config, run, reporter)
     if len(images) == 0:

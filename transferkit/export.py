@@ -22,10 +22,10 @@ import numpy as np
 from transferkit.config import EXPORT_FORMATS, SAVEDMODEL_FILES, ExportConfig
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ArtifactError, DataError, MissingPackageError
-from transferkit.files import check_new_output, json_text, replace_path
+from transferkit.files import json_text, replace_path
 from transferkit.quiet import quiet_native_output
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs.directory import LoadedRun, load_run, load_run_splits
+from transferkit.runs.directory import LoadedRun, check_output, load_run, load_run_splits
 
 # Largest acceptable difference of any class probability from the Keras model's, per kind of
 # export. Quantization trades exactness for size and speed: a full-integer Lite0 moved
@@ -262,10 +262,10 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
     reporter = reporter or NullReporter()
     fmt = get_format(config.format)
     labels = fmt.labels_path(config.output)
-    check_new_output(config.output, config.overwrite, what=config.output_kind,
+    check_output(config.output, config.overwrite, what=config.output_kind,
                      writes=SAVEDMODEL_FILES)
     if not fmt.is_folder:
-        check_new_output(labels, config.overwrite, what="labels file")
+        check_output(labels, config.overwrite, what="labels file")
     run = load_run(config.run_dir)
     check_images, calibration, real = _check_images(config, run, reporter)
     reporter.info(f"Exporting to {config.format}"

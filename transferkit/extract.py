@@ -18,7 +18,6 @@ from transferkit.devices import resolve_precision
 from transferkit.errors import DataError
 from transferkit.feature_files import FeatureSet, ShardWriter, load_features, save_features
 from transferkit.features import FeatureExtractor, FeatureModel
-from transferkit.files import check_new_output
 from transferkit.metrics import classification_metrics
 from transferkit.model import (
     build_classifier,
@@ -27,7 +26,13 @@ from transferkit.model import (
 )
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
-from transferkit.runs.directory import check_run_output, run_lock, save_run, save_splits
+from transferkit.runs.directory import (
+    check_output,
+    check_run_output,
+    run_lock,
+    save_run,
+    save_splits,
+)
 from transferkit.runs.records import Compute, RunRecord, Score
 from transferkit.training.plan import HEAD
 from transferkit.training.prepare import data_summary, report_data
@@ -101,7 +106,7 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     image_size = resolve_image_size(spec, config.data.image_size)
     blocks = config.blocks or len(spec.blocks)
     spec.check_block_count(blocks, "--blocks")
-    check_new_output(config.output, config.overwrite, config.output_kind,
+    check_output(config.output, config.overwrite, config.output_kind,
                      data=config.data.data_dir)
     if config.head is not None:
         check_run_output(config.head.output, config.head.overwrite, config.data.data_dir,

@@ -17,12 +17,12 @@ from transferkit.data.folders import collect_images
 from transferkit.data.inspect import decode_source, inspect_images, open_inspection_cache
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ConfigError, DataError
-from transferkit.files import check_new_output, json_text, write_text
+from transferkit.files import json_text, write_text
 from transferkit.inference import predict_batches
 from transferkit.novelty import Novelty, load_novelty
 from transferkit.raybatch import run_on_ray
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.runs.directory import NOVELTY_FILE, load_run, seen_by_run
+from transferkit.runs.directory import NOVELTY_FILE, check_output, load_run, seen_by_run
 
 if TYPE_CHECKING:
     import keras
@@ -202,7 +202,7 @@ def predict(config: PredictConfig, reporter: Reporter | None = None) -> Predicti
     """
     reporter = reporter or NullReporter()
     if config.output is not None and config.output != STDOUT:
-        check_new_output(config.output, config.overwrite)
+        check_output(config.output, config.overwrite)
     run = load_run(config.run_dir)
     files, ignored = collect_images(config.paths, config.listed)
     if not files:

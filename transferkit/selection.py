@@ -31,8 +31,9 @@ from transferkit import report
 from transferkit.config import SelectConfig
 from transferkit.data.folders import ImageSet, load_splits, read_pool
 from transferkit.features import base_features, normalise
-from transferkit.files import check_new_output, check_outside, write_text
+from transferkit.files import check_outside, write_text
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs.directory import check_output
 from transferkit.training.probe import fit_probe
 
 DUPLICATE = 0.98  # cosine similarity of features from which two images are near-copies
@@ -141,7 +142,7 @@ def select(config: SelectConfig, reporter: Reporter | None = None) -> Selection:
     started = time.perf_counter()
     html = config.output.with_suffix(".html") if config.html else None
     for target in (config.output, *([html] if html else [])):
-        check_new_output(target, config.overwrite, data=config.data.data_dir)
+        check_output(target, config.overwrite, data=config.data.data_dir)
         check_outside(target, config.pool, "output file", "pool folder",
                       "the next select would read it as a pool image")
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import transferkit
+from transferkit.config import SAVEDMODEL_FILES
 from transferkit.errors import ArtifactError, ConfigError, DataError, MissingPackageError
 from transferkit.files import (
     atomic_path,
@@ -75,6 +76,11 @@ RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CH
 AUDIT_FILE = "audit.json"
 AUDIT_FILES = (AUDIT_FILE, REPORT_FILE)
 EVALUATION_FILES = ("metrics.json", "confusion.png", "mistakes.png")
+# folder marker -> what the folder is, and the names its command writes in it
+_OWNED = {RECORD_FILE: ("a transferkit run", RUN_FILES),
+          AUDIT_FILE: ("an audit", AUDIT_FILES),
+          EVALUATION_FILES[0]: ("an evaluation", EVALUATION_FILES),
+          SAVEDMODEL_FILES[0]: ("a SavedModel export", SAVEDMODEL_FILES)}
 HISTORY_COLUMNS = ("stage", "epoch", "loss", "accuracy", "val_loss", "val_accuracy",
                    "learning_rate", "seconds")
 
@@ -244,6 +250,26 @@ def describe_unfinished(record: RunRecord) -> str:
         at = (f" in stage {where.stage} after epoch {where.epoch}" if where.stage
               else f" during {where.phase}")
     return record.status + at + (f" by an error: {record.failure}" if record.failure else "")
+
+
+def check_output(path: Path, overwrite: bool, what: str = "output file", data: Path | None = None,
+                 writes: tuple[str, ...] = ()) -> None:
+    """files.check_new_output, and for a file: --overwrite never replaces a file that is part
+    of what another command wrote (a run's run.json, an audit's report.html), as
+    `predict -o RUN/run.json --overwrite` would.
+
+    Raises:
+        ArtifactError: see check_new_output; or the file belongs to another command's folder.
+    """
+    check_new_output(path, overwrite, what, data, writes=writes)
+    if not path.is_file():
+        return
+    for marker, (kind, names) in _OWNED.items():
+        if (path.parent / marker).is_file() and path.name in names:
+            raise ArtifactError(
+                f"'{path}' is part of {kind} in '{path.parent}', which this command did not "
+                f"write: --overwrite replaces only its own outputs. Nothing was changed. "
+                f"Choose another -o/--output.")
 
 
 def check_run_output(path: Path, overwrite: bool, data: Path, command: str) -> None:

@@ -22,10 +22,11 @@ from transferkit.data.folders import load_splits
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ConfigError
 from transferkit.features import predict_features
-from transferkit.files import check_new_output, save_figure
+from transferkit.files import save_figure
 from transferkit.model import build_head
 from transferkit.plots import plot_augmentation
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.runs.directory import check_output
 from transferkit.runs.records import LRFind
 from transferkit.training.prepare import Prepared, prepare
 from transferkit.training.stages import compile_model
@@ -161,7 +162,7 @@ def preview_augmentation(config: PreviewConfig, reporter: Reporter | None = None
     its original first and then augmented draws, at the size the base sees them, written as a
     PNG. Returns the number of rows."""
     reporter = reporter or NullReporter()
-    check_new_output(config.output, config.overwrite, data=config.data.data_dir)
+    check_output(config.output, config.overwrite, data=config.data.data_dir)
     size = resolve_image_size(get_base(config.base), config.data.image_size)
     train = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                         reporter).train
