@@ -38,8 +38,13 @@ stderr = Console(stderr=True, soft_wrap=True)  # a path in a message never break
 
 
 class Table(RichTable):
-    """Every table here: a cell too wide for the terminal wraps onto more lines instead of
-    ending in '…', so no number or name is ever cut short."""
+    """Every table here: no number or name is ever cut short. Headers and text wrap at
+    spaces, and what still cannot fit folds onto the next line instead of ending in '…';
+    the tables are laid out to fit 80 columns whole (no padding at their edges)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("pad_edge", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def add_column(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("overflow", "fold")
@@ -110,9 +115,9 @@ class RichReporter:
 def render_stages(stages: Sequence[StageResult], kept: str | None = None) -> None:
     """The stages side by side: what trained, and the epoch each kept."""
     table = Table(title="Training summary", box=box.SIMPLE_HEAD, collapse_padding=True,
-                  caption="epochs are counted across stages, as in the epoch lines; metrics "
-                          "of each stage's best epoch; params: trainable")
-    for name in ("stage", "epochs run", "best epoch", "lr", "params", *_METRICS.values()):
+                  caption="epochs: run; best: the epoch kept, counted across stages as in the "
+                          "epoch lines; metrics of that epoch; params: trainable")
+    for name in ("stage", "epochs", "best", "lr", "params", *_METRICS.values()):
         table.add_column(name, justify="left" if name == "stage" else "right")
     for s in stages:
         name = f"{s.name} *" if s.name == kept else s.name
