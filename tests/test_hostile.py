@@ -586,3 +586,24 @@ def test_overwrite_never_replaces_a_file_of_another_commands_folder(
         result = runner.invoke(app, ["predict", str(run), str(image_folder), "-o",
                                      str(run / "preds.csv"), "--overwrite"])
         assert result.exit_code == 0, result.output
+
+
+def test_cache_clear_deletes_only_what_transferkit_cached(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch):
+    home = tmp_path / "mine"  # a TRANSFERKIT_HOME pointed at a folder of the user's
+    (home / "features").mkdir(parents=True)
+    (home / "converted").mkdir()
+    (home / "features" / "notes.txt").write_text("mine")
+    (home / "converted" / "holiday.png").write_bytes(b"mine")
+    (home / "features" / ("a" * 24 + ".npz")).write_bytes(b"cached")
+    (home / "converted" / ("b" * 64 + "-v1.png")).write_bytes(b"cached")
+    (home / "weights").mkdir()
+    (home / "weights" / "efficientnet_lite0_imagenet_0123456789ab.weights.h5").write_bytes(b"w")
+    monkeypatch.setenv("TRANSFERKIT_HOME", str(home))
+    result = runner.invoke(app, ["cache", "--clear"])
+    assert result.exit_code == 0, result.output
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file()) == [
+        ".in-use.lock", "converted/holiday.png", "features/notes.txt",
+        "weights/efficientnet_lite0_imagenet_0123456789ab.weights.h5"]
+    runner.invoke(app, ["cache", "--clear", "--weights"])
+    assert not (home / "weights").exists() and (home / "features" / "notes.txt").exists()

@@ -10,8 +10,10 @@ what lives there, under which names, and clearing it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +22,13 @@ from transferkit.errors import ArtifactError
 
 FEATURES, CONVERTED, WEIGHTS = "features", "converted", "weights"
 PARTS = (FEATURES, CONVERTED, WEIGHTS)
+# The names transferkit gives the files of each part (features.FeatureCache,
+# data/inspect.converted_path, bases' converted weights), and the temporary names they are
+# written under: clearing deletes these and nothing else, whatever else a folder holds.
+_WRITTEN = {FEATURES: re.compile(r"[0-9a-f]{24}\.npz"),
+            CONVERTED: re.compile(r"[0-9a-f]{64}-v\d+\.png"),
+            WEIGHTS: re.compile(r"\w+_imagenet_[0-9a-f]{12}\.weights\.h5")}
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp.*")
 INSPECTED = "inspected.json"  # points at converted copies: cleared with them
 LOCK = ".in-use.lock"  # shared by every process using the cache; clearing takes it alone
 _held: list[int] = []  # this process's shared lock, held until it exits
@@ -114,7 +123,21 @@ def clear_cache(weights: bool = False) -> None:
                             f"when that process has ended.") from None
     try:
         for part in (FEATURES, CONVERTED, *((WEIGHTS,) if weights else ())):
-            shutil.rmtree(cache_path(part), ignore_errors=True)
+            _clear_part(cache_path(part), _WRITTEN[part])
         cache_path(INSPECTED).unlink(missing_ok=True)
     finally:
         os.close(fd)
+
+
+def _clear_part(folder: Path, written: re.Pattern[str]) -> None:
+    """Deletes the files transferkit wrote in `folder` (named as `written` says, or a
+    temporary name), then the folder if that left it empty: a TRANSFERKIT_HOME pointed at a
+    folder of the user's keeps everything else."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink() and (
+                written.fullmatch(path.name) or _TEMPORARY.fullmatch(path.name)):
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
