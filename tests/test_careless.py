@@ -57,7 +57,8 @@ def test_the_cache_is_not_cleared_under_a_running_process(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TRANSFERKIT_HOME", str(tmp_path / "home"))
     (tmp_path / "home" / "features").mkdir(parents=True)
-    (tmp_path / "home" / "features" / "f.npz").write_bytes(b"kept")
+    cached = tmp_path / "home" / "features" / ("0" * 24 + ".npz")  # named as the cache names
+    cached.write_bytes(b"kept")
     user = subprocess.Popen([sys.executable, "-c", "import sys, time; "
                              "from transferkit.cache import share_cache; share_cache(); "
                              "print('ready', flush=True); time.sleep(60)"],
@@ -67,7 +68,7 @@ def test_the_cache_is_not_cleared_under_a_running_process(tmp_path: Path,
         refused = runner.invoke(app, ["cache", "--clear"])
         assert refused.exit_code == 1 and "Another transferkit process is using the cache" \
             in said(refused.stderr)
-        assert (tmp_path / "home" / "features" / "f.npz").exists()
+        assert cached.exists()
     finally:
         user.kill()
         user.wait()

@@ -607,3 +607,33 @@ def test_cache_clear_deletes_only_what_transferkit_cached(tmp_path: Path,
         "weights/efficientnet_lite0_imagenet_0123456789ab.weights.h5"]
     runner.invoke(app, ["cache", "--clear", "--weights"])
     assert not (home / "weights").exists() and (home / "features" / "notes.txt").exists()
+
+
+def test_the_report_says_what_the_probe_is_and_why_the_kept_model_was_kept(trained_run: Path):
+    page = (trained_run / "report.html").read_text(encoding="utf-8")
+    assert "a logistic regression on the frozen base&#x27;s features" in page or \
+        "a logistic regression on the frozen base's features" in page
+    assert "kept model" in page and "more than noise" in page
+
+
+def test_native_log_lines_are_kept_off_the_console_and_ours_are_not():
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, time\n"
+        "from transferkit.quiet import native_lines_filtered\n"
+        "with native_lines_filtered():\n"
+        "    os.write(2, b'E0000 00:00:1796593777.374767   32181 base_collective_executor.cc"
+        ":361] BaseCollectiveExecutor::StartAbort UNAVAILABLE\\n')\n"
+        "    print('Epoch 3: another worker stopped answering', file=sys.stderr, flush=True)\n"
+        "    os.write(2, b'Progress 40%')\n"
+        "    time.sleep(0.5)\n"
+        "    os.write(2, b'\\rProgress 100%\\n')\n"
+        "print('after', file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFERKIT_VERBOSE"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (b"Epoch 3: another worker stopped answering\nProgress 40%"
+                           b"\rProgress 100%\nafter\n")

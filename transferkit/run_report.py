@@ -18,6 +18,7 @@ from transferkit.novelty import load_novelty
 from transferkit.runs.directory import CURVES_FILE, NOVELTY_FILE, REPORT_FILE
 from transferkit.runs.records import RunRecord
 from transferkit.training.choice import why_kept
+from transferkit.training.loop import early_candidates
 
 if TYPE_CHECKING:
     from transferkit.data.folders import ImageSet
@@ -81,8 +82,10 @@ def _summary(record: RunRecord) -> str:
                                                 for split, c in counts.items()))])
     if record.probe is not None:
         rows.append(["linear probe", report.esc(
-            f"C={record.probe.c:g} ({record.probe.folds}-fold CV on train), first usable "
-            f"model after {record.probe.ready_after:.0f} s")])
+            f"a logistic regression on the frozen base's features, fitted first: the bar "
+            f"every later candidate must clear by more than noise (C={record.probe.c:g} by "
+            f"{record.probe.folds}-fold CV on train; first usable model after "
+            f"{record.probe.ready_after:.0f} s)")])
     if record.adaptation is not None:
         rows.append(["data checks", report.esc(record.adaptation.describe())])
     if record.variant is not None:
@@ -123,7 +126,10 @@ def _scores(record: RunRecord) -> str:
               "-" if name not in steps else f"{steps[name].margin:+d}",
               "-" if name not in steps else f"{steps[name].noise:.1f}",
               "kept" if name == choice.kept else ""]
-             for name, n in choice.val_correct.items()], [False, True, True, True, False]))
+             for name, n in choice.val_correct.items()]
+            + [[report.esc(name), f"{n}/{choice.n}", "-", "-", "not beyond the probe"]
+               for name, n in early_candidates(record, won=False).items()],
+            [False, True, True, True, False]))
     if record.cross_validation is not None:
         cv = record.cross_validation
         parts.append(report.table(

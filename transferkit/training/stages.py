@@ -20,6 +20,7 @@ from transferkit.callbacks import (
 )
 from transferkit.config import OptimizerConfig, ScheduleConfig
 from transferkit.freezing import count_params
+from transferkit.quiet import native_lines_filtered
 from transferkit.reporting import Reporter, StageInfo
 from transferkit.runs.records import StageResult
 from transferkit.workers import Cluster, fit_across_workers
@@ -159,10 +160,11 @@ def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
     diverged = StopOnNonFinite(plan.name, plan.rate_option)
     if cluster is not None:
         images, labels = _val_inputs(validation, val_labels)
-        fit_across_workers(
-            model, training_loss(label_smoothing), train, steps, batch_size,
-            (start, plan.last_epoch), lambda: val_scores(model, images, labels, batch_size),
-            [schedule, diverged, recorder, *callbacks], cluster, class_weight, seed=start)
+        with native_lines_filtered():  # a worker that dies makes TensorFlow log in C++ here
+            fit_across_workers(
+                model, training_loss(label_smoothing), train, steps, batch_size,
+                (start, plan.last_epoch), lambda: val_scores(model, images, labels, batch_size),
+                [schedule, diverged, recorder, *callbacks], cluster, class_weight, seed=start)
         return counts.trainable
     train, validation, first = _for_replicas(train, validation, val_labels, batch_size)
     if model.optimizer.use_ema:
