@@ -637,3 +637,14 @@ def test_native_log_lines_are_kept_off_the_console_and_ours_are_not():
     assert done.returncode == 0, done.stderr
     assert done.stderr == (b"Epoch 3: another worker stopped answering\nProgress 40%"
                            b"\rProgress 100%\nafter\n")
+
+
+def test_serve_answers_names_that_are_not_utf8_as_valid_json(odd_run: Path):
+    from transferkit.runs.directory import read_record
+    from transferkit.serve import _respond, describe, load_served
+
+    served = load_served(odd_run)
+    answer = _respond(describe(served))  # GET /metadata; POST /predict renders the same way
+    body = json.loads(answer.body.decode("utf-8"))  # strict UTF-8: Starlette's own failed
+    assert restore_names(body)["classes"] == list(read_record(odd_run).class_names)
+    assert any(raw for raw in body["classes_bytes"] if raw)
