@@ -59,9 +59,9 @@ def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, An
     return {"accuracy": score.accuracy, "seconds": seconds, "kept": result.kept_stage,
             "probe_ready": record.probe.ready_after if record.probe else None,
             "val_correct": result.choice.val_correct,
-            "variant": None if record.variant is None else {
-                "name": record.variant.name, "val_correct": record.variant.val_correct,
-                "won": record.variant.won, "seconds": record.variant.seconds},
+            "variant": next(({"name": c.name, "val_correct": c.val_correct, "won": c.won,
+                              "seconds": c.seconds}
+                             for c in record.candidates if c.kind == "variant"), None),
             "adaptation": None if record.adaptation is None else {
                 "pixels": record.adaptation.pixel_accuracy,
                 "probe": record.adaptation.probe_accuracy,

@@ -1,5 +1,6 @@
-"""`finetune --unlabeled`: what class-balanced self-training of the probe (training/pseudo.py)
-gains over the same labels without the pool, and what the run keeps.
+"""`finetune --unlabeled`: what class-balanced self-training of the probe
+(training/candidates/self_trained.py) gains over the same labels without the pool, and what
+the run keeps.
 
 For each set, labelled count per class and seed: that many images per class of train + val
 are labelled (a fifth of them, at least one per class, is the val split that chooses, as in
@@ -43,9 +44,9 @@ def features(data: Path) -> tuple:
 
 
 def one(x, y, x_test, y_test, k, per, seed, unrelated) -> dict:
+    from transferkit.training.candidates.self_trained import self_train
     from transferkit.training.choice import choose
     from transferkit.training.probe import fit_probe
-    from transferkit.training.pseudo import self_train
 
     rng = np.random.default_rng(seed)
     picked = [rng.choice(np.flatnonzero(y == c), per, replace=False) for c in range(k)]

@@ -233,7 +233,7 @@ def test_the_combined_candidate_is_one_plain_model_of_the_bases_side_by_side(
     from transferkit.data.pipeline import build_dataset
     from transferkit.runs.checkpoints import best_checkpoint
     from transferkit.runs.directory import load_keras_file, read_record
-    from transferkit.training import combined
+    from transferkit.training.candidates import combined
     from transferkit.training.recipe import finetune
 
     class Weights:
@@ -265,7 +265,8 @@ def test_the_combined_candidate_is_one_plain_model_of_the_bases_side_by_side(
         adapt=False, data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
         output=tmp_path / "run", base="tiny", finetune_epochs=0), reporter)
     record = read_record(tmp_path / "run")
-    assert record.combined is not None and record.combined.bases == ("tiny", "tiny2")
+    fitted = record.candidate("combined")
+    assert fitted is not None and fitted.details["bases"] == ["tiny", "tiny2"]
     assert "combined" in record.choice.val_correct
     assert any(m.startswith("Combined probe on tiny, tiny2 side by side") for m in
                reporter.messages)
@@ -277,7 +278,7 @@ def test_the_combined_candidate_is_one_plain_model_of_the_bases_side_by_side(
                                                 None, 32, 8), verbose=0)
     right = sum(names[p] == r["label"]
                 for p, r in zip(probabilities.argmax(axis=1), val, strict=True))
-    assert right == record.combined.val_correct == record.choice.val_correct["combined"]
+    assert right == fitted.val_correct == record.choice.val_correct["combined"]
 
 
 def csv_rows(path):

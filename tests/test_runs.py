@@ -38,7 +38,7 @@ def test_run_round_trip(trained_run: Path):
 
 def test_run_json_keeps_the_settings_as_given_and_the_decisions_apart(trained_run: Path):
     values = json.loads((trained_run / RECORD_FILE).read_text())
-    assert values["format_version"] == 3
+    assert values["format_version"] == 4
     assert values["image_size"] == 32 and values["config"]["data"]["image_size"] == 32
     assert values["config"]["finetune_lr"] is None  # as given: a tenth of the rate
     assert values["plan"]["finetune_lr"] == pytest.approx(1e-4)  # as decided
@@ -376,7 +376,7 @@ def test_upgrade_brings_a_format_2_run_up_to_date(trained_run: Path, tmp_path: P
     refused = CliRunner().invoke(app, ["predict", str(run_dir), str(tmp_path)])
     assert refused.exit_code == 1 and "transferkit upgrade" in " ".join(refused.stderr.split())
     upgraded = CliRunner().invoke(app, ["upgrade", str(run_dir)])
-    assert upgraded.exit_code == 0 and "from run format 2 to 3" in upgraded.stdout
+    assert upgraded.exit_code == 0 and "from run format 2 to 4" in upgraded.stdout
     record = read_record(run_dir)
     assert record.image_size == 32 and record.plan is not None
     assert json.loads(json.dumps(dataclasses.asdict(record.plan))) == plan

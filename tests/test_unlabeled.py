@@ -11,8 +11,8 @@ from conftest import write_class_folder
 
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ConfigError
+from transferkit.training.candidates.self_trained import ROUNDS, SELF_TRAINED, SHARE, self_train
 from transferkit.training.probe import fit_probe
-from transferkit.training.pseudo import ROUNDS, SELF_TRAINED, SHARE, self_train
 
 
 def test_self_training_takes_every_class_evenly_and_leaves_out_unrelated_images():
@@ -58,8 +58,9 @@ def test_a_self_trained_probe_that_wins_is_a_candidate_the_run_can_keep(
     monkeypatch.setattr(recipe, "choose", wins_over_the_probe)
     result = recipe.finetune(_config(image_folder, tmp_path / "run", pool))
     record = read_record(tmp_path / "run")
-    assert record.self_trained is not None and record.self_trained.won
-    assert record.self_trained.images == 12 and record.self_trained.pool == str(pool)
+    trained = record.candidate(SELF_TRAINED)
+    assert trained is not None and trained.won
+    assert trained.details["images"] == 12 and trained.details["pool"] == str(pool)
     assert SELF_TRAINED in result.choice.val_correct  # scored beside the probe and stage
     assert load_run(tmp_path / "run").model is not None
 

@@ -18,7 +18,7 @@ from transferkit.features import FeatureModel, FeatureSpec
 from transferkit.reporting import NullReporter
 from transferkit.runs.records import Adaptation
 from transferkit.training import recipe
-from transferkit.training.variants import (
+from transferkit.training.candidates.variants import (
     EARLIER,
     UPSAMPLED,
     build_variant,
@@ -78,9 +78,11 @@ def test_a_run_keeps_the_winning_variant_as_a_candidate(tmp_path, monkeypatch):
     from transferkit.runs.directory import read_record
 
     record = read_record(tmp_path / "run")
-    assert record.variant.name == UPSAMPLED and record.variant.base_size == 64
-    assert record.variant.won and UPSAMPLED in record.choice.val_correct
+    variant = record.candidate(UPSAMPLED)
+    assert variant is not None and variant.kind == "variant"
+    assert variant.details["base_size"] == 64
+    assert variant.won and UPSAMPLED in record.choice.val_correct
     assert (tmp_path / "run" / "checkpoints" / f"best-{UPSAMPLED}.keras").is_file()
     assert any(m.startswith("Probe on the features at 64 px") for m in reporter.messages)
     page = (tmp_path / "run" / "report.html").read_text()
-    assert "upsampled: a probe on the features of the image upsampled to 64 px" in page
+    assert "Probe on the features at 64 px" in page and "beat the probe beyond noise" in page

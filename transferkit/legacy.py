@@ -5,6 +5,8 @@
   into it) and the class weights beside it; format 3 keeps the config apart from the
   decided image size and Plan. Format 2's resolved config becomes the config, and its
   values the Plan (they are what the run trained with).
+- format 3 is read as it is (its three candidate fields become format 4's list, in
+  `RunRecord.from_dict`); `upgrade` writes it as format 4.
 Nothing else reads formats 1 and 2; `runs.directory.read_record` points here.
 """
 
@@ -124,11 +126,12 @@ def upgrade_run(run_dir: Path) -> int:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"Could not read '{run_dir / RECORD_FILE}' ({exc}).") from exc
         version = values.get("format_version") if isinstance(values, dict) else None
-        if version not in (1, 2):
+        if version not in (1, 2, 3):
             raise ArtifactError(f"'{run_dir}' is not a run of an earlier format (run format "
-                                f"1 or 2); there is nothing to upgrade.")
+                                f"1, 2 or 3); there is nothing to upgrade.")
         try:
-            record = record_from_v1(values) if version == 1 else record_from_v2(values)
+            record = (record_from_v1(values) if version == 1 else record_from_v2(values)
+                      if version == 2 else RunRecord.from_dict(values, 3))
         except ConfigError as exc:
             raise ArtifactError(f"'{run_dir / RECORD_FILE}' is damaged: "
                                 f"{str(exc).rstrip('.')}.") from exc

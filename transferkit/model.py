@@ -72,7 +72,7 @@ def with_features(model: keras.Model) -> keras.Model:
     names = {layer.name for layer in model.layers}
     if "features" in names:  # one base: re-call its features model on the input
         features = model.get_layer("features")(model.inputs[0])
-    else:  # several bases side by side (training.combined): their concatenation
+    else:  # several bases side by side (training.candidates.combined): their concatenation
         features = model.get_layer(COMBINED_FEATURES).output
     return keras.Model(model.inputs, [features, head(features)], name="with_features")
 

@@ -17,8 +17,8 @@ from transferkit.gradcam import gradcam, has_feature_map
 from transferkit.novelty import load_novelty
 from transferkit.runs.directory import CURVES_FILE, NOVELTY_FILE, REPORT_FILE
 from transferkit.runs.records import RunRecord
+from transferkit.training.candidates import fitted_before_the_stages, simplest_first
 from transferkit.training.choice import why_kept
-from transferkit.training.loop import early_candidates
 
 if TYPE_CHECKING:
     from transferkit.data.folders import ImageSet
@@ -88,12 +88,8 @@ def _summary(record: RunRecord) -> str:
             f"{record.probe.ready_after:.0f} s)")])
     if record.adaptation is not None:
         rows.append(["data checks", report.esc(record.adaptation.describe())])
-    if record.variant is not None:
-        rows.append(["probe variant", report.esc(record.variant.describe())])
-    if record.combined is not None:
-        rows.append(["combined probe", report.esc(record.combined.describe())])
-    if record.self_trained is not None:
-        rows.append(["self-trained probe", report.esc(record.self_trained.describe())])
+    for candidate in simplest_first(record.candidates):
+        rows.append([report.esc(candidate.name), report.esc(candidate.describe())])
     for stage in record.stages:
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
             f"{stage.epochs} epochs at {stage.learning_rate:.2g}, best epoch "
@@ -128,7 +124,7 @@ def _scores(record: RunRecord) -> str:
               "kept" if name == choice.kept else ""]
              for name, n in choice.val_correct.items()]
             + [[report.esc(name), f"{n}/{choice.n}", "-", "-", "not beyond the probe"]
-               for name, n in early_candidates(record, won=False).items()],
+               for name, n in fitted_before_the_stages(record.candidates, False).items()],
             [False, True, True, True, False]))
     if record.cross_validation is not None:
         cv = record.cross_validation

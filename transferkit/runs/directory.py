@@ -144,13 +144,13 @@ def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
             f"'{run_dir}' was written by transferkit 0.1 (run format 1), whose model.keras "
             f"needs transferkit 0.1's own layer to load. Re-save it as a plain Keras run "
             f"with: transferkit upgrade {run_dir}")
-    if version != RUN_FORMAT_VERSION:
+    if version not in (3, RUN_FORMAT_VERSION):  # 3 is read as it is (RunRecord.from_dict)
         raise ArtifactError(
             f"'{run_dir}' was written in run format version {version!r}; this transferkit "
             f"({transferkit.__version__}) reads version {RUN_FORMAT_VERSION}. Use the "
             f"transferkit version that wrote it, or train the run again.")
     try:
-        record = RunRecord.from_dict(values)
+        record = RunRecord.from_dict(values, version)
     except ConfigError as exc:
         raise ArtifactError(f"'{path}' is damaged: {str(exc).rstrip('.')}. Train the run "
                             f"again.") from exc

@@ -26,7 +26,9 @@ from transferkit.reporting import fits_one_line
 from transferkit.stats import wilson_interval
 
 RUN_FORMAT = "transferkit-run"
-RUN_FORMAT_VERSION = 3  # 3: the config as given, the image size and the Plan beside it
+# 3: the config as given, the image size and the Plan beside it; 4: the candidates fitted
+# after the probe as one list (3's variant, combined and self_trained fields are read as it)
+RUN_FORMAT_VERSION = 4
 COMPLETE, RUNNING, INTERRUPTED, FAILED = "complete", "running", "interrupted", "failed"
 STATUSES = (COMPLETE, RUNNING, INTERRUPTED, FAILED)
 # command -> its config; a cv run records the recipe each of its folds ran
@@ -166,58 +168,48 @@ def _against_probe(won: bool) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CombinedRecord:
-    """The combined candidate: one probe on several bases' frozen features side by side."""
+class CandidateRecord:
+    """A candidate fitted after the probe and before the stages (training/candidates: the
+    probe variant, the combined and the self-trained probes): what it is, how it did on val
+    against the probe, and the numbers its kind records."""
 
-    bases: tuple[str, ...]
-    c: float
+    name: str  # as the choice names it
+    kind: str  # its row in the candidates table
+    summary: str  # what it is and how it was fitted
     val_correct: int
     won: bool  # beat the probe on val by more than noise
     seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        return (f"{', '.join(self.bases)} side by side, {self.val_correct} right on val: "
-                f"{_against_probe(self.won)}")
+        return f"{self.summary}: {self.val_correct} right on val, {_against_probe(self.won)}"
 
 
-@dataclass(frozen=True, kw_only=True)
-class VariantRecord:
-    """The probe variant the data checks picked (training.variants): the probe on features
-    after an earlier block, or of the image upsampled inside the model."""
-
-    name: str  # earlier-block | upsampled
-    blocks: int  # of the base's blocks, the features' cut point
-    base_size: int  # the size the base reads (the run's image size, or upsampled to)
-    c: float
-    val_correct: int
-    won: bool  # beat the probe on val by more than noise
-    seconds: float
-
-    def describe(self) -> str:
-        where = (f"after block {self.blocks}" if self.name == "earlier-block" else
-                 f"of the image upsampled to {self.base_size} px")
-        return (f"{self.name}: a probe on the features {where} (the data checks' pick), "
-                f"{self.val_correct} right on val: {_against_probe(self.won)}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SelfTrainedRecord:
-    """The probe self-trained on an unlabelled pool (finetune --unlabeled, training.pseudo)."""
-
-    pool: str
-    images: int  # readable pool images not already in the labelled data
-    unreadable: int
-    pseudo_labelled: int  # pool images that trained it
-    unlike: int  # pool images the novelty score kept out
-    c: float
-    val_correct: int
-    won: bool  # beat the probe on val by more than noise
-    seconds: float
-
-    def describe(self) -> str:
-        return (f"the probe fitted again with {self.pseudo_labelled} of {self.images} pool "
-                f"images' surest answers, {self.val_correct} right on val: "
-                f"{_against_probe(self.won)}")
+def _candidates_of_format_3(values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Run format 3 recorded the probe variant, the combined and the self-trained probes in
+    fields of their own; format 4 lists them as candidates, worded as a run writes them."""
+    found = []
+    variant, combined, pool = (values.get(k) for k in ("variant", "combined", "self_trained"))
+    if isinstance(variant, Mapping):
+        where = (f"after block {variant.get('blocks')}" if variant.get("name") == "earlier-block"
+                 else f"at {variant.get('base_size')} px")
+        found.append(("variant", variant, f"Probe on the features {where} (the data checks' "
+                                           f"pick), C={variant.get('c')}",
+                      ("blocks", "base_size", "c")))
+    if isinstance(combined, Mapping):
+        found.append(("combined", {**combined, "name": "combined"},
+                      f"Combined probe on {', '.join(combined.get('bases', ()))} side by side, "
+                      f"C={combined.get('c')}", ("bases", "c")))
+    if isinstance(pool, Mapping):
+        found.append(("self-trained", {**pool, "name": "self-trained"},
+                      f"Self-trained probe, {pool.get('pseudo_labelled')} of "
+                      f"{pool.get('images')} pool images pseudo-labelled and "
+                      f"{pool.get('unlike')} left out as unlike every class, C={pool.get('c')}",
+                      ("pool", "images", "unreadable", "pseudo_labelled", "unlike", "c")))
+    return [{"name": old.get("name"), "kind": kind, "summary": summary,
+             "val_correct": old.get("val_correct"), "won": old.get("won"),
+             "seconds": old.get("seconds"), "details": {k: old.get(k) for k in keep}}
+            for kind, old, summary, keep in found]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -345,9 +337,7 @@ class RunRecord:
     scores: tuple[Score, ...] = ()  # the kept model's accuracy per split, with intervals
     lr_find: LRFind | None = None
     probe: ProbeRecord | None = None
-    combined: CombinedRecord | None = None
-    variant: VariantRecord | None = None
-    self_trained: SelfTrainedRecord | None = None
+    candidates: tuple[CandidateRecord, ...] = ()  # fitted after the probe, in the run's order
     adaptation: Adaptation | None = None
     choice: Choice | None = None
     calibration: Calibration | None = None
@@ -377,13 +367,21 @@ class RunRecord:
         plain = json.loads(json.dumps(values, default=_plain))
         return {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, **plain}
 
+    def candidate(self, name: str) -> CandidateRecord | None:
+        """The candidate fitted after the probe named `name`, if one was."""
+        return next((c for c in self.candidates if c.name == name), None)
+
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> RunRecord:
-        """A record from run.json's content, validated.
+    def from_dict(cls, values: Mapping[str, Any], version: int = 4) -> RunRecord:
+        """A record from run.json's content of run format `version` (3 or 4), validated.
 
         Raises:
             ConfigError: a missing or invalid field (the caller names the file).
         """
+        if version == 3:
+            values = {**{k: v for k, v in values.items()
+                         if k not in ("variant", "combined", "self_trained")},
+                      "candidates": _candidates_of_format_3(values)}
         values = {k: v for k, v in values.items() if k not in ("format", "format_version")}
         command = values.get("command")
         if command not in COMMANDS:

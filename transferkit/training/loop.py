@@ -35,12 +35,14 @@ from transferkit.devices import build_strategy
 from transferkit.errors import ArtifactError, RunInterrupted, StopRequested, TrainingDiverged
 from transferkit.features import FeatureExtractor
 from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
+from transferkit.model import PREDICTIONS, build_classifier, build_head
 from transferkit.reporting import Reporter
 from transferkit.runs.checkpoints import (
     best_checkpoint,
     load_checkpoint,
     load_head_state,
     restore_best,
+    save_best,
     save_checkpoint,
 )
 from transferkit.runs.directory import (
@@ -60,10 +62,9 @@ from transferkit.runs.records import (
     Stopped,
 )
 from transferkit.training.choice import LEAST_WIN
-from transferkit.training.combined import COMBINED
 from transferkit.training.plan import HEAD, PROBE, plan_stages
 from transferkit.training.prepare import data_summary, report_data
-from transferkit.training.pseudo import SELF_TRAINED
+from transferkit.training.probe import LinearProbe
 from transferkit.training.stages import StagePlan, compile_model, run_stage, stage_result
 from transferkit.workers import Cluster, shard
 
@@ -248,14 +249,16 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
 ON_COURSE_EPOCHS = 2
 
 
-def early_candidates(record: RunRecord, won: bool) -> dict[str, int]:
-    """The candidates fitted before the stages that beat the probe on val (`won`), or that
-    did not, simplest first (the probe variant, the combined and the self-trained probes),
-    with their val images right."""
-    found = [(COMBINED, record.combined), (SELF_TRAINED, record.self_trained)]
-    if record.variant is not None:  # named by its kind: earlier-block or upsampled
-        found.insert(0, (record.variant.name, record.variant))
-    return {name: r.val_correct for name, r in found if r is not None and r.won == won}
+def save_probe_model(t: Training, probe: LinearProbe, name: str) -> None:
+    """Saves the classifier with `probe`'s weights as candidate `name`: the run's model (a
+    linear head starts from them, LP-FT), or a model of its own for a head with a hidden
+    layer."""
+    candidate = t.model
+    if t.config.dense_units:  # built for saving only, so outside the strategy
+        candidate = build_classifier(t.model.get_layer("features"), build_head(
+            probe.kernel.shape[0], len(t.splits.class_names)))
+    candidate.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
+    save_best(t.run_dir, candidate, name)
 
 
 def bar_to_clear(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
@@ -266,7 +269,8 @@ def bar_to_clear(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str
     probe = t.record.probe
     if probe is None or probe.val_correct is None:
         return (PROBE, 0), 0
-    candidates = [(PROBE, probe.val_correct), *early_candidates(t.record, won=True).items()]
+    candidates = [(PROBE, probe.val_correct),
+                  *((c.name, c.val_correct) for c in t.record.candidates if c.won)]
     candidates += [(r.name, round((r.best_val_accuracy or 0) * n)) for r in results]
     best = max(candidates, key=lambda b: b[1])
     return best, best[1] + LEAST_WIN

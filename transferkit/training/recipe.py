@@ -37,16 +37,15 @@ from transferkit.config import AUTO_BASE, FinetuneConfig
 from transferkit.data.folders import DataSplits, read_pool
 from transferkit.data.pipeline import build_dataset
 from transferkit.errors import ArtifactError, DataError, StopRequested, TrainingDiverged
-from transferkit.features import FeatureModel
 from transferkit.files import save_figure
 from transferkit.inference import predict_batches
 from transferkit.metrics import classification_metrics
-from transferkit.model import PREDICTIONS, build_classifier, build_head, with_features
+from transferkit.model import PREDICTIONS, with_features
 from transferkit.novelty import fit_novelty
 from transferkit.plots import plot_curves, plot_lr_find
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.run_report import Evaluated, write_run_report
-from transferkit.runs.checkpoints import best_checkpoint, checkpointed, restore_best, save_best
+from transferkit.runs.checkpoints import best_checkpoint, checkpointed, restore_best
 from transferkit.runs.directory import (
     CURVES_FILE,
     LR_FIND_FILE,
@@ -66,44 +65,39 @@ from transferkit.runs.records import (
     INTERRUPTED,
     RUNNING,
     Calibration,
+    CandidateRecord,
     Choice,
-    CombinedRecord,
     Compute,
     NoveltyRecord,
     ProbeRecord,
     Refit,
     RunRecord,
     Score,
-    SelfTrainedRecord,
     StageResult,
     Stopped,
-    VariantRecord,
 )
 from transferkit.training.adaptation import assess
+from transferkit.training.candidates import (
+    CANDIDATES,
+    Candidate,
+    fitted_before_the_stages,
+    row,
+)
 from transferkit.training.checks import lr_find
 from transferkit.training.choice import choose
 from transferkit.training.choice import describe as describe_choice
-from transferkit.training.combined import COMBINED, build_combined, combinable, fit_combined
 from transferkit.training.loop import (
     Training,
     bar_to_clear,
-    early_candidates,
     interrupted,
     resume,
+    save_probe_model,
     train_stages,
 )
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
 from transferkit.training.probe import LinearProbe, fit_probe
-from transferkit.training.pseudo import SELF_TRAINED, self_train
 from transferkit.training.stages import class_weights
-from transferkit.training.variants import (
-    EARLIER,
-    VARIANTS,
-    build_variant,
-    fit_variant,
-    pick_variant,
-)
 from transferkit.workers import (
     JOIN_LIMIT_S,
     Cluster,
@@ -149,14 +143,12 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
             if training.chief:
                 training.phase = "the probe"
                 probe, probe_right = _probe(training)  # the first candidate, the bar to beat
-                training.phase = "the combined candidate"
-                _combine(training, probe_right)  # the bases side by side, when at hand
-                training.phase = "self-training on the unlabelled pool"
-                _self_train(training, probe, probe_right)  # with a pool (--unlabeled)
+                for candidate in (c for c in CANDIDATES if not c.after_checks):
+                    _try(training, candidate, probe, probe_right)
                 training.phase = "the data checks"
                 _decide(training)  # data checks -> the Plan, recorded once
-                training.phase = "the probe variant"
-                _variant(training, probe_right)  # the one the checks pick
+                for candidate in (c for c in CANDIDATES if c.after_checks):
+                    _try(training, candidate, probe, probe_right)
             training.phase = "training"
             return _train_and_keep(training)  # stages, choice, calibration, scores, report
 
@@ -296,7 +288,7 @@ def _probe(t: Training) -> tuple[LinearProbe, np.ndarray]:
     t.reporter.info(f"Linear probe ({how}; {probe.seconds:.1f} s): "
                     f"{Score.of('val', correct, len(y_val), chose=False).describe()}. "
                     f"The kept model must beat it by more than noise.")
-    _save_probe_model(t, probe, PROBE)
+    save_probe_model(t, probe, PROBE)
     ready = time.perf_counter() - t.started
     t.reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
     t.save(probe=ProbeRecord(c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
@@ -304,99 +296,27 @@ def _probe(t: Training) -> tuple[LinearProbe, np.ndarray]:
     return probe, right
 
 
-def _save_probe_model(t: Training, probe: LinearProbe, name: str) -> None:
-    """Saves the classifier with `probe`'s weights as candidate `name`: the run's model (a
-    linear head starts from them, LP-FT), or a model of its own for a head with a hidden
-    layer."""
-    candidate = t.model
-    if t.config.dense_units:  # built for saving only, so outside the strategy
-        candidate = build_classifier(t.model.get_layer("features"), build_head(
-            probe.kernel.shape[0], len(t.splits.class_names)))
-    candidate.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
-    save_best(t.run_dir, candidate, name)
-
-
-def _self_train(t: Training, probe: LinearProbe, probe_right: np.ndarray) -> None:
-    """The probe self-trained on --unlabeled's pool (training.pseudo), saved as a candidate
-    when it beat the probe on val by more than noise (a linear head then starts the stages
-    from it); recorded either way. Pool images that are also labelled (by content) are left
-    out of the pool."""
-    if t.pool is None or _no_room(t):
+def _try(t: Training, candidate: Candidate, probe: LinearProbe, probe_right: np.ndarray,
+         ) -> None:
+    """Fits one row of the candidates table unless the candidates so far leave it no room,
+    judges it against the probe by the paired rule, says so in one line, saves its model
+    when it won (else the choice could never keep it) and records it either way."""
+    if _no_room(t):
         return
-    (x_train, y_train), (x_val, y_val) = t.frozen_features()
-    pool = t.pool
-    (x_pool,) = t.frozen_features_of([pool.images], "the unlabelled pool")
-    trained = self_train(probe, x_train, y_train, x_val, x_pool, len(t.splits.class_names),
-                         balanced=t.class_weights is not None, seed=t.config.data.seed)
-    right = trained.probe.probabilities(x_val).argmax(axis=1) == y_val
-    won = choose({PROBE: probe_right, SELF_TRAINED: right}).kept == SELF_TRAINED
-    t.reporter.info(
-        f"Self-trained probe ({trained.pseudo_labelled} of {len(pool.images)} pool images "
-        f"pseudo-labelled, {trained.unlike} left out as unlike every class; "
-        f"{trained.seconds:.1f} s): {int(right.sum())} of {len(y_val)} val images right, "
-        f"against the probe's {t.record.probe.val_correct}"
-        + (", beyond noise." if won else ", within noise."))
-    if won:  # into the run's model too: then the stages start from its head
-        _save_probe_model(t, trained.probe, SELF_TRAINED)
-    t.save(self_trained=SelfTrainedRecord(
-        pool=str(t.config.unlabeled), images=len(pool.images), unreadable=len(pool.unreadable),
-        pseudo_labelled=trained.pseudo_labelled, unlike=trained.unlike, c=trained.probe.c,
-        val_correct=int(right.sum()), won=won, seconds=round(trained.seconds, 3)))
-
-
-def _combine(t: Training, probe_right: np.ndarray) -> None:
-    """The combined candidate (training.combined), saved beside the probe when the run's
-    base has offline siblings and --combine is on; `probe_right`: the val images the probe
-    got right."""
-    bases = combinable(t.record.base, t.config.weights) if t.config.combine else ()
-    if not bases or _no_room(t):
-        return  # nothing to combine, or a probe no candidate could be kept over
-    (x_train, _), (x_val, _) = t.frozen_features()
-    combined = fit_combined(bases, t.config.data, t.record.image_size, t.splits,
-                            (x_train, x_val), t.class_weights is not None, t.reporter,
-                            t.config.cache)
-    n, correct = len(t.splits.val), int(combined.right.sum())
-    won = choose({PROBE: probe_right, COMBINED: combined.right}).kept == COMBINED
-    t.reporter.info(f"Combined probe on {', '.join(bases)} side by side (C={combined.probe.c:g}; "
-                    f"{combined.seconds:.1f} s): {correct} of {n} val images right, against "
-                    f"the probe's {t.record.probe.val_correct}" + (
-                        ", beyond noise." if won else ", within noise."))
-    if won:  # else the choice could never keep it: no model to build, save and score
-        save_best(t.run_dir, build_combined(combined, t.record.image_size,
-                                            t.record.compute.precision), COMBINED)
-    t.save(combined=CombinedRecord(bases=combined.bases, c=combined.probe.c,
-                                   val_correct=correct, won=won,
-                                   seconds=round(combined.seconds, 3)))
-
-
-def _variant(t: Training, probe_right: np.ndarray) -> None:
-    """The probe variant the data checks pick (training.variants), saved as a candidate when
-    it beat the probe on val by more than noise; recorded either way."""
-    found = t.record.adaptation
-    picked = None if found is None or _no_room(t) else pick_variant(
-        found.deep, t.spec, t.record.image_size)
-    if picked is None:
+    t.phase = candidate.phase
+    fitted = candidate.fit(t, probe)
+    if fitted is None:
         return
-    config = t.config
-    job = FeatureModel(t.spec.name, config.weights, config.data.seed, t.record.image_size,
-                       t.record.compute.precision, len(t.spec.blocks),
-                       batch_size=config.data.batch_size)
-    variant = fit_variant(picked, job, t.splits, t.class_weights is not None, t.reporter,
-                          config.cache)
-    n, correct = len(t.splits.val), int(variant.right.sum())
-    won = choose({PROBE: probe_right, variant.name: variant.right}).kept == variant.name
-    what = (f"after block {variant.job.blocks} of {len(t.spec.blocks)}" if variant.name == EARLIER
-            else f"at {variant.job.upsample_to} px")
-    t.reporter.info(f"Probe on the features {what} (the data checks' pick; "
-                    f"C={variant.probe.c:g}; {variant.seconds:.1f} s): {correct} of {n} val "
-                    f"images right, against the probe's {t.record.probe.val_correct}" + (
-                        ", beyond noise." if won else ", within noise."))
+    n, correct = len(t.splits.val), int(fitted.right.sum())
+    won = choose({PROBE: probe_right, fitted.name: fitted.right}).kept == fitted.name
+    t.reporter.info(f"{fitted.summary} ({fitted.seconds:.1f} s): {correct} of {n} val images "
+                    f"right, against the probe's {t.record.probe.val_correct}"
+                    + (", beyond noise." if won else ", within noise."))
     if won:
-        save_best(t.run_dir, build_variant(variant), variant.name)
-    t.save(variant=VariantRecord(
-        name=variant.name, blocks=variant.job.blocks,
-        base_size=variant.job.upsample_to or variant.job.image_size, c=variant.probe.c,
-        val_correct=correct, won=won, seconds=round(variant.seconds, 3)))
+        fitted.save(t)
+    t.save(candidates=(*t.record.candidates, CandidateRecord(
+        name=fitted.name, kind=candidate.kind, summary=fitted.summary, val_correct=correct,
+        won=won, seconds=round(fitted.seconds, 3), details=fitted.details)))
 
 
 def _no_room(t: Training) -> bool:
@@ -493,7 +413,7 @@ def _train_and_keep(t: Training) -> FinetuneResult | None:
                            f"being saved; it was saved complete first.")
     return FinetuneResult(t.run_dir, t.splits.class_names, tuple(results), choice.kept,
                           tuple(t.history), scores, choice, calibration, test,
-                          early_candidates(t.record, won=False))
+                          fitted_before_the_stages(t.record.candidates, False))
 
 
 def _share_record(t: Training) -> None:
@@ -515,10 +435,9 @@ def _share_record(t: Training) -> None:
 
 def _candidate(t: Training, name: str) -> keras.Model:
     """The candidate model `name` (the probe or a stage's best): its weights restored into
-    the classifier; or the saved model of the probe variant, the combined or the
-    self-trained candidate, or of the probe for a head with a hidden layer the probe cannot
-    fill."""
-    if name in (COMBINED, SELF_TRAINED, *VARIANTS) or (name == PROBE and t.config.dense_units):
+    the classifier; or the saved model of a candidate fitted before the stages, or of the
+    probe for a head with a hidden layer the probe cannot fill."""
+    if t.record.candidate(name) is not None or (name == PROBE and t.config.dense_units):
         return load_keras_file(best_checkpoint(t.run_dir, name), "Start the run again with "
                                "--overwrite.")
     restore_best(t.model, t.run_dir, name)
@@ -533,7 +452,7 @@ def _choose_model(t: Training, results: list[StageResult]
     ds = build_dataset(val.sources, None, t.record.image_size, t.batch)
     probabilities = {name: predict_batches(_candidate(t, name), ds, len(val), t.batch,
                                            t.reporter, f"Scoring the '{name}' model on val")
-                     for name in (PROBE, *early_candidates(t.record, won=True),
+                     for name in (PROBE, *fitted_before_the_stages(t.record.candidates, True),
                                   *(r.name for r in results))}
     choice = choose({name: p.argmax(axis=1) == val.labels for name, p in probabilities.items()})
     if choice.comparisons:
@@ -596,7 +515,9 @@ def _novelty(t: Training, model: keras.Model, kept: str, val: np.ndarray
     val's, and writes RUN/novelty.npz. The probe's features are the cached frozen ones; any
     other model's come from one pass of it over train and val."""
     started = time.perf_counter()
-    if kept in (PROBE, SELF_TRAINED):  # the frozen base: its head reads the cached features
+    record = t.record.candidate(kept)
+    if kept == PROBE or (record is not None and row(record.kind).own_features):
+        # the frozen base: its head reads the cached features
         (x_train, _), (x_val, _) = t.frozen_features()
     else:
         both = with_features(model)

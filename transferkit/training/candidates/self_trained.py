@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from transferkit.novelty import fit_novelty
+from transferkit.training.candidates.protocol import Fitted
+from transferkit.training.loop import Training, save_probe_model
 from transferkit.training.probe import LinearProbe, fit_probe
 
 SELF_TRAINED = "self-trained"  # the candidate's name
@@ -63,3 +65,32 @@ def self_train(probe: LinearProbe, x_train: np.ndarray, y_train: np.ndarray,
     per_class = tuple(int(n) for n in np.bincount(answers[chosen], minlength=num_classes))
     return SelfTrained(probe, len(chosen), per_class, int((~usable).sum()),
                        time.perf_counter() - started)
+
+
+class SelfTrainedCandidate:
+    """The candidates table's row: fitted with --unlabeled. When it wins, a linear head
+    starts the stages from it (it is saved into the run's model)."""
+
+    kind = SELF_TRAINED
+    phase = "self-training on the unlabelled pool"
+    after_checks = False
+    own_features = True
+
+    def fit(self, t: Training, probe: LinearProbe) -> Fitted | None:
+        pool = t.pool
+        if pool is None:
+            return None
+        (x_train, y_train), (x_val, y_val) = t.frozen_features()
+        (x_pool,) = t.frozen_features_of([pool.images], "the unlabelled pool")
+        trained = self_train(probe, x_train, y_train, x_val, x_pool, len(t.splits.class_names),
+                             balanced=t.class_weights is not None, seed=t.config.data.seed)
+        right = trained.probe.probabilities(x_val).argmax(axis=1) == y_val
+        return Fitted(SELF_TRAINED, right,
+                      f"Self-trained probe, {trained.pseudo_labelled} of {len(pool.images)} "
+                      f"pool images pseudo-labelled and {trained.unlike} left out as unlike "
+                      f"every class, C={trained.probe.c:g}", trained.seconds,
+                      lambda run: save_probe_model(run, trained.probe, SELF_TRAINED),
+                      {"pool": str(t.config.unlabeled), "images": len(pool.images),
+                       "unreadable": len(pool.unreadable),
+                       "pseudo_labelled": trained.pseudo_labelled, "unlike": trained.unlike,
+                       "c": trained.probe.c})

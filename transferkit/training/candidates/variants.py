@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -32,7 +33,12 @@ from transferkit.data.folders import DataSplits
 from transferkit.features import FeatureExtractor, FeatureModel
 from transferkit.model import PREDICTIONS, build_classifier, build_head
 from transferkit.reporting import Reporter
+from transferkit.runs.checkpoints import save_best
+from transferkit.training.candidates.protocol import Fitted
 from transferkit.training.probe import LinearProbe, fit_probe
+
+if TYPE_CHECKING:
+    from transferkit.training.loop import Training
 
 EARLIER = "earlier-block"  # candidate names
 UPSAMPLED = "upsampled"
@@ -82,3 +88,34 @@ def build_variant(variant: VariantProbe) -> keras.Model:
     head = build_head(*variant.probe.kernel.shape)
     head.get_layer(PREDICTIONS).set_weights([variant.probe.kernel, variant.probe.bias])
     return build_classifier(variant.extractor.model, head)
+
+
+class VariantCandidate:
+    """The candidates table's row: the variant the data checks pick, fitted once they ran."""
+
+    kind = "variant"
+    phase = "the probe variant"
+    after_checks = True
+    own_features = False
+
+    def fit(self, t: Training, probe: LinearProbe) -> Fitted | None:
+        found = t.record.adaptation
+        picked = None if found is None else pick_variant(found.deep, t.spec,
+                                                         t.record.image_size)
+        if picked is None:
+            return None
+        config = t.config
+        job = FeatureModel(t.spec.name, config.weights, config.data.seed, t.record.image_size,
+                           t.record.compute.precision, len(t.spec.blocks),
+                           batch_size=config.data.batch_size)
+        variant = fit_variant(picked, job, t.splits, t.class_weights is not None, t.reporter,
+                              config.cache)
+        where = (f"after block {variant.job.blocks} of {len(t.spec.blocks)}"
+                 if variant.name == EARLIER else f"at {variant.job.upsample_to} px")
+        return Fitted(variant.name, variant.right,
+                      f"Probe on the features {where} (the data checks' pick), "
+                      f"C={variant.probe.c:g}", variant.seconds,
+                      lambda run: save_best(run.run_dir, build_variant(variant), variant.name),
+                      {"blocks": variant.job.blocks,
+                       "base_size": variant.job.upsample_to or variant.job.image_size,
+                       "c": variant.probe.c})

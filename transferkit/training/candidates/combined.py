@@ -26,10 +26,14 @@ from transferkit.devices import precision_policy
 from transferkit.features import base_features
 from transferkit.model import COMBINED_FEATURES, PREDICTIONS, build_feature_extractor, build_head
 from transferkit.reporting import Reporter
+from transferkit.runs.checkpoints import save_best
+from transferkit.training.candidates.protocol import Fitted
 from transferkit.training.probe import LinearProbe, fit_probe
 
 if TYPE_CHECKING:
     import keras
+
+    from transferkit.training.loop import Training
 
 COMBINED = "combined"  # the candidate's name, after the run's own probe
 COMBINABLE = tuple(LITE_VARIANTS)  # same input scaling; offline ImageNet weights
@@ -90,3 +94,29 @@ def build_combined(combined: CombinedProbe, image_size: int, precision: str) -> 
         head.get_layer(PREDICTIONS).set_weights([kernel, bias])
         return keras.Model(inputs, head(features), name="classifier")
 
+
+
+class CombinedCandidate:
+    """The candidates table's row: fitted when the run's base has offline siblings and
+    --combine is on."""
+
+    kind = COMBINED
+    phase = "the combined candidate"
+    after_checks = False
+    own_features = False
+
+    def fit(self, t: Training, probe: LinearProbe) -> Fitted | None:
+        bases = combinable(t.record.base, t.config.weights) if t.config.combine else ()
+        if not bases:
+            return None
+        (x_train, _), (x_val, _) = t.frozen_features()
+        combined = fit_combined(bases, t.config.data, t.record.image_size, t.splits,
+                                (x_train, x_val), t.class_weights is not None, t.reporter,
+                                t.config.cache)
+        size, precision = t.record.image_size, t.record.compute.precision
+        return Fitted(COMBINED, combined.right,
+                      f"Combined probe on {', '.join(bases)} side by side, "
+                      f"C={combined.probe.c:g}", combined.seconds,
+                      lambda run: save_best(run.run_dir, build_combined(combined, size,
+                                                                        precision), COMBINED),
+                      {"bases": list(combined.bases), "c": combined.probe.c})
