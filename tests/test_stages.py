@@ -86,7 +86,7 @@ def test_an_ema_stage_validates_and_keeps_the_averaged_weights():
 
     from transferkit.config import OptimizerConfig
     from transferkit.reporting import NullReporter
-    from transferkit.training.stages import StagePlan, run_stage
+    from transferkit.training.stages import StageInputs, StagePlan, run_stage
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 4)).astype("float32")
@@ -95,8 +95,9 @@ def test_an_ema_stage_validates_and_keeps_the_averaged_weights():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
     plan = StagePlan("head", "a head", 0, 3, 0.5, ScheduleConfig(name="constant"))
     history: list[dict] = []
-    run_stage(model, plan, (x, y), (x, y), NullReporter(), steps=4, history=history,
-              optimizer=OptimizerConfig(name="sgd", ema=0.9), batch_size=16)
+    run_stage(StageInputs(model, plan, (x, y), (x, y), steps=4, history=history,
+                          optimizer=OptimizerConfig(name="sgd", ema=0.9), batch_size=16),
+              NullReporter())
     averages = [v.numpy() for v in model.optimizer._model_variables_moving_average]
     for weight, average in zip(model.get_weights(), averages, strict=True):
         np.testing.assert_allclose(weight, average, rtol=1e-6)

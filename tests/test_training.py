@@ -217,7 +217,7 @@ def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
 
 
 def test_an_ignored_sigint_stays_ignored(image_folder, tmp_path):
-    from transferkit.callbacks import StopOnSignal
+    from transferkit.signals import StopOnSignal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a nohup'd job; the fixture restores
     with StopOnSignal(NullReporter()) as stop:
@@ -365,25 +365,23 @@ def test_stages_no_candidate_could_be_kept_by_are_skipped(image_folder, tmp_path
                for m in reporter.messages)
 
 
-def test_a_stage_not_on_course_to_be_kept_stops_once_judged(
-        tmp_path, monkeypatch: pytest.MonkeyPatch):
+def test_a_stage_not_on_course_to_be_kept_stops_once_judged():
     import keras
 
     import transferkit.callbacks as callbacks
 
-    monkeypatch.setattr(callbacks, "save_checkpoint", lambda *a: None)
-    monkeypatch.setattr(callbacks, "keep_last_as_best", lambda *a: None)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     history: list[dict] = []
-    monitor = callbacks.StageMonitor(tmp_path, "finetune", "val_accuracy", 5, model, history,
-                                     needed=8, val_images=10, last_epoch=10, judge_after=3)
-    monitor.set_model(model)
+    tracker = callbacks.EpochTracker("finetune", "val_accuracy", history)
+    monitor = callbacks.OffCourseStopping(tracker, 5, needed=8, val_images=10, last_epoch=10,
+                                          judge_after=3)
+    listed = keras.callbacks.CallbackList([tracker, monitor], model=model)
 
     def after(accuracies: tuple[float, ...]) -> bool:
         history[:] = [{"stage": "finetune", "epoch": e, "val_accuracy": a, "val_loss": 1 - a}
                       for e, a in enumerate(accuracies, start=1)]
         model.stop_training = False
-        monitor.on_epoch_end(len(accuracies) - 1)
+        listed.on_epoch_end(len(accuracies) - 1)
         return model.stop_training
 
     assert not after((0.5, 0.6))  # not yet judged: 3 epochs in

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.bases import get_base, resolve_image_size
-from transferkit.callbacks import raise_on_sigterm
 from transferkit.config import CVConfig, FinetuneConfig
 from transferkit.data.folders import DataSplits, ImageSet, load_splits, split_validation
 from transferkit.data.pipeline import build_dataset
@@ -62,6 +61,7 @@ from transferkit.runs.records import (
     Score,
     Stopped,
 )
+from transferkit.signals import raise_on_sigterm
 from transferkit.training.prepare import data_summary
 from transferkit.training.recipe import finetune, resume_finetune
 

@@ -36,7 +36,7 @@ from transferkit.runs.directory import (
 from transferkit.runs.records import Compute, RunRecord, Score
 from transferkit.training.plan import HEAD
 from transferkit.training.prepare import data_summary, report_data
-from transferkit.training.stages import StagePlan, run_stage, stage_result
+from transferkit.training.stages import StageInputs, StagePlan, run_stage, stage_result
 
 
 @dataclass(frozen=True)
@@ -65,12 +65,11 @@ def train_head(features: FeatureSet, extractor: keras.Model, config: HeadConfig,
     history: list[dict] = []
     plan = StagePlan(HEAD, "train a dense classifier on the extracted features", 0,
                      config.epochs, config.learning_rate, ScheduleConfig(name="constant"))
-    trainable = run_stage(head, plan, (x_train, y_train), (x_val, y_val), reporter,
-                          math.ceil(len(x_train) / batch_size), history,
-                          optimizer=OptimizerConfig(), batch_size=batch_size,
-                          callbacks=[keras.callbacks.EarlyStopping(
-                              "val_loss", patience=config.patience,
-                              restore_best_weights=True)])
+    trainable = run_stage(StageInputs(
+        head, plan, (x_train, y_train), (x_val, y_val), math.ceil(len(x_train) / batch_size),
+        history, optimizer=OptimizerConfig(), batch_size=batch_size,
+        callbacks=[keras.callbacks.EarlyStopping("val_loss", patience=config.patience,
+                                                 restore_best_weights=True)]), reporter)
     stage = stage_result(plan, history, "val_loss", trainable)
     scores = [Score.of("val", round(stage.metrics["val_accuracy"] * len(y_val)), len(y_val),
                        chose=True)]

@@ -58,3 +58,23 @@ def predict_batches(model: keras.Model, ds: tf.data.Dataset, count: int, batch_s
     arrays = [np.concatenate(row) if row else np.zeros((0, *shape[1:]), np.float32)
               for row, shape in zip(rows, shapes, strict=True)]
     return arrays if several else arrays[0]
+
+
+def val_scores(model: keras.Model, images: Any, labels: np.ndarray,
+               batch_size: int | None) -> tuple[float, float]:
+    """val_loss and val_accuracy from this process alone (`model` called batch by batch, no
+    collective: as the chief of a multi-worker run scores val too); `images` a dataset of
+    batches, or an array split into `batch_size` rows."""
+    import tensorflow as tf
+
+    if not isinstance(images, tf.data.Dataset):
+        images = tf.data.Dataset.from_tensor_slices(images).batch(batch_size or 32)
+    step = inference_step(model, images.element_spec)
+    probabilities = np.concatenate([np.asarray(step(x), np.float32) for x in images])
+    return _scores(probabilities, labels)
+
+
+def _scores(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    picked = probabilities[np.arange(len(labels)), labels]
+    return (float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0)))),
+            float(np.mean(probabilities.argmax(axis=1) == labels)))

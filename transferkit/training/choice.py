@@ -9,7 +9,8 @@ two more right with six disagreements does not, and the simpler model is kept.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,3 +76,22 @@ def why_kept(name: str) -> str:
     """What the kept candidate `name` is and why it was kept, in a line."""
     return _KEPT_BECAUSE.get(name, "it beat the candidates before it by more than noise on "
                                    "val")
+
+
+# The on-course rule (callbacks.OffCourseStopping): a stage's pace against what it needs
+def best_correct(rows: Sequence[dict[str, Any]], val_images: int) -> int:
+    """The most val images any of these epochs got right."""
+    return max((round(r["val_accuracy"] * val_images) for r in rows if "val_accuracy" in r),
+               default=0)
+
+
+def projected_correct(rows: Sequence[dict[str, Any]], val_images: int, last_epoch: int
+                      ) -> float:
+    """Where a stage's best would be by its last epoch at the pace it has gained so far
+    (its best over its first epoch's, per epoch since): a stage still climbing fast is on
+    course even below the bar; one that has flattened out below it is not."""
+    right = [round(r["val_accuracy"] * val_images) for r in rows if "val_accuracy" in r]
+    if len(right) < 2:
+        return float("inf")
+    pace = (max(right) - right[0]) / (len(right) - 1)
+    return max(right) + pace * max(last_epoch - rows[-1]["epoch"], 0)

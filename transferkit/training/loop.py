@@ -22,12 +22,7 @@ import numpy as np
 
 from transferkit.augment import build_augmentation, build_mixing
 from transferkit.bases import BaseSpec, get_base
-from transferkit.callbacks import (
-    StageMonitor,
-    StopOnSignal,
-    best_correct,
-    projected_correct,
-)
+from transferkit.callbacks import Checkpointer, EpochTracker, OffCourseStopping
 from transferkit.config import FinetuneConfig
 from transferkit.data.folders import DataSplits, ImageSet, Pool
 from transferkit.data.pipeline import build_dataset
@@ -61,11 +56,18 @@ from transferkit.runs.records import (
     StageResult,
     Stopped,
 )
-from transferkit.training.choice import LEAST_WIN
+from transferkit.signals import StopOnSignal
+from transferkit.training.choice import LEAST_WIN, best_correct, projected_correct
 from transferkit.training.plan import HEAD, PROBE, plan_stages
 from transferkit.training.prepare import data_summary, report_data
 from transferkit.training.probe import LinearProbe
-from transferkit.training.stages import StagePlan, compile_model, run_stage, stage_result
+from transferkit.training.stages import (
+    StageInputs,
+    StagePlan,
+    compile_model,
+    run_stage,
+    stage_result,
+)
 from transferkit.workers import Cluster, shard
 
 
@@ -292,28 +294,29 @@ def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal,
     fitted, train, val, batch_size = _stage_inputs(t, stage, resuming)
     # on course or not: judged after ON_COURSE_EPOCHS past the warm-up, at most --patience in
     judge_after = min(config.patience, stage.schedule.warmup_epochs + ON_COURSE_EPOCHS)
-    monitor = StageMonitor(t.run_dir, stage.name, config.monitor, config.patience, t.model,
-                           t.history, best=t.resumed_best if resuming else None,
-                           needed=needed, val_images=len(t.splits.val),
-                           last_epoch=stage.last_epoch, judge_after=judge_after)
+    tracker = EpochTracker(stage.name, config.monitor, t.history)
+    checkpointer = Checkpointer(tracker, t.run_dir, t.model,
+                                best=t.resumed_best if resuming else None)
+    stopping = OffCourseStopping(tracker, config.patience, needed, len(t.splits.val),
+                                 stage.last_epoch, judge_after)
     extra = [keras.callbacks.TensorBoard(log_dir=str(t.run_dir / TENSORBOARD_DIR))
              ] if config.tensorboard else []
     weights = None if plan.class_weights is None else {
         t.splits.class_names.index(c): w for c, w in plan.class_weights.items()}
     try:
-        trainable = run_stage(
-            fitted, stage, train, val, t.reporter, math.ceil(len(t.splits.train) / t.batch),
-            t.history, optimizer=None if resuming or fitted is not t.model else config.optimizer,
+        trainable = run_stage(StageInputs(
+            fitted, stage, train, val, math.ceil(len(t.splits.train) / t.batch), t.history,
+            optimizer=None if resuming or fitted is not t.model else config.optimizer,
             first_epoch=t.done if resuming else None, class_weight=weights,
             batch_size=batch_size, jit=config.compute.jit, val_labels=t.splits.val.labels,
             label_smoothing=t.smoothing, cluster=t.cluster,
-            callbacks=[monitor, stop.callback(), *extra])
+            callbacks=[tracker, checkpointer, stopping, stop.callback(), *extra]), t.reporter)
     except StopRequested as stopped:  # every completed epoch is checkpointed already
         raise interrupted(t, stopped.signum) from None
     except TrainingDiverged as diverged:
         t.save(status=FAILED, failure=str(diverged))
         raise
-    monitor.finish()
+    checkpointer.finish()
     return stage_result(stage, t.history, config.monitor, trainable)
 
 

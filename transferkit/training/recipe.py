@@ -32,7 +32,6 @@ from transferkit.calibration import (
     log_loss,
     scale,
 )
-from transferkit.callbacks import StopOnSignal, raise_on_sigterm
 from transferkit.config import AUTO_BASE, FinetuneConfig
 from transferkit.data.folders import DataSplits, read_pool
 from transferkit.data.pipeline import build_dataset
@@ -76,6 +75,7 @@ from transferkit.runs.records import (
     StageResult,
     Stopped,
 )
+from transferkit.signals import StopOnSignal, raise_on_sigterm
 from transferkit.training.adaptation import assess
 from transferkit.training.candidates import (
     CANDIDATES,

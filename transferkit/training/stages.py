@@ -11,15 +11,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.callbacks import (
-    EpochReporter,
-    StopOnNonFinite,
-    ValidateByPredicting,
-    best_row,
-    val_scores,
-)
+from transferkit.callbacks import EpochReporter, StopOnNonFinite, ValidateByPredicting, best_row
 from transferkit.config import OptimizerConfig, ScheduleConfig
 from transferkit.freezing import count_params
+from transferkit.inference import val_scores
 from transferkit.quiet import native_lines_filtered
 from transferkit.reporting import Reporter, StageInfo
 from transferkit.runs.records import StageResult
@@ -130,23 +125,49 @@ def stage_result(plan: StagePlan, history: Sequence[dict[str, Any]], monitor: st
                        stopped_early=len(rows) < plan.epochs)
 
 
-def run_stage(model: keras.Model, plan: StagePlan, train: Any, validation: Any,
-              reporter: Reporter, steps: int, history: list[dict[str, Any]],
-              optimizer: OptimizerConfig | None = None, first_epoch: int | None = None,
-              callbacks: Sequence[keras.callbacks.Callback] = (),
-              class_weight: dict[int, float] | None = None,
-              batch_size: int | None = None, jit: bool = False,
-              val_labels: np.ndarray | None = None,
-              label_smoothing: float | None = None, cluster: Cluster | None = None) -> int:
-    """Trains `model` through `plan`, appending one row per epoch to `history`.
+@dataclass(frozen=True)
+class StageInputs:
+    """What one stage trains, on what, and how.
 
     With `optimizer`, the model is compiled for its current `trainable` state first; without,
     it keeps the optimizer it has (a resumed stage, from `first_epoch`). `train` and
     `validation` are datasets (then `val_labels` are validation's labels), or (x, y) arrays
     with `batch_size`; `label_smoothing` as compile_model takes it. With a `cluster`, `train`
     is this worker's share, trained on across the workers (workers.fit_across_workers).
-    Returns the trainable parameter count.
     """
+
+    model: keras.Model
+    plan: StagePlan
+    train: Any
+    validation: Any
+    steps: int  # per epoch, for the progress bar
+    history: list[dict[str, Any]]  # appended to: one row per epoch
+    optimizer: OptimizerConfig | None = None
+    first_epoch: int | None = None
+    callbacks: Sequence[keras.callbacks.Callback] = ()
+    class_weight: dict[int, float] | None = None
+    batch_size: int | None = None
+    jit: bool = False
+    val_labels: np.ndarray | None = None
+    label_smoothing: float | None = None
+    cluster: Cluster | None = None
+
+
+def run_stage(inputs: StageInputs, reporter: Reporter) -> int:
+    """Trains the stage `inputs` describe, appending one row per epoch to its history.
+
+    Args:
+        inputs: the model, its plan, the data and how to fit them.
+        reporter: where progress goes.
+
+    Returns:
+        The trainable parameter count.
+    """
+    model, plan, train, validation = inputs.model, inputs.plan, inputs.train, inputs.validation
+    optimizer, first_epoch, batch_size = inputs.optimizer, inputs.first_epoch, inputs.batch_size
+    callbacks, class_weight, history = inputs.callbacks, inputs.class_weight, inputs.history
+    jit, label_smoothing, cluster = inputs.jit, inputs.label_smoothing, inputs.cluster
+    val_labels, steps = inputs.val_labels, inputs.steps
     if optimizer is not None:
         compile_model(model, optimizer, plan.learning_rate, jit, label_smoothing)
     counts = count_params(model)
