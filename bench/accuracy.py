@@ -43,8 +43,8 @@ def scored_split(data: Path) -> str:
 
 def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, Any]
                      ) -> dict[str, Any]:
+    from transferkit.commands.finetune import finetune
     from transferkit.config import DataConfig, FinetuneConfig, from_dict
-    from transferkit.training.recipe import finetune
 
     start = time.perf_counter()
     run_dir = workdir / f"tk-{data.name}-{seed}"
@@ -74,8 +74,8 @@ def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, An
 
 
 def probe_side(data: Path, seed: int, workdir: Path) -> dict[str, Any]:
+    from transferkit.commands.extract import extract
     from transferkit.config import DataConfig, ExtractConfig
-    from transferkit.extract import extract
     from transferkit.feature_files import load_features
     from transferkit.training.probe import fit_probe
 

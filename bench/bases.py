@@ -30,10 +30,10 @@ BASES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 def one_set(data: Path, seed: int) -> list[dict]:
+    from transferkit.commands.bases import rank_bases
     from transferkit.config import DataConfig
     from transferkit.data.folders import load_splits
     from transferkit.features import base_features
-    from transferkit.ranking import rank_bases
     from transferkit.reporting import NullReporter
     from transferkit.training.probe import fit_probe, probe_estimator, sklearn_fits
 

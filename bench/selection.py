@@ -28,11 +28,11 @@ BASE = "efficientnet_lite0"
 
 
 def simulate(data: Path, seeds: list[int], start: int, n: int, rounds: int) -> dict:
+    from transferkit.commands.select import choose
     from transferkit.config import DataConfig
     from transferkit.data.folders import load_splits
     from transferkit.features import base_features
     from transferkit.reporting import NullReporter
-    from transferkit.selection import choose
     from transferkit.training.probe import probe_estimator, sklearn_fits
 
     config = DataConfig(data_dir=data)

@@ -111,8 +111,8 @@ def load(port: int, clients: int, seconds: float, requests: list[tuple[bytes, st
 
 def predict_floor(run: Path, folder: Path) -> tuple[float, dict[str, str]]:
     """predict's images/s on the folder, after a warm-up, and its label for each file."""
+    from transferkit.commands.predict import predict
     from transferkit.config import PredictConfig
-    from transferkit.predict import predict
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
     predict(PredictConfig(run_dir=run, paths=tuple(files[:4])))  # load and trace

@@ -122,9 +122,9 @@ def extraction_times(data: Path, base: str, size: int, weights: str, work: Path,
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
     from transferkit.bases import build_base, get_base
+    from transferkit.commands.extract import extract
     from transferkit.data.folders import load_splits
     from transferkit.data.pipeline import build_dataset, load_image
-    from transferkit.extract import extract
     from transferkit.inference import inference_step
     from transferkit.model import build_feature_extractor
 
@@ -178,7 +178,7 @@ def extraction_times(data: Path, base: str, size: int, weights: str, work: Path,
 
 def cache_ratio(data: Path, work: Path) -> tuple[float, float]:
     from transferkit.cache import clear_cache
-    from transferkit.extract import extract
+    from transferkit.commands.extract import extract
 
     clear_cache()  # no features cached; the converted ImageNet weights stay, as for any user
 
@@ -193,8 +193,8 @@ def stage1_times(data: Path, work: Path, epochs: int, repeats: int) -> dict[str,
     """Whole `finetune --finetune-epochs 0` commands: stage 1 on cached features (--no-augment)
     and the same epochs through the base, taking turns, each starting with no features cached."""
     from transferkit.cache import clear_cache
+    from transferkit.commands.finetune import finetune
     from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
-    from transferkit.training.recipe import finetune
 
     def run(name: str, augment: AugmentConfig) -> Callable[[], float]:
         config = FinetuneConfig(data=DataConfig(data_dir=data), output=work / name, epochs=epochs,
@@ -235,9 +235,9 @@ def augmented_epochs(data: Path, work: Path, epochs: int = 4) -> tuple[float, fl
 
     from transferkit.augment import build_augmentation_layers
     from transferkit.bases import build_base, get_base
+    from transferkit.commands.finetune import finetune
     from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
     from transferkit.model import build_classifier, build_feature_extractor, build_head
-    from transferkit.training.recipe import finetune
 
     clock = EpochClock()
 
@@ -279,7 +279,7 @@ RSS_SCRIPT = """
 import resource, sys
 from pathlib import Path
 from transferkit.config import DataConfig, ExtractConfig
-from transferkit.extract import extract
+from transferkit.commands.extract import extract
 extract(ExtractConfig(data=DataConfig(data_dir=Path(sys.argv[1]), image_size=64),
                       output=Path(sys.argv[2]), cache=False, overwrite=True))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -100,8 +100,8 @@ def presplit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished two-stage finetune run (random weights, 32 px) for predict tests."""
+    from transferkit.commands.finetune import finetune
     from transferkit.config import DataConfig, FinetuneConfig
-    from transferkit.training.recipe import finetune
 
     run_dir = tmp_path_factory.mktemp("runs") / "run"
     # adapt=False here and wherever the data checks are not the subject: on random weights

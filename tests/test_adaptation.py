@@ -12,12 +12,12 @@ from conftest import Recorder
 from PIL import Image
 
 from transferkit.bases import get_base
+from transferkit.commands.finetune import finetune
 from transferkit.config import TOP_BLOCKS, AugmentConfig, DataConfig, FinetuneConfig
 from transferkit.runs.directory import read_record
 from transferkit.runs.records import Adaptation
 from transferkit.training.adaptation import MAX_IMAGES, _sample, assess
 from transferkit.training.plan import DEEP_LR_SCALE, DEEP_WARMUP_EPOCHS, build_plan
-from transferkit.training.recipe import finetune
 
 LITE0 = get_base("efficientnet_lite0")  # 8 blocks
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from transferkit.cli import app
+from transferkit.cli.app import app
 
 KINDS = ("discs", "squares", "rings")
 
@@ -127,7 +127,7 @@ def test_report_is_one_self_contained_page(audited):
 
 
 def test_a_name_with_markup_is_escaped(tmp_path):
-    from transferkit import report
+    from transferkit.reports import html as report
 
     cell = report.esc("<script>alert(1)</script>")
     assert "<script>" not in cell and "&lt;script&gt;" in cell

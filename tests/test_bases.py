@@ -12,8 +12,8 @@ import pytest
 from transferkit import bases
 from transferkit.bases import BASES, build_base, get_base, resolve_image_size
 from transferkit.errors import ConfigError, WeightsError
-from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.model import build_classifier, build_feature_extractor, build_head, cut_base
+from transferkit.training.freezing import count_params, freeze_base, unfreeze_top_blocks
 
 
 @pytest.fixture(scope="module", params=sorted(BASES))

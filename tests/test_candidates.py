@@ -11,7 +11,7 @@ import pytest
 from conftest import Recorder, write_class_folder
 from typer.testing import CliRunner
 
-from transferkit.cli import app
+from transferkit.cli.app import app
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.training import candidates
 from transferkit.training.candidates import Fitted
@@ -39,7 +39,7 @@ class AllRight:
 def test_a_new_candidate_is_one_class_and_one_row(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(candidates, "CANDIDATES", (*candidates.CANDIDATES, AllRight()))
-    from transferkit.training import recipe
+    from transferkit.commands import finetune as recipe
 
     monkeypatch.setattr(recipe, "CANDIDATES", candidates.CANDIDATES)
     probe = recipe._probe

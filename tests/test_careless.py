@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY_SETUP, Recorder
 from typer.testing import CliRunner
 
-from transferkit.cli import app
+from transferkit.cli.app import app
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ArtifactError, RunInterrupted
 from transferkit.files import check_new_output
@@ -111,7 +111,7 @@ def _signalled_in_the_probe(signum: int):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_before_the_epochs_leaves_a_truthful_record(image_folder: Path, tmp_path: Path,
                                                             signum: int):
-    from transferkit.training.recipe import finetune
+    from transferkit.commands.finetune import finetune
 
     run_dir = tmp_path / "run"
     config = FinetuneConfig(adapt=False, patience=0,
@@ -141,7 +141,7 @@ def test_a_sigterm_inside_a_keras_layer_call_is_recorded_not_a_traceback(
     run.json 'running'."""
     import keras
 
-    from transferkit.training import recipe
+    from transferkit.commands import finetune as recipe
 
     real = recipe.fit_probe
 
@@ -168,7 +168,7 @@ def test_an_error_mid_run_is_recorded_not_left_running(image_folder: Path, tmp_p
                                                        monkeypatch: pytest.MonkeyPatch):
     import errno
 
-    import transferkit.training.recipe as recipe
+    import transferkit.commands.finetune as recipe
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "curves.png")
@@ -299,7 +299,7 @@ def test_json_predictions_carry_names_that_are_not_utf8_losslessly(trained_run: 
 def test_a_resume_records_the_files_that_are_gone(image_folder: Path, tmp_path: Path):
     import shutil
 
-    from transferkit.training.recipe import finetune, resume_finetune
+    from transferkit.commands.finetune import finetune, resume_finetune
 
     class StopAfterFirstEpoch(Recorder):
         def epoch_ended(self, stage, epoch, epochs, metrics):
@@ -350,7 +350,7 @@ def test_finetune_help_shows_the_options_that_matter_and_help_all_the_rest():
 
 def test_calibration_that_val_cannot_inform_is_recorded_and_shown_as_skipped(
         image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import transferkit.training.recipe as recipe
+    import transferkit.commands.finetune as recipe
     from transferkit.runs.directory import read_record
 
     monkeypatch.setattr(recipe, "fit_temperature", lambda probabilities, labels: None)
@@ -369,7 +369,7 @@ def test_calibration_that_val_cannot_inform_is_recorded_and_shown_as_skipped(
 
 
 def test_a_temperature_that_would_worsen_calibration_on_val_is_not_applied():
-    from transferkit.training.recipe import _temperature
+    from transferkit.commands.finetune import _temperature
 
     probabilities = np.array([[0.32, 0.68], [0.34, 0.66], [0.95, 0.05], [0.69, 0.31]])
     reporter = Recorder()

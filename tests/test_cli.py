@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY_SETUP
 from typer.testing import CliRunner
 
-from transferkit.cli import app
+from transferkit.cli.app import app
 
 runner = CliRunner()
 LITE0 = ["--weights", "none", "--image-size", "32", "--batch-size", "8"]
@@ -210,8 +210,8 @@ def test_all_commands_survive_a_messy_folder(messy_folder: Path, tmp_path: Path)
 def test_interrupted_run_resumes_from_the_cli(image_folder: Path, tmp_path: Path):
     from test_training import SignalAt, _config
 
+    from transferkit.commands.finetune import finetune as run_finetune
     from transferkit.errors import RunInterrupted
-    from transferkit.training.recipe import finetune as run_finetune
 
     run_dir = tmp_path / "run"
     with pytest.raises(RunInterrupted):
@@ -406,7 +406,7 @@ def _entry_point() -> list[str]:
 
 def _entry_point_with_tiny() -> list[str]:
     """The command line in a new process that also knows the tests' tiny base."""
-    return [sys.executable, "-c", TINY_SETUP + "from transferkit.cli import main; main()"]
+    return [sys.executable, "-c", TINY_SETUP + "from transferkit.cli.app import main; main()"]
 
 
 def test_commands_that_load_tensorflow_start_quiet(trained_run: Path, image_folder: Path,
@@ -432,7 +432,7 @@ def test_commands_that_load_tensorflow_start_quiet(trained_run: Path, image_fold
 
 FAST_FAIL = """
 import sys
-from transferkit.cli import app
+from transferkit.cli.app import app
 try:
     app(sys.argv[1:], prog_name="transferkit")
     code = 0

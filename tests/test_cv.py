@@ -12,7 +12,7 @@ import pytest
 from conftest import CLASSES
 from typer.testing import CliRunner
 
-from transferkit.cli import app
+from transferkit.cli.app import app
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ConfigError
 
@@ -20,8 +20,8 @@ TINY = {"image_size": 32, "batch_size": 8}
 
 
 def test_a_probe_only_run_is_a_complete_calibrated_model(image_folder, tmp_path):
+    from transferkit.commands.finetune import finetune
     from transferkit.runs.directory import load_run, read_record
-    from transferkit.training.recipe import finetune
 
     result = finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, **TINY),
                                      output=tmp_path / "run", weights="none", base="tiny",
@@ -153,7 +153,7 @@ def test_too_many_folds_for_a_class_is_a_clear_error(image_folder, tmp_path):
 
 
 def test_gradcam_maps_each_image_for_its_class(trained_run, image_folder):
-    from transferkit.gradcam import gradcam, has_feature_map
+    from transferkit.reports.gradcam import gradcam, has_feature_map
     from transferkit.runs.directory import load_run
 
     run = load_run(trained_run)
@@ -165,7 +165,7 @@ def test_gradcam_maps_each_image_for_its_class(trained_run, image_folder):
 
 
 def test_an_ensemble_has_no_single_feature_map(cv_run):
-    from transferkit.gradcam import has_feature_map
+    from transferkit.reports.gradcam import has_feature_map
     from transferkit.runs.directory import load_run
 
     assert not has_feature_map(load_run(cv_run).model)
@@ -173,8 +173,8 @@ def test_an_ensemble_has_no_single_feature_map(cv_run):
 
 def test_a_kept_probe_is_refitted_on_train_and_val_and_val_is_then_not_held_out(
         image_folder, tmp_path):
+    from transferkit.commands.finetune import finetune
     from transferkit.runs.directory import load_run, read_record
-    from transferkit.training.recipe import finetune
 
     runs = {}
     for refit in (False, True):

@@ -53,7 +53,7 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 from pathlib import Path
 from transferkit.config import AugmentConfig, ComputeConfig, DataConfig, FinetuneConfig
-from transferkit.training.recipe import finetune
+from transferkit.commands.finetune import finetune
 for name, augment in (("run", True), ("features", False)):  # the head on images, on features
     finetune(FinetuneConfig(adapt=False, patience=0, augment=AugmentConfig(enabled=augment),
                             data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import write_class_folder
 
-from transferkit.doctor import diagnose, quarantine
+from transferkit.commands.doctor import diagnose, quarantine
 from transferkit.errors import ArtifactError, ConfigError, DataError
 
 
@@ -124,7 +124,7 @@ def test_quarantine_never_replaces_a_dangling_link(tmp_path: Path):
 def test_quarantine_under_a_file_is_refused_before_anything_happens(tmp_path: Path):
     from typer.testing import CliRunner
 
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     data = _one_bad_file(tmp_path / "data")
     (tmp_path / "afile").write_text("mine")

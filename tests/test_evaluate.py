@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from transferkit.cli import app
+from transferkit.cli.app import app
 from transferkit.metrics import classification_metrics
 
 
@@ -105,6 +105,8 @@ def test_evaluate_gives_intervals_and_says_which_split_chose(trained_run: Path,
 
 def test_finetune_and_extract_score_the_test_split_once_at_the_end(presplit_folder: Path,
                                                                     tmp_path: Path):
+    from transferkit.commands.extract import extract
+    from transferkit.commands.finetune import finetune
     from transferkit.config import (
         AugmentConfig,
         DataConfig,
@@ -112,9 +114,7 @@ def test_finetune_and_extract_score_the_test_split_once_at_the_end(presplit_fold
         FinetuneConfig,
         HeadConfig,
     )
-    from transferkit.extract import extract
     from transferkit.runs.directory import read_record
-    from transferkit.training.recipe import finetune
 
     data = DataConfig(data_dir=presplit_folder, image_size=32, batch_size=8)
     result = finetune(FinetuneConfig(adapt=False, patience=0,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from transferkit.commands.export import FORMATS, TOLERANCE, export
 from transferkit.config import (
     EXPORT_FORMATS,
     DataConfig,
@@ -17,14 +18,13 @@ from transferkit.config import (
     HeadConfig,
 )
 from transferkit.errors import ArtifactError, ConfigError, MissingPackageError
-from transferkit.export import FORMATS, TOLERANCE, export
 
 
 @pytest.fixture(scope="module")
 def head_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small run whose answers vary from image to image (a head trained on features of
     the first two VGG16 blocks), so that a broken export cannot hide behind flat outputs."""
-    from transferkit.extract import extract
+    from transferkit.commands.extract import extract
 
     work = tmp_path_factory.mktemp("export")
     extract(ExtractConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
@@ -62,7 +62,7 @@ def test_int8_tflite_takes_raw_pixels_and_round_trips(trained_run: Path, tmp_pat
     # Lite0's ReLU6 and batch norm quantize well; the VGG head above, with random weights and
     # 14 calibration images, does not, and export rightly refuses it.
     result = _export_and_compare(trained_run, tmp_path / "m.tflite", "tflite", "int8")
-    from transferkit.export import tflite_interpreter
+    from transferkit.commands.export import tflite_interpreter
 
     given = tflite_interpreter(result.path.read_bytes()).get_input_details()[0]
     assert given["dtype"] == np.uint8
@@ -90,7 +90,7 @@ def test_a_mismatch_is_an_error_and_writes_nothing(head_run: Path, tmp_path: Pat
                                                     monkeypatch: pytest.MonkeyPatch):
     import dataclasses
 
-    import transferkit.export as export_module
+    import transferkit.commands.export as export_module
 
     real = export_module.FORMATS["tflite"]
     broken = dataclasses.replace(real, run=lambda *args: real.run(*args)[:, ::-1])

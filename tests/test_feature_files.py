@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from test_cli import invoke
 
+from transferkit.commands.extract import extract
 from transferkit.config import DataConfig, ExtractConfig
 from transferkit.errors import ArtifactError
-from transferkit.extract import extract
 from transferkit.feature_files import iter_features, load_features
 from transferkit.features import FeatureExtractor
 

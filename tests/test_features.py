@@ -13,8 +13,8 @@ import pytest
 from conftest import make_image
 
 from transferkit.bases import get_base
+from transferkit.commands.extract import extract
 from transferkit.config import DataConfig, ExtractConfig
-from transferkit.extract import extract
 from transferkit.feature_files import load_features
 from transferkit.features import FeatureSpec, weights_fingerprint
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import Recorder, make_image
 from typer.testing import CliRunner
 
-from transferkit.cli import app
+from transferkit.cli.app import app
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ArtifactError
 from transferkit.files import check_new_output, json_text, restore_names
@@ -249,7 +249,7 @@ def test_a_disk_full_before_any_checkpoint_can_be_resumed_once_freed(
         image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import errno
 
-    import transferkit.training.recipe as recipe
+    import transferkit.commands.finetune as recipe
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "probe.keras")
@@ -280,7 +280,7 @@ def test_a_complete_run_whose_model_is_gone_is_not_called_unfinished(trained_run
 
 def test_a_signal_during_cv_leaves_a_record_and_cv_resume_finishes_it(
         image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import transferkit.cv as cv
+    import transferkit.commands.cv as cv
 
     real, calls = cv.finetune, []
 
@@ -305,7 +305,7 @@ def test_a_signal_during_cv_leaves_a_record_and_cv_resume_finishes_it(
     assert again.exit_code == 1 and f"cv --resume {run}" in said(again.stderr)
     monkeypatch.undo()
     reporter = Recorder()
-    monkeypatch.setattr("transferkit.console.RichReporter", lambda: reporter)
+    monkeypatch.setattr("transferkit.cli.console.RichReporter", lambda: reporter)
     resumed = runner.invoke(app, ["cv", "--resume", str(run)])
     assert resumed.exit_code == 0, resumed.output
     assert any("Fold 1 finished before" in m for m in reporter.messages)
@@ -376,7 +376,7 @@ def test_quarantine_moves_special_files_as_themselves(image_folder: Path, tmp_pa
     import errno
     import stat
 
-    from transferkit import doctor
+    from transferkit.commands import doctor
 
     real_rename = os.rename
 
@@ -510,7 +510,7 @@ def test_a_model_that_answers_one_class_for_all_of_val_is_named():
 
     import numpy as np
 
-    from transferkit.training.recipe import _warn_if_one_answer
+    from transferkit.commands.finetune import _warn_if_one_answer
 
     reporter = Recorder()
     t = SimpleNamespace(reporter=reporter, config=SimpleNamespace(weights="none"),
@@ -551,7 +551,7 @@ def test_tables_at_80_columns_wrap_instead_of_cutting(trained_run: Path, image_f
     assert "…" not in result.output and "1 circles" in result.output
     from rich.console import Console
 
-    from transferkit import console
+    from transferkit.cli import console
     from transferkit.runs.records import Choice
 
     wide = Console(width=60, record=True)
@@ -640,8 +640,8 @@ def test_native_log_lines_are_kept_off_the_console_and_ours_are_not():
 
 
 def test_serve_answers_names_that_are_not_utf8_as_valid_json(odd_run: Path):
+    from transferkit.commands.serve import _respond, describe, load_served
     from transferkit.runs.directory import read_record
-    from transferkit.serve import _respond, describe, load_served
 
     served = load_served(odd_run)
     answer = _respond(describe(served))  # GET /metadata; POST /predict renders the same way

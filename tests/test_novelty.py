@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from transferkit.commands.predict import UNKNOWN, predict, predictions_text
 from transferkit.config import PredictConfig
 from transferkit.errors import ArtifactError, ConfigError
 from transferkit.novelty import fit_novelty, load_novelty
-from transferkit.predict import UNKNOWN, predict, predictions_text
 from transferkit.runs.directory import NOVELTY_FILE
 
 

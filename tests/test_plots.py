@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from transferkit.plots import plot_augmentation, plot_curves
+from transferkit.reports.plots import plot_augmentation, plot_curves
 
 HISTORY = [
     {"stage": "head", "epoch": 1, "loss": 1.0, "accuracy": 0.5, "val_loss": 0.9,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from transferkit.commands.predict import UNKNOWN, predict
 from transferkit.config import PredictConfig
 from transferkit.errors import ConfigError, DataError
-from transferkit.predict import UNKNOWN, predict
 
 
 def _probabilities(report) -> dict[str, np.ndarray]:

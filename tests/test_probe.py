@@ -166,7 +166,7 @@ def _fake_features(wrong: dict[str, int]):
 def test_bases_rank_by_cross_validated_probe_accuracy(monkeypatch, image_folder):
     """A base whose features separate the classes and one of misleading signal: the first
     ranks first, each with its interval over every train and val image."""
-    from transferkit import ranking
+    from transferkit.commands import bases as ranking
     from transferkit.config import DataConfig
 
     monkeypatch.setattr(ranking, "available_bases",
@@ -183,7 +183,7 @@ def test_bases_rank_by_cross_validated_probe_accuracy(monkeypatch, image_folder)
 
 
 def test_a_costlier_base_within_noise_of_a_cheaper_one_is_not_chosen(monkeypatch, image_folder):
-    from transferkit import ranking
+    from transferkit.commands import bases as ranking
     from transferkit.config import DataConfig
 
     monkeypatch.setattr(ranking, "available_bases",
@@ -199,10 +199,10 @@ def test_a_costlier_base_within_noise_of_a_cheaper_one_is_not_chosen(monkeypatch
 def test_finetune_auto_trains_the_chosen_base(monkeypatch, image_folder, tmp_path):
     import tinybase
 
-    from transferkit import ranking
+    from transferkit.commands import bases as ranking
+    from transferkit.commands.finetune import finetune
     from transferkit.config import DataConfig, FinetuneConfig
     from transferkit.runs.directory import read_record
-    from transferkit.training.recipe import finetune
 
     weights = tmp_path / "tiny.weights.h5"
     tinybase.SPEC.build((32, 32, 3)).save_weights(weights)
@@ -229,12 +229,12 @@ def test_the_combined_candidate_is_one_plain_model_of_the_bases_side_by_side(
     from conftest import write_class_folder
 
     from transferkit.bases import BASES
+    from transferkit.commands.finetune import finetune
     from transferkit.config import DataConfig, FinetuneConfig
     from transferkit.data.pipeline import build_dataset
     from transferkit.runs.checkpoints import best_checkpoint
     from transferkit.runs.directory import load_keras_file, read_record
     from transferkit.training.candidates import combined
-    from transferkit.training.recipe import finetune
 
     class Weights:
         def __init__(self, path):
@@ -292,8 +292,8 @@ def test_bases_rank_shows_every_base_by_its_whole_name_and_the_chosen_one(monkey
                                                                          image_folder):
     from typer.testing import CliRunner
 
-    from transferkit import ranking
-    from transferkit.cli import app
+    from transferkit.cli.app import app
+    from transferkit.commands import bases as ranking
 
     monkeypatch.setattr(ranking, "available_bases", lambda: list(combined_names()))
     monkeypatch.setattr(ranking, "base_features", _fake_features(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from transferkit.cli import app
+from transferkit.cli.app import app
 from transferkit.errors import ClusterError
 from transferkit.feature_files import load_features
 from transferkit.raybatch import _in_order
@@ -77,7 +77,7 @@ def test_predict_on_ray_equals_the_local_run(cluster, trained_run, image_folder,
 def test_base_features_on_ray_equal_the_local_ones_and_bases_rank_sends_them(
         cluster, image_folder, tmp_path, monkeypatch):
     """What audit, select and `bases --rank` compare images by, computed on Ray."""
-    from transferkit import ranking
+    from transferkit.commands import bases as ranking
     from transferkit.config import DataConfig, EngineConfig
     from transferkit.data.folders import load_splits
     from transferkit.features import base_features

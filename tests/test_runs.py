@@ -113,8 +113,8 @@ assert not any(name.split(".")[0] == "transferkit" for name in sys.modules), "im
 @pytest.fixture(scope="module")
 def vgg16_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Caffe-style (BGR, mean-centred) base: its channel flip must be plain Keras too."""
+    from transferkit.commands.extract import extract
     from transferkit.config import DataConfig, ExtractConfig, HeadConfig
-    from transferkit.extract import extract
 
     work = tmp_path_factory.mktemp("vgg16")
     extract(ExtractConfig(data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8),
@@ -126,8 +126,8 @@ def vgg16_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.mark.parametrize("which", ["lite0", "vgg16"])
 def test_models_load_in_plain_keras_and_agree_with_predict(
         which: str, trained_run: Path, vgg16_run: Path, tmp_path: Path):
+    from transferkit.commands.predict import predict
     from transferkit.config import PredictConfig
-    from transferkit.predict import predict
 
     run_dir = trained_run if which == "lite0" else vgg16_run
     rng = np.random.default_rng(7)
@@ -194,7 +194,7 @@ def test_two_finetune_runs_into_one_folder_one_is_refused(image_folder: Path, tm
     script = TINY_SETUP + (
         "from pathlib import Path; "
         "from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig; "
-        "from transferkit.training.recipe import finetune; "
+        "from transferkit.commands.finetune import finetune; "
         "finetune(FinetuneConfig(adapt=False, patience=0, "
         "data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=8), "
         "output=Path(sys.argv[2]), weights='none', base='tiny', epochs=2, finetune_epochs=0, "
@@ -221,8 +221,8 @@ def test_two_finetune_runs_into_one_folder_one_is_refused(image_folder: Path, tm
 ])
 def test_damaged_splits_are_reported_not_tracebacks(trained_run: Path, tmp_path: Path,
                                                      damage, message):
+    from transferkit.commands.evaluate import evaluate
     from transferkit.config import EvaluateConfig
-    from transferkit.evaluate import evaluate
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
@@ -273,9 +273,9 @@ def test_a_signal_during_the_final_save_waits_for_it(image_folder: Path, tmp_pat
     import signal
 
     import transferkit.runs.directory as runs
+    from transferkit.commands.finetune import finetune
     from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
     from transferkit.reporting import NullReporter
-    from transferkit.training.recipe import finetune
 
     class Warnings(NullReporter):
         said: list[str] = []
@@ -307,7 +307,7 @@ def _as_transferkit_0_1_run(trained_run: Path, run_dir: Path) -> None:
     run.json of format 1 (image size at the top, config's left null, `class_weight`)."""
     import keras
 
-    from transferkit.legacy import LegacyImagePreprocessing
+    from transferkit.commands.upgrade import LegacyImagePreprocessing
 
     shutil.copytree(trained_run, run_dir)
     new = load_run(run_dir)
@@ -334,7 +334,7 @@ def test_upgrade_re_saves_a_transferkit_0_1_run_as_plain_keras(trained_run: Path
                                                                tmp_path: Path):
     from typer.testing import CliRunner
 
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     run_dir = tmp_path / "old"
     _as_transferkit_0_1_run(trained_run, run_dir)
@@ -361,7 +361,7 @@ def test_upgrade_brings_a_format_2_run_up_to_date(trained_run: Path, tmp_path: P
 
     from typer.testing import CliRunner
 
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     run_dir = tmp_path / "v2"
     shutil.copytree(trained_run, run_dir)

@@ -11,10 +11,10 @@ from conftest import Recorder, write_class_folder
 from PIL import Image
 from typer.testing import CliRunner
 
-from transferkit.cli import app
+from transferkit.cli.app import app
+from transferkit.commands.select import choose, select
 from transferkit.config import DataConfig, SelectConfig
 from transferkit.errors import ArtifactError, ConfigError, DataError
-from transferkit.selection import choose, select
 
 
 def _tree(root: Path) -> list[tuple[Path, int, int]]:

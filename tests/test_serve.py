@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from transferkit.commands.predict import predict
 from transferkit.config import PredictConfig
-from transferkit.predict import predict
 
 TESTS = Path(__file__).parent
 KEY = "s3cret"
@@ -33,7 +33,7 @@ class Server:
 
     def __init__(self, run: Path, *options: str, env: dict | None = None) -> None:
         self.port = _free_port()
-        code = "import tinybase; tinybase.register(); from transferkit.cli import main; main()"
+        code = "import tinybase; tinybase.register(); from transferkit.cli.app import main; main()"
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, "serve", str(run), "--port", str(self.port), *options],
             env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
@@ -150,7 +150,7 @@ def test_images_beyond_a_full_queue_are_refused_for_now():
 
     import numpy as np
 
-    from transferkit.serve import Batcher
+    from transferkit.commands.serve import Batcher
 
     async def fill() -> None:
         batcher = Batcher(lambda: None, max_batch=2, max_wait_s=0, max_queue=2)  # no worker
@@ -196,7 +196,7 @@ def test_a_full_queue_answers_503_and_sigterm_drains_the_requests_in_flight(
 def test_an_unfinished_run_is_refused_before_serving(tmp_path):
     from typer.testing import CliRunner
 
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     (tmp_path / "run").mkdir()
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "run"), "--port",

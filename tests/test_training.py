@@ -13,12 +13,12 @@ import pytest
 from conftest import TINY_SETUP, Recorder
 
 from transferkit.bases import get_base
+from transferkit.commands.finetune import finetune, resume_finetune
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ArtifactError, RunInterrupted
 from transferkit.reporting import NullReporter
 from transferkit.runs.directory import load_run
 from transferkit.training.prepare import prepare
-from transferkit.training.recipe import finetune, resume_finetune
 
 
 class SignalAt(NullReporter):
@@ -217,7 +217,7 @@ def test_no_augment_trains_stage_1_on_cached_features(image_folder, tmp_path):
 
 
 def test_an_ignored_sigint_stays_ignored(image_folder, tmp_path):
-    from transferkit.signals import StopOnSignal
+    from transferkit.training.signals import StopOnSignal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a nohup'd job; the fixture restores
     with StopOnSignal(NullReporter()) as stop:
@@ -231,7 +231,7 @@ def test_a_loss_that_turns_nan_stops_the_run_and_saves_no_model(image_folder, tm
     with exit 1, says which epoch and what to do, and leaves no model."""
     from typer.testing import CliRunner
 
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, ["finetune", str(image_folder), "-o", str(run_dir),
@@ -257,7 +257,7 @@ def test_damaged_base_weights_stop_the_run_before_training(image_folder, tmp_pat
     from typer.testing import CliRunner
 
     from transferkit.bases import get_base
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     base = get_base("efficientnet_lite0").build((32, 32, 3))
     base.set_weights([np.full(w.shape, np.nan, w.dtype) for w in base.get_weights()])
@@ -280,7 +280,7 @@ def test_damaged_base_weights_stop_the_run_before_training(image_folder, tmp_pat
 def test_non_finite_options_are_usage_errors(image_folder, tmp_path, option, value):
     from typer.testing import CliRunner
 
-    from transferkit.cli import app
+    from transferkit.cli.app import app
 
     result = CliRunner().invoke(app, ["finetune", str(image_folder), "-o",
                                       str(tmp_path / "run"), option, value])
@@ -292,7 +292,7 @@ KILLABLE = TINY_SETUP + """
 import sys
 from pathlib import Path
 from transferkit.config import AugmentConfig, DataConfig, FinetuneConfig
-from transferkit.training.recipe import finetune
+from transferkit.commands.finetune import finetune
 finetune(FinetuneConfig(adapt=False, patience=0,
                         data=DataConfig(data_dir=Path(sys.argv[1]), image_size=32, batch_size=4),
                         output=Path(sys.argv[2]), weights="none", base="tiny", epochs=400,
@@ -368,7 +368,7 @@ def test_stages_no_candidate_could_be_kept_by_are_skipped(image_folder, tmp_path
 def test_a_stage_not_on_course_to_be_kept_stops_once_judged():
     import keras
 
-    import transferkit.callbacks as callbacks
+    import transferkit.training.callbacks as callbacks
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     history: list[dict] = []

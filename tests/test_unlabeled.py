@@ -43,8 +43,8 @@ def _config(image_folder: Path, out: Path, pool: Path) -> FinetuneConfig:
 
 def test_a_self_trained_probe_that_wins_is_a_candidate_the_run_can_keep(
         image_folder, tmp_path, monkeypatch):
+    from transferkit.commands import finetune as recipe
     from transferkit.runs.directory import load_run, read_record
-    from transferkit.training import recipe
     from transferkit.training.choice import choose
 
     pool = tmp_path / "pool"
@@ -66,7 +66,7 @@ def test_a_self_trained_probe_that_wins_is_a_candidate_the_run_can_keep(
 
 
 def test_a_pool_that_overlaps_the_data_is_refused(image_folder, tmp_path):
-    from transferkit.training.recipe import finetune
+    from transferkit.commands.finetune import finetune
 
     with pytest.raises(ConfigError, match="overlap"):
         finetune(_config(image_folder, tmp_path / "run", image_folder / "circles"))

@@ -11,13 +11,13 @@ import pytest
 from conftest import Recorder, write_class_folder
 
 from transferkit.bases import get_base
+from transferkit.commands import finetune as recipe
 from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.data.folders import load_splits
 from transferkit.data.pipeline import build_dataset
 from transferkit.features import FeatureModel, FeatureSpec
 from transferkit.reporting import NullReporter
 from transferkit.runs.records import Adaptation
-from transferkit.training import recipe
 from transferkit.training.candidates.variants import (
     EARLIER,
     UPSAMPLED,

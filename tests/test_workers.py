@@ -30,7 +30,7 @@ from transferkit.config import (
 from transferkit.errors import ConfigError
 from transferkit.workers import Cluster, read_cluster, shard
 
-CLI = TINY_SETUP + "from transferkit.cli import app; app()"
+CLI = TINY_SETUP + "from transferkit.cli.app import app; app()"
 TRAIN = ["--base", "tiny", "--weights", "none", "--strategy", "multiworker", "--patience", "0"]
 
 

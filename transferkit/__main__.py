@@ -1,5 +1,5 @@
 """Allows `python -m transferkit`."""
 
-from transferkit.cli import main
+from transferkit.cli.app import main
 
 main()

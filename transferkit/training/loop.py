@@ -22,14 +22,12 @@ import numpy as np
 
 from transferkit.augment import build_augmentation, build_mixing
 from transferkit.bases import BaseSpec, get_base
-from transferkit.callbacks import Checkpointer, EpochTracker, OffCourseStopping
 from transferkit.config import FinetuneConfig
 from transferkit.data.folders import DataSplits, ImageSet, Pool
 from transferkit.data.pipeline import build_dataset
 from transferkit.devices import build_strategy
 from transferkit.errors import ArtifactError, RunInterrupted, StopRequested, TrainingDiverged
 from transferkit.features import FeatureExtractor
-from transferkit.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.model import PREDICTIONS, build_classifier, build_head
 from transferkit.reporting import Reporter
 from transferkit.runs.checkpoints import (
@@ -56,11 +54,13 @@ from transferkit.runs.records import (
     StageResult,
     Stopped,
 )
-from transferkit.signals import StopOnSignal
+from transferkit.training.callbacks import Checkpointer, EpochTracker, OffCourseStopping
 from transferkit.training.choice import LEAST_WIN, best_correct, projected_correct
+from transferkit.training.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.training.plan import HEAD, PROBE, plan_stages
 from transferkit.training.prepare import data_summary, report_data
 from transferkit.training.probe import LinearProbe
+from transferkit.training.signals import StopOnSignal
 from transferkit.training.stages import (
     StageInputs,
     StagePlan,

@@ -11,13 +11,18 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferkit.callbacks import EpochReporter, StopOnNonFinite, ValidateByPredicting, best_row
 from transferkit.config import OptimizerConfig, ScheduleConfig
-from transferkit.freezing import count_params
 from transferkit.inference import val_scores
 from transferkit.quiet import native_lines_filtered
 from transferkit.reporting import Reporter, StageInfo
 from transferkit.runs.records import StageResult
+from transferkit.training.callbacks import (
+    EpochReporter,
+    StopOnNonFinite,
+    ValidateByPredicting,
+    best_row,
+)
+from transferkit.training.freezing import count_params
 from transferkit.workers import Cluster, fit_across_workers
 
 

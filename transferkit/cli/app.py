@@ -16,6 +16,8 @@ from typing import Annotated
 import typer
 
 from transferkit import __version__
+from transferkit.cli.options import Group, Settings, configured, polish_help
+from transferkit.cli.prechecks import check_data, check_recipe, check_resume, with_stdin
 from transferkit.config import (
     SAVEDMODEL_FILES,
     STDOUT,
@@ -34,8 +36,6 @@ from transferkit.config import (
     ServeConfig,
 )
 from transferkit.errors import ConfigError, StopRequested, TransferkitError
-from transferkit.options import Group, Settings, configured, polish_help
-from transferkit.prechecks import check_data, check_recipe, check_resume, with_stdin
 from transferkit.quiet import load_tensorflow, set_verbose
 
 app = typer.Typer(
@@ -73,7 +73,7 @@ def _main(version: Annotated[bool, typer.Option(
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Renders transferkit's errors once, without a traceback, and sets the exit code."""
-    from transferkit.console import print_error
+    from transferkit.cli.console import print_error
 
     try:
         yield
@@ -102,7 +102,7 @@ def _load() -> None:
 
     note = share_cache()
     if note is not None:
-        from transferkit.console import RichReporter
+        from transferkit.cli.console import RichReporter
 
         RichReporter().warning(note)
     load_tensorflow()
@@ -135,10 +135,10 @@ def finetune(
             raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
         check_recipe(config)
         _load()
-        from transferkit.console import RichReporter, render_finetune, render_overfit
+        from transferkit.cli.console import RichReporter, render_finetune, render_overfit
 
         if not overfit_check:
-            from transferkit.training.recipe import finetune as run_finetune
+            from transferkit.commands.finetune import finetune as run_finetune
 
             return render_finetune(run_finetune(config, RichReporter()))
         from transferkit.training.checks import overfit_check as run_overfit_check
@@ -153,8 +153,8 @@ def _resume(run_dir: Path, settings: Settings) -> None:
     """finetune --resume RUN."""
     check_resume(run_dir, settings, "finetune")
     _load()
-    from transferkit.console import RichReporter, render_finetune
-    from transferkit.training.recipe import resume_finetune
+    from transferkit.cli.console import RichReporter, render_finetune
+    from transferkit.commands.finetune import resume_finetune
 
     render_finetune(resume_finetune(run_dir, RichReporter()))
 
@@ -176,12 +176,12 @@ def cv(
     finetune setting applies to each fold's run.
     """
     with _user_errors():
-        from transferkit.console import RichReporter, render_cv
+        from transferkit.cli.console import RichReporter, render_cv
 
         if resume is not None:
             check_resume(resume, settings, "cv")
             _load()
-            from transferkit.cv import resume_cv
+            from transferkit.commands.cv import resume_cv
 
             return render_cv(resume_cv(resume, RichReporter()))
         config = settings.build()
@@ -189,7 +189,7 @@ def cv(
             raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
         check_recipe(config.recipe, "cv")
         _load()
-        from transferkit.cv import cross_validate
+        from transferkit.commands.cv import cross_validate
 
         render_cv(cross_validate(config, RichReporter()))
 
@@ -210,8 +210,8 @@ def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
         check_output(config.output, config.overwrite, "audit folder",
                          data=config.data.data_dir, writes=AUDIT_FILES)
         _load()
-        from transferkit.audit import audit as run_audit
-        from transferkit.console import RichReporter, render_audit
+        from transferkit.cli.console import RichReporter, render_audit
+        from transferkit.commands.audit import audit as run_audit
 
         render_audit(run_audit(config, RichReporter()))
 
@@ -224,8 +224,8 @@ def select(settings: Settings = None) -> None:  # type: ignore[assignment]
         config = settings.build()
         check_data(config.data, config.base)
         _load()
-        from transferkit.console import RichReporter, render_selection
-        from transferkit.selection import select as run_select
+        from transferkit.cli.console import RichReporter, render_selection
+        from transferkit.commands.select import select as run_select
 
         render_selection(run_select(config, RichReporter()))
 
@@ -238,8 +238,8 @@ def serve(settings: Settings = None) -> None:  # type: ignore[assignment]
     with _user_errors():
         config = settings.build()
         _load()
-        from transferkit.console import RichReporter
-        from transferkit.serve import serve as run_serve
+        from transferkit.cli.console import RichReporter
+        from transferkit.commands.serve import serve as run_serve
 
         run_serve(config, RichReporter())
 
@@ -263,8 +263,8 @@ def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
             check_run_output(config.head.output, config.overwrite, config.data.data_dir,
                              "extract")
         _load()
-        from transferkit.console import RichReporter, render_extract
-        from transferkit.extract import extract as run_extract
+        from transferkit.cli.console import RichReporter, render_extract
+        from transferkit.commands.extract import extract as run_extract
 
         render_extract(run_extract(config, RichReporter()))
 
@@ -281,14 +281,14 @@ def predict(settings: Settings = None) -> None:  # type: ignore[assignment]
         if config.output not in (None, STDOUT):
             check_output(config.output, config.overwrite)
         _load()
-        from transferkit.console import (
+        from transferkit.cli.console import (
             RichReporter,
             render_prediction_summary,
             render_predictions,
             stdout,
         )
-        from transferkit.predict import predict as run_predict
-        from transferkit.predict import write_predictions
+        from transferkit.commands.predict import predict as run_predict
+        from transferkit.commands.predict import write_predictions
 
         report = run_predict(config, RichReporter())
         shown = config.output_format(terminal=stdout.is_terminal)
@@ -320,8 +320,8 @@ def evaluate(settings: Settings = None) -> None:  # type: ignore[assignment]
             check_output(config.output, config.overwrite, "evaluation folder",
                              config.data_dir, writes=EVALUATION_FILES)
         _load()
-        from transferkit.console import RichReporter, render_evaluation
-        from transferkit.evaluate import evaluate as run_evaluate
+        from transferkit.cli.console import RichReporter, render_evaluation
+        from transferkit.commands.evaluate import evaluate as run_evaluate
 
         render_evaluation(run_evaluate(config, RichReporter()))
 
@@ -337,8 +337,8 @@ def augment_preview(settings: Settings = None) -> None:  # type: ignore[assignme
         check_data(config.data, config.base)
         check_output(config.output, config.overwrite, data=config.data.data_dir)
         _load()
-        from transferkit.console import RichReporter, stderr
-        from transferkit.training.checks import preview_augmentation
+        from transferkit.cli.console import RichReporter, stderr
+        from transferkit.commands.augment_preview import preview_augmentation
 
         rows = preview_augmentation(config, RichReporter())
         stderr.print(f"Wrote {rows} image(s), each as the original and {config.variants} "
@@ -356,8 +356,8 @@ def doctor(settings: Settings = None) -> None:  # type: ignore[assignment]
     with _user_errors():
         config = settings.build()
         from transferkit.bases import get_base
-        from transferkit.console import RichReporter, render_doctor, render_quarantine
-        from transferkit.doctor import check_quarantine, diagnose, quarantine
+        from transferkit.cli.console import RichReporter, render_doctor, render_quarantine
+        from transferkit.commands.doctor import check_quarantine, diagnose, quarantine
         from transferkit.files import write_json
         from transferkit.runs.directory import check_output
 
@@ -389,8 +389,8 @@ def export(settings: Settings = None) -> None:  # type: ignore[assignment]
                          writes=SAVEDMODEL_FILES)
         read_record(config.run_dir)
         _load()
-        from transferkit.console import RichReporter, render_export
-        from transferkit.export import export as run_export
+        from transferkit.cli.console import RichReporter, render_export
+        from transferkit.commands.export import export as run_export
 
         render_export(run_export(config, RichReporter()))
 
@@ -410,8 +410,8 @@ def upgrade(
         check_writable(run, fix=f"upgrade rewrites the run in place: copy it to a folder you "
                                 f"can write (cp -r {run} COPY) and upgrade the copy.")
         _load()
-        from transferkit.console import render_upgrade
-        from transferkit.legacy import upgrade_run
+        from transferkit.cli.console import render_upgrade
+        from transferkit.commands.upgrade import upgrade_run
 
         render_upgrade(run, upgrade_run(run))
 
@@ -421,7 +421,7 @@ def upgrade(
 def bases_command(settings: Settings = None) -> None:  # type: ignore[assignment]
     """List the pretrained bases: size, blocks, input scaling, offline ImageNet weights."""
     from transferkit.bases import BASES, get_base
-    from transferkit.console import render_base, render_bases
+    from transferkit.cli.console import render_base, render_bases
 
     with _user_errors():
         config = settings.build()
@@ -433,8 +433,8 @@ def bases_command(settings: Settings = None) -> None:  # type: ignore[assignment
 
         check_data_folder(data.data_dir)
         _load()
-        from transferkit.console import RichReporter, render_ranks
-        from transferkit.ranking import rank_bases
+        from transferkit.cli.console import RichReporter, render_ranks
+        from transferkit.commands.bases import rank_bases
 
         render_ranks(rank_bases(data, RichReporter(), engine=config.engine))
 
@@ -451,7 +451,7 @@ def cache_command(
     """Show what transferkit caches (features, converted images, weights), or clear it."""
     with _user_errors():
         from transferkit.cache import cache_dir, cache_usage, clear_cache
-        from transferkit.console import render_cache
+        from transferkit.cli.console import render_cache
 
         if clear:
             clear_cache(weights=weights)

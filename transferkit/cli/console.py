@@ -19,19 +19,19 @@ from transferkit.reporting import StageInfo
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from transferkit.audit import AuditResult
     from transferkit.bases import BaseSpec
-    from transferkit.cv import CVResult
-    from transferkit.doctor import DoctorReport
-    from transferkit.evaluate import EvaluationResult
-    from transferkit.export import ExportResult
-    from transferkit.extract import ExtractResult
-    from transferkit.predict import PredictionReport
-    from transferkit.ranking import Ranking
+    from transferkit.commands.audit import AuditResult
+    from transferkit.commands.bases import Ranking
+    from transferkit.commands.cv import CVResult
+    from transferkit.commands.doctor import DoctorReport
+    from transferkit.commands.evaluate import EvaluationResult
+    from transferkit.commands.export import ExportResult
+    from transferkit.commands.extract import ExtractResult
+    from transferkit.commands.finetune import FinetuneResult
+    from transferkit.commands.predict import PredictionReport
+    from transferkit.commands.select import Selection
     from transferkit.runs.records import Choice, Score, StageResult
-    from transferkit.selection import Selection
     from transferkit.training.checks import OverfitResult
-    from transferkit.training.recipe import FinetuneResult
 
 stdout = Console()
 stderr = Console(stderr=True, soft_wrap=True)  # a path in a message never breaks
@@ -366,7 +366,7 @@ def render_prediction_summary(report: PredictionReport) -> None:
 
 def render_doctor(report: DoctorReport) -> None:
     """Per-class counts and colour modes, then every finding; a verdict on stderr."""
-    from transferkit.doctor import KINDS
+    from transferkit.commands.doctor import KINDS
 
     imbalance = report.imbalance()
     table = Table(title=f"Data: {escape(str(report.root))}", box=box.SIMPLE_HEAD,

@@ -41,9 +41,9 @@ from transferkit.inference import predict_batches
 from transferkit.metrics import classification_metrics
 from transferkit.model import PREDICTIONS, with_features
 from transferkit.novelty import fit_novelty
-from transferkit.plots import plot_curves, plot_lr_find
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.run_report import Evaluated, write_run_report
+from transferkit.reports.plots import plot_curves, plot_lr_find
+from transferkit.reports.run import Evaluated, write_run_report
 from transferkit.runs.checkpoints import best_checkpoint, checkpointed, restore_best
 from transferkit.runs.directory import (
     CURVES_FILE,
@@ -75,7 +75,6 @@ from transferkit.runs.records import (
     StageResult,
     Stopped,
 )
-from transferkit.signals import StopOnSignal, raise_on_sigterm
 from transferkit.training.adaptation import assess
 from transferkit.training.candidates import (
     CANDIDATES,
@@ -97,6 +96,7 @@ from transferkit.training.loop import (
 from transferkit.training.plan import PROBE, build_plan
 from transferkit.training.prepare import data_summary, prepare
 from transferkit.training.probe import LinearProbe, fit_probe
+from transferkit.training.signals import StopOnSignal, raise_on_sigterm
 from transferkit.training.stages import class_weights
 from transferkit.workers import (
     JOIN_LIMIT_S,
@@ -229,7 +229,7 @@ def _start(config: FinetuneConfig, run_dir: Path, reporter: Reporter,
     started = time.perf_counter()
     base = config.base
     if base == AUTO_BASE:
-        from transferkit.ranking import rank_bases
+        from transferkit.commands.bases import rank_bases
 
         ranking = rank_bases(config.data, reporter, config.cache)
         base = ranking.best

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.bases import get_base, resolve_image_size
+from transferkit.commands.finetune import finetune, resume_finetune
 from transferkit.config import CVConfig, FinetuneConfig
 from transferkit.data.folders import DataSplits, ImageSet, load_splits, split_validation
 from transferkit.data.pipeline import build_dataset
@@ -31,7 +32,7 @@ from transferkit.files import write_text
 from transferkit.inference import predict_batches
 from transferkit.metrics import classification_metrics
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.run_report import Evaluated, write_run_report
+from transferkit.reports.run import Evaluated, write_run_report
 from transferkit.runs.checkpoints import checkpointed
 from transferkit.runs.directory import (
     FOLDS_DIR,
@@ -61,9 +62,8 @@ from transferkit.runs.records import (
     Score,
     Stopped,
 )
-from transferkit.signals import raise_on_sigterm
 from transferkit.training.prepare import data_summary
-from transferkit.training.recipe import finetune, resume_finetune
+from transferkit.training.signals import raise_on_sigterm
 
 
 @dataclass(frozen=True)

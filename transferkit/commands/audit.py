@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from transferkit import report
 from transferkit.config import AuditConfig
 from transferkit.data.folders import ImageSet, load_splits
 from transferkit.data.inspect import small_image
 from transferkit.features import base_features, normalise
 from transferkit.files import replace_path, write_json, write_text
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.reports import html as report
 from transferkit.runs.directory import AUDIT_FILE, AUDIT_FILES, REPORT_FILE, check_output
 from transferkit.training.probe import out_of_fold_probabilities
 

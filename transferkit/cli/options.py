@@ -340,7 +340,7 @@ def configured(cls: type, optional: tuple[str, ...] = ()) -> Callable[[Callable]
 
         @functools.wraps(command)
         def wrapper(ctx: typer.Context, **kwargs: Any) -> Any:
-            from transferkit.console import RichReporter, print_error
+            from transferkit.cli.console import RichReporter, print_error
 
             try:
                 from_file = _file_values(ctx.meta.get(_FILE_SETTINGS, {}), list(known))

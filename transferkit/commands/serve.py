@@ -39,18 +39,18 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.commands.predict import UNKNOWN, answer
 from transferkit.config import ServeConfig
 from transferkit.data.inspect import inspect_bytes, rgb_png
 from transferkit.errors import ConfigError, MissingPackageError, TransferkitError
 from transferkit.files import json_text
-from transferkit.predict import UNKNOWN, answer
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.runs.directory import MODEL_FILE, NOVELTY_FILE, load_run
 
 API_KEY_ENV = "TRANSFERKIT_API_KEY"
 RETRY_AFTER_S = 1
 RELOAD_EVERY_S = 2.0
-log = logging.getLogger("transferkit.serve")
+log = logging.getLogger("transferkit.commands.serve")
 
 
 def _respond(content: Any, status_code: int = 200, headers: dict[str, str] | None = None

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from transferkit.cli.options import Settings
 from transferkit.config import AUTO_BASE, STDOUT, DataConfig, FinetuneConfig
 from transferkit.errors import ConfigError
-from transferkit.options import Settings
 
 
 def check_data(data: DataConfig, base: str, blocks: int | None = None,

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit import report
 from transferkit.config import SelectConfig
 from transferkit.data.folders import ImageSet, load_splits, read_pool
 from transferkit.features import base_features, normalise
 from transferkit.files import check_outside, write_text
 from transferkit.reporting import NullReporter, Reporter
+from transferkit.reports import html as report
 from transferkit.runs.directory import check_output
 from transferkit.training.probe import fit_probe
 

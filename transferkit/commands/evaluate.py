@@ -16,9 +16,9 @@ from transferkit.errors import DataError
 from transferkit.files import replace_path, save_figure, write_json
 from transferkit.inference import predict_batches
 from transferkit.metrics import Evaluation, classification_metrics
-from transferkit.plots import plot_confusion, plot_gallery
 from transferkit.reporting import NullReporter, Reporter, printable
-from transferkit.run_report import Evaluated, write_run_report
+from transferkit.reports.plots import plot_confusion, plot_gallery
+from transferkit.reports.run import Evaluated, write_run_report
 from transferkit.runs.directory import (
     EVALUATION_DIR,
     EVALUATION_FILES,

@@ -25,7 +25,7 @@ from transferkit.model import (
     find_base,
 )
 from transferkit.reporting import NullReporter, Reporter
-from transferkit.run_report import Evaluated, write_run_report
+from transferkit.reports.run import Evaluated, write_run_report
 from transferkit.runs.directory import (
     check_output,
     check_run_output,

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transferkit import report
 from transferkit.files import write_text
-from transferkit.gradcam import gradcam, has_feature_map
 from transferkit.novelty import load_novelty
+from transferkit.reports import html as report
+from transferkit.reports.gradcam import gradcam, has_feature_map
 from transferkit.runs.directory import CURVES_FILE, NOVELTY_FILE, REPORT_FILE
 from transferkit.runs.records import RunRecord
 from transferkit.training.candidates import fitted_before_the_stages, simplest_first
