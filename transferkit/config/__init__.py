@@ -1,43 +1,24 @@
-"""Frozen, validated configuration per command. Defaults live here, once; the CLI reads them."""
+"""Frozen, validated configuration per command. Defaults live here, once; the CLI reads them.
+The framework they are declared in (`option`, `group`, reading and writing them) is
+fields.py."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
-from transferkit.errors import ConfigError
+from transferkit.config.fields import check, check_finite, group, option
+from transferkit.config.fields import from_dict as from_dict  # its readers' one import
+from transferkit.config.fields import to_dict as to_dict
 
 DEFAULT_BASE = "efficientnet_lite0"
 TOP_BLOCKS = 2  # blocks fine-tuned unless the data or --unfreeze-blocks says otherwise
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-def _check_finite(config: Any) -> None:
-    """Every number in a config is finite: inf or nan would pass a range check such as
-    `> 0` and train to NaN."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        values = value if isinstance(value, tuple) else (value,)
-        for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number; "
-                                  f"got {value}.")
-
-
 def _check_suffix(path: Path | None, option: str, suffix: str, what: str) -> None:
     """An output file is named for what is written into it, so that no tool (or user) reads
     one format under another's name; checked before any work."""
-    _check(path is None or path.suffix.lower() == suffix,
+    check(path is None or path.suffix.lower() == suffix,
            f"{option} writes {what}; name it with {suffix} (got '{path}').")
 
 
@@ -45,12 +26,12 @@ MAX_SEED = 2**32 - 1  # numpy's and TensorFlow's seeds are unsigned 32-bit
 
 
 def _check_seed(seed: int) -> None:
-    _check(0 <= seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}; got "
+    check(0 <= seed <= MAX_SEED, f"--seed must be a whole number from 0 to {MAX_SEED}; got "
                                   f"{seed}.")
 
 
 def _check_precision(precision: str) -> None:
-    _check(precision in PRECISIONS,
+    check(precision in PRECISIONS,
            f"--precision must be one of {', '.join(PRECISIONS)}; got {precision}.")
 
 
@@ -58,44 +39,6 @@ def _check_precision(precision: str) -> None:
 DATA, MODEL, TRAIN, OPTIMISE, AUGMENT, CHECKS, OUTPUT, HARDWARE = (
     "Data", "Base model", "Training", "Optimisation", "Augmentation",
     "Sanity checks", "Output", "Hardware")
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
-           flag: str | None = None, short: str | None = None, panel: str | None = None,
-           choices: tuple[str, ...] | str | None = None, argument: bool = False,
-           metavar: str | None = None, advanced: bool | None = None,
-           alias: str | None = None, named_by_group: bool = False) -> Any:
-    """A config field that is also a command-line option: the CLI (options.py) declares it
-    from here, so adding a setting is adding a field.
-
-    Args:
-        flag: the option's spelling when not `--field-name` (`--a/--no-a` for booleans).
-        short: a one-letter alias, e.g. "-o".
-        panel: the --help panel; a nested config's group panel otherwise.
-        choices: the allowed values, or the name of a table the CLI knows ("bases").
-        argument: a positional argument instead of an option.
-        advanced: listed by --help-all only (None: as its group says).
-        alias: an old spelling, still taken, with a warning that names the new one.
-        named_by_group: the option takes its group's name (`--optimizer NAME`).
-    """
-    return field(default=default, metadata={
-        "help": help, "flag": flag, "short": short, "panel": panel, "choices": choices,
-        "argument": argument, "metavar": metavar, "advanced": advanced, "alias": alias,
-        "named_by_group": named_by_group})
-
-
-def group(factory: Any = dataclasses.MISSING, *, prefix: str = "", panel: str | None = None,
-          enabled_by: str | None = None, advanced: bool = False) -> Any:
-    """A nested config whose fields are the command's options too, spelled `--{prefix}name`.
-    A field declared `named_by_group` takes the group's own name (`--optimizer`). With
-    `enabled_by`, the group is optional (None) and built only when that option is given."""
-    metadata = {"group": True, "prefix": prefix, "panel": panel, "enabled_by": enabled_by,
-                "advanced": advanced}
-    if enabled_by is not None:
-        return field(default=None, metadata=metadata)
-    if factory is dataclasses.MISSING:
-        return field(metadata=metadata)
-    return field(default_factory=factory, metadata=metadata)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,34 +71,34 @@ class AugmentConfig:
            "others (0: off; the paper uses 2).", metavar="OPS")
 
     def __post_init__(self) -> None:
-        _check_finite(self)
+        check_finite(self)
         # (horizontal_flip is left out: a run's plan records the flips it decided)
         asked = [name for name, on in (
             ("--mixup", self.mixup), ("--cutmix", self.cutmix),
             ("--randaugment", self.randaugment), ("--vertical-flip", self.vertical_flip),
             ("--brightness-range", self.brightness_range)) if on]
-        _check(self.enabled or not asked,
+        check(self.enabled or not asked,
                f"--no-augment turns augmentation off, but {', '.join(asked)} asks for some. "
                f"Drop --no-augment, or drop {', '.join(asked)}.")
-        _check(0 <= self.rotation_range <= 180, f"--rotation-range is in degrees and must be in "
+        check(0 <= self.rotation_range <= 180, f"--rotation-range is in degrees and must be in "
                                                 f"[0, 180]; got {self.rotation_range}.")
         for name in ("width_shift_range", "height_shift_range"):
             value = getattr(self, name)
-            _check(0 <= value < 1, f"--{name.replace('_', '-')} is a fraction of the image and "
+            check(0 <= value < 1, f"--{name.replace('_', '-')} is a fraction of the image and "
                                    f"must be in [0, 1); got {value}.")
-        _check(0 <= self.shear_range < 45,
+        check(0 <= self.shear_range < 45,
                f"--shear-range is in degrees and must be in [0, 45); got {self.shear_range}.")
-        _check(0 <= self.zoom_range < 1,
+        check(0 <= self.zoom_range < 1,
                f"--zoom-range must be in [0, 1) (0.2 zooms between 0.8x and 1.2x); "
                f"got {self.zoom_range}.")
         for name in ("mixup", "cutmix"):
             value = getattr(self, name)
-            _check(0 <= value <= 1, f"--{name} is a Beta distribution's A, 0 to 1; got {value}.")
-        _check(0 <= self.randaugment <= 5, f"--randaugment is a number of operations per "
+            check(0 <= value <= 1, f"--{name} is a Beta distribution's A, 0 to 1; got {value}.")
+        check(0 <= self.randaugment <= 5, f"--randaugment is a number of operations per "
                                            f"image, 0 to 5; got {self.randaugment}.")
         if self.brightness_range is not None:
             low, high = self.brightness_range
-            _check(0 < low <= high,
+            check(0 < low <= high,
                    f"--brightness-range takes two factors 0 < LOW <= HIGH (e.g. 0.8 1.2); "
                    f"got {low} {high}.")
 
@@ -175,11 +118,11 @@ class DataConfig:
                              "the shuffling, augmentation and initial weights.")
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(0 < self.val_split < 1,
+        check_finite(self)
+        check(0 < self.val_split < 1,
                f"--val-split must be strictly between 0 and 1; got {self.val_split}.")
-        _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
-        _check(self.image_size is None or self.image_size >= 1,
+        check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
+        check(self.image_size is None or self.image_size >= 1,
                f"--image-size must be a positive number of pixels; got {self.image_size}.")
         _check_seed(self.seed)
 
@@ -223,11 +166,11 @@ class PreviewConfig:
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(1 <= self.images <= MAX_PREVIEW,
+        check_finite(self)
+        check(1 <= self.images <= MAX_PREVIEW,
                f"--images must be between 1 and {MAX_PREVIEW} (rows of one PNG); got "
                f"{self.images}.")
-        _check(1 <= self.variants <= MAX_PREVIEW,
+        check(1 <= self.variants <= MAX_PREVIEW,
                f"--variants must be between 1 and {MAX_PREVIEW} (columns of one PNG); got "
                f"{self.variants}.")
         _check_suffix(self.output, "-o/--output", ".png", "a PNG image")
@@ -245,9 +188,9 @@ class ComputeConfig:
                 "several GPUs. --batch-size is per device.", choices=STRATEGIES)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
+        check_finite(self)
         _check_precision(self.precision)
-        _check(self.strategy in STRATEGIES, f"--strategy must be one of "
+        check(self.strategy in STRATEGIES, f"--strategy must be one of "
                                             f"{', '.join(STRATEGIES)}; got {self.strategy}.")
 
 
@@ -267,9 +210,9 @@ class EngineConfig:
                                            "ray://head:10001 or head:6379.")
 
     def __post_init__(self) -> None:
-        _check(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}; got "
+        check(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}; got "
                                        f"{self.engine}.")
-        _check(self.ray_address is None or self.engine == "ray",
+        check(self.ray_address is None or self.engine == "ray",
                f"--ray-address {self.ray_address} is for --engine ray; add it, or drop "
                f"--ray-address.")
 
@@ -296,20 +239,20 @@ class ScheduleConfig:
         None, "step: epochs per step (default: a third of the stage).")
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.name in SCHEDULES, f"Unknown schedule '{self.name}'. Choose one of: "
+        check_finite(self)
+        check(self.name in SCHEDULES, f"Unknown schedule '{self.name}'. Choose one of: "
                                        f"{', '.join(SCHEDULES)}.")
-        _check(self.warmup_epochs >= 0,
+        check(self.warmup_epochs >= 0,
                f"--warmup-epochs must be 0 or more; got {self.warmup_epochs}.")
-        _check(self.decay_rate is None or self.decay_rate > 0,
+        check(self.decay_rate is None or self.decay_rate > 0,
                f"--decay-rate must be > 0; got {self.decay_rate}.")
-        _check(self.decay_epochs is None or self.decay_epochs >= 1,
+        check(self.decay_epochs is None or self.decay_epochs >= 1,
                f"--decay-epochs must be at least 1; got {self.decay_epochs}.")
-        _check(self.decay_rate is None or self.name in DECAYING,
+        check(self.decay_rate is None or self.name in DECAYING,
                f"A decay rate applies to a {', '.join(DECAYING)} schedule; this stage's "
                f"schedule is {self.name}. (--decay-rate is the head stage's, "
                f"--finetune-decay-rate the fine-tuning stage's.)")
-        _check(self.decay_epochs is None or self.name == "step",
+        check(self.decay_epochs is None or self.name == "step",
                f"Decay epochs apply to the step schedule; this stage's schedule is "
                f"{self.name}. (--decay-epochs is the head stage's, --finetune-decay-epochs "
                f"the fine-tuning stage's.)")
@@ -327,11 +270,11 @@ class OptimizerConfig:
              "0.9 for a few hundred steps, 0.99 for thousands; 0: off).", metavar="M")
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.name in OPTIMIZERS, f"Unknown optimizer '{self.name}'. Choose one of: "
+        check_finite(self)
+        check(self.name in OPTIMIZERS, f"Unknown optimizer '{self.name}'. Choose one of: "
                                         f"{', '.join(OPTIMIZERS)}.")
-        _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1); got {self.momentum}.")
-        _check(0 <= self.ema < 1, f"--ema must be in [0, 1); got {self.ema}.")
+        check(0 <= self.momentum < 1, f"--momentum must be in [0, 1); got {self.momentum}.")
+        check(0 <= self.ema < 1, f"--ema must be in [0, 1); got {self.ema}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -432,34 +375,34 @@ class FinetuneConfig:
         return self.finetune_epochs != 0
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.epochs >= 0, f"--head-epochs must be 0 or more; got {self.epochs}.")
-        _check(self.finetune_epochs is None or self.finetune_epochs >= 0,
+        check_finite(self)
+        check(self.epochs >= 0, f"--head-epochs must be 0 or more; got {self.epochs}.")
+        check(self.finetune_epochs is None or self.finetune_epochs >= 0,
                f"--finetune-epochs must be 0 or more; got {self.finetune_epochs}.")
-        _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
-        _check(self.finetune_lr is None or self.finetune_lr > 0,
+        check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
+        check(self.finetune_lr is None or self.finetune_lr > 0,
                f"--finetune-lr must be > 0; got {self.finetune_lr}.")
-        _check(self.unfreeze_blocks is None or self.unfreeze_blocks >= 1
+        check(self.unfreeze_blocks is None or self.unfreeze_blocks >= 1
                or self.finetune_epochs == 0,
                f"--unfreeze-blocks must be at least 1 when fine-tuning; got "
                f"{self.unfreeze_blocks}. Use --finetune-epochs 0 to train the head only.")
-        _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
-        _check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
-        _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
-        _check(not (self.dense_units and self.tunes and not self.epochs),
+        check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
+        check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
+        check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
+        check(not (self.dense_units and self.tunes and not self.epochs),
                f"--dense-units {self.dense_units} adds a hidden layer that the linear probe "
                f"cannot initialise, so it must be trained before fine-tuning: pass "
                f"--head-epochs N (e.g. --head-epochs 20).")
-        _check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
-        _check(self.class_weight in CLASS_WEIGHTS, f"--class-weight must be one of "
+        check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
+        check(self.class_weight in CLASS_WEIGHTS, f"--class-weight must be one of "
                                                    f"{', '.join(CLASS_WEIGHTS)}; got "
                                                    f"{self.class_weight}.")
-        _check(self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}; got "
+        check(self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}; got "
                                          f"{self.monitor}.")
-        _check(0 <= self.label_smoothing < 0.5,
+        check(0 <= self.label_smoothing < 0.5,
                f"--label-smoothing must be in [0, 0.5); got {self.label_smoothing}.")
-        _check(self.patience >= 0, f"--patience must be 0 or more; got {self.patience}.")
-        _check(self.base != AUTO_BASE or self.weights == "imagenet",
+        check(self.patience >= 0, f"--patience must be 0 or more; got {self.patience}.")
+        check(self.base != AUTO_BASE or self.weights == "imagenet",
                f"--base auto ranks the bases by their ImageNet weights; got --weights "
                f"{self.weights}. Name the base that fits those weights.")
         if self.compute.strategy == "multiworker":
@@ -467,7 +410,7 @@ class FinetuneConfig:
                 ("--lr-find", self.lr_find), ("--tensorboard", self.tensorboard),
                 ("--ema", self.optimizer.ema), ("--base auto", self.base == AUTO_BASE))
                 if given]
-            _check(not alone, f"--strategy multiworker trains the stages across workers; "
+            check(not alone, f"--strategy multiworker trains the stages across workers; "
                               f"{', '.join(alone)} works on one machine only. Drop it, or "
                               f"run it on one machine first (e.g. `transferkit bases --rank` "
                               f"to choose the base).")
@@ -482,10 +425,10 @@ class CVConfig:
     folds: int = option(5, "K: how many stratified folds.", panel=TRAIN)
 
     def __post_init__(self) -> None:
-        _check(self.folds >= 2, f"--folds must be at least 2; got {self.folds}.")
-        _check(self.recipe.compute.strategy != "multiworker",
+        check(self.folds >= 2, f"--folds must be at least 2; got {self.folds}.")
+        check(self.recipe.compute.strategy != "multiworker",
                "cv runs its folds on one machine; --strategy multiworker is finetune's.")
-        _check(self.recipe.base != AUTO_BASE,
+        check(self.recipe.base != AUTO_BASE,
                "cv cross-validates one recipe on one base; --base auto is finetune's. Name a "
                "base, e.g. the first of `transferkit bases --rank DATA`.")
 
@@ -510,8 +453,8 @@ class AuditConfig:
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(0 < self.duplicate_similarity <= 1,
+        check_finite(self)
+        check(0 < self.duplicate_similarity <= 1,
                f"--duplicate-similarity must be in (0, 1]; got {self.duplicate_similarity}.")
 
 
@@ -536,8 +479,8 @@ class SelectConfig:
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.n >= 1, f"-n must be at least 1; got {self.n}.")
+        check_finite(self)
+        check(self.n >= 1, f"-n must be at least 1; got {self.n}.")
         _check_suffix(self.output, "-o/--output", ".csv", "the picks as CSV")
 
 
@@ -555,7 +498,7 @@ class BasesConfig:
 
     def __post_init__(self) -> None:
         _check_seed(self.seed)
-        _check(self.rank is not None or self.engine.engine == "local",
+        check(self.rank is not None or self.engine.engine == "local",
                "--engine ray computes the features of --rank DATA; add --rank DATA, or drop "
                "--engine.")
 
@@ -599,14 +542,14 @@ class HeadConfig:
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
-        _check(self.patience >= 1, f"--patience must be at least 1; got {self.patience}.")
-        _check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
-        _check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
-        _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
-        _check(self.epochs >= 1, f"--head-epochs must be at least 1; got {self.epochs}.")
-        _check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
+        check_finite(self)
+        check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
+        check(self.patience >= 1, f"--patience must be at least 1; got {self.patience}.")
+        check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
+        check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
+        check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
+        check(self.epochs >= 1, f"--head-epochs must be at least 1; got {self.epochs}.")
+        check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -635,11 +578,11 @@ class ExtractConfig:
     head: HeadConfig | None = group(panel=TRAIN, enabled_by="output")
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.blocks is None or self.blocks >= 1,
+        check_finite(self)
+        check(self.blocks is None or self.blocks >= 1,
                f"--blocks must be at least 1; got {self.blocks}.")
-        _check(self.pooling in POOLINGS, f"--pooling must be avg or max; got {self.pooling}.")
-        _check(self.shard_rows >= 0, f"--shard-rows must be 0 (one file) or a number of "
+        check(self.pooling in POOLINGS, f"--pooling must be avg or max; got {self.pooling}.")
+        check(self.shard_rows >= 0, f"--shard-rows must be 0 (one file) or a number of "
                                      f"images per shard; got {self.shard_rows}.")
         if not self.shard_rows:
             _check_suffix(self.output, "-o/--output", ".npz", "the features as NumPy's .npz "
@@ -671,10 +614,10 @@ class EvaluateConfig:
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
-        _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
-        _check(self.gallery >= 0, f"--gallery must be 0 or more; got {self.gallery}.")
+        check_finite(self)
+        check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
+        check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
+        check(self.gallery >= 0, f"--gallery must be 0 or more; got {self.gallery}.")
 
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
@@ -701,19 +644,19 @@ class ExportConfig:
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self.format in EXPORT_FORMATS, f"--format must be one of "
+        check_finite(self)
+        check(self.format in EXPORT_FORMATS, f"--format must be one of "
                                               f"{', '.join(EXPORT_FORMATS)}; got {self.format}.")
         suffix = EXPORT_FORMATS[self.format]
-        _check(not suffix or self.output.suffix.lower() == suffix,
+        check(not suffix or self.output.suffix.lower() == suffix,
                f"--format {self.format} writes one file; name it with {suffix} (got "
                f"'{self.output}').")
-        _check(self.quantize in QUANTIZATIONS, f"--quantize must be one of "
+        check(self.quantize in QUANTIZATIONS, f"--quantize must be one of "
                                                f"{', '.join(QUANTIZATIONS)}; got {self.quantize}.")
-        _check(self.quantize == "none" or self.format == "tflite",
+        check(self.quantize == "none" or self.format == "tflite",
                f"--quantize applies to --format tflite only; got --format {self.format} "
                f"--quantize {self.quantize}.")
-        _check(self.check_images >= 1,
+        check(self.check_images >= 1,
                f"--check-images must be at least 1; got {self.check_images}.")
 
     @property
@@ -745,16 +688,16 @@ class ServeConfig:
     top_k: int = option(1, "How many labels to list per image.", panel=OUTPUT)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(1 <= self.port <= 65535, f"--port must be 1 to 65535; got {self.port}.")
-        _check(1 <= self.max_batch <= 1024, f"--max-batch must be 1 to 1024; got "
+        check_finite(self)
+        check(1 <= self.port <= 65535, f"--port must be 1 to 65535; got {self.port}.")
+        check(1 <= self.max_batch <= 1024, f"--max-batch must be 1 to 1024; got "
                                             f"{self.max_batch}.")
-        _check(0 <= self.max_wait_ms <= 1000, f"--max-wait-ms must be 0 to 1000; got "
+        check(0 <= self.max_wait_ms <= 1000, f"--max-wait-ms must be 0 to 1000; got "
                                               f"{self.max_wait_ms}.")
-        _check(self.max_queue >= 1, f"--max-queue must be at least 1; got {self.max_queue}.")
-        _check(0 < self.max_body_mb <= 1024, f"--max-body-mb must be in (0, 1024]; got "
+        check(self.max_queue >= 1, f"--max-queue must be at least 1; got {self.max_queue}.")
+        check(0 < self.max_body_mb <= 1024, f"--max-body-mb must be in (0, 1024]; got "
                                              f"{self.max_body_mb}.")
-        _check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
+        check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -793,15 +736,15 @@ class PredictConfig:
     listed: frozenset[Path] = field(default=frozenset())
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(len(self.paths) > 0, "Give at least one image file or folder to predict.")
-        _check(self.threshold is None or 0.0 < self.threshold <= 1.0,
+        check_finite(self)
+        check(len(self.paths) > 0, "Give at least one image file or folder to predict.")
+        check(self.threshold is None or 0.0 < self.threshold <= 1.0,
                f"--threshold must be a probability in (0, 1]; got {self.threshold}.")
-        _check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
-        _check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
-        _check(self.format is None or self.format in PREDICTION_FORMATS,
+        check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
+        check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
+        check(self.format is None or self.format in PREDICTION_FORMATS,
                f"--format must be one of {', '.join(PREDICTION_FORMATS)}; got {self.format}.")
-        _check(self.format is not None or self.output in (None, STDOUT)
+        check(self.format is not None or self.output in (None, STDOUT)
                or self.output.suffix.lower().lstrip(".") in PREDICTION_FORMATS,
                f"--output must end in .{', .'.join(PREDICTION_FORMATS)}, or pass --format; "
                f"got '{self.output}'.")
@@ -816,80 +759,3 @@ class PredictConfig:
         return self.output.suffix.lower().lstrip(".")
 
 
-T = TypeVar("T")
-
-
-def _coerce(hint: Any, value: Any, name: str) -> Any:
-    """Turns a JSON/TOML value into the type a config field declares."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if value is None:
-        if hint is Any or type(None) in args:
-            return None
-        raise ConfigError(f"Setting '{name}' must not be null.")
-    if origin in (typing.Union, types.UnionType):
-        return _coerce(next(a for a in args if a is not type(None)), value, name)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"Setting '{name}' must be a table of settings; got {value!r}.")
-        return from_dict(hint, value, prefix=f"{name}.")
-    if hint is Path:
-        if not isinstance(value, (str, Path)):
-            raise ConfigError(f"Setting '{name}' must be a path; got {value!r}.")
-        return Path(value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"Setting '{name}' must be a list; got {value!r}.")
-        inner = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
-        if len(inner) != len(value):
-            raise ConfigError(f"Setting '{name}' takes {len(inner)} values; got {value!r}.")
-        return tuple(_coerce(h, v, name) for h, v in zip(inner, value, strict=True))
-    return _scalar(hint, value, name)
-
-
-def _scalar(hint: Any, value: Any, name: str) -> Any:
-    """`value` as the bool, int, float or str that `hint` says, or a ConfigError: a config
-    file or run.json may hold anything."""
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (bool, int, float, str) and (type(value) is not hint):
-        kind = {bool: "true or false", int: "a whole number", float: "a number",
-                str: "text"}[hint]
-        raise ConfigError(f"Setting '{name}' must be {kind}; got {value!r}.")
-    return value
-
-
-def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "",
-              ready: Mapping[str, Any] | None = None) -> T:
-    """Builds a config dataclass from plain data (run.json, a config file); validates it.
-    `ready` holds fields already built (taken as they are).
-
-    Raises:
-        ConfigError: an unknown, missing or invalid setting.
-    """
-    ready = ready or {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"Unknown setting{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(prefix + u for u in unknown)}.")
-    hints = typing.get_type_hints(cls)
-    coerced = {k: _coerce(hints[k], v, prefix + k) for k, v in values.items() if k not in ready}
-    try:
-        return cls(**coerced, **ready)
-    except TypeError as exc:
-        raise ConfigError(f"Incomplete settings for {cls.__name__}: {exc}.") from exc
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready view of a config (paths as strings, tuples as lists)."""
-
-    def convert(value: Any) -> Any:
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, (tuple, list)):
-            return [convert(v) for v in value]
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        return value
-
-    return convert(dataclasses.asdict(config))
