@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from transferkit import __version__
-from transferkit.cli.options import Group, Settings, configured, polish_help
+from transferkit.cli.options import GIVEN, Group, Settings, configured, polish_help
 from transferkit.cli.prechecks import check_data, check_recipe, check_resume, with_stdin
+from transferkit.cli.running import load, user_errors
 from transferkit.config import (
     SAVEDMODEL_FILES,
     STDOUT,
@@ -35,8 +34,8 @@ from transferkit.config import (
     SelectConfig,
     ServeConfig,
 )
-from transferkit.errors import ConfigError, StopRequested, TransferkitError
-from transferkit.quiet import load_tensorflow, set_verbose
+from transferkit.errors import ConfigError
+from transferkit.quiet import set_verbose
 
 app = typer.Typer(
     name="transferkit",
@@ -70,44 +69,6 @@ def _main(version: Annotated[bool, typer.Option(
         sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
 
 
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Renders transferkit's errors once, without a traceback, and sets the exit code."""
-    from transferkit.cli.console import print_error
-
-    try:
-        yield
-    except TransferkitError as exc:
-        print_error(str(exc))
-        raise typer.Exit(exc.exit_code) from None
-    except OSError as exc:
-        from transferkit.files import describe_write_error
-
-        message = describe_write_error(exc)
-        if message is None:
-            raise
-        print_error(message)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        print_error("Interrupted.")
-        raise typer.Exit(130) from None
-    except StopRequested as exc:  # SIGTERM before a run had a record to say so in
-        print_error(f"Stopped by {signal.Signals(exc.signum).name} before the run began.")
-        raise typer.Exit(128 + exc.signum) from None
-
-
-def _load() -> None:
-    """TensorFlow, once the cheap checks passed; the cache is in use from here on."""
-    from transferkit.cache import share_cache
-
-    note = share_cache()
-    if note is not None:
-        from transferkit.cli.console import RichReporter
-
-        RichReporter().warning(note)
-    load_tensorflow()
-
-
 @app.command()
 @configured(FinetuneConfig, optional=("data_dir", "output"))
 def finetune(
@@ -119,7 +80,7 @@ def finetune(
         "--overfit-check", help="Only check that the head can memorise two batches (~100 % "
                                 "training accuracy), then exit 0 (passed) or 1.",
         rich_help_panel="Sanity checks", hidden=True, metavar="")] = False,
-    settings: Settings = None,  # type: ignore[assignment]  # from configured
+    settings: Settings = GIVEN,
 ) -> None:
     """Fit a linear probe on a frozen pretrained base, then fine-tune its top blocks, and keep
     the simplest model that is not beaten by more than noise.
@@ -127,14 +88,14 @@ def finetune(
     With --no-augment, the head stage trains on frozen-base features computed once (and
     cached), which is many times faster than pushing every image through the base each epoch.
     """
-    with _user_errors():
+    with user_errors():
         if resume is not None:
             return _resume(resume, settings)
         config = settings.build()
         if config.output is None and not overfit_check:
             raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
         check_recipe(config)
-        _load()
+        load()
         from transferkit.cli.console import RichReporter, render_finetune, render_overfit
 
         if not overfit_check:
@@ -152,7 +113,7 @@ def finetune(
 def _resume(run_dir: Path, settings: Settings) -> None:
     """finetune --resume RUN."""
     check_resume(run_dir, settings, "finetune")
-    _load()
+    load()
     from transferkit.cli.console import RichReporter, render_finetune
     from transferkit.commands.finetune import resume_finetune
 
@@ -166,7 +127,7 @@ def cv(
         "--resume", help="Continue an interrupted cv run directory: finished folds are kept, "
                          "an interrupted one continues from its checkpoint.",
         rich_help_panel="Output", file_okay=False, show_default=False)] = None,
-    settings: Settings = None,  # type: ignore[assignment]  # from configured
+    settings: Settings = GIVEN,
 ) -> None:
     """Cross-validate the finetune recipe: K stratified folds, an out-of-fold prediction for
     every image (oof.csv), each fold's held-out accuracy with its interval, and the K fold
@@ -175,12 +136,12 @@ def cv(
     train/ and val/ are pooled; test/ stays out, and the ensemble is scored on it. Every
     finetune setting applies to each fold's run.
     """
-    with _user_errors():
+    with user_errors():
         from transferkit.cli.console import RichReporter, render_cv
 
         if resume is not None:
             check_resume(resume, settings, "cv")
-            _load()
+            load()
             from transferkit.commands.cv import resume_cv
 
             return render_cv(resume_cv(resume, RichReporter()))
@@ -188,7 +149,7 @@ def cv(
         if config.recipe.output is None:
             raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
         check_recipe(config.recipe, "cv")
-        _load()
+        load()
         from transferkit.commands.cv import cross_validate
 
         render_cv(cross_validate(config, RichReporter()))
@@ -196,11 +157,11 @@ def cv(
 
 @app.command()
 @configured(AuditConfig)
-def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
+def audit(settings: Settings = GIVEN) -> None:
     """Find likely label errors, near-duplicates (and leaks between splits) and outliers,
     from frozen-base features; write audit.json and a self-contained report.html. Never moves
     or edits the data."""
-    with _user_errors():
+    with user_errors():
         config = settings.build()
         from transferkit.runs.directory import check_output
 
@@ -209,7 +170,7 @@ def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
 
         check_output(config.output, config.overwrite, "audit folder",
                          data=config.data.data_dir, writes=AUDIT_FILES)
-        _load()
+        load()
         from transferkit.cli.console import RichReporter, render_audit
         from transferkit.commands.audit import audit as run_audit
 
@@ -218,12 +179,12 @@ def audit(settings: Settings = None) -> None:  # type: ignore[assignment]
 
 @app.command()
 @configured(SelectConfig)
-def select(settings: Settings = None) -> None:  # type: ignore[assignment]
+def select(settings: Settings = GIVEN) -> None:
     """Pick which images of an unlabelled --pool folder to label next, into picks.csv."""
-    with _user_errors():
+    with user_errors():
         config = settings.build()
         check_data(config.data, config.base)
-        _load()
+        load()
         from transferkit.cli.console import RichReporter, render_selection
         from transferkit.commands.select import select as run_select
 
@@ -232,12 +193,12 @@ def select(settings: Settings = None) -> None:  # type: ignore[assignment]
 
 @app.command()
 @configured(ServeConfig)
-def serve(settings: Settings = None) -> None:  # type: ignore[assignment]
+def serve(settings: Settings = GIVEN) -> None:
     """Answer predictions over HTTP: POST /predict with images; GET /health, /ready, /metadata.
     Needs the serve extra (the error says how to install it)."""
-    with _user_errors():
+    with user_errors():
         config = settings.build()
-        _load()
+        load()
         from transferkit.cli.console import RichReporter
         from transferkit.commands.serve import serve as run_serve
 
@@ -246,13 +207,13 @@ def serve(settings: Settings = None) -> None:  # type: ignore[assignment]
 
 @app.command()
 @configured(ExtractConfig)
-def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
+def extract(settings: Settings = GIVEN) -> None:
     """Run the frozen base over every image and save the features (and train a classifier).
 
     Features are cached by base, weights, size, cut point and each file's content: a re-run
     computes only new or edited images.
     """
-    with _user_errors():
+    with user_errors():
         config = settings.build()
         from transferkit.runs.directory import check_output, check_run_output
 
@@ -262,7 +223,7 @@ def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
         if config.head is not None:
             check_run_output(config.head.output, config.overwrite, config.data.data_dir,
                              "extract")
-        _load()
+        load()
         from transferkit.cli.console import RichReporter, render_extract
         from transferkit.commands.extract import extract as run_extract
 
@@ -271,16 +232,16 @@ def extract(settings: Settings = None) -> None:  # type: ignore[assignment]
 
 @app.command()
 @configured(PredictConfig)
-def predict(settings: Settings = None) -> None:  # type: ignore[assignment]
+def predict(settings: Settings = GIVEN) -> None:
     """Predict labels for image files and folders."""
-    with _user_errors():
+    with user_errors():
         config = settings.build(**with_stdin(settings.values["paths"]))
         from transferkit.runs.directory import check_output, read_record
 
         read_record(config.run_dir)
         if config.output not in (None, STDOUT):
             check_output(config.output, config.overwrite)
-        _load()
+        load()
         from transferkit.cli.console import (
             RichReporter,
             render_prediction_summary,
@@ -306,9 +267,9 @@ def predict(settings: Settings = None) -> None:  # type: ignore[assignment]
 
 @app.command()
 @configured(EvaluateConfig)
-def evaluate(settings: Settings = None) -> None:  # type: ignore[assignment]
+def evaluate(settings: Settings = GIVEN) -> None:
     """Accuracy, top-k, per-class precision/recall/F1, confusion matrix, worst mistakes."""
-    with _user_errors():
+    with user_errors():
         config = settings.build()
         from transferkit.data.folders import check_data_root
         from transferkit.runs.directory import EVALUATION_FILES, check_output, read_record
@@ -319,7 +280,7 @@ def evaluate(settings: Settings = None) -> None:  # type: ignore[assignment]
         if config.output is not None:
             check_output(config.output, config.overwrite, "evaluation folder",
                              config.data_dir, writes=EVALUATION_FILES)
-        _load()
+        load()
         from transferkit.cli.console import RichReporter, render_evaluation
         from transferkit.commands.evaluate import evaluate as run_evaluate
 
@@ -328,15 +289,15 @@ def evaluate(settings: Settings = None) -> None:  # type: ignore[assignment]
 
 @app.command("augment-preview")
 @configured(PreviewConfig)
-def augment_preview(settings: Settings = None) -> None:  # type: ignore[assignment]
+def augment_preview(settings: Settings = GIVEN) -> None:
     """Save a grid of augmented versions of a few training images, to judge the augmentation."""
-    with _user_errors():
+    with user_errors():
         config = settings.build()
         from transferkit.runs.directory import check_output
 
         check_data(config.data, config.base)
         check_output(config.output, config.overwrite, data=config.data.data_dir)
-        _load()
+        load()
         from transferkit.cli.console import RichReporter, stderr
         from transferkit.commands.augment_preview import preview_augmentation
 
@@ -347,13 +308,13 @@ def augment_preview(settings: Settings = None) -> None:  # type: ignore[assignme
 
 @app.command()
 @configured(DoctorConfig)
-def doctor(settings: Settings = None) -> None:  # type: ignore[assignment]
+def doctor(settings: Settings = GIVEN) -> None:
     """Check a data folder: decode every file, find bad files and exact duplicates (audit finds
     likely wrong labels).
 
     Exits 0 when the folder is clean and 1 when problems were found.
     """
-    with _user_errors():
+    with user_errors():
         config = settings.build()
         from transferkit.bases import get_base
         from transferkit.cli.console import RichReporter, render_doctor, render_quarantine
@@ -379,16 +340,16 @@ def doctor(settings: Settings = None) -> None:  # type: ignore[assignment]
 
 @app.command()
 @configured(ExportConfig)
-def export(settings: Settings = None) -> None:  # type: ignore[assignment]
+def export(settings: Settings = GIVEN) -> None:
     """Export a run's model (preprocessing included) and check it against Keras."""
-    with _user_errors():
+    with user_errors():
         config = settings.build()
         from transferkit.runs.directory import check_output, read_record
 
         check_output(config.output, config.overwrite, what=config.output_kind,
                          writes=SAVEDMODEL_FILES)
         read_record(config.run_dir)
-        _load()
+        load()
         from transferkit.cli.console import RichReporter, render_export
         from transferkit.commands.export import export as run_export
 
@@ -402,14 +363,14 @@ def upgrade(
         show_default=False)],
 ) -> None:
     """Bring a run written by an earlier transferkit up to date, in place."""
-    with _user_errors():
+    with user_errors():
         from transferkit.files import check_writable
         from transferkit.runs.directory import check_run_dir
 
         check_run_dir(run)
         check_writable(run, fix=f"upgrade rewrites the run in place: copy it to a folder you "
                                 f"can write (cp -r {run} COPY) and upgrade the copy.")
-        _load()
+        load()
         from transferkit.cli.console import render_upgrade
         from transferkit.commands.upgrade import upgrade_run
 
@@ -418,12 +379,12 @@ def upgrade(
 
 @app.command("bases")
 @configured(BasesConfig)
-def bases_command(settings: Settings = None) -> None:  # type: ignore[assignment]
+def bases_command(settings: Settings = GIVEN) -> None:
     """List the pretrained bases: size, blocks, input scaling, offline ImageNet weights."""
     from transferkit.bases import BASES, get_base
     from transferkit.cli.console import render_base, render_bases
 
-    with _user_errors():
+    with user_errors():
         config = settings.build()
         if config.rank is None:
             return render_base(get_base(config.name)) if config.name else render_bases(
@@ -432,7 +393,7 @@ def bases_command(settings: Settings = None) -> None:  # type: ignore[assignment
         from transferkit.data.folders import check_data_folder
 
         check_data_folder(data.data_dir)
-        _load()
+        load()
         from transferkit.cli.console import RichReporter, render_ranks
         from transferkit.commands.bases import rank_bases
 
@@ -449,7 +410,7 @@ def cache_command(
         rich_help_panel="Output", metavar="")] = False,
 ) -> None:
     """Show what transferkit caches (features, converted images, weights), or clear it."""
-    with _user_errors():
+    with user_errors():
         from transferkit.cache import cache_dir, cache_usage, clear_cache
         from transferkit.cli.console import render_cache
 

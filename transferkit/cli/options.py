@@ -323,6 +323,10 @@ class Settings:
         return sorted(leaf.option for leaf in self.known if leaf.param in self.given)
 
 
+# A command's `settings` parameter defaults to this; `configured` always passes the real one.
+GIVEN = typing.cast(Settings, None)
+
+
 def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
