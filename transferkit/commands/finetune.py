@@ -196,29 +196,29 @@ def _run_folder(run_dir: Path, cluster: Cluster | None, copy: bool) -> Iterator[
 
 
 @contextlib.contextmanager
-def _recording_how_it_ends(t: Training) -> Iterator[None]:
+def _recording_how_it_ends(run: Training) -> Iterator[None]:
     """Whatever ends a run early (a signal, a full disk, data gone, a bug), run.json says
     so: interrupted where it stopped, when a checkpoint allows --resume; failed, with the
     reason, when nothing can be resumed."""
     try:
         yield
     except (KeyboardInterrupt, StopRequested) as exc:
-        if t.record.status != RUNNING:
+        if run.record.status != RUNNING:
             raise
         signum = exc.signum if isinstance(exc, StopRequested) else signal.SIGINT
-        raise interrupted(t, signum) from None
+        raise interrupted(run, signum) from None
     except BaseException as exc:
-        if t.record.status == RUNNING:
+        if run.record.status == RUNNING:
             reason = str(exc) or type(exc).__name__
-            where = checkpointed(t.run_dir)
+            where = checkpointed(run.run_dir)
             with contextlib.suppress(OSError):  # a full disk may refuse this write too
                 if where is not None:
-                    t.save(status=INTERRUPTED, failure=reason,
+                    run.save(status=INTERRUPTED, failure=reason,
                            stopped=Stopped(stage=where[0], epoch=where[1]))
                 elif fixable(exc):  # once fixed, --resume starts it again
-                    t.save(status=INTERRUPTED, failure=reason, stopped=Stopped(phase=t.phase))
+                    run.save(status=INTERRUPTED, failure=reason, stopped=Stopped(phase=run.phase))
                 else:
-                    t.save(status=FAILED, failure=reason)
+                    run.save(status=FAILED, failure=reason)
         raise
 
 
@@ -264,66 +264,66 @@ def _start(config: FinetuneConfig, run_dir: Path, reporter: Reporter,
                     cluster=cluster, pool=pool)
 
 
-def _probe(t: Training) -> tuple[LinearProbe, np.ndarray]:
+def _probe(run: Training) -> tuple[LinearProbe, np.ndarray]:
     """Fits the linear probe on frozen features of train, says its val score (the bar to
     beat) and saves it as the first candidate model, the first usable one. A linear head
     starts from its weights (LP-FT); a head with a hidden layer gets a probe model of its
     own. Returns it, and which val images it got right."""
-    (x_train, y_train), (x_val, y_val) = t.frozen_features()
+    (x_train, y_train), (x_val, y_val) = run.frozen_features()
     broken = int((~np.isfinite(x_train)).any(axis=1).sum() + (~np.isfinite(x_val)).any(
         axis=1).sum())
     if broken:
-        failure = (f"The frozen {t.spec.name} base gives non-finite features (NaN or inf) for "
+        failure = (f"The frozen {run.spec.name} base gives non-finite features (NaN or inf) for "
                    f"{broken} of {len(x_train) + len(x_val)} images, so nothing can be "
-                   f"trained on them: its weights ('{t.config.weights}') are damaged, or were "
+                   f"trained on them: its weights ('{run.config.weights}') are damaged, or were "
                    f"saved from a model whose training diverged. Use other weights (e.g. "
                    f"--weights imagenet).")
         raise TrainingDiverged(failure)  # recorded as failed by _recording_how_it_ends
-    probe = fit_probe(x_train, y_train, len(t.splits.class_names),
-                      balanced=t.class_weights is not None, seed=t.config.data.seed)
+    probe = fit_probe(x_train, y_train, len(run.splits.class_names),
+                      balanced=run.class_weights is not None, seed=run.config.data.seed)
     right = probe.probabilities(x_val).argmax(axis=1) == y_val
     correct = int(right.sum())
     how = (f"C={probe.c:g} by {probe.folds}-fold cross-validation on train" if probe.folds
            else f"C={probe.c:g}: a class has one training image, too few to cross-validate")
-    t.reporter.info(f"Linear probe ({how}; {probe.seconds:.1f} s): "
+    run.reporter.info(f"Linear probe ({how}; {probe.seconds:.1f} s): "
                     f"{Score.of('val', correct, len(y_val), chose=False).describe()}. "
                     f"The kept model must beat it by more than noise.")
-    save_probe_model(t, probe, PROBE)
-    ready = time.perf_counter() - t.started
-    t.reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
-    t.save(probe=ProbeRecord(c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
+    save_probe_model(run, probe, PROBE)
+    ready = time.perf_counter() - run.started
+    run.reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
+    run.save(probe=ProbeRecord(c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
                              ready_after=round(ready, 3), val_correct=correct))
     return probe, right
 
 
-def _try(t: Training, candidate: Candidate, probe: LinearProbe, probe_right: np.ndarray,
+def _try(run: Training, candidate: Candidate, probe: LinearProbe, probe_right: np.ndarray,
          ) -> None:
     """Fits one row of the candidates table unless the candidates so far leave it no room,
     judges it against the probe by the paired rule, says so in one line, saves its model
     when it won (else the choice could never keep it) and records it either way."""
-    if _no_room(t):
+    if _no_room(run):
         return
-    t.phase = candidate.phase
-    fitted = candidate.fit(t, probe)
+    run.phase = candidate.phase
+    fitted = candidate.fit(run, probe)
     if fitted is None:
         return
-    n, correct = len(t.splits.val), int(fitted.right.sum())
+    n, correct = len(run.splits.val), int(fitted.right.sum())
     won = choose({PROBE: probe_right, fitted.name: fitted.right}).kept == fitted.name
-    t.reporter.info(f"{fitted.summary} ({fitted.seconds:.1f} s): {correct} of {n} val images "
-                    f"right, against the probe's {t.record.probe.val_correct}"
+    run.reporter.info(f"{fitted.summary} ({fitted.seconds:.1f} s): {correct} of {n} val images "
+                    f"right, against the probe's {run.record.probe.val_correct}"
                     + (", beyond noise." if won else ", within noise."))
     if won:
-        fitted.save(t)
-    t.save(candidates=(*t.record.candidates, CandidateRecord(
+        fitted.save(run)
+    run.save(candidates=(*run.record.candidates, CandidateRecord(
         name=fitted.name, kind=candidate.kind, summary=fitted.summary, val_correct=correct,
         won=won, seconds=round(fitted.seconds, 3), details=fitted.details)))
 
 
-def _no_room(t: Training) -> bool:
+def _no_room(run: Training) -> bool:
     """Whether the candidates so far leave no later one room to be kept (val all right, or
     one short): then the stages are skipped, and nothing is prepared for them. --patience 0
     turns this off, as it turns off every early end."""
-    return bool(t.config.patience) and bar_to_clear(t, [])[1] > len(t.splits.val)
+    return bool(run.config.patience) and bar_to_clear(run, [])[1] > len(run.splits.val)
 
 
 def _class_weights(config: FinetuneConfig, splits: DataSplits,
@@ -339,154 +339,154 @@ def _class_weights(config: FinetuneConfig, splits: DataSplits,
     return by_name
 
 
-def _decide(t: Training) -> None:
+def _decide(run: Training) -> None:
     """Runs the data checks (when a stage needs them), resolves the Plan and records it: the
     one place what transferkit decides is written."""
-    config, found = t.config, None
+    config, found = run.config, None
     # the checks decide the fine-tuning depth and the flips of any stage that augments; a
     # run of the probe alone needs neither, nor a run whose stages will be skipped
     if config.adapt and (config.tunes or (config.epochs and config.augment.enabled)
-                         ) and not _no_room(t):
-        train = t.splits.train
-        (x_train, _), _ = t.frozen_features()
-        found = assess(train.sources, train.labels, x_train, t.record.probe.c,
-                       balanced=t.class_weights is not None, seed=config.data.seed)
+                         ) and not _no_room(run):
+        train = run.splits.train
+        (x_train, _), _ = run.frozen_features()
+        found = assess(train.sources, train.labels, x_train, run.record.probe.c,
+                       balanced=run.class_weights is not None, seed=config.data.seed)
         if found is None:
-            t.reporter.info("Too few training images per class to check the data; "
+            run.reporter.info("Too few training images per class to check the data; "
                             "fine-tuning the top blocks with the augmentation as given.")
-    rate = None if t.record.lr_find is None else t.record.lr_find.suggestion
-    plan = build_plan(config, t.spec, rate, found, t.class_weights)
+    rate = None if run.record.lr_find is None else run.record.lr_find.suggestion
+    plan = build_plan(config, run.spec, rate, found, run.class_weights)
     if found is not None:
-        t.reporter.info(f"Data checks: {found.describe()}" + (
+        run.reporter.info(f"Data checks: {found.describe()}" + (
             f"\nGiven and kept over that: {', '.join(plan.stood)}." if plan.stood else ""))
-    t.save(adaptation=found, plan=plan)
+    run.save(adaptation=found, plan=plan)
 
 
-def _warn_if_one_answer(t: Training, val: np.ndarray) -> None:
+def _warn_if_one_answer(run: Training, val: np.ndarray) -> None:
     """Names a kept model that gives one class for every val image of several classes: it
     tells nothing apart (a base that gives every image the same features does this)."""
     answers = np.unique(val.argmax(axis=1))
-    if len(answers) == 1 and len(np.unique(t.splits.val.labels)) > 1:
-        t.reporter.warning(
-            f"The kept model answers '{t.splits.class_names[answers[0]]}' for every one of "
+    if len(answers) == 1 and len(np.unique(run.splits.val.labels)) > 1:
+        run.reporter.warning(
+            f"The kept model answers '{run.splits.class_names[answers[0]]}' for every one of "
             f"the {len(val)} val images: it learned nothing that tells the classes apart. "
-            f"Check the data (doctor, audit) and --weights ('{t.config.weights}'; imagenet "
+            f"Check the data (doctor, audit) and --weights ('{run.config.weights}'; imagenet "
             f"is the usual choice).")
 
 
-def _train_and_keep(t: Training) -> FinetuneResult | None:
+def _train_and_keep(run: Training) -> FinetuneResult | None:
     """The stages, then the choice among the candidates, calibration and scores; writes the
     run. A signal during the final save waits for it (about a second), so the run ends
     complete instead of as a half-written model."""
-    _share_record(t)
-    with StopOnSignal(t.reporter) as stop:
-        with t.strategy.scope():
-            results = train_stages(t, stop)
-        if t.cluster is not None:
-            t.reporter.info(f"Stages done on {t.cluster.size} workers; the weights of "
-                            f"{t.cluster.describe()}: {weights_digest(t.model)}.")
-            if not t.chief:
-                t.reporter.info(f"The chief writes the run to '{t.config.output}'.")
+    _share_record(run)
+    with StopOnSignal(run.reporter) as stop:
+        with run.strategy.scope():
+            results = train_stages(run, stop)
+        if run.cluster is not None:
+            run.reporter.info(f"Stages done on {run.cluster.size} workers; the weights of "
+                            f"{run.cluster.describe()}: {weights_digest(run.model)}.")
+            if not run.chief:
+                run.reporter.info(f"The chief writes the run to '{run.config.output}'.")
                 return None
         # the rest runs on this process alone, outside the strategy (a model made inside a
         # multi-worker one would wait for the other workers)
-        model, choice, val = _choose_model(t, results)
-        refit = _refit(t, model, choice.kept) if t.config.refit else None
-        calibration, scores, test = _calibrate_and_score(t, model, choice, val)
-        novelty = _novelty(t, model, choice.kept, scale(val, calibration.temperature))
+        model, choice, val = _choose_model(run, results)
+        refit = _refit(run, model, choice.kept) if run.config.refit else None
+        calibration, scores, test = _calibrate_and_score(run, model, choice, val)
+        novelty = _novelty(run, model, choice.kept, scale(val, calibration.temperature))
         final = next((r for r in results if r.name == choice.kept), None)
-        if t.history:
-            save_figure(t.run_dir / CURVES_FILE, plot_curves(
-                t.history, kept=(choice.kept, None) if final is None else (final.name,
+        if run.history:
+            save_figure(run.run_dir / CURVES_FILE, plot_curves(
+                run.history, kept=(choice.kept, None) if final is None else (final.name,
                                                                             final.best_epoch)))
         calibrated = scale(val, calibration.temperature)
         metrics = {"val_accuracy": scores[0].accuracy,
-                   "val_loss": log_loss(calibrated, t.splits.val.labels)}
-        t.record = save_run(t.run_dir, model, t.record.replace(
+                   "val_loss": log_loss(calibrated, run.splits.val.labels)}
+        run.record = save_run(run.run_dir, model, run.record.replace(
             stages=tuple(results), kept_stage=choice.kept, metrics=metrics, scores=scores,
-            choice=choice, calibration=calibration, refit=refit, novelty=novelty), t.history)
-    _report(t, model, calibrated, test)
-    t.reporter.info(f"Saved the run to '{t.run_dir}'.")
-    _warn_if_one_answer(t, val)
+            choice=choice, calibration=calibration, refit=refit, novelty=novelty), run.history)
+    _report(run, model, calibrated, test)
+    run.reporter.info(f"Saved the run to '{run.run_dir}'.")
+    _warn_if_one_answer(run, val)
     if stop.signum is not None:
-        t.reporter.warning(f"{signal.Signals(stop.signum).name} arrived while the run was "
+        run.reporter.warning(f"{signal.Signals(stop.signum).name} arrived while the run was "
                            f"being saved; it was saved complete first.")
-    return FinetuneResult(t.run_dir, t.splits.class_names, tuple(results), choice.kept,
-                          tuple(t.history), scores, choice, calibration, test,
-                          fitted_before_the_stages(t.record.candidates, False))
+    return FinetuneResult(run.run_dir, run.splits.class_names, tuple(results), choice.kept,
+                          tuple(run.history), scores, choice, calibration, test,
+                          fitted_before_the_stages(run.record.candidates, False))
 
 
-def _share_record(t: Training) -> None:
+def _share_record(run: Training) -> None:
     """Across workers: every worker takes the chief's record (its probe, checks and Plan),
     so all of them run the same stages, once each has checked that it reads the same
     images as the chief."""
-    if t.cluster is None:
+    if run.cluster is None:
         return
-    digest = hashlib.sha256(json.dumps(t.splits.rows()).encode()).hexdigest()
-    chiefs = json.loads(share_text(t.strategy, json.dumps(
-        {"record": t.record.to_dict(), "splits": digest}), t.cluster))
+    digest = hashlib.sha256(json.dumps(run.splits.rows()).encode()).hexdigest()
+    chiefs = json.loads(share_text(run.strategy, json.dumps(
+        {"record": run.record.to_dict(), "splits": digest}), run.cluster))
     if chiefs["splits"] != digest:
-        raise DataError(f"This worker ({t.cluster.describe()}) reads other images or splits "
-                        f"than the chief from '{t.config.data.data_dir}'. Every worker needs "
+        raise DataError(f"This worker ({run.cluster.describe()}) reads other images or splits "
+                        f"than the chief from '{run.config.data.data_dir}'. Every worker needs "
                         f"the same DATA folder (a shared or identical copy) and settings.")
-    if not t.chief:
-        t.record = save_record(t.run_dir, RunRecord.from_dict(chiefs["record"]))
+    if not run.chief:
+        run.record = save_record(run.run_dir, RunRecord.from_dict(chiefs["record"]))
 
 
-def _candidate(t: Training, name: str) -> keras.Model:
+def _candidate(run: Training, name: str) -> keras.Model:
     """The candidate model `name` (the probe or a stage's best): its weights restored into
     the classifier; or the saved model of a candidate fitted before the stages, or of the
     probe for a head with a hidden layer the probe cannot fill."""
-    if t.record.candidate(name) is not None or (name == PROBE and t.config.dense_units):
-        return load_keras_file(best_checkpoint(t.run_dir, name), "Start the run again with "
+    if run.record.candidate(name) is not None or (name == PROBE and run.config.dense_units):
+        return load_keras_file(best_checkpoint(run.run_dir, name), "Start the run again with "
                                "--overwrite.")
-    restore_best(t.model, t.run_dir, name)
-    return t.model
+    restore_best(run.model, run.run_dir, name)
+    return run.model
 
 
-def _choose_model(t: Training, results: list[StageResult]
+def _choose_model(run: Training, results: list[StageResult]
                   ) -> tuple[keras.Model, Choice, np.ndarray]:
     """Scores every candidate on val and keeps the simplest one that no later one beats by
     more than noise (training.choice); returns it, the choice and its val probabilities."""
-    val = t.splits.val
-    ds = build_dataset(val.sources, None, t.record.image_size, t.batch)
-    probabilities = {name: predict_batches(_candidate(t, name), ds, len(val), t.batch,
-                                           t.reporter, f"Scoring the '{name}' model on val")
-                     for name in (PROBE, *fitted_before_the_stages(t.record.candidates, True),
+    val = run.splits.val
+    ds = build_dataset(val.sources, None, run.record.image_size, run.batch)
+    probabilities = {name: predict_batches(_candidate(run, name), ds, len(val), run.batch,
+                                           run.reporter, f"Scoring the '{name}' model on val")
+                     for name in (PROBE, *fitted_before_the_stages(run.record.candidates, True),
                                   *(r.name for r in results))}
     choice = choose({name: p.argmax(axis=1) == val.labels for name, p in probabilities.items()})
     if choice.comparisons:
-        t.reporter.info(describe_choice(choice))
-    return _candidate(t, choice.kept), choice, probabilities[choice.kept]
+        run.reporter.info(describe_choice(choice))
+    return _candidate(run, choice.kept), choice, probabilities[choice.kept]
 
 
-def _refit(t: Training, model: keras.Model, kept: str) -> Refit | None:
+def _refit(run: Training, model: keras.Model, kept: str) -> Refit | None:
     """Fits the kept probe again on train and val together, its C chosen again by
     cross-validation there: every label then trains the saved model. A fine-tuned model is
     not refitted (that would train its stages again on train + val) and stays as trained on
     train."""
     if kept != PROBE:
-        t.reporter.info(f"Not refitted on train + val: the kept '{kept}' model stays as "
+        run.reporter.info(f"Not refitted on train + val: the kept '{kept}' model stays as "
                         f"trained on train (only the probe is refitted, in seconds).")
         return None
-    (x_train, y_train), (x_val, y_val) = t.frozen_features()
+    (x_train, y_train), (x_val, y_val) = run.frozen_features()
     probe = fit_probe(np.vstack([x_train, x_val]), np.r_[y_train, y_val],
-                      len(t.splits.class_names), balanced=t.class_weights is not None,
-                      seed=t.config.data.seed)
+                      len(run.splits.class_names), balanced=run.class_weights is not None,
+                      seed=run.config.data.seed)
     model.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
-    t.reporter.info(f"Refitted the probe on train + val ({len(x_train) + len(x_val)} images, "
+    run.reporter.info(f"Refitted the probe on train + val ({len(x_train) + len(x_val)} images, "
                     f"C={probe.c:g}; {probe.seconds:.1f} s). Val chose it before the refit, "
                     f"so its val score below is of that model; test stays held out.")
     return Refit(model=PROBE, images=len(x_train) + len(x_val), seconds=round(probe.seconds, 3))
 
 
-def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: np.ndarray
+def _calibrate_and_score(run: Training, model: keras.Model, choice: Choice, val: np.ndarray
                          ) -> tuple[Calibration, tuple[Score, ...], np.ndarray | None]:
     """Fits a temperature on val and folds it into the kept model; scores it with intervals
     on val (which chose it) and on DATA/test when there is one, which nothing was chosen or
     fitted on. Calibration changes no answer, only how sure each one is."""
-    labels, test_split = t.splits.val.labels, t.splits.test
-    temperature, skipped = _temperature(val, labels, t.reporter)
+    labels, test_split = run.splits.val.labels, run.splits.test
+    temperature, skipped = _temperature(val, labels, run.reporter)
     fold_temperature(model.get_layer("head").get_layer(PREDICTIONS), temperature)
     values: dict[str, Any] = {
         "temperature": round(temperature, 4),
@@ -495,8 +495,8 @@ def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: n
     scores = [Score.of("val", choice.val_correct[choice.kept], len(labels), chose=True)]
     test = None
     if test_split is not None and len(test_split):
-        ds = build_dataset(test_split.sources, None, t.record.image_size, t.batch)
-        test = predict_batches(model, ds, len(test_split), t.batch, t.reporter,
+        ds = build_dataset(test_split.sources, None, run.record.image_size, run.batch)
+        test = predict_batches(model, ds, len(test_split), run.batch, run.reporter,
                                "Scoring the test split")
         correct = int((test.argmax(axis=1) == test_split.labels).sum())
         scores.append(Score.of("test", correct, len(test_split), chose=False))
@@ -505,32 +505,32 @@ def _calibrate_and_score(t: Training, model: keras.Model, choice: Choice, val: n
         values["test_ece_after"] = expected_calibration_error(test, test_split.labels)
     calibration = Calibration(**{k: round(v, 4) for k, v in values.items()}, skipped=skipped)
     if not skipped:
-        t.reporter.info(f"Calibration: {calibration.describe()}.")
+        run.reporter.info(f"Calibration: {calibration.describe()}.")
     return calibration, tuple(scores), test
 
 
-def _novelty(t: Training, model: keras.Model, kept: str, val: np.ndarray
+def _novelty(run: Training, model: keras.Model, kept: str, val: np.ndarray
              ) -> NoveltyRecord | None:
     """Fits the kept model's "none of these" score (novelty.py) on train's features and
     val's, and writes RUN/novelty.npz. The probe's features are the cached frozen ones; any
     other model's come from one pass of it over train and val."""
     started = time.perf_counter()
-    record = t.record.candidate(kept)
+    record = run.record.candidate(kept)
     if kept == PROBE or (record is not None and row(record.kind).own_features):
         # the frozen base: its head reads the cached features
-        (x_train, _), (x_val, _) = t.frozen_features()
+        (x_train, _), (x_val, _) = run.frozen_features()
     else:
         both = with_features(model)
         x_train, x_val = (predict_batches(both, build_dataset(
-            images.sources, None, t.record.image_size, t.batch), len(images), t.batch,
-            t.reporter, f"Features of {name} for the novelty score")[0]
-            for name, images in (("train", t.splits.train), ("val", t.splits.val)))
-    novelty = fit_novelty(x_train, x_val, val, seed=t.config.data.seed)
+            images.sources, None, run.record.image_size, run.batch), len(images), run.batch,
+            run.reporter, f"Features of {name} for the novelty score")[0]
+            for name, images in (("train", run.splits.train), ("val", run.splits.val)))
+    novelty = fit_novelty(x_train, x_val, val, seed=run.config.data.seed)
     if novelty is None:
-        t.reporter.info("No novelty score: val has too few images to set its threshold.")
+        run.reporter.info("No novelty score: val has too few images to set its threshold.")
         return None
-    novelty.save(t.run_dir / NOVELTY_FILE)
-    t.reporter.info(f"Novelty score fitted on {len(novelty.bank)} train images; its threshold "
+    novelty.save(run.run_dir / NOVELTY_FILE)
+    run.reporter.info(f"Novelty score fitted on {len(novelty.bank)} train images; its threshold "
                     f"passes {novelty.accept:.0%} of val: predict scores every image, and "
                     f"--reject-unknown labels those above it unknown.")
     return NoveltyRecord(k=novelty.k, threshold=round(novelty.threshold, 4),
@@ -560,19 +560,19 @@ def _temperature(val: np.ndarray, labels: np.ndarray, reporter: Reporter) -> tup
     return 1.0, why
 
 
-def _report(t: Training, model: keras.Model, val: np.ndarray, test: np.ndarray | None) -> None:
+def _report(run: Training, model: keras.Model, val: np.ndarray, test: np.ndarray | None) -> None:
     """RUN/report.html: the record, the kept model on val and test, and a map of the
     frozen-base features (from the cache the probe filled; with --no-cache, no map)."""
-    names, size = t.splits.class_names, t.record.image_size
-    evaluated = [Evaluated("val (it chose the model)", t.splits.val, val, classification_metrics(
-        t.splits.val.labels, val, names, split="val", chose=True), model, size)]
-    if test is not None and t.splits.test is not None:
-        evaluated.append(Evaluated("test (held out)", t.splits.test, test,
-                                   classification_metrics(t.splits.test.labels, test, names,
+    names, size = run.splits.class_names, run.record.image_size
+    evaluated = [Evaluated("val (it chose the model)", run.splits.val, val, classification_metrics(
+        run.splits.val.labels, val, names, split="val", chose=True), model, size)]
+    if test is not None and run.splits.test is not None:
+        evaluated.append(Evaluated("test (held out)", run.splits.test, test,
+                                   classification_metrics(run.splits.test.labels, test, names,
                                                           split="test"), model, size))
     features = None
-    if t.frozen is not None or t.config.cache:  # the probe's features; never a pass for a map
-        (x_train, _), (x_val, _) = t.frozen_features()
-        features = np.concatenate([x_train, x_val]), t.splits.train.join(t.splits.val)
-    write_run_report(t.run_dir, t.record, evaluated, features)
-    t.reporter.info(f"Wrote {t.run_dir / REPORT_FILE}.")
+    if run.frozen is not None or run.config.cache:  # the probe's features; never a pass for a map
+        (x_train, _), (x_val, _) = run.frozen_features()
+        features = np.concatenate([x_train, x_val]), run.splits.train.join(run.splits.val)
+    write_run_report(run.run_dir, run.record, evaluated, features)
+    run.reporter.info(f"Wrote {run.run_dir / REPORT_FILE}.")

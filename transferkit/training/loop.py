@@ -205,41 +205,40 @@ def _restore_head_state(model: keras.Model, run_dir: Path) -> list[np.ndarray] |
     return best
 
 
-def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
+def train_stages(run: Training, stop: StopOnSignal) -> list[StageResult]:
     """Runs the Plan's stages not finished yet (inside the strategy's scope); each ends on
     its best epoch."""
-    t = training
     results: list[StageResult] = []
-    n = len(t.splits.val)
-    for stage in plan_stages(t.config, t.plan, t.spec):
-        if t.done >= stage.last_epoch:  # finished before an interruption
-            results.append(stage_result(stage, t.history, t.config.monitor,
-                                        t.record.trainable_params[stage.name]))
+    n = len(run.splits.val)
+    for stage in plan_stages(run.config, run.plan, run.spec):
+        if run.done >= stage.last_epoch:  # finished before an interruption
+            results.append(stage_result(stage, run.history, run.config.monitor,
+                                        run.record.trainable_params[stage.name]))
             continue
-        bar, needed = bar_to_clear(t, results)
-        if t.config.patience and needed > n:  # --patience 0: no stage ends early, or is skipped
-            t.reporter.info(f"Stage '{stage.name}' and any after it skipped: the '{bar[0]}' "
+        bar, needed = bar_to_clear(run, results)
+        if run.config.patience and needed > n:  # --patience 0: no stage ends early, or is skipped
+            run.reporter.info(f"Stage '{stage.name}' and any after it skipped: the '{bar[0]}' "
                             f"model got {bar[1]} of {n} val images right, and a later "
                             f"candidate is kept only by more than noise, which takes at least "
                             f"{LEAST_WIN} more.")
             break
-        result = _train_stage(t, stage, stop, needed)
-        restore_best(t.model, t.run_dir, stage.name)  # the stage ends on its best epoch
-        rows = [r for r in t.history if r["stage"] == stage.name]
+        result = _train_stage(run, stage, stop, needed)
+        restore_best(run.model, run.run_dir, stage.name)  # the stage ends on its best epoch
+        rows = [r for r in run.history if r["stage"] == stage.name]
         if result.stopped_early and best_correct(rows, n) < needed:
-            t.reporter.info(f"Stage '{stage.name}' stopped after {result.epochs} epochs: not "
+            run.reporter.info(f"Stage '{stage.name}' stopped after {result.epochs} epochs: not "
                             f"on course to be kept. Its best epoch got {best_correct(rows, n)} "
                             f"of {n} val images right and at its pace would reach about "
                             f"{projected_correct(rows, n, stage.last_epoch):.0f} by its last "
                             f"epoch; beating the '{bar[0]}' model's {bar[1]} by more than "
                             f"noise takes at least {needed}.")
         elif result.stopped_early:
-            t.reporter.info(f"Stage '{stage.name}' stopped early: no {t.config.monitor} "
-                            f"improvement for {t.config.patience} epochs.")
-        t.reporter.info(f"Stage '{stage.name}' keeps its best epoch, {result.best_epoch} "
-                        f"({t.config.monitor} {result.metrics[t.config.monitor]:.4f}).")
+            run.reporter.info(f"Stage '{stage.name}' stopped early: no {run.config.monitor} "
+                            f"improvement for {run.config.patience} epochs.")
+        run.reporter.info(f"Stage '{stage.name}' keeps its best epoch, {result.best_epoch} "
+                        f"({run.config.monitor} {result.metrics[run.config.monitor]:.4f}).")
         results.append(result)
-        t.done = stage.last_epoch
+        run.done = stage.last_epoch
     return results
 
 
@@ -251,142 +250,142 @@ def train_stages(training: Training, stop: StopOnSignal) -> list[StageResult]:
 ON_COURSE_EPOCHS = 2
 
 
-def save_probe_model(t: Training, probe: LinearProbe, name: str) -> None:
+def save_probe_model(run: Training, probe: LinearProbe, name: str) -> None:
     """Saves the classifier with `probe`'s weights as candidate `name`: the run's model (a
     linear head starts from them, LP-FT), or a model of its own for a head with a hidden
     layer."""
-    candidate = t.model
-    if t.config.dense_units:  # built for saving only, so outside the strategy
-        candidate = build_classifier(t.model.get_layer("features"), build_head(
-            probe.kernel.shape[0], len(t.splits.class_names)))
+    candidate = run.model
+    if run.config.dense_units:  # built for saving only, so outside the strategy
+        candidate = build_classifier(run.model.get_layer("features"), build_head(
+            probe.kernel.shape[0], len(run.splits.class_names)))
     candidate.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
-    save_best(t.run_dir, candidate, name)
+    save_best(run.run_dir, candidate, name)
 
 
-def bar_to_clear(t: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
+def bar_to_clear(run: Training, results: Sequence[StageResult]) -> tuple[tuple[str, int], int]:
     """The best candidate kept so far (those fitted before the stages only if they beat the
     probe) with its val images right, and how many a next candidate must get right to be
     kept (LEAST_WIN more); 0 for a run recorded before probes counted theirs."""
-    n = len(t.splits.val)
-    probe = t.record.probe
+    n = len(run.splits.val)
+    probe = run.record.probe
     if probe is None or probe.val_correct is None:
         return (PROBE, 0), 0
     candidates = [(PROBE, probe.val_correct),
-                  *((c.name, c.val_correct) for c in t.record.candidates if c.won)]
+                  *((c.name, c.val_correct) for c in run.record.candidates if c.won)]
     candidates += [(r.name, round((r.best_val_accuracy or 0) * n)) for r in results]
     best = max(candidates, key=lambda b: b[1])
     return best, best[1] + LEAST_WIN
 
 
-def _train_stage(t: Training, stage: StagePlan, stop: StopOnSignal,
+def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
                  needed: int = 0) -> StageResult:
     """One stage: freeze or unfreeze, compile, fit with the callbacks; checkpointed each
     epoch. A signal leaves it as an interrupted run, a diverged loss as a failed one."""
-    config, plan = t.config, t.plan
-    resuming = t.resumed_stage == stage.name and t.done > stage.first_epoch
+    config, plan = run.config, run.plan
+    resuming = run.resumed_stage == stage.name and run.done > stage.first_epoch
     if not resuming:
         if stage.name == HEAD:
-            freeze_base(t.base)
+            freeze_base(run.base)
         else:
-            unfreeze_top_blocks(t.base, t.spec, plan.unfreeze_blocks, config.train_batchnorm)
-        t.save(trainable_params={**t.record.trainable_params,
-                                 stage.name: count_params(t.model).trainable})
-    fitted, train, val, batch_size = _stage_inputs(t, stage, resuming)
+            unfreeze_top_blocks(run.base, run.spec, plan.unfreeze_blocks, config.train_batchnorm)
+        run.save(trainable_params={**run.record.trainable_params,
+                                 stage.name: count_params(run.model).trainable})
+    fitted, train, val, batch_size = _stage_inputs(run, stage, resuming)
     # on course or not: judged after ON_COURSE_EPOCHS past the warm-up, at most --patience in
     judge_after = min(config.patience, stage.schedule.warmup_epochs + ON_COURSE_EPOCHS)
-    tracker = EpochTracker(stage.name, config.monitor, t.history)
-    checkpointer = Checkpointer(tracker, t.run_dir, t.model,
-                                best=t.resumed_best if resuming else None)
-    stopping = OffCourseStopping(tracker, config.patience, needed, len(t.splits.val),
+    tracker = EpochTracker(stage.name, config.monitor, run.history)
+    checkpointer = Checkpointer(tracker, run.run_dir, run.model,
+                                best=run.resumed_best if resuming else None)
+    stopping = OffCourseStopping(tracker, config.patience, needed, len(run.splits.val),
                                  stage.last_epoch, judge_after)
-    extra = [keras.callbacks.TensorBoard(log_dir=str(t.run_dir / TENSORBOARD_DIR))
+    extra = [keras.callbacks.TensorBoard(log_dir=str(run.run_dir / TENSORBOARD_DIR))
              ] if config.tensorboard else []
     weights = None if plan.class_weights is None else {
-        t.splits.class_names.index(c): w for c, w in plan.class_weights.items()}
+        run.splits.class_names.index(c): w for c, w in plan.class_weights.items()}
     try:
         trainable = run_stage(StageInputs(
-            fitted, stage, train, val, math.ceil(len(t.splits.train) / t.batch), t.history,
-            optimizer=None if resuming or fitted is not t.model else config.optimizer,
-            first_epoch=t.done if resuming else None, class_weight=weights,
-            batch_size=batch_size, jit=config.compute.jit, val_labels=t.splits.val.labels,
-            label_smoothing=t.smoothing, cluster=t.cluster,
-            callbacks=[tracker, checkpointer, stopping, stop.callback(), *extra]), t.reporter)
+            fitted, stage, train, val, math.ceil(len(run.splits.train) / run.batch), run.history,
+            optimizer=None if resuming or fitted is not run.model else config.optimizer,
+            first_epoch=run.done if resuming else None, class_weight=weights,
+            batch_size=batch_size, jit=config.compute.jit, val_labels=run.splits.val.labels,
+            label_smoothing=run.smoothing, cluster=run.cluster,
+            callbacks=[tracker, checkpointer, stopping, stop.callback(), *extra]), run.reporter)
     except StopRequested as stopped:  # every completed epoch is checkpointed already
-        raise interrupted(t, stopped.signum) from None
+        raise interrupted(run, stopped.signum) from None
     except TrainingDiverged as diverged:
-        t.save(status=FAILED, failure=str(diverged))
+        run.save(status=FAILED, failure=str(diverged))
         raise
     checkpointer.finish()
-    return stage_result(stage, t.history, config.monitor, trainable)
+    return stage_result(stage, run.history, config.monitor, trainable)
 
 
-def _stage_inputs(t: Training, stage: StagePlan, resuming: bool
+def _stage_inputs(run: Training, stage: StagePlan, resuming: bool
                   ) -> tuple[keras.Model, Any, Any, int | None]:
     """The model a stage fits and its training and validation data: the classifier on
     (augmented) image datasets, or, for a head stage without augmentation, the head alone on
     cached frozen-base features (then with the batch size to use)."""
-    config, plan = t.config, t.plan
-    k = len(t.splits.class_names)
+    config, plan = run.config, run.plan
+    k = len(run.splits.class_names)
     # across workers, each reads its own share of the files, in batches per replica
-    sources, labels, batch = t.splits.train.sources, t.splits.train.labels, t.batch
-    if t.cluster is not None:
-        sources, labels = shard(sources, t.cluster), shard(labels, t.cluster)
+    sources, labels, batch = run.splits.train.sources, run.splits.train.labels, run.batch
+    if run.cluster is not None:
+        sources, labels = shard(sources, run.cluster), shard(labels, run.cluster)
         batch = config.data.batch_size
     if stage.name != HEAD or plan.augment.enabled:
-        train = build_dataset(sources, labels, t.record.image_size, batch,
-                              shuffle_seed=config.data.seed + t.done,
+        train = build_dataset(sources, labels, run.record.image_size, batch,
+                              shuffle_seed=config.data.seed + run.done,
                               augment=build_augmentation(plan.augment, config.data.seed),
-                              replicas=1 if t.cluster else t.strategy.num_replicas_in_sync)
-        val = build_dataset(t.splits.val.sources, t.splits.val.labels, t.record.image_size,
-                            t.batch)
-        if t.smoothing is not None:  # one-hot rows, then mixed as asked
+                              replicas=1 if run.cluster else run.strategy.num_replicas_in_sync)
+        val = build_dataset(run.splits.val.sources, run.splits.val.labels, run.record.image_size,
+                            run.batch)
+        if run.smoothing is not None:  # one-hot rows, then mixed as asked
             import tensorflow as tf
 
             train, val = (ds.map(lambda x, y: (x, tf.one_hot(y, k))) for ds in (train, val))
             mixing = build_mixing(plan.augment, config.data.seed)
             train = train if mixing is None else train.map(mixing)
-        return t.model, train, val, None
-    train, val = t.frozen_features()
-    if t.cluster is not None:
-        train = (shard(train[0], t.cluster), shard(train[1], t.cluster))
-    if t.smoothing is not None:
+        return run.model, train, val, None
+    train, val = run.frozen_features()
+    if run.cluster is not None:
+        train = (shard(train[0], run.cluster), shard(train[1], run.cluster))
+    if run.smoothing is not None:
         train, val = ((x, np.eye(k, dtype=np.float32)[y]) for x, y in (train, val))
-    t.reporter.info("Stage 'head' trains on the frozen-base features (no augmentation).")
+    run.reporter.info("Stage 'head' trains on the frozen-base features (no augmentation).")
     if not resuming:  # checkpoints save the classifier, optimizer state included
-        compile_model(t.model, config.optimizer, stage.learning_rate, config.compute.jit,
-                      t.smoothing)
-        save_checkpoint(t.run_dir, t.model)  # the frozen base, once per stage
+        compile_model(run.model, config.optimizer, stage.learning_rate, config.compute.jit,
+                      run.smoothing)
+        save_checkpoint(run.run_dir, run.model)  # the frozen base, once per stage
     # A stand-alone model over the head's layers trains with the classifier's optimizer (in
     # the head stage their trainable variables are the same), so checkpoints of the
     # classifier carry its state. Compiling the nested head itself would make Keras save that
     # optimizer under the head, where loading misses it.
-    head = t.model.get_layer("head")
+    head = run.model.get_layer("head")
     fitted = keras.Model(head.inputs, head.outputs)
-    compile_model(fitted, t.model.optimizer, stage.learning_rate, config.compute.jit,
-                  t.smoothing)
+    compile_model(fitted, run.model.optimizer, stage.learning_rate, config.compute.jit,
+                  run.smoothing)
     return fitted, train, val, batch
 
 
-def interrupted(t: Training, signum: int) -> RunInterrupted:
+def interrupted(run: Training, signum: int) -> RunInterrupted:
     """Records where training stopped and says how to continue (a worker that is not the
     chief points at the chief's run, which every worker resumes)."""
     name = signal.Signals(signum).name
-    if not t.chief:
-        t.save(status=INTERRUPTED, stopped=Stopped(phase=t.phase, signal=name))
-        return RunInterrupted(f"Stopped by {name} during {t.phase}, with the other workers. "
+    if not run.chief:
+        run.save(status=INTERRUPTED, stopped=Stopped(phase=run.phase, signal=name))
+        return RunInterrupted(f"Stopped by {name} during {run.phase}, with the other workers. "
                               f"The chief keeps the run: continue with transferkit finetune "
-                              f"--resume {t.config.output} on every worker.", signum)
-    if not t.history:
-        t.save(status=INTERRUPTED, stopped=Stopped(phase=t.phase, signal=name))
-        probe, saved = t.record.probe, best_checkpoint(t.run_dir, PROBE)
-        usable = (f" The probe it fitted ({probe.val_correct} of {len(t.splits.val)} val "
+                              f"--resume {run.config.output} on every worker.", signum)
+    if not run.history:
+        run.save(status=INTERRUPTED, stopped=Stopped(phase=run.phase, signal=name))
+        probe, saved = run.record.probe, best_checkpoint(run.run_dir, PROBE)
+        usable = (f" The probe it fitted ({probe.val_correct} of {len(run.splits.val)} val "
                   f"images right) is a usable plain Keras model: {saved}."
                   if probe is not None and saved.is_file() else "")
-        return RunInterrupted(f"Stopped by {name} during {t.phase}, before the first epoch "
-                              f"ended.{usable} {how_to_continue(t.run_dir)}", signum)
-    where = Stopped(stage=t.history[-1]["stage"], epoch=t.history[-1]["epoch"], signal=name)
-    t.save(status=INTERRUPTED, stopped=where)
+        return RunInterrupted(f"Stopped by {name} during {run.phase}, before the first epoch "
+                              f"ended.{usable} {how_to_continue(run.run_dir)}", signum)
+    where = Stopped(stage=run.history[-1]["stage"], epoch=run.history[-1]["epoch"], signal=name)
+    run.save(status=INTERRUPTED, stopped=where)
     return RunInterrupted(
-        f"Stopped by {name}. '{t.run_dir}' keeps its checkpoint from epoch {where.epoch} "
-        f"(stage {where.stage}). Continue with: transferkit finetune --resume {t.run_dir}",
+        f"Stopped by {name}. '{run.run_dir}' keeps its checkpoint from epoch {where.epoch} "
+        f"(stage {where.stage}). Continue with: transferkit finetune --resume {run.run_dir}",
         signum)

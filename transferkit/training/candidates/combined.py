@@ -105,15 +105,15 @@ class CombinedCandidate:
     after_checks = False
     own_features = False
 
-    def fit(self, t: Training, probe: LinearProbe) -> Fitted | None:
-        bases = combinable(t.record.base, t.config.weights) if t.config.combine else ()
+    def fit(self, run: Training, probe: LinearProbe) -> Fitted | None:
+        bases = combinable(run.record.base, run.config.weights) if run.config.combine else ()
         if not bases:
             return None
-        (x_train, _), (x_val, _) = t.frozen_features()
-        combined = fit_combined(bases, t.config.data, t.record.image_size, t.splits,
-                                (x_train, x_val), t.class_weights is not None, t.reporter,
-                                t.config.cache)
-        size, precision = t.record.image_size, t.record.compute.precision
+        (x_train, _), (x_val, _) = run.frozen_features()
+        combined = fit_combined(bases, run.config.data, run.record.image_size, run.splits,
+                                (x_train, x_val), run.class_weights is not None, run.reporter,
+                                run.config.cache)
+        size, precision = run.record.image_size, run.record.compute.precision
         return Fitted(COMBINED, combined.right,
                       f"Combined probe on {', '.join(bases)} side by side, "
                       f"C={combined.probe.c:g}", combined.seconds,

@@ -34,13 +34,14 @@ class Candidate(Protocol):
     after_checks: bool  # it reads the data checks' findings, so it is fitted after them
     own_features: bool  # its model reads the run's frozen base's features, as the probe's
 
-    def fit(self, t: Training, probe: LinearProbe) -> Fitted | None:
-        """The candidate fitted on `t`'s train split and scored on val (`probe`: the run's
+    def fit(self, run: Training, probe: LinearProbe) -> Fitted | None:
+        """The candidate fitted on `run`'s train split and scored on val (`probe`: the run's
         linear probe); None when it does not apply to this run (an option, the base, the
         data checks' findings).
 
         Args:
-            t: the run, its frozen features at hand (`t.frozen_features()`).
+            run: the run being trained, its frozen features at hand
+                (`run.frozen_features()`).
             probe: the linear probe fitted first, which the candidate may start from.
 
         Returns:

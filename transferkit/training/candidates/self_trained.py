@@ -76,21 +76,21 @@ class SelfTrainedCandidate:
     after_checks = False
     own_features = True
 
-    def fit(self, t: Training, probe: LinearProbe) -> Fitted | None:
-        pool = t.pool
+    def fit(self, run: Training, probe: LinearProbe) -> Fitted | None:
+        pool = run.pool
         if pool is None:
             return None
-        (x_train, y_train), (x_val, y_val) = t.frozen_features()
-        (x_pool,) = t.frozen_features_of([pool.images], "the unlabelled pool")
-        trained = self_train(probe, x_train, y_train, x_val, x_pool, len(t.splits.class_names),
-                             balanced=t.class_weights is not None, seed=t.config.data.seed)
+        (x_train, y_train), (x_val, y_val) = run.frozen_features()
+        (x_pool,) = run.frozen_features_of([pool.images], "the unlabelled pool")
+        trained = self_train(probe, x_train, y_train, x_val, x_pool, len(run.splits.class_names),
+                             balanced=run.class_weights is not None, seed=run.config.data.seed)
         right = trained.probe.probabilities(x_val).argmax(axis=1) == y_val
         return Fitted(SELF_TRAINED, right,
                       f"Self-trained probe, {trained.pseudo_labelled} of {len(pool.images)} "
                       f"pool images pseudo-labelled and {trained.unlike} left out as unlike "
                       f"every class, C={trained.probe.c:g}", trained.seconds,
                       lambda run: save_probe_model(run, trained.probe, SELF_TRAINED),
-                      {"pool": str(t.config.unlabeled), "images": len(pool.images),
+                      {"pool": str(run.config.unlabeled), "images": len(pool.images),
                        "unreadable": len(pool.unreadable),
                        "pseudo_labelled": trained.pseudo_labelled, "unlike": trained.unlike,
                        "c": trained.probe.c})

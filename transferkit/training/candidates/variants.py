@@ -98,19 +98,19 @@ class VariantCandidate:
     after_checks = True
     own_features = False
 
-    def fit(self, t: Training, probe: LinearProbe) -> Fitted | None:
-        found = t.record.adaptation
-        picked = None if found is None else pick_variant(found.deep, t.spec,
-                                                         t.record.image_size)
+    def fit(self, run: Training, probe: LinearProbe) -> Fitted | None:
+        found = run.record.adaptation
+        picked = None if found is None else pick_variant(found.deep, run.spec,
+                                                         run.record.image_size)
         if picked is None:
             return None
-        config = t.config
-        job = FeatureModel(t.spec.name, config.weights, config.data.seed, t.record.image_size,
-                           t.record.compute.precision, len(t.spec.blocks),
+        config = run.config
+        job = FeatureModel(run.spec.name, config.weights, config.data.seed, run.record.image_size,
+                           run.record.compute.precision, len(run.spec.blocks),
                            batch_size=config.data.batch_size)
-        variant = fit_variant(picked, job, t.splits, t.class_weights is not None, t.reporter,
+        variant = fit_variant(picked, job, run.splits, run.class_weights is not None, run.reporter,
                               config.cache)
-        where = (f"after block {variant.job.blocks} of {len(t.spec.blocks)}"
+        where = (f"after block {variant.job.blocks} of {len(run.spec.blocks)}"
                  if variant.name == EARLIER else f"at {variant.job.upsample_to} px")
         return Fitted(variant.name, variant.right,
                       f"Probe on the features {where} (the data checks' pick), "
