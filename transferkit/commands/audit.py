@@ -83,6 +83,13 @@ class AuditResult:
 def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
     """Audits `config.data` and writes audit.json and report.html into `config.output`.
 
+    Args:
+        config: the data folder, base and output folder.
+        reporter: where progress goes (none when None).
+
+    Returns:
+        The counts and findings written to audit.json, with the seconds taken.
+
     Raises:
         TransferkitError: bad data or options, or an existing output.
     """

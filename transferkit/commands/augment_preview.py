@@ -19,7 +19,12 @@ from transferkit.runs.directory import check_output
 def preview_augmentation(config: PreviewConfig, reporter: Reporter | None = None) -> int:
     """`augment-preview`: a grid with one training image per row (taking the classes in turn),
     its original first and then augmented draws, at the size the base sees them, written as a
-    PNG. Returns the number of rows."""
+    PNG. Returns the number of rows.
+
+    Args:
+        config: the data folder, augmentation and PNG file to write.
+        reporter: where progress goes (none when None).
+    """
     reporter = reporter or NullReporter()
     check_output(config.output, config.overwrite, data=config.data.data_dir)
     size = resolve_image_size(get_base(config.base), config.data.image_size)

@@ -79,6 +79,13 @@ def fold_dir(run_dir: Path, fold: int) -> Path:
 def cross_validate(config: CVConfig, reporter: Reporter | None = None) -> CVResult:
     """Runs the recipe on each of K folds and writes the ensemble run directory.
 
+    Args:
+        config: the finetune recipe run on each fold, and K.
+        reporter: where progress goes (none when None).
+
+    Returns:
+        The ensemble's run directory and its record (fold scores, out-of-fold score).
+
     Raises:
         TransferkitError: bad data or options (a class with fewer images than folds), or an
             existing output; RunInterrupted when stopped by a signal (then run.json says
@@ -96,6 +103,13 @@ def cross_validate(config: CVConfig, reporter: Reporter | None = None) -> CVResu
 def resume_cv(run_dir: Path, reporter: Reporter | None = None) -> CVResult:
     """Continues an interrupted cv run with its saved settings: finished folds are kept,
     an interrupted fold continues from its checkpoint, the others run.
+
+    Args:
+        run_dir: the interrupted cv run; its settings are run.json's.
+        reporter: where progress goes (none when None).
+
+    Returns:
+        As cross_validate.
 
     Raises:
         ArtifactError: `run_dir` is not an unfinished cv run.

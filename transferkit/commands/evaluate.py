@@ -76,6 +76,14 @@ def evaluate(config: EvaluateConfig, reporter: Reporter | None = None) -> Evalua
     folder that then replaces the output folder in one step, so an earlier evaluation is
     never mixed with this one.
 
+    Args:
+        config: the run, the labelled images (default: the run's test split, else val) and
+            the output folder.
+        reporter: where progress goes (none when None).
+
+    Returns:
+        The metrics, where they were written, what was scored, and the mistakes shown.
+
     Raises:
         TransferkitError: the run or the images cannot be read, or the output exists (the
             run's own evaluation folder is replaced without --overwrite).

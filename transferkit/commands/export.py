@@ -254,6 +254,13 @@ def _check_images(config: ExportConfig, run: LoadedRun, reporter: Reporter
 def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResult:
     """Exports the run in `config.run_dir` and checks the export against the Keras model.
 
+    Args:
+        config: the run, the format, the target and the quantization.
+        reporter: where progress goes (none when None).
+
+    Returns:
+        Where the export was written, its size, and how closely it matched Keras.
+
     Raises:
         TransferkitError: the run cannot be read, a package the format needs is missing,
             int8 has no calibration images, the output exists, or the export's outputs do

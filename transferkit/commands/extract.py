@@ -90,6 +90,13 @@ def extract(config: ExtractConfig, reporter: Reporter | None = None) -> ExtractR
     Features already in the cache for unchanged images are reused; the base is only built
     when some image still needs it.
 
+    Args:
+        config: the data folder, base, cut point, output, and --train-head's settings.
+        reporter: where progress goes (none when None).
+
+    Returns:
+        The counts written (and the head's run, when trained).
+
     Raises:
         TransferkitError: bad data, options, weights, or an existing output.
     """

@@ -129,6 +129,15 @@ def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
     writes the run directory. Across workers (--strategy multiworker) the chief does all of
     that; the others train the stages with it, in a scratch folder, and return None.
 
+    Args:
+        config: the settings as the user gave them.
+        reporter: where progress goes (none when None).
+        splits: the splits to train on (cv's folds); default: read from config.data.
+
+    Returns:
+        The kept model's name, its scores, the choice and calibration; None on a worker
+        that is not the chief.
+
     Raises:
         TransferkitError: bad data, options, weights, or an existing output (all checked
             before anything is written); RunInterrupted when stopped by a signal.
@@ -157,6 +166,13 @@ def resume_finetune(run_dir: Path, reporter: Reporter | None = None) -> Finetune
     """Continues an interrupted `finetune` from its last completed epoch; one stopped before
     its first checkpoint (reading data, the probe, the data checks) starts again with its
     saved settings. Across workers, every worker reads the chief's run (a shared folder).
+
+    Args:
+        run_dir: the interrupted run; its settings are run.json's.
+        reporter: where progress goes (none when None).
+
+    Returns:
+        As finetune.
 
     Raises:
         ArtifactError: `run_dir` is not an unfinished run, or has no checkpoint yet.

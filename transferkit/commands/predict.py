@@ -197,6 +197,15 @@ def _answers(model: keras.Model, novelty: Novelty | None, sources: list[str], ru
 def predict(config: PredictConfig, reporter: Reporter | None = None) -> PredictionReport:
     """Predicts every image in `config.paths` with the run in `config.run_dir`.
 
+    Args:
+        config: the run, the paths (files, folders, patterns, a list from stdin) and the
+            options.
+        reporter: where progress goes (none when None).
+
+    Returns:
+        One prediction per file (an error row for a file that is not a usable image), and
+        the accuracy where folders name classes.
+
     Raises:
         TransferkitError: the run cannot be read or a path does not exist.
     """

@@ -135,6 +135,13 @@ def select(config: SelectConfig, reporter: Reporter | None = None) -> Selection:
     """Picks `config.n` pool images to label next and writes them to `config.output` (CSV:
     path,score,reason, best first), and an HTML page of them with `config.html`.
 
+    Args:
+        config: the labelled data, the pool, how many to pick and the output.
+        reporter: where progress goes (none when None).
+
+    Returns:
+        The picks, best first, and what was left out of the pool and why.
+
     Raises:
         TransferkitError: bad data, pool or options, or an existing output.
     """

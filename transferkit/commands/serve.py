@@ -358,6 +358,10 @@ def serve(config: ServeConfig, reporter: Reporter | None = None) -> None:
     """Loads the run and serves it until SIGTERM or SIGINT, then exits after answering the
     requests in flight.
 
+    Args:
+        config: the run, the address and the batching limits.
+        reporter: where progress goes (none when None).
+
     Raises:
         TransferkitError: the run cannot be served, or the port is taken.
     """

@@ -116,6 +116,9 @@ def upgrade_run(run_dir: Path) -> int:
     base and head re-saved behind Keras's own preprocessing layers, checked to give the same
     probabilities first). Returns the format it had.
 
+    Args:
+        run_dir: the run to bring up to date, in place.
+
     Raises:
         ArtifactError: `run_dir` is not a run of an earlier format, or cannot be converted.
     """
