@@ -108,6 +108,11 @@ def test_no_output_is_written_inside_an_input_folder(image_folder: Path, tmp_pat
                                      str(inside), *TINY])
         assert result.exit_code == 1 and "inside the pool folder" in said(result.stderr)
     assert [p.name for p in pool.iterdir()] == ["new.png"]
+    before = sorted(p.name for p in image_folder.iterdir())
+    result = runner.invoke(app, ["doctor", str(image_folder), "-o",
+                                 str(image_folder / "report.json")])
+    assert result.exit_code == 1 and "inside the data folder" in said(result.stderr)
+    assert sorted(p.name for p in image_folder.iterdir()) == before
 
 
 def test_a_seed_out_of_range_is_a_usage_error_for_every_command(image_folder: Path,
@@ -648,3 +653,22 @@ def test_serve_answers_names_that_are_not_utf8_as_valid_json(odd_run: Path):
     body = json.loads(answer.body.decode("utf-8"))  # strict UTF-8: Starlette's own failed
     assert restore_names(body)["classes"] == list(read_record(odd_run).class_names)
     assert any(raw for raw in body["classes_bytes"] if raw)
+
+
+def test_a_format_that_contradicts_the_output_name_is_refused(trained_run: Path,
+                                                              image_folder: Path,
+                                                              tmp_path: Path):
+    result = runner.invoke(app, ["predict", str(trained_run), str(image_folder), "-o",
+                                 str(tmp_path / "x.csv"), "--format", "json"])
+    assert result.exit_code == 2 and "whose name says csv" in said(result.stderr)
+    assert not (tmp_path / "x.csv").exists()
+    agreed = runner.invoke(app, ["predict", str(trained_run), str(image_folder), "-o",
+                                 str(tmp_path / "x.json"), "--format", "json"])
+    assert agreed.exit_code == 0, agreed.output
+
+
+def test_an_option_that_only_qualifies_another_is_refused_alone(tmp_path: Path,
+                                                                monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_HOME", str(tmp_path / "home"))
+    result = runner.invoke(app, ["cache", "--weights"])
+    assert result.exit_code == 2 and "pass both" in said(result.stderr)

@@ -323,7 +323,7 @@ def doctor(settings: Settings = GIVEN) -> None:
         from transferkit.runs.directory import check_output
 
         if config.output is not None:
-            check_output(config.output, config.overwrite)
+            check_output(config.output, config.overwrite, data=config.data_dir)
         if config.quarantine is not None:  # refused before anything is inspected or written
             check_quarantine(config.data_dir, config.quarantine)
         report = diagnose(config.data_dir, get_base(config.base).min_size, RichReporter(),
@@ -414,6 +414,9 @@ def cache_command(
         from transferkit.cache import cache_dir, cache_usage, clear_cache
         from transferkit.cli.console import render_cache
 
+        if weights and not clear:
+            raise ConfigError("--weights says what --clear also deletes; pass both, or neither "
+                              "to see what the cache holds.")
         if clear:
             clear_cache(weights=weights)
         render_cache(cache_dir(), cache_usage())

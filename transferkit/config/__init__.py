@@ -744,10 +744,15 @@ class PredictConfig:
         check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
         check(self.format is None or self.format in PREDICTION_FORMATS,
                f"--format must be one of {', '.join(PREDICTION_FORMATS)}; got {self.format}.")
+        suffix = "" if self.output is None else self.output.suffix.lower().lstrip(".")
         check(self.format is not None or self.output in (None, STDOUT)
-               or self.output.suffix.lower().lstrip(".") in PREDICTION_FORMATS,
-               f"--output must end in .{', .'.join(PREDICTION_FORMATS)}, or pass --format; "
-               f"got '{self.output}'.")
+              or suffix in PREDICTION_FORMATS,
+              f"--output must end in .{', .'.join(PREDICTION_FORMATS)}, or pass --format; "
+              f"got '{self.output}'.")
+        check(self.format is None or suffix not in PREDICTION_FORMATS or suffix == self.format,
+              f"--format {self.format} would write {self.format} into '{self.output}', whose "
+              f"name says {suffix}. Drop --format (the name decides), or name the file "
+              f".{self.format}.")
 
     def output_format(self, terminal: bool) -> str | None:
         """How predictions are written: csv, json or jsonl, or None for a table (only when

@@ -117,10 +117,11 @@ def check_run_dir(run_dir: Path) -> None:
     """Raises an ArtifactError unless `run_dir` is a folder with a run.json."""
     if not run_dir.is_dir():
         raise ArtifactError(f"Run directory '{run_dir}' does not exist. Pass a folder written "
-                            f"by `transferkit finetune` or `transferkit extract --train-head`.")
+                            f"by `transferkit finetune`, `cv` or `extract --train-head`.")
     if not (run_dir / RECORD_FILE).is_file():
         raise ArtifactError(f"'{run_dir}' is not a transferkit run: it has no {RECORD_FILE}. "
-                            f"Pass a folder written by `transferkit finetune`.")
+                            f"Pass a folder written by `transferkit finetune`, `cv` or "
+                            f"`extract --train-head`.")
 
 
 def read_record(run_dir: Path, finished: bool = True) -> RunRecord:
