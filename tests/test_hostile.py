@@ -562,13 +562,17 @@ def test_tables_at_80_columns_wrap_instead_of_cutting(trained_run: Path, image_f
     wide = Console(width=60, record=True)
     original, console.stdout = console.stdout, wide
     try:
-        console.render_choice(Choice(kept="probe", n=40, val_correct={"probe": 37},
-                                     comparisons=()), {"combined": 35, "upsampled": 36})
+        console.render_choice(Choice(kept="probe", n=40, val_correct={"probe": 37,
+                                                                      "finetune": 36},
+                                     comparisons=()), {"combined": 35, "upsampled": 36},
+                              {"finetune"})
     finally:
         console.stdout = original
     shown = wide.export_text()
     assert "combined" in shown and "35/40" in shown and "upsampled" in shown
     assert "…" not in shown
+    # simplest first: what was fitted before the stages comes before them
+    assert shown.index("probe") < shown.index("combined") < shown.index("finetune")
 
 
 def test_overwrite_never_replaces_a_file_of_another_commands_folder(

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from transferkit.commands.finetune import FinetuneResult
     from transferkit.commands.predict import PredictionReport
     from transferkit.commands.select import Selection
-    from transferkit.runs.records import Choice, Score, StageResult
+    from transferkit.runs.records import Choice, Comparison, Score, StageResult
     from transferkit.training.checks import OverfitResult
 
 stdout = Console()
@@ -146,7 +146,7 @@ def render_finetune(result: FinetuneResult | None) -> None:
     if result.history:
         render_epochs(result.history)
         render_stages(result.stages, result.kept_stage)
-    render_choice(result.choice, result.dropped)
+    render_choice(result.choice, result.dropped, {s.name for s in result.stages})
     render_scores(result.scores)
     if not result.calibration.skipped:
         stdout.print(f"Probabilities calibrated: {result.calibration.describe()}")
@@ -156,10 +156,11 @@ def render_finetune(result: FinetuneResult | None) -> None:
                  f"{escape(str(result.run_dir))}")
 
 
-def render_choice(choice: Choice, dropped: Mapping[str, int] | None = None) -> None:
+def render_choice(choice: Choice, dropped: Mapping[str, int] | None = None,
+                  stages: set[str] | frozenset[str] = frozenset()) -> None:
     """Every candidate model tried, on val, simplest first, and why the kept one was kept;
-    `dropped`: those fitted before the stages that did not beat the probe by more than
-    noise (left out of the choice)."""
+    `dropped`: those fitted before the stages (named in `stages`) that did not beat the probe
+    by more than noise (left out of the choice), listed before the stages."""
     table = Table(title="Candidates on val (simplest first)", box=box.SIMPLE_HEAD,
                   collapse_padding=True,
                   caption="a candidate replaces the one before only by more right answers "
@@ -167,16 +168,25 @@ def render_choice(choice: Choice, dropped: Mapping[str, int] | None = None) -> N
     for name in ("model", "right", "accuracy", "vs kept so far", "noise", ""):
         table.add_column(name, justify="left" if name in ("model", "") else "right")
     steps = {c.other: c for c in choice.comparisons}
-    for name, correct in choice.val_correct.items():
-        step = steps.get(name)
-        table.add_row(name, f"{correct}/{choice.n}", f"{correct / choice.n:.3f}",
-                      "-" if step is None else f"{step.margin:+d} vs {step.simpler}",
-                      "-" if step is None else f"{step.noise:.1f}",
-                      "kept" if name == choice.kept else "")
+    chosen = list(choice.val_correct.items())
+    first_stage = next((i for i, (name, _) in enumerate(chosen) if name in stages),
+                       len(chosen))
+    for name, correct in chosen[:first_stage]:
+        _choice_row(table, choice, name, correct, steps.get(name))
     for name, correct in (dropped or {}).items():
         table.add_row(name, f"{correct}/{choice.n}", f"{correct / choice.n:.3f}", "-", "-",
                       "not beyond the probe")
+    for name, correct in chosen[first_stage:]:
+        _choice_row(table, choice, name, correct, steps.get(name))
     stdout.print(table)
+
+
+def _choice_row(table: Table, choice: Choice, name: str, correct: int,
+                step: Comparison | None) -> None:
+    table.add_row(name, f"{correct}/{choice.n}", f"{correct / choice.n:.3f}",
+                  "-" if step is None else f"{step.margin:+d} vs {step.simpler}",
+                  "-" if step is None else f"{step.noise:.1f}",
+                  "kept" if name == choice.kept else "")
 
 
 def render_audit(result: AuditResult) -> None:

@@ -16,7 +16,7 @@ from transferkit.novelty import load_novelty
 from transferkit.reports import html as report
 from transferkit.reports.gradcam import gradcam, has_feature_map
 from transferkit.runs.directory import CURVES_FILE, NOVELTY_FILE, REPORT_FILE
-from transferkit.runs.records import RunRecord
+from transferkit.runs.records import Choice, RunRecord
 from transferkit.training.candidates import fitted_before_the_stages, simplest_first
 from transferkit.training.choice import why_kept
 
@@ -106,6 +106,25 @@ def _summary(record: RunRecord) -> str:
     return report.section("Run", report.table(["", ""], rows))
 
 
+def _candidates(record: RunRecord, choice: Choice) -> str:
+    """Every candidate tried, simplest first: those the choice read, with those fitted before
+    the stages that did not beat the probe placed before the stages."""
+    steps = {c.other: c for c in choice.comparisons}
+    stages = {s.name for s in record.stages}
+    chosen = [[report.esc(name), f"{n}/{choice.n}",
+               "-" if name not in steps else f"{steps[name].margin:+d}",
+               "-" if name not in steps else f"{steps[name].noise:.1f}",
+               "kept" if name == choice.kept else ""]
+              for name, n in choice.val_correct.items()]
+    first_stage = next((i for i, name in enumerate(choice.val_correct) if name in stages),
+                       len(chosen))
+    dropped = [[report.esc(name), f"{n}/{choice.n}", "-", "-", "not beyond the probe"]
+               for name, n in fitted_before_the_stages(record.candidates, False).items()]
+    return report.table(
+        ["candidate (simplest first)", "right on val", "vs kept so far", "noise", ""],
+        chosen[:first_stage] + dropped + chosen[first_stage:], [False, True, True, True, False])
+
+
 def _scores(record: RunRecord) -> str:
     rows = [[report.esc(s.split), str(s.n), str(s.correct), f"<b>{s.accuracy:.3f}</b>",
              f"{s.low:.3f} - {s.high:.3f}",
@@ -115,17 +134,7 @@ def _scores(record: RunRecord) -> str:
                            "chose the model"], rows,
                           [False, True, True, True, True, False])]
     if record.choice is not None:
-        choice, steps = record.choice, {c.other: c for c in record.choice.comparisons}
-        parts.append(report.table(
-            ["candidate (simplest first)", "right on val", "vs kept so far", "noise", ""],
-            [[report.esc(name), f"{n}/{choice.n}",
-              "-" if name not in steps else f"{steps[name].margin:+d}",
-              "-" if name not in steps else f"{steps[name].noise:.1f}",
-              "kept" if name == choice.kept else ""]
-             for name, n in choice.val_correct.items()]
-            + [[report.esc(name), f"{n}/{choice.n}", "-", "-", "not beyond the probe"]
-               for name, n in fitted_before_the_stages(record.candidates, False).items()],
-            [False, True, True, True, False]))
+        parts.append(_candidates(record, record.choice))
     if record.cross_validation is not None:
         cv = record.cross_validation
         parts.append(report.table(
