@@ -97,3 +97,20 @@ def test_select_on_the_command_line_says_what_it_wrote(image_folder, tmp_path):
     assert "Wrote" in result.output and out.exists()
     again = CliRunner().invoke(app, args)  # an existing output is refused, not replaced
     assert again.exit_code == 1 and "--overwrite" in again.output
+
+
+def test_picks_unlike_every_labelled_class_are_flagged():
+    from transferkit.commands.select import unlike_every_class
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 16) * 10
+    labels = np.repeat(np.arange(3), 20)
+    labelled = centres[labels] + rng.normal(size=(60, 16))
+    order = np.r_[np.flatnonzero(np.arange(60) % 4 != 0), np.flatnonzero(np.arange(60) % 4 == 0)]
+    labelled, labels = labelled[order], labels[order]  # train (45) first, then val (15)
+    on_task = centres[[0, 1, 2]] + 0.1 * rng.normal(size=(3, 16))  # typical of their class
+    off_task = rng.normal(size=(2, 16)) * 10 + 40  # far from every class
+    flagged = unlike_every_class(labelled, 45, labels, np.vstack([on_task, off_task]), 3)
+    assert flagged.tolist() == [False, False, False, True, True]
+    assert unlike_every_class(labelled[:46], 45, labels[:46], off_task, 3).tolist() == [
+        False, False]  # one val image: no threshold, nothing flagged

@@ -226,6 +226,9 @@ def render_selection(result: Selection) -> None:
     stdout.print(f"From {result.pool} pool images in {result.seconds:.1f} s; left out "
                  f"{result.labelled_copies} already labelled (same content or near-copies) "
                  f"and {result.outliers} far from every class (likely junk).")
+    if result.unknown:
+        stdout.print(f"{result.unknown} of the picks look unlike every labelled class (the "
+                     f"novelty score), listed last: check that they belong to the task.")
     written = str(result.output) + (f" and {result.html}" if result.html else "")
     stdout.print(f"Wrote {escape(written)}")
 

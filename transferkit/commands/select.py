@@ -9,7 +9,9 @@ From the frozen-base features (cached) of the labelled data and of the pool:
    junk: both are left out, and counted;
 3. the rest is clustered into N groups (k-means on the centred, normalised features) and each
    group's most uncertain image is picked, skipping near-copies of earlier picks: uncertain,
-   but spread over the pool (Citovsky et al. 2021's cluster-margin, one cluster per label).
+   but spread over the pool (Citovsky et al. 2021's cluster-margin, one cluster per label);
+4. picks the novelty score calls unlike every labelled class (off-task images that passed
+   the fence) are flagged and listed last.
 
 bench/selection.py measured it against random picks, the margin alone and Typiclust, in rounds
 of labelling on digits_full and tuxpaint10 (bench/README.md). Nothing in DATA or POOL is ever
@@ -31,6 +33,7 @@ from transferkit.config import SelectConfig
 from transferkit.data.folders import ImageSet, load_splits, read_pool
 from transferkit.features import base_features, normalise
 from transferkit.files import check_outside, write_text
+from transferkit.novelty import fit_novelty
 from transferkit.reporting import NullReporter, Reporter
 from transferkit.reports import html as report
 from transferkit.runs.directory import check_output
@@ -46,6 +49,7 @@ class Pick:
     path: Path
     score: float  # the probe's uncertainty, 1 - margin: 1 when torn between two classes
     reason: str
+    unknown: bool = False  # the novelty score calls it unlike every labelled class
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Selection:
     unreadable: tuple[tuple[Path, str], ...]
     labelled_copies: int  # pool images already labelled (same content or features)
     outliers: int  # pool images far from every class, left out as likely junk
+    unknown: int  # picks the novelty score calls unlike every class, listed last
     output: Path
     html: Path | None
     seconds: float
@@ -133,7 +138,7 @@ def _reason(p: np.ndarray, cluster: int, class_names: tuple[str, ...]) -> str:
 
 def select(config: SelectConfig, reporter: Reporter | None = None) -> Selection:
     """Picks `config.n` pool images to label next and writes them to `config.output` (CSV:
-    path,score,reason, best first), and an HTML page of them with `config.html`.
+    path,score,reason,unknown, best first), and an HTML page of them with `config.html`.
 
     Args:
         config: the labelled data, the pool, how many to pick and the output.
@@ -166,22 +171,53 @@ def select(config: SelectConfig, reporter: Reporter | None = None) -> Selection:
     rows, scores, probabilities, sizes, left_out = choose(
         x["labelled"], labelled.labels, len(splits.class_names), x["pool"], config.n,
         config.data.seed)
-    picks = tuple(Pick(config.pool / pool.paths[r], float(s),
-                       _reason(p, int(size), splits.class_names))
-                  for r, s, p, size in zip(rows, scores, probabilities, sizes, strict=True))
+    unknown = unlike_every_class(x["labelled"], len(splits.train), labelled.labels,
+                                 x["pool"][rows], len(splits.class_names), config.data.seed)
+    order = np.argsort(unknown, kind="stable")  # the picks that look off-task go last
+    rows = rows[order]
+    picks = tuple(Pick(config.pool / pool.paths[r], float(scores[i]),
+                       _reason(probabilities[i], int(sizes[i]), splits.class_names)
+                       + ("; unlike every labelled class (the novelty score): check that it "
+                          "belongs to the task" if unknown[i] else ""), bool(unknown[i]))
+                  for r, i in zip(rows, order, strict=True))
     _write_csv(config.output, picks)
     if html is not None:
         _write_html(html, picks, pool, rows, config)
     return Selection(picks, len(pool) + same_content, tuple(unreadable),
-                     same_content + left_out["copies"], left_out["outliers"], config.output,
-                     html, time.perf_counter() - started)
+                     same_content + left_out["copies"], left_out["outliers"],
+                     int(unknown.sum()), config.output, html, time.perf_counter() - started)
+
+
+def unlike_every_class(labelled: np.ndarray, n_train: int, labels: np.ndarray,
+                       picked: np.ndarray, num_classes: int, seed: int = 0) -> np.ndarray:
+    """Which picked pool rows the novelty score (novelty.py, fitted as a run fits it: on
+    train's features, its threshold passing 95 % of val) calls unlike every labelled class;
+    all False when val is too small to set a threshold.
+
+    Args:
+        labelled: feature rows of the labelled images, train's first `n_train`, then val's.
+        n_train: how many of them are train's.
+        labels: their classes.
+        picked: feature rows of the picked pool images.
+        num_classes: how many classes there are.
+        seed: for the probe and the score's sampling.
+
+    Returns:
+        One bool per picked row.
+    """
+    x_train, x_val = labelled[:n_train], labelled[n_train:]
+    probe = fit_probe(x_train, labels[:n_train], num_classes, seed=seed)
+    novelty = fit_novelty(x_train, x_val, probe.probabilities(x_val), seed=seed)
+    if novelty is None or not len(picked):
+        return np.zeros(len(picked), bool)
+    return novelty.score(picked, probe.probabilities(picked)) > novelty.threshold
 
 
 def _write_csv(path: Path, picks: tuple[Pick, ...]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "score", "reason"])
-    writer.writerows([str(p.path), f"{p.score:.4f}", p.reason] for p in picks)
+    writer.writerow(["path", "score", "reason", "unknown"])
+    writer.writerows([str(p.path), f"{p.score:.4f}", p.reason, int(p.unknown)] for p in picks)
     write_text(path, buffer.getvalue())
 
 

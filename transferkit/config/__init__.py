@@ -466,8 +466,9 @@ class SelectConfig:
     pool: Path = option(help="Folder of unlabelled images (any depth of sub-folders).",
                         panel=DATA)
     n: int = option(20, "How many images to pick.", short="-n", panel=OUTPUT)
-    output: Path = option(Path("picks.csv"), "CSV file of the picks: path,score,reason, best "
-                                             "first.", short="-o", panel=OUTPUT)
+    output: Path = option(Path("picks.csv"), "CSV file of the picks, best first: path, "
+                                             "score, reason, unknown.", short="-o",
+                          panel=OUTPUT)
     html: bool = option(False, "Also write the picks with thumbnails and reasons as an HTML "
                                "page beside the CSV (same name, .html).", flag="--html",
                         panel=OUTPUT)
