@@ -230,7 +230,7 @@ def _recording_how_it_ends(run: Training) -> Iterator[None]:
             with contextlib.suppress(OSError):  # a full disk may refuse this write too
                 if where is not None:
                     run.save(status=INTERRUPTED, failure=reason,
-                           stopped=Stopped(stage=where[0], epoch=where[1]))
+                             stopped=Stopped(stage=where[0], epoch=where[1]))
                 elif fixable(exc):  # once fixed, --resume starts it again
                     run.save(status=INTERRUPTED, failure=reason, stopped=Stopped(phase=run.phase))
                 else:
@@ -302,13 +302,13 @@ def _probe(run: Training) -> tuple[LinearProbe, np.ndarray]:
     how = (f"C={probe.c:g} by {probe.folds}-fold cross-validation on train" if probe.folds
            else f"C={probe.c:g}: a class has one training image, too few to cross-validate")
     run.reporter.info(f"Linear probe ({how}; {probe.seconds:.1f} s): "
-                    f"{Score.of('val', correct, len(y_val), chose=False).describe()}. "
-                    f"The kept model must beat it by more than noise.")
+                      f"{Score.of('val', correct, len(y_val), chose=False).describe()}. "
+                      f"The kept model must beat it by more than noise.")
     save_probe_model(run, probe, PROBE)
     ready = time.perf_counter() - run.started
     run.reporter.info(f"First usable model (the probe) saved after {ready:.0f} s.")
     run.save(probe=ProbeRecord(c=probe.c, folds=probe.folds, fit_seconds=round(probe.seconds, 3),
-                             ready_after=round(ready, 3), val_correct=correct))
+                               ready_after=round(ready, 3), val_correct=correct))
     return probe, right
 
 
@@ -326,8 +326,8 @@ def _try(run: Training, candidate: Candidate, probe: LinearProbe, probe_right: n
     n, correct = len(run.splits.val), int(fitted.right.sum())
     won = choose({PROBE: probe_right, fitted.name: fitted.right}).kept == fitted.name
     run.reporter.info(f"{fitted.summary} ({fitted.seconds:.1f} s): {correct} of {n} val images "
-                    f"right, against the probe's {run.record.probe.val_correct}"
-                    + (", beyond noise." if won else ", within noise."))
+                      f"right, against the probe's {run.record.probe.val_correct}"
+                      + (", beyond noise." if won else ", within noise."))
     if won:
         fitted.save(run)
     run.save(candidates=(*run.record.candidates, CandidateRecord(
@@ -369,7 +369,7 @@ def _decide(run: Training) -> None:
                        balanced=run.class_weights is not None, seed=config.data.seed)
         if found is None:
             run.reporter.info("Too few training images per class to check the data; "
-                            "fine-tuning the top blocks with the augmentation as given.")
+                              "fine-tuning the top blocks with the augmentation as given.")
     rate = None if run.record.lr_find is None else run.record.lr_find.suggestion
     plan = build_plan(config, run.spec, rate, found, run.class_weights)
     if found is not None:
@@ -400,7 +400,7 @@ def _train_and_keep(run: Training) -> FinetuneResult | None:
             results = train_stages(run, stop)
         if run.cluster is not None:
             run.reporter.info(f"Stages done on {run.cluster.size} workers; the weights of "
-                            f"{run.cluster.describe()}: {weights_digest(run.model)}.")
+                              f"{run.cluster.describe()}: {weights_digest(run.model)}.")
             if not run.chief:
                 run.reporter.info(f"The chief writes the run to '{run.config.output}'.")
                 return None
@@ -426,7 +426,7 @@ def _train_and_keep(run: Training) -> FinetuneResult | None:
     _warn_if_one_answer(run, val)
     if stop.signum is not None:
         run.reporter.warning(f"{signal.Signals(stop.signum).name} arrived while the run was "
-                           f"being saved; it was saved complete first.")
+                             f"being saved; it was saved complete first.")
     return FinetuneResult(run.run_dir, run.splits.class_names, tuple(results), choice.kept,
                           tuple(run.history), scores, choice, calibration, test,
                           fitted_before_the_stages(run.record.candidates, False))
@@ -483,7 +483,7 @@ def _refit(run: Training, model: keras.Model, kept: str) -> Refit | None:
     train."""
     if kept != PROBE:
         run.reporter.info(f"Not refitted on train + val: the kept '{kept}' model stays as "
-                        f"trained on train (only the probe is refitted, in seconds).")
+                          f"trained on train (only the probe is refitted, in seconds).")
         return None
     (x_train, y_train), (x_val, y_val) = run.frozen_features()
     probe = fit_probe(np.vstack([x_train, x_val]), np.r_[y_train, y_val],
@@ -491,8 +491,8 @@ def _refit(run: Training, model: keras.Model, kept: str) -> Refit | None:
                       seed=run.config.data.seed)
     model.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
     run.reporter.info(f"Refitted the probe on train + val ({len(x_train) + len(x_val)} images, "
-                    f"C={probe.c:g}; {probe.seconds:.1f} s). Val chose it before the refit, "
-                    f"so its val score below is of that model; test stays held out.")
+                      f"C={probe.c:g}; {probe.seconds:.1f} s). Val chose it before the refit, "
+                      f"so its val score below is of that model; test stays held out.")
     return Refit(model=PROBE, images=len(x_train) + len(x_val), seconds=round(probe.seconds, 3))
 
 
@@ -547,8 +547,8 @@ def _novelty(run: Training, model: keras.Model, kept: str, val: np.ndarray
         return None
     novelty.save(run.run_dir / NOVELTY_FILE)
     run.reporter.info(f"Novelty score fitted on {len(novelty.bank)} train images; its threshold "
-                    f"passes {novelty.accept:.0%} of val: predict scores every image, and "
-                    f"--reject-unknown labels those above it unknown.")
+                      f"passes {novelty.accept:.0%} of val: predict scores every image, and "
+                      f"--reject-unknown labels those above it unknown.")
     return NoveltyRecord(k=novelty.k, threshold=round(novelty.threshold, 4),
                          accept=novelty.accept, bank=len(novelty.bank),
                          val_images=len(x_val),

@@ -19,7 +19,7 @@ def _check_suffix(path: Path | None, option: str, suffix: str, what: str) -> Non
     """An output file is named for what is written into it, so that no tool (or user) reads
     one format under another's name; checked before any work."""
     check(path is None or path.suffix.lower() == suffix,
-           f"{option} writes {what}; name it with {suffix} (got '{path}').")
+          f"{option} writes {what}; name it with {suffix} (got '{path}').")
 
 
 MAX_SEED = 2**32 - 1  # numpy's and TensorFlow's seeds are unsigned 32-bit
@@ -32,7 +32,7 @@ def _check_seed(seed: int) -> None:
 
 def _check_precision(precision: str) -> None:
     check(precision in PRECISIONS,
-           f"--precision must be one of {', '.join(PRECISIONS)}; got {precision}.")
+          f"--precision must be one of {', '.join(PRECISIONS)}; got {precision}.")
 
 
 # Help panels: where an option is listed in --help.
@@ -78,8 +78,8 @@ class AugmentConfig:
             ("--randaugment", self.randaugment), ("--vertical-flip", self.vertical_flip),
             ("--brightness-range", self.brightness_range)) if on]
         check(self.enabled or not asked,
-               f"--no-augment turns augmentation off, but {', '.join(asked)} asks for some. "
-               f"Drop --no-augment, or drop {', '.join(asked)}.")
+              f"--no-augment turns augmentation off, but {', '.join(asked)} asks for some. "
+              f"Drop --no-augment, or drop {', '.join(asked)}.")
         check(0 <= self.rotation_range <= 180, f"--rotation-range is in degrees and must be in "
                                                 f"[0, 180]; got {self.rotation_range}.")
         for name in ("width_shift_range", "height_shift_range"):
@@ -87,10 +87,10 @@ class AugmentConfig:
             check(0 <= value < 1, f"--{name.replace('_', '-')} is a fraction of the image and "
                                    f"must be in [0, 1); got {value}.")
         check(0 <= self.shear_range < 45,
-               f"--shear-range is in degrees and must be in [0, 45); got {self.shear_range}.")
+              f"--shear-range is in degrees and must be in [0, 45); got {self.shear_range}.")
         check(0 <= self.zoom_range < 1,
-               f"--zoom-range must be in [0, 1) (0.2 zooms between 0.8x and 1.2x); "
-               f"got {self.zoom_range}.")
+              f"--zoom-range must be in [0, 1) (0.2 zooms between 0.8x and 1.2x); "
+              f"got {self.zoom_range}.")
         for name in ("mixup", "cutmix"):
             value = getattr(self, name)
             check(0 <= value <= 1, f"--{name} is a Beta distribution's A, 0 to 1; got {value}.")
@@ -99,8 +99,8 @@ class AugmentConfig:
         if self.brightness_range is not None:
             low, high = self.brightness_range
             check(0 < low <= high,
-                   f"--brightness-range takes two factors 0 < LOW <= HIGH (e.g. 0.8 1.2); "
-                   f"got {low} {high}.")
+                  f"--brightness-range takes two factors 0 < LOW <= HIGH (e.g. 0.8 1.2); "
+                  f"got {low} {high}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,10 +120,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check(0 < self.val_split < 1,
-               f"--val-split must be strictly between 0 and 1; got {self.val_split}.")
+              f"--val-split must be strictly between 0 and 1; got {self.val_split}.")
         check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
         check(self.image_size is None or self.image_size >= 1,
-               f"--image-size must be a positive number of pixels; got {self.image_size}.")
+              f"--image-size must be a positive number of pixels; got {self.image_size}.")
         _check_seed(self.seed)
 
 
@@ -168,11 +168,11 @@ class PreviewConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check(1 <= self.images <= MAX_PREVIEW,
-               f"--images must be between 1 and {MAX_PREVIEW} (rows of one PNG); got "
-               f"{self.images}.")
+              f"--images must be between 1 and {MAX_PREVIEW} (rows of one PNG); got "
+              f"{self.images}.")
         check(1 <= self.variants <= MAX_PREVIEW,
-               f"--variants must be between 1 and {MAX_PREVIEW} (columns of one PNG); got "
-               f"{self.variants}.")
+              f"--variants must be between 1 and {MAX_PREVIEW} (columns of one PNG); got "
+              f"{self.variants}.")
         _check_suffix(self.output, "-o/--output", ".png", "a PNG image")
 
 
@@ -213,8 +213,8 @@ class EngineConfig:
         check(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}; got "
                                        f"{self.engine}.")
         check(self.ray_address is None or self.engine == "ray",
-               f"--ray-address {self.ray_address} is for --engine ray; add it, or drop "
-               f"--ray-address.")
+              f"--ray-address {self.ray_address} is for --engine ray; add it, or drop "
+              f"--ray-address.")
 
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -243,19 +243,19 @@ class ScheduleConfig:
         check(self.name in SCHEDULES, f"Unknown schedule '{self.name}'. Choose one of: "
                                        f"{', '.join(SCHEDULES)}.")
         check(self.warmup_epochs >= 0,
-               f"--warmup-epochs must be 0 or more; got {self.warmup_epochs}.")
+              f"--warmup-epochs must be 0 or more; got {self.warmup_epochs}.")
         check(self.decay_rate is None or self.decay_rate > 0,
-               f"--decay-rate must be > 0; got {self.decay_rate}.")
+              f"--decay-rate must be > 0; got {self.decay_rate}.")
         check(self.decay_epochs is None or self.decay_epochs >= 1,
-               f"--decay-epochs must be at least 1; got {self.decay_epochs}.")
+              f"--decay-epochs must be at least 1; got {self.decay_epochs}.")
         check(self.decay_rate is None or self.name in DECAYING,
-               f"A decay rate applies to a {', '.join(DECAYING)} schedule; this stage's "
-               f"schedule is {self.name}. (--decay-rate is the head stage's, "
-               f"--finetune-decay-rate the fine-tuning stage's.)")
+              f"A decay rate applies to a {', '.join(DECAYING)} schedule; this stage's "
+              f"schedule is {self.name}. (--decay-rate is the head stage's, "
+              f"--finetune-decay-rate the fine-tuning stage's.)")
         check(self.decay_epochs is None or self.name == "step",
-               f"Decay epochs apply to the step schedule; this stage's schedule is "
-               f"{self.name}. (--decay-epochs is the head stage's, --finetune-decay-epochs "
-               f"the fine-tuning stage's.)")
+              f"Decay epochs apply to the step schedule; this stage's schedule is "
+              f"{self.name}. (--decay-epochs is the head stage's, --finetune-decay-epochs "
+              f"the fine-tuning stage's.)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -378,21 +378,21 @@ class FinetuneConfig:
         check_finite(self)
         check(self.epochs >= 0, f"--head-epochs must be 0 or more; got {self.epochs}.")
         check(self.finetune_epochs is None or self.finetune_epochs >= 0,
-               f"--finetune-epochs must be 0 or more; got {self.finetune_epochs}.")
+              f"--finetune-epochs must be 0 or more; got {self.finetune_epochs}.")
         check(self.learning_rate > 0, f"--learning-rate must be > 0; got {self.learning_rate}.")
         check(self.finetune_lr is None or self.finetune_lr > 0,
-               f"--finetune-lr must be > 0; got {self.finetune_lr}.")
+              f"--finetune-lr must be > 0; got {self.finetune_lr}.")
         check(self.unfreeze_blocks is None or self.unfreeze_blocks >= 1
-               or self.finetune_epochs == 0,
-               f"--unfreeze-blocks must be at least 1 when fine-tuning; got "
-               f"{self.unfreeze_blocks}. Use --finetune-epochs 0 to train the head only.")
+              or self.finetune_epochs == 0,
+              f"--unfreeze-blocks must be at least 1 when fine-tuning; got "
+              f"{self.unfreeze_blocks}. Use --finetune-epochs 0 to train the head only.")
         check(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}.")
         check(self.l2 >= 0, f"--l2 must be 0 or more; got {self.l2}.")
         check(self.dense_units >= 0, f"--dense-units must be 0 or more; got {self.dense_units}.")
         check(not (self.dense_units and self.tunes and not self.epochs),
-               f"--dense-units {self.dense_units} adds a hidden layer that the linear probe "
-               f"cannot initialise, so it must be trained before fine-tuning: pass "
-               f"--head-epochs N (e.g. --head-epochs 20).")
+              f"--dense-units {self.dense_units} adds a hidden layer that the linear probe "
+              f"cannot initialise, so it must be trained before fine-tuning: pass "
+              f"--head-epochs N (e.g. --head-epochs 20).")
         check(self.init in INITS, f"--init must be one of {', '.join(INITS)}; got {self.init}.")
         check(self.class_weight in CLASS_WEIGHTS, f"--class-weight must be one of "
                                                    f"{', '.join(CLASS_WEIGHTS)}; got "
@@ -400,11 +400,11 @@ class FinetuneConfig:
         check(self.monitor in MONITORS, f"--monitor must be one of {', '.join(MONITORS)}; got "
                                          f"{self.monitor}.")
         check(0 <= self.label_smoothing < 0.5,
-               f"--label-smoothing must be in [0, 0.5); got {self.label_smoothing}.")
+              f"--label-smoothing must be in [0, 0.5); got {self.label_smoothing}.")
         check(self.patience >= 0, f"--patience must be 0 or more; got {self.patience}.")
         check(self.base != AUTO_BASE or self.weights == "imagenet",
-               f"--base auto ranks the bases by their ImageNet weights; got --weights "
-               f"{self.weights}. Name the base that fits those weights.")
+              f"--base auto ranks the bases by their ImageNet weights; got --weights "
+              f"{self.weights}. Name the base that fits those weights.")
         if self.compute.strategy == "multiworker":
             alone = [name for name, given in (
                 ("--lr-find", self.lr_find), ("--tensorboard", self.tensorboard),
@@ -427,10 +427,10 @@ class CVConfig:
     def __post_init__(self) -> None:
         check(self.folds >= 2, f"--folds must be at least 2; got {self.folds}.")
         check(self.recipe.compute.strategy != "multiworker",
-               "cv runs its folds on one machine; --strategy multiworker is finetune's.")
+              "cv runs its folds on one machine; --strategy multiworker is finetune's.")
         check(self.recipe.base != AUTO_BASE,
-               "cv cross-validates one recipe on one base; --base auto is finetune's. Name a "
-               "base, e.g. the first of `transferkit bases --rank DATA`.")
+              "cv cross-validates one recipe on one base; --base auto is finetune's. Name a "
+              "base, e.g. the first of `transferkit bases --rank DATA`.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -455,7 +455,7 @@ class AuditConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check(0 < self.duplicate_similarity <= 1,
-               f"--duplicate-similarity must be in (0, 1]; got {self.duplicate_similarity}.")
+              f"--duplicate-similarity must be in (0, 1]; got {self.duplicate_similarity}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -500,8 +500,8 @@ class BasesConfig:
     def __post_init__(self) -> None:
         _check_seed(self.seed)
         check(self.rank is not None or self.engine.engine == "local",
-               "--engine ray computes the features of --rank DATA; add --rank DATA, or drop "
-               "--engine.")
+              "--engine ray computes the features of --rank DATA; add --rank DATA, or drop "
+              "--engine.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -581,7 +581,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check(self.blocks is None or self.blocks >= 1,
-               f"--blocks must be at least 1; got {self.blocks}.")
+              f"--blocks must be at least 1; got {self.blocks}.")
         check(self.pooling in POOLINGS, f"--pooling must be avg or max; got {self.pooling}.")
         check(self.shard_rows >= 0, f"--shard-rows must be 0 (one file) or a number of "
                                      f"images per shard; got {self.shard_rows}.")
@@ -650,15 +650,15 @@ class ExportConfig:
                                               f"{', '.join(EXPORT_FORMATS)}; got {self.format}.")
         suffix = EXPORT_FORMATS[self.format]
         check(not suffix or self.output.suffix.lower() == suffix,
-               f"--format {self.format} writes one file; name it with {suffix} (got "
-               f"'{self.output}').")
+              f"--format {self.format} writes one file; name it with {suffix} (got "
+              f"'{self.output}').")
         check(self.quantize in QUANTIZATIONS, f"--quantize must be one of "
                                                f"{', '.join(QUANTIZATIONS)}; got {self.quantize}.")
         check(self.quantize == "none" or self.format == "tflite",
-               f"--quantize applies to --format tflite only; got --format {self.format} "
-               f"--quantize {self.quantize}.")
+              f"--quantize applies to --format tflite only; got --format {self.format} "
+              f"--quantize {self.quantize}.")
         check(self.check_images >= 1,
-               f"--check-images must be at least 1; got {self.check_images}.")
+              f"--check-images must be at least 1; got {self.check_images}.")
 
     @property
     def output_kind(self) -> str:
@@ -740,11 +740,11 @@ class PredictConfig:
         check_finite(self)
         check(len(self.paths) > 0, "Give at least one image file or folder to predict.")
         check(self.threshold is None or 0.0 < self.threshold <= 1.0,
-               f"--threshold must be a probability in (0, 1]; got {self.threshold}.")
+              f"--threshold must be a probability in (0, 1]; got {self.threshold}.")
         check(self.top_k >= 1, f"--top-k must be at least 1; got {self.top_k}.")
         check(self.batch_size >= 1, f"--batch-size must be at least 1; got {self.batch_size}.")
         check(self.format is None or self.format in PREDICTION_FORMATS,
-               f"--format must be one of {', '.join(PREDICTION_FORMATS)}; got {self.format}.")
+              f"--format must be one of {', '.join(PREDICTION_FORMATS)}; got {self.format}.")
         suffix = "" if self.output is None else self.output.suffix.lower().lstrip(".")
         check(self.format is not None or self.output in (None, STDOUT)
               or suffix in PREDICTION_FORMATS,

@@ -218,25 +218,25 @@ def train_stages(run: Training, stop: StopOnSignal) -> list[StageResult]:
         bar, needed = bar_to_clear(run, results)
         if run.config.patience and needed > n:  # --patience 0: no stage ends early, or is skipped
             run.reporter.info(f"Stage '{stage.name}' and any after it skipped: the '{bar[0]}' "
-                            f"model got {bar[1]} of {n} val images right, and a later "
-                            f"candidate is kept only by more than noise, which takes at least "
-                            f"{LEAST_WIN} more.")
+                              f"model got {bar[1]} of {n} val images right, and a later "
+                              f"candidate is kept only by more than noise, which takes at least "
+                              f"{LEAST_WIN} more.")
             break
         result = _train_stage(run, stage, stop, needed)
         restore_best(run.model, run.run_dir, stage.name)  # the stage ends on its best epoch
         rows = [r for r in run.history if r["stage"] == stage.name]
         if result.stopped_early and best_correct(rows, n) < needed:
             run.reporter.info(f"Stage '{stage.name}' stopped after {result.epochs} epochs: not "
-                            f"on course to be kept. Its best epoch got {best_correct(rows, n)} "
-                            f"of {n} val images right and at its pace would reach about "
-                            f"{projected_correct(rows, n, stage.last_epoch):.0f} by its last "
-                            f"epoch; beating the '{bar[0]}' model's {bar[1]} by more than "
-                            f"noise takes at least {needed}.")
+                              f"on course to be kept. Its best epoch got {best_correct(rows, n)} "
+                              f"of {n} val images right and at its pace would reach about "
+                              f"{projected_correct(rows, n, stage.last_epoch):.0f} by its last "
+                              f"epoch; beating the '{bar[0]}' model's {bar[1]} by more than "
+                              f"noise takes at least {needed}.")
         elif result.stopped_early:
             run.reporter.info(f"Stage '{stage.name}' stopped early: no {run.config.monitor} "
-                            f"improvement for {run.config.patience} epochs.")
+                              f"improvement for {run.config.patience} epochs.")
         run.reporter.info(f"Stage '{stage.name}' keeps its best epoch, {result.best_epoch} "
-                        f"({run.config.monitor} {result.metrics[run.config.monitor]:.4f}).")
+                          f"({run.config.monitor} {result.metrics[run.config.monitor]:.4f}).")
         results.append(result)
         run.done = stage.last_epoch
     return results
@@ -289,7 +289,7 @@ def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
         else:
             unfreeze_top_blocks(run.base, run.spec, plan.unfreeze_blocks, config.train_batchnorm)
         run.save(trainable_params={**run.record.trainable_params,
-                                 stage.name: count_params(run.model).trainable})
+                                   stage.name: count_params(run.model).trainable})
     fitted, train, val, batch_size = _stage_inputs(run, stage, resuming)
     # on course or not: judged after ON_COURSE_EPOCHS past the warm-up, at most --patience in
     judge_after = min(config.patience, stage.schedule.warmup_epochs + ON_COURSE_EPOCHS)
