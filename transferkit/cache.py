@@ -28,6 +28,7 @@ PARTS = (FEATURES, CONVERTED, WEIGHTS)
 _WRITTEN = {FEATURES: re.compile(r"[0-9a-f]{24}\.npz"),
             CONVERTED: re.compile(r"[0-9a-f]{64}-v\d+\.png"),
             WEIGHTS: re.compile(r"\w+_imagenet_[0-9a-f]{12}\.weights\.h5")}
+# files.atomic_path's temporary names (files._TEMP_NAME: the cache imports no other module)
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp.*")
 INSPECTED = "inspected.json"  # points at converted copies: cleared with them
 LOCK = ".in-use.lock"  # shared by every process using the cache; clearing takes it alone

@@ -81,6 +81,7 @@ class RunInterrupted(TransferkitError):
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
+        self.signum = signum
         self.exit_code = 128 + signum  # the shell's convention for death by signal
         self.signal_name = signal.Signals(signum).name
 

@@ -163,13 +163,11 @@ def audit(settings: Settings = GIVEN) -> None:
     or edits the data."""
     with user_errors():
         config = settings.build()
-        from transferkit.runs.directory import check_output
+        from transferkit.runs.directory import AUDIT_FILES, check_output
 
         check_data(config.data, config.base)
-        from transferkit.runs.directory import AUDIT_FILES
-
         check_output(config.output, config.overwrite, "audit folder",
-                         data=config.data.data_dir, writes=AUDIT_FILES)
+                     data=config.data.data_dir, writes=AUDIT_FILES)
         load()
         from transferkit.cli.console import RichReporter, render_audit
         from transferkit.commands.audit import audit as run_audit
@@ -219,7 +217,7 @@ def extract(settings: Settings = GIVEN) -> None:
 
         check_data(config.data, config.base, config.blocks, "--blocks")
         check_output(config.output, config.overwrite, config.output_kind,
-                         data=config.data.data_dir)
+                     data=config.data.data_dir)
         if config.head is not None:
             check_run_output(config.head.output, config.overwrite, config.data.data_dir,
                              "extract")
@@ -279,7 +277,7 @@ def evaluate(settings: Settings = GIVEN) -> None:
             check_data_root(config.data_dir)
         if config.output is not None:
             check_output(config.output, config.overwrite, "evaluation folder",
-                             config.data_dir, writes=EVALUATION_FILES)
+                         config.data_dir, writes=EVALUATION_FILES)
         load()
         from transferkit.cli.console import RichReporter, render_evaluation
         from transferkit.commands.evaluate import evaluate as run_evaluate
@@ -347,7 +345,7 @@ def export(settings: Settings = GIVEN) -> None:
         from transferkit.runs.directory import check_output, read_record
 
         check_output(config.output, config.overwrite, what=config.output_kind,
-                         writes=SAVEDMODEL_FILES)
+                     writes=SAVEDMODEL_FILES)
         read_record(config.run_dir)
         load()
         from transferkit.cli.console import RichReporter, render_export

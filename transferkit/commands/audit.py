@@ -96,7 +96,7 @@ def audit(config: AuditConfig, reporter: Reporter | None = None) -> AuditResult:
     reporter = reporter or NullReporter()
     started = time.perf_counter()
     check_output(config.output, config.overwrite, what="audit folder",
-                     data=config.data.data_dir, writes=AUDIT_FILES)
+                 data=config.data.data_dir, writes=AUDIT_FILES)
     splits = load_splits(config.data.data_dir, config.data.val_split, config.data.seed,
                          reporter, use_cache=config.cache)
     named = splits.items()

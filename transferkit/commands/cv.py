@@ -42,7 +42,7 @@ from transferkit.runs.directory import (
     check_resumable,
     check_run_output,
     clear_run,
-    fixable,
+    how_it_ended,
     how_to_continue,
     load_run,
     read_record,
@@ -53,7 +53,6 @@ from transferkit.runs.directory import (
 )
 from transferkit.runs.records import (
     COMPLETE,
-    FAILED,
     INTERRUPTED,
     RUNNING,
     CrossValidation,
@@ -170,8 +169,7 @@ def _cross_validate(config: CVConfig, output: Path, reporter: Reporter,
         return _save_ensemble(config, output, splits, pooled, oof, fold_of, tuple(scores),
                               reporter)
     except (KeyboardInterrupt, StopRequested, RunInterrupted) as exc:
-        signum = (signal.SIGINT if isinstance(exc, KeyboardInterrupt) else exc.signum
-                  if isinstance(exc, StopRequested) else signal.Signals[exc.signal_name])
+        signum = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else exc.signum
         name = signal.Signals(signum).name
         save_record(output, record.replace(status=INTERRUPTED, stopped=Stopped(
             phase=f"fold {len(scores) + 1} of {config.folds}", signal=name)))
@@ -180,11 +178,8 @@ def _cross_validate(config: CVConfig, output: Path, reporter: Reporter,
                              f"{how_to_continue(output, 'cv')}", signum) from None
     except BaseException as exc:
         with contextlib.suppress(OSError):  # a full disk may refuse this write too
-            reason = str(exc) or type(exc).__name__
-            save_record(output, record.replace(
-                status=INTERRUPTED if fixable(exc) else FAILED, failure=reason,
-                stopped=Stopped(phase=f"fold {len(scores) + 1} of {config.folds}")
-                if fixable(exc) else None))
+            save_record(output, record.replace(**how_it_ended(
+                exc, f"fold {len(scores) + 1} of {config.folds}")))
         raise
 
 

@@ -101,7 +101,7 @@ def _evaluate(config: EvaluateConfig, reporter: Reporter) -> EvaluationResult:
     output = config.output or config.run_dir / EVALUATION_DIR
     if config.output is not None:
         check_output(output, config.overwrite, what="evaluation folder",
-                         data=config.data_dir, writes=EVALUATION_FILES)
+                     data=config.data_dir, writes=EVALUATION_FILES)
     images, source, split, seen = _images_to_evaluate(config, run, reporter)
     if len(images) == 0:
         raise DataError(f"No usable labelled images in {source}.")

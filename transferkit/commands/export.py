@@ -270,7 +270,7 @@ def export(config: ExportConfig, reporter: Reporter | None = None) -> ExportResu
     fmt = get_format(config.format)
     labels = fmt.labels_path(config.output)
     check_output(config.output, config.overwrite, what=config.output_kind,
-                     writes=SAVEDMODEL_FILES)
+                 writes=SAVEDMODEL_FILES)
     if not fmt.is_folder:
         check_output(labels, config.overwrite, what="labels file")
     run = load_run(config.run_dir)

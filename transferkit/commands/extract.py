@@ -113,7 +113,7 @@ def _extract(config: ExtractConfig, reporter: Reporter) -> ExtractResult:
     blocks = config.blocks or len(spec.blocks)
     spec.check_block_count(blocks, "--blocks")
     check_output(config.output, config.overwrite, config.output_kind,
-                     data=config.data.data_dir)
+                 data=config.data.data_dir)
     if config.head is not None:
         check_run_output(config.head.output, config.head.overwrite, config.data.data_dir,
                          "extract")

@@ -52,7 +52,7 @@ from transferkit.runs.directory import (
     REPORT_FILE,
     check_resumable,
     clear_run,
-    fixable,
+    how_it_ended,
     load_keras_file,
     run_lock,
     save_record,
@@ -60,7 +60,6 @@ from transferkit.runs.directory import (
     save_splits,
 )
 from transferkit.runs.records import (
-    FAILED,
     INTERRUPTED,
     RUNNING,
     Calibration,
@@ -73,7 +72,6 @@ from transferkit.runs.records import (
     RunRecord,
     Score,
     StageResult,
-    Stopped,
 )
 from transferkit.training.adaptation import assess
 from transferkit.training.candidates import (
@@ -225,16 +223,8 @@ def _recording_how_it_ends(run: Training) -> Iterator[None]:
         raise interrupted(run, signum) from None
     except BaseException as exc:
         if run.record.status == RUNNING:
-            reason = str(exc) or type(exc).__name__
-            where = checkpointed(run.run_dir)
             with contextlib.suppress(OSError):  # a full disk may refuse this write too
-                if where is not None:
-                    run.save(status=INTERRUPTED, failure=reason,
-                             stopped=Stopped(stage=where[0], epoch=where[1]))
-                elif fixable(exc):  # once fixed, --resume starts it again
-                    run.save(status=INTERRUPTED, failure=reason, stopped=Stopped(phase=run.phase))
-                else:
-                    run.save(status=FAILED, failure=reason)
+                run.save(**how_it_ended(exc, run.phase, checkpointed(run.run_dir)))
         raise
 
 

@@ -50,7 +50,7 @@ from transferkit.runs.directory import MODEL_FILE, NOVELTY_FILE, load_run
 API_KEY_ENV = "TRANSFERKIT_API_KEY"
 RETRY_AFTER_S = 1
 RELOAD_EVERY_S = 2.0
-log = logging.getLogger("transferkit.commands.serve")
+log = logging.getLogger("transferkit.serve")  # the name server logs are configured by
 
 
 def _respond(content: Any, status_code: int = 200, headers: dict[str, str] | None = None

@@ -12,7 +12,6 @@ Nothing else reads formats 1 and 2; `runs.directory.read_record` points here.
 
 from __future__ import annotations
 
-import json
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +24,15 @@ from keras import ops
 from transferkit.bases import get_base
 from transferkit.config import FinetuneConfig, from_dict, to_dict
 from transferkit.errors import ArtifactError, ConfigError
-from transferkit.files import restore_names
 from transferkit.model import build_classifier, build_feature_extractor, find_base
-from transferkit.runs.directory import MODEL_FILE, RECORD_FILE, run_lock, save_model, save_record
+from transferkit.runs.directory import (
+    MODEL_FILE,
+    RECORD_FILE,
+    read_json,
+    run_lock,
+    save_model,
+    save_record,
+)
 from transferkit.runs.records import COMMANDS, RunRecord
 from transferkit.training.plan import build_plan
 
@@ -123,11 +128,7 @@ def upgrade_run(run_dir: Path) -> int:
         ArtifactError: `run_dir` is not a run of an earlier format, or cannot be converted.
     """
     with run_lock(run_dir):
-        try:
-            values = restore_names(json.loads((run_dir / RECORD_FILE).read_text(
-                encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"Could not read '{run_dir / RECORD_FILE}' ({exc}).") from exc
+        values = read_json(run_dir / RECORD_FILE)
         version = values.get("format_version") if isinstance(values, dict) else None
         if version not in (1, 2, 3):
             raise ArtifactError(f"'{run_dir}' is not a run of an earlier format (run format "

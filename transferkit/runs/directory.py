@@ -42,9 +42,11 @@ from transferkit.files import (
 from transferkit.runs.records import (
     COMPLETE,
     FAILED,
+    INTERRUPTED,
     RUN_FORMAT,
     RUN_FORMAT_VERSION,
     RunRecord,
+    Stopped,
 )
 
 if TYPE_CHECKING:
@@ -213,12 +215,21 @@ def lock_holder(run_dir: Path) -> str | None:
     return None
 
 
-def fixable(exc: BaseException) -> bool:
-    """Whether a run that `exc` ended can be continued with its settings once the user has
-    fixed the cause (a full disk, data gone or unreadable, a package missing), as opposed to
-    a bug or a setting that would end it again (damaged weights, a diverged training)."""
-    return isinstance(exc, (DataError, MissingPackageError)) or (
-        isinstance(exc, OSError) and describe_write_error(exc) is not None)
+def how_it_ended(exc: BaseException, phase: str, where: tuple[str, int] | None = None
+                 ) -> dict[str, Any]:
+    """What run.json records of a run (finetune's, cv's) that `exc` ended in `phase`:
+    interrupted, so that --resume continues, when its last checkpoint (`where`: stage and
+    epoch) allows it or once the user has fixed the cause (a full disk, data gone or
+    unreadable, a package missing); failed when the same settings would meet it again (a
+    bug, damaged weights, a diverged training). With the reason either way."""
+    reason = str(exc) or type(exc).__name__
+    if where is not None:
+        return {"status": INTERRUPTED, "failure": reason,
+                "stopped": Stopped(stage=where[0], epoch=where[1])}
+    if isinstance(exc, (DataError, MissingPackageError)) or (
+            isinstance(exc, OSError) and describe_write_error(exc) is not None):
+        return {"status": INTERRUPTED, "failure": reason, "stopped": Stopped(phase=phase)}
+    return {"status": FAILED, "failure": reason}
 
 
 def check_resumable(run_dir: Path, record: RunRecord, command: str) -> None:
