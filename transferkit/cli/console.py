@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from transferkit.commands.finetune import FinetuneResult
     from transferkit.commands.predict import PredictionReport
     from transferkit.commands.select import Selection
-    from transferkit.runs.records import Choice, Comparison, Score, StageResult
+    from transferkit.runs.records import Choice, Score, StageResult
     from transferkit.training.checks import OverfitResult
 
 stdout = Console()
@@ -167,26 +167,16 @@ def render_choice(choice: Choice, dropped: Mapping[str, int] | None = None,
                           "than noise: sqrt(images on which they disagree)")
     for name in ("model", "right", "accuracy", "vs kept so far", "noise", ""):
         table.add_column(name, justify="left" if name in ("model", "") else "right")
-    steps = {c.other: c for c in choice.comparisons}
-    chosen = list(choice.val_correct.items())
-    first_stage = next((i for i, (name, _) in enumerate(chosen) if name in stages),
-                       len(chosen))
-    for name, correct in chosen[:first_stage]:
-        _choice_row(table, choice, name, correct, steps.get(name))
-    for name, correct in (dropped or {}).items():
-        table.add_row(name, f"{correct}/{choice.n}", f"{correct / choice.n:.3f}", "-", "-",
-                      "not beyond the probe")
-    for name, correct in chosen[first_stage:]:
-        _choice_row(table, choice, name, correct, steps.get(name))
+    from transferkit.training.choice import tried
+
+    dropped = dropped or {}
+    for name, correct, step in tried(choice, dropped, stages):
+        table.add_row(name, f"{correct}/{choice.n}", f"{correct / choice.n:.3f}",
+                      "-" if step is None else f"{step.margin:+d} vs {step.simpler}",
+                      "-" if step is None else f"{step.noise:.1f}",
+                      "kept" if name == choice.kept else "not beyond the probe"
+                      if name in dropped else "")
     stdout.print(table)
-
-
-def _choice_row(table: Table, choice: Choice, name: str, correct: int,
-                step: Comparison | None) -> None:
-    table.add_row(name, f"{correct}/{choice.n}", f"{correct / choice.n:.3f}",
-                  "-" if step is None else f"{step.margin:+d} vs {step.simpler}",
-                  "-" if step is None else f"{step.noise:.1f}",
-                  "kept" if name == choice.kept else "")
 
 
 def render_audit(result: AuditResult) -> None:

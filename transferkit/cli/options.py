@@ -301,8 +301,8 @@ class Settings:
         values = {**self.values, **overrides}
         enablers = {leaf.optional_group: leaf for leaf in self.known if leaf.enables}
         off = {group for group, leaf in enablers.items() if values[leaf.param] is None}
-        tree: dict[str, Any] = {k: v for k, v in overrides.items()
-                                if k not in {leaf.param for leaf in self.known}}
+        params = {leaf.param for leaf in self.known}
+        tree: dict[str, Any] = {k: v for k, v in overrides.items() if k not in params}
         for leaf in self.known:
             value = values[leaf.param]
             if leaf.optional_group in off:

@@ -18,7 +18,7 @@ from transferkit.reports.gradcam import gradcam, has_feature_map
 from transferkit.runs.directory import CURVES_FILE, NOVELTY_FILE, REPORT_FILE
 from transferkit.runs.records import Choice, RunRecord
 from transferkit.training.candidates import fitted_before_the_stages, simplest_first
-from transferkit.training.choice import why_kept
+from transferkit.training.choice import tried, why_kept
 
 if TYPE_CHECKING:
     from transferkit.data.folders import ImageSet
@@ -109,20 +109,14 @@ def _summary(record: RunRecord) -> str:
 def _candidates(record: RunRecord, choice: Choice) -> str:
     """Every candidate tried, simplest first: those the choice read, with those fitted before
     the stages that did not beat the probe placed before the stages."""
-    steps = {c.other: c for c in choice.comparisons}
-    stages = {s.name for s in record.stages}
-    chosen = [[report.esc(name), f"{n}/{choice.n}",
-               "-" if name not in steps else f"{steps[name].margin:+d}",
-               "-" if name not in steps else f"{steps[name].noise:.1f}",
-               "kept" if name == choice.kept else ""]
-              for name, n in choice.val_correct.items()]
-    first_stage = next((i for i, name in enumerate(choice.val_correct) if name in stages),
-                       len(chosen))
-    dropped = [[report.esc(name), f"{n}/{choice.n}", "-", "-", "not beyond the probe"]
-               for name, n in fitted_before_the_stages(record.candidates, False).items()]
-    return report.table(
-        ["candidate (simplest first)", "right on val", "vs kept so far", "noise", ""],
-        chosen[:first_stage] + dropped + chosen[first_stage:], [False, True, True, True, False])
+    dropped = fitted_before_the_stages(record.candidates, False)
+    rows = [[report.esc(name), f"{n}/{choice.n}", "-" if step is None else f"{step.margin:+d}",
+             "-" if step is None else f"{step.noise:.1f}",
+             "kept" if name == choice.kept else "not beyond the probe" if name in dropped
+             else ""]
+            for name, n, step in tried(choice, dropped, {s.name for s in record.stages})]
+    return report.table(["candidate (simplest first)", "right on val", "vs kept so far",
+                         "noise", ""], rows, [False, True, True, True, False])
 
 
 def _scores(record: RunRecord) -> str:

@@ -9,7 +9,7 @@ two more right with six disagreements does not, and the simpler model is kept.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,20 @@ _KEPT_BECAUSE = {
             "by more than noise on val",
     "finetune": "the top blocks of the base fine-tuned; it beat the candidates before it by "
                 "more than noise on val"}
+
+
+def tried(choice: Choice, dropped: Mapping[str, int], stages: Collection[str]
+          ) -> list[tuple[str, int, Comparison | None]]:
+    """Every candidate a run tried, simplest first, with its val images right and how it
+    fared against the one kept before it (None: the first, or `dropped`). The choice read its
+    own in that order; `dropped`, those fitted before the stages (named `stages`) that did not
+    beat the probe, go before the stages."""
+    steps = {c.other: c for c in choice.comparisons}
+    chosen = [(name, n, steps.get(name)) for name, n in choice.val_correct.items()]
+    first_stage = next((i for i, (name, *_) in enumerate(chosen) if name in stages),
+                       len(chosen))
+    return [*chosen[:first_stage], *((name, n, None) for name, n in dropped.items()),
+            *chosen[first_stage:]]
 
 
 def why_kept(name: str) -> str:
