@@ -1,10 +1,7 @@
 """Typed user-facing errors. The core raises them; the CLI renders them once."""
 
-import json
 import signal
 from collections.abc import Sequence
-from importlib import metadata
-from urllib.parse import unquote, urlparse
 
 
 class TransferkitError(Exception):
@@ -40,6 +37,10 @@ class MissingPackageError(TransferkitError):
 def install_command(extra: str) -> str:
     """The pip command that adds an extra to this transferkit: from its clone (editable or
     not) or wheel file when it was installed from one, else from the package index."""
+    import json  # here, not at start-up: every command imports this module
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
     # pip's record of where it installed from (a clone's own egg-info, found first from
     # inside the clone, has none)
     texts = [d.read_text("direct_url.json") for d in metadata.distributions(name="transferkit")]

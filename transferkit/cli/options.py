@@ -186,14 +186,19 @@ CONFIG_OPTION = inspect.Parameter(
 
 
 class _FlagHelp:
-    """--help takes no value: shown without a type, like every other flag. Typer's option
-    table is built inside Typer; the names in it are made to wrap, not be cut short."""
+    """--help takes no value: shown without a type, like every other flag; and option names
+    wrap instead of being cut short (set up when help is shown: Typer's rich_utils costs
+    start-up time every other command would pay)."""
 
     def get_help_option(self, ctx: Any) -> Any:
         option = super().get_help_option(ctx)  # type: ignore[misc]
         if option is not None:
             option.metavar = ""
         return option
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _fold_option_names()
+        super().format_help(ctx, formatter)  # type: ignore[misc]
 
 
 class Command(_FlagHelp, typer.core.TyperCommand):
@@ -226,15 +231,18 @@ class _Folding:
         return highlighted
 
 
-def polish_help(app: typer.Typer) -> None:
-    """Every command of `app` with reflowed help, a --help without a type, and option names
-    that are never cut short."""
+def _fold_option_names() -> None:
     from typer import rich_utils
 
     for name in ("highlighter", "negative_highlighter"):
         found = getattr(rich_utils, name, None)
         if found is not None and not isinstance(found, _Folding):
             setattr(rich_utils, name, _Folding(found))
+
+
+def polish_help(app: typer.Typer) -> None:
+    """Every command of `app` with reflowed help, a --help without a type, and option names
+    that are never cut short."""
     for info in app.registered_commands:
         info.cls = Command
         info.callback.__doc__ = reflow(info.callback.__doc__)  # type: ignore[union-attr]
