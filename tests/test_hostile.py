@@ -550,6 +550,13 @@ def test_help_at_80_columns_cuts_nothing_and_flags_take_no_type():
 
 def test_tables_at_80_columns_wrap_instead_of_cutting(trained_run: Path, image_folder: Path,
                                                      tmp_path: Path):
+    from transferkit.bases import BASES
+
+    listing = runner.invoke(app, ["bases"], env={"COLUMNS": "80"})
+    assert listing.exit_code == 0, listing.output
+    for spec in BASES.values():  # wrapped at spaces, never inside a number or a name
+        assert spec.name in listing.stdout
+        assert all(word in listing.stdout for word in spec.preprocessing.describe().split())
     result = runner.invoke(app, ["evaluate", str(trained_run), "-o", str(tmp_path / "ev")],
                            env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output

@@ -53,7 +53,7 @@ class Preprocessing:
         if self.std == (1.0, 1.0, 1.0):
             return f"{self.channel_order.upper()} - mean"
         if len(set(self.mean)) == 1 and len(set(self.std)) == 1:
-            return f"(x-{self.mean[0]:g})/{self.std[0]:g}"
+            return f"(x - {self.mean[0]:g}) / {self.std[0]:g}"  # wraps at its spaces
         return "ImageNet mean/std"
 
 
