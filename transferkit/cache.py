@@ -4,6 +4,7 @@ what lives there, under which names, and clearing it.
 - features/   frozen-base features by extractor and image content (features.py)
 - converted/  plain RGB copies of images TensorFlow would decode wrongly (data/inspect.py)
 - weights/    ImageNet weights converted to Keras files (bases/)
+- graphs/     models converted for ONNX Runtime, by content, digest in the name (runtime.py)
 - inspected.json  what each file's inspection found, by size and modification time
 """
 
@@ -20,14 +21,15 @@ from pathlib import Path
 
 from transferkit.errors import ArtifactError
 
-FEATURES, CONVERTED, WEIGHTS = "features", "converted", "weights"
-PARTS = (FEATURES, CONVERTED, WEIGHTS)
+FEATURES, CONVERTED, WEIGHTS, GRAPHS = "features", "converted", "weights", "graphs"
+PARTS = (FEATURES, CONVERTED, WEIGHTS, GRAPHS)
 # The names transferkit gives the files of each part (features.FeatureCache,
 # data/inspect.converted_path, bases' converted weights), and the temporary names they are
 # written under: clearing deletes these and nothing else, whatever else a folder holds.
 _WRITTEN = {FEATURES: re.compile(r"[0-9a-f]{24}\.npz"),
             CONVERTED: re.compile(r"[0-9a-f]{64}-v\d+\.png"),
-            WEIGHTS: re.compile(r"\w+_imagenet_[0-9a-f]{12}\.weights\.h5")}
+            WEIGHTS: re.compile(r"\w+_imagenet_[0-9a-f]{12}\.weights\.h5"),
+            GRAPHS: re.compile(r"[0-9a-f]{24}(-[0-9a-f]{16}\.onnx|\.lock)")}
 # files.atomic_path's temporary names (files._TEMP_NAME: the cache imports no other module)
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp.*")
 INSPECTED = "inspected.json"  # points at converted copies: cleared with them
@@ -103,8 +105,8 @@ def cache_usage() -> dict[str, tuple[int, int]]:
 
 
 def clear_cache(weights: bool = False) -> None:
-    """Removes cached features and converted images (rebuilt when needed), and the converted
-    ImageNet weights too when `weights`.
+    """Removes cached features, converted images and graphs (rebuilt when needed), and the
+    converted ImageNet weights too when `weights`.
 
     Raises:
         ArtifactError: another transferkit process is using the cache.
@@ -123,7 +125,7 @@ def clear_cache(weights: bool = False) -> None:
                             f"(a run may read its converted images and features). Clear it "
                             f"when that process has ended.") from None
     try:
-        for part in (FEATURES, CONVERTED, *((WEIGHTS,) if weights else ())):
+        for part in (FEATURES, CONVERTED, GRAPHS, *((WEIGHTS,) if weights else ())):
             _clear_part(cache_path(part), _WRITTEN[part])
         cache_path(INSPECTED).unlink(missing_ok=True)
     finally:

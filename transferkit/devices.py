@@ -17,7 +17,8 @@ MIXED_POLICY = "mixed_float16"
 MIN_MIXED_CAPABILITY = (7, 0)  # Volta and newer have float16 tensor cores
 
 
-def _gpus() -> list:
+def visible_gpus() -> list:
+    """The GPUs TensorFlow sees."""
     import tensorflow as tf
 
     return tf.config.list_physical_devices("GPU")
@@ -29,7 +30,7 @@ def resolve_precision(precision: str) -> str:
         return precision
     import tensorflow as tf
 
-    for gpu in _gpus():
+    for gpu in visible_gpus():
         capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
         if capability and tuple(capability) >= MIN_MIXED_CAPABILITY:
             return "mixed"
@@ -58,7 +59,7 @@ def build_strategy(name: str) -> tf.distribute.Strategy:
     import tensorflow as tf
 
     if name == "auto":
-        name = "mirrored" if len(_gpus()) > 1 else "none"
+        name = "mirrored" if len(visible_gpus()) > 1 else "none"
     if name == "none":
         return tf.distribute.get_strategy()
     if name == "mirrored":

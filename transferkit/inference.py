@@ -1,7 +1,8 @@
-"""A model run over a stream of image batches, for extract, predict and evaluate.
+"""A model run over a stream of image batches, for every pass that does not train.
 
-One `tf.function` with a batch dimension of None is traced once per model and input spec,
-and kept with the model for later calls (a Ray worker runs one model over many tasks).
+One function with a batch dimension of None is made once per model and input spec, and kept
+with the model for later calls (a Ray worker runs one model over many tasks): an ONNX Runtime
+session where runtime.py says so, else a `tf.function`, traced once.
 Keras's `predict` traces again for the last, smaller batch, and each new trace of a base pays
 for tracing and TensorFlow's graph optimisation again: about 2 s for Lite0 on 2 CPU cores
 (bench/README.md). Memory holds the outputs only, never the images.
@@ -26,17 +27,26 @@ if TYPE_CHECKING:
 _steps: weakref.WeakKeyDictionary[Any, dict[Any, Callable]] = weakref.WeakKeyDictionary()
 
 
-def inference_step(model: keras.Model, input_spec: tf.TensorSpec) -> Callable:
-    """`model` in inference mode as one `tf.function` over batches of `input_spec`, traced
-    on its first call and then reused for every batch size and every later call."""
+def inference_step(model: keras.Model, input_spec: tf.TensorSpec, images: int | None = None,
+                   reporter: Reporter | None = None, trains: bool = False) -> Callable:
+    """`model` in inference mode as one function over batches of `input_spec`, made on its
+    first call and then reused for every batch size and every later call: on ONNX Runtime
+    (runtime.py) unless TensorFlow must run it, a pass of `images` (None: open-ended) is too
+    short to convert for, or the model `trains` (the val passes inside training), else one
+    `tf.function`."""
     import tensorflow as tf
 
+    from transferkit.runtime import onnx_step
+
     steps = _steps.setdefault(model, {})
-    if input_spec not in steps:
-        held = weakref.ref(model)  # the step must not keep its model (the table's key) alive
-        steps[input_spec] = tf.function(lambda x: held()(x, training=False),
-                                        input_signature=[input_spec])
-    return steps[input_spec]
+    if (input_spec, trains) not in steps:
+        step = None if trains else onnx_step(model, input_spec, images, reporter)
+        if step is None:
+            held = weakref.ref(model)  # the step must not keep its model (the key) alive
+            step = tf.function(lambda x: held()(x, training=False),
+                               input_signature=[input_spec])
+        steps[input_spec, trains] = step
+    return steps[input_spec, trains]
 
 
 def predict_batches(model: keras.Model, ds: tf.data.Dataset, count: int, batch_size: int,
@@ -44,7 +54,7 @@ def predict_batches(model: keras.Model, ds: tf.data.Dataset, count: int, batch_s
     """`model`'s float32 outputs for every batch of `ds` (`count` inputs in batches of
     `batch_size`, for the progress bar), in order: an array, or a list of arrays for a model
     with several outputs."""
-    step = inference_step(model, ds.element_spec)
+    step = inference_step(model, ds.element_spec, count, reporter)
     several = isinstance(model.output, (list, tuple))
     shapes = model.output_shape if several else [model.output_shape]
     reporter.start_progress(description, math.ceil(count / batch_size))
@@ -69,7 +79,7 @@ def val_scores(model: keras.Model, images: Any, labels: np.ndarray,
 
     if not isinstance(images, tf.data.Dataset):
         images = tf.data.Dataset.from_tensor_slices(images).batch(batch_size or 32)
-    step = inference_step(model, images.element_spec)
+    step = inference_step(model, images.element_spec, trains=True)
     probabilities = np.concatenate([np.asarray(step(x), np.float32) for x in images])
     return _scores(probabilities, labels)
 

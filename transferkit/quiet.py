@@ -110,3 +110,19 @@ def load_tensorflow() -> None:
     if not verbose():
         tf.get_logger().setLevel(logging.ERROR)
         logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def quiet_converter() -> Iterator[None]:
+    """tf2onnx's progress logging and TensorFlow's graph-optimisation chatter kept off the
+    terminal while a model is converted (runtime.py); its errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("tf2onnx", "onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with quiet_native_output():
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

@@ -26,6 +26,7 @@ import numpy as np
 from transferkit.errors import ClusterError, MissingPackageError
 from transferkit.quiet import quiet_native_output
 from transferkit.reporting import Reporter
+from transferkit.runtime import worker_env
 
 if TYPE_CHECKING:
     import keras
@@ -51,7 +52,9 @@ class _Worker:
 
     def __init__(self, job: BatchJob) -> None:
         import transferkit  # noqa: F401  (sets the Keras backend before Keras loads)
+        from transferkit.runtime import live_long
 
+        live_long()
         self.job = job
         self.model = job.build()
 
@@ -121,7 +124,8 @@ def connect(address: str | None, reporter: Reporter) -> Any:
         try:
             with quiet_native_output():
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.ERROR, configure_logging=False)
+                         logging_level=logging.ERROR, configure_logging=False,
+                         runtime_env={"env_vars": worker_env()})
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
             token = "Authentication" in f"{exc} {exc.__cause__}"

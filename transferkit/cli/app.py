@@ -95,7 +95,7 @@ def finetune(
         if config.output is None and not overfit_check:
             raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
         check_recipe(config)
-        load()
+        load(config.runtime)
         from transferkit.cli.console import RichReporter, render_finetune, render_overfit
 
         if not overfit_check:
@@ -149,7 +149,7 @@ def cv(
         if config.recipe.output is None:
             raise ConfigError("Pass the DATA folder and -o RUN (or --resume RUN).")
         check_recipe(config.recipe, "cv")
-        load()
+        load(config.recipe.runtime)
         from transferkit.commands.cv import cross_validate
 
         render_cv(cross_validate(config, RichReporter()))
@@ -168,7 +168,7 @@ def audit(settings: Settings = GIVEN) -> None:
         check_data(config.data, config.base)
         check_output(config.output, config.overwrite, "audit folder",
                      data=config.data.data_dir, writes=AUDIT_FILES)
-        load()
+        load(config.runtime)
         from transferkit.cli.console import RichReporter, render_audit
         from transferkit.commands.audit import audit as run_audit
 
@@ -182,7 +182,7 @@ def select(settings: Settings = GIVEN) -> None:
     with user_errors():
         config = settings.build()
         check_data(config.data, config.base)
-        load()
+        load(config.runtime)
         from transferkit.cli.console import RichReporter, render_selection
         from transferkit.commands.select import select as run_select
 
@@ -196,7 +196,7 @@ def serve(settings: Settings = GIVEN) -> None:
     Needs the serve extra (the error says how to install it)."""
     with user_errors():
         config = settings.build()
-        load()
+        load(config.runtime)
         from transferkit.cli.console import RichReporter
         from transferkit.commands.serve import serve as run_serve
 
@@ -221,7 +221,7 @@ def extract(settings: Settings = GIVEN) -> None:
         if config.head is not None:
             check_run_output(config.head.output, config.overwrite, config.data.data_dir,
                              "extract")
-        load()
+        load(config.runtime)
         from transferkit.cli.console import RichReporter, render_extract
         from transferkit.commands.extract import extract as run_extract
 
@@ -239,7 +239,7 @@ def predict(settings: Settings = GIVEN) -> None:
         read_record(config.run_dir)
         if config.output not in (None, STDOUT):
             check_output(config.output, config.overwrite)
-        load()
+        load(config.runtime)
         from transferkit.cli.console import (
             RichReporter,
             render_prediction_summary,
@@ -278,7 +278,7 @@ def evaluate(settings: Settings = GIVEN) -> None:
         if config.output is not None:
             check_output(config.output, config.overwrite, "evaluation folder",
                          config.data_dir, writes=EVALUATION_FILES)
-        load()
+        load(config.runtime)
         from transferkit.cli.console import RichReporter, render_evaluation
         from transferkit.commands.evaluate import evaluate as run_evaluate
 
@@ -391,7 +391,7 @@ def bases_command(settings: Settings = GIVEN) -> None:
         from transferkit.data.folders import check_data_folder
 
         check_data_folder(data.data_dir)
-        load()
+        load(config.runtime)
         from transferkit.cli.console import RichReporter, render_ranks
         from transferkit.commands.bases import rank_bases
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import typer
 
 from transferkit.errors import StopRequested, TransferkitError
 from transferkit.quiet import load_tensorflow
+
+if TYPE_CHECKING:
+    from transferkit.config import RuntimeConfig
 
 
 @contextlib.contextmanager
@@ -39,8 +43,10 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(128 + exc.signum) from None
 
 
-def load() -> None:
-    """TensorFlow, once the cheap checks passed; the cache is in use from here on."""
+def load(runtime: RuntimeConfig | None = None) -> None:
+    """TensorFlow, once the cheap checks passed, and the runtime of the forward passes that
+    do not train (`runtime`, for the commands that run any); the cache is in use from here
+    on."""
     from transferkit.cache import share_cache
 
     note = share_cache()
@@ -49,3 +55,7 @@ def load() -> None:
 
         RichReporter().warning(note)
     load_tensorflow()
+    if runtime is not None:
+        from transferkit.runtime import configure
+
+        configure(runtime.runtime, runtime.threads)

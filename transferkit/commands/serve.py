@@ -89,7 +89,7 @@ class Served:
         return probabilities, self.novelty.score(features, probabilities)
 
 
-def load_served(run_dir: Path) -> Served:
+def load_served(run_dir: Path, reporter: Reporter | None = None) -> Served:
     """Loads the run (safe mode), traces the model and the decoder, and warms both up.
 
     Raises:
@@ -108,7 +108,8 @@ def load_served(run_dir: Path) -> Served:
     if (run_dir / NOVELTY_FILE).exists():
         model = with_features(run.model)
         novelty = load_novelty(run_dir / NOVELTY_FILE, model.output_shape[0][-1])
-    step = inference_step(model, tf.TensorSpec([None, size, size, 3], tf.float32))
+    step = inference_step(model, tf.TensorSpec([None, size, size, 3], tf.float32),
+                          reporter=reporter)
     decoder = tf.function(lambda e: decode_image(e, size),
                           input_signature=[tf.TensorSpec([], tf.string)])
     served = Served(run, step, lambda data: decoder(tf.constant(data)).numpy(), novelty, stamp)
@@ -373,7 +374,7 @@ def serve(config: ServeConfig, reporter: Reporter | None = None) -> None:
     import uvicorn
 
     reporter = reporter or NullReporter()
-    served = load_served(config.run_dir)
+    served = load_served(config.run_dir, reporter)
     listening = _listen(config.host, config.port)  # refused here, before saying "Serving"
     reporter.info(f"Serving the run '{config.run_dir}' ({len(served.run.class_names)} "
                   f"classes, {served.run.image_size} px) on http://{config.host}:{config.port}")

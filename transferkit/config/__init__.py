@@ -194,6 +194,28 @@ class ComputeConfig:
                                             f"{', '.join(STRATEGIES)}; got {self.strategy}.")
 
 
+RUNTIMES = ("auto", "onnx", "tf")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """What runs the forward passes that do not train (runtime.py)."""
+
+    runtime: str = option("auto", "auto: ONNX Runtime on the CPU (about twice TensorFlow's "
+                                  "speed there), TensorFlow on a GPU or where onnxruntime is "
+                                  "missing; onnx or tf: that one. Training runs on TensorFlow.",
+                          choices=RUNTIMES)
+    threads: int | None = option(None, "CPU threads for the forward passes and TensorFlow "
+                                       "(default: every core this process may use); fewer "
+                                       "to share the machine.")
+
+    def __post_init__(self) -> None:
+        check(self.runtime in RUNTIMES, f"--runtime must be one of {', '.join(RUNTIMES)}; got "
+                                        f"{self.runtime}.")
+        check(self.threads is None or 1 <= self.threads <= 1024,
+              f"--threads must be between 1 and 1024; got {self.threads}.")
+
+
 ENGINES = ("local", "ray")
 
 
@@ -367,6 +389,7 @@ class FinetuneConfig:
                            flag="--lr-find", panel=CHECKS, advanced=True)
     cache: bool = option(True, CACHE_HELP, panel=DATA, advanced=True)
     compute: ComputeConfig = group(ComputeConfig, panel=HARDWARE, advanced=True)
+    runtime: RuntimeConfig = group(RuntimeConfig, panel=HARDWARE, advanced=True)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     @property
@@ -449,6 +472,7 @@ class AuditConfig:
         0.975, "Perceptual similarity (correlation of thumbnails, aligned over small crops) "
                "from which two images count as near-duplicates.", panel=CHECKS)
     engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
+    runtime: RuntimeConfig = group(RuntimeConfig, panel=HARDWARE, advanced=True)
     cache: bool = option(True, CACHE_HELP, panel=DATA)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
@@ -476,6 +500,7 @@ class SelectConfig:
                        panel=MODEL)
     weights: str = option("imagenet", WEIGHTS_HELP, panel=MODEL)
     engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
+    runtime: RuntimeConfig = group(RuntimeConfig, panel=HARDWARE, advanced=True)
     cache: bool = option(True, CACHE_HELP, panel=DATA)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
@@ -496,6 +521,7 @@ class BasesConfig:
     image_size: int | None = option(None, "Square input size in pixels. Default: each base's.")
     seed: int = option(1337, "Seed for the folds.")
     engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
+    runtime: RuntimeConfig = group(RuntimeConfig, panel=HARDWARE, advanced=True)
 
     def __post_init__(self) -> None:
         _check_seed(self.seed)
@@ -574,6 +600,7 @@ class ExtractConfig:
     precision: str = option(DEFAULT_PRECISION, PRECISION_HELP, choices=PRECISIONS,
                             panel=HARDWARE)
     engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
+    runtime: RuntimeConfig = group(RuntimeConfig, panel=HARDWARE, advanced=True)
     cache: bool = option(True, CACHE_HELP, panel=DATA)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
     head: HeadConfig | None = group(panel=TRAIN, enabled_by="output")
@@ -612,6 +639,7 @@ class EvaluateConfig:
     batch_size: int = option(32, "Images per batch.", panel=DATA)
     gallery: int = option(16, "How many of the most confidently wrong images to show.",
                           panel=OUTPUT)
+    runtime: RuntimeConfig = group(RuntimeConfig, panel=HARDWARE, advanced=True)
     overwrite: bool = option(False, OVERWRITE_HELP, flag="--overwrite", panel=OUTPUT)
 
     def __post_init__(self) -> None:
@@ -687,6 +715,7 @@ class ServeConfig:
     reload: bool = option(False, "Load a newer model.keras of the run when it appears, without "
                                  "dropping requests.", flag="--reload", panel=MODEL)
     top_k: int = option(1, "How many labels to list per image.", panel=OUTPUT)
+    runtime: RuntimeConfig = group(RuntimeConfig, panel=HARDWARE, advanced=True)
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -732,6 +761,7 @@ class PredictConfig:
                "unlike every class it was trained on (val set the threshold so that 95 % of "
                "known images pass).", flag="--reject-unknown", panel=MODEL)
     engine: EngineConfig = group(EngineConfig, panel=HARDWARE, advanced=True)
+    runtime: RuntimeConfig = group(RuntimeConfig, panel=HARDWARE, advanced=True)
     # the paths of `paths` read from a list on stdin (not an option): one that is gone by
     # now gets an error row, as a file gone from a folder would
     listed: frozenset[Path] = field(default=frozenset())

@@ -1,0 +1,258 @@
+"""Which engine runs the forward passes that do not train: ONNX Runtime on the CPU, else
+TensorFlow.
+
+On these CPUs ONNX Runtime runs the same graph about twice as fast as a TensorFlow function
+(bench/README.md, issue 36: EfficientNet-Lite0 at 224 px, 240 against 124 images/s on 2
+cores), so every pass that does not train (features, predict, evaluate, serve) goes through
+it: the Keras model is converted once with tf2onnx and the graph cached by the model's content
+(architecture, every weight, input shape, converter and opset), so a changed model never meets
+an old graph. Training, and the val passes inside it, stay on TensorFlow.
+
+TensorFlow runs instead, with one line saying why, when `--runtime tf` asks for it, a GPU is
+visible (TensorFlow uses it), onnxruntime or tf2onnx is missing, the model computes in float16,
+or the converter cannot take the model. A graph not yet converted is converted only for a
+pass of at least PAYS_OFF images (or an open-ended one: serve): converting Lite0 takes about
+2 s, which a shorter pass would not win back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from transferkit.config import RUNTIMES
+from transferkit.errors import MissingPackageError
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+    from transferkit.reporting import Reporter
+
+OPSET = 17
+PAYS_OFF = 500  # images a pass must have before a graph is converted for it
+_PACKAGES = ("onnxruntime", "tf2onnx")
+_ENV_RUNTIME, _ENV_THREADS = "TRANSFERKIT_RUNTIME", "TRANSFERKIT_THREADS"  # Ray workers read these
+
+
+@dataclass
+class _Chosen:
+    said: set[str] = field(default_factory=set)  # lines this process printed already
+    failed: set[str] = field(default_factory=set)  # graph keys the converter could not take
+    long_lived: bool = False  # every pass is worth converting for (a Ray worker)
+
+
+_chosen = _Chosen()
+
+
+def configure(runtime: str, threads: int | None) -> None:
+    """This process's (and its Ray workers') runtime and thread count; before TensorFlow
+    starts, so that `threads` bounds TensorFlow's pools too."""
+    os.environ[_ENV_RUNTIME] = runtime
+    if threads:
+        os.environ[_ENV_THREADS] = str(threads)
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    else:
+        os.environ.pop(_ENV_THREADS, None)
+
+
+def worker_env() -> dict[str, str]:
+    """The environment a Ray worker runs with: this process's runtime, one thread (each
+    worker is given one CPU)."""
+    return {_ENV_RUNTIME: requested(), _ENV_THREADS: "1"}
+
+
+def live_long() -> None:
+    """This process runs its model for many passes (a Ray worker): a graph is converted
+    whatever one pass's length."""
+    _chosen.long_lived = True
+
+
+def requested() -> str:
+    value = os.environ.get(_ENV_RUNTIME, "auto")
+    return value if value in RUNTIMES else "auto"
+
+
+def threads() -> int:
+    """The threads ONNX Runtime gets: --threads, else every core this process may use."""
+    given = os.environ.get(_ENV_THREADS, "")
+    return int(given) if given.isdigit() and int(given) > 0 else len(os.sched_getaffinity(0))
+
+
+def _missing() -> list[str]:
+    import importlib.util
+
+    return [name for name in _PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def why_tensorflow() -> str | None:
+    """Why TensorFlow runs this process's forward passes, or None when ONNX Runtime does.
+
+    Raises:
+        MissingPackageError: --runtime onnx without onnxruntime or tf2onnx.
+    """
+    choice = requested()
+    if choice == "tf":
+        return "--runtime tf asks for it"
+    missing = _missing()
+    if missing and choice == "onnx":
+        raise MissingPackageError.needs("--runtime onnx", missing, "onnx")
+    if missing:
+        return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
+    if choice == "auto":
+        from transferkit.devices import visible_gpus
+
+        if visible_gpus():
+            return "a GPU is visible, and TensorFlow runs on it"
+    return None
+
+
+def _say(reporter: Reporter | None, line: str) -> None:
+    if reporter is not None and line not in _chosen.said:
+        _chosen.said.add(line)
+        reporter.info(line)
+
+
+def graph_key(model: keras.Model, input_spec: tf.TensorSpec) -> str:
+    """What identifies the converted graph: the model's architecture (its layers' names
+    numbered in order, since Keras names a second build of the same model conv2d_2), every
+    weight's bytes, the input's shape and type, the converter's version and the opset."""
+    import tf2onnx
+
+    numbered: dict[str, str] = {}
+    for layer in model._flatten_layers(include_self=True):
+        numbered.setdefault(layer.name, f"#{len(numbered)}")
+    architecture = re.sub(r'"([^"\\]*)"', lambda m: f'"{numbered.get(m[1], m[1])}"',
+                          model.to_json())
+    digest = hashlib.sha256(json.dumps(
+        [architecture, list(input_spec.shape.as_list()), input_spec.dtype.name,
+         tf2onnx.__version__, OPSET]).encode())
+    for weight in model.weights:
+        value = np.ascontiguousarray(weight.numpy())
+        digest.update(f"{value.dtype.str}{value.shape}".encode())
+        digest.update(value.data)
+    return digest.hexdigest()[:24]
+
+
+def _graph_path(folder: Path, key: str, content: bytes) -> Path:
+    return folder / f"{key}-{hashlib.sha256(content).hexdigest()[:16]}.onnx"
+
+
+def cached_graph(folder: Path, key: str) -> bytes | None:
+    """The cached graph of `key` whose bytes match the digest in its name; a damaged or
+    truncated file is deleted (then converted again), never used."""
+    for path in sorted(folder.glob(f"{key}-*.onnx")):
+        try:
+            content = path.read_bytes()
+        except OSError:
+            continue
+        if _graph_path(folder, key, content) == path:
+            return content
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return None
+
+
+@contextlib.contextmanager
+def _converting(folder: Path, key: str) -> Iterator[None]:
+    """Held while one process converts `key`: a second one waits, then finds the graph."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / f"{key}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _convert(model: keras.Model, input_spec: tf.TensorSpec) -> bytes:
+    import tensorflow as tf
+    import tf2onnx
+
+    from transferkit.quiet import quiet_converter
+
+    spec = tf.TensorSpec(input_spec.shape, input_spec.dtype, name="images")
+    function = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    with quiet_converter():
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec],
+                                                 opset=OPSET)
+    return proto.SerializeToString()
+
+
+def graph(model: keras.Model, input_spec: tf.TensorSpec, images: int | None,
+          reporter: Reporter | None) -> bytes | None:
+    """The model's ONNX graph, from the cache or converted now (then cached); None when it
+    is not worth converting for `images`, or the converter cannot take the model (said)."""
+    from transferkit.cache import GRAPHS, cache_path
+
+    key = graph_key(model, input_spec)
+    if key in _chosen.failed:
+        return None
+    folder = cache_path(GRAPHS)
+    content = cached_graph(folder, key)
+    if content is None and (images is None or images >= PAYS_OFF or _chosen.long_lived):
+        with _converting(folder, key):
+            content = cached_graph(folder, key)
+            if content is None:
+                try:
+                    content = _convert(model, input_spec)
+                except Exception as exc:  # noqa: BLE001 - any converter failure falls back
+                    _chosen.failed.add(key)
+                    _say(reporter, f"ONNX Runtime cannot run {model.name} (the converter "
+                                   f"failed: {type(exc).__name__}: {str(exc)[:160]}); "
+                                   f"TensorFlow runs it.")
+                    return None
+                from transferkit.files import atomic_path
+
+                with atomic_path(_graph_path(folder, key, content)) as tmp:
+                    tmp.write_bytes(content)
+    return content
+
+
+def onnx_step(model: keras.Model, input_spec: tf.TensorSpec, images: int | None = None,
+              reporter: Reporter | None = None) -> Callable[[Any], Any] | None:
+    """`model` in inference mode on ONNX Runtime, as a function of a batch (an array or a
+    tensor) returning numpy arrays like the model's outputs; None when TensorFlow runs it
+    (why is said once per process)."""
+    reason = why_tensorflow()
+    if reason is None and any(getattr(layer.dtype_policy, "compute_dtype", "float32")
+                              != "float32" for layer in model.layers):
+        reason = "the model computes in float16"
+    if reason is not None:
+        _say(reporter, f"Forward passes run on TensorFlow: {reason}.")
+        return None
+    content = graph(model, input_spec, images, reporter)
+    if content is None:
+        return None
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # threads that spin while waiting take the cores the input pipeline decodes on (1,000
+    # images from files: 252 images/s without spinning, 240 with)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(content, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    several = isinstance(model.output, (list, tuple))
+    _say(reporter, f"Forward passes run on ONNX Runtime (CPU, {threads()} threads).")
+
+    def step(batch: Any) -> Any:
+        outputs = session.run(None, {name: np.asarray(batch, np.float32)})
+        return outputs if several else outputs[0]
+
+    return step
