@@ -13,6 +13,7 @@ in one run on this machine (issue 36):
    (features, graphs) per runtime: wall time and test accuracy.
 
     python bench/runtime.py RUN --images FOLDER_OF_1000 [--finetune /tmp/tk-data/tuxpaint10]
+    python bench/runtime.py RUN --images X --only-finetune --probe-only --finetune DATA
 """
 
 from __future__ import annotations
@@ -107,14 +108,15 @@ def serve_load(run: Path, folder: Path, seconds: float) -> dict[str, dict]:
     return rows
 
 
-def finetune(data: Path, work: Path) -> dict[str, dict]:
+def finetune(data: Path, work: Path, options: list[str]) -> dict[str, dict]:
     rows = {}
     for runtime in RUNTIMES:
         home = work / f"home-{runtime}"
         env = {**os.environ, "TRANSFERKIT_HOME": str(home)}
         began = time.perf_counter()
         subprocess.run([sys.executable, "-m", "transferkit", "finetune", str(data), "-o",
-                        str(work / f"run-{runtime}"), "--runtime", runtime, "--overwrite"],
+                        str(work / f"run-{runtime}"), "--runtime", runtime, "--overwrite",
+                        *options],
                        check=True, capture_output=True, env=env)
         record = json.loads((work / f"run-{runtime}" / "run.json").read_text())
         test = [s for s in record["scores"] if s["split"] == "test"]
@@ -130,8 +132,20 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--finetune", type=Path, nargs="*", default=[])
+    parser.add_argument("--probe-only", action="store_true",
+                        help="finetune with --finetune-epochs 0: the passes, not the training")
+    parser.add_argument("--only-finetune", action="store_true")
     parser.add_argument("--results", type=Path)
     args = parser.parse_args()
+    if args.only_finetune:
+        with tempfile.TemporaryDirectory() as scratch:
+            options = ["--finetune-epochs", "0"] if args.probe_only else []
+            for d in args.finetune:
+                for runtime, row in finetune(d, Path(scratch), options).items():
+                    print(f"{runtime:5s} finetune {d.name} {' '.join(options)}: "
+                          f"{row['seconds']:.0f} s, kept {row['kept']}, test "
+                          f"{row['test_accuracy']}", flush=True)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         os.environ["TRANSFERKIT_HOME"] = str(work / "home")  # an empty graph cache
@@ -146,7 +160,8 @@ def main() -> None:
         results["extract"] = extract_rates(files)
         results["predict_rate"] = predict_rate(args.run, args.images)
         results["serve_64"] = serve_load(args.run, args.images, args.seconds)
-        results["finetune"] = {d.name: finetune(d, work) for d in args.finetune}
+        options = ["--finetune-epochs", "0"] if args.probe_only else []
+        results["finetune"] = {d.name: finetune(d, work, options) for d in args.finetune}
     ort = results["floor"]["onnx"]
     for runtime in RUNTIMES:
         e, p, s = (results["extract"][runtime], results["predict_cli_s"][runtime],

@@ -136,7 +136,10 @@ def test_a_short_pass_does_not_convert_but_uses_a_cached_graph(onnx_runtime) -> 
     from transferkit.runtime import PAYS_OFF, graph
 
     model = _tiny_model(4)
-    assert graph(model, _spec(16), PAYS_OFF - 1, None) is None
+    reporter = Recorder()
+    assert graph(model, _spec(16), PAYS_OFF - 1, reporter) is None
+    assert [m for m in reporter.messages if f"fewer than {PAYS_OFF} images run on TensorFlow"
+            in m]
     converted = graph(model, _spec(16), PAYS_OFF, None)
     assert graph(model, _spec(16), 1, None) == converted
 

@@ -11,8 +11,8 @@ an old graph. Training, and the val passes inside it, stay on TensorFlow.
 TensorFlow runs instead, with one line saying why, when `--runtime tf` asks for it, a GPU is
 visible (TensorFlow uses it), onnxruntime or tf2onnx is missing, the model computes in float16,
 or the converter cannot take the model. A graph not yet converted is converted only for a
-pass of at least PAYS_OFF images (or an open-ended one: serve): converting Lite0 takes about
-2 s, which a shorter pass would not win back.
+pass of at least PAYS_OFF images (or an open-ended one: serve, a Ray worker): converting Lite0
+takes a few seconds, which a shorter pass would not win back.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from transferkit.reporting import Reporter
 
 OPSET = 17
-PAYS_OFF = 500  # images a pass must have before a graph is converted for it
+# images a pass must have before a graph is converted for it: Lite0's first pass over 1,000
+# images from files, converting included, ran at TensorFlow's speed (bench/README.md)
+PAYS_OFF = 1000
 _PACKAGES = ("onnxruntime", "tf2onnx")
 _ENV_RUNTIME, _ENV_THREADS = "TRANSFERKIT_RUNTIME", "TRANSFERKIT_THREADS"  # Ray workers read these
 
@@ -185,7 +187,8 @@ def _convert(model: keras.Model, input_spec: tf.TensorSpec) -> bytes:
     from transferkit.quiet import quiet_converter
 
     spec = tf.TensorSpec(input_spec.shape, input_spec.dtype, name="images")
-    function = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    function = tf.function(lambda x: model(x, training=False), input_signature=[spec],
+                           autograph=False)
     with quiet_converter():
         proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec],
                                                  opset=OPSET)
@@ -219,6 +222,10 @@ def graph(model: keras.Model, input_spec: tf.TensorSpec, images: int | None,
 
                 with atomic_path(_graph_path(folder, key, content)) as tmp:
                     tmp.write_bytes(content)
+    if content is None:
+        _say(reporter, f"Passes of fewer than {PAYS_OFF} images run on TensorFlow until their "
+                       f"model's ONNX graph is cached: converting would cost more than it "
+                       f"saves.")
     return content
 
 
