@@ -15,6 +15,14 @@ def onnx_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSFERKIT_RUNTIME", "onnx")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a new process would: no runtime line said yet."""
+    from transferkit import runtime
+
+    monkeypatch.setattr(runtime, "_chosen", runtime._Chosen())
+
+
 def _images(size: int, n: int = 5) -> np.ndarray:
     return np.random.default_rng(0).uniform(0, 255, (n, size, size, 3)).astype(np.float32)
 
@@ -138,8 +146,8 @@ def test_a_short_pass_does_not_convert_but_uses_a_cached_graph(onnx_runtime) -> 
     model = _tiny_model(4)
     reporter = Recorder()
     assert graph(model, _spec(16), PAYS_OFF - 1, reporter) is None
-    assert [m for m in reporter.messages if f"fewer than {PAYS_OFF} images run on TensorFlow"
-            in m]
+    assert [m for m in reporter.messages if f"runs on TensorFlow here: for fewer than "
+            f"{PAYS_OFF:,} images" in m]
     converted = graph(model, _spec(16), PAYS_OFF, None)
     assert graph(model, _spec(16), 1, None) == converted
 

@@ -223,9 +223,8 @@ def graph(model: keras.Model, input_spec: tf.TensorSpec, images: int | None,
                 with atomic_path(_graph_path(folder, key, content)) as tmp:
                     tmp.write_bytes(content)
     if content is None:
-        _say(reporter, f"Passes of fewer than {PAYS_OFF} images run on TensorFlow until their "
-                       f"model's ONNX graph is cached: converting would cost more than it "
-                       f"saves.")
+        _say(reporter, f"Inference runs on TensorFlow here: for fewer than {PAYS_OFF:,} images, "
+                       f"converting the model for ONNX Runtime costs more than it saves.")
     return content
 
 
