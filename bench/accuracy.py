@@ -1,7 +1,8 @@
 """transferkit's default `finetune` against its anchors, on the same images, split and
 EfficientNet-Lite0 ImageNet weights, side by side in one run:
 
-- transferkit: `finetune` with its defaults (plus any --tk-option, for trying a variant);
+- transferkit: `transferkit finetune DATA --seed S` as users run it, one process per seed,
+  with its defaults (plus any --tk-option, for trying a variant, passed as a --config file);
 - probe: scikit-learn's logistic regression on the frozen pooled features `extract` writes,
   C chosen by 5-fold cross-validation on the training split (LogisticRegressionCV, log loss);
   timed from a cold feature cache, extraction included;
@@ -26,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,22 +46,26 @@ def scored_split(data: Path) -> str:
 
 def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, Any]
                      ) -> dict[str, Any]:
-    from transferkit.commands.finetune import finetune
-    from transferkit.config import DataConfig, FinetuneConfig, from_dict
-
-    start = time.perf_counter()
-    run_dir = workdir / f"tk-{data.name}-{seed}"
-    config = from_dict(FinetuneConfig, {**options, "output": run_dir},
-                       ready={"data": DataConfig(data_dir=data, seed=seed)})
-    result = finetune(config)
-    seconds = time.perf_counter() - start
-    score = next(s for s in result.scores if s.split == scored_split(data))
+    """What a user gets: `transferkit finetune DATA --seed S -o RUN` in its own process (an
+    in-process run inherits the process's random-op counters and caches from the runs
+    before it), with `options` as a --config file."""
     from transferkit.runs.directory import read_record
 
+    run_dir = workdir / f"tk-{data.name}-{seed}"
+    command = [sys.executable, "-m", "transferkit", "finetune", str(data), "-o", str(run_dir),
+               "--seed", str(seed), "--overwrite"]
+    if options:
+        config = workdir / f"tk-{data.name}-{seed}.toml"
+        config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items()))
+        command += ["--config", str(config)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    seconds = time.perf_counter() - start
     record = read_record(run_dir)
-    return {"accuracy": score.accuracy, "seconds": seconds, "kept": result.kept_stage,
+    score = next(s for s in record.scores if s.split == scored_split(data))
+    return {"accuracy": score.accuracy, "seconds": seconds, "kept": record.choice.kept,
             "probe_ready": record.probe.ready_after if record.probe else None,
-            "val_correct": result.choice.val_correct,
+            "val_correct": record.choice.val_correct,
             "variant": next(({"name": c.name, "val_correct": c.val_correct, "won": c.won,
                               "seconds": c.seconds}
                              for c in record.candidates if c.kind == "variant"), None),
@@ -69,8 +76,8 @@ def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, An
                 "deep": record.adaptation.deep,
                 "no_flips": record.adaptation.mirror_changes_labels,
                 "seconds": record.adaptation.seconds},
-            "ece_before": result.calibration.test_ece_before or result.calibration.val_ece_before,
-            "ece_after": result.calibration.test_ece_after or result.calibration.val_ece_after}
+            "ece_before": record.calibration.test_ece_before or record.calibration.val_ece_before,
+            "ece_after": record.calibration.test_ece_after or record.calibration.val_ece_after}
 
 
 def probe_side(data: Path, seed: int, workdir: Path) -> dict[str, Any]:
