@@ -26,7 +26,7 @@ import numpy as np
 from transferkit.errors import ClusterError, MissingPackageError
 from transferkit.quiet import quiet_native_output
 from transferkit.reporting import Reporter
-from transferkit.runtime import worker_env
+from transferkit.runtime import PAYS_OFF, worker_env
 
 if TYPE_CHECKING:
     import keras
@@ -50,11 +50,12 @@ class BatchJob(Protocol):
 class _Worker:
     """One Ray actor: the job's model, built once, over batches of (index, source) rows."""
 
-    def __init__(self, job: BatchJob) -> None:
+    def __init__(self, job: BatchJob, convert: bool) -> None:
         import transferkit  # noqa: F401  (sets the Keras backend before Keras loads)
         from transferkit.runtime import live_long
 
-        live_long()
+        if convert:  # the whole job is long enough for ONNX Runtime, as a local pass would be
+            live_long()
         self.job = job
         self.model = job.build()
 
@@ -156,7 +157,9 @@ def run_on_ray(job: BatchJob, sources: Sequence[str], engine: EngineConfig,
                   f"{actors} workers.")
     started = time.perf_counter()
     data = ray.data.from_items(rows, override_num_blocks=tasks)
-    mapped = data.map_batches(_Worker, fn_constructor_args=(job,), batch_size=ROWS_PER_TASK,
+    convert = len(rows) >= PAYS_OFF
+    mapped = data.map_batches(_Worker, fn_constructor_args=(job, convert),
+                              batch_size=ROWS_PER_TASK,
                               concurrency=(1, actors), num_cpus=1, batch_format="numpy")
     # Ray's own lines (its C++ core logs each actor's start) stay off the terminal
     with quiet_native_output():

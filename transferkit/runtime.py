@@ -78,8 +78,9 @@ def worker_env() -> dict[str, str]:
 
 
 def live_long() -> None:
-    """This process runs its model for many passes (a Ray worker): a graph is converted
-    whatever one pass's length."""
+    """This process runs its model for many short passes that add up to a long one (a Ray
+    worker of a job of PAYS_OFF images or more): a graph is converted whatever one pass's
+    length."""
     _chosen.long_lived = True
 
 
