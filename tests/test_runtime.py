@@ -15,12 +15,24 @@ def onnx_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRANSFERKIT_RUNTIME", "onnx")
 
 
+@pytest.fixture()
+def auto_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRANSFERKIT_RUNTIME", "auto")
+
+
+def _key(model) -> str:
+    from transferkit.runtime import graph_key
+
+    return graph_key(model, _spec(16))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_lines(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts as a new process would: no runtime line said yet."""
+    """Each test starts as a new process would: no runtime line said, no session open."""
     from transferkit import runtime
 
     monkeypatch.setattr(runtime, "_chosen", runtime._Chosen())
+    monkeypatch.setattr(runtime, "_sessions", type(runtime._sessions)())
 
 
 def _images(size: int, n: int = 5) -> np.ndarray:
@@ -94,12 +106,12 @@ def test_the_graph_is_cached_and_a_damaged_one_is_rebuilt(onnx_runtime, monkeypa
     calls = []
     convert = runtime._convert
     monkeypatch.setattr(runtime, "_convert", lambda m, s: calls.append(1) or convert(m, s))
-    first = runtime.graph(model, _spec(16), None, None)
-    assert runtime.graph(model, _spec(16), None, None) == first and len(calls) == 1
+    first = runtime.graph(model, _spec(16), _key(model), None, None)
+    assert runtime.graph(model, _spec(16), _key(model), None, None) == first and len(calls) == 1
     key = runtime.graph_key(model, _spec(16))
     (path,) = cache_path(GRAPHS).glob(f"{key}-*.onnx")
     path.write_bytes(first[: len(first) // 2])  # truncated
-    again = runtime.graph(model, _spec(16), None, None)
+    again = runtime.graph(model, _spec(16), _key(model), None, None)
     assert len(calls) == 2 and len(again) == len(first)
     (rebuilt,) = cache_path(GRAPHS).glob(f"{key}-*.onnx")
     assert rebuilt.read_bytes() == again
@@ -132,7 +144,7 @@ def test_two_converting_at_once_convert_once(onnx_runtime, monkeypatch) -> None:
     monkeypatch.setattr(runtime, "_convert", slow)
     results = []
     threads = [threading.Thread(target=lambda: results.append(
-        runtime.graph(model, _spec(16), None, None))) for _ in range(2)]
+        runtime.graph(model, _spec(16), _key(model), None, None))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -140,16 +152,16 @@ def test_two_converting_at_once_convert_once(onnx_runtime, monkeypatch) -> None:
     assert len(calls) == 1 and results[0] == results[1] is not None
 
 
-def test_a_short_pass_does_not_convert_but_uses_a_cached_graph(onnx_runtime) -> None:
+def test_a_short_pass_does_not_convert_but_uses_a_cached_graph(auto_runtime) -> None:
     from transferkit.runtime import PAYS_OFF, graph
 
     model = _tiny_model(4)
     reporter = Recorder()
-    assert graph(model, _spec(16), PAYS_OFF - 1, reporter) is None
+    assert graph(model, _spec(16), _key(model), PAYS_OFF - 1, reporter) is None
     assert [m for m in reporter.messages if f"runs on TensorFlow here: for fewer than "
             f"{PAYS_OFF:,} images" in m]
-    converted = graph(model, _spec(16), PAYS_OFF, None)
-    assert graph(model, _spec(16), 1, None) == converted
+    converted = graph(model, _spec(16), _key(model), PAYS_OFF, None)
+    assert graph(model, _spec(16), _key(model), 1, None) == converted
 
 
 def test_a_model_the_converter_cannot_take_runs_on_tensorflow_with_one_line(
@@ -219,3 +231,36 @@ def test_runtime_options_are_checked() -> None:
         RuntimeConfig(runtime="gpu")
     with pytest.raises(ConfigError, match="--threads must be between 1 and 1024; got 0"):
         RuntimeConfig(threads=0)
+
+
+def test_a_model_changed_after_a_pass_is_never_answered_by_its_old_graph(onnx_runtime) -> None:
+    from transferkit.inference import inference_step
+
+    model = _tiny_model(8)
+    x = _images(16, 2)
+    before = np.asarray(inference_step(model, _spec(16), images=None)(x))
+    dense = model.layers[-1]
+    dense.kernel.assign(np.zeros_like(dense.kernel.numpy()))  # every class 1/3 now
+    after = np.asarray(inference_step(model, _spec(16), images=None)(x))
+    np.testing.assert_allclose(after, np.asarray(model(x)), atol=1e-5)
+    assert not np.allclose(after, before)
+
+
+def test_a_long_pass_converts_a_model_a_short_pass_ran_on_tensorflow(auto_runtime) -> None:
+    import tensorflow as tf
+
+    from transferkit.inference import inference_step
+    from transferkit.runtime import PAYS_OFF
+
+    model = _tiny_model(9)
+    assert isinstance(inference_step(model, _spec(16), images=3),
+                      tf.types.experimental.PolymorphicFunction)
+    assert not isinstance(inference_step(model, _spec(16), images=PAYS_OFF),
+                          tf.types.experimental.PolymorphicFunction)
+
+
+def test_runtime_onnx_converts_a_short_pass_too(onnx_runtime) -> None:
+    from transferkit.runtime import graph
+
+    model = _tiny_model(10)
+    assert graph(model, _spec(16), _key(model), 1, None) is not None

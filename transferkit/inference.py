@@ -1,8 +1,9 @@
 """A model run over a stream of image batches, for every pass that does not train.
 
-One function with a batch dimension of None is made once per model and input spec, and kept
-with the model for later calls (a Ray worker runs one model over many tasks): an ONNX Runtime
-session where runtime.py says so, else a `tf.function`, traced once.
+Each pass runs on runtime.py's ONNX Runtime session for the model's weights as they are then,
+where it says so; else on one `tf.function` with a batch dimension of None, traced once per
+model and input spec and kept with the model for later calls (a Ray worker runs one model
+over many tasks).
 Keras's `predict` traces again for the last, smaller batch, and each new trace of a base pays
 for tracing and TensorFlow's graph optimisation again: about 2 s for Lite0 on 2 CPU cores
 (bench/README.md). Memory holds the outputs only, never the images.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from transferkit.reporting import Reporter
+from transferkit.runtime import onnx_step
 
 if TYPE_CHECKING:
     import keras
@@ -29,24 +31,24 @@ _steps: weakref.WeakKeyDictionary[Any, dict[Any, Callable]] = weakref.WeakKeyDic
 
 def inference_step(model: keras.Model, input_spec: tf.TensorSpec, images: int | None = None,
                    reporter: Reporter | None = None, trains: bool = False) -> Callable:
-    """`model` in inference mode as one function over batches of `input_spec`, made on its
-    first call and then reused for every batch size and every later call: on ONNX Runtime
-    (runtime.py) unless TensorFlow must run it, a pass of `images` (None: open-ended) is too
-    short to convert for, or the model `trains` (the val passes inside training), else one
-    `tf.function`."""
+    """`model` in inference mode as one function over batches of `input_spec`, for one pass
+    of `images` (None: open-ended, as serve's): runtime.py's ONNX Runtime session for the
+    model's weights as they are now, unless TensorFlow must run it, the pass is too short to
+    convert for, or the model `trains` (the val passes inside training); else one
+    `tf.function`, traced on its first call and reused for every later one (it reads the
+    model's weights live)."""
     import tensorflow as tf
 
-    from transferkit.runtime import onnx_step
-
+    if not trains:
+        step = onnx_step(model, input_spec, images, reporter)
+        if step is not None:
+            return step
     steps = _steps.setdefault(model, {})
-    if (input_spec, trains) not in steps:
-        step = None if trains else onnx_step(model, input_spec, images, reporter)
-        if step is None:
-            held = weakref.ref(model)  # the step must not keep its model (the key) alive
-            step = tf.function(lambda x: held()(x, training=False),
-                               input_signature=[input_spec])
-        steps[input_spec, trains] = step
-    return steps[input_spec, trains]
+    if input_spec not in steps:
+        held = weakref.ref(model)  # the step must not keep its model (the table's key) alive
+        steps[input_spec] = tf.function(lambda x: held()(x, training=False),
+                                        input_signature=[input_spec])
+    return steps[input_spec]
 
 
 def predict_batches(model: keras.Model, ds: tf.data.Dataset, count: int, batch_size: int,

@@ -1,28 +1,32 @@
 """Which engine runs the forward passes that do not train: ONNX Runtime on the CPU, else
 TensorFlow.
 
-On these CPUs ONNX Runtime runs the same graph about twice as fast as a TensorFlow function
-(bench/README.md, issue 36: EfficientNet-Lite0 at 224 px, 240 against 124 images/s on 2
-cores), so every pass that does not train (features, predict, evaluate, serve) goes through
-it: the Keras model is converted once with tf2onnx and the graph cached by the model's content
-(architecture, every weight, input shape, converter and opset), so a changed model never meets
-an old graph. Training, and the val passes inside it, stay on TensorFlow.
+On these CPUs ONNX Runtime runs the same graph 1.3-1.6x as fast as a TensorFlow function
+(bench/README.md, issue 36: EfficientNet-Lite0 at 224 px on 2 cores, 319 against 200
+images/s on in-memory batches, 262 against 196 from files), so every pass that does not
+train (features, predict, evaluate, serve) goes through it: the Keras model is converted once
+with tf2onnx and the graph cached by the model's content (architecture, every weight, input
+shape, converter and opset), read at each pass, so a model changed since never meets an old
+graph. Training, and the val passes inside it, stay on TensorFlow.
 
 TensorFlow runs instead, with one line saying why, when `--runtime tf` asks for it, a GPU is
 visible (TensorFlow uses it), onnxruntime or tf2onnx is missing, the model computes in float16,
 or the converter cannot take the model. A graph not yet converted is converted only for a
-pass of at least PAYS_OFF images (or an open-ended one: serve, a Ray worker): converting Lite0
-takes a few seconds, which a shorter pass would not win back.
+pass of at least PAYS_OFF images (or an open-ended one: serve, a Ray worker of a long job),
+or with `--runtime onnx`: converting Lite0 takes a few seconds, which a shorter pass would not
+win back.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,7 @@ import numpy as np
 
 from transferkit.config import RUNTIMES
 from transferkit.errors import MissingPackageError
+from transferkit.files import atomic_path
 
 if TYPE_CHECKING:
     import keras
@@ -55,6 +60,9 @@ class _Chosen:
 
 
 _chosen = _Chosen()
+MAX_SESSIONS = 4  # sessions kept open: a run's models in turn, a server's one
+_sessions: collections.OrderedDict[str, Callable[[Any], Any]] = collections.OrderedDict()
+_architectures: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
 def configure(runtime: str, threads: int | None) -> None:
@@ -129,19 +137,28 @@ def _say(reporter: Reporter | None, line: str) -> None:
         reporter.info(line)
 
 
+def _architecture(model: keras.Model) -> str:
+    """The model's architecture as JSON, its layers' names numbered in order (Keras names a
+    second build of the same model conv2d_2); once per model object, since a built model's
+    layers do not change (about 40 ms for Lite0, against 40 ms for its weights)."""
+    if model not in _architectures:
+        numbered: dict[str, str] = {}
+        for layer in model._flatten_layers(include_self=True):
+            numbered.setdefault(layer.name, f"#{len(numbered)}")
+        _architectures[model] = re.sub(r'"([^"\\]*)"',
+                                       lambda m: f'"{numbered.get(m[1], m[1])}"',
+                                       model.to_json())
+    return _architectures[model]
+
+
 def graph_key(model: keras.Model, input_spec: tf.TensorSpec) -> str:
-    """What identifies the converted graph: the model's architecture (its layers' names
-    numbered in order, since Keras names a second build of the same model conv2d_2), every
-    weight's bytes, the input's shape and type, the converter's version and the opset."""
+    """What identifies the converted graph: the model's architecture, every weight's bytes
+    (read at each pass: a model trained since its last pass gets a new key), the input's
+    shape and type, the converter's version and the opset."""
     import tf2onnx
 
-    numbered: dict[str, str] = {}
-    for layer in model._flatten_layers(include_self=True):
-        numbered.setdefault(layer.name, f"#{len(numbered)}")
-    architecture = re.sub(r'"([^"\\]*)"', lambda m: f'"{numbered.get(m[1], m[1])}"',
-                          model.to_json())
     digest = hashlib.sha256(json.dumps(
-        [architecture, list(input_spec.shape.as_list()), input_spec.dtype.name,
+        [_architecture(model), list(input_spec.shape.as_list()), input_spec.dtype.name,
          tf2onnx.__version__, OPSET]).encode())
     for weight in model.weights:
         value = np.ascontiguousarray(weight.numpy())
@@ -196,18 +213,20 @@ def _convert(model: keras.Model, input_spec: tf.TensorSpec) -> bytes:
     return proto.SerializeToString()
 
 
-def graph(model: keras.Model, input_spec: tf.TensorSpec, images: int | None,
+def graph(model: keras.Model, input_spec: tf.TensorSpec, key: str, images: int | None,
           reporter: Reporter | None) -> bytes | None:
-    """The model's ONNX graph, from the cache or converted now (then cached); None when it
-    is not worth converting for `images`, or the converter cannot take the model (said)."""
+    """The model's ONNX graph (`key`: its graph_key), from the cache or converted now (then
+    cached); None when a pass of `images` is too short to convert for (--runtime onnx
+    always converts), or the converter cannot take the model (said)."""
     from transferkit.cache import GRAPHS, cache_path
 
-    key = graph_key(model, input_spec)
     if key in _chosen.failed:
         return None
     folder = cache_path(GRAPHS)
     content = cached_graph(folder, key)
-    if content is None and (images is None or images >= PAYS_OFF or _chosen.long_lived):
+    worth = (images is None or images >= PAYS_OFF or _chosen.long_lived
+             or requested() == "onnx")
+    if content is None and worth:
         with _converting(folder, key):
             content = cached_graph(folder, key)
             if content is None:
@@ -219,8 +238,6 @@ def graph(model: keras.Model, input_spec: tf.TensorSpec, images: int | None,
                                    f"failed: {type(exc).__name__}: {str(exc)[:160]}); "
                                    f"TensorFlow runs it.")
                     return None
-                from transferkit.files import atomic_path
-
                 with atomic_path(_graph_path(folder, key, content)) as tmp:
                     tmp.write_bytes(content)
     if content is None:
@@ -231,9 +248,10 @@ def graph(model: keras.Model, input_spec: tf.TensorSpec, images: int | None,
 
 def onnx_step(model: keras.Model, input_spec: tf.TensorSpec, images: int | None = None,
               reporter: Reporter | None = None) -> Callable[[Any], Any] | None:
-    """`model` in inference mode on ONNX Runtime, as a function of a batch (an array or a
-    tensor) returning numpy arrays like the model's outputs; None when TensorFlow runs it
-    (why is said once per process)."""
+    """`model`, with its weights as they are now, in inference mode on ONNX Runtime, for a
+    pass of `images` (None: open-ended): a function of a batch (an array or a tensor)
+    returning numpy arrays like the model's outputs; None when TensorFlow runs it (why is
+    said once per process). Sessions are kept by graph key, the last MAX_SESSIONS."""
     reason = why_tensorflow()
     if reason is None and any(getattr(layer.dtype_policy, "compute_dtype", "float32")
                               != "float32" for layer in model.layers):
@@ -241,9 +259,20 @@ def onnx_step(model: keras.Model, input_spec: tf.TensorSpec, images: int | None 
     if reason is not None:
         _say(reporter, f"Forward passes run on TensorFlow: {reason}.")
         return None
-    content = graph(model, input_spec, images, reporter)
-    if content is None:
-        return None
+    key = graph_key(model, input_spec)
+    if key not in _sessions:
+        content = graph(model, input_spec, key, images, reporter)
+        if content is None:
+            return None
+        _sessions[key] = _session_step(content, isinstance(model.output, (list, tuple)))
+        while len(_sessions) > MAX_SESSIONS:
+            _sessions.popitem(last=False)
+    _sessions.move_to_end(key)
+    _say(reporter, f"Forward passes run on ONNX Runtime (CPU, {threads()} threads).")
+    return _sessions[key]
+
+
+def _session_step(content: bytes, several: bool) -> Callable[[Any], Any]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -255,8 +284,6 @@ def onnx_step(model: keras.Model, input_spec: tf.TensorSpec, images: int | None 
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(content, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    several = isinstance(model.output, (list, tuple))
-    _say(reporter, f"Forward passes run on ONNX Runtime (CPU, {threads()} threads).")
 
     def step(batch: Any) -> Any:
         outputs = session.run(None, {name: np.asarray(batch, np.float32)})
