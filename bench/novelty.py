@@ -19,7 +19,9 @@ Scores (higher = less like any known class), each standardised on the val split 
 - ViM: the norm outside the train features' 64 principal directions plus energy (Wang et al.
   2022);
 - k-NN + max-softmax 1:1; transferkit's score (novelty.py: the same two, 2:1).
-Reported: AUROC (known vs unknown), mean ± sd over seeds.
+Reported: AUROC (known vs unknown), and the false-accept rate of unknown images at the
+threshold the fit split sets for 95 % of known images (what `predict --reject-unknown` lets
+through), mean ± sd over seeds.
 
     python ../shared/bench/make_datasets.py --out /tmp/tk-data tuxpaint10 photos digits
     python bench/openclipart.py --out /tmp/tk-data
@@ -102,6 +104,11 @@ def scores(x_train: np.ndarray, y_train: np.ndarray, x_fit: np.ndarray, k: int,
     return {name: standard(raw(x)) for name, x in queries.items()}
 
 
+def threshold(fit: np.ndarray) -> float:
+    """The score below which 95 % of the known images that fit it fall, as a run sets it."""
+    return float(np.quantile(fit, 0.95, method="higher"))
+
+
 def held_out(x: dict, y: dict, class_names, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     k = len(class_names)
@@ -123,7 +130,7 @@ def held_out(x: dict, y: dict, class_names, seed: int) -> dict:
         x_known, x_fit = x_fit[order[: len(order) // 2]], x_fit[order[len(order) // 2:]]
     x_unknown = np.vstack([take(name, False)[0] for name in x if name != "train"])
     return scores(x_train, y_train, x_fit, len(known),
-                  {"known": x_known, "unknown": x_unknown}, seed)
+                  {"fit": x_fit, "known": x_known, "unknown": x_unknown}, seed)
 
 
 def one_set(data: Path, bases: list[str], seeds: list[int], unknown: Path | None) -> list[dict]:
@@ -143,10 +150,12 @@ def one_set(data: Path, bases: list[str], seeds: list[int], unknown: Path | None
                                                        if p.is_dir()))
         runs[f"external: {unknown.name}"] = scores(
             x["train"], y["train"], x["val"], len(splits.class_names),
-            {"known": x["test"], "unknown": features(bases, config, outside)}, seeds[0])
+            {"fit": x["val"], "known": x["test"],
+             "unknown": features(bases, config, outside)}, seeds[0])
     return [{"set": data.name, "bases": bases, "protocol": protocol.split(",")[0],
              "run": protocol, "score": score,
              "auroc": auroc(s["known"][score], s["unknown"][score]),
+             "false_accept": float(np.mean(s["unknown"][score] <= threshold(s["fit"][score]))),
              "known": len(s["known"][score]), "unknown": len(s["unknown"][score])}
             for protocol, s in runs.items() for score in s["known"]]
 
@@ -167,15 +176,19 @@ def main() -> None:
         args.results.write_text(json.dumps(rows, indent=2))
     print(f"bases: {' + '.join(args.bases)}")
     protocols = list(dict.fromkeys((r["set"], r["protocol"]) for r in rows))
-    print("| score | " + " | ".join(f"{s}, {p}" for s, p in protocols) + " |")
-    print("|---" * (len(protocols) + 1) + "|")
-    for score in dict.fromkeys(r["score"] for r in rows):
-        cells = []
-        for s, p in protocols:
-            a = np.array([r["auroc"] for r in rows
-                          if (r["set"], r["protocol"], r["score"]) == (s, p, score)])
-            cells.append(f"{a.mean():.3f} ± {a.std():.3f}" if len(a) > 1 else f"{a[0]:.3f}")
-        print(f"| {score} | " + " | ".join(cells) + " |")
+    for measure in ("auroc", "false_accept"):
+        print("\nFalse accepts: unknown images below the threshold that passes 95 % of "
+              "known val images" if measure == "false_accept" else "\nAUROC")
+        print("| score | " + " | ".join(f"{s}, {p}" for s, p in protocols) + " |")
+        print("|---" * (len(protocols) + 1) + "|")
+        for score in dict.fromkeys(r["score"] for r in rows):
+            cells = []
+            for s, p in protocols:
+                a = np.array([r[measure] for r in rows
+                              if (r["set"], r["protocol"], r["score"]) == (s, p, score)])
+                cells.append(f"{a.mean():.3f} ± {a.std():.3f}" if len(a) > 1
+                             else f"{a[0]:.3f}")
+            print(f"| {score} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
