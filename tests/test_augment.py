@@ -18,29 +18,64 @@ def _layers(config: AugmentConfig) -> dict:
     return {layer.name: layer.get_config() for layer in augmentation.layers.layers}
 
 
-def test_classic_recipe_defaults_map_to_keras_units():
+def test_classic_recipe_defaults_map_to_one_warp_in_idg_units():
     layers = _layers(AugmentConfig())
-    assert list(layers) == ["rotation", "shift", "shear", "zoom", "flip"]
-    assert layers["rotation"]["factor"] == pytest.approx((-40 / 360, 40 / 360))  # turns
-    assert layers["shift"]["height_factor"] == 0.2 and layers["shift"]["width_factor"] == 0.2
-    shear = math.tan(math.radians(0.2))  # degrees -> shear coefficient
-    assert layers["shear"]["x_factor"] == pytest.approx((-shear, shear))
-    assert layers["shear"]["y_factor"] == pytest.approx((0.0, 0.0))
-    assert layers["zoom"]["height_factor"] == (-0.2, 0.2)  # scale in [0.8, 1.2]
-    assert layers["zoom"]["width_factor"] == (-0.2, 0.2)  # drawn independently, like IDG
-    assert layers["flip"]["mode"] == "horizontal"
-    assert all(c.get("fill_mode", FILL_MODE) == "reflect" for c in layers.values())
+    assert list(layers) == ["geometry"]
+    geometry = layers["geometry"]
+    assert geometry["rotation"] == 40  # degrees, as ImageDataGenerator
+    assert geometry["shift"] == (0.2, 0.2)  # height, width fractions
+    assert geometry["shear"] == pytest.approx(math.tan(math.radians(0.2)))  # degrees -> coefficient
+    assert geometry["zoom"] == 0.2  # each axis in [0.8, 1.2], drawn independently, like IDG
+    assert geometry["flip"] == "horizontal" and geometry["fill_mode"] == FILL_MODE == "reflect"
 
 
 def test_flip_modes_and_disabled_parts():
     config = AugmentConfig(rotation_range=0, width_shift_range=0, height_shift_range=0,
                            shear_range=0, zoom_range=0, horizontal_flip=True, vertical_flip=True)
     layers = _layers(config)
-    assert list(layers) == ["flip"] and layers["flip"]["mode"] == "horizontal_and_vertical"
+    assert list(layers) == ["geometry"] and layers["geometry"]["flip"] == "horizontal_and_vertical"
     nothing = AugmentConfig(rotation_range=0, width_shift_range=0, height_shift_range=0,
                             shear_range=0, zoom_range=0, horizontal_flip=False)
     assert build_augmentation(nothing) is None
     assert build_augmentation(AugmentConfig(enabled=False)) is None
+
+
+def _still(**changes: object) -> AugmentConfig:
+    return AugmentConfig(**{"rotation_range": 0, "width_shift_range": 0, "height_shift_range": 0,
+                            "shear_range": 0, "zoom_range": 0, "horizontal_flip": False,
+                            **changes})
+
+
+def test_one_warp_flips_exactly_and_keeps_a_still_image():
+    images = np.random.default_rng(0).uniform(0, 255, (64, 9, 7, 3)).astype(np.float32)
+    flipped = np.asarray(build_augmentation(_still(horizontal_flip=True), seed=3)(images))
+    mirrored = [np.allclose(o, i[:, ::-1], atol=1e-3) for o, i in zip(flipped, images, strict=True)]
+    kept = [np.allclose(o, i, atol=1e-3) for o, i in zip(flipped, images, strict=True)]
+    assert all(m or k for m, k in zip(mirrored, kept, strict=True))
+    assert 16 < sum(mirrored) < 48  # about half
+    upside = np.asarray(build_augmentation(_still(vertical_flip=True), seed=3)(images))
+    assert all(np.allclose(o, i[::-1], atol=1e-3) or np.allclose(o, i, atol=1e-3)
+               for o, i in zip(upside, images, strict=True))
+
+
+def test_one_warp_rotates_about_the_centre_and_repeats_with_its_seed():
+    image = np.zeros((1, 33, 33, 3), np.float32)
+    image[0, 16, 26] = 255.0  # a dot 10 px right of the centre
+    turned = build_augmentation(_still(rotation_range=90), seed=5)
+    draws = np.asarray(turned(np.repeat(image, 16, axis=0)))
+    for draw in draws:  # the dot stays 10 px from the centre, wherever it turned
+        y, x = np.unravel_index(draw[..., 0].argmax(), draw.shape[:2])
+        assert abs(math.hypot(y - 16, x - 16) - 10) <= 1.0
+    assert len({np.unravel_index(d[..., 0].argmax(), d.shape[:2]) for d in draws}) > 4
+    again = np.asarray(build_augmentation(_still(rotation_range=90), seed=5)(
+        np.repeat(image, 16, axis=0)))
+    np.testing.assert_allclose(draws, again)
+    centre = np.zeros((16, 33, 33, 3), np.float32)
+    centre[:, 16, 16] = 255.0
+    shifted = np.asarray(build_augmentation(_still(width_shift_range=0.3), seed=1)(centre))
+    places = [np.unravel_index(d[..., 0].argmax(), d.shape[:2]) for d in shifted]
+    assert {int(y) for y, _ in places} == {16}  # a horizontal shift keeps the row
+    assert all(abs(int(x) - 16) <= 10 for _, x in places) and len({x for _, x in places}) > 4
 
 
 def test_brightness_is_multiplicative_and_clipped():
