@@ -264,3 +264,34 @@ def test_runtime_onnx_converts_a_short_pass_too(onnx_runtime) -> None:
 
     model = _tiny_model(10)
     assert graph(model, _spec(16), _key(model), 1, None) is not None
+
+
+@pytest.mark.parametrize("padding,scale,offset,folds", [
+    # the raw value that scales to 0 is 127 in every channel: folded, a Pad of 127 added
+    ("same", [1 / 128] * 3, [-127 / 128] * 3, True),
+    ("valid", [1 / 127.5, 1 / 64, 1 / 32], [-0.5, 1.0, 2.0], True),  # no padding: any fold
+    # padding, and a different raw zero per channel: left as converted
+    ("same", [1 / 127.5, 1 / 64, 1 / 32], [-0.5, 1.0, 2.0], False),
+])
+def test_the_input_scaling_folds_into_the_first_convolution_exactly(padding, scale, offset,
+                                                                    folds) -> None:
+    import keras
+    import onnx
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from transferkit.runtime import _convert, fold_input_scaling
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((13, 13, 3))
+    x = keras.layers.Rescaling(scale, offset)(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding=padding, use_bias=False)(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    images = _images(13)
+    content = _convert(model, tf.TensorSpec([None, 13, 13, 3], tf.float32))
+    graph = onnx.load_from_string(content).graph
+    assert [n.op_type for n in graph.node].count("Mul") == (0 if folds else 1)
+    assert not fold_input_scaling(graph)  # done once, by _convert
+    session = ort.InferenceSession(content, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: images})[0]
+    np.testing.assert_allclose(got, np.asarray(model(images)), atol=1e-4, rtol=1e-4)
