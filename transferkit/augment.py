@@ -1,9 +1,10 @@
 """ImageDataGenerator-style augmentation options -> Keras 3 layers.
 
 The geometric options (rotation and shear in degrees, shifts as fractions, zoom as a range
-around 1, flips) are drawn per image and applied as one warp (RandomGeometry). Brightness is multiplicative in ImageDataGenerator (Keras's RandomBrightness adds), so it is
-applied as a product here. Fill mode is 'reflect' (Keras's layers' own default):
-ImageDataGenerator's 'nearest' smears the border pixels into streaks at every edge.
+around 1, flips) are drawn per image and applied as one warp (RandomGeometry). Brightness is
+multiplicative in ImageDataGenerator (Keras's RandomBrightness adds), so it is applied as a
+product here. Fill mode is 'reflect' (Keras's layers' own default): ImageDataGenerator's
+'nearest' smears the border pixels into streaks at every edge.
 """
 
 from __future__ import annotations
