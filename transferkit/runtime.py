@@ -1,9 +1,9 @@
 """Which engine runs the forward passes that do not train: ONNX Runtime on the CPU, else
 TensorFlow.
 
-On these CPUs ONNX Runtime runs the same graph 1.3-1.6x as fast as a TensorFlow function
-(bench/README.md, issue 36: EfficientNet-Lite0 at 224 px on 2 cores, 319 against 200
-images/s on in-memory batches, 262 against 196 from files), so every pass that does not
+On these CPUs ONNX Runtime runs the same graph 1.4-1.6x as fast as a TensorFlow function
+(bench/README.md, issue 36: EfficientNet-Lite0 at 224 px on 2 cores, 317 against 197
+images/s on in-memory batches, 293 against 184 from files), so every pass that does not
 train (features, predict, evaluate, serve) goes through it: the Keras model is converted once
 with tf2onnx and the graph cached by the model's content (architecture, every weight, input
 shape, converter and opset), read at each pass, so a model changed since never meets an old
