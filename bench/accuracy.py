@@ -63,7 +63,10 @@ def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, An
     seconds = time.perf_counter() - start
     record = read_record(run_dir)
     score = next(s for s in record.scores if s.split == scored_split(data))
+    history = json.loads((run_dir / "history.json").read_text())
     return {"accuracy": score.accuracy, "seconds": seconds, "kept": record.choice.kept,
+            "epochs": [[r["stage"], r["epoch"], r.get("val_accuracy"), r.get("val_loss")]
+                       for r in history],
             "probe_ready": record.probe.ready_after if record.probe else None,
             "val_correct": record.choice.val_correct,
             "variant": next(({"name": c.name, "val_correct": c.val_correct, "won": c.won,

@@ -106,3 +106,13 @@ def test_an_ema_stage_validates_and_keeps_the_averaged_weights():
     assert history[-1]["val_loss"] == pytest.approx(loss, rel=1e-5)
     with pytest.raises(ConfigError, match="--ema"):
         OptimizerConfig(ema=1.0)
+
+
+def test_a_lone_spike_is_not_kept_when_epochs_are_chosen_on_a_window():
+    accuracies = [0.91, 0.98, 0.90, 0.95, 0.96, 0.95, 0.93]  # epoch 2: a spike
+    rows = [{"epoch": e, "val_accuracy": a, "val_loss": 1 - a}
+            for e, a in enumerate(accuracies, start=1)]
+    assert best_row(rows, "val_accuracy")["epoch"] == 2
+    assert best_row(rows, "val_accuracy", window=3)["epoch"] == 5  # 0.953 around it
+    assert best_row(rows, "val_accuracy", window=3, among=4)["epoch"] == 1  # (0.91, 0.98)
+    assert best_row(rows[:1], "val_accuracy", window=3)["epoch"] == 1

@@ -393,6 +393,55 @@ def test_a_stage_not_on_course_to_be_kept_stops_once_judged():
     assert not after((0.7, 0.7, 0.7))
 
 
+def test_the_tracker_settles_an_epoch_once_its_window_is_complete():
+    import keras
+
+    import transferkit.training.callbacks as callbacks
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    history: list[dict] = []
+    tracker = callbacks.EpochTracker("finetune", "val_accuracy", history, window=3)
+    seen = []
+    for epoch, accuracy in enumerate((0.5, 0.9, 0.6, 0.8, 0.85), start=1):
+        history.append({"stage": "finetune", "epoch": epoch, "val_accuracy": accuracy,
+                        "val_loss": 1 - accuracy})
+        tracker.set_model(model)
+        tracker.on_epoch_end(epoch - 1)
+        seen.append((tracker.improved, tracker.best and tracker.best["epoch"]))
+    # epoch 1 settles after epoch 2 (0.7), 2 after 3 (0.667 < 0.7), 3 after 4 (0.767), 4
+    # after 5 (0.75); the last, on its own shorter window (0.825), is settled by finish
+    assert seen == [(False, None), (True, 1), (False, 1), (True, 3), (False, 3)]
+    assert tracker.finish() and tracker.best["epoch"] == 5
+
+
+def test_the_kept_epoch_of_a_windowed_choice_is_the_model_saved(image_folder, tmp_path):
+    """The best checkpoint holds the chosen epoch's weights, whether it was the epoch before
+    the last (the previous checkpoint, copied) or the last one."""
+    import keras
+
+    from transferkit.runs.checkpoints import best_checkpoint
+    from transferkit.runs.directory import read_record
+
+    config = FinetuneConfig(adapt=False, patience=0, epoch_window=3,
+                            data=DataConfig(data_dir=image_folder, image_size=32, batch_size=8,
+                                            val_split=0.5),
+                            output=tmp_path / "run", weights="none", base="tiny", epochs=1,
+                            finetune_epochs=3)
+    result = finetune(config)
+    record = read_record(tmp_path / "run")
+    rows = [r for r in result.history if r["stage"] == "finetune"]
+    if not rows:
+        pytest.skip("the stage was skipped: no room beside the probe on this folder")
+    from transferkit.training.stages import best_row
+
+    kept = best_row(rows, "val_accuracy", 3)
+    stage = next(s for s in record.stages if s.name == "finetune")
+    assert stage.best_epoch == kept["epoch"]
+    saved = keras.saving.load_model(best_checkpoint(tmp_path / "run", "finetune"),
+                                    safe_mode=True, compile=False)
+    assert saved is not None
+
+
 def test_label_smoothing_mixup_and_cutmix_train_on_one_hot_rows(image_folder, tmp_path):
     """On images (head and fine-tuning) and on cached features (a head without augmentation)."""
     from transferkit.config import AugmentConfig

@@ -5,6 +5,7 @@ model. Keras saves and loads them (safe mode); this module names and validates t
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 import zipfile
@@ -18,6 +19,7 @@ from transferkit.runs.directory import (
     CHECKPOINTS_DIR,
     HEAD_STATE,
     LAST_CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
     STATE_FILE,
     load_keras_file,
     read_json,
@@ -36,12 +38,16 @@ def restore_best(model: Any, run_dir: Path, stage: str) -> None:
         model.load_weights(best_checkpoint(run_dir, stage))
 
 
-def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any] | None = None) -> None:
+def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any] | None = None,
+                    keep_previous: bool = False) -> None:
     """Saves the model (optimizer state included) as the checkpoint to resume from, then the
     training state (stage, epoch, history) that says so; without `state`, the model alone
-    (the base of head-only checkpoints, saved when their stage starts)."""
+    (the base of head-only checkpoints, saved when their stage starts). `keep_previous`
+    keeps the checkpoint it replaces as PREVIOUS_CHECKPOINT (a rename)."""
     folder = run_dir / CHECKPOINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    if keep_previous and (folder / LAST_CHECKPOINT).is_file():
+        os.replace(folder / LAST_CHECKPOINT, folder / PREVIOUS_CHECKPOINT)
     with atomic_path(folder / LAST_CHECKPOINT) as tmp:
         model.save(tmp)
     (folder / HEAD_STATE).unlink(missing_ok=True)
@@ -64,11 +70,13 @@ def save_head_state(run_dir: Path, last: Sequence[Any], best: Sequence[Any] | No
     write_text(folder / STATE_FILE, json_text({**state, "head_only": True}))
 
 
-def keep_last_as_best(run_dir: Path, stage: str) -> None:
-    """Makes the checkpoint just written `stage`'s best so far, by copying the file (a save
-    of the same model again would cost as much as the checkpoint itself)."""
+def keep_as_best(run_dir: Path, stage: str, previous: bool) -> None:
+    """Makes the checkpoint just written (or, with `previous`, the one before it) `stage`'s
+    best so far, by copying the file (a save of the same model again would cost as much as
+    the checkpoint itself)."""
+    source = PREVIOUS_CHECKPOINT if previous else LAST_CHECKPOINT
     with atomic_path(best_checkpoint(run_dir, stage)) as tmp:
-        shutil.copyfile(run_dir / CHECKPOINTS_DIR / LAST_CHECKPOINT, tmp)
+        shutil.copyfile(run_dir / CHECKPOINTS_DIR / source, tmp)
 
 
 def load_head_state(run_dir: Path) -> tuple[list[Any], list[Any] | None, list[Any]]:

@@ -65,6 +65,7 @@ TENSORBOARD_DIR = "tensorboard"
 EVALUATION_DIR = "evaluation"
 CHECKPOINTS_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.keras"
+PREVIOUS_CHECKPOINT = "previous.keras"  # the epoch before the last, until the next settles it
 STATE_FILE = "state.json"
 HEAD_STATE = "head_state.npz"  # per-epoch checkpoint of a head trained on cached features
 FOLDS_DIR = "folds"  # cv: one complete finetune run per fold
@@ -460,7 +461,7 @@ def save_run(run_dir: Path, model: Any, record: RunRecord,
     save_model(run_dir / MODEL_FILE, model)
     save_history(run_dir, history)
     record = save_record(run_dir, record.replace(status=COMPLETE, stopped=None, failure=None))
-    for name in (LAST_CHECKPOINT, STATE_FILE, HEAD_STATE):
+    for name in (LAST_CHECKPOINT, PREVIOUS_CHECKPOINT, STATE_FILE, HEAD_STATE):
         (run_dir / CHECKPOINTS_DIR / name).unlink(missing_ok=True)
     return record
 

@@ -19,7 +19,7 @@ from transferkit.errors import TrainingDiverged
 from transferkit.inference import val_scores
 from transferkit.reporting import Reporter
 from transferkit.runs.checkpoints import (
-    keep_last_as_best,
+    keep_as_best,
     save_best,
     save_checkpoint,
     save_head_state,
@@ -111,39 +111,69 @@ def improves(monitor: str, row: dict[str, Any], best: dict[str, Any] | None) -> 
     return row.get("val_loss", float("inf")) < best.get("val_loss", float("inf"))
 
 
-def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
-    """The epoch row that is best on `monitor` (the earliest of equals)."""
+def smoothed(rows: Sequence[dict[str, Any]], window: int) -> list[dict[str, Any]]:
+    """The rows with each validation metric averaged over the `window` epochs centred on the
+    row (fewer at the ends)."""
+    half = window // 2
+    out = []
+    for i, row in enumerate(rows):
+        near = rows[max(0, i - half):i + half + 1]
+        out.append({**row, **{k: sum(r[k] for r in near) / len(near) for k in row
+                              if k.startswith("val_") and all(k in r for r in near)}})
+    return out
+
+
+def best_row(rows: Sequence[dict[str, Any]], monitor: str, window: int = 1,
+             among: int | None = None) -> dict[str, Any] | None:
+    """The epoch row that is best on `monitor` averaged over `window` epochs centred on it
+    (the earliest of equals), among the first `among` rows (all by default)."""
+    scored = smoothed(rows, window)
     best = None
-    for row in rows:
-        if improves(monitor, row, best):
-            best = row
-    return best
+    for i in range(len(rows) if among is None else among):
+        if improves(monitor, scored[i], None if best is None else scored[best]):
+            best = i
+    return None if best is None else rows[best]
 
 
 class EpochTracker(keras.callbacks.Callback):
     """The one comparator of a stage's epochs (as fastai's TrackerCallback): after each epoch
-    it reads the stage's rows of the history and says whether the epoch beat every one before
-    it (`improved`, by `improves`) and which epoch is the best so far (`best`). Driven by the
-    history, so it carries on correctly after a resume. The callbacks that act on it
-    (Checkpointer, EarlyStopping) come after it in the list."""
+    it reads the stage's rows of the history and says which epoch is the best so far
+    (`best`) and whether that changed (`improved`), by `improves` on the metric averaged over
+    `window` epochs centred on each. An epoch's average is known `lag` (window // 2) epochs
+    after it, so `improved` is about the epoch `lag` back; `finish` settles the last ones on
+    their shorter windows when the stage ends. Driven by the history, so it carries on
+    correctly after a resume. The callbacks that act on it (Checkpointer, EarlyStopping)
+    come after it in the list."""
 
-    def __init__(self, stage: str, monitor: str, history: list[dict[str, Any]]) -> None:
+    def __init__(self, stage: str, monitor: str, history: list[dict[str, Any]],
+                 window: int = 1) -> None:
         super().__init__()
-        self.stage, self.monitor, self.history = stage, monitor, history
+        self.stage, self.monitor, self.history, self.window = stage, monitor, history, window
+        self.lag = window // 2
         self.rows: list[dict[str, Any]] = []
         self.improved = False
         self.best: dict[str, Any] | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.rows = [r for r in self.history if r["stage"] == self.stage]
-        self.improved = improves(self.monitor, self.rows[-1],
-                                 best_row(self.rows[:-1], self.monitor))
-        self.best = best_row(self.rows, self.monitor)
+        settled = max(0, len(self.rows) - self.lag)
+        before = best_row(self.rows, self.monitor, self.window, max(0, settled - 1))
+        self.best = best_row(self.rows, self.monitor, self.window, settled)
+        self.improved = settled > 0 and self.best is not before
+
+    def finish(self) -> bool:
+        """Settles the stage's last `lag` epochs on their shorter windows; whether the best
+        is now the last epoch (then its weights are the model's as it stands)."""
+        self.rows = [r for r in self.history if r["stage"] == self.stage]
+        self.best = best_row(self.rows, self.monitor, self.window)
+        return self.best is not None and self.best is self.rows[-1] and self.lag > 0
 
 
 class Checkpointer(keras.callbacks.Callback):
     """After each epoch: checkpoint it, so that a crash or kill -9 loses at most the epoch in
-    progress, and keep the stage's best weights (`tracker` says which epoch is better).
+    progress, and keep the stage's best weights (`tracker` says which epoch is better, and
+    how many epochs back it is: the previous epoch's checkpoint, or head weights, are kept
+    for that).
 
     Training through the base, each epoch saves the classifier (0.50 s for Lite0 at 224 px on
     2 CPU cores, fsync included; such an epoch takes many seconds). A head trained on cached
@@ -158,6 +188,7 @@ class Checkpointer(keras.callbacks.Callback):
         super().__init__()
         self.tracker, self.run_dir, self.classifier = tracker, run_dir, classifier
         self.best = best  # head-only: the best epoch's head weights so far
+        self.previous: list[np.ndarray] | None = None  # head-only: the epoch before's
         self.state: dict[str, Any] | None = None  # of the last completed epoch
 
     @property
@@ -165,25 +196,38 @@ class Checkpointer(keras.callbacks.Callback):
         """Whether the model being fitted is the head alone, on cached features."""
         return self.model is not self.classifier
 
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self.head_only:  # a resumed stage's last epoch, if the next settles it
+            self.previous = self.model.get_weights()
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        stage = self.tracker.stage
+        stage, lag = self.tracker.stage, self.tracker.lag
         self.state = {"stage": stage, "epoch": epoch + 1, "history": self.tracker.history}
         if self.head_only:
             weights = self.model.get_weights()
             if self.tracker.improved:
-                self.best = weights
+                self.best = self.previous if lag else weights
+            self.previous = weights
             optimizer = [v.numpy() for v in self.classifier.optimizer.variables]
             save_head_state(self.run_dir, weights, self.best, optimizer, self.state)
         else:
-            save_checkpoint(self.run_dir, self.classifier, self.state)
-            if self.tracker.improved:  # the checkpoint just written: copied, not saved again
-                keep_last_as_best(self.run_dir, stage)
+            save_checkpoint(self.run_dir, self.classifier, self.state, keep_previous=lag > 0)
+            if self.tracker.improved:  # a checkpoint on disk: copied, not saved again
+                keep_as_best(self.run_dir, stage, previous=lag > 0)
 
     def finish(self) -> None:
-        """At the stage's end, head-only: the best model and the last epoch's, in full."""
-        if self.state is None or not self.head_only:
+        """At the stage's end: the last epoch kept as best if its shorter window made it so;
+        head-only, the best model and the last epoch's, in full."""
+        if self.state is None:
+            return
+        last_is_best = self.tracker.finish()
+        if not self.head_only:
+            if last_is_best:
+                keep_as_best(self.run_dir, self.tracker.stage, previous=False)
             return
         last = self.model.get_weights()
+        if last_is_best:
+            self.best = last
         if self.best is not None:
             self.model.set_weights(self.best)
             save_best(self.run_dir, self.classifier, self.tracker.stage)

@@ -213,7 +213,8 @@ def train_stages(run: Training, stop: StopOnSignal) -> list[StageResult]:
     for stage in plan_stages(run.config, run.plan, run.spec):
         if run.done >= stage.last_epoch:  # finished before an interruption
             results.append(stage_result(stage, run.history, run.config.monitor,
-                                        run.record.trainable_params[stage.name]))
+                                        run.record.trainable_params[stage.name],
+                                        run.config.epoch_window))
             continue
         bar, needed = bar_to_clear(run, results)
         if run.config.patience and needed > n:  # --patience 0: no stage ends early, or is skipped
@@ -235,8 +236,11 @@ def train_stages(run: Training, stop: StopOnSignal) -> list[StageResult]:
         elif result.stopped_early:
             run.reporter.info(f"Stage '{stage.name}' stopped early: no {run.config.monitor} "
                               f"improvement for {run.config.patience} epochs.")
+        window = run.config.epoch_window
         run.reporter.info(f"Stage '{stage.name}' keeps its best epoch, {result.best_epoch} "
-                          f"({run.config.monitor} {result.metrics[run.config.monitor]:.4f}).")
+                          f"({run.config.monitor} {result.metrics[run.config.monitor]:.4f}"
+                          + (f"; chosen on the mean of the {window} epochs centred on each"
+                             if window > 1 and result.epochs > 1 else "") + ").")
         results.append(result)
         run.done = stage.last_epoch
     return results
@@ -293,7 +297,7 @@ def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
     fitted, train, val, batch_size = _stage_inputs(run, stage, resuming)
     # on course or not: judged after ON_COURSE_EPOCHS past the warm-up, at most --patience in
     judge_after = min(config.patience, stage.schedule.warmup_epochs + ON_COURSE_EPOCHS)
-    tracker = EpochTracker(stage.name, config.monitor, run.history)
+    tracker = EpochTracker(stage.name, config.monitor, run.history, config.epoch_window)
     checkpointer = Checkpointer(tracker, run.run_dir, run.model,
                                 best=run.resumed_best if resuming else None)
     stopping = OffCourseStopping(tracker, config.patience, needed, len(run.splits.val),
@@ -316,7 +320,7 @@ def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
         run.save(status=FAILED, failure=str(diverged))
         raise
     checkpointer.finish()
-    return stage_result(stage, run.history, config.monitor, trainable)
+    return stage_result(stage, run.history, config.monitor, trainable, config.epoch_window)
 
 
 def _stage_inputs(run: Training, stage: StagePlan, resuming: bool

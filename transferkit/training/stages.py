@@ -116,10 +116,11 @@ class StagePlan:
 
 
 def stage_result(plan: StagePlan, history: Sequence[dict[str, Any]], monitor: str,
-                 trainable_params: int) -> StageResult:
-    """Summarises a stage from its history rows."""
+                 trainable_params: int, window: int = 1) -> StageResult:
+    """Summarises a stage from its history rows (the kept epoch: best on `monitor` averaged
+    over `window` epochs centred on it)."""
     rows = [r for r in history if r["stage"] == plan.name]
-    kept = best_row(rows, monitor) or rows[-1]
+    kept = best_row(rows, monitor, window) or rows[-1]
     accuracies = [r["val_accuracy"] for r in rows if "val_accuracy" in r]
     return StageResult(name=plan.name, epochs=len(rows), learning_rate=plan.learning_rate,
                        trainable_params=trainable_params,
