@@ -227,13 +227,19 @@ def fold_input_scaling(graph: Any) -> bool:
     value is the same for every channel; otherwise the graph is left as converted). Matches
     Mul(x, c) -> Add(., c) -> [Transpose NHWC->NCHW] -> Conv, each used once, as tf2onnx
     writes Keras's Rescaling before a convolution."""
-    from onnx import helper, numpy_helper
-
     constants = {t.name: t for t in graph.initializer}
     users: dict[str, list[Any]] = collections.defaultdict(list)
     for node in graph.node:
         for name in node.input:
             users[name].append(node)
+    return any(_fold(graph, constants, users, chain)
+               for chain in _scaling_chains(graph, constants, users))
+
+
+def _scaling_chains(graph: Any, constants: dict[str, Any], users: dict[str, list[Any]]
+                    ) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """(Mul, Add, Transpose or None, Conv) chains of fold_input_scaling's shape."""
+    from onnx import helper
 
     def only_user(name: str, op: str) -> Any:
         found = users.get(name, [])
@@ -245,53 +251,60 @@ def fold_input_scaling(graph: Any) -> bool:
             continue
         transpose = only_user(add.output[0], "Transpose")
         conv = only_user((transpose or add).output[0], "Conv")
-        if conv is None or (transpose is not None and list(
-                helper.get_attribute_value(transpose.attribute[0])) != [0, 3, 1, 2]):
-            continue
-        scale = numpy_helper.to_array(constants[mul.input[1]]).astype(np.float64)
-        offset = numpy_helper.to_array(constants[add.input[1]]).astype(np.float64)
-        kernel = numpy_helper.to_array(constants[conv.input[1]]).astype(np.float64)
-        channels = kernel.shape[1]
-        if scale.size not in (1, channels) or offset.size not in (1, channels) or \
-                len(users[conv.input[1]]) != 1 or not np.all(scale):
-            continue
-        scale = np.broadcast_to(scale.ravel(), (channels,))
-        offset = np.broadcast_to(offset.ravel(), (channels,))
-        attributes = {a.name: a for a in conv.attribute}
-        pads = list(attributes["pads"].ints) if "pads" in attributes else [0] * 4
-        zero = -offset / scale  # the raw value that scales to 0
-        auto_pad = attributes["auto_pad"].s if "auto_pad" in attributes else b"NOTSET"
-        if auto_pad not in (b"NOTSET", b"") or (any(pads) and not np.allclose(zero, zero[0])):
-            continue
-        bias = (kernel * offset[None, :, None, None]).sum(axis=(1, 2, 3))
-        unused = [mul.input[1], add.input[1]]
-        if len(conv.input) > 2:
-            bias += numpy_helper.to_array(constants[conv.input[2]])
-            unused.append(conv.input[2])
-        constants[conv.input[1]].CopyFrom(numpy_helper.from_array(
-            (kernel * scale[None, :, None, None]).astype(np.float32), conv.input[1]))
-        bias_name = f"{conv.output[0]}_folded_bias"
-        graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bias_name))
-        conv.input[2:] = [bias_name]
-        (transpose or conv).input[0] = mul.input[0]
-        if any(pads):
-            padded = f"{conv.output[0]}_padded"
-            graph.initializer.extend([
-                numpy_helper.from_array(np.array([0, 0, *pads[:2], 0, 0, *pads[2:]], np.int64),
-                                        f"{padded}_pads"),
-                numpy_helper.from_array(np.array(zero[0], np.float32), f"{padded}_value")])
-            graph.node.insert(list(graph.node).index(conv), helper.make_node(
-                "Pad", [conv.input[0], f"{padded}_pads", f"{padded}_value"], [padded],
-                mode="constant"))
-            conv.input[0] = padded
-            attributes["pads"].ints[:] = [0, 0, 0, 0]
-        for node in (mul, add):
-            graph.node.remove(node)
-        for name in unused:
-            if len(users[name]) == 1:
-                graph.initializer.remove(constants[name])
-        return True
-    return False
+        if conv is not None and (transpose is None or list(
+                helper.get_attribute_value(transpose.attribute[0])) == [0, 3, 1, 2]):
+            yield mul, add, transpose, conv
+
+
+def _fold(graph: Any, constants: dict[str, Any], users: dict[str, list[Any]],
+          chain: tuple[Any, Any, Any, Any]) -> bool:
+    """Folds one chain (see fold_input_scaling) when that is exact; whether it did."""
+    from onnx import helper, numpy_helper
+
+    mul, add, transpose, conv = chain
+    scale = numpy_helper.to_array(constants[mul.input[1]]).astype(np.float64)
+    offset = numpy_helper.to_array(constants[add.input[1]]).astype(np.float64)
+    kernel = numpy_helper.to_array(constants[conv.input[1]]).astype(np.float64)
+    channels = kernel.shape[1]
+    if scale.size not in (1, channels) or offset.size not in (1, channels) or \
+            len(users[conv.input[1]]) != 1 or not np.all(scale):
+        return False
+    scale = np.broadcast_to(scale.ravel(), (channels,))
+    offset = np.broadcast_to(offset.ravel(), (channels,))
+    attributes = {a.name: a for a in conv.attribute}
+    pads = list(attributes["pads"].ints) if "pads" in attributes else [0] * 4
+    zero = -offset / scale  # the raw value that scales to 0
+    auto_pad = attributes["auto_pad"].s if "auto_pad" in attributes else b"NOTSET"
+    if auto_pad not in (b"NOTSET", b"") or (any(pads) and not np.allclose(zero, zero[0])):
+        return False
+    bias = (kernel * offset[None, :, None, None]).sum(axis=(1, 2, 3))
+    unused = [mul.input[1], add.input[1]]
+    if len(conv.input) > 2:
+        bias += numpy_helper.to_array(constants[conv.input[2]])
+        unused.append(conv.input[2])
+    constants[conv.input[1]].CopyFrom(numpy_helper.from_array(
+        (kernel * scale[None, :, None, None]).astype(np.float32), conv.input[1]))
+    bias_name = f"{conv.output[0]}_folded_bias"
+    graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bias_name))
+    conv.input[2:] = [bias_name]
+    (transpose or conv).input[0] = mul.input[0]
+    if any(pads):
+        padded = f"{conv.output[0]}_padded"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([0, 0, *pads[:2], 0, 0, *pads[2:]], np.int64),
+                                    f"{padded}_pads"),
+            numpy_helper.from_array(np.array(zero[0], np.float32), f"{padded}_value")])
+        graph.node.insert(list(graph.node).index(conv), helper.make_node(
+            "Pad", [conv.input[0], f"{padded}_pads", f"{padded}_value"], [padded],
+            mode="constant"))
+        conv.input[0] = padded
+        attributes["pads"].ints[:] = [0, 0, 0, 0]
+    for node in (mul, add):
+        graph.node.remove(node)
+    for name in unused:
+        if len(users[name]) == 1:
+            graph.initializer.remove(constants[name])
+    return True
 
 
 def graph(model: keras.Model, input_spec: tf.TensorSpec, key: str, images: int | None,
