@@ -43,12 +43,19 @@ def save_checkpoint(run_dir: Path, model: Any, state: Mapping[str, Any] | None =
     """Saves the model (optimizer state included) as the checkpoint to resume from, then the
     training state (stage, epoch, history) that says so; without `state`, the model alone
     (the base of head-only checkpoints, saved when their stage starts). `keep_previous`
-    keeps the checkpoint it replaces as PREVIOUS_CHECKPOINT (a rename)."""
+    keeps the checkpoint it replaces as PREVIOUS_CHECKPOINT: a hard link (a copy where the
+    file system has none), so the last checkpoint is on disk at every moment."""
     folder = run_dir / CHECKPOINTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    if keep_previous and (folder / LAST_CHECKPOINT).is_file():
-        os.replace(folder / LAST_CHECKPOINT, folder / PREVIOUS_CHECKPOINT)
-    with atomic_path(folder / LAST_CHECKPOINT) as tmp:
+    last = folder / LAST_CHECKPOINT
+    if keep_previous and last.is_file():
+        with atomic_path(folder / PREVIOUS_CHECKPOINT) as tmp:
+            tmp.unlink()
+            try:
+                os.link(last, tmp)
+            except OSError:
+                shutil.copyfile(last, tmp)
+    with atomic_path(last) as tmp:
         model.save(tmp)
     (folder / HEAD_STATE).unlink(missing_ok=True)
     if state is not None:
