@@ -116,3 +116,12 @@ def test_a_lone_spike_is_not_kept_when_epochs_are_chosen_on_a_window():
     assert best_row(rows, "val_accuracy", window=3)["epoch"] == 5  # 0.953 around it
     assert best_row(rows, "val_accuracy", window=3, among=4)["epoch"] == 1  # (0.91, 0.98)
     assert best_row(rows[:1], "val_accuracy", window=3)["epoch"] == 1
+
+
+def test_the_epoch_window_is_one_or_three(tmp_path):
+    from transferkit.config import DataConfig, FinetuneConfig
+
+    for window in (0, 2, 5):  # wider windows would need more checkpoints kept back
+        with pytest.raises(ConfigError, match="--epoch-window must be 1"):
+            FinetuneConfig(data=DataConfig(data_dir=tmp_path), output=tmp_path / "run",
+                           epoch_window=window)

@@ -377,10 +377,9 @@ class FinetuneConfig:
                                           "val_loss).", choices=MONITORS, panel=TRAIN,
                           advanced=True)
     epoch_window: int = option(
-        3, "Choose a stage's kept epoch on the monitored metric averaged over this many "
-           "epochs centred on it (fewer at the stage's ends), so that one epoch that scored "
-           "high on val by chance is not kept (1: the single best epoch).", panel=TRAIN,
-        advanced=True)
+        3, "Choose a stage's kept epoch on the monitored metric averaged over the 3 epochs "
+           "centred on it (2 at the stage's ends), so that one epoch that scored high on val "
+           "by chance is not kept; 1: the single best epoch.", panel=TRAIN, advanced=True)
     patience: int = option(5, "Stop a stage after this many epochs without improvement, or "
                               "2 epochs past its warm-up (at most this many) when it is not "
                               "on course to beat the model kept before it by more than noise; "
@@ -430,9 +429,11 @@ class FinetuneConfig:
         check(0 <= self.label_smoothing < 0.5,
               f"--label-smoothing must be in [0, 0.5); got {self.label_smoothing}.")
         check(self.patience >= 0, f"--patience must be 0 or more; got {self.patience}.")
-        check(self.epoch_window >= 1 and self.epoch_window % 2 == 1,
-              f"--epoch-window must be an odd number, 1 or more (the epochs centred on each); "
-              f"got {self.epoch_window}.")
+        # 3 keeps one checkpoint back until the next epoch settles an epoch's average; wider
+        # windows would need more of them kept
+        check(self.epoch_window in (1, 3), f"--epoch-window must be 1 (the single best epoch) "
+                                           f"or 3 (the mean of the 3 around each); got "
+                                           f"{self.epoch_window}.")
         check(self.base != AUTO_BASE or self.weights == "imagenet",
               f"--base auto ranks the bases by their ImageNet weights; got --weights "
               f"{self.weights}. Name the base that fits those weights.")

@@ -139,9 +139,9 @@ class EpochTracker(keras.callbacks.Callback):
     """The one comparator of a stage's epochs (as fastai's TrackerCallback): after each epoch
     it reads the stage's rows of the history and says which epoch is the best so far
     (`best`) and whether that changed (`improved`), by `improves` on the metric averaged over
-    `window` epochs centred on each. An epoch's average is known `lag` (window // 2) epochs
-    after it, so `improved` is about the epoch `lag` back; `finish` settles the last ones on
-    their shorter windows when the stage ends. Driven by the history, so it carries on
+    `window` (1 or 3) epochs centred on each. An epoch's average is known `lag` (window // 2)
+    epochs after it, so `improved` is about the epoch `lag` back; `finish` settles the last
+    one on its shorter window when the stage ends. Driven by the history, so it carries on
     correctly after a resume. The callbacks that act on it (Checkpointer, EarlyStopping)
     come after it in the list."""
 
