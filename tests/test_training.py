@@ -414,6 +414,36 @@ def test_the_tracker_settles_an_epoch_once_its_window_is_complete():
     assert tracker.finish() and tracker.best["epoch"] == 5
 
 
+@pytest.mark.parametrize("accuracies,kept", [
+    ((0.5, 0.9, 0.8, 0.5, 0.4), 2),  # settled one epoch later: the checkpoint before the last
+    ((0.5, 0.6, 0.7, 0.9), 4),  # the last epoch, on its shorter window, at the stage's end
+    ((0.9,), 1),  # a stage of one epoch
+])
+def test_the_best_checkpoint_holds_the_epoch_the_window_chose(tmp_path, accuracies, kept):
+    import keras
+
+    import transferkit.training.callbacks as callbacks
+    from transferkit.runs.checkpoints import best_checkpoint
+    from transferkit.training.stages import best_row
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    history: list[dict] = []
+    tracker = callbacks.EpochTracker("finetune", "val_accuracy", history, window=3)
+    checkpointer = callbacks.Checkpointer(tracker, tmp_path, model)
+    for callback in (tracker, checkpointer):
+        callback.set_model(model)
+    for epoch, accuracy in enumerate(accuracies, start=1):
+        model.set_weights([np.full_like(w, epoch) for w in model.get_weights()])
+        history.append({"stage": "finetune", "epoch": epoch, "val_accuracy": accuracy,
+                        "val_loss": 1 - accuracy})
+        tracker.on_epoch_end(epoch - 1)
+        checkpointer.on_epoch_end(epoch - 1)
+    checkpointer.finish()
+    assert best_row(history, "val_accuracy", 3)["epoch"] == kept
+    model.load_weights(best_checkpoint(tmp_path, "finetune"))
+    assert all(np.all(w == kept) for w in model.get_weights())
+
+
 def test_the_kept_epoch_of_a_windowed_choice_is_the_model_saved(image_folder, tmp_path):
     """The best checkpoint holds the chosen epoch's weights, whether it was the epoch before
     the last (the previous checkpoint, copied) or the last one."""
