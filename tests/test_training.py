@@ -467,6 +467,8 @@ def test_the_kept_epoch_of_a_windowed_choice_is_the_model_saved(image_folder, tm
     kept = best_row(rows, "val_accuracy", 3)
     stage = next(s for s in record.stages if s.name == "finetune")
     assert stage.best_epoch == kept["epoch"]
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert f"best epoch {kept['epoch']} (on the mean of the 3 epochs around each)" in page
     saved = keras.saving.load_model(best_checkpoint(tmp_path / "run", "finetune"),
                                     safe_mode=True, compile=False)
     assert saved is not None

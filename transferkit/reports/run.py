@@ -90,10 +90,13 @@ def _summary(record: RunRecord) -> str:
         rows.append(["data checks", report.esc(record.adaptation.describe())])
     for candidate in simplest_first(record.candidates):
         rows.append([report.esc(candidate.name), report.esc(candidate.describe())])
+    window = getattr(config, "epoch_window", 1)  # runs recorded before it chose on 1
     for stage in record.stages:
+        chosen = (f" (on the mean of the {window} epochs around each)"
+                  if window > 1 and stage.epochs > 1 else "")
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
             f"{stage.epochs} epochs at {stage.learning_rate:.2g}, best epoch "
-            f"{stage.best_epoch}, {stage.trainable_params:,} trainable parameters")])
+            f"{stage.best_epoch}{chosen}, {stage.trainable_params:,} trainable parameters")])
     if record.kept_stage:
         rows.append(["kept model", f"<b>{report.esc(record.kept_stage)}</b>: "
                                    f"{report.esc(why_kept(record.kept_stage))}"])
