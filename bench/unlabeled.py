@@ -43,17 +43,25 @@ def features(data: Path) -> tuple:
     return x, labelled.labels, x_test, test.labels if test else None, len(splits.class_names)
 
 
+def pick_labels(y: np.ndarray, k: int, per: int, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of `per` labelled images a class, drawn by `rng`, split train / val (a fifth, at
+    least one per class), and the rows of every other image (the pool)."""
+    picked = [rng.choice(np.flatnonzero(y == c), per, replace=False) for c in range(k)]
+    n_val = max(1, round(0.2 * per))
+    train = np.concatenate([p[n_val:] for p in picked])
+    val = np.concatenate([p[:n_val] for p in picked])
+    return train, val, np.setdiff1d(np.arange(len(y)), np.concatenate(picked))
+
+
 def one(x, y, x_test, y_test, k, per, seed, unrelated) -> dict:
     from transferkit.training.candidates.self_trained import self_train
     from transferkit.training.choice import choose
     from transferkit.training.probe import fit_probe
 
     rng = np.random.default_rng(seed)
-    picked = [rng.choice(np.flatnonzero(y == c), per, replace=False) for c in range(k)]
-    n_val = max(1, round(0.2 * per))
-    val = np.concatenate([p[:n_val] for p in picked])
-    train = np.concatenate([p[n_val:] for p in picked])
-    pool = x[np.setdiff1d(np.arange(len(x)), np.concatenate(picked))]
+    train, val, rows = pick_labels(y, k, per, rng)
+    pool = x[rows]
     out = {}
     for name, extra in (("clean pool", None), ("pool + 20 % unrelated", unrelated)):
         x_pool = pool

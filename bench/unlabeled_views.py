@@ -68,15 +68,13 @@ def fit(x: np.ndarray, y: np.ndarray, c: float) -> Any:
 
 
 def one(data: tuple, per: int, seed: int) -> dict[str, float]:
+    from unlabeled import pick_labels  # bench/, beside this script
+
     from transferkit.training.candidates.self_trained import ROUNDS, SHARE
     from transferkit.training.probe import fit_probe
 
     x, aug, y, x_test, y_test, k = data
-    rng = np.random.default_rng(seed)
-    picked = [rng.choice(np.flatnonzero(y == c), per, replace=False) for c in range(k)]
-    n_val = max(1, round(0.2 * per))
-    train = np.concatenate([p[n_val:] for p in picked])
-    pool = np.setdiff1d(np.arange(len(x)), np.concatenate(picked))
+    train, _, pool = pick_labels(y, k, per, np.random.default_rng(seed))
     probe = fit_probe(x[train], y[train], k, seed=seed)
     c = probe.c
 
