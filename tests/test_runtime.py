@@ -79,10 +79,10 @@ def test_a_whole_model_with_two_outputs_gives_the_same_probabilities(onnx_runtim
     head = build_head(features.output_shape[-1], 4)
     pooled = features(features.inputs[0])
     model = keras.Model(features.inputs[0], [pooled, head(pooled)])
-    x = _images(40, 3)
+    x = _images(40, 6)  # more rows than runtime.CHUNK: each output is put back together
     expected = [np.asarray(o) for o in model(x, training=False)]
     got = onnx_step(model, _spec(40), images=None)(x)
-    assert len(got) == 2
+    assert len(got) == 2 and len(got[0]) == 6
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, atol=1e-4)
     np.testing.assert_allclose(got[1].sum(axis=1), 1.0, atol=1e-5)

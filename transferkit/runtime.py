@@ -49,6 +49,11 @@ REWRITES = 1  # the version of what _convert does to tf2onnx's graph: in the gra
 # images a pass must have before a graph is converted for it: Lite0's first pass over 1,000
 # images from files, converting included, ran at TensorFlow's speed (bench/README.md)
 PAYS_OFF = 1000
+# rows per session run: ORT's CPU convolutions keep a few images' activations in the cores'
+# caches, so a batch runs as chunks of 4 (in memory, 2 cores: Lite0's features 350-400
+# images/s against 332 as one batch of 32, the tuxpaint10 run's upsampled model 166-175
+# against 140-150; bench/README.md, issue 36). The pipeline still decodes whole batches.
+CHUNK = 4
 _PACKAGES = ("onnxruntime", "tf2onnx")
 _ENV_RUNTIME, _ENV_THREADS = "TRANSFERKIT_RUNTIME", "TRANSFERKIT_THREADS"  # Ray workers read these
 
@@ -380,7 +385,11 @@ def _session_step(content: bytes, several: bool) -> Callable[[Any], Any]:
     name = session.get_inputs()[0].name
 
     def step(batch: Any) -> Any:
-        outputs = session.run(None, {name: np.asarray(batch, np.float32)})
+        rows = np.asarray(batch, np.float32)
+        parts = [session.run(None, {name: rows[i:i + CHUNK]})
+                 for i in range(0, max(len(rows), 1), CHUNK)]
+        outputs = parts[0] if len(parts) == 1 else [
+            np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
         return outputs if several else outputs[0]
 
     return step
