@@ -1,13 +1,14 @@
 """Which engine runs the forward passes that do not train: ONNX Runtime on the CPU, else
 TensorFlow.
 
-On these CPUs ONNX Runtime runs the same graph 1.4-1.6x as fast as a TensorFlow function
-(bench/README.md, issue 36: EfficientNet-Lite0 at 224 px on 2 cores, 317 against 197
-images/s on in-memory batches, 293 against 184 from files), so every pass that does not
-train (features, predict, evaluate, serve) goes through it: the Keras model is converted once
-with tf2onnx and the graph cached by the model's content (architecture, every weight, input
-shape, converter and opset), read at each pass, so a model changed since never meets an old
-graph. Training, and the val passes inside it, stay on TensorFlow.
+On these CPUs ONNX Runtime runs the same graph 1.6-1.9x as fast as a TensorFlow function
+(bench/README.md, issue 36: EfficientNet-Lite0 at 224 px on 2 cores, 320 against 200
+images/s on in-memory batches of 32, 379 against 198 from files in chunks of 4), so every
+pass that does not train (features, predict, evaluate, serve) goes through it: the Keras
+model is converted once with tf2onnx and the graph cached by the model's content
+(architecture, every weight, input shape, converter and opset), read at each pass, so a
+model changed since never meets an old graph. Training, and the val passes inside it, stay
+on TensorFlow.
 
 TensorFlow runs instead, with one line saying why, when `--runtime tf` asks for it, a GPU is
 visible (TensorFlow uses it), onnxruntime or tf2onnx is missing, the model computes in float16,
