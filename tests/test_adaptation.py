@@ -125,6 +125,20 @@ def test_going_deep_tunes_every_block_faster_after_a_warm_up_unless_told_otherwi
     assert config.augment.horizontal_flip is None  # nothing written back
 
 
+def test_going_deep_smooths_the_labels_unless_told_otherwise():
+    from transferkit.training.plan import DEEP_LABEL_SMOOTHING
+
+    config = FinetuneConfig(data=DataConfig(data_dir=Path("d")), output=None)
+    assert build_plan(config, LITE0, found=_found(True, False)).label_smoothing == \
+        DEEP_LABEL_SMOOTHING > 0
+    assert build_plan(config, LITE0, found=_found(False, False)).label_smoothing == 0
+    assert build_plan(config, LITE0).label_smoothing == 0  # the checks did not run
+    for given in (0.0, 0.2):
+        told = dataclasses.replace(config, label_smoothing=given)
+        assert build_plan(told, LITE0, found=_found(True, False)).label_smoothing == given
+        assert build_plan(told, LITE0, found=_found(False, False)).label_smoothing == given
+
+
 def test_going_deep_learns_for_longer_unless_the_epochs_were_given():
     from transferkit.training.plan import DEEP_FINETUNE_EPOCHS, FINETUNE_EPOCHS, plan_stages
 

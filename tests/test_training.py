@@ -477,7 +477,7 @@ def test_the_kept_epoch_of_a_windowed_choice_is_the_model_saved(image_folder, tm
 def test_label_smoothing_mixup_and_cutmix_train_on_one_hot_rows(image_folder, tmp_path):
     """On images (head and fine-tuning) and on cached features (a head without augmentation)."""
     from transferkit.config import AugmentConfig
-    from transferkit.runs.directory import load_run
+    from transferkit.runs.directory import load_run, read_record
 
     for name, augment in (("images", AugmentConfig(mixup=0.2, cutmix=1.0)),
                           ("features", AugmentConfig(enabled=False))):
@@ -490,6 +490,7 @@ def test_label_smoothing_mixup_and_cutmix_train_on_one_hot_rows(image_folder, tm
         assert result.history and all(np.isfinite(r["loss"]) and 0 <= r["val_accuracy"] <= 1
                                       for r in result.history)
         assert load_run(tmp_path / name).model.output_shape == (None, 3)
+        assert read_record(tmp_path / name).plan.label_smoothing == 0.1  # the plan carries it
 
 
 def test_a_run_whose_stages_are_skipped_runs_no_data_checks(image_folder, tmp_path):

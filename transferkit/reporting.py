@@ -30,6 +30,7 @@ class StageInfo:
     learning_rate: float
     trainable_params: int
     non_trainable_params: int
+    label_smoothing: float | None = None  # said when it is on
 
 
 class Reporter(Protocol):

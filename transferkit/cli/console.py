@@ -86,7 +86,8 @@ class RichReporter:
         self.console.print(
             f"{stage.trainable_params:,} trainable parameters ({stage.non_trainable_params:,} "
             f"frozen); {stage.epochs} epoch{'s' if stage.epochs != 1 else ''}, lr "
-            f"{stage.learning_rate:.2g}")
+            f"{stage.learning_rate:.2g}"
+            + (f", label smoothing {stage.label_smoothing:g}" if stage.label_smoothing else ""))
 
     def epoch_ended(self, stage: str, epoch: int, epochs: int,
                     metrics: Mapping[str, float]) -> None:

@@ -311,6 +311,7 @@ class Plan:
     finetune_schedule: ScheduleConfig
     augment: AugmentConfig  # left-right flips decided
     class_weights: dict[str, float] | None = None  # balanced weights, when classes differ
+    label_smoothing: float | None = None  # None in runs before it: the config's
     stood: tuple[str, ...] = ()  # options the user set that stand over the data checks
 
 

@@ -114,7 +114,10 @@ class Training:
         rows (label smoothing, MixUp or CutMix); None for class indices."""
         augment = self.plan.augment
         mixed = augment.enabled and (augment.mixup or augment.cutmix)
-        return self.config.label_smoothing if self.config.label_smoothing or mixed else None
+        smoothing = self.plan.label_smoothing
+        if smoothing is None:  # a run from before the plan decided it
+            smoothing = self.config.label_smoothing or 0.0
+        return smoothing if smoothing or mixed else None
 
     @property
     def batch(self) -> int:

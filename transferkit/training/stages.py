@@ -180,7 +180,7 @@ def run_stage(inputs: StageInputs, reporter: Reporter) -> int:
     start = plan.first_epoch if first_epoch is None else first_epoch
     reporter.stage_started(StageInfo(plan.name, plan.description, plan.last_epoch - start,
                                      plan.learning_rate, counts.trainable,
-                                     counts.non_trainable))
+                                     counts.non_trainable, label_smoothing))
     schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: plan.learning_rate_at(
         epoch))
     recorder = EpochReporter(reporter, plan.name, plan.last_epoch, steps, history)
