@@ -118,6 +118,21 @@ def test_a_lone_spike_is_not_kept_when_epochs_are_chosen_on_a_window():
     assert best_row(rows[:1], "val_accuracy", window=3)["epoch"] == 1
 
 
+def test_window_averages_that_differ_by_float_rounding_tie_and_the_val_loss_decides():
+    """digits, seed 2: Keras's float32 accuracies of epochs 8-13, as the history holds them.
+    Epoch 9's window (0.97, 0.96, 0.95) and epoch 12's (0.96 x3) are both 0.96; the lower val
+    loss (epoch 12) wins, not the rounding (epoch 9's average is 2e-8 higher)."""
+    import numpy as np
+
+    accuracies = [0.93, 0.97, 0.96, 0.95, 0.96, 0.96, 0.96, 0.95]
+    losses = [0.736, 0.723, 0.718, 0.689, 0.673, 0.662, 0.661, 0.669]
+    rows = [{"epoch": e, "val_accuracy": float(np.float32(a)), "val_loss": v}
+            for e, (a, v) in enumerate(zip(accuracies, losses, strict=True), start=7)]
+    assert best_row(rows, "val_accuracy", window=3)["epoch"] == 12
+    rows[5]["val_accuracy"] = float(np.float32(0.95))  # then epoch 9's window is higher
+    assert best_row(rows, "val_accuracy", window=3)["epoch"] == 9
+
+
 def test_the_epoch_window_is_one_or_three(tmp_path):
     from transferkit.config import DataConfig, FinetuneConfig
 
