@@ -201,7 +201,7 @@ RUNTIMES = ("auto", "onnx", "tf")
 class RuntimeConfig:
     """What runs the forward passes that do not train (runtime.py)."""
 
-    runtime: str = option("auto", "auto: ONNX Runtime on the CPU (1.4-1.6x TensorFlow's "
+    runtime: str = option("auto", "auto: ONNX Runtime on the CPU (1.6-1.9x TensorFlow's "
                                   "speed there), TensorFlow on a GPU or where onnxruntime is "
                                   "missing; onnx or tf: that one. Training runs on TensorFlow.",
                           choices=RUNTIMES)
