@@ -164,7 +164,10 @@ class EpochTracker(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.rows = [r for r in self.history if r["stage"] == self.stage]
         settled = max(0, len(self.rows) - self.lag)
-        before = best_row(self.rows, self.monitor, self.window, max(0, settled - 1))
+        # the best among the epochs settled before this one: the last answer (their averages
+        # do not change), found again only on a stage's first epoch here, or after a resume
+        before = self.best or best_row(self.rows, self.monitor, self.window,
+                                       max(0, settled - 1))
         self.best = best_row(self.rows, self.monitor, self.window, settled)
         self.improved = settled > 0 and self.best is not before
 
