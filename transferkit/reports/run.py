@@ -19,6 +19,7 @@ from transferkit.runs.directory import CURVES_FILE, NOVELTY_FILE, REPORT_FILE
 from transferkit.runs.records import Choice, RunRecord
 from transferkit.training.candidates import fitted_before_the_stages, simplest_first
 from transferkit.training.choice import tried, why_kept
+from transferkit.training.stages import window_note
 
 if TYPE_CHECKING:
     from transferkit.data.folders import ImageSet
@@ -90,13 +91,13 @@ def _summary(record: RunRecord) -> str:
         rows.append(["data checks", report.esc(record.adaptation.describe())])
     for candidate in simplest_first(record.candidates):
         rows.append([report.esc(candidate.name), report.esc(candidate.describe())])
-    window = getattr(config, "epoch_window", 1)  # runs recorded before it chose on 1
+    window = getattr(config, "epoch_window", 1)  # an extract run's config has none
     for stage in record.stages:
-        chosen = (f" (on the mean of the {window} epochs around each)"
-                  if window > 1 and stage.epochs > 1 else "")
+        chosen = window_note(window, stage.epochs)
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
             f"{stage.epochs} epochs at {stage.learning_rate:.2g}, best epoch "
-            f"{stage.best_epoch}{chosen}, {stage.trainable_params:,} trainable parameters")])
+            f"{stage.best_epoch}{f' ({chosen})' if chosen else ''}, "
+            f"{stage.trainable_params:,} trainable parameters")])
     if record.kept_stage:
         rows.append(["kept model", f"<b>{report.esc(record.kept_stage)}</b>: "
                                    f"{report.esc(why_kept(record.kept_stage))}"])

@@ -67,6 +67,7 @@ from transferkit.training.stages import (
     compile_model,
     run_stage,
     stage_result,
+    window_note,
 )
 from transferkit.workers import Cluster, shard
 
@@ -239,11 +240,10 @@ def train_stages(run: Training, stop: StopOnSignal) -> list[StageResult]:
         elif result.stopped_early:
             run.reporter.info(f"Stage '{stage.name}' stopped early: no {run.config.monitor} "
                               f"improvement for {run.config.patience} epochs.")
-        window = run.config.epoch_window
+        chosen = window_note(run.config.epoch_window, result.epochs)
         run.reporter.info(f"Stage '{stage.name}' keeps its best epoch, {result.best_epoch} "
                           f"({run.config.monitor} {result.metrics[run.config.monitor]:.4f}"
-                          + (f"; chosen on the mean of the {window} epochs centred on each"
-                             if window > 1 and result.epochs > 1 else "") + ").")
+                          + (f"; chosen {chosen}" if chosen else "") + ").")
         results.append(result)
         run.done = stage.last_epoch
     return results

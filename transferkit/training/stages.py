@@ -131,6 +131,13 @@ def stage_result(plan: StagePlan, history: Sequence[dict[str, Any]], monitor: st
                        stopped_early=len(rows) < plan.epochs)
 
 
+def window_note(window: int, epochs: int) -> str:
+    """How a stage of `epochs` chose its kept epoch, for the console and the report: empty
+    when the window did not matter (one epoch, or --epoch-window 1)."""
+    return f"on the mean of the {window} epochs around each" if window > 1 and epochs > 1 \
+        else ""
+
+
 @dataclass(frozen=True)
 class StageInputs:
     """What one stage trains, on what, and how.
