@@ -491,6 +491,7 @@ def test_label_smoothing_mixup_and_cutmix_train_on_one_hot_rows(image_folder, tm
                                       for r in result.history)
         assert load_run(tmp_path / name).model.output_shape == (None, 3)
         assert read_record(tmp_path / name).plan.label_smoothing == 0.1  # the plan carries it
+        assert "label smoothing 0.1, best epoch" in (tmp_path / name / "report.html").read_text()
 
 
 def test_a_run_whose_stages_are_skipped_runs_no_data_checks(image_folder, tmp_path):

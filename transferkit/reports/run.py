@@ -92,10 +92,12 @@ def _summary(record: RunRecord) -> str:
     for candidate in simplest_first(record.candidates):
         rows.append([report.esc(candidate.name), report.esc(candidate.describe())])
     window = getattr(config, "epoch_window", 1)  # an extract run's config has none
+    smoothing = record.plan.label_smoothing if record.plan else None
     for stage in record.stages:
         chosen = window_note(window, stage.epochs)
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
-            f"{stage.epochs} epochs at {stage.learning_rate:.2g}, best epoch "
+            f"{stage.epochs} epochs at {stage.learning_rate:.2g}"
+            f"{f', label smoothing {smoothing:g}' if smoothing else ''}, best epoch "
             f"{stage.best_epoch}{f' ({chosen})' if chosen else ''}, "
             f"{stage.trainable_params:,} trainable parameters")])
     if record.kept_stage:
