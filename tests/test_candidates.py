@@ -118,4 +118,4 @@ def test_the_table_reads_simplest_first():
     assert candidates.fitted_before_the_stages(made, won=True) == {"earlier-block": 7,
                                                                   "self-trained": 9}
     assert [row.kind for row in candidates.CANDIDATES] == ["variant", "combined",
-                                                           "self-trained"]
+                                                           "self-trained", "co-trained"]

@@ -1,4 +1,5 @@
-"""finetune --unlabeled: self-training on a pool, its candidate, and its refusals."""
+"""finetune --unlabeled: self-training and co-training on a pool, their candidates, and the
+refusals."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_class_folder
+from conftest import Recorder, write_class_folder
 
 from transferkit.config import DataConfig, FinetuneConfig
-from transferkit.errors import ConfigError
+from transferkit.errors import ArtifactError, ConfigError
+from transferkit.runs.directory import PSEUDO_FILE, read_pseudo_labels, save_pseudo_labels
+from transferkit.training.candidates import co_trained
+from transferkit.training.candidates.co_trained import CO_TRAINED, CoTrainedCandidate, co_train
 from transferkit.training.candidates.self_trained import ROUNDS, SELF_TRAINED, SHARE, self_train
 from transferkit.training.probe import fit_probe
 
@@ -33,6 +37,45 @@ def test_self_training_takes_every_class_evenly_and_leaves_out_unrelated_images(
     cap = ROUNDS * int(SHARE * (len(x_pool) - trained.unlike) / 3)
     assert trained.per_class[0] == cap < 100 and max(trained.per_class[1:]) <= 20
     assert sum(trained.per_class) == trained.pseudo_labelled
+
+
+def test_co_training_learns_from_the_pool_what_both_views_agree_on():
+    """Two views that each confuse a different pair of classes: the features mix 1 and 2,
+    the pixels 0 and 1. The probe fitted with what both say of the pool does better than the
+    probe on the labels alone, and than self-training on the features alone."""
+    rng = np.random.default_rng(0)
+    k, d = 3, 8
+    f_centres = np.array([[4, 0], [0, 1.2], [0, -1.2]])
+    p_centres = np.array([[0.6, 0], [-0.6, 0], [0, 4]])
+
+    def draw(n_per_class):
+        y = np.repeat(np.arange(k), n_per_class)
+        f = np.c_[f_centres[y], np.zeros((len(y), d - 2))] + rng.normal(0, 1, (len(y), d))
+        p = np.c_[p_centres[y], np.zeros((len(y), d - 2))] + rng.normal(0, 1, (len(y), d))
+        return f, p, y
+
+    f_train, p_train, y_train = draw(4)
+    f_val, _, _ = draw(4)
+    f_pool, p_pool, y_pool = draw(150)
+    f_test, _, y_test = draw(300)
+    probe = fit_probe(f_train, y_train, k)
+    trained = co_train(probe, (f_train, f_val, f_pool), (p_train, p_pool), y_train, k)
+    assert 0 < trained.pseudo_labelled <= len(f_pool) - trained.unlike
+
+    def accuracy(p):
+        return (p.probabilities(f_test).argmax(axis=1) == y_test).mean()
+    alone = self_train(probe, f_train, y_train, f_val, f_pool, k).probe  # features only
+    assert accuracy(trained.probe) > max(accuracy(probe), accuracy(alone)) + 0.03
+
+
+@pytest.mark.parametrize(("pixels", "probe", "pool"), [(0.3, 0.8, True), (0.9, 0.8, False)])
+def test_the_pixels_co_train_only_where_the_data_checks_found_them_good_enough(
+        pixels, probe, pool):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(pool=object() if pool else None, record=SimpleNamespace(
+        adaptation=SimpleNamespace(pixel_accuracy=pixels, probe_accuracy=probe)))
+    assert CoTrainedCandidate().fit(run, None) is None  # pixels too weak; no pool
 
 
 def _config(image_folder: Path, out: Path, pool: Path) -> FinetuneConfig:
@@ -70,3 +113,48 @@ def test_a_pool_that_overlaps_the_data_is_refused(image_folder, tmp_path):
 
     with pytest.raises(ConfigError, match="overlap"):
         finetune(_config(image_folder, tmp_path / "run", image_folder / "circles"))
+
+
+def test_a_co_trained_probe_that_wins_is_kept_and_predicts(image_folder, tmp_path,
+                                                          monkeypatch):
+    from transferkit.commands import finetune as recipe
+    from transferkit.runs.directory import load_run, read_record
+    from transferkit.training.choice import choose
+
+    pool = tmp_path / "pool"
+    write_class_folder(pool / "deep", per_class=12, offset=500)
+    monkeypatch.setattr(co_trained, "PIXELS_SUFFICE", 0.0)  # the pixels always a view here
+
+    def co_trained_wins(correct):
+        if CO_TRAINED in correct and len(correct) == 2:
+            return dataclasses.replace(choose(correct), kept=CO_TRAINED)
+        return choose(correct)
+
+    monkeypatch.setattr(recipe, "choose", co_trained_wins)
+    config = dataclasses.replace(_config(image_folder, tmp_path / "run", pool), adapt=True)
+    reporter = Recorder()
+    recipe.finetune(config, reporter)
+    record = read_record(tmp_path / "run")
+    trained = record.candidate(CO_TRAINED)
+    assert trained is not None and trained.won and trained.details["images"] == 36
+    taken = trained.details["pseudo_labelled"]
+    assert 0 < taken and taken + trained.details["unlike"] <= 36
+    assert load_run(tmp_path / "run").model is not None
+    # the stages trained on the pool images it labelled, beside train's
+    assert trained.details["stages_train_on"] == PSEUDO_FILE
+    by, sources, labels = read_pseudo_labels(tmp_path / "run", record.class_names)
+    assert by == CO_TRAINED and len(sources) == len(labels) == taken
+    assert all(Path(s).is_file() for s in sources)
+    assert any(f"and {taken} pool images that '{CO_TRAINED}' labelled" in m
+               for m in reporter.messages)
+
+
+def test_a_damaged_pseudo_labels_file_is_refused(tmp_path):
+    save_pseudo_labels(tmp_path, ["/a.png", "/b.png"], ["cat", "dog"], CO_TRAINED)
+    assert read_pseudo_labels(tmp_path, ("cat", "dog"))[2].tolist() == [0, 1]
+    assert read_pseudo_labels(tmp_path / "none", ("cat",))[0] is None  # a run without
+    for damage in ("source,label,candidate\n/a.png,bird,co-trained\n",  # not a class
+                   "file,label\n/a.png,cat\n"):  # not the columns
+        (tmp_path / PSEUDO_FILE).write_text(damage)
+        with pytest.raises(ArtifactError, match="damaged"):
+            read_pseudo_labels(tmp_path, ("cat", "dog"))

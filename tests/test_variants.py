@@ -43,10 +43,10 @@ def test_an_upsampled_features_model_is_cached_apart():
 @pytest.mark.parametrize(("base", "deep"), [("efficientnet_lite0", True), ("tiny", False)])
 def test_the_saved_variant_computes_the_features_it_was_fitted_on(image_folder, base, deep):
     splits = load_splits(image_folder, 0.2, 1337)
-    picked = pick_variant(deep, get_base(base), 32)
-    job = FeatureModel(base, "none", 0, 32, "float32", len(get_base(base).blocks),
-                       batch_size=8)
-    variant = fit_variant(picked, job, splits, False, NullReporter(), use_cache=False)
+    _, blocks, upsample_to = pick_variant(deep, get_base(base), 32)
+    job = FeatureModel(base, "none", 0, 32, "float32", blocks, batch_size=8,
+                       upsample_to=upsample_to)
+    variant = fit_variant(job, splits, False, NullReporter(), use_cache=False)
     model = build_variant(variant)
     assert model.input_shape == (None, 32, 32, 3)  # reads images at the run's size
     if not deep:

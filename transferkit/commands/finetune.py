@@ -49,12 +49,15 @@ from transferkit.runs.directory import (
     CURVES_FILE,
     LR_FIND_FILE,
     NOVELTY_FILE,
+    PSEUDO_FILE,
     REPORT_FILE,
     check_resumable,
     clear_run,
     how_it_ended,
     load_keras_file,
+    read_pseudo_labels,
     run_lock,
+    save_pseudo_labels,
     save_record,
     save_run,
     save_splits,
@@ -77,6 +80,7 @@ from transferkit.training.adaptation import assess
 from transferkit.training.candidates import (
     CANDIDATES,
     Candidate,
+    Fitted,
     fitted_before_the_stages,
     row,
 )
@@ -318,11 +322,32 @@ def _try(run: Training, candidate: Candidate, probe: LinearProbe, probe_right: n
     run.reporter.info(f"{fitted.summary} ({fitted.seconds:.1f} s): {correct} of {n} val images "
                       f"right, against the probe's {run.record.probe.val_correct}"
                       + (", beyond noise." if won else ", within noise."))
+    details = fitted.details
     if won:
         fitted.save(run)
+        if _hand_pool_labels(run, fitted, correct):
+            details = {**details, "stages_train_on": PSEUDO_FILE}
     run.save(candidates=(*run.record.candidates, CandidateRecord(
         name=fitted.name, kind=candidate.kind, summary=fitted.summary, val_correct=correct,
-        won=won, seconds=round(fitted.seconds, 3), details=fitted.details)))
+        won=won, seconds=round(fitted.seconds, 3), details=details)))
+
+
+def _hand_pool_labels(run: Training, fitted: Fitted, correct: int) -> bool:
+    """Writes the pool images a candidate that beat the probe labelled, for the image stages
+    to train on beside train's (noisy student, Xie et al. 2020: the stages' augmentation is
+    the noise), when it got more val images right than a pool candidate before it. Only on
+    one machine: other workers would not read the file."""
+    if fitted.pseudo is None or not len(fitted.pseudo[0]) or run.cluster is not None:
+        return False
+    before, _, _ = read_pseudo_labels(run.run_dir, run.splits.class_names)
+    earlier = None if before is None else run.record.candidate(before)
+    if earlier is not None and earlier.val_correct >= correct:
+        return False
+    sources, labels = fitted.pseudo
+    save_pseudo_labels(run.run_dir, sources, [run.splits.class_names[i] for i in labels],
+                       fitted.name)
+    run.pseudo = None  # read again by the stages
+    return True
 
 
 def _no_room(run: Training) -> bool:

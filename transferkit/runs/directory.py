@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 import transferkit
 from transferkit.config import SAVEDMODEL_FILES
 from transferkit.errors import ArtifactError, ConfigError, DataError, MissingPackageError
@@ -72,9 +74,12 @@ FOLDS_DIR = "folds"  # cv: one complete finetune run per fold
 OOF_FILE = "oof.csv"  # cv: every image's out-of-fold prediction
 REPORT_FILE = "report.html"  # the run's self-contained page (run_report.py); audit's too
 NOVELTY_FILE = "novelty.npz"  # the kept model's "none of these" score (novelty.py)
+# --unlabeled: the pool images a candidate that beat the probe labelled; the stages train on
+# them too
+PSEUDO_FILE = "pseudo_labels.csv"
 RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
              CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR, FOLDS_DIR, OOF_FILE,
-             REPORT_FILE, NOVELTY_FILE)
+             REPORT_FILE, NOVELTY_FILE, PSEUDO_FILE)
 # What audit's and evaluate's folders hold: --overwrite replaces a folder of these alone
 AUDIT_FILE = "audit.json"
 AUDIT_FILES = (AUDIT_FILE, REPORT_FILE)
@@ -402,6 +407,44 @@ def save_splits(run_dir: Path, rows: Sequence[tuple[str, ...]]) -> None:
     write_text(run_dir / SPLITS_FILE, buffer.getvalue())
 
 
+def save_pseudo_labels(run_dir: Path, sources: Sequence[str], labels: Sequence[str],
+                       candidate: str) -> None:
+    """PSEUDO_FILE: each pool image (the file decoded) with the class `candidate` gave it."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PSEUDO_COLUMNS)
+    writer.writerows((s, label, candidate) for s, label in zip(sources, labels, strict=True))
+    write_text(run_dir / PSEUDO_FILE, buffer.getvalue())
+
+
+def read_pseudo_labels(run_dir: Path, class_names: Sequence[str]
+                       ) -> tuple[str | None, tuple[str, ...], np.ndarray]:
+    """The candidate that wrote PSEUDO_FILE, its images and their labels (indices into
+    `class_names`); (None, (), []) when the run has none.
+
+    Raises:
+        ArtifactError: the file is unreadable or a row is damaged.
+    """
+    path = run_dir / PSEUDO_FILE
+    if not path.is_file():
+        return None, (), np.zeros(0, np.int64)
+    try:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = list(csv.reader(f))
+    except (OSError, csv.Error) as exc:
+        raise ArtifactError(f"Could not read '{path}' ({exc}). Train the run again.") from exc
+    index = {name: i for i, name in enumerate(class_names)}
+    body = rows[1:]
+    if not rows or tuple(rows[0]) != PSEUDO_COLUMNS or any(
+            len(r) != 3 or not r[0] or r[1] not in index or r[2] != body[0][2] for r in body):
+        raise ArtifactError(f"'{path}' is damaged: it needs the columns "
+                            f"{', '.join(PSEUDO_COLUMNS)}, one of the run's classes in every "
+                            f"row and one candidate. Train the run again.")
+    return (body[0][2] if body else None, tuple(r[0] for r in body),
+            np.array([index[r[1]] for r in body], np.int64))
+
+
+PSEUDO_COLUMNS = ("source", "label", "candidate")
 SPLITS_COLUMNS = ("path", "label", "split", "fold")
 SPLITS = ("train", "val", "test")
 

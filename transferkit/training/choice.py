@@ -62,6 +62,9 @@ _KEPT_BECAUSE = {
                 "the single probe by more than noise on val, and nothing after it did",
     "self-trained": "the linear probe fitted again with the unlabelled pool's surest answers; "
                     "it beat the probe by more than noise on val",
+    "co-trained": "the linear probe fitted again with the unlabelled pool's images on which "
+                  "it and a classifier of their raw pixels agreed; it beat the candidates "
+                  "before it by more than noise on val",
     "earlier-block": "a linear probe on an earlier block's features, which the data checks "
                      "found further from ImageNet; it beat the probe by more than noise on val",
     "upsampled": "a linear probe on the features of the image upsampled inside the model, so "

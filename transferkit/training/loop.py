@@ -43,6 +43,7 @@ from transferkit.runs.directory import (
     check_resumable,
     how_to_continue,
     load_run_splits,
+    read_pseudo_labels,
     read_record,
     save_record,
 )
@@ -96,6 +97,9 @@ class Training:
         field(default=None, repr=False)  # frozen_features, once computed
     cluster: Cluster | None = None  # --strategy multiworker: this worker's place
     pool: Pool | None = None  # --unlabeled's images, read (and checked) at the start
+    pooled: np.ndarray | None = field(default=None, repr=False)  # pool_features, once computed
+    pseudo: tuple[str | None, tuple[str, ...], np.ndarray] | None = field(
+        default=None, repr=False)  # read_pseudo_labels, once read
 
     @property
     def chief(self) -> bool:
@@ -141,6 +145,24 @@ class Training:
                                                  "training and validation")
             self.frozen = (train, self.splits.train.labels), (val, self.splits.val.labels)
         return self.frozen
+
+    def training_images(self) -> tuple[tuple[str, ...], np.ndarray, str | None]:
+        """What the image stages train on: train's files and labels, then the pool images a
+        pool candidate labelled (PSEUDO_FILE), and that candidate's name (None: no pool
+        images)."""
+        if self.pseudo is None:
+            self.pseudo = read_pseudo_labels(self.run_dir, self.splits.class_names)
+        by, sources, labels = self.pseudo
+        train = self.splits.train
+        return (*train.sources, *sources), np.r_[train.labels, labels].astype(np.int64), by
+
+    def pool_features(self) -> np.ndarray:
+        """The frozen base's features of the unlabelled pool (the run must have one), computed
+        once per process for every candidate that learns from it."""
+        if self.pooled is None:
+            assert self.pool is not None
+            (self.pooled,) = self.frozen_features_of([self.pool.images], "the unlabelled pool")
+        return self.pooled
 
     def frozen_features_of(self, images: list[ImageSet], what: str) -> list[np.ndarray]:
         """The frozen base's features of each of `images`, through the feature cache (while
@@ -297,7 +319,7 @@ def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
             unfreeze_top_blocks(run.base, run.spec, plan.unfreeze_blocks, config.train_batchnorm)
         run.save(trainable_params={**run.record.trainable_params,
                                    stage.name: count_params(run.model).trainable})
-    fitted, train, val, batch_size = _stage_inputs(run, stage, resuming)
+    fitted, train, val, batch_size, images = _stage_inputs(run, stage, resuming)
     # on course or not: judged after ON_COURSE_EPOCHS past the warm-up, at most --patience in
     judge_after = min(config.patience, stage.schedule.warmup_epochs + ON_COURSE_EPOCHS)
     tracker = EpochTracker(stage.name, config.monitor, run.history, config.epoch_window)
@@ -311,7 +333,7 @@ def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
         run.splits.class_names.index(c): w for c, w in plan.class_weights.items()}
     try:
         trainable = run_stage(StageInputs(
-            fitted, stage, train, val, math.ceil(len(run.splits.train) / run.batch), run.history,
+            fitted, stage, train, val, math.ceil(images / run.batch), run.history,
             optimizer=None if resuming or fitted is not run.model else config.optimizer,
             first_epoch=run.done if resuming else None, class_weight=weights,
             batch_size=batch_size, jit=config.compute.jit, val_labels=run.splits.val.labels,
@@ -327,18 +349,24 @@ def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
 
 
 def _stage_inputs(run: Training, stage: StagePlan, resuming: bool
-                  ) -> tuple[keras.Model, Any, Any, int | None]:
-    """The model a stage fits and its training and validation data: the classifier on
-    (augmented) image datasets, or, for a head stage without augmentation, the head alone on
-    cached frozen-base features (then with the batch size to use)."""
+                  ) -> tuple[keras.Model, Any, Any, int | None, int]:
+    """The model a stage fits, its training and validation data and its training images: the
+    classifier on (augmented) image datasets of train and the pool images a pool candidate
+    labelled, or, for a head stage without augmentation, the head alone on cached frozen-base
+    features of train (then with the batch size to use)."""
     config, plan = run.config, run.plan
     k = len(run.splits.class_names)
-    # across workers, each reads its own share of the files, in batches per replica
-    sources, labels, batch = run.splits.train.sources, run.splits.train.labels, run.batch
-    if run.cluster is not None:
-        sources, labels = shard(sources, run.cluster), shard(labels, run.cluster)
-        batch = config.data.batch_size
     if stage.name != HEAD or plan.augment.enabled:
+        sources, labels, by = run.training_images()
+        if by is not None:
+            run.reporter.info(f"Stage '{stage.name}' trains on train's {len(run.splits.train)} "
+                              f"images and {len(sources) - len(run.splits.train)} pool images "
+                              f"that '{by}' labelled.")
+        images, batch = len(sources), run.batch
+        # across workers, each reads its own share of the files, in batches per replica
+        if run.cluster is not None:
+            sources, labels = shard(sources, run.cluster), shard(labels, run.cluster)
+            batch = config.data.batch_size
         train = build_dataset(sources, labels, run.record.image_size, batch,
                               shuffle_seed=config.data.seed + run.done,
                               augment=build_augmentation(plan.augment, config.data.seed),
@@ -351,10 +379,12 @@ def _stage_inputs(run: Training, stage: StagePlan, resuming: bool
             train, val = (ds.map(lambda x, y: (x, tf.one_hot(y, k))) for ds in (train, val))
             mixing = build_mixing(plan.augment, config.data.seed)
             train = train if mixing is None else train.map(mixing)
-        return run.model, train, val, None
+        return run.model, train, val, None, images
     train, val = run.frozen_features()
+    images, batch = len(train[0]), run.batch
     if run.cluster is not None:
         train = (shard(train[0], run.cluster), shard(train[1], run.cluster))
+        batch = config.data.batch_size
     if run.smoothing is not None:
         train, val = ((x, np.eye(k, dtype=np.float32)[y]) for x, y in (train, val))
     run.reporter.info("Stage 'head' trains on the frozen-base features (no augmentation).")
@@ -370,7 +400,7 @@ def _stage_inputs(run: Training, stage: StagePlan, resuming: bool
     fitted = keras.Model(head.inputs, head.outputs)
     compile_model(fitted, run.model.optimizer, stage.learning_rate, config.compute.jit,
                   run.smoothing)
-    return fitted, train, val, batch
+    return fitted, train, val, batch, images
 
 
 def interrupted(run: Training, signum: int) -> RunInterrupted:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from transferkit.runs.records import CandidateRecord
+from transferkit.training.candidates.co_trained import CoTrainedCandidate
 from transferkit.training.candidates.combined import CombinedCandidate
 from transferkit.training.candidates.protocol import Candidate, Fitted
 from transferkit.training.candidates.self_trained import SelfTrainedCandidate
@@ -28,7 +29,7 @@ __all__ = ["CANDIDATES", "Candidate", "Fitted", "fitted_before_the_stages", "row
 # Simplest first: the order in which the choice reads them, after the probe and before the
 # stages. The run fits those that need no data checks first, in this order, then the rest.
 CANDIDATES: tuple[Candidate, ...] = (VariantCandidate(), CombinedCandidate(),
-                                     SelfTrainedCandidate())
+                                     SelfTrainedCandidate(), CoTrainedCandidate())
 
 
 def row(kind: str) -> Candidate:

@@ -24,6 +24,9 @@ class Fitted:
     seconds: float
     save: Callable[[Training], None]  # writes its model into the run, once it won
     details: dict[str, Any] = field(default_factory=dict)  # recorded as they are
+    # --unlabeled's candidates: the pool images it labelled (files decoded) and their classes,
+    # which the stages train on too once it beat the probe
+    pseudo: tuple[tuple[str, ...], np.ndarray] | None = None
 
 
 class Candidate(Protocol):

@@ -35,10 +35,35 @@ SHARE = 0.25  # of the pool per round, split evenly over the classes
 @dataclass(frozen=True)
 class SelfTrained:
     probe: LinearProbe
-    pseudo_labelled: int  # pool images that trained it
+    rows: np.ndarray  # the pool images that trained it
+    labels: np.ndarray  # the classes they were given
     per_class: tuple[int, ...]  # of them, by the class the probe gave them
     unlike: int  # pool images the novelty score kept out
     seconds: float
+
+    @property
+    def pseudo_labelled(self) -> int:
+        return len(self.rows)
+
+
+def usable_pool(probe: LinearProbe, x_train: np.ndarray, x_val: np.ndarray,
+                x_pool: np.ndarray, seed: int) -> np.ndarray:
+    """Which pool images may be pseudo-labelled: those the novelty score (fitted on train and
+    val) does not call unlike every class."""
+    novelty = fit_novelty(x_train, x_val, probe.probabilities(x_val), seed=seed)
+    if novelty is None or not len(x_pool):
+        return np.ones(len(x_pool), bool)
+    return novelty.score(x_pool, probe.probabilities(x_pool)) <= novelty.threshold
+
+
+def surest_of_each_class(confidence: np.ndarray, answers: np.ndarray, num_classes: int,
+                         take: int) -> np.ndarray:
+    """Rows of up to `take` images per class, the surest of those answered that class first
+    (rows with a negative confidence are never taken)."""
+    return np.concatenate([
+        members[np.argsort(-confidence[members], kind="stable")[:take]]
+        for c in range(num_classes)
+        for members in [np.flatnonzero((answers == c) & (confidence >= 0))]])
 
 
 def self_train(probe: LinearProbe, x_train: np.ndarray, y_train: np.ndarray,
@@ -47,24 +72,19 @@ def self_train(probe: LinearProbe, x_train: np.ndarray, y_train: np.ndarray,
     """`probe` (fitted on train's labels) fitted again, round by round, with the pool's
     surest answers of every class."""
     started = time.perf_counter()
-    novelty = fit_novelty(x_train, x_val, probe.probabilities(x_val), seed=seed)
-    usable = np.ones(len(x_pool), bool)
-    if novelty is not None and len(x_pool):
-        usable = novelty.score(x_pool, probe.probabilities(x_pool)) <= novelty.threshold
+    usable = usable_pool(probe, x_train, x_val, x_pool, seed)
     pool = x_pool[usable]
     per_round = int(SHARE * len(pool) / num_classes)
     chosen, answers = np.zeros(0, int), np.zeros(0, int)
     for round_ in range(1, ROUNDS + 1 if per_round else 1):
         p = probe.probabilities(pool)
         answers = p.argmax(axis=1)
-        chosen = np.concatenate([
-            members[np.argsort(-p[members, c], kind="stable")[:per_round * round_]]
-            for c in range(num_classes) for members in [np.flatnonzero(answers == c)]])
+        chosen = surest_of_each_class(p.max(axis=1), answers, num_classes, per_round * round_)
         probe = fit_probe(np.vstack([x_train, pool[chosen]]), np.r_[y_train, answers[chosen]],
                           num_classes, balanced, seed)
     per_class = tuple(int(n) for n in np.bincount(answers[chosen], minlength=num_classes))
-    return SelfTrained(probe, len(chosen), per_class, int((~usable).sum()),
-                       time.perf_counter() - started)
+    return SelfTrained(probe, np.flatnonzero(usable)[chosen], answers[chosen],
+                       per_class, int((~usable).sum()), time.perf_counter() - started)
 
 
 class SelfTrainedCandidate:
@@ -81,7 +101,7 @@ class SelfTrainedCandidate:
         if pool is None:
             return None
         (x_train, y_train), (x_val, y_val) = run.frozen_features()
-        (x_pool,) = run.frozen_features_of([pool.images], "the unlabelled pool")
+        x_pool = run.pool_features()
         trained = self_train(probe, x_train, y_train, x_val, x_pool, len(run.splits.class_names),
                              balanced=run.class_weights is not None, seed=run.config.data.seed)
         right = trained.probe.probabilities(x_val).argmax(axis=1) == y_val
@@ -93,4 +113,12 @@ class SelfTrainedCandidate:
                       {"pool": str(run.config.unlabeled), "images": len(pool.images),
                        "unreadable": len(pool.unreadable),
                        "pseudo_labelled": trained.pseudo_labelled, "unlike": trained.unlike,
-                       "c": trained.probe.c})
+                       "c": trained.probe.c},
+                      pool_labels(pool.images.sources, trained.rows, trained.labels))
+
+
+def pool_labels(sources: tuple[str, ...], rows: np.ndarray, labels: np.ndarray
+                ) -> tuple[tuple[str, ...], np.ndarray]:
+    """The pool images at `rows` (the files decoded) with their given classes: what a pool
+    candidate hands the stages (Fitted.pseudo)."""
+    return tuple(sources[i] for i in rows), labels

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import keras
@@ -66,13 +66,12 @@ def pick_variant(deep: bool, spec: BaseSpec, image_size: int) -> tuple[str, int,
     return UPSAMPLED, len(spec.blocks), 32 * math.ceil(image_size * UPSAMPLE / 32)
 
 
-def fit_variant(picked: tuple[str, int, int], job: FeatureModel, splits: DataSplits,
-                balanced: bool, reporter: Reporter, use_cache: bool) -> VariantProbe:
-    """The probe on the picked variant's features of train, C by cross-validation there;
-    `job` is the run's own features model, which the variant changes."""
+def fit_variant(job: FeatureModel, splits: DataSplits, balanced: bool, reporter: Reporter,
+                use_cache: bool) -> VariantProbe:
+    """The probe on a variant's features of train (`job`: picked_job's), C by
+    cross-validation there."""
     start = time.perf_counter()
-    name, blocks, upsample_to = picked
-    job = replace(job, blocks=blocks, upsample_to=upsample_to)
+    name = EARLIER if job.upsample_to == 0 else UPSAMPLED
     extractor = FeatureExtractor.of_model(job, reporter, use_cache)
     train, val = extractor.features([splits.train, splits.val], f"the {name} probe's")
     extractor.save()
@@ -83,11 +82,31 @@ def fit_variant(picked: tuple[str, int, int], job: FeatureModel, splits: DataSpl
 
 
 def build_variant(variant: VariantProbe) -> keras.Model:
-    """The variant as one plain Keras classifier with its probe's weights (around the
-    features model that computed its features, when it was built: not built twice)."""
-    head = build_head(*variant.probe.kernel.shape)
-    head.get_layer(PREDICTIONS).set_weights([variant.probe.kernel, variant.probe.bias])
-    return build_classifier(variant.extractor.model, head)
+    """The variant as one plain Keras classifier with its probe's weights."""
+    return probe_on(variant.extractor, variant.probe)
+
+
+def probe_on(extractor: FeatureExtractor, probe: LinearProbe) -> keras.Model:
+    """One plain Keras classifier: `probe`'s weights on the features `extractor` computes
+    (around the features model that computed them, when it was built: not built twice)."""
+    head = build_head(*probe.kernel.shape)
+    head.get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
+    return build_classifier(extractor.model, head)
+
+
+def picked_job(run: Training) -> FeatureModel | None:
+    """The features model of the variant the data checks pick for `run`; None before they
+    ran, or when the base has too few blocks to cut."""
+    found = run.record.adaptation
+    picked = None if found is None else pick_variant(found.deep, run.spec,
+                                                     run.record.image_size)
+    if picked is None:
+        return None
+    config = run.config
+    _, blocks, upsample_to = picked
+    return FeatureModel(run.spec.name, config.weights, config.data.seed, run.record.image_size,
+                        run.record.compute.precision, blocks, batch_size=config.data.batch_size,
+                        upsample_to=upsample_to)
 
 
 class VariantCandidate:
@@ -99,16 +118,11 @@ class VariantCandidate:
     own_features = False
 
     def fit(self, run: Training, probe: LinearProbe) -> Fitted | None:
-        found = run.record.adaptation
-        picked = None if found is None else pick_variant(found.deep, run.spec,
-                                                         run.record.image_size)
-        if picked is None:
+        job = picked_job(run)
+        if job is None:
             return None
         config = run.config
-        job = FeatureModel(run.spec.name, config.weights, config.data.seed, run.record.image_size,
-                           run.record.compute.precision, len(run.spec.blocks),
-                           batch_size=config.data.batch_size)
-        variant = fit_variant(picked, job, run.splits, run.class_weights is not None, run.reporter,
+        variant = fit_variant(job, run.splits, run.class_weights is not None, run.reporter,
                               config.cache)
         where = (f"after block {variant.job.blocks} of {len(run.spec.blocks)}"
                  if variant.name == EARLIER else f"at {variant.job.upsample_to} px")
