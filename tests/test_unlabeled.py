@@ -15,7 +15,13 @@ from transferkit.errors import ArtifactError, ConfigError
 from transferkit.runs.directory import PSEUDO_FILE, read_pseudo_labels, save_pseudo_labels
 from transferkit.training.candidates import co_trained
 from transferkit.training.candidates.co_trained import CO_TRAINED, CoTrainedCandidate, co_train
-from transferkit.training.candidates.self_trained import ROUNDS, SELF_TRAINED, SHARE, self_train
+from transferkit.training.candidates.self_trained import (
+    ROUNDS,
+    SELF_TRAINED,
+    SHARE,
+    SelfTrainedCandidate,
+    self_train,
+)
 from transferkit.training.probe import fit_probe
 
 
@@ -115,38 +121,65 @@ def test_a_pool_that_overlaps_the_data_is_refused(image_folder, tmp_path):
         finetune(_config(image_folder, tmp_path / "run", image_folder / "circles"))
 
 
-def test_a_co_trained_probe_that_wins_is_kept_and_predicts(image_folder, tmp_path,
-                                                          monkeypatch):
+def test_a_co_trained_probe_is_recorded_and_its_labels_train_the_stage(
+        image_folder, tmp_path, monkeypatch):
     from transferkit.commands import finetune as recipe
     from transferkit.runs.directory import load_run, read_record
-    from transferkit.training.choice import choose
 
     pool = tmp_path / "pool"
     write_class_folder(pool / "deep", per_class=12, offset=500)
     monkeypatch.setattr(co_trained, "PIXELS_SUFFICE", 0.0)  # the pixels always a view here
+    fit = CoTrainedCandidate.fit
 
-    def co_trained_wins(correct):
-        if CO_TRAINED in correct and len(correct) == 2:
-            return dataclasses.replace(choose(correct), kept=CO_TRAINED)
-        return choose(correct)
+    def every_val_image_right(self, run, probe):  # at least the probe's, on tiny val
+        fitted = fit(self, run, probe)
+        return dataclasses.replace(fitted, right=np.ones_like(fitted.right))
 
-    monkeypatch.setattr(recipe, "choose", co_trained_wins)
+    monkeypatch.setattr(CoTrainedCandidate, "fit", every_val_image_right)
+    monkeypatch.setattr(SelfTrainedCandidate, "fit", lambda self, run, probe: None)
     config = dataclasses.replace(_config(image_folder, tmp_path / "run", pool), adapt=True)
     reporter = Recorder()
     recipe.finetune(config, reporter)
     record = read_record(tmp_path / "run")
     trained = record.candidate(CO_TRAINED)
-    assert trained is not None and trained.won and trained.details["images"] == 36
+    assert trained is not None and trained.details["images"] == 36
     taken = trained.details["pseudo_labelled"]
     assert 0 < taken and taken + trained.details["unlike"] <= 36
     assert load_run(tmp_path / "run").model is not None
-    # the stages trained on the pool images it labelled, beside train's
+    # the stage trained on the pool images it labelled, beside train's
     assert trained.details["stages_train_on"] == PSEUDO_FILE
     by, sources, labels = read_pseudo_labels(tmp_path / "run", record.class_names)
     assert by == CO_TRAINED and len(sources) == len(labels) == taken
     assert all(Path(s).is_file() for s in sources)
     assert any(f"and {taken} pool images that '{CO_TRAINED}' labelled" in m
                for m in reporter.messages)
+
+
+@pytest.mark.parametrize(("correct", "before", "written"), [
+    (5, None, True),  # as many val images right as the probe: its labels go to the stages
+    (4, None, False),  # fewer than the probe
+    (7, 6, True),  # more than the pool candidate that wrote them before
+    (6, 6, False)])  # no more: the earlier (simpler) candidate's labels stay
+def test_the_stages_get_the_pool_labels_of_the_best_pool_candidate(tmp_path, correct, before,
+                                                                   written):
+    from types import SimpleNamespace
+
+    from transferkit.commands.finetune import _hand_pool_labels
+    from transferkit.training.candidates import Fitted
+
+    names = ("cat", "dog")
+    earlier = {} if before is None else {SELF_TRAINED: SimpleNamespace(val_correct=before)}
+    if before is not None:
+        save_pseudo_labels(tmp_path, ["/old.png"], ["cat"], SELF_TRAINED)
+    run = SimpleNamespace(
+        run_dir=tmp_path, cluster=None, pseudo=None,
+        splits=SimpleNamespace(class_names=names),
+        record=SimpleNamespace(probe=SimpleNamespace(val_correct=5), candidate=earlier.get))
+    fitted = Fitted(CO_TRAINED, np.ones(correct, bool), "", 0.0, lambda run: None,
+                    pseudo=(("/a.png", "/b.png"), np.array([1, 0])))
+    assert _hand_pool_labels(run, fitted, correct) == written
+    by, sources, _ = read_pseudo_labels(tmp_path, names)
+    assert (by == CO_TRAINED) == written and (sources == ("/a.png", "/b.png")) == written
 
 
 def test_a_damaged_pseudo_labels_file_is_refused(tmp_path):

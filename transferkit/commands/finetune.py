@@ -325,19 +325,23 @@ def _try(run: Training, candidate: Candidate, probe: LinearProbe, probe_right: n
     details = fitted.details
     if won:
         fitted.save(run)
-        if _hand_pool_labels(run, fitted, correct):
-            details = {**details, "stages_train_on": PSEUDO_FILE}
+    if _hand_pool_labels(run, fitted, correct):
+        details = {**details, "stages_train_on": PSEUDO_FILE}
     run.save(candidates=(*run.record.candidates, CandidateRecord(
         name=fitted.name, kind=candidate.kind, summary=fitted.summary, val_correct=correct,
         won=won, seconds=round(fitted.seconds, 3), details=details)))
 
 
 def _hand_pool_labels(run: Training, fitted: Fitted, correct: int) -> bool:
-    """Writes the pool images a candidate that beat the probe labelled, for the image stages
-    to train on beside train's (noisy student, Xie et al. 2020: the stages' augmentation is
-    the noise), when it got more val images right than a pool candidate before it. Only on
-    one machine: other workers would not read the file."""
-    if fitted.pseudo is None or not len(fitted.pseudo[0]) or run.cluster is not None:
+    """Writes the pool images a pool candidate labelled, for the image stages to train on
+    beside train's (noisy student, Xie et al. 2020: the stages' augmentation is the noise),
+    when it got at least as many val images right as the probe and more than a pool
+    candidate before it. A model the stages train is kept only by the paired rule, so the
+    labels need not have won on their own: on 100 val images, co-training often gains one or
+    two over the probe, and the stage trained on its labels 10 or more (bench/README.md).
+    Only on one machine: other workers would not read the file."""
+    if fitted.pseudo is None or not len(fitted.pseudo[0]) or run.cluster is not None \
+            or correct < run.record.probe.val_correct:
         return False
     before, _, _ = read_pseudo_labels(run.run_dir, run.splits.class_names)
     earlier = None if before is None else run.record.candidate(before)

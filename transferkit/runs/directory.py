@@ -74,8 +74,7 @@ FOLDS_DIR = "folds"  # cv: one complete finetune run per fold
 OOF_FILE = "oof.csv"  # cv: every image's out-of-fold prediction
 REPORT_FILE = "report.html"  # the run's self-contained page (run_report.py); audit's too
 NOVELTY_FILE = "novelty.npz"  # the kept model's "none of these" score (novelty.py)
-# --unlabeled: the pool images a candidate that beat the probe labelled; the stages train on
-# them too
+# --unlabeled: the pool images a pool candidate labelled; the stages train on them too
 PSEUDO_FILE = "pseudo_labels.csv"
 RUN_FILES = (MODEL_FILE, RECORD_FILE, HISTORY_JSON, HISTORY_CSV, SPLITS_FILE, CHECKPOINTS_DIR,
              CURVES_FILE, LR_FIND_FILE, TENSORBOARD_DIR, EVALUATION_DIR, FOLDS_DIR, OOF_FILE,
