@@ -153,6 +153,8 @@ def test_a_co_trained_probe_is_recorded_and_its_labels_train_the_stage(
     assert all(Path(s).is_file() for s in sources)
     assert any(f"and {taken} pool images that '{CO_TRAINED}' labelled" in m
                for m in reporter.messages)
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert f"on train and the {taken} pool images &#x27;{CO_TRAINED}&#x27; labelled" in report
 
 
 @pytest.mark.parametrize(("correct", "before", "written"), [

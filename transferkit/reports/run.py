@@ -93,11 +93,18 @@ def _summary(record: RunRecord) -> str:
         rows.append([report.esc(candidate.name), report.esc(candidate.describe())])
     window = getattr(config, "epoch_window", 1)  # an extract run's config has none
     smoothing = record.plan.label_smoothing if record.plan else None
+    # --unlabeled: the last pool candidate that handed its labels to the image stages
+    pool = next((c for c in reversed(simplest_first(record.candidates))
+                 if c.details.get("stages_train_on")), None)
     for stage in record.stages:
         chosen = window_note(window, stage.epochs)
+        on_pool = pool is not None and (stage.name != "head" or (
+            record.plan is not None and record.plan.augment.enabled))
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
             f"{stage.epochs} epochs at {stage.learning_rate:.2g}"
-            f"{f', label smoothing {smoothing:g}' if smoothing else ''}, best epoch "
+            f"{f', label smoothing {smoothing:g}' if smoothing else ''}"
+            + (f", on train and the {pool.details.get('pseudo_labelled')} pool images "
+               f"'{pool.name}' labelled" if on_pool and pool else "") + ", best epoch "
             f"{stage.best_epoch}{f' ({chosen})' if chosen else ''}, "
             f"{stage.trainable_params:,} trainable parameters")])
     if record.kept_stage:
