@@ -16,7 +16,7 @@ from transferkit.commands.finetune import finetune
 from transferkit.config import TOP_BLOCKS, AugmentConfig, DataConfig, FinetuneConfig
 from transferkit.runs.directory import read_record
 from transferkit.runs.records import Adaptation
-from transferkit.training.adaptation import MAX_IMAGES, _sample, assess
+from transferkit.training.adaptation import MAX_IMAGES, assess, per_class_sample
 from transferkit.training.plan import DEEP_LR_SCALE, DEEP_WARMUP_EPOCHS, build_plan
 
 LITE0 = get_base("efficientnet_lite0")  # 8 blocks
@@ -80,10 +80,10 @@ def test_a_class_with_one_training_image_is_not_checked(tmp_path):
 
 def test_large_sets_are_sampled_per_class():
     labels = np.r_[np.zeros(3 * MAX_IMAGES, int), np.ones(3, int)]
-    picked = _sample(labels, seed=0)
+    picked = per_class_sample(labels, seed=0)
     assert abs(len(picked) - MAX_IMAGES) <= 5 and (labels[picked] == 1).sum() == 3
     assert len(np.unique(picked)) == len(picked)
-    assert list(_sample(labels[:10], 0)) == list(range(10))
+    assert list(per_class_sample(labels[:10], 0)) == list(range(10))
 
 
 def _handed_folder(root: Path, per_class: int = 12) -> Path:

@@ -50,7 +50,7 @@ def pixels(sources: Sequence[str]) -> np.ndarray:
                      for s in sources])
 
 
-def _sample(labels: np.ndarray, seed: int) -> np.ndarray:
+def per_class_sample(labels: np.ndarray, seed: int) -> np.ndarray:
     """Indices of at most about MAX_IMAGES images, each class in proportion."""
     if len(labels) <= MAX_IMAGES:
         return np.arange(len(labels))
@@ -76,7 +76,7 @@ def assess(sources: Sequence[str], labels: np.ndarray, features: np.ndarray, c: 
     from sklearn.svm import SVC
 
     start = time.perf_counter()
-    pick = _sample(labels, seed)
+    pick = per_class_sample(labels, seed)
     y, f = labels[pick], features[pick]
     counts = np.bincount(y)
     folds = int(min(MAX_FOLDS, counts[counts > 0].min()))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from transferkit.training.adaptation import per_class_sample, pixels
 from transferkit.training.candidates.protocol import Fitted
 from transferkit.training.candidates.self_trained import (
     ROUNDS,
@@ -103,9 +104,12 @@ def co_train(probe: LinearProbe, features: tuple[np.ndarray, np.ndarray, np.ndar
         labels = np.r_[y_train, answers[chosen]]
         by_features = fit_probe(np.vstack([f_train, f_pool[chosen]]), labels, num_classes,
                                 balanced, seed).probabilities(f_pool)
+        # the SVM's cost grows with the square of its images: at most MAX_IMAGES, as the
+        # data checks fit it
+        fit = per_class_sample(labels, seed)
         by_pixels = pixel_probabilities(
-            pixel_view(np.vstack([p_train, p_pool[chosen]]), labels, balanced), p_pool,
-            num_classes)
+            pixel_view(np.vstack([p_train, p_pool[chosen]])[fit], labels[fit], balanced),
+            p_pool, num_classes)
         answers = by_features.argmax(axis=1)
         agreed = answers == by_pixels.argmax(axis=1)
         confidence = np.where(agreed, by_features.max(axis=1) * by_pixels.max(axis=1), -1.0)
@@ -131,7 +135,6 @@ class CoTrainedCandidate:
     def fit(self, run: Training, probe: LinearProbe) -> Fitted | None:
         from transferkit.features import FeatureExtractor
         from transferkit.runs.checkpoints import save_best
-        from transferkit.training.adaptation import pixels
         from transferkit.training.candidates.variants import picked_job, probe_on
         from transferkit.training.loop import save_probe_model
 
