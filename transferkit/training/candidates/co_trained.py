@@ -135,7 +135,12 @@ class CoTrainedCandidate:
     def fit(self, run: Training, probe: LinearProbe) -> Fitted | None:
         from transferkit.features import FeatureExtractor
         from transferkit.runs.checkpoints import save_best
-        from transferkit.training.candidates.variants import picked_job, probe_on
+        from transferkit.training.candidates.variants import (
+            EARLIER,
+            UPSAMPLED,
+            picked_job,
+            probe_on,
+        )
         from transferkit.training.loop import save_probe_model
 
         found, pool = run.record.adaptation, run.pool
@@ -151,9 +156,9 @@ class CoTrainedCandidate:
         else:
             extractor = FeatureExtractor.of_model(job, run.reporter, run.config.cache)
             x_train, x_val, x_pool = extractor.features(
-                [run.splits.train, run.splits.val, pool.images], "the variant's")
+                [run.splits.train, run.splits.val, pool.images], "the variant probe's")
             extractor.save()
-            where = "the variant's features"
+            where = f"the {EARLIER if not job.upsample_to else UPSAMPLED} probe's features"
             probe = fit_probe(x_train, y_train, len(run.splits.class_names),
                               run.class_weights is not None, run.config.data.seed)
         flat = [pixels(images.sources).reshape(len(images), -1)
