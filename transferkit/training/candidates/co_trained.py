@@ -1,5 +1,5 @@
-"""Learning from unlabelled images with a second view (`finetune --unlabeled POOL`): co-
-training (Blum & Mitchell 1998) of the linear probe with the images' raw pixels.
+"""Learning from unlabelled images with a second view (`finetune --unlabeled POOL`):
+co-training (Blum & Mitchell 1998) of the linear probe with the images' raw pixels.
 
 Self-training learns only what the probe already believes, so where the probe is often wrong
 it adds little (+0.2 points on digits at 5 labels a class, bench/README.md). Co-training has
@@ -8,8 +8,8 @@ already fit (an RBF SVM). Each round, both are fitted on the labels and the pseu
 far, both label the pool, and the pool images on which the two agree join the pseudo-labels,
 the surest of each class first (the product of the two confidences), the same share per
 round as self-training. Where the views err differently, one view's mistakes seldom pass the
-other's check. The model saved is the probe alone, fitted on the labels and the pseudo-
-labels, so `predict` reads no pixels.
+other's check. The model saved is the probe alone, fitted on the labels and the
+pseudo-labels, so `predict` reads no pixels.
 
 Co-training needs each view good enough on its own. The data checks measured the pixels' and
 the probe's out-of-fold accuracy on train: pixels go in only when they reach PIXELS_SUFFICE
