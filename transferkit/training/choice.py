@@ -71,10 +71,10 @@ _KEPT_BECAUSE = {
                  "small details reach the base; it beat the probe by more than noise on val",
     "head": "the head trained further on the frozen base; it beat the candidates before it "
             "by more than noise on val",
-    "finetune": "the base fine-tuned from the head (the blocks the plan unfroze: the top two "
-                "by default, every block where the data checks found the data unlike "
-                "ImageNet, or --unfreeze-blocks); it beat the candidates before it by more "
-                "than noise on val"}
+    "finetune": "the base fine-tuned from the head: its top two blocks by default, every "
+                "block where the data checks found the data unlike ImageNet, or as many as "
+                "--unfreeze-blocks says; it beat the candidates before it by more than noise "
+                "on val"}
 
 
 def tried(choice: Choice, dropped: Mapping[str, int], stages: Collection[str]
