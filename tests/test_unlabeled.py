@@ -193,3 +193,23 @@ def test_a_damaged_pseudo_labels_file_is_refused(tmp_path):
         (tmp_path / PSEUDO_FILE).write_text(damage)
         with pytest.raises(ArtifactError, match="damaged"):
             read_pseudo_labels(tmp_path, ("cat", "dog"))
+
+
+def test_pool_images_gone_before_the_stages_are_left_out_with_a_warning(tmp_path):
+    from types import SimpleNamespace
+
+    from transferkit.training.loop import Training
+
+    here = tmp_path / "here.png"
+    here.write_bytes(b"")
+    save_pseudo_labels(tmp_path, [str(here), str(tmp_path / "gone.png")], ["dog", "cat"],
+                       CO_TRAINED)
+    reporter = Recorder()
+    train = SimpleNamespace(sources=("/data/train/a.png",), labels=np.array([0]))
+    run = SimpleNamespace(run_dir=tmp_path, pseudo=None, reporter=reporter,
+                          splits=SimpleNamespace(class_names=("cat", "dog"), train=train))
+    sources, labels, by = Training.training_images(run)
+    assert sources == ("/data/train/a.png", str(here)) and labels.tolist() == [0, 1]
+    assert by == CO_TRAINED
+    assert "1 of the 2 pool images" in reporter.warnings[0]
+    assert "gone.png" in reporter.warnings[0]

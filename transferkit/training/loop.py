@@ -39,6 +39,7 @@ from transferkit.runs.checkpoints import (
     save_checkpoint,
 )
 from transferkit.runs.directory import (
+    PSEUDO_FILE,
     TENSORBOARD_DIR,
     check_resumable,
     how_to_continue,
@@ -151,7 +152,16 @@ class Training:
         pool candidate labelled (PSEUDO_FILE), and that candidate's name (None: no pool
         images)."""
         if self.pseudo is None:
-            self.pseudo = read_pseudo_labels(self.run_dir, self.splits.class_names)
+            by, sources, labels = read_pseudo_labels(self.run_dir, self.splits.class_names)
+            here = np.array([Path(s).is_file() for s in sources], bool)
+            if not here.all():  # e.g. a pool moved, or a cleared cache, before --resume
+                self.reporter.warning(
+                    f"{int((~here).sum())} of the {len(sources)} pool images in "
+                    f"'{self.run_dir / PSEUDO_FILE}' are gone (e.g. {sources[int(np.argmin(here))]}"
+                    f"): the stages train without them.")
+                sources = tuple(s for s, ok in zip(sources, here, strict=True) if ok)
+                labels = labels[here]
+            self.pseudo = by, sources, labels
         by, sources, labels = self.pseudo
         train = self.splits.train
         return (*train.sources, *sources), np.r_[train.labels, labels].astype(np.int64), by
