@@ -22,7 +22,6 @@ import numpy as np
 
 import transferkit  # noqa: F401  (sets the Keras backend)
 from bench.unlabeled import pick_labels
-from transferkit.training.candidates.self_trained import ROUNDS, SHARE
 
 
 def views(data: Path, second: list[str]) -> tuple:
@@ -47,31 +46,17 @@ def views(data: Path, second: list[str]) -> tuple:
     return out, labelled, test.labels, len(splits.class_names)
 
 
-def other_base(x1: np.ndarray, x1_pool: np.ndarray, y: np.ndarray, probe, x0, x0_val,
-               x0_pool, k: int, seed: int) -> np.ndarray:
-    """The same co-training with another base's features as the second view (tried, not
-    shipped): rows of the pool taken and their labels."""
-    from transferkit.training.candidates.self_trained import surest_of_each_class
+def probe_view(k: int, seed: int):
+    """Another base's features read by a probe, as co-training's second view (tried, not
+    shipped)."""
     from transferkit.training.probe import fit_probe
 
-    per_round = int(SHARE * len(x0_pool) / k)
-    chosen, answers = np.zeros(0, int), np.zeros(0, int)
-    for round_ in range(1, ROUNDS + 1):
-        labels = np.r_[y, answers[chosen]]
-        pa = fit_probe(np.vstack([x0, x0_pool[chosen]]), labels, k, seed=seed
-                       ).probabilities(x0_pool)
-        pb = fit_probe(np.vstack([x1, x1_pool[chosen]]), labels, k, seed=seed
-                       ).probabilities(x1_pool)
-        answers = pa.argmax(1)
-        confidence = np.where(answers == pb.argmax(1), pa.max(1) * pb.max(1), -1.0)
-        chosen = surest_of_each_class(confidence, answers, k, per_round * round_)
-    return fit_probe(np.vstack([x0, x0_pool[chosen]]), np.r_[y, answers[chosen]], k,
-                     seed=seed)
+    return lambda x_fit, y_fit, x: fit_probe(x_fit, y_fit, k, seed=seed).probabilities(x)
 
 
-def one(vs: dict, labelled, y_test, k, per, seed, seconds: list[str]) -> dict:
+def one(vs: dict, labelled, y_test, k, per, seed, others: list[str]) -> dict:
     from transferkit.training.adaptation import assess
-    from transferkit.training.candidates.co_trained import PIXELS_SUFFICE, co_train
+    from transferkit.training.candidates.co_trained import PIXELS_SUFFICE, co_train, pixel_view
     from transferkit.training.candidates.self_trained import self_train
     from transferkit.training.probe import fit_probe
 
@@ -91,16 +76,17 @@ def one(vs: dict, labelled, y_test, k, per, seed, seconds: list[str]) -> dict:
                    seed)
     out["pixels / probe"] = found.pixel_accuracy / found.probe_accuracy
     started = time.perf_counter()
-    trained = co_train(probe, (x0[train], x0[val], x0[rows]), (px[train], px[rows]), y[train],
-                       k, seed=seed)
+    features = (x0[train], x0[val], x0[rows])
+    trained = co_train(probe, features, (px[train], px[rows]), pixel_view(k, False, seed),
+                       y[train], k, seed=seed)
     out["co-trained"] = score(trained.probe)
     out["co-trained s"] = time.perf_counter() - started
     out["the run's pool row"] = (out["co-trained"] if out["pixels / probe"] >= PIXELS_SUFFICE
                                  else out["self-trained"])
-    for name in seconds:
+    for name in others:
         x1 = vs[name][0]
-        out[f"with {name}"] = score(other_base(x1[train], x1[rows], y[train], probe, x0[train],
-                                               x0[val], x0[rows], k, seed))
+        out[f"with {name}"] = score(co_train(probe, features, (x1[train], x1[rows]),
+                                             probe_view(k, seed), y[train], k, seed=seed).probe)
     return out
 
 

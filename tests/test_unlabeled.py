@@ -14,7 +14,12 @@ from transferkit.config import DataConfig, FinetuneConfig
 from transferkit.errors import ArtifactError, ConfigError
 from transferkit.runs.directory import PSEUDO_FILE, read_pseudo_labels, save_pseudo_labels
 from transferkit.training.candidates import co_trained
-from transferkit.training.candidates.co_trained import CO_TRAINED, CoTrainedCandidate, co_train
+from transferkit.training.candidates.co_trained import (
+    CO_TRAINED,
+    CoTrainedCandidate,
+    co_train,
+    pixel_view,
+)
 from transferkit.training.candidates.self_trained import (
     ROUNDS,
     SELF_TRAINED,
@@ -41,8 +46,9 @@ def test_self_training_takes_every_class_evenly_and_leaves_out_unrelated_images(
     assert (answers == np.repeat([0, 1, 2], [100, 20, 20])).mean() > 0.95
     # evenly per class: class 0's abundance does not make it most of the pseudo-labels
     cap = ROUNDS * int(SHARE * (len(x_pool) - trained.unlike) / 3)
-    assert trained.per_class[0] == cap < 100 and max(trained.per_class[1:]) <= 20
-    assert sum(trained.per_class) == trained.pseudo_labelled
+    per_class = trained.per_class(3)
+    assert per_class[0] == cap < 100 and max(per_class[1:]) <= 20
+    assert sum(per_class) == trained.pseudo_labelled
 
 
 def test_co_training_learns_from_the_pool_what_both_views_agree_on():
@@ -65,7 +71,8 @@ def test_co_training_learns_from_the_pool_what_both_views_agree_on():
     f_pool, p_pool, y_pool = draw(150)
     f_test, _, y_test = draw(300)
     probe = fit_probe(f_train, y_train, k)
-    trained = co_train(probe, (f_train, f_val, f_pool), (p_train, p_pool), y_train, k)
+    trained = co_train(probe, (f_train, f_val, f_pool), (p_train, p_pool),
+                       pixel_view(k, balanced=False, seed=0), y_train, k)
     assert 0 < trained.pseudo_labelled <= len(f_pool) - trained.unlike
 
     def accuracy(p):

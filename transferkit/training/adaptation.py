@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,15 +66,22 @@ def per_class_sample(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def pixel_model(balanced: bool) -> Any:
+    """The pixel model, unfitted: an RBF SVM on standardised flat pixels (co-training reads
+    the images with it too)."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    return make_pipeline(StandardScaler(), SVC(class_weight="balanced" if balanced else None))
+
+
 def assess(sources: Sequence[str], labels: np.ndarray, features: np.ndarray, c: float,
            balanced: bool, seed: int) -> Adaptation | None:
     """Out-of-fold right answers on train of raw pixels, of the probe (at its C) and of raw
     pixels on mirrored images, and the two decisions; None when a class has too few training
     images to hold any out."""
     from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
 
     start = time.perf_counter()
     pick = per_class_sample(labels, seed)
@@ -85,12 +93,10 @@ def assess(sources: Sequence[str], labels: np.ndarray, features: np.ndarray, c: 
     x = pixels([sources[i] for i in pick])
     flat, mirrored = x.reshape(len(x), -1), x[:, :, ::-1].reshape(len(x), -1)
     right = {k: np.zeros(len(y), bool) for k in ("pixels", "probe", "mirrored")}
-    weight = "balanced" if balanced else None
     with sklearn_fits():
         for train, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(
                 flat, y):
-            svm = make_pipeline(StandardScaler(), SVC(class_weight=weight))
-            svm.fit(flat[train], y[train])
+            svm = pixel_model(balanced).fit(flat[train], y[train])
             right["pixels"][held] = svm.predict(flat[held]) == y[held]
             right["mirrored"][held] = svm.predict(mirrored[held]) == y[held]
             probe = probe_estimator(c, balanced).fit(f[train], y[train])

@@ -22,17 +22,17 @@ pool.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from transferkit.training.adaptation import per_class_sample, pixels
+from transferkit.training.adaptation import per_class_sample, pixel_model, pixels
 from transferkit.training.candidates.protocol import Fitted
 from transferkit.training.candidates.self_trained import (
     ROUNDS,
     SHARE,
-    pool_labels,
+    PoolLearning,
     surest_of_each_class,
     usable_pool,
 )
@@ -48,77 +48,61 @@ PIXELS_SUFFICE = 0.75  # of the probe's out-of-fold accuracy, for the pixels to 
 SHARPNESS = 3.0
 
 
-@dataclass(frozen=True)
-class CoTrained:
-    probe: LinearProbe
-    rows: np.ndarray  # the pool images that trained it
-    labels: np.ndarray  # the classes the two views agreed on
-    unlike: int  # pool images the novelty score kept out
-    seconds: float
-
-    @property
-    def pseudo_labelled(self) -> int:
-        return len(self.rows)
+# A view: fitted on (images' rows, labels), it gives class probabilities of other rows
+View = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
-def pixel_view(x: np.ndarray, y: np.ndarray, balanced: bool) -> Any:
-    """The second view's classifier: an RBF SVM on standardised pixels (as the data checks
-    fit it)."""
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
+def pixel_view(num_classes: int, balanced: bool, seed: int) -> View:
+    """The second view: the data checks' pixel model (adaptation.pixel_model), fitted on at
+    most MAX_IMAGES images as there (an SVM's cost grows with the square of its images), its
+    one-vs-rest decision values turned into probabilities by a softmax at SHARPNESS."""
 
-    with sklearn_fits():
-        return make_pipeline(StandardScaler(), SVC(
-            class_weight="balanced" if balanced else None)).fit(x, y)
+    def answers(x_fit: np.ndarray, y_fit: np.ndarray, x: np.ndarray) -> np.ndarray:
+        rows = per_class_sample(y_fit, seed)
+        with sklearn_fits():
+            svm = pixel_model(balanced).fit(x_fit[rows], y_fit[rows])
+        d = svm.decision_function(x)
+        if d.ndim == 1:  # two classes: one value, for the second
+            d = np.c_[-d, d]
+        e = np.exp(SHARPNESS * (d - d.max(axis=1, keepdims=True)))
+        out = np.zeros((len(x), num_classes))
+        out[:, svm.classes_] = e / e.sum(axis=1, keepdims=True)
+        return out
 
-
-def pixel_probabilities(svm: Any, x: np.ndarray, num_classes: int) -> np.ndarray:
-    """The SVM's decision values as class probabilities (columns for every class)."""
-    d = svm.decision_function(x)
-    if d.ndim == 1:  # two classes: one value, for the second
-        d = np.c_[-d, d]
-    e = np.exp(SHARPNESS * (d - d.max(axis=1, keepdims=True)))
-    out = np.zeros((len(x), num_classes))
-    out[:, svm.classes_] = e / e.sum(axis=1, keepdims=True)
-    return out
+    return answers
 
 
 def co_train(probe: LinearProbe, features: tuple[np.ndarray, np.ndarray, np.ndarray],
-             flat: tuple[np.ndarray, np.ndarray], y_train: np.ndarray, num_classes: int,
-             balanced: bool = False, seed: int = 0) -> CoTrained:
-    """The probe fitted on train's labels and the pool images the two views agree on.
+             second: tuple[np.ndarray, np.ndarray], view: View, y_train: np.ndarray,
+             num_classes: int, balanced: bool = False, seed: int = 0) -> PoolLearning:
+    """The probe fitted on train's labels and the pool images it and `view` agree on.
 
     Args:
         probe: a probe fitted on train's `features`.
         features: the features the probe reads, of train, val and the pool.
-        flat: the flat pixels of train and the pool.
+        second: what `view` reads, of train and the pool (pixel_view: the flat pixels).
+        view: the second classifier.
         y_train: train's labels.
     """
     started = time.perf_counter()
     f_train, f_val, f_pool = features
     usable = usable_pool(probe, f_train, f_val, f_pool, seed)
-    f_pool, p_train, p_pool = f_pool[usable], flat[0], flat[1][usable]
+    f_pool, s_train, s_pool = f_pool[usable], second[0], second[1][usable]
     per_round = int(SHARE * len(f_pool) / num_classes)
     chosen, answers = np.zeros(0, int), np.zeros(0, int)
     for round_ in range(1, ROUNDS + 1 if per_round else 1):
         labels = np.r_[y_train, answers[chosen]]
         by_features = fit_probe(np.vstack([f_train, f_pool[chosen]]), labels, num_classes,
                                 balanced, seed).probabilities(f_pool)
-        # the SVM's cost grows with the square of its images: at most MAX_IMAGES, as the
-        # data checks fit it
-        fit = per_class_sample(labels, seed)
-        by_pixels = pixel_probabilities(
-            pixel_view(np.vstack([p_train, p_pool[chosen]])[fit], labels[fit], balanced),
-            p_pool, num_classes)
+        by_view = view(np.vstack([s_train, s_pool[chosen]]), labels, s_pool)
         answers = by_features.argmax(axis=1)
-        agreed = answers == by_pixels.argmax(axis=1)
-        confidence = np.where(agreed, by_features.max(axis=1) * by_pixels.max(axis=1), -1.0)
+        agreed = answers == by_view.argmax(axis=1)
+        confidence = np.where(agreed, by_features.max(axis=1) * by_view.max(axis=1), -1.0)
         chosen = surest_of_each_class(confidence, answers, num_classes, per_round * round_)
     final = fit_probe(np.vstack([f_train, f_pool[chosen]]), np.r_[y_train, answers[chosen]],
                       num_classes, balanced, seed)
-    return CoTrained(final, np.flatnonzero(usable)[chosen], answers[chosen],
-                     int((~usable).sum()), time.perf_counter() - started)
+    return PoolLearning(final, np.flatnonzero(usable)[chosen], answers[chosen],
+                        int((~usable).sum()), time.perf_counter() - started)
 
 
 class CoTrainedCandidate:
@@ -164,9 +148,10 @@ class CoTrainedCandidate:
                               run.class_weights is not None, run.config.data.seed)
         flat = [pixels(images.sources).reshape(len(images), -1)
                 for images in (run.splits.train, pool.images)]
-        trained = co_train(probe, (x_train, x_val, x_pool), (flat[0], flat[1]), y_train,
-                           len(run.splits.class_names),
-                           balanced=run.class_weights is not None, seed=run.config.data.seed)
+        k, balanced, seed = (len(run.splits.class_names), run.class_weights is not None,
+                             run.config.data.seed)
+        trained = co_train(probe, (x_train, x_val, x_pool), (flat[0], flat[1]),
+                           pixel_view(k, balanced, seed), y_train, k, balanced, seed)
         right = trained.probe.probabilities(x_val).argmax(axis=1) == y_val
 
         def save(run: Training) -> None:
@@ -185,4 +170,4 @@ class CoTrainedCandidate:
                        "pseudo_labelled": trained.pseudo_labelled, "unlike": trained.unlike,
                        "pixel_accuracy": found.pixel_accuracy,
                        "probe_accuracy": found.probe_accuracy, "c": trained.probe.c},
-                      pool_labels(pool.images.sources, trained.rows, trained.labels))
+                      trained.pseudo(pool.images.sources))

@@ -33,17 +33,28 @@ SHARE = 0.25  # of the pool per round, split evenly over the classes
 
 
 @dataclass(frozen=True)
-class SelfTrained:
+class PoolLearning:
+    """A probe fitted on train's labels and the pool images it was given labels for (by
+    self-training here, by co-training in co_trained.py)."""
+
     probe: LinearProbe
     rows: np.ndarray  # the pool images that trained it
     labels: np.ndarray  # the classes they were given
-    per_class: tuple[int, ...]  # of them, by the class the probe gave them
     unlike: int  # pool images the novelty score kept out
     seconds: float
 
     @property
     def pseudo_labelled(self) -> int:
         return len(self.rows)
+
+    def per_class(self, num_classes: int) -> tuple[int, ...]:
+        """How many pool images each class was given."""
+        return tuple(int(n) for n in np.bincount(self.labels, minlength=num_classes))
+
+    def pseudo(self, sources: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+        """Those pool images (the files decoded, from the pool's `sources`) with their
+        classes: what a pool candidate hands the stages (Fitted.pseudo)."""
+        return tuple(sources[i] for i in self.rows), self.labels
 
 
 def usable_pool(probe: LinearProbe, x_train: np.ndarray, x_val: np.ndarray,
@@ -68,7 +79,7 @@ def surest_of_each_class(confidence: np.ndarray, answers: np.ndarray, num_classe
 
 def self_train(probe: LinearProbe, x_train: np.ndarray, y_train: np.ndarray,
                x_val: np.ndarray, x_pool: np.ndarray, num_classes: int,
-               balanced: bool = False, seed: int = 0) -> SelfTrained:
+               balanced: bool = False, seed: int = 0) -> PoolLearning:
     """`probe` (fitted on train's labels) fitted again, round by round, with the pool's
     surest answers of every class."""
     started = time.perf_counter()
@@ -82,9 +93,8 @@ def self_train(probe: LinearProbe, x_train: np.ndarray, y_train: np.ndarray,
         chosen = surest_of_each_class(p.max(axis=1), answers, num_classes, per_round * round_)
         probe = fit_probe(np.vstack([x_train, pool[chosen]]), np.r_[y_train, answers[chosen]],
                           num_classes, balanced, seed)
-    per_class = tuple(int(n) for n in np.bincount(answers[chosen], minlength=num_classes))
-    return SelfTrained(probe, np.flatnonzero(usable)[chosen], answers[chosen],
-                       per_class, int((~usable).sum()), time.perf_counter() - started)
+    return PoolLearning(probe, np.flatnonzero(usable)[chosen], answers[chosen],
+                        int((~usable).sum()), time.perf_counter() - started)
 
 
 class SelfTrainedCandidate:
@@ -114,11 +124,5 @@ class SelfTrainedCandidate:
                        "unreadable": len(pool.unreadable),
                        "pseudo_labelled": trained.pseudo_labelled, "unlike": trained.unlike,
                        "c": trained.probe.c},
-                      pool_labels(pool.images.sources, trained.rows, trained.labels))
+                      trained.pseudo(pool.images.sources))
 
-
-def pool_labels(sources: tuple[str, ...], rows: np.ndarray, labels: np.ndarray
-                ) -> tuple[tuple[str, ...], np.ndarray]:
-    """The pool images at `rows` (the files decoded) with their given classes: what a pool
-    candidate hands the stages (Fitted.pseudo)."""
-    return tuple(sources[i] for i in rows), labels
