@@ -177,13 +177,13 @@ def test_the_stages_get_the_pool_labels_of_the_best_pool_candidate(tmp_path, cor
     from transferkit.training.candidates import Fitted
 
     names = ("cat", "dog")
-    earlier = {} if before is None else {SELF_TRAINED: SimpleNamespace(val_correct=before)}
+    earlier = [] if before is None else [SimpleNamespace(
+        name=SELF_TRAINED, val_correct=before, details={"stages_train_on": PSEUDO_FILE})]
     if before is not None:
         save_pseudo_labels(tmp_path, ["/old.png"], ["cat"], SELF_TRAINED)
     run = SimpleNamespace(
-        run_dir=tmp_path, cluster=None, pseudo=None,
-        splits=SimpleNamespace(class_names=names),
-        record=SimpleNamespace(probe=SimpleNamespace(val_correct=5), candidate=earlier.get))
+        run_dir=tmp_path, cluster=None, splits=SimpleNamespace(class_names=names),
+        record=SimpleNamespace(probe=SimpleNamespace(val_correct=5), candidates=earlier))
     fitted = Fitted(CO_TRAINED, np.ones(correct, bool), "", 0.0, lambda run: None,
                     pseudo=(("/a.png", "/b.png"), np.array([1, 0])))
     assert _hand_pool_labels(run, fitted, correct) == written

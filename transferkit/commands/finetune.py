@@ -55,7 +55,6 @@ from transferkit.runs.directory import (
     clear_run,
     how_it_ended,
     load_keras_file,
-    read_pseudo_labels,
     run_lock,
     save_pseudo_labels,
     save_record,
@@ -82,6 +81,7 @@ from transferkit.training.candidates import (
     Candidate,
     Fitted,
     fitted_before_the_stages,
+    labelled_the_pool,
     row,
 )
 from transferkit.training.checks import lr_find
@@ -310,7 +310,8 @@ def _try(run: Training, candidate: Candidate, probe: LinearProbe, probe_right: n
          ) -> None:
     """Fits one row of the candidates table unless the candidates so far leave it no room,
     judges it against the probe by the paired rule, says so in one line, saves its model
-    when it won (else the choice could never keep it) and records it either way."""
+    when it won (else the choice could never keep it), hands a pool candidate's labels to
+    the stages, and records it either way."""
     if _no_room(run):
         return
     run.phase = candidate.phase
@@ -343,14 +344,12 @@ def _hand_pool_labels(run: Training, fitted: Fitted, correct: int) -> bool:
     if fitted.pseudo is None or not len(fitted.pseudo[0]) or run.cluster is not None \
             or correct < run.record.probe.val_correct:
         return False
-    before, _, _ = read_pseudo_labels(run.run_dir, run.splits.class_names)
-    earlier = None if before is None else run.record.candidate(before)
+    earlier = labelled_the_pool(run.record.candidates)
     if earlier is not None and earlier.val_correct >= correct:
         return False
     sources, labels = fitted.pseudo
     save_pseudo_labels(run.run_dir, sources, [run.splits.class_names[i] for i in labels],
                        fitted.name)
-    run.pseudo = None  # read again by the stages
     return True
 
 

@@ -17,8 +17,13 @@ from transferkit.reports import html as report
 from transferkit.reports.gradcam import gradcam, has_feature_map
 from transferkit.runs.directory import CURVES_FILE, NOVELTY_FILE, REPORT_FILE
 from transferkit.runs.records import Choice, RunRecord
-from transferkit.training.candidates import fitted_before_the_stages, simplest_first
+from transferkit.training.candidates import (
+    fitted_before_the_stages,
+    labelled_the_pool,
+    simplest_first,
+)
 from transferkit.training.choice import tried, why_kept
+from transferkit.training.plan import trains_on_images
 from transferkit.training.stages import window_note
 
 if TYPE_CHECKING:
@@ -93,18 +98,15 @@ def _summary(record: RunRecord) -> str:
         rows.append([report.esc(candidate.name), report.esc(candidate.describe())])
     window = getattr(config, "epoch_window", 1)  # an extract run's config has none
     smoothing = record.plan.label_smoothing if record.plan else None
-    # --unlabeled: the last pool candidate that handed its labels to the image stages
-    pool = next((c for c in reversed(simplest_first(record.candidates))
-                 if c.details.get("stages_train_on")), None)
+    pool = labelled_the_pool(record.candidates)
     for stage in record.stages:
         chosen = window_note(window, stage.epochs)
-        on_pool = pool is not None and (stage.name != "head" or (
-            record.plan is not None and record.plan.augment.enabled))
+        on_pool = "" if pool is None or record.plan is None or not trains_on_images(
+            stage.name, record.plan) else (f", on train and the {pool.details['pseudo_labelled']}"
+                                           f" pool images '{pool.name}' labelled")
         rows.append([f"stage {report.esc(stage.name)}", report.esc(
             f"{stage.epochs} epochs at {stage.learning_rate:.2g}"
-            f"{f', label smoothing {smoothing:g}' if smoothing else ''}"
-            + (f", on train and the {pool.details.get('pseudo_labelled')} pool images "
-               f"'{pool.name}' labelled" if on_pool and pool else "") + ", best epoch "
+            f"{f', label smoothing {smoothing:g}' if smoothing else ''}{on_pool}, best epoch "
             f"{stage.best_epoch}{f' ({chosen})' if chosen else ''}, "
             f"{stage.trainable_params:,} trainable parameters")])
     if record.kept_stage:

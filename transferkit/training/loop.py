@@ -59,7 +59,7 @@ from transferkit.runs.records import (
 from transferkit.training.callbacks import Checkpointer, EpochTracker, OffCourseStopping
 from transferkit.training.choice import LEAST_WIN, best_correct, projected_correct
 from transferkit.training.freezing import count_params, freeze_base, unfreeze_top_blocks
-from transferkit.training.plan import HEAD, PROBE, plan_stages
+from transferkit.training.plan import HEAD, PROBE, plan_stages, trains_on_images
 from transferkit.training.prepare import data_summary, report_data
 from transferkit.training.probe import LinearProbe
 from transferkit.training.signals import StopOnSignal
@@ -366,7 +366,7 @@ def _stage_inputs(run: Training, stage: StagePlan, resuming: bool
     features of train (then with the batch size to use)."""
     config, plan = run.config, run.plan
     k = len(run.splits.class_names)
-    if stage.name != HEAD or plan.augment.enabled:
+    if trains_on_images(stage.name, plan):
         sources, labels, by = run.training_images()
         if by is not None:
             run.reporter.info(f"Stage '{stage.name}' trains on train's {len(run.splits.train)} "

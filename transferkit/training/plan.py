@@ -98,3 +98,9 @@ def plan_stages(config: FinetuneConfig, plan: Plan, spec: BaseSpec) -> list[Stag
             config.epochs, config.epochs + epochs, plan.finetune_lr,
             plan.finetune_schedule, "--finetune-lr"))
     return stages
+
+
+def trains_on_images(stage: str, plan: Plan) -> bool:
+    """Whether a stage trains on images (and so on a pool candidate's labelled images too);
+    otherwise (the head without augmentation) it trains on train's cached frozen features."""
+    return stage != HEAD or plan.augment.enabled

@@ -22,8 +22,8 @@ from transferkit.training.candidates.protocol import Candidate, Fitted
 from transferkit.training.candidates.self_trained import SelfTrainedCandidate
 from transferkit.training.candidates.variants import VariantCandidate
 
-__all__ = ["CANDIDATES", "Candidate", "Fitted", "fitted_before_the_stages", "row",
-           "simplest_first"]
+__all__ = ["CANDIDATES", "Candidate", "Fitted", "fitted_before_the_stages", "labelled_the_pool",
+           "row", "simplest_first"]
 
 
 # Simplest first: the order in which the choice reads them, after the probe and before the
@@ -47,3 +47,9 @@ def fitted_before_the_stages(records: Iterable[CandidateRecord], won: bool) -> d
     """The candidates that beat the probe on val (`won`), or that did not, simplest first,
     with their val images right."""
     return {r.name: r.val_correct for r in simplest_first(records) if r.won == won}
+
+
+def labelled_the_pool(records: Iterable[CandidateRecord]) -> CandidateRecord | None:
+    """The --unlabeled candidate whose pool labels the image stages train on (RUN's
+    pseudo_labels.csv): the last one that handed them over, as they are written in order."""
+    return next((r for r in reversed(list(records)) if r.details.get("stages_train_on")), None)

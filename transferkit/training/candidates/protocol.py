@@ -25,7 +25,7 @@ class Fitted:
     save: Callable[[Training], None]  # writes its model into the run, once it won
     details: dict[str, Any] = field(default_factory=dict)  # recorded as they are
     # --unlabeled's candidates: the pool images it labelled (files decoded) and their classes,
-    # which the stages train on too once it beat the probe
+    # which the stages train on too when it did as well as the probe on val
     pseudo: tuple[tuple[str, ...], np.ndarray] | None = None
 
 
