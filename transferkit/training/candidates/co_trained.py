@@ -121,10 +121,10 @@ class CoTrainedCandidate:
         from transferkit.features import FeatureExtractor
         from transferkit.runs.checkpoints import save_best
         from transferkit.training.candidates.variants import (
-            EARLIER,
-            UPSAMPLED,
+            VARIANT,
             picked_job,
             probe_on,
+            variant_name,
         )
         from transferkit.training.loop import save_probe_model
 
@@ -132,7 +132,7 @@ class CoTrainedCandidate:
         if pool is None or found is None or \
                 found.pixel_accuracy < PIXELS_SUFFICE * found.probe_accuracy:
             return None
-        variant_won = any(c.kind == "variant" and c.won for c in run.record.candidates)
+        variant_won = any(c.kind == VARIANT and c.won for c in run.record.candidates)
         job = picked_job(run) if variant_won else None
         y_train, y_val = run.splits.train.labels, run.splits.val.labels
         if job is None:
@@ -143,7 +143,7 @@ class CoTrainedCandidate:
             x_train, x_val, x_pool = extractor.features(
                 [run.splits.train, run.splits.val, pool.images], "the variant probe's")
             extractor.save()
-            where = f"the {EARLIER if not job.upsample_to else UPSAMPLED} probe's features"
+            where = f"the {variant_name(job)} probe's features"
             probe = fit_probe(x_train, y_train, len(run.splits.class_names),
                               run.class_weights is not None, run.config.data.seed)
         flat = [pixels(images.sources).reshape(len(images), -1)

@@ -40,6 +40,7 @@ from transferkit.training.probe import LinearProbe, fit_probe
 if TYPE_CHECKING:
     from transferkit.training.loop import Training
 
+VARIANT = "variant"  # the row's kind
 EARLIER = "earlier-block"  # candidate names
 UPSAMPLED = "upsampled"
 VARIANTS = (EARLIER, UPSAMPLED)
@@ -66,12 +67,17 @@ def pick_variant(deep: bool, spec: BaseSpec, image_size: int) -> tuple[str, int,
     return UPSAMPLED, len(spec.blocks), 32 * math.ceil(image_size * UPSAMPLE / 32)
 
 
+def variant_name(job: FeatureModel) -> str:
+    """Which variant a picked_job is: upsampled inside the model, or cut below the top."""
+    return UPSAMPLED if job.upsample_to else EARLIER
+
+
 def fit_variant(job: FeatureModel, splits: DataSplits, balanced: bool, reporter: Reporter,
                 use_cache: bool) -> VariantProbe:
     """The probe on a variant's features of train (`job`: picked_job's), C by
     cross-validation there."""
     start = time.perf_counter()
-    name = EARLIER if job.upsample_to == 0 else UPSAMPLED
+    name = variant_name(job)
     extractor = FeatureExtractor.of_model(job, reporter, use_cache)
     train, val = extractor.features([splits.train, splits.val], f"the {name} probe's")
     extractor.save()
@@ -112,7 +118,7 @@ def picked_job(run: Training) -> FeatureModel | None:
 class VariantCandidate:
     """The candidates table's row: the variant the data checks pick, fitted once they ran."""
 
-    kind = "variant"
+    kind = VARIANT
     phase = "the probe variant"
     after_checks = True
     own_features = False
