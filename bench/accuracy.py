@@ -44,6 +44,16 @@ def scored_split(data: Path) -> str:
     return "test" if (data / "test").is_dir() else "val"
 
 
+def toml_text(options: dict[str, Any]) -> str:
+    """`options` as a --config file: plain settings first, then one [table] per dict (e.g.
+    optimizer={"ema": 0.98}); JSON's strings, numbers and lists are TOML's too."""
+    plain = "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items()
+                    if not isinstance(v, dict))
+    tables = "".join(f"[{k}]\n" + "".join(f"{n} = {json.dumps(x)}\n" for n, x in v.items())
+                     for k, v in options.items() if isinstance(v, dict))
+    return plain + tables
+
+
 def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, Any]
                      ) -> dict[str, Any]:
     """What a user gets: `transferkit finetune DATA --seed S -o RUN` in its own process (an
@@ -56,7 +66,7 @@ def transferkit_side(data: Path, seed: int, workdir: Path, options: dict[str, An
                "--seed", str(seed), "--overwrite"]
     if options:
         config = workdir / f"tk-{data.name}-{seed}.toml"
-        config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items()))
+        config.write_text(toml_text(options))
         command += ["--config", str(config)]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
