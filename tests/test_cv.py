@@ -4,12 +4,13 @@ predict and evaluate take; and the probe-first finetune it is built from."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLASSES
+from conftest import CLASSES, Recorder
 from typer.testing import CliRunner
 
 from transferkit.cli.app import app
@@ -192,3 +193,82 @@ def test_a_kept_probe_is_refitted_on_train_and_val_and_val_is_then_not_held_out(
     result = CliRunner().invoke(app, ["evaluate", str(runs[True]), "-o", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     assert "not held out" in " ".join(result.stdout.split())
+
+
+def _keep_the_last_candidate(monkeypatch):
+    """Makes the run keep its last candidate (the fine-tuned model), whatever val says."""
+    import transferkit.commands.finetune as module
+    from transferkit.training.choice import choose
+
+    def last(correct):
+        return dataclasses.replace(choose(correct), kept=list(correct)[-1])
+
+    monkeypatch.setattr(module, "choose", last)
+
+
+class Epochs(Recorder):
+    """Keeps each epoch's stage and number too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[tuple[str, int]] = []
+
+    def epoch_ended(self, stage, epoch, epochs, metrics):
+        self.epochs.append((stage, epoch))
+
+
+def test_a_kept_finetuned_model_is_refitted_through_its_stages_to_their_kept_epochs(
+        image_folder, tmp_path, monkeypatch):
+    from transferkit.commands.finetune import finetune
+    from transferkit.runs.checkpoints import best_checkpoint
+    from transferkit.runs.directory import load_keras_file, load_run, read_record
+
+    _keep_the_last_candidate(monkeypatch)
+    run_dir, reporter = tmp_path / "run", Epochs()
+    result = finetune(FinetuneConfig(adapt=False, patience=0, epochs=1, finetune_epochs=2,
+                                     refit=True, data=DataConfig(data_dir=image_folder, **TINY),
+                                     output=run_dir, weights="none", base="tiny"), reporter)
+    record = read_record(run_dir)
+    assert result.kept_stage == "finetune"
+    kept = record.stages[-1].best_epoch
+    assert record.refit.model == "finetune" and record.refit.images == 18
+    assert record.refit.epochs == kept  # the head's one epoch, then the stage's
+    assert reporter.epochs[-kept:] == [("refit head", 1)] + [
+        ("refit finetune", e) for e in range(2, kept + 1)]
+    assert any("Refitted the 'finetune' model on train + val (18 images" in m
+               for m in reporter.messages)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    before = load_keras_file(best_checkpoint(run_dir, "finetune"), "").predict(images, verbose=0)
+    after = load_run(run_dir).model.predict(images, verbose=0)
+    assert not np.allclose(before, after, atol=1e-4)  # learnt from val too
+    assert f"(18 images, {kept} epochs)" in (run_dir / "report.html").read_text()
+    assert len(json.loads((run_dir / "history.json").read_text())) == 3  # the run's own
+
+
+def test_a_refit_that_fails_keeps_the_model_as_trained_on_train(image_folder, tmp_path,
+                                                                  monkeypatch):
+    import transferkit.training.loop as loop
+    from transferkit.commands.finetune import finetune
+    from transferkit.errors import TrainingDiverged
+    from transferkit.runs.checkpoints import best_checkpoint
+    from transferkit.runs.directory import load_keras_file, load_run, read_record
+    from transferkit.training.stages import run_stage as real
+
+    def run_stage(inputs, reporter):
+        if inputs.plan.name.startswith("refit"):
+            raise TrainingDiverged("The loss became nan in epoch 1.")
+        return real(inputs, reporter)
+
+    _keep_the_last_candidate(monkeypatch)
+    monkeypatch.setattr(loop, "run_stage", run_stage)
+    run_dir, reporter = tmp_path / "run", Recorder()
+    finetune(FinetuneConfig(adapt=False, patience=0, finetune_epochs=1, refit=True,
+                            data=DataConfig(data_dir=image_folder, **TINY),
+                            output=run_dir, weights="none", base="tiny"), reporter)
+    record = read_record(run_dir)
+    assert record.kept_stage == "finetune" and record.refit is None
+    assert any("The refit stopped (The loss became nan" in w for w in reporter.warnings)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    kept = load_keras_file(best_checkpoint(run_dir, "finetune"), "").predict(images, verbose=0)
+    saved = load_run(run_dir).model.predict(images, verbose=0)
+    assert (kept.argmax(1) == saved.argmax(1)).all()  # the kept weights (a temperature aside)

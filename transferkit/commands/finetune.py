@@ -16,7 +16,7 @@ import json
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ from transferkit.training.loop import (
     Training,
     bar_to_clear,
     interrupted,
+    refit_stages,
     resume,
     save_probe_model,
     train_stages,
@@ -425,7 +426,7 @@ def _train_and_keep(run: Training) -> FinetuneResult | None:
         # the rest runs on this process alone, outside the strategy (a model made inside a
         # multi-worker one would wait for the other workers)
         model, choice, val = _choose_model(run, results)
-        refit = _refit(run, model, choice.kept) if run.config.refit else None
+        refit = _refit(run, model, choice.kept, results, stop) if run.config.refit else None
         calibration, scores, test = _calibrate_and_score(run, model, choice, val)
         novelty = _novelty(run, model, choice.kept, scale(val, calibration.temperature))
         final = next((r for r in results if r.name == choice.kept), None)
@@ -494,24 +495,47 @@ def _choose_model(run: Training, results: list[StageResult]
     return _candidate(run, choice.kept), choice, probabilities[choice.kept]
 
 
-def _refit(run: Training, model: keras.Model, kept: str) -> Refit | None:
-    """Fits the kept probe again on train and val together, its C chosen again by
-    cross-validation there: every label then trains the saved model. A fine-tuned model is
-    not refitted (that would train its stages again on train + val) and stays as trained on
-    train."""
-    if kept != PROBE:
-        run.reporter.info(f"Not refitted on train + val: the kept '{kept}' model stays as "
-                          f"trained on train (only the probe is refitted, in seconds).")
+def _refit(run: Training, model: keras.Model, kept: str, results: Sequence[StageResult],
+           stop: StopOnSignal) -> Refit | None:
+    """Fits the kept model again on train and val together, so every label trains the saved
+    model: the probe with its C chosen again by cross-validation there; a fine-tuned model
+    from that probe, its stages trained again up to their kept epochs (training.loop's
+    refit_stages). A candidate fitted before the stages, a head with a hidden layer the probe
+    cannot start, and a run across workers keep their model as trained on train, as does a
+    refit that a signal or a diverged loss ends."""
+    started = time.perf_counter()
+    fitted = kept == PROBE or any(r.name == kept for r in results)
+    why = ("it was fitted before the stages" if not fitted else
+           "its head has a hidden layer" if kept != PROBE and run.config.dense_units else
+           "the stages ran across workers" if kept != PROBE and run.cluster is not None else "")
+    if why:
+        run.reporter.info(f"Not refitted on train + val: {why}, so the kept '{kept}' model "
+                          f"stays as trained on train.")
         return None
     (x_train, y_train), (x_val, y_val) = run.frozen_features()
     probe = fit_probe(np.vstack([x_train, x_val]), np.r_[y_train, y_val],
                       len(run.splits.class_names), balanced=run.class_weights is not None,
                       seed=run.config.data.seed)
-    model.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
-    run.reporter.info(f"Refitted the probe on train + val ({len(x_train) + len(x_val)} images, "
-                      f"C={probe.c:g}; {probe.seconds:.1f} s). Val chose it before the refit, "
-                      f"so its val score below is of that model; test stays held out.")
-    return Refit(model=PROBE, images=len(x_train) + len(x_val), seconds=round(probe.seconds, 3))
+    if kept == PROBE:
+        model.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
+        images, epochs = len(x_train) + len(x_val), 0
+        how = f"C={probe.c:g}"
+    else:
+        run.reporter.info(f"Refitting the kept '{kept}' model on train + val: its stages "
+                          f"again, from the probe refitted there, each to its kept epoch.")
+        try:
+            with run.strategy.scope():
+                images, epochs = refit_stages(run, results, kept, probe, stop)
+        except (StopRequested, TrainingDiverged) as ended:
+            run.reporter.warning(f"The refit stopped ({ended}); the kept '{kept}' model "
+                                 f"stays as trained on train.")
+            return None
+        how = f"{epochs} epochs"
+    seconds = time.perf_counter() - started
+    run.reporter.info(f"Refitted the '{kept}' model on train + val ({images} images, {how}; "
+                      f"{seconds:.1f} s). Val chose it before the refit, so its val score "
+                      f"below is of that model; test stays held out.")
+    return Refit(model=kept, images=images, seconds=round(seconds, 3), epochs=epochs)
 
 
 def _calibrate_and_score(run: Training, model: keras.Model, choice: Choice, val: np.ndarray

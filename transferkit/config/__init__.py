@@ -346,9 +346,10 @@ class FinetuneConfig:
         advanced=True)
     refit: bool = option(
         False, "Once the kept model is chosen, fit it again on train and val together, so it "
-               "learns from every label: done for the linear probe (C chosen again, in "
-               "seconds); a fine-tuned model stays as trained on train. Off by default: it "
-               "gained nothing on the bench sets' test splits (bench/README.md).",
+               "learns from every label: a probe in seconds (C chosen again), a fine-tuned "
+               "model by training its stages again, each to the epoch it kept (about their "
+               "time again). Off by default: it moved test scores by noise on the bench sets "
+               "(bench/README.md).",
         flag="--refit/--no-refit", panel=TRAIN, advanced=True)
     adapt: bool = option(
         True, "Decide from the training data, in seconds, whether to fine-tune every block "

@@ -114,8 +114,10 @@ def _summary(record: RunRecord) -> str:
                                    f"{report.esc(why_kept(record.kept_stage))}"])
     if record.refit is not None:
         rows.append(["refit", report.esc(
-            f"the {record.refit.model} was fitted again on train + val ({record.refit.images} "
-            f"images) once chosen; val scores are of the model before the refit")])
+            f"the {record.refit.model} model was fitted again on train + val "
+            f"({record.refit.images} images"
+            + (f", {record.refit.epochs} epochs" if record.refit.epochs else "")
+            + ") once chosen; val scores are of the model before the refit")])
     if record.calibration is not None:
         rows.append(["calibration", report.esc(record.calibration.describe())])
     return report.section("Run", report.table(["", ""], rows))

@@ -219,8 +219,9 @@ class Refit:
     only test is held out from the saved model."""
 
     model: str  # the kept candidate that was refitted
-    images: int  # train + val
+    images: int  # train + val (and pool images a pool candidate labelled)
     seconds: float
+    epochs: int = 0  # a fine-tuned model's: its stages trained again up to the kept epoch
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -56,7 +56,12 @@ from transferkit.runs.records import (
     StageResult,
     Stopped,
 )
-from transferkit.training.callbacks import Checkpointer, EpochTracker, OffCourseStopping
+from transferkit.training.callbacks import (
+    Checkpointer,
+    EpochTracker,
+    OffCourseStopping,
+    StopAfter,
+)
 from transferkit.training.choice import LEAST_WIN, best_correct, projected_correct
 from transferkit.training.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.training.plan import HEAD, PROBE, plan_stages, trains_on_images
@@ -124,6 +129,13 @@ class Training:
         if smoothing is None:  # a run from before the plan decided it
             smoothing = self.config.label_smoothing or 0.0
         return smoothing if smoothing or mixed else None
+
+    @property
+    def fit_class_weight(self) -> dict[int, float] | None:
+        """The Plan's balanced class weights by class index, as Keras's fit takes them."""
+        weights = self.plan.class_weights
+        return None if weights is None else {
+            self.splits.class_names.index(c): w for c, w in weights.items()}
 
     @property
     def batch(self) -> int:
@@ -339,13 +351,11 @@ def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
                                  stage.last_epoch, judge_after)
     extra = [keras.callbacks.TensorBoard(log_dir=str(run.run_dir / TENSORBOARD_DIR))
              ] if config.tensorboard else []
-    weights = None if plan.class_weights is None else {
-        run.splits.class_names.index(c): w for c, w in plan.class_weights.items()}
     try:
         trainable = run_stage(StageInputs(
             fitted, stage, train, val, math.ceil(images / run.batch), run.history,
             optimizer=None if resuming or fitted is not run.model else config.optimizer,
-            first_epoch=run.done if resuming else None, class_weight=weights,
+            first_epoch=run.done if resuming else None, class_weight=run.fit_class_weight,
             batch_size=batch_size, jit=config.compute.jit, val_labels=run.splits.val.labels,
             label_smoothing=run.smoothing, cluster=run.cluster,
             callbacks=[tracker, checkpointer, stopping, stop.callback(), *extra]), run.reporter)
@@ -372,24 +382,13 @@ def _stage_inputs(run: Training, stage: StagePlan, resuming: bool
             run.reporter.info(f"Stage '{stage.name}' trains on train's {len(run.splits.train)} "
                               f"images and {len(sources) - len(run.splits.train)} pool images "
                               f"that '{by}' labelled.")
-        images, batch = len(sources), run.batch
-        # across workers, each reads its own share of the files, in batches per replica
-        if run.cluster is not None:
-            sources, labels = shard(sources, run.cluster), shard(labels, run.cluster)
-            batch = config.data.batch_size
-        train = build_dataset(sources, labels, run.record.image_size, batch,
-                              shuffle_seed=config.data.seed + run.done,
-                              augment=build_augmentation(plan.augment, config.data.seed),
-                              replicas=1 if run.cluster else run.strategy.num_replicas_in_sync)
         val = build_dataset(run.splits.val.sources, run.splits.val.labels, run.record.image_size,
                             run.batch)
-        if run.smoothing is not None:  # one-hot rows, then mixed as asked
+        if run.smoothing is not None:  # one-hot rows
             import tensorflow as tf
 
-            train, val = (ds.map(lambda x, y: (x, tf.one_hot(y, k))) for ds in (train, val))
-            mixing = build_mixing(plan.augment, config.data.seed)
-            train = train if mixing is None else train.map(mixing)
-        return run.model, train, val, None, images
+            val = val.map(lambda x, y: (x, tf.one_hot(y, k)))
+        return run.model, _training_dataset(run, sources, labels), val, None, len(sources)
     train, val = run.frozen_features()
     images, batch = len(train[0]), run.batch
     if run.cluster is not None:
@@ -411,6 +410,75 @@ def _stage_inputs(run: Training, stage: StagePlan, resuming: bool
     compile_model(fitted, run.model.optimizer, stage.learning_rate, config.compute.jit,
                   run.smoothing)
     return fitted, train, val, batch, images
+
+
+def _training_dataset(run: Training, sources: Sequence[str], labels: np.ndarray) -> Any:
+    """The augmented, shuffled image batches a stage trains on (across workers, this
+    worker's share of the files, in batches per replica); one-hot rows, mixed as asked, when
+    the labels are smoothed or mixed."""
+    config, plan = run.config, run.plan
+    batch = run.batch
+    if run.cluster is not None:
+        sources, labels = shard(sources, run.cluster), shard(labels, run.cluster)
+        batch = config.data.batch_size
+    train = build_dataset(sources, labels, run.record.image_size, batch,
+                          shuffle_seed=config.data.seed + run.done,
+                          augment=build_augmentation(plan.augment, config.data.seed),
+                          replicas=1 if run.cluster else run.strategy.num_replicas_in_sync)
+    if run.smoothing is not None:
+        import tensorflow as tf
+
+        k = len(run.splits.class_names)
+        train = train.map(lambda x, y: (x, tf.one_hot(y, k)))
+        mixing = build_mixing(plan.augment, config.data.seed)
+        train = train if mixing is None else train.map(mixing)
+    return train
+
+
+def refit_stages(run: Training, results: Sequence[StageResult], kept: str,
+                 probe: LinearProbe, stop: StopOnSignal) -> tuple[int, int]:
+    """Trains the kept stage's model again on train and val together (and the pool images a
+    pool candidate labelled): from the pretrained base with `probe` (refitted on both) as
+    its head, every stage up to the kept one on its own schedule, each stopped at the epoch
+    it kept, so the model learns from val's labels on the path val chose. No epoch is
+    checkpointed: an interruption leaves the kept model as trained on train. Returns the
+    images and the epochs trained.
+
+    Raises:
+        StopRequested: a signal arrived (the model is then the kept one again).
+        TrainingDiverged: the loss became non-finite (the same).
+    """
+    config, plan = run.config, run.plan
+    sources, labels, _ = run.training_images()
+    sources = (*sources, *run.splits.val.sources)
+    labels = np.r_[labels, run.splits.val.labels].astype(np.int64)
+    restore_best(run.model, run.run_dir, PROBE)  # the pretrained base, the probe's head
+    run.model.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
+    keras.utils.set_random_seed(config.data.seed)
+    ends = {r.name: r.best_epoch for r in results}
+    epochs, rows = 0, []
+    try:
+        for stage in plan_stages(config, plan, run.spec):
+            if stage.name == HEAD:
+                freeze_base(run.base)
+            else:
+                unfreeze_top_blocks(run.base, run.spec, plan.unfreeze_blocks,
+                                    config.train_batchnorm)
+            end = ends[stage.name]
+            run_stage(StageInputs(
+                run.model, dataclasses.replace(stage, name=f"refit {stage.name}"),
+                _training_dataset(run, sources, labels), None,
+                math.ceil(len(sources) / run.batch), rows, optimizer=config.optimizer,
+                class_weight=run.fit_class_weight, jit=config.compute.jit,
+                label_smoothing=run.smoothing,
+                callbacks=[StopAfter(end), stop.callback()]), run.reporter)
+            epochs += end - stage.first_epoch
+            if stage.name == kept:
+                break
+    except (StopRequested, TrainingDiverged):
+        restore_best(run.model, run.run_dir, kept)
+        raise
+    return len(sources), epochs
 
 
 def interrupted(run: Training, signum: int) -> RunInterrupted:

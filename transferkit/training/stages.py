@@ -224,7 +224,7 @@ def _for_replicas(train: Any, validation: Any, val_labels: np.ndarray | None,
     import tensorflow as tf
 
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas == 1:
+    if replicas == 1 or validation is None:  # None: a refit, whose train is a dataset
         return train, validation, []
     if isinstance(train, tuple):
         n = len(train[0])
