@@ -177,12 +177,15 @@ def test_a_kept_probe_is_refitted_on_train_and_val_and_val_is_then_not_held_out(
     from transferkit.commands.finetune import finetune
     from transferkit.runs.directory import load_run, read_record
 
-    runs = {}
-    for refit in (False, True):
-        runs[refit] = tmp_path / f"refit-{refit}"
-        finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, **TINY),
-                                output=runs[refit], weights="none", base="tiny",
-                                finetune_epochs=0, refit=refit))
+    runs = {refit: tmp_path / f"refit-{refit}" for refit in (False, True)}
+    finetune(FinetuneConfig(adapt=False, data=DataConfig(data_dir=image_folder, **TINY),
+                            output=runs[False], weights="none", base="tiny", finetune_epochs=0))
+    said = CliRunner().invoke(app, [
+        "finetune", str(image_folder), "-o", str(runs[True]), "--refit", "--no-adapt",
+        "--finetune-epochs", "0", "--weights", "none", "--base", "tiny", "--image-size", "32",
+        "--batch-size", "8"])
+    assert said.exit_code == 0, said.output
+    assert "then fitted again on train + val (18 images)" in " ".join(said.stdout.split())
     record = read_record(runs[True])
     assert read_record(runs[False]).refit is None
     assert record.refit is not None and record.refit.images == 18

@@ -153,8 +153,10 @@ def render_finetune(result: FinetuneResult | None) -> None:
         stdout.print(f"Probabilities calibrated: {result.calibration.describe()}")
     from transferkit.training.choice import why_kept
 
-    stdout.print(f"Saved model: '{result.kept_stage}' ({why_kept(result.kept_stage)}), in "
-                 f"{escape(str(result.run_dir))}")
+    refit = "" if result.refit is None else \
+        f", then fitted again on train + val ({result.refit.images} images)"
+    stdout.print(f"Saved model: '{result.kept_stage}' ({why_kept(result.kept_stage)}){refit}, "
+                 f"in {escape(str(result.run_dir))}")
 
 
 def render_choice(choice: Choice, dropped: Mapping[str, int] | None = None,

@@ -124,6 +124,7 @@ class FinetuneResult:
     test_probabilities: np.ndarray | None  # the kept model's, calibrated, on DATA/test
     # candidates fitted before the stages that did not beat the probe, with val images right
     dropped: dict[str, int] = field(default_factory=dict)
+    refit: Refit | None = None  # the kept model fitted again on train + val
 
 
 def finetune(config: FinetuneConfig, reporter: Reporter | None = None,
@@ -448,7 +449,7 @@ def _train_and_keep(run: Training) -> FinetuneResult | None:
                              f"being saved; it was saved complete first.")
     return FinetuneResult(run.run_dir, run.splits.class_names, tuple(results), choice.kept,
                           tuple(run.history), scores, choice, calibration, test,
-                          fitted_before_the_stages(run.record.candidates, False))
+                          fitted_before_the_stages(run.record.candidates, False), refit)
 
 
 def _share_record(run: Training) -> None:

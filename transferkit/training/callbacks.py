@@ -259,19 +259,6 @@ class EarlyStopping(keras.callbacks.Callback):
             self.model.stop_training = True  # the model being fitted: classifier or head
 
 
-class StopAfter(keras.callbacks.Callback):
-    """Ends training after epoch `epoch` (counted across stages, from 1): a refit stops each
-    stage where the run kept it."""
-
-    def __init__(self, epoch: int) -> None:
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if epoch + 1 >= self.epoch:
-            self.model.stop_training = True
-
-
 class OffCourseStopping(EarlyStopping):
     """EarlyStopping that also stops a stage not on course to be kept: one that, after
     `judge_after` epochs (0: never judged), is below `needed` (val images a stage must get

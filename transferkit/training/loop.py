@@ -56,12 +56,7 @@ from transferkit.runs.records import (
     StageResult,
     Stopped,
 )
-from transferkit.training.callbacks import (
-    Checkpointer,
-    EpochTracker,
-    OffCourseStopping,
-    StopAfter,
-)
+from transferkit.training.callbacks import Checkpointer, EpochTracker, OffCourseStopping
 from transferkit.training.choice import LEAST_WIN, best_correct, projected_correct
 from transferkit.training.freezing import count_params, freeze_base, unfreeze_top_blocks
 from transferkit.training.plan import HEAD, PROBE, plan_stages, trains_on_images
@@ -464,15 +459,14 @@ def refit_stages(run: Training, results: Sequence[StageResult], kept: str,
             else:
                 unfreeze_top_blocks(run.base, run.spec, plan.unfreeze_blocks,
                                     config.train_batchnorm)
-            end = ends[stage.name]
+            again = dataclasses.replace(stage, name=f"refit {stage.name}",
+                                        last_epoch=ends[stage.name], schedule_epochs=stage.epochs)
             run_stage(StageInputs(
-                run.model, dataclasses.replace(stage, name=f"refit {stage.name}"),
-                _training_dataset(run, sources, labels), None,
+                run.model, again, _training_dataset(run, sources, labels), None,
                 math.ceil(len(sources) / run.batch), rows, optimizer=config.optimizer,
                 class_weight=run.fit_class_weight, jit=config.compute.jit,
-                label_smoothing=run.smoothing,
-                callbacks=[StopAfter(end), stop.callback()]), run.reporter)
-            epochs += end - stage.first_epoch
+                label_smoothing=run.smoothing, callbacks=[stop.callback()]), run.reporter)
+            epochs += again.epochs
             if stage.name == kept:
                 break
     except (StopRequested, TrainingDiverged):

@@ -105,6 +105,9 @@ class StagePlan:
     learning_rate: float
     schedule: ScheduleConfig
     rate_option: str = "--learning-rate"  # the option that sets `learning_rate`
+    # the epochs the schedule runs over, when the stage ends before it (a refit, stopped at
+    # the epoch its stage kept); None: the stage's own
+    schedule_epochs: int | None = None
 
     @property
     def epochs(self) -> int:
@@ -112,7 +115,7 @@ class StagePlan:
 
     def learning_rate_at(self, epoch: int) -> float:
         return learning_rate_at(self.schedule, self.learning_rate, epoch - self.first_epoch,
-                                self.epochs)
+                                self.schedule_epochs or self.epochs)
 
 
 def stage_result(plan: StagePlan, history: Sequence[dict[str, Any]], monitor: str,
