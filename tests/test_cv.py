@@ -210,14 +210,14 @@ def _keep_the_last_candidate(monkeypatch):
 
 
 class Epochs(Recorder):
-    """Keeps each epoch's stage and number too."""
+    """Keeps each epoch's stage, number and the stage's last epoch too."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.epochs: list[tuple[str, int]] = []
+        self.epochs: list[tuple[str, int, int]] = []
 
     def epoch_ended(self, stage, epoch, epochs, metrics):
-        self.epochs.append((stage, epoch))
+        self.epochs.append((stage, epoch, epochs))
 
 
 def test_a_kept_finetuned_model_is_refitted_through_its_stages_to_their_kept_epochs(
@@ -236,8 +236,8 @@ def test_a_kept_finetuned_model_is_refitted_through_its_stages_to_their_kept_epo
     kept = record.stages[-1].best_epoch
     assert record.refit.model == "finetune" and record.refit.images == 18
     assert record.refit.epochs == kept  # the head's one epoch, then the stage's
-    assert reporter.epochs[-kept:] == [("refit head", 1)] + [
-        ("refit finetune", e) for e in range(2, kept + 1)]
+    assert reporter.epochs[-kept:] == [("refit head", 1, 1)] + [  # counted to the kept epoch
+        ("refit finetune", e, kept) for e in range(2, kept + 1)]
     assert any("Refitted the 'finetune' model on train + val (18 images" in m
                for m in reporter.messages)
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
