@@ -223,16 +223,19 @@ def _for_replicas(train: Any, validation: Any, val_labels: np.ndarray | None,
                   batch_size: int | None) -> tuple[Any, Any, list[keras.callbacks.Callback]]:
     """Under a strategy of several replicas, training arrays become a dataset that keeps a
     multiple of the replicas per pass (as build_dataset does), and val is scored by
-    ValidateByPredicting instead of fit's evaluate; one replica changes nothing."""
+    ValidateByPredicting instead of fit's evaluate (no validation: none, as for a refit); one
+    replica changes nothing."""
     import tensorflow as tf
 
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    if replicas == 1 or validation is None:  # None: a refit, whose train is a dataset
+    if replicas == 1:
         return train, validation, []
     if isinstance(train, tuple):
         n = len(train[0])
         train = tf.data.Dataset.from_tensor_slices(train).shuffle(n).take(
             n - n % replicas).batch(batch_size)
+    if validation is None:
+        return train, None, []
     return train, None, [ValidateByPredicting(*_val_inputs(validation, val_labels), batch_size)]
 
 
