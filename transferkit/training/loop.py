@@ -327,13 +327,10 @@ def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
                  needed: int = 0) -> StageResult:
     """One stage: freeze or unfreeze, compile, fit with the callbacks; checkpointed each
     epoch. A signal leaves it as an interrupted run, a diverged loss as a failed one."""
-    config, plan = run.config, run.plan
+    config = run.config
     resuming = run.resumed_stage == stage.name and run.done > stage.first_epoch
     if not resuming:
-        if stage.name == HEAD:
-            freeze_base(run.base)
-        else:
-            unfreeze_top_blocks(run.base, run.spec, plan.unfreeze_blocks, config.train_batchnorm)
+        _set_trainable(run, stage)
         run.save(trainable_params={**run.record.trainable_params,
                                    stage.name: count_params(run.model).trainable})
     fitted, train, val, batch_size, images = _stage_inputs(run, stage, resuming)
@@ -361,6 +358,15 @@ def _train_stage(run: Training, stage: StagePlan, stop: StopOnSignal,
         raise
     checkpointer.finish()
     return stage_result(stage, run.history, config.monitor, trainable, config.epoch_window)
+
+
+def _set_trainable(run: Training, stage: StagePlan) -> None:
+    """Freezes the base for the head stage, else unfreezes the Plan's top blocks."""
+    if stage.name == HEAD:
+        freeze_base(run.base)
+    else:
+        unfreeze_top_blocks(run.base, run.spec, run.plan.unfreeze_blocks,
+                            run.config.train_batchnorm)
 
 
 def _stage_inputs(run: Training, stage: StagePlan, resuming: bool
@@ -436,8 +442,8 @@ def refit_stages(run: Training, results: Sequence[StageResult], kept: str,
     pool candidate labelled): from the pretrained base with `probe` (refitted on both) as
     its head, every stage up to the kept one on its own schedule, each stopped at the epoch
     it kept, so the model learns from val's labels on the path val chose. No epoch is
-    checkpointed: an interruption leaves the kept model as trained on train. Returns the
-    images and the epochs trained.
+    checkpointed or added to the run's history (it has no val): an interruption leaves the
+    kept model as trained on train. Returns the images and the epochs trained.
 
     Raises:
         StopRequested: a signal arrived (the model is then the kept one again).
@@ -451,19 +457,15 @@ def refit_stages(run: Training, results: Sequence[StageResult], kept: str,
     run.model.get_layer("head").get_layer(PREDICTIONS).set_weights([probe.kernel, probe.bias])
     keras.utils.set_random_seed(config.data.seed)
     ends = {r.name: r.best_epoch for r in results}
-    epochs, rows = 0, []
+    epochs = 0
     try:
         for stage in plan_stages(config, plan, run.spec):
-            if stage.name == HEAD:
-                freeze_base(run.base)
-            else:
-                unfreeze_top_blocks(run.base, run.spec, plan.unfreeze_blocks,
-                                    config.train_batchnorm)
+            _set_trainable(run, stage)
             again = dataclasses.replace(stage, name=f"refit {stage.name}",
                                         last_epoch=ends[stage.name], schedule_epochs=stage.epochs)
             run_stage(StageInputs(
                 run.model, again, _training_dataset(run, sources, labels), None,
-                math.ceil(len(sources) / run.batch), rows, optimizer=config.optimizer,
+                math.ceil(len(sources) / run.batch), [], optimizer=config.optimizer,
                 class_weight=run.fit_class_weight, jit=config.compute.jit,
                 label_smoothing=run.smoothing, callbacks=[stop.callback()]), run.reporter)
             epochs += again.epochs
