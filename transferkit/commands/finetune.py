@@ -533,9 +533,11 @@ def _refit(run: Training, model: keras.Model, kept: str, results: Sequence[Stage
             return None
         how = f"{epochs} epochs"
     seconds = time.perf_counter() - started
+    held_out = "; test stays held out" if run.splits.test is not None and len(
+        run.splits.test) else ""
     run.reporter.info(f"Refitted the '{kept}' model on train + val ({images} images, {how}; "
                       f"{seconds:.1f} s). Val chose it before the refit, so its val score "
-                      f"below is of that model; test stays held out.")
+                      f"below is of that model{held_out}.")
     return Refit(model=kept, images=images, seconds=round(seconds, 3), epochs=epochs)
 
 
