@@ -132,6 +132,8 @@ class CoTrainedCandidate:
         if pool is None or found is None or \
                 found.pixel_accuracy < PIXELS_SUFFICE * found.probe_accuracy:
             return None
+        k, balanced, seed = (len(run.splits.class_names), run.class_weights is not None,
+                             run.config.data.seed)
         variant_won = any(c.kind == VARIANT and c.won for c in run.record.candidates)
         job = picked_job(run) if variant_won else None
         y_train, y_val = run.splits.train.labels, run.splits.val.labels
@@ -144,12 +146,9 @@ class CoTrainedCandidate:
                 [run.splits.train, run.splits.val, pool.images], "the variant probe's")
             extractor.save()
             where = f"the {variant_name(job)} probe's features"
-            probe = fit_probe(x_train, y_train, len(run.splits.class_names),
-                              run.class_weights is not None, run.config.data.seed)
+            probe = fit_probe(x_train, y_train, k, balanced, seed)
         flat = [pixels(images.sources).reshape(len(images), -1)
                 for images in (run.splits.train, pool.images)]
-        k, balanced, seed = (len(run.splits.class_names), run.class_weights is not None,
-                             run.config.data.seed)
         trained = co_train(probe, (x_train, x_val, x_pool), (flat[0], flat[1]),
                            pixel_view(k, balanced, seed), y_train, k, balanced, seed)
         right = trained.probe.probabilities(x_val).argmax(axis=1) == y_val

@@ -125,4 +125,3 @@ class SelfTrainedCandidate:
                        "pseudo_labelled": trained.pseudo_labelled, "unlike": trained.unlike,
                        "c": trained.probe.c},
                       trained.pseudo(pool.images.sources))
-
