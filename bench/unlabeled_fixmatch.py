@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.unlabeled_cli import cut
+from transferkit.data.folders import load_splits
 
 BASE, SIZE, BLOCKS, RATE = "efficientnet_lite0", 224, 2, 1e-4
 
@@ -40,16 +41,6 @@ def load(sources: list[str]) -> np.ndarray:
 
     ds = build_dataset(sources, None, SIZE, 64)
     return np.concatenate([np.asarray(b) for b in ds]).astype(np.float32)
-
-
-def files(folder: Path) -> tuple[list[str], np.ndarray, list[str]]:
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    sources, labels = [], []
-    for i, name in enumerate(names):
-        for f in sorted((folder / name).iterdir()):
-            sources.append(str(f))
-            labels.append(i)
-    return sources, np.array(labels), names
 
 
 def run_arm(arm: str, data: dict, seed: int, epochs: int, threshold: float, weight: float
@@ -149,11 +140,10 @@ def main() -> None:
         for seed in args.seeds:
             labelled, pool = cut(args.data / name, args.per_class, seed,
                                  args.work / f"{name}-{seed}")
-            data: dict = {}
-            for split in ("train", "val", "test"):
-                sources, labels, names = files(labelled / split)
-                data[split] = (load(sources), labels)
-            data["k"] = len(names)
+            splits = load_splits(labelled, 0.2, seed)
+            data: dict = {split: (load(images.sources), images.labels) for split, images in
+                          (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+            data["k"] = len(splits.class_names)
             data["pool"] = load(sorted(str(p) for p in pool.iterdir()))
             for arm in args.arms:
                 start = time.perf_counter()
